@@ -1,0 +1,174 @@
+"""Launch one runtime process for a TrialSpec and turn whatever happens into a TrialOutcome.
+
+One trial per process, in its own session, so a trial that leaks GPU memory, corrupts the CUDA context,
+hangs in a collective or segfaults takes nothing of the tuner with it. The process group is killed as a
+whole (SIGTERM, then SIGKILL after a grace period) so no rank is left holding GPU memory.
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.errors import SchemaError
+from recipes.spec import RunResult, TrialSpec
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 30
+KILL_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What the tuner learns from one trial process."""
+
+    outcome: str
+    """ok, oom, timeout, crash, nan, unsupported, bad_input, kernel_mismatch."""
+    reason: str = ""
+    """One line: why it ended this way (exit code, signal, first error line)."""
+    result: RunResult | None = None
+    returncode: int | None = None
+    stderr_tail: str = ""
+    wall_s: float = 0.0
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+def runtime_command(spec_path: Path, result_path: Path, gpus: int, python: str = sys.executable) -> list[str]:
+    base = ["-m", "wan_runtime", "trial", str(spec_path), str(result_path)]
+    if gpus > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *base]
+    return [python, *base]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Multi-GPU machines here must keep NVLink multicast off (it can take shared GPUs down).
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
+              on_progress: Callable[[int, int], None] | None = None, python: str = sys.executable,
+              env: dict[str, str] | None = None) -> TrialOutcome:
+    """Run ``spec`` in a fresh process under ``workdir``; never raises for a failed trial.
+
+    KeyboardInterrupt kills the process group and propagates, so Ctrl-C frees the GPUs at once.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / "spec.json"
+    result_path = workdir / "result.json"
+    result_path.unlink(missing_ok=True)
+    spec.write(spec_path)
+    cmd = runtime_command(spec_path, result_path, spec.recipe.gpus, python)
+    stderr_path = workdir / "stderr.log"
+    t0 = time.monotonic()
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=child_env(env), cwd=workdir)
+        reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group(proc)
+        except BaseException:
+            kill_group(proc)
+            raise
+        finally:
+            reader.join(timeout=5)
+    wall = time.monotonic() - t0
+    tail = _tail(stderr_path)
+    return classify(proc.returncode, timed_out, timeout_s, result_path, tail, wall)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the trial's process group, SIGKILL it after a grace period (ranks may ignore SIGTERM)."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; make sure no straggler of the group survives it.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, result_path: Path,
+             tail: str, wall: float) -> TrialOutcome:
+    """Map exit status, result file and stderr to an outcome with a one-line reason and its evidence."""
+    ev = {"returncode": str(returncode), "stderr_tail": tail[-2000:]}
+    if timed_out:
+        return TrialOutcome("timeout", f"killed after {timeout_s:.0f} s (process group)", None, returncode, tail,
+                            wall, ev)
+    result = None
+    if result_path.exists():
+        try:
+            result = RunResult.from_json(result_path.read_text(), where=str(result_path))
+        except SchemaError as exc:
+            return TrialOutcome("crash", f"malformed result file: {exc.message}", None, returncode, tail, wall, ev)
+    low = tail.lower()
+    if result is not None:
+        return TrialOutcome(result.outcome, result.error, result, returncode, tail, wall, ev)
+    if "illegal memory access" in low or "cuda error" in low:
+        line = next((ln for ln in tail.splitlines() if "cuda error" in ln.lower()), "CUDA error")
+        ev["cuda_fault"] = "yes"
+        return TrialOutcome("crash", f"CUDA fault: {line.strip()[:200]}", None, returncode, tail, wall, ev)
+    if "out of memory" in low:
+        return TrialOutcome("oom", "out of memory (from stderr; no result written)", None, returncode, tail, wall, ev)
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else "?"
+        return TrialOutcome("crash", f"killed by signal {name}", None, returncode, tail, wall, ev)
+    last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+    if returncode == 0:
+        return TrialOutcome("crash", "exited 0 without writing a result file", None, returncode, tail, wall, ev)
+    return TrialOutcome("crash", f"exit code {returncode}: {last.strip()[:200]}", None, returncode, tail, wall, ev)
+
+
+def _read_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[int, int], None] | None) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("WANCTL_PROGRESS") and on_progress is not None:
+            try:
+                _, done, total = line.split()
+                on_progress(int(done), int(total))
+            except ValueError:
+                continue
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(deque(fh, maxlen=STDERR_TAIL_LINES))
+    except OSError:
+        return ""

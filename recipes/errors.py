@@ -1,0 +1,74 @@
+"""One small error hierarchy for the whole product.
+
+Lives in ``recipes`` because every other package depends on it and ``recipes`` depends on nothing.
+Every error carries a ``hint``: the sentence that tells the user how to fix it. The CLI maps the
+families to exit codes (see ``exit_code``), so the mapping is defined once, next to the classes.
+"""
+
+from __future__ import annotations
+
+
+class WanctlError(Exception):
+    """Base of every error wanctl raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class BadInput(WanctlError):
+    """The user asked for something invalid: a flag, a recipe field, a file."""
+
+    exit_code = 2
+
+
+class RecipeError(BadInput):
+    """A recipe field holds a value outside what is allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str, hint: str = "") -> None:
+        msg = f"recipe field '{field}' = {value!r} is not allowed: {allowed}"
+        super().__init__(msg, hint or f"set '{field}' to one of the allowed values")
+        self.field = field
+        self.value = value
+
+
+class SchemaError(BadInput):
+    """A recipe/spec/result file has unknown keys or a schema this version cannot read."""
+
+
+class CheckpointError(BadInput):
+    """A checkpoint directory is missing, partial, from another model or holds unsafe weights."""
+
+
+class HardwareUnsupported(WanctlError):
+    """The machine cannot run what was asked (a kernel, a dtype, a number of GPUs)."""
+
+    exit_code = 3
+
+
+class NothingFeasible(WanctlError):
+    """An expected outcome, not a bug: no configuration passed (e.g. every trial failed the gate)."""
+
+    exit_code = 3
+
+
+class TrialFailed(WanctlError):
+    """A trial process ended without a usable result; ``outcome`` says how."""
+
+    def __init__(self, outcome: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.outcome = outcome
+
+
+class DownloadError(WanctlError):
+    """A checkpoint download failed or did not verify."""
+
+
+class StudyError(WanctlError):
+    """The Optuna study storage is missing, corrupted or incompatible."""

@@ -1,0 +1,44 @@
+"""Atomic file writes: a kill mid-write leaves the old file or the new one, never a mix."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from recipes.errors import WanctlError
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``.
+
+    Disk-full and permission errors become a WanctlError naming the path, and the temp file is removed,
+    so the previous version of ``path`` (if any) stays intact.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
+                          "free disk space or choose another output directory") from exc
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), mode)

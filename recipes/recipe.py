@@ -1,0 +1,255 @@
+"""The Recipe: every knob of a Wan2.2 run, with defaults equal to plain diffusers.
+
+A recipe is flat and frozen so it can be hashed, diffed, printed and round-tripped through TOML
+without surprises. Filling defaults (``Recipe.for_task``) and validating (``validate``) are separate
+steps: a recipe read from disk is validated exactly as written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipes.errors import RecipeError
+from recipes.models import MODELS, model_spec, parse_size
+
+ATTENTION_BACKENDS = (
+    "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
+    "flex", "sage", "flash", "_flash_3",
+)
+"""diffusers attention-dispatch names (``set_attention_backend``); ``native`` is diffusers' default."""
+
+QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
+"""none; torchao int8 weight-only; torchao fp8 dynamic rowwise/tensorwise; Transformer Engine fp8 recipes."""
+
+TE_QUANT = ("te_delayed", "te_current", "te_block")
+COMPILE = ("off", "regional", "full")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+CACHES = ("none", "magcache", "teacache", "fbcache")
+OFFLOAD = ("none", "model", "group_block", "group_leaf")
+DTYPES = ("bfloat16", "float16", "float32")
+LIGHTNING_STEPS = (0, 4)
+TE_AMAX_ALGOS = ("max", "most_recent")
+
+#: Fields that describe *what* is generated rather than *how fast*: excluded from the recipe hash so
+#: that one tuned recipe serves any prompt, image and seed.
+CONTENT_FIELDS = ("model", "prompt", "negative_prompt", "image", "seed")
+
+DEFAULT_PROMPT = (
+    "A red fox trots through fresh snow in a birch forest at golden hour, its breath visible in the cold "
+    "air; the camera tracks it at ground level, shallow depth of field, soft rim light."
+)
+
+#: Fields that change the output beyond numerical noise. The quality gate uses the looser tier for these.
+LOSSY_FIELDS = ("quant", "cache", "lightning", "attention:sage")
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of one run. Keys in ``recipe.toml`` are exactly these field names."""
+
+    # --- what to generate ---
+    task: str = _f("t2v-A14B", "Wan2.2 task: t2v-A14B, i2v-A14B or ti2v-5B")
+    model: str = _f("tiny", "tiny (embedded random model), random (full-size random weights) or a checkpoint dir")
+    size: str = _f("", "WIDTH*HEIGHT; empty: the task's default (1280*720 for A14B)")
+    frames: int = _f(0, "number of frames, 4n+1; 0: the task's default (81 for A14B)")
+    steps: int = _f(0, "denoising steps; 0: the task's default (40 for A14B)")
+    guidance: float = _f(0.0, "CFG scale (high-noise expert for A14B); 0: the model card's value")
+    guidance_2: float = _f(0.0, "CFG scale of the A14B low-noise expert; 0: the model card's value")
+    shift: float = _f(0.0, "flow-matching shift of the scheduler; 0: the checkpoint's scheduler config (the model card's for tiny/random)")
+    seed: int = _f(42, "random seed of the initial noise")
+    prompt: str = _f(DEFAULT_PROMPT, "text prompt")
+    negative_prompt: str = _f("", "negative prompt; empty: the pipeline's default")
+    image: str = _f("", "conditioning image path (required for i2v-A14B, optional for ti2v-5B)")
+    dtype: str = _f("bfloat16", "dtype of the transformer(s): bfloat16, float16 or float32")
+    # --- kernels ---
+    attention: str = _f("native", "diffusers attention backend name")
+    tf32: bool = _f(False, "allow TF32 in cuBLAS/cuDNN fp32 math")
+    fuse_qkv: bool = _f(False, "fuse the Q/K/V projections of each transformer")
+    quant: str = _f("none", "linear-layer quantization of the DiT blocks")
+    te_amax_history_len: int = _f(16, "Transformer Engine DelayedScaling amax history length")
+    te_amax_compute_algo: str = _f("max", "Transformer Engine DelayedScaling amax algorithm: max or most_recent")
+    compile: str = _f("off", "torch.compile: off, regional (repeated blocks) or full (whole transformer)")
+    compile_mode: str = _f("default", "torch.compile mode")
+    compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)")
+    # --- caches ---
+    cache: str = _f("none", "step cache: none, magcache, teacache or fbcache (first-block cache)")
+    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff)")
+    magcache_k: int = _f(2, "MagCache K: most consecutive skipped steps")
+    cache_retention: float = _f(0.2, "fraction of the first steps always computed (MagCache R)")
+    # --- memory ---
+    offload: str = _f("none", "CPU offload: none, model, group_block or group_leaf")
+    vae_tiling: bool = _f(False, "decode the VAE in tiles (less memory, slower)")
+    vae_slicing: bool = _f(False, "decode the batch one video at a time")
+    # --- parallelism ---
+    gpus: int = _f(1, "GPUs used by one run (torchrun --nproc_per_node)")
+    ulysses: int = _f(1, "Ulysses sequence-parallel degree")
+    cfg_parallel: bool = _f(False, "run the conditional and unconditional passes on two GPU groups")
+    fsdp: bool = _f(False, "shard the DiT and text encoder with FSDP2")
+    # --- distillation ---
+    lightning: int = _f(0, "Lightning distilled LoRA steps: 0 (off) or 4")
+
+    # ----------------------------------------------------------------- derived
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def field_doc(cls, name: str) -> str:
+        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}[name]
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> Recipe:
+        """The same recipe with every 'model default' (0 / empty) replaced by the task's value."""
+        spec = model_spec(self.task)
+        lightning = self.lightning > 0
+        return self.replace(
+            size=self.size or (spec.default_size if self.model != "tiny" else _tiny_size(self.task)),
+            frames=self.frames or (spec.default_frames if self.model != "tiny" else 9),
+            steps=self.steps or (self.lightning if lightning else (spec.default_steps if self.model != "tiny" else 6)),
+            guidance=self.guidance or (1.0 if lightning else spec.guidance),
+            guidance_2=self.guidance_2 or (1.0 if lightning else (spec.guidance_2 or 0.0)),
+        )
+
+    def knob_dict(self) -> dict[str, Any]:
+        """Fields that define the optimization stack and workload (everything but the content)."""
+        return {k: v for k, v in self.to_dict().items() if k not in CONTENT_FIELDS}
+
+    def recipe_hash(self) -> str:
+        """Stable hash of the knobs: names output folders, never a timestamp or a random number."""
+        blob = json.dumps(self.resolved().knob_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def lossy_knobs(self) -> list[str]:
+        """Knobs that change the output beyond numerical noise (the gate's loose tier)."""
+        out = []
+        if self.quant != "none":
+            out.append(f"quant={self.quant}")
+        if self.cache != "none":
+            out.append(f"cache={self.cache}")
+        if self.lightning:
+            out.append(f"lightning={self.lightning}")
+        if self.attention == "sage":
+            out.append("attention=sage")
+        return out
+
+    def diff(self, other: Recipe) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: (self's, other's)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    def stack_label(self, baseline: Recipe | None = None) -> str:
+        """Short human label of the optimization stack, e.g. 'attention=_native_cudnn+compile=regional'."""
+        base = baseline or Recipe(task=self.task, model=self.model)
+        keep = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "cache_threshold",
+                "magcache_k", "offload", "vae_tiling", "ulysses", "cfg_parallel", "fsdp", "lightning")
+        parts = [f"{k}={v[0]}" for k, v in self.diff(base).items() if k in keep]
+        return "+".join(parts) or "baseline"
+
+    @classmethod
+    def for_task(cls, task: str, **changes: Any) -> Recipe:
+        """A recipe with plain-diffusers defaults for ``task`` (model defaults resolved)."""
+        return cls(task=task, **changes).resolved()
+
+
+def _tiny_size(task: str) -> str:
+    return "64*64" if task == "ti2v-5B" else "64*48"
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Raise a RecipeError naming the field, its value and what is allowed; return the recipe if valid."""
+    r = recipe
+    if r.task not in MODELS:
+        raise RecipeError("task", r.task, f"one of {', '.join(MODELS)}")
+    spec = MODELS[r.task]
+    _choice("attention", r.attention, ATTENTION_BACKENDS)
+    _choice("quant", r.quant, QUANT)
+    _choice("compile", r.compile, COMPILE)
+    _choice("compile_mode", r.compile_mode, COMPILE_MODES)
+    _choice("cache", r.cache, CACHES)
+    _choice("offload", r.offload, OFFLOAD)
+    _choice("dtype", r.dtype, DTYPES)
+    _choice("lightning", r.lightning, LIGHTNING_STEPS)
+    _choice("te_amax_compute_algo", r.te_amax_compute_algo, TE_AMAX_ALGOS)
+    if not r.model:
+        raise RecipeError("model", r.model, "tiny, random or a checkpoint directory")
+    if r.size:
+        w, h = parse_size(r.size)
+        if r.model == "tiny":
+            m = 2 * spec.vae_spatial
+            if w % m or h % m or not (16 <= w <= 512 and 16 <= h <= 512):
+                raise RecipeError("size", r.size, f"for the tiny model: WIDTH and HEIGHT multiples of {m}, 16..512")
+        elif r.size not in spec.sizes:
+            raise RecipeError("size", r.size, f"for {r.task}: one of {', '.join(spec.sizes)}")
+    if r.frames and (r.frames < 1 or (r.frames - 1) % 4):
+        raise RecipeError("frames", r.frames, "4n+1 (e.g. 17, 33, 49, 81, 121)",
+                          hint=f"use {max(1, (r.frames - 1) // 4 * 4 + 1)} or {(r.frames - 1) // 4 * 4 + 5}")
+    if r.steps < 0 or r.steps > 1000:
+        raise RecipeError("steps", r.steps, "1..1000 (0 for the task's default)")
+    for name in ("guidance", "guidance_2", "shift"):
+        v = getattr(r, name)
+        if v < 0 or v > 50:
+            raise RecipeError(name, v, "0..50 (0 for the model card's value)")
+    if not 0 <= r.seed < 2**63:
+        raise RecipeError("seed", r.seed, "0 .. 2**63-1")
+    if spec.needs_image and not r.image:
+        raise RecipeError("image", r.image, f"a path: {r.task} needs a conditioning image", hint="pass --image IMG.png")
+    if r.image and not (spec.needs_image or spec.image_optional):
+        raise RecipeError("image", r.image, f"empty: {r.task} takes no image", hint="use i2v-A14B or ti2v-5B")
+    if not 0 < r.cache_threshold < 1:
+        raise RecipeError("cache_threshold", r.cache_threshold, "0 < threshold < 1")
+    if not 1 <= r.magcache_k <= 10:
+        raise RecipeError("magcache_k", r.magcache_k, "1..10")
+    if not 0 <= r.cache_retention < 1:
+        raise RecipeError("cache_retention", r.cache_retention, "0 <= retention < 1")
+    if not 1 <= r.te_amax_history_len <= 1024:
+        raise RecipeError("te_amax_history_len", r.te_amax_history_len, "1..1024")
+    # parallelism
+    if r.gpus < 1 or r.gpus > 64:
+        raise RecipeError("gpus", r.gpus, "1..64")
+    if r.ulysses < 1 or spec.num_heads % r.ulysses:
+        divs = [d for d in range(1, spec.num_heads + 1) if spec.num_heads % d == 0 and d <= 64]
+        raise RecipeError("ulysses", r.ulysses, f"a divisor of the {spec.num_heads} attention heads: {divs}")
+    if r.cfg_parallel and r.gpus < 2:
+        raise RecipeError("cfg_parallel", r.cfg_parallel, "False on one GPU (needs two GPU groups)")
+    if r.fsdp and r.gpus < 2:
+        raise RecipeError("fsdp", r.fsdp, "False on one GPU")
+    groups = r.ulysses * (2 if r.cfg_parallel else 1)
+    if r.gpus % groups:
+        raise RecipeError("gpus", r.gpus, f"a multiple of ulysses x cfg-parallel = {groups}",
+                          hint=f"use --gpus {groups} or lower the ulysses degree")
+    if r.gpus > 1 and groups == 1 and not r.fsdp:
+        raise RecipeError("gpus", r.gpus, "1 unless ulysses > 1, cfg_parallel or fsdp uses the extra GPUs")
+    # combinations
+    if r.quant in TE_QUANT and r.compile == "full":
+        raise RecipeError("compile", r.compile, "off or regional with Transformer Engine fp8 (TE modules do not trace whole)")
+    if r.offload != "none" and (r.gpus > 1):
+        raise RecipeError("offload", r.offload, "none with several GPUs (use fsdp to save memory instead)")
+    if r.offload.startswith("group") and r.compile == "full":
+        raise RecipeError("compile", r.compile, "off or regional with group offload")
+    if r.lightning and r.cache != "none":
+        raise RecipeError("cache", r.cache, "none with Lightning (4 steps leave nothing to skip)")
+    if r.lightning and r.steps and r.steps != r.lightning:
+        raise RecipeError("steps", r.steps, f"{r.lightning} (the Lightning LoRA's distilled step count) or 0")
+    if r.fuse_qkv and r.quant in TE_QUANT:
+        raise RecipeError("fuse_qkv", r.fuse_qkv, "False with Transformer Engine fp8 (TE swaps the unfused linears)")
+    if r.cfg_parallel and (r.guidance == 1.0 or r.lightning):
+        raise RecipeError("cfg_parallel", r.cfg_parallel, "False when CFG is off (guidance 1 or Lightning)")
+    return r
+
+
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise RecipeError(name, value, "one of " + ", ".join(map(str, allowed)))

@@ -1,0 +1,154 @@
+"""TOML (recipes) and JSON (specs, results) round-trips with a schema version.
+
+Unknown keys are an error, never silently dropped: a recipe written by a newer wanctl, or with a typo,
+must not run with a knob quietly reset to its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+
+from recipes.errors import BadInput, SchemaError
+from recipes.files import atomic_write_text
+from recipes.recipe import Recipe, validate
+
+RECIPE_SCHEMA = 1
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RecipeMeta:
+    """What a tuned recipe carries beside its knobs: where it came from and what it measured."""
+
+    name: str = ""
+    """Folder-style name: <model>_<gpu fingerprint>_<hash8>."""
+    fingerprint: str = ""
+    """Machine fingerprint (probes.fingerprint) the recipe was tuned on; generate --best matches on it."""
+    machine: str = ""
+    """Human description of the machine, e.g. '1x NVIDIA H100 80GB HBM3'."""
+    speedup: float = 0.0
+    """Baseline time / recipe time, both measured in the same study (denoise loop, extrapolated)."""
+    baseline_s: float = 0.0
+    """Predicted full-schedule denoise time of the baseline (seconds)."""
+    recipe_s: float = 0.0
+    """Predicted full-schedule denoise time of this recipe (seconds)."""
+    confirmed_s: float = 0.0
+    """Measured denoise time of the confirmation run, scaled to the full schedule (seconds)."""
+    psnr_db: float = 0.0
+    ssim: float = 0.0
+    latent_rel_err: float = 0.0
+    gate: str = ""
+    """Quality tier the recipe passed and its thresholds."""
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Every change wanctl made to adapt the recipe (never silent)."""
+    study: str = ""
+
+
+def _from_mapping(cls: type[T], data: dict[str, Any], where: str) -> T:
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise SchemaError(
+            f"{where}: unknown key(s) {', '.join(unknown)}",
+            f"remove them; known keys are: {', '.join(names)}",
+        )
+    hints = typing.get_type_hints(cls)
+    clean: dict[str, Any] = {}
+    for k, v in data.items():
+        clean[k] = _coerce(k, v, hints[k], where)
+    return cls(**clean)
+
+
+def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SchemaError(f"{where}: '{name}' must be true or false, got {value!r}", "write true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(f"{where}: '{name}' must be an integer, got {value!r}", "write a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{where}: '{name}' must be a number, got {value!r}", "write a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SchemaError(f"{where}: '{name}' must be a string, got {value!r}", "quote the value")
+        return value
+    if origin in (list, dict, types.UnionType, typing.Union) or hint is Any:
+        return value
+    return value
+
+
+def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    return _from_mapping(Recipe, data, where)
+
+
+def dumps_recipe(recipe: Recipe, meta: RecipeMeta | None = None) -> str:
+    doc: dict[str, Any] = {"schema_version": RECIPE_SCHEMA, "recipe": recipe.to_dict()}
+    if meta is not None:
+        doc["meta"] = dataclasses.asdict(meta)
+    return tomli_w.dumps(doc)
+
+
+def loads_recipe(text: str, where: str = "recipe") -> tuple[Recipe, RecipeMeta]:
+    """Parse a recipe TOML document and validate it. Raises SchemaError / RecipeError (exit 2)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SchemaError(f"{where}: not valid TOML: {exc}", "fix the syntax or regenerate the recipe") from None
+    version = doc.pop("schema_version", None)
+    if version is None:
+        raise SchemaError(f"{where}: no schema_version", f"add 'schema_version = {RECIPE_SCHEMA}' at the top")
+    if not isinstance(version, int) or version > RECIPE_SCHEMA:
+        raise SchemaError(
+            f"{where}: schema_version {version!r} is newer than this wanctl understands ({RECIPE_SCHEMA})",
+            "upgrade wanctl (pip install -U wanctl) or re-tune with this version",
+        )
+    unknown = sorted(set(doc) - {"recipe", "meta"})
+    if unknown:
+        raise SchemaError(f"{where}: unknown table(s) {', '.join(unknown)}", "only [recipe] and [meta] are allowed")
+    if "recipe" not in doc:
+        raise SchemaError(f"{where}: no [recipe] table", "add a [recipe] table with the knobs")
+    recipe = validate(_from_mapping(Recipe, doc["recipe"], f"{where} [recipe]"))
+    meta = _from_mapping(RecipeMeta, doc.get("meta", {}), f"{where} [meta]")
+    return recipe, meta
+
+
+def read_recipe(path: str | Path) -> tuple[Recipe, RecipeMeta]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"cannot read recipe {p}: {exc.strerror}", "check the path") from None
+    return loads_recipe(text, where=str(p))
+
+
+def write_recipe(path: str | Path, recipe: Recipe, meta: RecipeMeta | None = None) -> Path:
+    return atomic_write_text(path, dumps_recipe(recipe, meta))
+
+
+def dataclass_to_json(obj: Any) -> str:
+    return json.dumps(dataclasses.asdict(obj), indent=2, sort_keys=True)
+
+
+def dataclass_from_json(cls: type[T], text: str, where: str) -> T:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"{where}: malformed JSON ({exc})", "the file is truncated or corrupted") from None
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected a JSON object", "the file is corrupted")
+    return _from_mapping(cls, data, where)

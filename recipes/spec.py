@@ -1,0 +1,189 @@
+"""The hand-off between the tuner (or the CLI) and a ``wan_runtime`` process.
+
+``TrialSpec`` goes in as a JSON file, ``RunResult`` comes back as a JSON file. Both are plain data so a
+reader can print every hand-off, and the tuner never needs torch to write one or read the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipes.errors import SchemaError
+from recipes.files import atomic_write_text
+from recipes.recipe import Recipe
+from recipes.serialize import _from_mapping, recipe_from_dict
+
+SPEC_SCHEMA = 1
+
+MODES = ("generate", "measure", "quality")
+"""generate: full run, video written. measure: time a few denoise steps at the target workload and one
+VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate."""
+
+FAULTS = ("none", "oom", "hang", "crash", "segfault", "nan", "slow", "no_result", "bad_result",
+          "illegal_memory", "ignore_sigterm")
+"""Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked."""
+
+OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", "quality_fail",
+            "slower_than_baseline", "kernel_mismatch")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one runtime process must do."""
+
+    recipe: Recipe = field(default_factory=Recipe)
+    mode: str = "generate"
+    out_dir: str = "."
+    """Folder for the result, video, latent and frames (created by the runtime)."""
+    measure_steps: int = 0
+    """measure mode: denoise steps to run (warm-up included); 0: min(steps, warmup_steps + 3)."""
+    warmup_steps: int = 1
+    """Steps excluded from the per-step median (compile, autotune and allocator warm-up land here)."""
+    reference_frames: str = ""
+    """quality mode: .npy of the baseline's decoded frames (uint8 T,H,W,C) to compare against."""
+    reference_latent: str = ""
+    """quality mode: .npy of the baseline's final latent."""
+    write_video: bool = True
+    video_path: str = ""
+    """generate mode: where the mp4 goes (empty: out_dir/video.mp4)."""
+    magcache_ratios: list[list[float]] = field(default_factory=list)
+    """MagCache ratios per expert measured earlier (e.g. by the tuner's calibration trial); empty: shipped
+    ratios for real checkpoints, else calibrated in-process."""
+    fault: str = "none"
+    fault_step: int = 0
+    """Denoise step at which the fault fires (0: at the start of the run)."""
+    fault_arg: float = 0.0
+    """Fault parameter, e.g. the slowdown factor for 'slow'."""
+    trial_number: int = -1
+    schema_version: int = SPEC_SCHEMA
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "spec") -> TrialSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: malformed JSON ({exc})", "regenerate the spec") from None
+        if data.get("schema_version", SPEC_SCHEMA) > SPEC_SCHEMA:
+            raise SchemaError(f"{where}: schema newer than this wanctl", "upgrade wanctl")
+        recipe = recipe_from_dict(data.pop("recipe", {}), f"{where} recipe")
+        spec = _from_mapping(cls, data, where)
+        return dataclasses.replace(spec, recipe=recipe)
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds, each inside one stated boundary; never summed across boundaries silently."""
+
+    load_s: float = 0.0
+    """Building the pipeline and moving it to the device (checkpoint read or random init)."""
+    apply_s: float = 0.0
+    """Applying the recipe's knobs (quantization, LoRA fuse, cache hooks); compile itself is lazy."""
+    text_encode_s: float = 0.0
+    """UMT5 encoding of prompt and negative prompt."""
+    step_s: list[float] = field(default_factory=list)
+    """Each denoise step (both CFG passes and the scheduler step), in order, warm-up steps included."""
+    warmup_s: float = 0.0
+    """Sum of the warm-up steps (compile and autotune land here)."""
+    step_median_s: float = 0.0
+    """Median of the steps after warm-up: the figure speed-ups are computed from."""
+    denoise_s: float = 0.0
+    """Wall time of the denoise steps that ran."""
+    denoise_pred_s: float = 0.0
+    """Predicted full-schedule denoise time: median step x computed steps + skipped steps' cost."""
+    vae_decode_s: float = 0.0
+    """VAE decode of the final latent at the real size."""
+    total_s: float = 0.0
+    """Process wall time from start to result written."""
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Comparison of this run's output with the baseline's (same seed, prompt, size)."""
+
+    psnr_min_db: float = 0.0
+    """Worst frame's PSNR, computed in float64 (uint8 subtraction wraps)."""
+    psnr_mean_db: float = 0.0
+    ssim_min: float = 0.0
+    ssim_mean: float = 0.0
+    latent_rel_err: float = 0.0
+    """||latent - ref|| / ||ref|| of the final latent."""
+    nonfinite: bool = False
+    black_frames: int = 0
+    frozen_frames: int = 0
+    """Frames identical to their predecessor (a stuck decode)."""
+    compared: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one runtime process did, written by rank 0."""
+
+    outcome: str = "ok"
+    """ok, or how it failed: oom, nan, crash, unsupported, bad_input, kernel_mismatch."""
+    error: str = ""
+    error_type: str = ""
+    rank: int = 0
+    """Rank that reported the failure (multi-GPU)."""
+    device: str = ""
+    gpus: int = 1
+    versions: dict[str, str] = field(default_factory=dict)
+    actual: dict[str, str] = field(default_factory=dict)
+    """What really ran, as observed (attention backend per call, quant kernel, compile, cache)."""
+    timings: Timings = field(default_factory=Timings)
+    steps_total: int = 0
+    steps_run: int = 0
+    steps_computed: int = 0
+    """Transformer forwards that were computed (not skipped by a cache) among the steps that ran."""
+    step_forwards: list[int] = field(default_factory=list)
+    """Transformer forwards computed in each step that ran (2 with CFG, fewer when a cache skipped)."""
+    cache_ratios: list[list[float]] = field(default_factory=list)
+    """MagCache ratios per expert used by this run (calibrated ones are reused by later trials)."""
+    peak_mem_bytes: int = 0
+    """Peak GPU memory allocated during denoise and decode (host RSS on CPU)."""
+    quality: Quality = field(default_factory=Quality)
+    video_path: str = ""
+    latent_path: str = ""
+    frames_path: str = ""
+    frames: int = 0
+    video_frames: int = 0
+    """Frames decoded back from the written mp4 (0 when no video was written)."""
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SPEC_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "result") -> RunResult:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: malformed JSON ({exc})", "the trial died while writing it") from None
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected a JSON object", "the trial wrote garbage")
+        timings = _from_mapping(Timings, data.pop("timings", {}) or {}, f"{where} timings")
+        quality = _from_mapping(Quality, data.pop("quality", {}) or {}, f"{where} quality")
+        res = _from_mapping(cls, data, where)
+        return dataclasses.replace(res, timings=timings, quality=quality)
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def summarize(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+
+from recipes.errors import RecipeError, SchemaError
+from recipes.overrides import apply_overrides
+from recipes.recipe import Recipe, validate
+from recipes.serialize import RecipeMeta, dumps_recipe, loads_recipe, read_recipe, write_recipe
+
+
+def test_defaults_are_plain_diffusers_and_valid() -> None:
+    r = Recipe.for_task("t2v-A14B", model="random")
+    assert (r.size, r.frames, r.steps, r.guidance, r.guidance_2) == ("1280*720", 81, 40, 4.0, 3.0)
+    assert (r.attention, r.quant, r.compile, r.cache, r.offload) == ("native", "none", "off", "none", "none")
+    validate(r)
+    assert Recipe.for_task("ti2v-5B", model="random").size == "1280*704"
+
+
+@pytest.mark.parametrize("changes, field, fragment", [
+    ({"frames": 80}, "frames", "4n+1"),
+    ({"model": "random", "size": "1000*1000"}, "size", "1280*720"),
+    ({"ulysses": 3, "gpus": 3}, "ulysses", "divisor of the 40"),
+    ({"ulysses": 4, "gpus": 2}, "gpus", "multiple of ulysses"),
+    ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
+    ({"attention": "fa3"}, "attention", "_flash_3"),
+    ({"task": "i2v-A14B"}, "image", "needs a conditioning image"),
+    ({"cfg_parallel": True}, "cfg_parallel", "two GPU groups"),
+    ({"lightning": 4, "cache": "magcache"}, "cache", "Lightning"),
+])
+def test_validation_names_field_and_allowed(changes: dict, field: str, fragment: str) -> None:
+    with pytest.raises(RecipeError) as ei:
+        validate(Recipe(**changes))
+    assert ei.value.field == field
+    assert fragment in str(ei.value)
+    assert ei.value.exit_code == 2
+
+
+def test_toml_round_trip_is_exact(tmp_path) -> None:
+    r = Recipe(prompt='she said "hi" $(id) `x`\nnew line \'q\' ünï', attention="_native_cudnn", tf32=True,
+               cache="magcache", cache_threshold=0.24, magcache_k=2, cache_retention=0.1)
+    meta = RecipeMeta(name="tiny_cpu_abcd1234", speedup=1.7, notes=["adapted: x"], versions={"torch": "2.13"})
+    p = write_recipe(tmp_path / "recipe.toml", r, meta)
+    r2, meta2 = read_recipe(p)
+    assert r2 == r and meta2 == meta
+
+
+def test_unknown_key_and_newer_schema_are_errors() -> None:
+    text = dumps_recipe(Recipe())
+    with pytest.raises(SchemaError, match="unknown key"):
+        loads_recipe(text.replace("[recipe]", "[recipe]\natention = \"native\""))
+    with pytest.raises(SchemaError, match="newer"):
+        loads_recipe(text.replace("schema_version = 1", "schema_version = 99"))
+    with pytest.raises(SchemaError, match="must be an integer"):
+        loads_recipe(text.replace("frames = 0", 'frames = "81"'))
+
+
+def test_hash_ignores_content_but_not_knobs() -> None:
+    a = Recipe(prompt="a cat", seed=1)
+    assert a.recipe_hash() == Recipe(prompt="a dog", seed=2).recipe_hash()
+    assert a.recipe_hash() != Recipe(attention="_native_cudnn").recipe_hash()
+    # Resolution makes "default" and "explicit default" the same recipe.
+    assert Recipe(model="random").recipe_hash() == Recipe(model="random", size="1280*720", frames=81).recipe_hash()
+
+
+def test_overrides_parse_types_and_reject_unknown() -> None:
+    r = apply_overrides(Recipe(), ["tf32=true", "cache_threshold=0.2", "magcache_k=3", "attention=_native_math"])
+    assert (r.tf32, r.cache_threshold, r.magcache_k, r.attention) == (True, 0.2, 3, "_native_math")
+    with pytest.raises(Exception, match="unknown recipe field"):
+        apply_overrides(Recipe(), ["nope=1"])
+    with pytest.raises(Exception, match="needs an integer"):
+        apply_overrides(Recipe(), ["frames=many"])
+
+
+def test_lossy_knobs_and_stack_label() -> None:
+    r = Recipe(cache="fbcache", attention="sage", compile="regional")
+    assert r.lossy_knobs() == ["cache=fbcache", "attention=sage"]
+    assert "compile=regional" in r.stack_label() and Recipe().stack_label() == "baseline"

@@ -1,0 +1,98 @@
+"""``python -m wan_runtime``: the runtime as its own process (or one rank under torchrun).
+
+    python -m wan_runtime trial SPEC.json RESULT.json       # the tuner's entry point
+    python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--result R.json] [--recipe R.toml]
+    python -m wan_runtime save-tiny --task t2v-A14B --dir DIR  # the tiny model as a diffusers checkpoint
+
+Exit codes: 0 ok, 2 bad input, 3 cannot run here (unsupported / nothing feasible), 1 any other failure.
+Progress goes to stdout as ``WANCTL_PROGRESS <done> <total>`` lines for the CLI's progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from recipes.errors import WanctlError
+from recipes.overrides import apply_overrides
+from recipes.recipe import Recipe
+from recipes.serialize import read_recipe
+from recipes.spec import RunResult, TrialSpec
+
+EXIT = {"ok": 0, "bad_input": 2, "unsupported": 3}
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"WANCTL_PROGRESS {done} {total}", flush=True)
+
+
+def _write(result: RunResult, path: str | None) -> None:
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        result.write(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING"), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m wan_runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("trial")
+    t.add_argument("spec")
+    t.add_argument("result")
+    g = sub.add_parser("generate")
+    g.add_argument("--recipe", default="")
+    g.add_argument("--set", action="append", default=[], dest="sets")
+    g.add_argument("--out", default="video.mp4")
+    g.add_argument("--result", default="")
+    g.add_argument("--out-dir", default="")
+    s = sub.add_parser("save-tiny")
+    s.add_argument("--task", default="t2v-A14B")
+    s.add_argument("--dir", required=True)
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "save-tiny":
+            from wan_runtime.save import save_tiny
+
+            save_tiny(args.task, Path(args.dir))
+            return 0
+        if args.cmd == "trial":
+            spec = TrialSpec.from_json(Path(args.spec).read_text(), where=args.spec)
+            result_path = args.result
+        else:
+            recipe = read_recipe(args.recipe)[0] if args.recipe else Recipe()
+            recipe = apply_overrides(recipe, args.sets)
+            out = Path(args.out)
+            out_dir = Path(args.out_dir) if args.out_dir else out.parent / f".{out.stem}.wanctl"
+            spec = TrialSpec(recipe=recipe, mode="generate", out_dir=str(out_dir), video_path=str(out))
+            result_path = args.result or str(out_dir / "result.json")
+    except WanctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+    from wan_runtime.run import run_spec
+
+    if spec.fault == "no_result":
+        return 0
+    if spec.fault == "bad_result":
+        Path(result_path).write_text('{"outcome": "ok", "timings": {"step_s": [0.1, ')
+        return 0
+    result = run_spec(spec, stream_progress=_progress)
+    try:
+        _write(result, result_path)
+    except WanctlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result.outcome != "ok":
+        print(f"error: {result.outcome}: {result.error}", file=sys.stderr)
+    return EXIT.get(result.outcome, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Fault injection, a first-class knob of the runtime: the tuner's failure paths are tested end to end.
+
+Each fault imitates how the real failure reaches the tuner (an exception type, an exit code, a signal,
+a stderr line, a hung process), not a flag the tuner could read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+from recipes.spec import TrialSpec
+
+
+def fire(spec: TrialSpec, step: int) -> None:
+    """Fire the spec's fault if it is due at ``step`` (-1: before the pipeline is built)."""
+    if spec.fault in ("none", "nan", "slow") or step != spec.fault_step:
+        return
+    f = spec.fault
+    if f == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected fault)")
+    if f == "hang":
+        threading.Event().wait()  # never set: a process that stops making progress
+    if f == "ignore_sigterm":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Event().wait()
+    if f == "crash":
+        sys.stderr.write("RuntimeError: injected crash in the trial process\n")
+        sys.stderr.flush()
+        os._exit(7)
+    if f == "segfault":
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if f == "illegal_memory":
+        sys.stderr.write("torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
+                         "CUDA kernel errors might be asynchronously reported at some other API call\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def corrupt_latents(spec: TrialSpec, step: int, latents: torch.Tensor) -> torch.Tensor:
+    if spec.fault == "nan" and step >= spec.fault_step:
+        return torch.full_like(latents, float("nan"))
+    return latents

@@ -1,0 +1,46 @@
+"""The knob registry: every optimization a recipe can name, applied through one entry point.
+
+Order matters and is fixed here: weights are changed (fusion, quantization) before hooks are attached
+(attention observer, caches), and compilation wraps last so it traces the final modules.
+"""
+
+from __future__ import annotations
+
+from wan_runtime.knobs import attention, cache, compile, memory, precision, quant
+from wan_runtime.knobs.base import Knob, KnobContext, KnobError, Unsupported
+from wan_runtime.knobs.distributed import PARALLEL
+from wan_runtime.knobs.lightning import LIGHTNING
+
+REGISTRY: tuple[Knob, ...] = (
+    LIGHTNING,
+    precision.FUSE_QKV,
+    quant.KNOB,
+    attention.KNOB,
+    precision.TF32,
+    cache.KNOB,
+    memory.OFFLOAD,
+    memory.VAE,
+    PARALLEL,
+    compile.KNOB,
+)
+
+
+def check_all(ctx: KnobContext) -> None:
+    """Raise Unsupported for the first knob the recipe asks for that cannot run here."""
+    for knob in REGISTRY:
+        if knob.active(ctx.recipe):
+            knob.check(ctx)
+
+
+def apply_all(ctx: KnobContext) -> list[str]:
+    """Apply every active knob in registry order; returns the names applied."""
+    applied = []
+    for knob in REGISTRY:
+        if knob.active(ctx.recipe):
+            knob.check(ctx)
+            knob.apply(ctx)
+            applied.append(knob.name)
+    return applied
+
+
+__all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all"]

@@ -1,0 +1,139 @@
+"""Step caches from diffusers' hooks: FirstBlockCache and MagCache, one state per expert.
+
+Each A14B expert gets its own hook state and its own step count (MagCache's reference code shares one
+state and breaks when the experts switch or under FSDP). MagCache needs magnitude ratios per expert:
+shipped ones for real checkpoints where published, otherwise measured by a calibration pass of our own
+(residual-norm ratio of consecutive steps, measured over the whole block stack) before the timed run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+import torch
+
+from recipes.recipe import Recipe
+from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
+
+log = logging.getLogger(__name__)
+
+
+def expert_steps(pipe: Any, steps: int) -> list[int]:
+    """Denoise steps run by each expert, from the scheduler's timesteps and the boundary ratio."""
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    ratio = getattr(pipe.config, "boundary_ratio", None)
+    if ratio is None or getattr(pipe, "transformer_2", None) is None:
+        return [steps]
+    boundary = ratio * sched.config.num_train_timesteps
+    high = int(sum(1 for t in sched.timesteps if float(t) >= boundary))
+    return [high, steps - high]
+
+
+def shipped_ratios(recipe: Recipe) -> dict[str, list[float]] | None:
+    """Published per-expert ratios for real checkpoints (never for the random or tiny models)."""
+    if recipe.model in ("tiny", "random"):
+        return None
+    try:
+        text = resources.files("recipes").joinpath("data/magcache_ratios.json").read_text()
+    except FileNotFoundError:
+        return None
+    table = json.loads(text)
+    entry = table.get("ratios", {}).get(recipe.task)
+    return entry or None
+
+
+class RatioCalibrator:
+    """Measures MagCache ratios: mean ||residual_t|| / ||residual_{t-1}|| per step, per expert, per CFG branch."""
+
+    def __init__(self, transformers: list[Any], cfg: bool) -> None:
+        self.cfg = cfg
+        self.handles: list[Any] = []
+        self.ratios: list[dict[str, list[float]]] = [{} for _ in transformers]
+        self.prev: list[dict[str, torch.Tensor]] = [{} for _ in transformers]
+        self.calls: list[int] = [0 for _ in transformers]
+        for k, t in enumerate(transformers):
+            blocks = t.blocks
+            self.handles.append(blocks[0].register_forward_pre_hook(self._pre(k), with_kwargs=True))
+            self.handles.append(blocks[-1].register_forward_hook(self._post(k), with_kwargs=True))
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def _pre(self, k: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            self.inputs[k] = hs.detach()
+        return hook
+
+    def _post(self, k: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            residual = (out - self.inputs[k]).float()
+            branch = "cond" if not self.cfg or self.calls[k] % 2 == 0 else "uncond"
+            self.calls[k] += 1
+            prev = self.prev[k].get(branch)
+            r = 1.0 if prev is None else float((residual.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)).mean())
+            self.ratios[k].setdefault(branch, []).append(r)
+            self.prev[k][branch] = residual
+        return hook
+
+    def close(self) -> list[list[float]]:
+        for h in self.handles:
+            h.remove()
+        # One list per expert: the cond branch's ratios (diffusers applies one schedule to both branches).
+        return [d.get("cond", []) for d in self.ratios]
+
+
+def _check(ctx: KnobContext) -> None:
+    if ctx.recipe.cache == "teacache":
+        raise Unsupported("teacache is not implemented in wanctl yet (diffusers ships none for Wan)",
+                          "use magcache or fbcache")
+    for t in ctx.transformers:
+        if not hasattr(t, "enable_cache"):
+            raise Unsupported("this diffusers transformer has no enable_cache", "upgrade diffusers")
+
+
+def _apply(ctx: KnobContext) -> None:
+    r = ctx.recipe
+    if r.cache == "fbcache":
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        for t in ctx.transformers:
+            mark_applied(t, "cache")
+            t.enable_cache(FirstBlockCacheConfig(threshold=r.cache_threshold))
+        ctx.actual["cache"] = f"fbcache threshold={r.cache_threshold} per-expert state x{len(ctx.transformers)}"
+        return
+    # MagCache: ratios now, or after a calibration pass driven by the runner.
+    for t in ctx.transformers:
+        mark_applied(t, "cache")
+    ratios = ctx.extra.get("magcache_ratios") or shipped_ratios(r)
+    if ratios is None:
+        ctx.extra["magcache_needs_calibration"] = True
+        ctx.actual["cache"] = "magcache (ratios calibrated in-process)"
+        return
+    enable_magcache(ctx, ratios)
+
+
+def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
+    from diffusers.hooks import MagCacheConfig
+
+    r = ctx.recipe
+    per_expert = list(ratios.values()) if isinstance(ratios, dict) else list(ratios)
+    steps = expert_steps(ctx.pipe, r.steps)
+    if len(per_expert) != len(ctx.transformers):
+        raise Unsupported(f"magcache ratios for {len(per_expert)} experts, model has {len(ctx.transformers)}",
+                          "recalibrate for this model")
+    for t, n, rat in zip(ctx.transformers, steps, per_expert):
+        if n == 0:
+            continue
+        t.enable_cache(MagCacheConfig(threshold=r.cache_threshold, max_skip_steps=r.magcache_k,
+                                      retention_ratio=r.cache_retention, num_inference_steps=n,
+                                      mag_ratios=list(rat)))
+    ctx.extra["magcache_ratios"] = [list(x) for x in per_expert]
+    ctx.actual["cache"] = (f"magcache E{r.cache_threshold} K{r.magcache_k} R{r.cache_retention} "
+                           f"steps/expert={steps}")
+
+
+KNOB = Knob(name="cache", lossless=False, active=lambda r: r.cache != "none", check=_check, apply=_apply)

@@ -1,0 +1,271 @@
+"""Run one TrialSpec: build, apply knobs, encode, denoise, decode, time each part, compare, write.
+
+Timing boundaries (each reported separately, never summed silently): model load; knob application
+(plus MagCache calibration when ratios had to be measured); text encoding; every denoise step; VAE
+decode; the whole process. On a GPU each boundary is read after ``torch.cuda.synchronize()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recipes.errors import BadInput, HardwareUnsupported, WanctlError
+from recipes.models import model_spec, parse_size
+from recipes.recipe import validate
+from recipes.spec import RunResult, Timings, TrialSpec
+from wan_runtime import faults
+from wan_runtime.build import build_pipeline, load_image
+from wan_runtime.env import device_name, pick_device, versions
+from wan_runtime.knobs import KnobContext, apply_all
+from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
+from wan_runtime.quality import compare
+from wan_runtime.video import count_frames, to_uint8, write_mp4
+
+log = logging.getLogger(__name__)
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _timed_method(obj: Any, name: str, sink: dict[str, float], key: str, clock: _Clock) -> None:
+    """Wrap ``obj.name`` on this instance so each call adds its synchronized wall time to ``sink[key]``."""
+    original = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = clock.now()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sink[key] = sink.get(key, 0.0) + clock.now() - t0
+
+    setattr(obj, name, wrapper)
+
+
+class _ForwardCounter:
+    """Counts computed transformer forwards (the last block's self-attention ran) per denoise step."""
+
+    def __init__(self, transformers: list[Any]) -> None:
+        self.count = 0
+        self.handles = [t.blocks[-1].attn1.register_forward_hook(self._hook) for t in transformers]
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
+    """Run ``spec`` and return its result; expected failures become outcomes, not exceptions."""
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    try:
+        device = pick_device()
+        return _run(spec, device, started, stream_progress)
+    except torch.OutOfMemoryError as exc:
+        return _failed(spec, "oom", exc, device, started)
+    except HardwareUnsupported as exc:
+        return _failed(spec, "unsupported", exc, device, started)
+    except BadInput as exc:
+        return _failed(spec, "bad_input", exc, device, started)
+    except WanctlError as exc:
+        return _failed(spec, "crash", exc, device, started)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            return _failed(spec, "oom", exc, device, started)
+        return _failed(spec, "crash", exc, device, started)
+
+
+def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.device, started: float) -> RunResult:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    hint = getattr(exc, "hint", "")
+    log.error("%s: %s", outcome, first)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,
+                     device=device_name(device), versions=versions(), peak_mem_bytes=int(peak),
+                     timings=Timings(total_s=time.perf_counter() - started))
+
+
+def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -> RunResult:
+    recipe = validate(spec.recipe).resolved()
+    mspec = model_spec(recipe.task)
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = _Clock(device)
+    faults.fire(spec, -1)
+    import diffusers  # noqa: F401  (import cost is start-up, not model load)
+    diffusers.utils.logging.set_verbosity_error()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t0 = clock.now()
+    pipe = build_pipeline(recipe, device)
+    load_s = clock.now() - t0
+
+    ctx = KnobContext(pipe=pipe, recipe=recipe, device=device)
+    if spec.magcache_ratios:
+        ctx.extra["magcache_ratios"] = [list(r) for r in spec.magcache_ratios]
+    t0 = clock.now()
+    apply_all(ctx)
+    w, h = parse_size(recipe.size)
+    call: dict[str, Any] = dict(
+        prompt=recipe.prompt, negative_prompt=recipe.negative_prompt or None, height=h, width=w,
+        num_frames=recipe.frames, num_inference_steps=recipe.steps, guidance_scale=recipe.guidance,
+        output_type="np",
+    )
+    if mspec.experts == 2:
+        call["guidance_scale_2"] = recipe.guidance_2
+    if recipe.image:
+        call["image"] = load_image(recipe.image).resize((w, h))
+    cfg = recipe.guidance > 1.0
+    if ctx.extra.get("magcache_needs_calibration"):
+        calib = RatioCalibrator(ctx.transformers, cfg=cfg)
+        try:
+            with torch.inference_mode():
+                pipe(**{**call, "output_type": "latent"}, generator=torch.Generator("cpu").manual_seed(recipe.seed))
+        finally:
+            ratios = calib.close()
+        enable_magcache(ctx, ratios)
+        for obs in ctx.observers:
+            obs.calls = 0  # count only the timed run's dispatches
+        ctx.notes.append("magcache: ratios calibrated in-process for this model and step count")
+    apply_s = clock.now() - t0
+
+    sink: dict[str, float] = {}
+    _timed_method(pipe, "encode_prompt", sink, "text_encode_s", clock)
+    _timed_method(pipe.vae, "decode", sink, "vae_decode_s", clock)
+    steps_to_run = recipe.steps
+    if spec.mode == "measure":
+        steps_to_run = min(recipe.steps, spec.measure_steps or (spec.warmup_steps + 3))
+    counter = _ForwardCounter(ctx.transformers) if recipe.compile == "off" else None
+    step_s: list[float] = []
+    forwards: list[int] = []
+    last = {"t": 0.0, "count": 0, "latents": None}
+
+    orig_encode = pipe.encode_prompt
+
+    def encode_then_mark(*a: Any, **k: Any) -> Any:
+        res = orig_encode(*a, **k)
+        last["t"] = clock.now()
+        return res
+
+    pipe.encode_prompt = encode_then_mark
+
+    def on_step(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        faults.fire(spec, i)
+        lat = faults.corrupt_latents(spec, i, kw["latents"])
+        now = clock.now()
+        step_s.append(now - last["t"])
+        if counter is not None:
+            forwards.append(counter.count - last["count"])
+            last["count"] = counter.count
+        if spec.fault == "slow":
+            time.sleep(step_s[-1] * max(spec.fault_arg, 1.0))  # injected slowness, part of the step's cost
+            now = clock.now()
+            step_s[-1] = now - last["t"]
+        last["t"] = now
+        last["latents"] = lat
+        if progress is not None:
+            progress(i + 1, steps_to_run)
+        if i + 1 >= steps_to_run:
+            p._interrupt = True
+        return {"latents": lat}
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_denoise0 = clock.now()
+    with torch.inference_mode():
+        result = pipe(**call, generator=torch.Generator("cpu").manual_seed(recipe.seed),
+                      callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
+    if counter is not None:
+        counter.close()
+    wall = clock.now() - t_denoise0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+    for obs in ctx.observers:
+        obs.finish(ctx)
+
+    frames_f = np.asarray(result.frames[0])  # T,H,W,C in [0,1]
+    latent = last["latents"].float().cpu().numpy() if last["latents"] is not None else None
+    nonfinite = (latent is not None and not np.isfinite(latent).all()) or not np.isfinite(frames_f).all()
+    frames = to_uint8(np.nan_to_num(frames_f))
+
+    warm = spec.warmup_steps if len(step_s) > spec.warmup_steps else 0
+    steady = step_s[warm:] or step_s
+    median = statistics.median(steady) if steady else 0.0
+    timings = Timings(
+        load_s=load_s, apply_s=apply_s, text_encode_s=sink.get("text_encode_s", 0.0), step_s=step_s,
+        warmup_s=sum(step_s[:warm]), step_median_s=median, denoise_s=sum(step_s),
+        denoise_pred_s=_predict(step_s, forwards, warm, recipe.steps, ctx),
+        vae_decode_s=sink.get("vae_decode_s", 0.0), total_s=0.0,
+    )
+    res = RunResult(
+        outcome="ok", device=device_name(device), gpus=recipe.gpus, versions=versions(), actual=dict(ctx.actual),
+        steps_total=recipe.steps, steps_run=len(step_s), steps_computed=sum(forwards) if forwards else -1,
+        step_forwards=forwards, peak_mem_bytes=int(peak), frames=int(frames.shape[0]), notes=list(ctx.notes),
+        cache_ratios=ctx.extra.get("magcache_ratios") or [],
+    )
+    if wall > 0 and not step_s:
+        res = dataclasses.replace(res, notes=res.notes + ["no denoise step ran"])
+    if nonfinite:
+        res = dataclasses.replace(res, outcome="nan", error="non-finite values in the latent or decoded frames")
+    mismatch = ctx.actual.get("attention_mismatch")
+    if mismatch and res.outcome == "ok":
+        res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
+
+    if spec.mode in ("quality", "generate") and res.outcome == "ok":
+        np.save(out / "latent.npy", latent)
+        np.save(out / "frames.npy", frames)
+        res = dataclasses.replace(res, latent_path=str(out / "latent.npy"), frames_path=str(out / "frames.npy"))
+    if spec.reference_frames or spec.reference_latent:
+        ref_f = np.load(spec.reference_frames) if spec.reference_frames else None
+        ref_l = np.load(spec.reference_latent) if spec.reference_latent else None
+        res = dataclasses.replace(res, quality=compare(frames, ref_f, latent, ref_l))
+    if spec.mode == "generate" and spec.write_video and res.outcome == "ok":
+        video = write_mp4(out / "video.mp4" if not spec.video_path else spec.video_path, frames, mspec.fps)
+        got = count_frames(video)
+        res = dataclasses.replace(res, video_path=str(video), video_frames=got)
+        if got != frames.shape[0]:
+            res = dataclasses.replace(res, outcome="crash",
+                                      error=f"video {video} holds {got} frames, expected {frames.shape[0]}")
+    timings = dataclasses.replace(timings, total_s=time.perf_counter() - started)
+    return dataclasses.replace(res, timings=timings)
+
+
+def _predict(step_s: list[float], forwards: list[int], warm: int, total: int, ctx: KnobContext) -> float:
+    """Full-schedule denoise time from the steps that ran (warm-up steps replaced by the steady median).
+
+    When every step ran, that is the measured steady time. When only a few ran (measure mode), the median
+    is scaled to the schedule; a cache's skipping is priced by the tuner from its predicted schedule.
+    """
+    steady = step_s[warm:] or step_s
+    if not steady:
+        return 0.0
+    med = statistics.median(steady)
+    if len(step_s) >= total:
+        return sum(steady) + med * warm
+    return med * total
+
+
+def _rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
