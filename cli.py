@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from recipes.errors import BadInput, WanctlError
+from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe, validate
@@ -43,6 +43,7 @@ NegOpt = Annotated[str, typer.Option("--negative-prompt", help="negative prompt"
 ImageOpt = Annotated[str, typer.Option("--image", help="conditioning image (i2v-A14B; optional for ti2v-5B)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON to stdout instead of tables")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="load a checkpoint dir that wanctl download did not verify")]
 
 
 def _setup_logging(debug: bool) -> None:
@@ -89,6 +90,7 @@ def generate(
     out_dir: Annotated[list[Path] | None, typer.Option("--out-dir", help="where --best looks for tuned recipes (repeatable)")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
+    trust_checkpoint: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -104,8 +106,10 @@ def generate(
         base = read_recipe(recipe)[0]
     elif best:
         from autotune.recipe_store import find_best
+        from probes.probe import run_probe
 
-        found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [])
+        fp = run_probe(with_kernels=False).fingerprint()
+        found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp)
         err.print(f"using recipe [bold]{found.path}[/] ({found.meta.name}; {found.meta.speedup:.2f}x measured "
                   f"on {found.meta.machine})")
         base = found.recipe
@@ -113,10 +117,15 @@ def generate(
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     output = output.expanduser().resolve()
     work = output.parent / f".{output.stem}.wanctl"
-    spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output))
+    spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
+                     trust_checkpoint=trust_checkpoint)
     with _progress() as prog:
         task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
         res = run_trial(spec, work, timeout_s=None, on_progress=lambda d, t: prog.update(task_id, completed=d, total=t))
+    if res.outcome == "bad_input":
+        raise BadInput(res.reason, "fix the input named above")
+    if res.outcome == "unsupported":
+        raise HardwareUnsupported(res.reason, "run on hardware that supports it, or change the recipe")
     if res.outcome != "ok":
         raise WanctlError(f"generation failed ({res.outcome}): {res.reason}",
                           f"see {work / 'stderr.log'}" + (" and rerun with --debug" if not debug else ""))
@@ -137,6 +146,244 @@ def generate(
     out.print(t)
     out.print(f"frames in video: {rr.video_frames}; device: {rr.device}; ran: "
               + ", ".join(f"{k}={v}" for k, v in rr.actual.items()))
+
+
+class LiveReporter:
+    """The tuner's live view: trial i of N, current stack, step progress, best so far, ETA (stderr)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.prog = progress
+        self.trial_task = progress.add_task("trials", total=None)
+        self.step_task = progress.add_task("steps", total=None, visible=False)
+        self.best = "none yet"
+
+    def trial_started(self, number: int, total: int | None, role: str, label: str) -> None:
+        self.prog.update(self.trial_task, total=total, description=f"trial {number} [{role}] {label[:60]}")
+        self.prog.update(self.step_task, completed=0, visible=True)
+        if not out.is_terminal:
+            err.print(f"trial {number}{'/' + str(total) if total else ''} [{role}] {label}")
+
+    def progress(self, done: int, total: int) -> None:
+        self.prog.update(self.step_task, completed=done, total=total)
+
+    def trial_finished(self, record: object, best: object) -> None:
+        from recipes.records import TrialRecord
+
+        assert isinstance(record, TrialRecord)
+        self.prog.advance(self.trial_task)
+        if isinstance(best, TrialRecord):
+            self.best = f"{best.speedup:.2f}x {best.label}"
+        speed = f" {record.speedup:.2f}x" if record.speedup else ""
+        err.print(f"  trial {record.number}: [bold]{record.outcome}[/]{speed} {record.reason[:120]}"
+                  f"  (best so far: {self.best})")
+
+    def message(self, text: str) -> None:
+        err.print(text)
+
+
+@app.command()
+def tune(
+    model: ModelOpt = "tiny",
+    task: TaskOpt = "t2v-A14B",
+    size: SizeOpt = "",
+    frames: FramesOpt = 0,
+    steps: StepsOpt = 0,
+    prompt: PromptOpt = None,  # type: ignore[assignment]
+    negative_prompt: NegOpt = "",
+    image: ImageOpt = "",
+    seed: SeedOpt = 42,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs one run may use")] = 1,
+    budget: Annotated[str, typer.Option("--budget", help="wall-clock budget, e.g. 30m, 2h")] = "",
+    trials: Annotated[int, typer.Option("--trials", help="total trials in the study (baseline included)")] = 0,
+    quality: Annotated[str, typer.Option("--quality", help="gate overrides, e.g. lossy_psnr=22,lossy_ssim=0.85")] = "",
+    objective: Annotated[str, typer.Option("--objective", help="latency or pareto")] = "latency",
+    storage: Annotated[str, typer.Option("--storage", help="PATH.journal, sqlite:///F.db or postgresql://...")] = "",
+    study: Annotated[str, typer.Option("--study", help="study name (default: model_task_size_fingerprint)")] = "",
+    resume: Annotated[bool, typer.Option("--resume", help="continue an existing study (only one tuner may resume a journal study at a time)")] = False,
+    output: Annotated[Path, typer.Option("--out", help="output folder")] = Path("wanctl-out"),
+    proxy_size: Annotated[str, typer.Option("--proxy-size", help="size of quality runs (default: the task's smallest)")] = "",
+    proxy_frames: Annotated[int, typer.Option("--proxy-frames", help="frames of quality runs")] = 17,
+    measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps timed per trial")] = 4,
+    trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
+    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL")] = None,
+    trust_checkpoint: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Search optimization stacks with Optuna; write the fastest quality-passing recipe, launch.sh, report.md."""
+    _setup_logging(debug)
+    from autotune.config import TuneConfig, parse_budget
+    from autotune.tuner import tune as run_tune
+    from probes.probe import run_probe
+
+    if objective not in ("latency", "pareto"):
+        raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
+    if prompt is not None and not prompt.strip():
+        raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
+    if image and not Path(image).expanduser().is_file():
+        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    cfg = TuneConfig(model=model, task=task, size=size, frames=frames, steps=steps,
+                     prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
+                     image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,
+                     budget_s=parse_budget(budget) if budget else 0.0, trials=trials, quality=quality,
+                     objective=objective, storage=storage, study=study, resume=resume,
+                     out_dir=str(output.expanduser().resolve()), proxy_size=proxy_size, proxy_frames=proxy_frames,
+                     measure_steps=measure_steps, trial_timeout_s=trial_timeout, inject=tuple(inject or ()),
+                     trust_checkpoint=trust_checkpoint)
+    cfg.base_recipe()  # bad input fails here, before any probing
+    err.print("probing this machine (GPUs, libraries, kernels)...")
+    probe = run_probe(paths=[cfg.out_dir])
+    with _progress() as prog:
+        result = run_tune(cfg, probe, LiveReporter(prog))
+    paths = _emit(result, cfg, probe, sys.argv)
+    if json_out:
+        out.print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
+                                   "speedup": result.confirm.speedup if result.confirm else 1.0,
+                                   "trials": len(result.records)}))
+        return
+    t = Table(title=f"wanctl tune: {result.study_name}")
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(_count(result.records).items())))
+    if result.best and result.confirm:
+        t.add_row("best stack", result.best.label)
+        t.add_row("speed-up (search / confirmed)", f"{result.best.speedup:.2f}x / {result.confirm.speedup:.2f}x")
+        t.add_row("quality", f"PSNR {result.best.psnr_min_db:.1f} dB, SSIM {result.best.ssim_min:.3f} "
+                  f"({result.best.gate_tier})")
+    else:
+        t.add_row("best stack", "baseline (nothing faster passed the gate)")
+    for name, pth in (("recipe", paths.recipe), ("launch script", paths.launch), ("report", paths.report)):
+        t.add_row(name, str(pth))
+    out.print(t)
+
+
+def _count(records: list) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(r.outcome for r in records))
+
+
+def _emit(result: object, cfg: object, probe: object, argv: list[str]) -> object:
+    """Glue from the study's result to the files: recipe (with meta), launch script, report, store copy."""
+    from autotune.config import TuneConfig, model_tag
+    from autotune.recipe_store import save_to_store
+    from autotune.tuner import TuneResult
+    from probes.result import ProbeResult
+    from recipes.serialize import RecipeMeta
+    from reports.markdown import ReportInput
+    from reports.outputs import write_outputs
+
+    assert isinstance(result, TuneResult) and isinstance(cfg, TuneConfig) and isinstance(probe, ProbeResult)
+    chosen = result.best or result.baseline
+    recipe = chosen.recipe_obj()
+    conf = result.confirm
+    gate = __import__("autotune.quality_gate", fromlist=["parse_quality"]).parse_quality(cfg.quality).describe()
+    fp = probe.fingerprint()
+    name = f"{model_tag(recipe.model)}_{fp.split('_')[0]}_{recipe.recipe_hash()[:8]}"
+    versions = {"wanctl": _version(), **{k: v for k, v in vars(probe.software).items() if isinstance(v, str)}}
+    notes = list(result.notes) + [n for r in ([chosen] if chosen else []) for n in r.notes]
+    meta = RecipeMeta(
+        name=name, fingerprint=fp, machine=probe.describe(), speedup=conf.speedup if conf else 1.0,
+        baseline_s=result.baseline.denoise_pred_s, recipe_s=chosen.denoise_pred_s,
+        confirmed_s=conf.denoise_pred_s if conf else result.baseline.denoise_pred_s,
+        psnr_db=chosen.psnr_min_db, ssim=chosen.ssim_min, latent_rel_err=chosen.latent_rel_err,
+        gate=f"{chosen.gate_tier}: {gate}", versions=versions, notes=notes, study=result.study_name,
+    )
+    inp = ReportInput(
+        title=f"wanctl tune: {model_tag(cfg.model)} {cfg.task} {recipe.size} x{recipe.frames} frames, {recipe.steps} steps",
+        machine=probe.describe(), fingerprint=fp, versions=versions, study=result.study_name, storage=result.storage,
+        command=["wanctl", *argv[1:]], baseline=result.baseline, records=result.records, best=result.best,
+        confirm=result.confirm, recipe=recipe, gate=gate, exclusions=result.exclusions,
+        excluded_space=dict(result.space.excluded), notes=notes,
+    )
+    paths = write_outputs(Path(cfg.out_dir), inp, recipe, meta, probe.to_json(), cfg.to_dict(), _version())
+    save_to_store(recipe, meta)
+    return paths
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("wanctl")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@app.command()
+def report(
+    study: Annotated[str, typer.Option("--study", help="study name")],
+    storage: Annotated[str, typer.Option("--storage", help="the study's storage (PATH.journal or URL)")],
+    output: Annotated[Path, typer.Option("--out", help="folder to write report.md, recipe.toml, launch.sh")] = Path("wanctl-report"),
+    debug: DebugOpt = False,
+) -> None:
+    """Rebuild the report, recipe and launch script from a study alone."""
+    _setup_logging(debug)
+    import dataclasses
+
+    from autotune.tuner import result_from_study
+
+    result, cfg, probe = result_from_study(storage, study)
+    cfg = dataclasses.replace(cfg, out_dir=str(output.expanduser().resolve()))
+    paths = _emit(result, cfg, probe, sys.argv)
+    out.print(f"report: {paths.report}\nrecipe: {paths.recipe}\nlaunch script: {paths.launch}")
+
+
+@app.command()
+def probe(
+    json_out: JsonOpt = False,
+    save: Annotated[Path | None, typer.Option("--save", help="also write the JSON document here")] = None,
+    no_kernels: Annotated[bool, typer.Option("--no-kernels", help="skip the kernel checks (faster)")] = False,
+    path: Annotated[list[Path] | None, typer.Option("--path", help="folders whose free disk to report")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """GPUs, links, drivers, libraries, and which kernels really run here."""
+    _setup_logging(debug)
+    from probes.probe import run_probe
+    from probes.render import render_probe
+    from recipes.files import atomic_write_text
+
+    res = run_probe(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
+    if save:
+        atomic_write_text(save, res.to_json())
+    if json_out:
+        out.print_json(res.to_json())
+        return
+    for table in render_probe(res):
+        out.print(table)
+    out.print(f"fingerprint: {res.fingerprint()}")
+
+
+@app.command()
+def download(
+    task: TaskOpt = "t2v-A14B",
+    source: Annotated[str, typer.Option("--source", help="hf, modelscope or auto (hub first, then ModelScope)")] = "auto",
+    revision: Annotated[str | None, typer.Option("--revision", help="branch, tag or commit SHA to pin")] = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="target folder (default ./checkpoints/<repo>)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be fetched and its size")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="use what is there, never touch the network")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fetch the checkpoints a task needs (safetensors only), verify them and write a manifest."""
+    _setup_logging(debug)
+    from downloads import Machine
+    from downloads import download as do_download
+    from downloads import plan as make_plan
+    from downloads.render import render_plan, render_report, rich_progress, to_json
+    from probes.probe import run_probe
+
+    pr = run_probe(with_kernels=False, paths=[str(directory or Path("."))])
+    machine = Machine(gpu_count=pr.gpu_count, gpu_mem_gib=pr.min_gpu_memory_mib / 1024,
+                      host_ram_gib=pr.host.ram_total_mib / 1024 if pr.host.ram_total_mib else 0.0)
+    kw = dict(target_dir=directory, source=source, revision=revision, offline=offline, machine=machine)
+    if dry_run:
+        p = make_plan(task, **kw)
+        out.print_json(to_json(p)) if json_out else render_plan(p, out)
+        return
+    with rich_progress(err) as cb:
+        rep = do_download(task, progress=cb, **kw)
+    out.print_json(to_json(rep)) if json_out else render_report(rep, out)
 
 
 @app.command("recipe")

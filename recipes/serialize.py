@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
+import tomllib
 
 from recipes.errors import BadInput, SchemaError
 from recipes.files import atomic_write_text

@@ -53,6 +53,8 @@ class TrialSpec:
     magcache_ratios: list[list[float]] = field(default_factory=list)
     """MagCache ratios per expert measured earlier (e.g. by the tuner's calibration trial); empty: shipped
     ratios for real checkpoints, else calibrated in-process."""
+    trust_checkpoint: bool = False
+    """Load a checkpoint directory that has no wanctl download manifest (the user vouches for it)."""
     fault: str = "none"
     fault_step: int = 0
     """Denoise step at which the fault fires (0: at the start of the run)."""

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default="video.mp4")
     g.add_argument("--result", default="")
     g.add_argument("--out-dir", default="")
+    g.add_argument("--trust-checkpoint", action="store_true")
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe = apply_overrides(recipe, args.sets)
             out = Path(args.out)
             out_dir = Path(args.out_dir) if args.out_dir else out.parent / f".{out.stem}.wanctl"
-            spec = TrialSpec(recipe=recipe, mode="generate", out_dir=str(out_dir), video_path=str(out))
+            spec = TrialSpec(recipe=recipe, mode="generate", out_dir=str(out_dir), video_path=str(out),
+                             trust_checkpoint=args.trust_checkpoint)
             result_path = args.result or str(out_dir / "result.json")
     except WanctlError as exc:
         print(f"error: {exc}", file=sys.stderr)

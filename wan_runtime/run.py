@@ -120,7 +120,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = clock.now()
-    pipe = build_pipeline(recipe, device)
+    pipe = build_pipeline(recipe, device, spec.trust_checkpoint)
     load_s = clock.now() - t0
 
     ctx = KnobContext(pipe=pipe, recipe=recipe, device=device)

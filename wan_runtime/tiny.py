@@ -66,21 +66,25 @@ def build_tokenizer(max_length: int = 512) -> Any:
 
 
 def build_components(spec: ModelSpec, width: Width, seed: int = 0, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32, shift: float = 0.0) -> dict[str, Any]:
-    """All pipeline components with deterministic random weights (seeded per component)."""
+                     dtype: torch.dtype = torch.float32, shift: float = 0.0, park: bool = False) -> dict[str, Any]:
+    """All pipeline components with deterministic random weights (seeded per component).
+
+    ``park``: build each component on ``device`` (fast random init) and move it to the CPU before the next
+    is built, so a model that does not fit the GPU whole can still be built there for offloaded runs.
+    """
 
     tokenizer = build_tokenizer()
     previous = torch.get_default_dtype()
     # Build in the target dtype: a 14B expert built in fp32 first would need 57 GB before the cast.
     torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
     try:
-        return _build(spec, width, seed, device, dtype, shift, tokenizer)
+        return _build(spec, width, seed, device, dtype, shift, tokenizer, park)
     finally:
         torch.set_default_dtype(previous)
 
 
 def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device, dtype: torch.dtype,
-           shift: float, tokenizer: Any) -> dict[str, Any]:
+           shift: float, tokenizer: Any, park: bool) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -90,7 +94,7 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
                             d_ff=width.t5_ff, num_layers=width.t5_layers, num_heads=width.t5_heads,
                             feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", pad_token_id=0,
                             eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)
-        text_encoder = UMT5EncoderModel(t5_cfg).to(dtype).eval()
+        text_encoder = _parked(UMT5EncoderModel(t5_cfg).to(dtype).eval(), park)
 
         vae_kw: dict[str, Any] = dict(base_dim=width.vae_base, z_dim=spec.vae_z_dim, dim_mult=list(width.vae_mult),
                                       num_res_blocks=width.vae_res_blocks, temperal_downsample=[False, True, True])
@@ -101,7 +105,7 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
             if width is TINY:
                 vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKLWan(**vae_kw).to(torch.float32).eval()
+        vae = _parked(AutoencoderKLWan(**vae_kw).to(torch.float32).eval(), park)
 
         def transformer(k: int) -> Any:
             torch.manual_seed(seed + 10 + k)
@@ -112,8 +116,8 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
             ).to(dtype).eval()
 
-        transformer_1 = transformer(0)
-        transformer_2 = transformer(1) if spec.experts == 2 else None
+        transformer_1 = _parked(transformer(0), park)
+        transformer_2 = _parked(transformer(1), park) if spec.experts == 2 else None
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=shift or spec.shift)
     comps: dict[str, Any] = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
@@ -122,3 +126,11 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
     if spec.task == "ti2v-5B":
         comps["expand_timesteps"] = True
     return comps
+
+
+def _parked(module: Any, park: bool) -> Any:
+    if park:
+        module = module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return module

@@ -16,7 +16,15 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int) -> Path:
-    """Write uint8 frames (T,H,W,3) as H.264 mp4; the final name appears only once the file is complete."""
+    """Write uint8 frames (T,H,W,3) as H.264 mp4; the final name appears only once the file is complete.
+
+    imageio-ffmpeg is the writer; OpenCV's (mp4v) is used only when imageio-ffmpeg is absent, as on
+    offline GPU images that ship OpenCV but not the 68 MB ffmpeg wheel.
+    """
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return _write_cv2(Path(path), frames, fps)
     import imageio.v2 as imageio
 
     p = Path(path)
@@ -37,10 +45,42 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int) -> Pat
 
 def count_frames(path: str | os.PathLike[str]) -> int:
     """Frames in a video file, decoded for real (not read from the header)."""
-    import imageio_ffmpeg
-
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return _count_cv2(Path(path))
     n, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
     return int(n)
+
+
+def _write_cv2(p: Path, frames: np.ndarray, fps: int) -> Path:
+    try:
+        import cv2
+    except ImportError:
+        raise WanctlError("no mp4 writer: neither imageio-ffmpeg nor OpenCV is installed",
+                          "pip install imageio-ffmpeg") from None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.stem}.partial.mp4")
+    h, w = frames.shape[1:3]
+    vw = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for f in frames:
+        vw.write(f[:, :, ::-1].copy())
+    vw.release()
+    if not tmp.exists() or tmp.stat().st_size == 0:
+        raise WanctlError(f"OpenCV could not write {p}", "pip install imageio-ffmpeg")
+    os.replace(tmp, p)
+    return p
+
+
+def _count_cv2(p: Path) -> int:
+    import cv2
+
+    cap = cv2.VideoCapture(str(p))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
 
 
 def _even(frames: np.ndarray) -> bool:

@@ -125,7 +125,7 @@ def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list
     if len(per_expert) != len(ctx.transformers):
         raise Unsupported(f"magcache ratios for {len(per_expert)} experts, model has {len(ctx.transformers)}",
                           "recalibrate for this model")
-    for t, n, rat in zip(ctx.transformers, steps, per_expert):
+    for t, n, rat in zip(ctx.transformers, steps, per_expert, strict=True):
         if n == 0:
             continue
         t.enable_cache(MagCacheConfig(threshold=r.cache_threshold, max_skip_steps=r.magcache_k,

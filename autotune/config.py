@@ -1,0 +1,96 @@
+"""TuneConfig: everything ``wanctl tune`` was asked to do, frozen and JSON-able (saved beside the outputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipes.errors import BadInput
+from recipes.recipe import DEFAULT_PROMPT, Recipe, validate
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    model: str = "tiny"
+    """tiny, random or a checkpoint directory."""
+    task: str = "t2v-A14B"
+    size: str = ""
+    frames: int = 0
+    steps: int = 0
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = ""
+    image: str = ""
+    seed: int = 42
+    gpus: int = 1
+    budget_s: float = 0.0
+    """Wall-clock budget for the search; 0: none (then ``trials`` bounds it)."""
+    trials: int = 0
+    """Total trials in the study (baseline included); 0 with no budget: 20."""
+    quality: str = ""
+    """Overrides of the quality bars, e.g. 'lossy_psnr=22,lossy_ssim=0.85'."""
+    objective: str = "latency"
+    """latency (TPE on predicted denoise time) or pareto (NSGA-II on time and worst-frame PSNR)."""
+    storage: str = ""
+    """Optuna storage: PATH.journal (default: OUT/study.journal), sqlite:///..., postgresql://..."""
+    study: str = ""
+    resume: bool = False
+    out_dir: str = "wanctl-out"
+    proxy_size: str = ""
+    """Size of quality runs (lossy knobs run a full schedule there); empty: the task's smallest size."""
+    proxy_frames: int = 17
+    measure_steps: int = 4
+    """Denoise steps run at the target workload to time a trial (warm-up included)."""
+    warmup_steps: int = 1
+    lossless_steps: int = 2
+    """Steps of the short quality run that checks lossless knobs numerically."""
+    trial_timeout_s: float = 0.0
+    """Hard per-trial limit; 0: derived from the baseline (before it: 20 min on GPU, 5 min on CPU)."""
+    trust_checkpoint: bool = False
+    """Load a checkpoint directory without wanctl's download manifest."""
+    sampler_seed: int = 0
+    inject: tuple[str, ...] = field(default_factory=tuple)
+    """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2'); see recipes.spec.FAULTS."""
+    slower_tolerance: float = 0.0
+    """Relative margin under which a trial counts as not slower than the baseline; 0: 3% GPU, 10% CPU."""
+
+    def base_recipe(self) -> Recipe:
+        return validate(Recipe(task=self.task, model=self.model, size=self.size, frames=self.frames,
+                               steps=self.steps, prompt=self.prompt, negative_prompt=self.negative_prompt,
+                               image=self.image, seed=self.seed))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inject"] = list(self.inject)
+        return d
+
+    @property
+    def single_run(self) -> bool:
+        """One process per trial measures both speed and quality (full schedule at the target size): cheap
+        only for the tiny model, where the proxy and the target workload are the same."""
+        return self.model == "tiny"
+
+    def injections(self) -> dict[int, str]:
+        out = {}
+        for item in self.inject:
+            m = re.fullmatch(r"([a-z_]+)@(\d+)", item)
+            if not m:
+                raise BadInput(f"--inject {item!r} is not FAULT@TRIAL", "write e.g. --inject oom@2")
+            out[int(m.group(2))] = m.group(1)
+        return out
+
+
+def parse_budget(text: str) -> float:
+    """'30m', '2h', '90s', '45' (minutes) -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise BadInput(f"--budget {text!r} is not a duration", "write e.g. 30m, 2h or 90s")
+    value, unit = float(m.group(1)), m.group(2) or "m"
+    return value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def model_tag(model: str) -> str:
+    if model in ("tiny", "random"):
+        return model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).expanduser().resolve().name) or "checkpoint"

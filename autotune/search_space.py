@@ -1,0 +1,306 @@
+"""Which values of each recipe knob are worth a trial on this machine, and why the others are not.
+
+Computed from a ProbeResult alone (no torch, no GPU): hardware rules (fp8 needs sm89+, FA3 needs Hopper,
+TF32 needs a GPU), the kernel checks (a backend is searched only if it ran and matched the reference
+here), parallelism arithmetic (Ulysses degrees divide both the GPU count and the head count) and a rough
+memory estimate (offload only when the model does not fit). Every value left out is recorded in
+``excluded`` with the reason, so nothing is pruned silently and a report can say "fp8 not tried: sm80".
+
+The space lists allowed values per knob; whether a *combination* is valid (cfg_parallel x ulysses must
+divide gpus, no offload with several GPUs, ...) stays ``recipes.validate``'s job, checked per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from probes.families import sm_number
+from probes.result import ProbeResult, dataclass_from_plain
+from recipes.errors import BadInput, HardwareUnsupported, SchemaError
+from recipes.models import model_spec
+from recipes.recipe import ATTENTION_BACKENDS, CACHES, COMPILE, COMPILE_MODES, OFFLOAD, QUANT, TE_QUANT, Recipe
+
+KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "offload", "ulysses",
+         "cfg_parallel", "fsdp", "lightning", "gpus")
+"""Searched recipe fields, in the order trials vary them."""
+
+ACTIVATION_FACTOR = 8.0
+"""Peak activations of one DiT forward ~ this many bf16 hidden states (tokens x dim): the H100 anchor
+measured 34.6 GB peak for one A14B expert at 720p/81f, 28.6 GB of it weights, 6.0 GB over 0.77 GB states."""
+OVERHEAD_GIB = 2.0
+"""CUDA context, cuBLAS/cuDNN workspaces and allocator slack, per GPU."""
+EIGHT_BIT_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
+"""Quant values that store block weights in 8 bits (halving the DiT's weight memory)."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Allowed values per recipe knob for one task and model on one machine (fields = Recipe fields)."""
+
+    task: str = "t2v-A14B"
+    """The task the space was computed for (head count and memory depend on it)."""
+    model: str = "tiny"
+    """tiny, random or a checkpoint dir (only the memory estimate depends on it)."""
+    attention: tuple[str, ...] = ("native",)
+    tf32: tuple[bool, ...] = (False,)
+    fuse_qkv: tuple[bool, ...] = (False,)
+    quant: tuple[str, ...] = ("none",)
+    compile: tuple[str, ...] = ("off",)
+    compile_mode: tuple[str, ...] = ("default",)
+    cache: tuple[str, ...] = ("none",)
+    offload: tuple[str, ...] = ("none",)
+    ulysses: tuple[int, ...] = (1,)
+    cfg_parallel: tuple[bool, ...] = (False,)
+    fsdp: tuple[bool, ...] = (False,)
+    lightning: tuple[int, ...] = (0,)
+    gpus: tuple[int, ...] = (1,)
+    excluded: dict[str, str] = field(default_factory=dict)
+    """'knob=value' -> why it is not searched here, e.g. 'quant=fp8_rowwise': 'fp8 needs sm89+, this GPU is sm80'."""
+    notes: tuple[str, ...] = ()
+    """Facts behind the choices (memory estimate, kernel checks not run, ...)."""
+
+    def values(self) -> dict[str, tuple[Any, ...]]:
+        """Knob -> allowed values, in KNOBS order."""
+        return {k: getattr(self, k) for k in KNOBS}
+
+    def size(self) -> int:
+        """Number of knob combinations before combination rules (an upper bound on distinct trials)."""
+        return math.prod(len(v) for v in self.values().values())
+
+    def why_not(self, recipe: Recipe) -> list[str]:
+        """Reasons ``recipe`` lies outside this space (empty when every searched knob value is allowed)."""
+        out = []
+        for knob, allowed in self.values().items():
+            value = getattr(recipe, knob)
+            if value not in allowed:
+                key = f"{knob}={value}"
+                why = self.excluded.get(key, f"not in the search space (allowed: {', '.join(map(str, allowed))})")
+                out.append(f"{key}: {why}")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "search space") -> SearchSpace:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: malformed JSON ({exc})", "regenerate it from a probe") from None
+        return dataclass_from_plain(cls, data, where)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def memory_estimate_gib(task: str, model: str, *, size: str = "", frames: int = 0, weight_bytes: float = 2.0,
+                        resident_experts: float | None = None, shards: int = 1) -> float:
+    """Rough peak GPU memory of the denoise loop per GPU (GiB): DiT weights + activations + overhead.
+
+    ``weight_bytes`` 2 for bf16, 1 for 8-bit quant; ``resident_experts`` how many experts sit on the GPU
+    at once (all without offload, 1 with model offload, ~0 with group offload); ``shards`` FSDP ways.
+    The text encoder and VAE are not counted: they run before and after the loop and can be offloaded
+    or tiled on their own. The tiny model is a few MB: only the overhead remains.
+    """
+    spec = model_spec(task)
+    if model == "tiny":
+        return OVERHEAD_GIB
+    experts = spec.experts if resident_experts is None else resident_experts
+    weights = spec.params_per_expert * experts * weight_bytes / shards
+    tokens = spec.tokens(size or spec.default_size, frames or spec.default_frames)
+    activations = ACTIVATION_FACTOR * tokens * spec.dim * 2
+    return (weights + activations) / 2**30 + OVERHEAD_GIB
+
+
+# ------------------------------------------------------------------------------------------- rules
+def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None = None, *,
+                     allow_cpu_compile: bool = False, lightning_available: bool = False,
+                     size: str = "", frames: int = 0) -> SearchSpace:
+    """The knob values worth trying for ``task``/``model`` on the probed machine.
+
+    ``gpus``: GPUs one run may use (default: every visible GPU). ``allow_cpu_compile``: search
+    torch.compile on a CPU-only host (slow on few cores). ``lightning_available``: the Lightning 4-step
+    LoRA is on disk. ``size``/``frames``: the workload, for the memory estimate (default: the task's).
+    Raises BadInput for an impossible request and HardwareUnsupported when the machine cannot run it.
+    """
+    heads = model_spec(task).num_heads  # BadInput naming the tasks when unknown
+    excluded: dict[str, str] = {}
+    notes: list[str] = []
+    fam = probe.family
+    have = probe.gpu_count
+    on_gpu = have > 0
+
+    # --- GPUs and parallelism ---------------------------------------------------------------
+    if gpus is not None and gpus < 1:
+        raise BadInput(f"gpus={gpus} is not a GPU count", "pass --gpus 1 or more")
+    if not on_gpu:
+        if gpus is not None and gpus > 1:
+            raise HardwareUnsupported(f"asked for {gpus} GPUs; this machine has none", "drop --gpus on a CPU-only host")
+        if model != "tiny":
+            raise HardwareUnsupported(f"the full-size {task} model needs a GPU; this host has none",
+                                      "use --model tiny here, or tune on a GPU machine")
+        n = 1
+    else:
+        if gpus is not None and gpus > have:
+            raise HardwareUnsupported(f"asked for {gpus} GPUs; this machine has {have} ({probe.describe()})",
+                                      f"pass --gpus {have} or fewer")
+        n = gpus or have
+    ulysses = tuple(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0)
+    for d in range(2, n + 1):
+        if n % d == 0 and heads % d:
+            excluded[f"ulysses={d}"] = f"{task} has {heads} attention heads, not divisible by {d}"
+    multi = n >= 2
+    why_single = "needs 2 or more GPUs" + ("" if on_gpu else "; this host has no GPU") + (
+        f"; this run uses {n}" if on_gpu else "")
+    if not multi:
+        excluded["cfg_parallel=True"] = why_single
+        excluded["fsdp=True"] = why_single
+
+    # --- attention: only backends that ran and matched the reference here -------------------
+    attention: list[str] = []
+    if not probe.kernels:
+        attention = ["native"]
+        notes.append("kernel checks were not run: only the default 'native' attention is searched")
+    for backend in ATTENTION_BACKENDS:
+        if backend in attention:
+            continue
+        if backend == "_flash_3" and on_gpu and not fam.fa3:
+            excluded["attention=_flash_3"] = f"FA3 needs Hopper (sm90); this GPU is {fam.name} {fam.sm}"
+            continue
+        if probe.kernels and probe.kernel_ok(f"attention:{backend}"):
+            attention.append(backend)
+        elif probe.kernels:
+            excluded[f"attention={backend}"] = probe.kernel_summary(f"attention:{backend}")
+    if not attention:
+        raise HardwareUnsupported("no attention backend passed the kernel check on this machine",
+                                  "run 'wanctl probe' and read the kernel-check errors")
+    if on_gpu and probe.kernels and not probe.kernel_device.startswith("cuda"):
+        notes.append("kernel checks ran on the CPU although this machine has GPUs: GPU kernels are unverified")
+
+    # --- precision ------------------------------------------------------------------------
+    if on_gpu and fam.tf32:
+        tf32: tuple[bool, ...] = (False, True)
+    else:
+        tf32 = (False,)
+        excluded["tf32=True"] = ("TF32 is a GPU tensor-core mode; this host has no GPU" if not on_gpu
+                                 else f"TF32 needs sm80+; this GPU is {fam.sm}")
+    quant = ["none"]
+    for q in QUANT[1:]:
+        is_fp8 = q.startswith("fp8") or q in TE_QUANT
+        if is_fp8 and not on_gpu:
+            excluded[f"quant={q}"] = "fp8 needs a GPU with fp8 tensor cores (sm89+); this host has no GPU"
+        elif is_fp8 and not fam.fp8:
+            excluded[f"quant={q}"] = f"fp8 needs sm89+, this GPU is {fam.sm or 'unknown'}"
+        elif q == "te_block" and sm_number(fam) < 90:
+            excluded[f"quant={q}"] = f"Transformer Engine block scaling needs sm90+, this GPU is {fam.sm}"
+        elif not probe.kernel_ok(f"quant:{q}"):
+            excluded[f"quant={q}"] = probe.kernel_summary(f"quant:{q}")
+        else:
+            quant.append(q)
+
+    # --- compile --------------------------------------------------------------------------
+    compile_modes: tuple[str, ...] = ("default",)
+    if not on_gpu and not allow_cpu_compile:
+        compile_values: tuple[str, ...] = ("off",)
+        for c in COMPILE[1:]:
+            excluded[f"compile={c}"] = "torch.compile on a CPU-only host: minutes per trial on few cores " \
+                                       "(allow_cpu_compile=True to search it anyway)"
+    elif not probe.kernel_ok("compile"):
+        compile_values = ("off",)
+        for c in COMPILE[1:]:
+            excluded[f"compile={c}"] = f"compile check: {probe.kernel_summary('compile')}"
+    else:
+        compile_values = COMPILE
+        if on_gpu:
+            compile_modes = COMPILE_MODES
+    for m in COMPILE_MODES:
+        if m not in compile_modes:
+            excluded.setdefault(f"compile_mode={m}", "compile is not searched here" if compile_values == ("off",)
+                                else "autotuning modes need a GPU (they benchmark Triton kernels)")
+
+    # --- caches -----------------------------------------------------------------------------
+    cache = tuple(c for c in CACHES if c != "teacache")
+    excluded["cache=teacache"] = "not implemented in wanctl (diffusers ships no TeaCache hook for Wan)"
+
+    # --- memory: offload and FSDP ------------------------------------------------------------
+    offload: tuple[str, ...] = ("none",)
+    fsdp: tuple[bool, ...] = (False, True) if multi else (False,)
+    if not on_gpu:
+        for o in OFFLOAD[1:]:
+            excluded[f"offload={o}"] = "CPU offload moves weights to a GPU on use; this host has no GPU"
+    else:
+        offload, fsdp = _memory_rules(probe, task, model, n, size, frames, quant, fsdp, excluded, notes)
+
+    # --- distillation -------------------------------------------------------------------------
+    if lightning_available:
+        lightning: tuple[int, ...] = (0, 4)
+    else:
+        lightning = (0,)
+        excluded["lightning=4"] = "the Lightning 4-step LoRA is not available (download it to search it)"
+
+    return SearchSpace(
+        task=task, model=model, attention=tuple(attention), tf32=tf32, fuse_qkv=(False, True), quant=tuple(quant),
+        compile=compile_values, compile_mode=compile_modes, cache=cache, offload=offload, ulysses=ulysses,
+        cfg_parallel=(False, True) if multi else (False,), fsdp=fsdp, lightning=lightning, gpus=(n,),
+        excluded=excluded, notes=tuple(notes),
+    )
+
+
+def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, frames: int, quant: list[str],
+                  fsdp: tuple[bool, ...], excluded: dict[str, str],
+                  notes: list[str]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """Offload and FSDP values from the memory estimate against the smallest GPU's memory."""
+    gpu_gib = probe.min_gpu_memory_mib / 1024
+    est = memory_estimate_gib(task, model, size=size, frames=frames)
+    fits = est <= gpu_gib
+    eight_bit = [q for q in quant if q in EIGHT_BIT_QUANT]
+    fits_8bit = bool(eight_bit) and memory_estimate_gib(task, model, size=size, frames=frames, weight_bytes=1) <= gpu_gib
+    notes.append(f"memory estimate: ~{est:.0f} GiB per GPU for {task} ({model}) without offload or sharding; "
+                 f"the smallest GPU has {gpu_gib:.0f} GiB")
+    if model != "tiny" and probe.host.ram_total_mib:
+        weights_gib = memory_estimate_gib(task, model, size=size, frames=frames) - OVERHEAD_GIB
+        if probe.host.ram_total_mib / 1024 < weights_gib:
+            notes.append(f"host RAM ({probe.host.ram_total_mib / 1024:.0f} GiB) may be too small to hold the weights "
+                         "while loading or offloading (some hosts grow RAM on use: measured at probe time)")
+    if n >= 2:
+        for o in OFFLOAD[1:]:
+            excluded[f"offload={o}"] = "CPU offload runs one GPU; with several GPUs FSDP shards the weights instead"
+        if fits:
+            return ("none",), fsdp
+        sharded = memory_estimate_gib(task, model, size=size, frames=frames, shards=n)
+        if sharded > gpu_gib:
+            raise HardwareUnsupported(
+                f"{task} needs ~{sharded:.0f} GiB per GPU even sharded over {n} GPUs; they have {gpu_gib:.0f} GiB",
+                "use more GPUs, a smaller size or fewer frames")
+        excluded["fsdp=False"] = f"does not fit without sharding: ~{est:.0f} GiB needed, {gpu_gib:.0f} GiB per GPU"
+        notes.append(f"FSDP over {n} GPUs needed: ~{sharded:.0f} GiB per GPU sharded")
+        return ("none",), (True,)
+    if fits:
+        for o in OFFLOAD[1:]:
+            excluded[f"offload={o}"] = f"not needed: ~{est:.0f} GiB fits in {gpu_gib:.0f} GiB (offload only slows down)"
+        return ("none",), fsdp
+    offload = []
+    if fits_8bit:
+        offload.append("none")
+        notes.append(f"offload=none fits only with 8-bit weights ({', '.join(eight_bit)}); other trials will OOM")
+    else:
+        excluded["offload=none"] = f"does not fit: ~{est:.0f} GiB needed, the GPU has {gpu_gib:.0f} GiB"
+    one_expert = memory_estimate_gib(task, model, size=size, frames=frames, resident_experts=1)
+    if one_expert <= gpu_gib:
+        offload.append("model")
+    else:
+        excluded["offload=model"] = (f"model offload keeps one whole expert on the GPU: ~{one_expert:.0f} GiB, "
+                                     f"the GPU has {gpu_gib:.0f} GiB")
+    streamed = memory_estimate_gib(task, model, size=size, frames=frames, resident_experts=0)
+    if streamed <= gpu_gib:
+        offload += ["group_block", "group_leaf"]
+    else:
+        for o in ("group_block", "group_leaf"):
+            excluded[f"offload={o}"] = f"activations alone need ~{streamed:.0f} GiB; the GPU has {gpu_gib:.0f} GiB"
+    if not offload:
+        raise HardwareUnsupported(f"{task} at this size does not fit on this GPU even with offload "
+                                  f"(~{streamed:.0f} GiB of activations, {gpu_gib:.0f} GiB GPU)",
+                                  "use a smaller size or fewer frames, or more GPUs")
+    return tuple(offload), fsdp

@@ -1,0 +1,78 @@
+"""Optuna storage and study handling: journal file on one host, RDB (SQLite/PostgreSQL) across hosts.
+
+Optuna advises the journal file over SQLite for several workers on one host, and an RDB for several hosts.
+The journal storage has no heartbeat, so a tuner killed mid-trial leaves a RUNNING trial behind: on
+``--resume`` such trials are marked FAIL and their parameters re-queued once. On an RDB storage the
+heartbeat does that (``RetryHeartbeatStaleTrialCallback``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from recipes.errors import BadInput, StudyError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60
+GRACE_S = 180
+
+
+def open_storage(url: str) -> Any:
+    """A storage object for ``url``: a path ending .journal/.log (or any plain path) is a journal file."""
+    if url.startswith(("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+")):
+        cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+        kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
+        if cb is not None:
+            kwargs["failed_trial_callback"] = cb(max_retry=1)
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except ImportError as exc:
+            raise StudyError(f"storage {url}: driver missing ({exc})", "pip install 'wanctl[postgres]'") from None
+        except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+            raise StudyError(f"cannot open storage {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                             "check the URL, the server and the credentials") from None
+    path = Path(url.removeprefix("journal://")).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except Exception as exc:  # a torn or foreign file surfaces as JSON/Key errors from the replay
+        raise StudyError(f"study journal {path} is unreadable: {type(exc).__name__}: {exc}",
+                         "move it aside and start a new study, or restore it from a backup") from None
+
+
+def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool) -> optuna.Study:
+    """The study ``name``: created when new; with ``resume`` continued; otherwise an existing one is an error."""
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if name in names:
+        if not resume:
+            raise BadInput(f"study {name!r} already exists in this storage",
+                           "pass --resume to continue it, or --study NEW_NAME to start another")
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    return optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
+
+
+def recover_stale(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a killed tuner as FAIL; re-queue each one's parameters once.
+
+    Only safe when no other tuner works on this study right now (journal storage has no heartbeat to tell
+    a live trial from a dead one); the CLI says so in --resume's help.
+    """
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    requeued = []
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
+        study._storage.set_trial_user_attr(t._trial_id, "wanctl_stale", "killed tuner; marked failed on resume")
+        if not t.user_attrs.get("wanctl_requeued") and t.params:
+            study.enqueue_trial(t.params, user_attrs={"wanctl_requeued": t.number}, skip_if_exists=False)
+            requeued.append(t.number)
+        log.warning("trial %d was left running by a killed tuner: marked failed%s", t.number,
+                    ", re-queued" if t.number in requeued else "")
+    return requeued

@@ -1,0 +1,579 @@
+"""The study: baseline, screens, warm starts, then a sampler; every trial isolated, every failure recorded.
+
+Flow (each arrow a plain object): probe -> SearchSpace -> Recipe per trial -> TrialSpec -> runtime process
+-> RunResult -> TrialRecord (in the study) -> chosen Recipe + launch script + report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+
+from autotune.adapt import adapt_to_machine
+from autotune.config import TuneConfig, model_tag
+from autotune.fallbacks import Exclusions, memory_fallbacks
+from autotune.pricing import computed_fraction, predicted_denoise_s
+from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
+from autotune.search_space import SearchSpace, search_space_for
+from autotune.study import load_or_create, open_storage, recover_stale
+from autotune.trial_runner import TrialOutcome, run_trial
+from probes.result import ProbeResult
+from recipes.errors import NothingFeasible, RecipeError
+from recipes.models import model_spec, parse_size
+from recipes.recipe import Recipe, validate
+from recipes.records import BASELINE_KEY, CONFIG_KEY, PROBE_KEY, RECORD_KEY, SCREENED_KEY, TrialRecord
+from recipes.spec import RunResult, TrialSpec
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
+FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
+MAGCACHE_K = (1, 2, 3)
+RETENTION = (0.1, 0.2)
+INFEASIBLE_FACTOR = 10.0
+
+
+class Reporter(Protocol):
+    """What the CLI's live view (or a test) hears from the tuner."""
+
+    def trial_started(self, number: int, total: int | None, role: str, label: str) -> None: ...
+    def progress(self, done: int, total: int) -> None: ...
+    def trial_finished(self, record: TrialRecord, best: TrialRecord | None) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class NullReporter:
+    def trial_started(self, number: int, total: int | None, role: str, label: str) -> None:
+        log.info("trial %d (%s): %s", number, role, label)
+
+    def progress(self, done: int, total: int) -> None:
+        pass
+
+    def trial_finished(self, record: TrialRecord, best: TrialRecord | None) -> None:
+        log.info("trial %d: %s %s", record.number, record.outcome, record.reason)
+
+    def message(self, text: str) -> None:
+        log.info("%s", text)
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    baseline: TrialRecord
+    records: list[TrialRecord]
+    best: TrialRecord | None
+    confirm: TrialRecord | None
+    exclusions: dict[str, dict[str, str]]
+    space: SearchSpace
+    notes: list[str] = field(default_factory=list)
+
+
+class Tuner:
+    def __init__(self, cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> None:
+        self.cfg = cfg
+        self.probe = probe
+        self.reporter = reporter or NullReporter()
+        self.policy: QualityPolicy = parse_quality(cfg.quality)
+        self.out = Path(cfg.out_dir).expanduser().resolve()
+        r0 = cfg.base_recipe().resolved()
+        self.space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames)
+        self.on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
+        self.tol = cfg.slower_tolerance or (0.03 if self.on_gpu else 0.10)
+        self.exclusions = Exclusions()
+        self.injections = cfg.injections()
+        self.notes: list[str] = []
+        self.baseline: TrialRecord | None = None
+        self.base_recipe, adapt_notes = adapt_to_machine(
+            cfg.base_recipe().resolved(), probe.min_gpu_memory_mib / 1024 if probe.gpu_count else 0.0,
+            cfg.gpus, self.space.offload)
+        self.notes.extend(adapt_notes)
+        self.refs: dict[str, TrialRecord] = {}
+        self.ref_paths: dict[str, tuple[str, str]] = {}
+        self.magcache_ratios: list[list[float]] = []
+        self.by_hash: dict[str, TrialRecord] = {}
+        self.started = time.monotonic()
+        self._attrs: dict[str, Any] = {}
+        self._study: optuna.Study | None = None
+
+    # ------------------------------------------------------------------ study
+    def study_name(self) -> str:
+        if self.cfg.study:
+            return self.cfg.study
+        r = self.base_recipe
+        return f"{model_tag(r.model)}_{r.task}_{r.size.replace('*', 'x')}_{r.frames}f_{r.steps}s_{self.probe.fingerprint()}"
+
+    def run(self) -> TuneResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        storage_url = self.cfg.storage or str(self.out / "study.journal")
+        storage = open_storage(storage_url)
+        directions = ["minimize", "maximize"] if self.cfg.objective == "pareto" else ["minimize"]
+        sampler = (optuna.samplers.NSGAIISampler(seed=self.cfg.sampler_seed) if self.cfg.objective == "pareto"
+                   else optuna.samplers.TPESampler(seed=self.cfg.sampler_seed, multivariate=True, group=True,
+                                                   constant_liar=True, n_startup_trials=5))
+        name = self.study_name()
+        study = load_or_create(storage, name, directions, sampler, self.cfg.resume)
+        self._study = study
+        fresh = len(study.trials) == 0
+        if fresh:
+            study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
+            study.set_user_attr(PROBE_KEY, self.probe.to_json())
+            self._enqueue_plan(study)
+        else:
+            requeued = recover_stale(study)
+            if requeued:
+                self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
+                                  "and re-queued once")
+            self._restore(study)
+        self._loop(study)
+        return self._finish(study, name, storage_url)
+
+    def _restore(self, study: optuna.Study) -> None:
+        """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
+        base = study.user_attrs.get(BASELINE_KEY)
+        if base:
+            self.baseline = TrialRecord.from_attr(base["record"])
+            self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
+            self.magcache_ratios = base.get("magcache_ratios", [])
+        for knob, values in study.user_attrs.get(SCREENED_KEY, {}).items():
+            for value, evidence in values.items():
+                self.exclusions.exclude(knob, _typed(knob, value), evidence)
+        for t in study.get_trials(deepcopy=False):
+            rec = t.user_attrs.get(RECORD_KEY)
+            if rec and t.state == optuna.trial.TrialState.COMPLETE:
+                r = TrialRecord.from_attr(rec)
+                if r.outcome not in ("duplicate",):
+                    self.by_hash.setdefault(_hash(r.recipe), r)
+
+    # ------------------------------------------------------------------ plan
+    def _params_of(self, r: Recipe) -> dict[str, Any]:
+        p: dict[str, Any] = {k: getattr(r, k) for k in ("attention", "tf32", "fuse_qkv", "quant", "compile", "cache",
+                                                         "offload", "ulysses", "cfg_parallel")}
+        if r.compile != "off":
+            p["compile_mode"] = r.compile_mode
+        if r.cache == "magcache":
+            p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        elif r.cache == "fbcache":
+            p["fbcache_threshold"] = r.cache_threshold
+        return p
+
+    def _enqueue_plan(self, study: optuna.Study) -> None:
+        """Trial 0 the baseline; then one-knob screens of the attention backends; then the seeds' stacks."""
+        base = self.base_recipe
+        study.enqueue_trial(self._params_of(base), user_attrs={"wanctl_role": "baseline"})
+        seen = {_hash(base.to_dict())}
+        for att in self.space.attention:
+            if att != base.attention:
+                r = base.replace(attention=att)
+                seen.add(_hash(r.to_dict()))
+                study.enqueue_trial(self._params_of(r), user_attrs={"wanctl_role": "screen"})
+        for r in self._warm_starts(base):
+            h = _hash(r.to_dict())
+            if h not in seen:
+                seen.add(h)
+                study.enqueue_trial(self._params_of(r), user_attrs={"wanctl_role": "warm_start"})
+
+    def _warm_starts(self, base: Recipe) -> list[Recipe]:
+        """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped)."""
+        s = self.space
+        best_att = next((a for a in ("_flash_3", "_native_cudnn", "native") if a in s.attention), base.attention)
+        compile_ = "regional" if "regional" in s.compile else "off"
+        tf32 = True in s.tf32
+        stacks = []
+        if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
+            stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
+                                       magcache_k=2, cache_retention=0.2, compile=compile_))
+        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
+            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
+        if compile_ != "off":
+            stacks.append(base.replace(attention=best_att, compile=compile_))
+        if "fbcache" in s.cache:
+            stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
+        if 4 in s.lightning:  # seed 003: Lightning 4-step
+            stacks.append(base.replace(lightning=4, steps=0, cache="none").resolved())
+        out = []
+        for r in stacks:
+            try:
+                out.append(validate(r))
+            except RecipeError as exc:
+                log.info("warm start %s dropped: %s", r.stack_label(base), exc)
+        return out
+
+    def _suggest(self, trial: optuna.Trial) -> Recipe:
+        s, base = self.space, self.base_recipe
+        ch: dict[str, Any] = {
+            "attention": trial.suggest_categorical("attention", s.attention),
+            "tf32": trial.suggest_categorical("tf32", s.tf32),
+            "fuse_qkv": trial.suggest_categorical("fuse_qkv", s.fuse_qkv),
+            "quant": trial.suggest_categorical("quant", s.quant),
+            "compile": trial.suggest_categorical("compile", s.compile),
+            "cache": trial.suggest_categorical("cache", s.cache),
+            "offload": trial.suggest_categorical("offload", s.offload),
+            "ulysses": trial.suggest_categorical("ulysses", s.ulysses),
+            "cfg_parallel": trial.suggest_categorical("cfg_parallel", s.cfg_parallel),
+        }
+        if ch["compile"] != "off":
+            ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
+        if ch["cache"] == "magcache":
+            ch["cache_threshold"] = trial.suggest_categorical("magcache_threshold", MAGCACHE_THRESHOLDS)
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        elif ch["cache"] == "fbcache":
+            ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
+        return base.replace(**ch)
+
+    # ------------------------------------------------------------------ loop
+    def _total(self, study: optuna.Study) -> int | None:
+        if self.cfg.trials:
+            return self.cfg.trials
+        return None if self.cfg.budget_s else 20
+
+    def _should_stop(self, study: optuna.Study) -> bool:
+        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        total = self._total(study)
+        if total is not None and done >= total:
+            return True
+        if self.cfg.budget_s:
+            walls = [r.wall_s for r in self.by_hash.values() if r.wall_s]
+            est = statistics.median(walls) if walls else 0.0
+            return time.monotonic() - self.started + est > self.cfg.budget_s
+        return False
+
+    def _loop(self, study: optuna.Study) -> None:
+        while not self._should_stop(study):
+            trial = study.ask()
+            role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
+                                                          else "sampled")
+            if self.baseline is not None and role == "baseline":
+                role = "sampled"  # a re-queued baseline never runs twice
+            recipe = self._suggest(trial)
+            record = self._evaluate_trial(trial.number, role, recipe)
+            self._tell(study, trial, record)
+            best = self._best_so_far()
+            self.reporter.trial_finished(record, best)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
+        trial.set_user_attr(RECORD_KEY, rec.to_attr())
+        feasible = rec.outcome in ("ok", "slower_than_baseline")
+        trial.set_constraint("feasible", 0.0 if feasible else 1.0)
+        penalty = (self.baseline.denoise_pred_s if self.baseline else 1e3) * INFEASIBLE_FACTOR
+        value = rec.denoise_pred_s if rec.denoise_pred_s > 0 and rec.outcome not in ("oom", "crash", "timeout",
+                                                                                      "unsupported", "invalid") else penalty
+        if self.cfg.objective == "pareto":
+            study.tell(trial, [value, rec.psnr_min_db if rec.gate_passed else 0.0])
+        else:
+            study.tell(trial, value)
+
+    def _best_so_far(self) -> TrialRecord | None:
+        cands = [r for r in self.by_hash.values() if r.outcome == "ok" and r.gate_passed and r.role != "baseline"]
+        return min(cands, key=lambda r: r.denoise_pred_s) if cands else None
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate_trial(self, number: int, role: str, recipe: Recipe) -> TrialRecord:
+        notes: list[str] = []
+        if self.baseline is not None:
+            recipe, ex_notes = self.exclusions.apply(recipe, self.base_recipe)
+            notes += ex_notes
+        label = recipe.stack_label(self.base_recipe) if role != "baseline" else "baseline"
+        total = self._total_for_display()
+        self.reporter.trial_started(number, total, role, label)
+        try:
+            recipe = validate(recipe)
+        except RecipeError as exc:
+            return TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), outcome="invalid",
+                               reason=exc.message, notes=notes)
+        why = self.space.why_not(recipe)
+        if why:
+            return TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), outcome="unsupported",
+                               reason="; ".join(why), notes=notes)
+        h = _hash(recipe.to_dict())
+        if h in self.by_hash:
+            prev = self.by_hash[h]
+            return dataclasses.replace(prev, number=number, role=role, label=label,
+                                       notes=notes + [f"same recipe as trial {prev.number}: not run again"])
+        if role == "baseline" or self.baseline is None:
+            rec = self._run_baseline(number, recipe)
+        else:
+            rec = self._run_candidate(number, role, recipe, label, notes)
+        self.by_hash[h] = rec
+        return rec
+
+    def _total_for_display(self) -> int | None:
+        return self.cfg.trials or (None if self.cfg.budget_s else 20)
+
+    def _timeout(self) -> float:
+        if self.cfg.trial_timeout_s:
+            return self.cfg.trial_timeout_s
+        if self.baseline is None:
+            return 1200.0 if self.on_gpu else 300.0
+        return max(60.0, 4.0 * self.baseline.wall_s) + (900.0 if self.on_gpu else 120.0)
+
+    def _spec(self, recipe: Recipe, mode: str, number: int, tag: str, ref: str = "", **kw: Any) -> TrialSpec:
+        frames_ref, latent_ref = self.ref_paths.get(ref, ("", ""))
+        fault = self.injections.get(number, "none") if tag.endswith("a0") else "none"
+        return TrialSpec(recipe=recipe, mode=mode, out_dir=str(self.out / "trials" / f"{number:04d}-{tag}"),
+                         warmup_steps=self.cfg.warmup_steps, reference_frames=frames_ref,
+                         reference_latent=latent_ref, write_video=False, fault=fault, trial_number=number,
+                         magcache_ratios=self.magcache_ratios if recipe.cache == "magcache" else [],
+                         trust_checkpoint=self.cfg.trust_checkpoint, **kw)
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        out = run_trial(spec, Path(spec.out_dir), timeout_s=self._timeout(), on_progress=self.reporter.progress)
+        return out
+
+    def _proxy(self, recipe: Recipe, short: bool) -> Recipe:
+        spec = model_spec(recipe.task)
+        size = self.cfg.proxy_size or min(spec.sizes, key=lambda s: parse_size(s)[0] * parse_size(s)[1])
+        return recipe.replace(size=size, frames=self.cfg.proxy_frames,
+                              steps=self.cfg.lossless_steps if short else recipe.steps)
+
+    def _run_baseline(self, number: int, recipe: Recipe) -> TrialRecord:
+        """Trial 0: speed and the reference output every other trial is compared with."""
+        if self.cfg.single_run:
+            out = self._launch(self._spec(recipe, "quality", number, "base-a0"))
+            rec = self._record(number, "baseline", "baseline", recipe, out)
+            if out.result and out.outcome == "ok":
+                self.ref_paths = {"full": (out.result.frames_path, out.result.latent_path)}
+                self.ref_paths["short"] = self.ref_paths["full"]
+        else:
+            out = self._launch(self._spec(recipe, "measure", number, "base-a0",
+                                          measure_steps=self.cfg.measure_steps))
+            rec = self._record(number, "baseline", "baseline", recipe, out)
+        if rec.outcome != "ok":
+            raise NothingFeasible(f"the baseline (plain diffusers for this model) failed: {rec.outcome}: {rec.reason}",
+                                  "check the model and the hardware with 'wanctl probe'; see "
+                                  f"{self.out / 'trials'} for the trial's logs")
+        rec = dataclasses.replace(rec, speedup=1.0, gate_passed=True, gate_tier="reference",
+                                  gate_reason="the reference")
+        self.baseline = rec
+        self._save_baseline()
+        return rec
+
+    def _save_baseline(self) -> None:
+        self._attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
+                                           "refs": self.ref_paths, "magcache_ratios": self.magcache_ratios}
+        self._flush_attrs()
+
+    def _reference(self, kind: str) -> None:
+        """Baseline outputs at the proxy size, made on first need: 'short' (lossless check), 'full' (lossy)."""
+        if kind in self.ref_paths:
+            return
+        r = self._proxy(self.base_recipe, short=kind == "short")
+        out = self._launch(TrialSpec(recipe=r, mode="quality", out_dir=str(self.out / "reference" / kind),
+                                     warmup_steps=0, write_video=False, trust_checkpoint=self.cfg.trust_checkpoint))
+        if out.outcome != "ok" or out.result is None:
+            raise NothingFeasible(f"the baseline's {kind} reference run failed: {out.outcome}: {out.reason}",
+                                  "lower --proxy-size/--proxy-frames or check the logs under reference/")
+        self.ref_paths[kind] = (out.result.frames_path, out.result.latent_path)
+        self._save_baseline()
+
+    def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str]) -> TrialRecord:
+        assert self.baseline is not None
+        fallbacks: list[str] = []
+        attempt = 0
+        while True:
+            rec = self._measure(number, role, label, recipe, attempt, notes)
+            if rec.outcome != "oom":
+                break
+            options = [f for f in memory_fallbacks(recipe, self.space.offload)
+                       if not self.space.why_not(recipe.replace(**f.changes))]
+            if not options or attempt >= 1:
+                break
+            fb = options[0]
+            fallbacks.append(f"oom -> {', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
+                             f"evidence: {rec.reason[:160]}")
+            recipe = validate(recipe.replace(**fb.changes))
+            label = recipe.stack_label(self.base_recipe)
+            attempt += 1
+        rec = dataclasses.replace(rec, fallbacks=fallbacks)
+        if rec.outcome != "ok":
+            return rec
+        base_t = self.baseline.denoise_pred_s
+        speedup = base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0
+        rec = dataclasses.replace(rec, speedup=speedup)
+        if rec.denoise_pred_s > base_t * (1 + self.tol):
+            diff = [k for k in self._params_of(recipe) if getattr(recipe, k) != getattr(self.base_recipe, k)]
+            reason = f"{rec.denoise_pred_s:.3g} s vs baseline {base_t:.3g} s ({speedup:.2f}x)"
+            if len(diff) == 1:
+                knob = diff[0]
+                self.exclusions.exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
+                self._attrs[SCREENED_KEY] = self.exclusions.as_dict()
+                self._flush_attrs()
+                reason += f"; {knob}={getattr(recipe, knob)} excluded from later trials"
+            return dataclasses.replace(rec, outcome="slower_than_baseline", reason=reason)
+        return rec
+
+    def _measure(self, number: int, role: str, label: str, recipe: Recipe, attempt: int,
+                 notes: list[str]) -> TrialRecord:
+        tag = f"a{attempt}"
+        if self.cfg.single_run:
+            out = self._launch(self._spec(recipe, "quality", number, tag, ref="full"))
+            rec = self._record(number, role, label, recipe, out, notes)
+            if self.baseline is not None:
+                rec = dataclasses.replace(rec, predicted_s=predicted_denoise_s(
+                    self.baseline.step_median_s, recipe.steps, self._priced_fraction(recipe)))
+            if rec.outcome == "ok" and out.result is not None:
+                rec = self._gate(rec, recipe, out.result)
+            return rec
+        out = self._launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
+        rec = self._record(number, role, label, recipe, out, notes)
+        if rec.outcome != "ok" or out.result is None:
+            return rec
+        # Price the schedule: a cache computes only part of the steps (MagCache: predicted from its ratios).
+        fraction = self._priced_fraction(recipe)
+        rec = dataclasses.replace(rec, predicted_s=predicted_denoise_s(rec.step_median_s, recipe.steps, fraction))
+        if rec.denoise_pred_s > self.baseline.denoise_pred_s * (1 + self.tol) * (1.0 if recipe.cache == "none" else 4.0):
+            return rec  # hopeless even before quality: no proxy run spent on it
+        kind = "full" if tier_of(recipe) == "lossy" else "short"
+        self._reference(kind)
+        q = self._launch(self._spec(self._proxy(recipe, short=kind == "short"), "quality", number, tag + "q", ref=kind))
+        if q.outcome != "ok" or q.result is None:
+            return dataclasses.replace(rec, outcome=q.outcome, reason=f"quality run: {q.reason}")
+        if recipe.cache != "none" and q.result.step_forwards:
+            fraction = sum(q.result.step_forwards) / (2 * len(q.result.step_forwards) if recipe.guidance > 1 else
+                                                      len(q.result.step_forwards))
+            if recipe.cache == "magcache" and q.result.cache_ratios and not self.magcache_ratios:
+                self.magcache_ratios = q.result.cache_ratios
+                self._save_baseline()
+        pred = predicted_denoise_s(rec.step_median_s, recipe.steps, fraction)
+        rec = dataclasses.replace(rec, denoise_pred_s=pred, computed_fraction=fraction)
+        return self._gate(rec, recipe, q.result)
+
+    def _priced_fraction(self, recipe: Recipe) -> float:
+        """Computed fraction of a MagCache schedule from known ratios (one list per expert, one entry per step)."""
+        if recipe.cache != "magcache" or not self.magcache_ratios:
+            return 1.0
+        steps = [len(r) for r in self.magcache_ratios]
+        if sum(steps) != recipe.steps:
+            return 1.0
+        return computed_fraction(self.magcache_ratios, steps, recipe.cache_threshold, recipe.magcache_k,
+                                 recipe.cache_retention)
+
+    def _gate(self, rec: TrialRecord, recipe: Recipe, q: RunResult) -> TrialRecord:
+        v = judge(recipe, q.quality, self.policy)
+        rec = dataclasses.replace(rec, psnr_min_db=q.quality.psnr_min_db, ssim_min=q.quality.ssim_min,
+                                  latent_rel_err=q.quality.latent_rel_err, gate_passed=v.passed, gate_tier=v.tier,
+                                  gate_reason=v.reason)
+        if not v.passed:
+            return dataclasses.replace(rec, outcome="quality_fail", reason=v.reason)
+        return rec
+
+    def _record(self, number: int, role: str, label: str, recipe: Recipe, out: TrialOutcome,
+                notes: list[str] | None = None) -> TrialRecord:
+        r = out.result
+        base = TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), outcome=out.outcome,
+                           reason=out.reason, wall_s=out.wall_s, stderr_tail=out.stderr_tail[-1500:],
+                           notes=list(notes or []))
+        if r is None:
+            return base
+        t = r.timings
+        frac = 1.0
+        if r.step_forwards and recipe.cache != "none":
+            per = 2 if recipe.guidance > 1 else 1
+            frac = sum(r.step_forwards) / (per * len(r.step_forwards))
+        return dataclasses.replace(
+            base, step_median_s=t.step_median_s, denoise_pred_s=t.denoise_pred_s, warmup_s=t.warmup_s,
+            load_s=t.load_s, text_encode_s=t.text_encode_s, vae_decode_s=t.vae_decode_s,
+            peak_mem_gb=r.peak_mem_bytes / 1e9, actual=dict(r.actual), computed_fraction=frac,
+            notes=base.notes + list(r.notes),
+        )
+
+    # ------------------------------------------------------------------ attrs
+    def _flush_attrs(self) -> None:
+        if self._study is None:
+            return
+        for k, v in self._attrs.items():
+            self._study.set_user_attr(k, v)
+
+    # ------------------------------------------------------------------ finish
+    def _finish(self, study: optuna.Study, name: str, storage_url: str) -> TuneResult:
+        records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.get_trials(deepcopy=False)
+                   if RECORD_KEY in t.user_attrs]
+        if self.baseline is None:
+            raise NothingFeasible("no baseline was measured in this study", "run wanctl tune again with more trials")
+        cands = sorted((r for r in records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"
+                        and r.speedup > 1.0), key=lambda r: r.denoise_pred_s)
+        seen: set[str] = set()
+        best = confirm = None
+        for cand in cands[:3]:
+            h = _hash(cand.recipe)
+            if h in seen:
+                continue
+            seen.add(h)
+            self.reporter.message(f"confirming trial {cand.number} ({cand.label})")
+            rec = self._measure(cand.number, "confirm", cand.label, cand.recipe_obj(), 9, [])
+            base_t = self.baseline.denoise_pred_s
+            rec = dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
+            ok = rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0
+            study.set_user_attr(f"wanctl_confirm_{cand.number}", rec.to_attr())
+            if ok:
+                best, confirm = cand, rec
+                break
+            self.notes.append(f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
+                              f"{rec.speedup:.2f}x): not emitted")
+        return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
+                          confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes)
+
+
+def _hash(recipe_dict: dict[str, Any]) -> str:
+    from recipes.serialize import recipe_from_dict
+
+    return recipe_from_dict(recipe_dict).recipe_hash() if isinstance(recipe_dict, dict) else str(recipe_dict)
+
+
+def _typed(knob: str, text: str) -> Any:
+    from recipes.overrides import parse_value
+
+    return parse_value(knob, text)
+
+
+def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> TuneResult:
+    """Run (or resume) the study described by ``cfg`` on the machine described by ``probe``."""
+    tuner = Tuner(cfg, probe, reporter)
+    return tuner.run()
+
+
+
+def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConfig, ProbeResult]:
+    """Rebuild a TuneResult from the study alone (for ``wanctl report``): no side files needed."""
+    from recipes.errors import BadInput
+
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise BadInput(f"no study {name!r} in {storage_url}", f"studies there: {', '.join(names) or 'none'}") from None
+    attrs = study.user_attrs
+    cfg_d = dict(attrs.get(CONFIG_KEY, {}))
+    cfg_d["inject"] = tuple(cfg_d.get("inject", ()))
+    cfg = TuneConfig(**cfg_d)
+    probe = ProbeResult.from_json(attrs[PROBE_KEY])
+    base = attrs.get(BASELINE_KEY)
+    if not base:
+        raise NothingFeasible(f"study {name!r} has no measured baseline yet", "run wanctl tune --resume")
+    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.get_trials(deepcopy=False)
+               if RECORD_KEY in t.user_attrs]
+    best = confirm = None
+    by_number = {r.number: r for r in records}
+    for key, value in sorted(attrs.items()):
+        if key.startswith("wanctl_confirm_"):
+            rec = TrialRecord.from_attr(value)
+            if rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0:
+                cand = by_number.get(int(key.rsplit("_", 1)[1]))
+                if cand and (best is None or cand.denoise_pred_s < best.denoise_pred_s):
+                    best, confirm = cand, rec
+    ex = attrs.get(SCREENED_KEY, {})
+    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus)
+    res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
+                     records=records, best=best, confirm=confirm, exclusions=ex, space=space)
+    return res, cfg, probe

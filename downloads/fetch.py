@@ -1,0 +1,175 @@
+"""``download``: plan, fetch, verify, then write the manifest; the second run of a complete download is a no-op.
+
+The order matters for safety. A ``.incomplete`` marker goes into the target before the first byte and
+the old manifest is removed, so an interrupted run never leaves a directory that looks complete. After
+the fetch every file is checked (size; sha256 against the hub's LFS sha256; git blob id for small
+files); a file that fails is deleted, so the rerun fetches it again, and no manifest is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from downloads import hub, modelscope
+from downloads.plan import DownloadPlan, PlannedFile, plan
+from downloads.progress import DiskProgress, ProgressCallback, VerifyProgress
+from downloads.select import HardwareAdvice, MachineFacts, check_disk, fmt_bytes
+from recipes.errors import DownloadError
+from recipes.files import atomic_write_text
+from recipes.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, FileProblem, ManifestMismatch, write_manifest
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "wanctl-download.lock"
+HF_METADATA_DIR = Path(".cache") / "huggingface" / "download"
+
+
+@dataclass(frozen=True)
+class DownloadReport:
+    """What a download did; printable and JSON-serialisable (dataclasses.asdict)."""
+
+    artifact: str = ""
+    kind: str = "pipeline"
+    task: str = ""
+    source: str = ""
+    """'hf' or 'modelscope': where the files came from."""
+    repo: str = ""
+    revision: str = ""
+    path: str = ""
+    """The checkpoint directory (pass it as the model directory)."""
+    fetched: tuple[str, ...] = ()
+    """Files fetched by this run."""
+    fetched_bytes: int = 0
+    total_bytes: int = 0
+    verified: bool = False
+    """Every file matched its size and sha256 and the manifest was written."""
+    already_complete: bool = False
+    """Nothing to do: a verified download was already there (no network used)."""
+    seconds: float = 0.0
+    advice: HardwareAdvice | None = None
+    notes: tuple[str, ...] = ()
+
+
+def git_blob_oid(path: Path) -> str:
+    """The git blob id of a file (sha1 over 'blob <size>\\0' + content), as the hub lists small files."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stale_partials(target: Path) -> list[Path]:
+    """huggingface_hub temp files left by a killed run (2.x never resumes them: names are per process)."""
+    folder = target / HF_METADATA_DIR
+    return sorted(folder.rglob("*.incomplete")) if folder.is_dir() else []
+
+
+def _discard(target: Path, rel: str) -> None:
+    """Delete a bad file and its huggingface_hub metadata so the next run fetches it again."""
+    for p in (target.joinpath(*rel.split("/")), (target / HF_METADATA_DIR).joinpath(*f"{rel}.metadata".split("/"))):
+        p.unlink(missing_ok=True)
+
+
+def _check_git_oids(target: Path, files: tuple[PlannedFile, ...]) -> list[FileProblem]:
+    problems = []
+    for f in files:
+        p = target.joinpath(*f.path.split("/"))
+        if f.git_oid and p.is_file() and p.stat().st_size == f.size:
+            oid = git_blob_oid(p)
+            if oid != f.git_oid:
+                problems.append(FileProblem(f.path, "git blob id", f.git_oid, oid))
+    return problems
+
+
+def _refuse_bad_files(target: Path, problems: list[FileProblem] | tuple[FileProblem, ...], p: DownloadPlan) -> None:
+    for prob in problems:
+        if prob.problem != "missing":
+            _discard(target, prob.path)
+    shown = "; ".join(str(x) for x in problems[:5])
+    more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+    raise DownloadError(
+        f"{len(problems)} file(s) from {p.source} {p.repo}@{p.revision[:12]} failed verification: {shown}{more}; "
+        f"the bad files were deleted and no manifest was written",
+        "rerun the same command to fetch them again; if it repeats, the source or a proxy serves bad data: "
+        "try the other --source")
+
+
+def _fetch(p: DownloadPlan, target: Path, endpoint: str | None, ms_endpoint: str | None, token: str | bool | None,
+           max_workers: int, cache_dir: Path | None) -> None:
+    paths = [f.path for f in p.files]
+    if p.source == "hf":
+        hub.fetch(p.repo, p.revision, paths, target, endpoint=endpoint, token=token, max_workers=max_workers,
+                  cache_dir=cache_dir)
+    else:
+        modelscope.fetch(p.repo, p.revision, paths, target, endpoint=ms_endpoint, max_workers=max_workers)
+
+
+def download(task: str, *, target_dir: str | os.PathLike[str] | None = None, source: str = "auto",
+             revision: str | None = None, offline: bool = False, machine: MachineFacts | None = None,
+             free_disk_bytes: int | None = None, progress: ProgressCallback | None = None,
+             endpoint: str | None = None, ms_endpoint: str | None = None, token: str | bool | None = None,
+             max_workers: int = 8, cache_dir: str | os.PathLike[str] | None = None) -> DownloadReport:
+    """Fetch catalogue entry ``task`` into ``target_dir``, verify it and write ``wanctl-manifest.json``.
+
+    Arguments as in ``plan``, plus ``progress`` (called from a helper thread with ProgressEvents),
+    ``max_workers`` (parallel files) and ``cache_dir`` (huggingface_hub cache consulted for files already
+    downloaded elsewhere; default HF_HUB_CACHE). Raises DownloadError (network, verification, disk),
+    BadInput (unknown task/source/revision) — each with a hint.
+    """
+    start = time.monotonic()
+    p = plan(task, target_dir=target_dir, source=source, revision=revision, offline=offline, machine=machine,
+             free_disk_bytes=free_disk_bytes, endpoint=endpoint, ms_endpoint=ms_endpoint, token=token)
+    target = Path(p.target_dir)
+    common = {"artifact": p.artifact, "kind": p.kind, "task": p.task, "source": p.source, "repo": p.repo,
+              "revision": p.revision, "path": str(target), "total_bytes": p.total_bytes, "advice": p.advice}
+    if p.complete:
+        return DownloadReport(**common, verified=True, already_complete=True, seconds=time.monotonic() - start,
+                              notes=p.notes)
+    check_disk(p.to_fetch_bytes, p.free_bytes, target)
+
+    notes = list(p.notes)
+    (target / ".cache").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target / ".cache" / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise DownloadError(f"another wanctl download into {target} is running", "wait for it to finish") from None
+    try:
+        atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {p.artifact} in progress\n")
+        (target / MANIFEST_NAME).unlink(missing_ok=True)
+        stale = _stale_partials(target)
+        if stale:
+            size = sum(s.stat().st_size for s in stale)
+            for s in stale:
+                s.unlink(missing_ok=True)
+            notes.append(f"removed {len(stale)} partial file(s) ({fmt_bytes(size)}) left by an interrupted run")
+        with DiskProgress(target, p.to_fetch_bytes, progress):
+            _fetch(p, target, endpoint, ms_endpoint, token, max_workers,
+                   Path(cache_dir) if cache_dir is not None else None)
+        oid_problems = _check_git_oids(target, p.files)
+        if oid_problems:
+            _refuse_bad_files(target, oid_problems, p)
+        expected = {f.path: (f.size, f.sha256) for f in p.files}
+        try:
+            write_manifest(target, expected, artifact=p.artifact, kind=p.kind, task=p.task, source=p.source,
+                           repo=p.repo, revision=p.revision, on_bytes=VerifyProgress(p.total_bytes, progress))
+        except ManifestMismatch as exc:
+            _refuse_bad_files(target, exc.problems, p)
+        (target / INCOMPLETE_MARKER).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    fetched = tuple(f.path for f in p.files if not f.present)
+    unhashed = sum(1 for f in p.files if not f.sha256 and not f.git_oid)
+    if unhashed:
+        notes.append(f"{unhashed} file(s) had no published checksum: verified by size, sha256 recorded locally")
+    return DownloadReport(**common, fetched=fetched, fetched_bytes=sum(f.size for f in p.files if not f.present),
+                          verified=True, seconds=time.monotonic() - start, notes=tuple(notes))

@@ -1,0 +1,194 @@
+"""The download plan: which source, which commit, which files, how many bytes, and whether they fit.
+
+``plan`` is what ``wanctl download --dry-run`` prints and the first step of ``download``. It asks the
+source for its listing only (no file is fetched) and never touches the network when the target already
+holds a complete, verified download or when offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from downloads import hub, modelscope
+from downloads.catalogue import Artifact, artifact
+from downloads.listing import RemoteListing
+from downloads.safety import check_inside
+from downloads.select import (
+    HardwareAdvice,
+    MachineFacts,
+    disk_shortfall,
+    fmt_bytes,
+    free_bytes_at,
+    hardware_advice,
+    select_files,
+)
+from recipes.errors import BadInput, CheckpointError, DownloadError
+from recipes.manifest import Manifest, read_manifest, verify_checkpoint_dir
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("auto", "hf", "modelscope")
+DEFAULT_ROOT = Path("checkpoints")
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file the plan covers."""
+
+    path: str = ""
+    component: str = ""
+    size: int = 0
+    sha256: str | None = None
+    """Expected sha256 (hub LFS files); None where the source publishes none."""
+    git_oid: str | None = None
+    """Expected git blob id (small non-LFS files on the hub)."""
+    present: bool = False
+    """Already in the target with the right size (kept; still verified before the manifest is written)."""
+
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    """What ``download`` would do; printable and JSON-serialisable (dataclasses.asdict)."""
+
+    artifact: str = ""
+    kind: str = "pipeline"
+    task: str = ""
+    source: str = ""
+    """Source the listing came from: 'hf' or 'modelscope' ('' when nothing was asked: complete or offline)."""
+    repo: str = ""
+    revision: str = ""
+    """Resolved commit (hub) or revision (ModelScope) the files come from."""
+    target_dir: str = ""
+    files: tuple[PlannedFile, ...] = ()
+    total_bytes: int = 0
+    to_fetch_bytes: int = 0
+    free_bytes: int = 0
+    fits_disk: bool = True
+    complete: bool = False
+    """The target already holds a verified download of this artifact: nothing to fetch."""
+    advice: HardwareAdvice | None = None
+    notes: tuple[str, ...] = ()
+
+
+def default_target_dir(name: str) -> Path:
+    """Where a download goes without --dir: ./checkpoints/<repo name>."""
+    return DEFAULT_ROOT / artifact(name).dirname
+
+
+def offline_requested(flag: bool) -> bool:
+    """The --offline flag, HF_HUB_OFFLINE (read now, not at import) or huggingface_hub's own offline mode."""
+    if flag or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
+def _verify_name(art: Artifact) -> str:
+    return art.task if art.kind == "pipeline" else art.name
+
+
+def existing_download(target: Path, art: Artifact, revision: str | None) -> tuple[Manifest | None, str]:
+    """The target's manifest when it is a complete download of ``art`` (at ``revision`` if given), else why not."""
+    try:
+        manifest = read_manifest(target)
+    except (CheckpointError, BadInput) as exc:
+        return None, f"existing manifest unreadable ({exc.message})"
+    if manifest is None:
+        return None, "no manifest yet"
+    if manifest.artifact != art.name or manifest.repo not in (art.hf_repo, art.ms_repo):
+        return None, f"{target} holds {manifest.artifact or 'something else'} from {manifest.repo or '?'}"
+    wanted = revision or (art.revision if manifest.source == "hf" else art.ms_revision)
+    if wanted and wanted != manifest.revision:
+        return None, f"{target} holds revision {manifest.revision[:12]}, {wanted[:12]} was asked"
+    try:
+        verify_checkpoint_dir(target, task=_verify_name(art))
+    except CheckpointError as exc:
+        return None, f"existing download does not verify ({exc.message})"
+    return manifest, ""
+
+
+def _listing(art: Artifact, source: str, revision: str | None, endpoint: str | None, ms_endpoint: str | None,
+             token: str | bool | None, notes: list[str]) -> RemoteListing:
+    if source == "modelscope":
+        if art.ms_repo is None:
+            raise BadInput(f"no ModelScope mirror of {art.name} is known to wanctl", "use --source hf")
+        return modelscope.list_files(art.ms_repo, revision or art.ms_revision, endpoint=ms_endpoint)
+    try:
+        return hub.list_files(art.hf_repo, revision or art.revision, endpoint=endpoint, token=token)
+    except hub.SourceUnreachable as exc:
+        if source == "hf" or art.ms_repo is None:
+            raise
+        if revision:
+            raise DownloadError(f"{exc.message}; not falling back to ModelScope because --revision {revision} names a "
+                                "Hugging Face revision", "retry later, or pass --source modelscope with a ModelScope "
+                                "revision") from exc
+        note = f"Hugging Face hub unreachable ({exc.message}); falling back to ModelScope ({art.ms_repo})"
+        log.warning(note)
+        notes.append(note)
+        return modelscope.list_files(art.ms_repo, art.ms_revision, endpoint=ms_endpoint)
+
+
+def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source: str = "auto",
+         revision: str | None = None, offline: bool = False, machine: MachineFacts | None = None,
+         free_disk_bytes: int | None = None, endpoint: str | None = None, ms_endpoint: str | None = None,
+         token: str | bool | None = None) -> DownloadPlan:
+    """Plan the download of catalogue entry ``task`` into ``target_dir``; fetches nothing.
+
+    ``machine`` adds hardware advice (never changes the task); ``free_disk_bytes`` overrides the measured
+    free space of the target's file system; ``endpoint``/``ms_endpoint`` override HF_ENDPOINT/ModelScope's.
+    """
+    art = artifact(task)
+    if source not in SOURCES:
+        raise BadInput(f"unknown source {source!r}", f"use one of: {', '.join(SOURCES)}")
+    target = Path(target_dir if target_dir is not None else default_target_dir(task)).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise BadInput(f"{target} exists and is not a directory", "pass --dir with a directory path")
+    advice = None
+    if machine is not None and art.kind == "pipeline":
+        advice = hardware_advice(art.task, int(machine.gpu_count), float(machine.gpu_mem_gib),
+                                 float(getattr(machine, "host_ram_gib", 0.0) or 0.0))
+    base = {"artifact": art.name, "kind": art.kind, "task": art.task, "target_dir": str(target), "advice": advice}
+
+    manifest, why = existing_download(target, art, revision) if target.is_dir() else (None, "target does not exist")
+    if manifest is not None:
+        files = tuple(PlannedFile(path=f.path, size=f.size, sha256=f.sha256, present=True) for f in manifest.files)
+        return DownloadPlan(**base, source=manifest.source, repo=manifest.repo, revision=manifest.revision,
+                            files=files, total_bytes=manifest.total_bytes, complete=True,
+                            free_bytes=free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target),
+                            notes=(f"{target} already holds a verified {art.name} download "
+                                   f"({manifest.source} {manifest.repo}@{manifest.revision[:12]}): nothing to fetch",))
+    if offline_requested(offline):
+        raise DownloadError(
+            f"offline (--offline or HF_HUB_OFFLINE) and {target} holds no complete {art.name} download: {why}",
+            f"run 'wanctl download --task {art.name} --dir {target}' where the hub is reachable, or copy a complete "
+            "download (with its wanctl-manifest.json) there")
+
+    notes: list[str] = []
+    if why.startswith("existing"):
+        notes.append(why + "; re-checking against the source")
+    listing = _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
+    selected = select_files(art, listing)
+    check_inside(target, (s.file.path for s in selected))
+    files = []
+    for s in selected:
+        local = target.joinpath(*s.file.path.split("/"))
+        present = local.is_file() and local.stat().st_size == s.file.size
+        files.append(PlannedFile(path=s.file.path, component=s.component, size=s.file.size, sha256=s.file.sha256,
+                                 git_oid=s.file.git_oid, present=present))
+    total = sum(f.size for f in files)
+    to_fetch = sum(f.size for f in files if not f.present)
+    free = free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target)
+    short = disk_shortfall(to_fetch, free)
+    if short:
+        notes.append(f"does not fit: {fmt_bytes(to_fetch)} to fetch + headroom, {fmt_bytes(free)} free "
+                     f"(short by {fmt_bytes(short)})")
+    kept = sum(1 for f in files if f.present)
+    if kept:
+        notes.append(f"{kept} file(s) already in {target} with the right size: kept, verified after the download")
+    return DownloadPlan(**base, source=listing.source, repo=listing.repo, revision=listing.revision,
+                        files=tuple(files), total_bytes=total, to_fetch_bytes=to_fetch, free_bytes=free,
+                        fits_disk=not short, notes=tuple(notes))

@@ -1,0 +1,94 @@
+"""Run an external command with a hard deadline, killing its whole process group on timeout.
+
+``subprocess.run(timeout=...)`` is not enough for a probe: it kills the direct child only, then waits
+for the pipes to close, and a grandchild (a shell wrapper's ``sleep``, a hung driver helper, a compile
+worker) still holds them open, so the "timed out" call hangs anyway. Starting the command in its own
+session and killing the group is what makes a hanging ``nvidia-smi`` or kernel check end on time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What one command did. Exactly one of ``ok``/``timed_out``/``not_found``/``error`` describes it."""
+
+    argv: tuple[str, ...]
+    """The command as run."""
+    returncode: int | None
+    """Exit status; negative is the signal that ended it; None when it never ran or was killed on timeout."""
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    not_found: bool = False
+    """The executable does not exist (not an error for probes: it means "no driver installed")."""
+    error: str = ""
+    """Why the command could not be started (permission denied, ...), empty otherwise."""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def why_failed(self, timeout_s: float) -> str:
+        """One short phrase for a note: 'timed out after 2 s', 'exited with 139 (SIGSEGV)', ..."""
+        if self.not_found:
+            return f"could not run: {self.argv[0]} not found"
+        if self.error:
+            return self.error
+        if self.timed_out:
+            return f"timed out after {timeout_s:g} s"
+        return f"exited with {describe_returncode(self.returncode)}"
+
+
+def describe_returncode(code: int | None) -> str:
+    """'1', '139 (SIGSEGV)' for a shell-style crash code, '-11 (SIGSEGV)' for a signal from Popen."""
+    if code is None:
+        return "no status"
+    sig = -code if code < 0 else code - 128 if code > 128 else 0
+    if sig:
+        try:
+            return f"{code} ({signal.Signals(sig).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | None = None,
+                cwd: str | None = None) -> CommandResult:
+    """Run ``argv`` with stdin closed; never raises for a missing, failing or hanging command."""
+    args = tuple(str(a) for a in argv)
+    try:
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+            text=True, errors="replace",
+        )
+    except FileNotFoundError:
+        return CommandResult(args, None, not_found=True)
+    except OSError as exc:
+        return CommandResult(args, None, error=f"could not start {args[0]}: {exc.strerror or exc}")
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        # The group is dead, so the pipes close; a short bound anyway in case a member escaped the group.
+        try:
+            out, err = proc.communicate(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = "", ""
+        return CommandResult(args, None, out or "", err or "", timed_out=True)
+    return CommandResult(args, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,304 @@
+"""The NVIDIA GPUs of this machine and how they are linked, through NVML with an nvidia-smi fallback.
+
+NVML (``pynvml`` from nvidia-ml-py) is a C library call: fast, structured, no text to parse, and it
+never initialises CUDA, so probing cannot grab GPU memory or hang on a busy GPU. It is missing in some
+containers (no ``libnvidia-ml.so`` mounted) where ``nvidia-smi`` still works, so the fallback parses
+``nvidia-smi --query-gpu`` CSV. nvidia-smi is an external program that can hang on a wedged driver or
+print an error banner instead of CSV: it always runs under a deadline, and whatever goes wrong becomes a
+"probe failed: ..." note, never an exception. GPU-to-GPU links come from ``nvidia-smi topo -m`` in both
+cases: NVLink vs PCIe decides whether Ulysses sequence parallelism pays off.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from probes.commands import run_command
+
+QUERY_FIELDS = ("index", "name", "uuid", "memory.total", "memory.free", "compute_cap", "driver_version",
+                "power.limit", "clocks.max.sm", "mig.mode.current", "pci.bus_id")
+"""nvidia-smi --query-gpu fields, in the order the CSV columns are parsed."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as the driver reports it (whole GPU, not a MIG slice)."""
+
+    index: int = 0
+    """NVML / nvidia-smi index (PCI bus order), which is not always CUDA's order."""
+    name: str = ""
+    uuid: str = ""
+    memory_total_mib: int = 0
+    memory_free_mib: int = 0
+    """Free when probed: other processes' allocations make it smaller than total."""
+    compute_capability: str = ""
+    """'9.0'; empty when the driver did not say (old drivers: guessed from the name by families.py)."""
+    driver_version: str = ""
+    cuda_driver_version: str = ""
+    """Highest CUDA version the driver supports, e.g. '13.0' (a torch built for newer CUDA will not run)."""
+    power_limit_w: float = 0.0
+    max_sm_clock_mhz: int = 0
+    mig_mode: str = ""
+    """'Enabled', 'Disabled' or '' (not supported); with MIG on, CUDA sees slices, not this whole GPU."""
+    pci_bus_id: str = ""
+
+
+@dataclass(frozen=True)
+class GpuLink:
+    """How two GPUs talk, from one cell of ``nvidia-smi topo -m`` (a < b)."""
+
+    a: int = 0
+    b: int = 0
+    code: str = ""
+    """The matrix cell: NV<n> (n NVLinks), PIX, PXB, PHB, NODE or SYS."""
+    kind: str = ""
+    """'nvlink' or 'pcie' (everything that is not NVLink goes over PCIe and maybe the CPU interconnect)."""
+    nvlinks: int = 0
+    """Number of bonded NVLinks for NV<n>, 0 for PCIe."""
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """What the GPU probe found, with how it found it and what went wrong."""
+
+    gpus: tuple[GpuInfo, ...] = ()
+    links: tuple[GpuLink, ...] = ()
+    source: str = "none"
+    """'nvml', 'nvidia-smi' or 'none'."""
+    notes: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------ NVML
+def _call(fn: Any, *args: Any) -> Any:
+    """One NVML query; None when this GPU or driver does not support it (NotSupported, NoPermission...)."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - NVML raises a zoo of NVMLError subclasses per field and driver
+        return None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace").strip("\x00").strip()
+    return "" if value is None else str(value).strip()
+
+
+def _cuda_version(code: Any) -> str:
+    """NVML's 12080 -> '12.8'."""
+    return f"{code // 1000}.{code % 1000 // 10}" if isinstance(code, int) and code > 0 else ""
+
+
+def read_nvml(nvml: Any) -> tuple[GpuInfo, ...]:
+    """Every GPU through an NVML-like object (``pynvml`` or a recording). Raises when NVML cannot start."""
+    nvml.nvmlInit()
+    try:
+        driver = _text(_call(nvml.nvmlSystemGetDriverVersion))
+        cuda = _cuda_version(_call(nvml.nvmlSystemGetCudaDriverVersion))
+        count = int(nvml.nvmlDeviceGetCount())
+        gpus = []
+        for i in range(count):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            mem = _call(nvml.nvmlDeviceGetMemoryInfo, h)
+            cc = _call(nvml.nvmlDeviceGetCudaComputeCapability, h)
+            power_mw = _call(nvml.nvmlDeviceGetPowerManagementLimit, h)
+            mig = _call(nvml.nvmlDeviceGetMigMode, h)
+            pci = _call(nvml.nvmlDeviceGetPciInfo, h)
+            clock = _call(nvml.nvmlDeviceGetMaxClockInfo, h, getattr(nvml, "NVML_CLOCK_SM", 1))
+            gpus.append(GpuInfo(
+                index=i,
+                name=_text(_call(nvml.nvmlDeviceGetName, h)),
+                uuid=_text(_call(nvml.nvmlDeviceGetUUID, h)),
+                memory_total_mib=int(mem.total) // 2**20 if mem is not None else 0,
+                memory_free_mib=int(mem.free) // 2**20 if mem is not None else 0,
+                compute_capability=f"{cc[0]}.{cc[1]}" if cc else "",
+                driver_version=driver,
+                cuda_driver_version=cuda,
+                power_limit_w=round(power_mw / 1000.0, 1) if isinstance(power_mw, (int, float)) else 0.0,
+                max_sm_clock_mhz=int(clock) if isinstance(clock, int) else 0,
+                mig_mode=("Enabled" if mig[0] else "Disabled") if mig else "",
+                pci_bus_id=_text(getattr(pci, "busId", "")) if pci is not None else "",
+            ))
+        return tuple(gpus)
+    finally:
+        _call(nvml.nvmlShutdown)
+
+
+def load_pynvml() -> Any:
+    """The real NVML binding, imported only when probing (it loads libnvidia-ml.so at nvmlInit)."""
+    import pynvml
+
+    return pynvml
+
+
+# ------------------------------------------------------------------------------------------ nvidia-smi
+def _na(value: str) -> str:
+    v = value.strip()
+    return "" if v.startswith("[") or v in ("N/A", "Not Supported") else v
+
+
+def _num(value: str) -> float:
+    try:
+        return float(_na(value))
+    except ValueError:
+        return 0.0
+
+
+def parse_query_csv(text: str, fields: tuple[str, ...] = QUERY_FIELDS) -> tuple[GpuInfo, ...]:
+    """GPUs from ``--query-gpu=<fields> --format=csv,noheader,nounits`` output.
+
+    Raises ValueError naming the offending line when the text is not that CSV (an error banner, garbage),
+    so the caller can say what nvidia-smi printed instead of guessing.
+    """
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != len(fields):
+            raise ValueError(f"expected {len(fields)} comma-separated fields, got {line.strip()[:120]!r}")
+        row = dict(zip(fields, cells, strict=True))
+        if not row["index"].isdigit() or not row["name"]:
+            raise ValueError(f"not a GPU row: {line.strip()[:120]!r}")
+        gpus.append(GpuInfo(
+            index=int(row["index"]),
+            name=row["name"],
+            uuid=_na(row.get("uuid", "")),
+            memory_total_mib=int(_num(row["memory.total"])),
+            memory_free_mib=int(_num(row["memory.free"])),
+            compute_capability=_na(row.get("compute_cap", "")),
+            driver_version=_na(row["driver_version"]),
+            power_limit_w=_num(row["power.limit"]),
+            max_sm_clock_mhz=int(_num(row["clocks.max.sm"])),
+            mig_mode=_na(row["mig.mode.current"]),
+            pci_bus_id=_na(row["pci.bus_id"]),
+        ))
+    return tuple(gpus)
+
+
+def parse_cuda_version_banner(text: str) -> str:
+    """'CUDA Version: 12.8' from plain ``nvidia-smi`` output (no --query field holds it)."""
+    m = re.search(r"CUDA Version:\s*([0-9]+\.[0-9]+)", text)
+    return m.group(1) if m else ""
+
+
+def read_nvidia_smi(nvidia_smi: str, timeout_s: float) -> tuple[tuple[GpuInfo, ...], list[str]]:
+    """GPUs from nvidia-smi, plus notes. Never raises: a failure is a 'probe failed: ...' note."""
+    fields = QUERY_FIELDS
+    cmd = [nvidia_smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+    res = run_command(cmd, timeout_s)
+    if res.not_found:
+        return (), [f"no NVIDIA GPU: NVML unavailable and {nvidia_smi} not found (no driver installed?)"]
+    if not res.ok and "not a valid field" in (res.stdout + res.stderr) and "compute_cap" in (res.stdout + res.stderr):
+        # Drivers before ~510 do not know compute_cap: ask without it and let families.py guess from the name.
+        fields = tuple(f for f in QUERY_FIELDS if f != "compute_cap")
+        cmd = [nvidia_smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+        res = run_command(cmd, timeout_s)
+    if not res.ok:
+        said = _first_line(res.stderr) or _first_line(res.stdout)
+        return (), [f"probe failed: nvidia-smi --query-gpu {res.why_failed(timeout_s)}" + (f": {said}" if said else "")]
+    try:
+        gpus = parse_query_csv(res.stdout, fields)
+    except ValueError as exc:
+        return (), [f"probe failed: nvidia-smi --query-gpu printed something other than CSV: {exc}"]
+    notes: list[str] = []
+    if gpus:
+        banner = run_command([nvidia_smi], timeout_s)
+        cuda = parse_cuda_version_banner(banner.stdout) if banner.ok else ""
+        if not cuda:
+            notes.append(f"CUDA driver version unknown: plain nvidia-smi {banner.why_failed(timeout_s) if not banner.ok else 'printed no CUDA Version'}")
+        gpus = tuple(replace(g, cuda_driver_version=cuda) for g in gpus)
+    return gpus, notes
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------- links
+_LINK_CODES = ("PIX", "PXB", "PHB", "NODE", "SYS", "SOC")
+
+
+def parse_topology(text: str) -> tuple[GpuLink, ...]:
+    """GPU pairs from ``nvidia-smi topo -m``; NICs, CPU affinity and the legend are ignored.
+
+    The header row names the columns (GPU0 ... NIC0 ... CPU Affinity ...); a GPU row holds its cells in
+    the same order, so the first cells line up with the GPU columns. Raises ValueError when there is no
+    matrix (garbage or an error banner).
+    """
+    header: list[str] | None = None
+    rows: dict[int, list[str]] = {}
+    for raw in text.splitlines():
+        tokens = re.sub(r"\x1b\[[0-9;]*m", "", raw).split()  # some drivers print bold ANSI headers
+        if not tokens:
+            continue
+        if header is None and tokens[0] == "GPU0" and len(tokens) > 1 and tokens[1] in ("GPU1", "CPU", "NIC0"):
+            header = tokens
+            continue
+        if header is not None and re.fullmatch(r"GPU\d+", tokens[0]):
+            rows[int(tokens[0][3:])] = tokens[1:]
+        elif header is not None and tokens[0] == "Legend:":
+            break
+    if header is None:
+        raise ValueError("no 'GPU0 GPU1 ...' header line")
+    gpu_cols = [int(t[3:]) for t in header if re.fullmatch(r"GPU\d+", t)]
+    links = []
+    for a, cells in sorted(rows.items()):
+        for col, b in enumerate(gpu_cols):
+            if b <= a or col >= len(cells):
+                continue
+            code = cells[col]
+            nv = re.fullmatch(r"NV(\d+)", code)
+            if nv:
+                links.append(GpuLink(a, b, code, "nvlink", int(nv.group(1))))
+            elif code in _LINK_CODES:
+                links.append(GpuLink(a, b, code, "pcie", 0))
+            else:
+                raise ValueError(f"unknown link code {code!r} between GPU{a} and GPU{b}")
+    return tuple(links)
+
+
+def read_topology(nvidia_smi: str, timeout_s: float) -> tuple[tuple[GpuLink, ...], list[str]]:
+    """Links between GPUs; never raises (a failure is a note, links stay unknown)."""
+    res = run_command([nvidia_smi, "topo", "-m"], timeout_s)
+    if not res.ok:
+        said = _first_line(res.stderr) or _first_line(res.stdout)
+        return (), [f"probe failed: nvidia-smi topo -m {res.why_failed(timeout_s)}" + (f": {said}" if said else "")
+                    + "; GPU links unknown"]
+    try:
+        return parse_topology(res.stdout), []
+    except ValueError as exc:
+        return (), [f"probe failed: could not parse nvidia-smi topo -m ({exc}); GPU links unknown"]
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_s: float = 10.0,
+               use_nvml: bool = True) -> GpuProbe:
+    """GPUs (NVML first, nvidia-smi second) and their links. ``nvml`` injects a recording in tests."""
+    notes: list[str] = []
+    gpus: tuple[GpuInfo, ...] = ()
+    source = "none"
+    if use_nvml:
+        try:
+            gpus = read_nvml(nvml if nvml is not None else load_pynvml())
+            source = "nvml"
+        except ImportError:
+            notes.append("NVML unavailable: nvidia-ml-py is not installed; trying nvidia-smi")
+        except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ... all mean "no NVML"
+            notes.append(f"NVML unavailable ({_first_line(str(exc)) or type(exc).__name__}); trying nvidia-smi")
+    if source == "none":
+        gpus, smi_notes = read_nvidia_smi(nvidia_smi, timeout_s)
+        notes += smi_notes
+        source = "nvidia-smi" if gpus else "none"
+    links: tuple[GpuLink, ...] = ()
+    if len(gpus) >= 2:
+        links, link_notes = read_topology(nvidia_smi, timeout_s)
+        notes += link_notes
+    for g in gpus:
+        if g.mig_mode == "Enabled":
+            notes.append(f"GPU{g.index} has MIG enabled: CUDA sees MIG slices, and their memory, not the whole GPU")
+    return GpuProbe(gpus=gpus, links=links, source=source, notes=tuple(notes))

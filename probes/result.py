@@ -1,0 +1,209 @@
+"""ProbeResult: everything ``wanctl probe`` learned about a machine, as one printable, savable object.
+
+It is the first hand-off of the data flow (probe -> search space -> trials -> recipe): the search space
+is computed from it alone, so a saved probe reproduces a search space on another machine, and tests
+build it from recorded fixtures. Its ``fingerprint`` names the recipes tuned here; ``generate --best``
+finds this machine's recipe by it, so it is built only from things that do not change between two probes
+of the same machine (models, memory sizes, driver and library versions), never free memory or timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from probes.families import NO_GPU, GpuFamily
+from probes.gpu import GpuInfo, GpuLink
+from probes.host import HostInfo
+from probes.kernels import KernelCheck
+from probes.software import ABSENT, SoftwareVersions
+from recipes.errors import SchemaError
+
+PROBE_SCHEMA = 1
+T = TypeVar("T")
+
+#: Libraries whose version changes kernel speed or availability: a new one means a new fingerprint,
+#: so an old recipe is not served as "tuned for this machine". Python and optuna do not change speed.
+FINGERPRINT_LIBRARIES = ("torch", "diffusers", "transformers", "torchao", "transformer_engine", "flash_attn",
+                         "flash_attn_3", "sageattention", "triton", "xformers")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe of one machine. Saved keys equal field names; unknown keys are a SchemaError."""
+
+    schema_version: int = PROBE_SCHEMA
+    gpus: tuple[GpuInfo, ...] = ()
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES applied), in driver (PCI) order."""
+    links: tuple[GpuLink, ...] = ()
+    """Links between those GPUs; empty with fewer than two GPUs or when nvidia-smi could not tell."""
+    gpu_source: str = "none"
+    """Where the GPU list came from: nvml, nvidia-smi or none."""
+    family: GpuFamily = field(default_factory=lambda: NO_GPU)
+    """Family of the least capable GPU: a recipe must run on every GPU it spans."""
+    software: SoftwareVersions = field(default_factory=SoftwareVersions)
+    kernels: tuple[KernelCheck, ...] = ()
+    """Kernel checks by name; empty when the probe ran without them."""
+    kernel_device: str = ""
+    """Where the kernel checks ran, e.g. 'cuda: NVIDIA H100 80GB HBM3 (9.0)' or 'cpu'; empty when not run."""
+    host: HostInfo = field(default_factory=HostInfo)
+    notes: tuple[str, ...] = ()
+    """Everything odd or failed, in plain words ('probe failed: nvidia-smi timed out after 10 s')."""
+
+    # ------------------------------------------------------------------------------------ questions
+    @property
+    def gpu_count(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def min_gpu_memory_mib(self) -> int:
+        """Memory of the smallest GPU (what a per-GPU memory estimate must fit in); 0 without GPUs."""
+        return min((g.memory_total_mib for g in self.gpus), default=0)
+
+    @property
+    def all_nvlink(self) -> bool:
+        """Every GPU pair joined by NVLink (Ulysses all-to-all is then cheap); False if unknown."""
+        n = self.gpu_count
+        return n >= 2 and len(self.links) == n * (n - 1) // 2 and all(lk.kind == "nvlink" for lk in self.links)
+
+    @property
+    def driver_version(self) -> str:
+        return self.gpus[0].driver_version if self.gpus else ""
+
+    def kernel(self, name: str) -> KernelCheck | None:
+        for check in self.kernels:
+            if check.name == name:
+                return check
+        return None
+
+    def kernel_ok(self, name: str) -> bool:
+        check = self.kernel(name)
+        return check is not None and check.ok
+
+    def kernel_summary(self, name: str) -> str:
+        check = self.kernel(name)
+        return check.summary if check is not None else "not checked"
+
+    # ------------------------------------------------------------------------------------ naming
+    def describe(self) -> str:
+        """'8x NVIDIA H100 80GB HBM3'; mixed GPUs joined with ' + '; a CPU-only host says so."""
+        if not self.gpus:
+            cpu = self.host.cpu_model or "unknown CPU"
+            return f"CPU only: {cpu} ({self.host.cpu_cores} cores)"
+        counts = Counter(g.name for g in self.gpus)
+        return " + ".join(f"{n}x {name}" for name, n in counts.items())
+
+    def fingerprint(self) -> str:
+        """Short stable machine id, e.g. '1xH100-80GB_drv580_torch2.11_1a2b3c4d'.
+
+        Readable part: GPU model x count with memory, driver major, torch major.minor. The hash covers what
+        the readable part abbreviates (full names, compute capability, MIG, full driver and library versions),
+        so two machines that differ in anything that changes speed get different fingerprints.
+        """
+        if self.gpus:
+            counts = Counter((short_model(g.name), memory_gb(g.memory_total_mib)) for g in self.gpus)
+            hw = "+".join(f"{n}x{model}-{gb}GB" for (model, gb), n in counts.items())
+            drv = "drv" + (self.driver_version.split(".")[0] or "unknown")
+        else:
+            hw, drv = "cpu", "nodrv"
+        torch_v = self.software.torch
+        torch_part = "torch" + (".".join(torch_v.split("+")[0].split(".")[:2]) if torch_v != ABSENT else "none")
+        basis = {
+            "gpus": [[g.name, g.memory_total_mib, g.compute_capability, g.mig_mode] for g in self.gpus],
+            "driver": self.driver_version,
+            "cuda_driver": self.gpus[0].cuda_driver_version if self.gpus else "",
+            "libraries": {k: getattr(self.software, k) for k in FINGERPRINT_LIBRARIES},
+            "cpu": [self.host.cpu_model, self.host.cpu_cores] if not self.gpus else [],
+        }
+        digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{hw}_{drv}_{torch_part}_{digest}"
+
+    # ------------------------------------------------------------------------------------ JSON
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "probe") -> ProbeResult:
+        """Parse a saved probe. Unknown keys, wrong types or a newer schema raise SchemaError (exit 2)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: malformed JSON ({exc})", "re-run wanctl probe --json") from None
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected a JSON object", "re-run wanctl probe --json")
+        version = data.get("schema_version", PROBE_SCHEMA)
+        if not isinstance(version, int) or isinstance(version, bool) or version > PROBE_SCHEMA:
+            raise SchemaError(f"{where}: schema_version {version!r} is newer than this wanctl reads ({PROBE_SCHEMA})",
+                              "upgrade wanctl or re-run wanctl probe with this version")
+        return dataclass_from_plain(cls, data, where)
+
+
+def short_model(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA H100 PCIe' -> 'H100-PCIe', 'NVIDIA GeForce RTX 4090' -> 'RTX-4090'.
+
+    Vendor words and the memory size go (the memory is appended separately), form factors stay: a PCIe
+    H100 is a different machine from an SXM one for tuning purposes.
+    """
+    drop = {"NVIDIA", "GEFORCE", "TESLA", "QUADRO"}
+    tokens = [t for t in re.split(r"[\s\-_]+", name) if t]
+    kept = [t for t in tokens if t.upper() not in drop and not re.fullmatch(r"\d+GB|HBM\d*E?", t, re.IGNORECASE)]
+    return re.sub(r"[^A-Za-z0-9.\-]", "", "-".join(kept)) or "GPU"
+
+
+def memory_gb(mib: int) -> int:
+    """Whole GiB, rounded: 81559 MiB (an 'H100 80GB') -> 80."""
+    return round(mib / 1024)
+
+
+# ------------------------------------------------------------------------------------ strict loading
+def dataclass_from_plain(cls: type[T], data: Any, where: str) -> T:
+    """Build ``cls`` (nested dataclasses, tuples, dicts) from parsed JSON; SchemaError on unknown keys or types."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected an object for {cls.__name__}, got {data!r}"[:200], "re-run wanctl probe")
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise SchemaError(f"{where}: unknown key(s) {', '.join(unknown)} in {cls.__name__}",
+                          f"remove them; known keys are: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _value(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def _value(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return dataclass_from_plain(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise SchemaError(f"{where}: expected a list, got {value!r}"[:200], "re-run wanctl probe")
+        item = args[0] if args else Any
+        return tuple(_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where}: expected an object, got {value!r}"[:200], "re-run wanctl probe")
+        return {str(k): _value(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}"[:200],
+                          "re-run wanctl probe")
+    return value

@@ -1,0 +1,72 @@
+"""What the study remembers about each trial: a flat, JSON-able record kept in the trial's user attrs.
+
+The report, the recipe chooser and ``wanctl report`` all read these records back from the Optuna storage,
+so the study alone (no side files) is enough to rebuild every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipes.recipe import Recipe
+from recipes.serialize import recipe_from_dict
+
+RECORD_KEY = "wanctl_record"
+BASELINE_KEY = "wanctl_baseline"
+CONFIG_KEY = "wanctl_config"
+PROBE_KEY = "wanctl_probe"
+SCREENED_KEY = "wanctl_screened"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    number: int = -1
+    role: str = "sampled"
+    """baseline, screen, warm_start, sampled, fallback, requeued, confirm."""
+    label: str = ""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    outcome: str = ""
+    """ok, oom, timeout, crash, nan, unsupported, invalid, kernel_mismatch, quality_fail, slower_than_baseline,
+    duplicate."""
+    reason: str = ""
+    step_median_s: float = 0.0
+    """Steady-state seconds per denoise step at the target workload (warm-up excluded)."""
+    denoise_pred_s: float = 0.0
+    """Predicted full-schedule denoise seconds at the target workload."""
+    predicted_s: float = 0.0
+    """Priced before the run (baseline step time x predicted computed fraction); 0 when not priceable."""
+    computed_fraction: float = 1.0
+    speedup: float = 0.0
+    warmup_s: float = 0.0
+    load_s: float = 0.0
+    text_encode_s: float = 0.0
+    vae_decode_s: float = 0.0
+    peak_mem_gb: float = 0.0
+    psnr_min_db: float = 0.0
+    ssim_min: float = 0.0
+    latent_rel_err: float = 0.0
+    gate_passed: bool = False
+    gate_tier: str = ""
+    gate_reason: str = ""
+    actual: dict[str, str] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    stderr_tail: str = ""
+
+    def to_attr(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attr(cls, data: dict[str, Any]) -> TrialRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def recipe_obj(self) -> Recipe:
+        return recipe_from_dict(self.recipe)
+
+    @property
+    def feasible(self) -> bool:
+        return self.outcome == "ok"

@@ -1,0 +1,93 @@
+"""The tuning report: what ran where, the baseline vs the winner, every trial with its outcome and reason.
+
+Every time figure states its boundary: "denoise" is the full-schedule denoising loop (both CFG passes,
+scheduler steps; predicted from steady-state steps, warm-up/compile excluded and reported apart); model
+load, text encoding and VAE decode are their own columns.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+
+from recipes.recipe import Recipe
+from recipes.records import TrialRecord
+
+
+@dataclass(frozen=True)
+class ReportInput:
+    title: str
+    machine: str
+    fingerprint: str
+    versions: dict[str, str]
+    study: str
+    storage: str
+    command: list[str]
+    baseline: TrialRecord
+    records: list[TrialRecord]
+    best: TrialRecord | None
+    confirm: TrialRecord | None
+    recipe: Recipe | None
+    gate: str
+    exclusions: dict[str, dict[str, str]] = field(default_factory=dict)
+    excluded_space: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    plot: str = ""
+
+
+def _s(x: float) -> str:
+    return f"{x:.3g}" if x else "-"
+
+
+def render(inp: ReportInput) -> str:
+    b, best, conf = inp.baseline, inp.best, inp.confirm
+    lines = [f"# {inp.title}", ""]
+    lines += ["## Machine", "", f"- **{inp.machine}** (fingerprint `{inp.fingerprint}`)"]
+    lines += [f"- {k}: {v}" for k, v in sorted(inp.versions.items())]
+    lines += ["", f"Study `{inp.study}` in `{inp.storage}`.", ""]
+    lines += ["## Result", ""]
+    if best and conf:
+        lines += [f"**{best.label}**: {best.speedup:.2f}x faster than the baseline in the search "
+                  f"({_s(best.denoise_pred_s)} s vs {_s(b.denoise_pred_s)} s of denoising), "
+                  f"{conf.speedup:.2f}x in its confirmation run ({_s(conf.denoise_pred_s)} s).",
+                  "", f"Quality vs baseline: worst-frame PSNR {best.psnr_min_db:.1f} dB, SSIM {best.ssim_min:.3f} "
+                  f"({best.gate_tier} bar). Gate: {inp.gate}.", ""]
+    else:
+        lines += ["No stack beat the baseline while passing the quality gate: the recipe is the baseline.", ""]
+    lines += ["| | baseline | best |", "| --- | --- | --- |"]
+    rows = [("denoise, full schedule (s, predicted from steady steps)", "denoise_pred_s"),
+            ("steady step (s)", "step_median_s"), ("warm-up / compile (s)", "warmup_s"),
+            ("model load (s)", "load_s"), ("text encode (s)", "text_encode_s"), ("VAE decode (s)", "vae_decode_s"),
+            ("peak memory (GB)", "peak_mem_gb")]
+    for name, attr in rows:
+        lines.append(f"| {name} | {_s(getattr(b, attr))} | {_s(getattr(best, attr)) if best else '-'} |")
+    if best and conf:
+        lines.append(f"| confirmation run: denoise (s) | | {_s(conf.denoise_pred_s)} (predicted {_s(best.denoise_pred_s)}) |")
+    lines += ["", "What actually ran in the best trial: "
+              + (", ".join(f"{k}={v}" for k, v in (best or b).actual.items()) or "-"), ""]
+    if inp.plot:
+        lines += [f"![speed vs quality]({inp.plot})", ""]
+    counts = Counter(r.outcome for r in inp.records)
+    lines += ["## Trials", "", "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
+    lines += ["| # | role | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | reason |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(inp.records, key=lambda r: r.number):
+        reason = (r.reason or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
+        lines.append(f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | "
+                     f"{r.speedup:.2f}x | {r.psnr_min_db:.1f} | {r.ssim_min:.3f} | {reason} |" if r.speedup else
+                     f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | - | "
+                     f"- | - | {reason} |")
+    fb = [(r.number, f) for r in inp.records for f in r.fallbacks]
+    lines += ["", "## Fallbacks that fired", ""]
+    lines += [f"- trial {n}: {f}" for n, f in fb] or ["- none"]
+    lines += ["", "## Screened out", ""]
+    scr = [f"- `{k}={v}`: {e}" for k, vals in inp.exclusions.items() for v, e in vals.items()]
+    lines += scr or ["- nothing was measured slower than the baseline on its own"]
+    lines += ["", "Not searched on this machine:", ""]
+    lines += [f"- `{k}`: {v}" for k, v in sorted(inp.excluded_space.items())] or ["- nothing"]
+    if inp.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in inp.notes]
+    lines += ["", "## Reproduce", "", "```bash", " ".join(shlex.quote(c) for c in inp.command), "```", "",
+              "Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Write a tune's outputs into its folder: recipe.toml, launch.sh, report.md, the plot, and copies of
+what produced them (the tune config, the probe, versions), each written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipes.files import atomic_write_text
+from recipes.launch import LaunchOptions, render_launch_script
+from recipes.recipe import Recipe
+from recipes.serialize import RecipeMeta, write_recipe
+from reports.markdown import ReportInput, render
+from reports.plots import pareto_png
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    recipe: Path
+    launch: Path
+    report: Path
+    plot: Path
+
+
+def write_outputs(out: Path, inp: ReportInput, recipe: Recipe, meta: RecipeMeta, probe_json: str,
+                  config: dict, version: str) -> OutputPaths:
+    out.mkdir(parents=True, exist_ok=True)
+    plot = pareto_png(inp.records, out / "pareto.png", inp.title)
+    recipe_path = write_recipe(out / "recipe.toml", recipe, meta)
+    launch = atomic_write_text(out / "launch.sh", render_launch_script(
+        recipe, LaunchOptions(name=meta.name, version=version, out=f"{meta.name}.mp4")))
+    os.chmod(launch, 0o755 & ~_umask())
+    report = atomic_write_text(out / "report.md", render(ReportInput(**{**inp.__dict__, "plot": plot.name})))
+    inputs = out / "inputs"
+    atomic_write_text(inputs / "tune_config.json", json.dumps(config, indent=2, sort_keys=True))
+    atomic_write_text(inputs / "probe.json", probe_json)
+    atomic_write_text(inputs / "versions.json", json.dumps(inp.versions, indent=2, sort_keys=True))
+    return OutputPaths(recipe_path, launch, report, plot)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m

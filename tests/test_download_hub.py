@@ -1,0 +1,318 @@
+"""wanctl download end to end: the real huggingface_hub client against a loopback fake hub (tests/fakehub.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from downloads import download, plan
+from recipes.errors import BadInput, DownloadError
+from recipes.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, read_manifest, verify_checkpoint_dir
+from tests.fakehub import FakeHub, FakeRepo, Hold, SocketGuard, isolate_hf_client, pipeline_files, tensor_file
+
+REPO = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+BIG = "transformer_2/diffusion_pytorch_model.safetensors"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def guard(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    g = SocketGuard().install(monkeypatch.setattr)
+    isolate_hf_client(monkeypatch.setattr, monkeypatch.delenv, tmp_path_factory.mktemp("hf"))
+    yield g
+    assert not g.violations, f"non-loopback network access: {g.violations}"
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes] | None = None, repo_id: str = REPO,
+          **kw) -> FakeHub:
+    """Start a fake hub and make it huggingface_hub's default endpoint, as HF_ENDPOINT would at import.
+
+    Both constants derived from HF_ENDPOINT at import are patched: hf_hub_url only swaps in an explicit
+    ``endpoint`` when the URL template starts with ``constants.ENDPOINT``.
+    """
+    from huggingface_hub import constants
+
+    hub = FakeHub([FakeRepo(repo_id, files if files is not None else pipeline_files(), **kw)]).start()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    return hub
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    h = serve(monkeypatch)
+    yield h
+    h.stop()
+
+
+def fetch(hub: FakeHub, target: Path, task: str = "t2v-A14B", **kw):
+    kw.setdefault("cache_dir", target.parent / "hf-cache")
+    return download(task, target_dir=target, endpoint=hub.endpoint, **kw)
+
+
+def fetched_names(target: Path) -> set[str]:
+    return {p.relative_to(target).as_posix() for p in target.rglob("*")
+            if p.is_file() and not p.relative_to(target).as_posix().startswith(".cache/")}
+
+
+EXPECTED = {
+    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    "text_encoder/model.safetensors", "tokenizer/spiece.model", "tokenizer/tokenizer_config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "transformer_2/config.json",
+    BIG, "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+}
+
+
+def test_download_writes_verified_manifest_and_second_run_is_a_noop(hub: FakeHub, tmp_path: Path,
+                                                                    guard: SocketGuard) -> None:
+    target = tmp_path / "ckpt"
+    report = fetch(hub, target)
+    files = pipeline_files()
+    assert report.verified and not report.already_complete and report.source == "hf"
+    assert report.revision == hub.repos[REPO].commit
+    assert set(report.fetched) == EXPECTED
+    assert report.fetched_bytes == sum(len(files[p]) for p in EXPECTED)
+    # only what the task needs: no README, .gitattributes, remote code or pickle copy
+    assert fetched_names(target) == EXPECTED | {MANIFEST_NAME}
+    for p in EXPECTED:
+        assert (target / p).read_bytes() == files[p]
+    manifest = json.loads((target / MANIFEST_NAME).read_text())
+    assert manifest["repo"] == REPO and manifest["task"] == "t2v-A14B" and manifest["source"] == "hf"
+    assert manifest["files"][BIG]["size"] == len(files[BIG])
+    assert manifest["files"][BIG]["sha256"] == hashlib.sha256(files[BIG]).hexdigest()
+    assert not (target / INCOMPLETE_MARKER).exists()
+    assert verify_checkpoint_dir(target, task="t2v-A14B", deep=True).revision == report.revision
+    # the auth header (none here) and the CDN origin: LFS bytes came from the CDN server
+    assert {r.server for r in hub.file_requests(BIG)} == {"hub", "cdn"}
+
+    hub.clear()
+    connects_before = len(guard.connects)
+    again = fetch(hub, target)
+    assert again.already_complete and again.verified and again.fetched == ()
+    assert hub.requests == [] and len(guard.connects) == connects_before
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    # huggingface_hub counts resumable bytes per chunk (10 MB against multi-GB shards); scale it to the tiny file
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    size = len(hub.repos[REPO].files[BIG])
+    hub.drop_once[BIG] = size // 2
+    report = fetch(hub, tmp_path / "ckpt")
+    assert report.verified
+    ranges = [r.range for r in hub.file_requests(BIG) if r.server == "cdn" and r.method == "GET"]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1] is not None
+    resumed = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed <= size // 2  # huggingface_hub resumed from the bytes it had, not from zero
+    assert (tmp_path / "ckpt" / BIG).read_bytes() == hub.repos[REPO].files[BIG]
+
+
+def test_killed_download_reruns_to_completion_without_refetching_finished_files(tmp_path: Path, monkeypatch) -> None:
+    files = pipeline_files()
+    big = files.pop(BIG)
+    files[BIG] = big  # listed last: with one worker every other file is finished before it starts
+    hub = serve(monkeypatch, files)
+    hold = hub.holds[BIG] = Hold(after=len(big) // 2)
+    target = tmp_path / "ckpt"
+    driver = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}]
+        from tests.fakehub import SocketGuard
+        SocketGuard().install()
+        from downloads import download
+        download("t2v-A14B", target_dir={str(target)!r}, max_workers=1, cache_dir={str(tmp_path / 'hf-cache')!r})
+    """)
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    child = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    try:
+        assert hold.reached.wait(20), child.communicate(timeout=5)[0].decode()[-2000:]
+        child.send_signal(signal.SIGKILL)  # as a second Ctrl-C, a crash or a power cut would
+        child.wait(timeout=10)
+        assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
+        with pytest.raises(Exception, match="partial download"):
+            verify_checkpoint_dir(target, task="t2v-A14B")
+        done_first = {p for p in EXPECTED - {BIG} if (target / p).is_file()}
+        assert done_first == EXPECTED - {BIG}
+
+        hub.clear()
+        report = download("t2v-A14B", target_dir=target, endpoint=hub.endpoint, cache_dir=tmp_path / "hf-cache")
+        assert report.verified and (target / MANIFEST_NAME).exists() and not (target / INCOMPLETE_MARKER).exists()
+        refetched = {p for p in EXPECTED if hub.file_requests(p)}
+        assert refetched == {BIG}  # finished files were kept, not fetched again
+        # huggingface_hub 2.x does not reuse the killed process's partial bytes: the file restarts at 0
+        assert [r.range for r in hub.file_requests(BIG) if r.server == "cdn"] == [None]
+        assert any("partial file(s)" in n for n in report.notes)
+        assert not list((target / ".cache").rglob("*.incomplete"))
+    finally:
+        hold.release.set()
+        if child.poll() is None:
+            child.kill()
+        hub.stop()
+
+
+@pytest.mark.parametrize("path", [BIG, "vae/config.json"], ids=["lfs-sha256", "git-blob-id"])
+def test_corrupted_bytes_of_the_right_size_are_caught_and_no_manifest_written(hub: FakeHub, tmp_path: Path,
+                                                                              path: str) -> None:
+    good = hub.repos[REPO].files[path]
+    hub.override[path] = bytes(b ^ 0xFF for b in good[:8]) + good[8:]
+    target = tmp_path / "ckpt"
+    with pytest.raises(DownloadError, match="failed verification") as err:
+        fetch(hub, target)
+    assert path in str(err.value) and "rerun" in err.value.hint
+    assert not (target / MANIFEST_NAME).exists() and (target / INCOMPLETE_MARKER).exists()
+    assert not (target / path).exists()  # deleted so the rerun fetches it again
+
+    del hub.override[path]
+    hub.clear()
+    report = fetch(hub, target)
+    assert report.verified and (target / path).read_bytes() == good
+    assert {p for p in EXPECTED if hub.file_requests(p)} == {path}
+
+
+def test_repo_with_only_pickle_weights_is_refused_before_fetching(tmp_path: Path, monkeypatch) -> None:
+    hub = serve(monkeypatch, pipeline_files(pickle_only=True))
+    try:
+        with pytest.raises(DownloadError, match="only pickle weights") as err:
+            fetch(hub, tmp_path / "ckpt")
+        assert "diffusion_pytorch_model.bin" in str(err.value)
+        assert hub.file_requests() == [] and not (tmp_path / "ckpt").exists()
+    finally:
+        hub.stop()
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "C:\\x", "\\\\srv\\share\\x", "transformer/../../x",
+                                 "C:x"])
+def test_traversal_names_in_the_listing_are_refused_with_nothing_written(tmp_path: Path, bad: str,
+                                                                         monkeypatch) -> None:
+    hub = serve(monkeypatch, extra_names=[bad])
+    work = tmp_path / "work"
+    work.mkdir()
+    target = work / "ckpt"
+    try:
+        with pytest.raises(DownloadError, match="outside the target directory") as err:
+            fetch(hub, target)
+        assert repr(bad) in str(err.value)
+        assert hub.file_requests() == []
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["work"]
+    finally:
+        hub.stop()
+
+
+@pytest.mark.parametrize(("code", "headers", "needle"), [
+    (401, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model is restricted"}, "is gated"),
+    (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, "refused access"),
+    (404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, "was not found"),
+])
+def test_auth_and_missing_repo_errors_say_how_to_fix(hub: FakeHub, tmp_path: Path, code: int,
+                                                     headers: dict[str, str], needle: str) -> None:
+    hub.errors[REPO] = (code, headers)
+    with pytest.raises(DownloadError, match=needle) as err:
+        fetch(hub, tmp_path / "ckpt")
+    assert "HF_TOKEN" in err.value.hint and "huggingface-cli login" in err.value.hint
+    assert err.value.exit_code == 1 and hub.file_requests() == []
+
+
+def test_unknown_revision_is_bad_input(hub: FakeHub, tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match="does not exist") as err:
+        fetch(hub, tmp_path / "ckpt", revision="v9.9")
+    assert err.value.exit_code == 2 and "--revision" in err.value.hint
+
+
+def test_disk_precheck_refuses_with_numbers_before_fetching(hub: FakeHub, tmp_path: Path) -> None:
+    p = plan("t2v-A14B", target_dir=tmp_path / "ckpt", endpoint=hub.endpoint, free_disk_bytes=4096)
+    assert not p.fits_disk and p.to_fetch_bytes > 0 and any("does not fit" in n for n in p.notes)
+    with pytest.raises(DownloadError, match="not enough disk") as err:
+        fetch(hub, tmp_path / "ckpt", free_disk_bytes=4096)
+    assert "4.0 KiB free" in str(err.value) and "headroom" in str(err.value)
+    assert "--dir" in err.value.hint
+    assert hub.file_requests() == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_dry_run_plan_lists_files_and_fetches_nothing(hub: FakeHub, tmp_path: Path) -> None:
+    p = plan("t2v-A14B", target_dir=tmp_path / "ckpt", endpoint=hub.endpoint)
+    files = pipeline_files()
+    assert {f.path for f in p.files} == EXPECTED
+    assert p.total_bytes == p.to_fetch_bytes == sum(len(files[x]) for x in EXPECTED)
+    big = next(f for f in p.files if f.path == BIG)
+    assert big.component == "transformer_2" and big.sha256 and not big.present
+    assert hub.file_requests() == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_offline_uses_a_complete_dir_without_network_and_fails_clearly_without_one(hub: FakeHub, tmp_path: Path,
+                                                                                     guard: SocketGuard,
+                                                                                     monkeypatch) -> None:
+    target = tmp_path / "ckpt"
+    fetch(hub, target)
+    hub.clear()
+    before = len(guard.connects)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    report = download("t2v-A14B", target_dir=target)  # no endpoint at all: nothing may be asked
+    assert report.already_complete and report.verified
+    with pytest.raises(DownloadError, match="offline") as err:
+        download("t2v-A14B", target_dir=tmp_path / "empty")
+    assert "wanctl download --task t2v-A14B" in err.value.hint
+    with pytest.raises(DownloadError, match="offline"):
+        download("ti2v-5B", target_dir=target, offline=True)  # a dir of another task is not 'complete'
+    assert len(guard.connects) == before and hub.requests == []
+
+
+def test_second_run_after_a_file_went_missing_fetches_only_that_file(hub: FakeHub, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    fetch(hub, target)
+    (target / "vae/diffusion_pytorch_model.safetensors").unlink()
+    hub.clear()
+    report = fetch(hub, target)
+    assert not report.already_complete and report.fetched == ("vae/diffusion_pytorch_model.safetensors",)
+    assert {p for p in EXPECTED if hub.file_requests(p)} == {"vae/diffusion_pytorch_model.safetensors"}
+    assert read_manifest(target) is not None
+
+
+def test_lora_download_pinned_revision_progress_and_verify(tmp_path: Path, monkeypatch) -> None:
+    from downloads import CATALOGUE, ProgressEvent
+
+    art = CATALOGUE["t2v-A14B-lightning"]
+    files = {p: tensor_file(i, 2048) for i, c in enumerate(art.components) for p in c.patterns}
+    files["README.md"] = b"lightning"
+    files["Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors"] = tensor_file(9, 16)
+    hub = serve(monkeypatch, files, repo_id=art.hf_repo)
+    events: list[ProgressEvent] = []
+    try:
+        commit = hub.repos[art.hf_repo].commit
+        target = tmp_path / "lora"
+        report = download(art.name, target_dir=target, revision=commit, endpoint=hub.endpoint,
+                          cache_dir=tmp_path / "c", progress=events.append)
+        assert report.kind == "lora" and report.revision == commit
+        assert set(report.fetched) == {p for c in art.components for p in c.patterns}  # not the I2V one
+        assert any(r.path == f"/api/models/{art.hf_repo}/revision/{commit}" for r in hub.requests)
+        m = verify_checkpoint_dir(target, task=art.name, deep=True)
+        assert m.kind == "lora" and m.artifact == art.name
+        with pytest.raises(Exception, match="LoRA, not a t2v-A14B pipeline"):
+            verify_checkpoint_dir(target, task="t2v-A14B")
+        total = sum(len(files[p]) for p in report.fetched)
+        downloads_ = [e for e in events if e.phase == "download"]
+        assert downloads_[0].done_bytes == 0 and downloads_[-1].done_bytes == downloads_[-1].total_bytes == total
+        verify = [e for e in events if e.phase == "verify"]
+        assert verify[-1].done_bytes == total and verify[-1].file in report.fetched
+    finally:
+        hub.stop()
+
+
+def test_dry_run_advice_suggests_5b_but_plans_what_was_asked(hub: FakeHub, tmp_path: Path) -> None:
+    from downloads import Machine
+
+    p = plan("t2v-A14B", target_dir=tmp_path / "ckpt", endpoint=hub.endpoint, machine=Machine(1, 23.6))
+    assert p.task == "t2v-A14B" and any(f.component == "transformer_2" for f in p.files)
+    assert p.advice is not None and not p.advice.runnable and p.advice.suggestion == "ti2v-5B"
+    assert hub.file_requests() == []

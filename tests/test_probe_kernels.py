@@ -1,0 +1,145 @@
+"""Kernel checks: the real child on this CPU, and children that crash, hang or print garbage."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from probes.commands import CommandResult, run_command
+from probes.kernels import KERNEL_CHECKS, START_MARK, _child_env, run_kernel_checks
+from tests.conftest import ROOT
+from tests.probe_fakes import write_script
+
+CPU_OK = ("attention:native", "attention:_native_flash", "attention:_native_math", "attention:flex")
+"""diffusers backends that pass on a CPU (torch 2.13, diffusers 0.42.1): recorded in the report."""
+
+
+@pytest.fixture(scope="module")
+def real_child() -> CommandResult:
+    """One real run of ``python -m wan_runtime.kernel_check --cpu`` (~6 s: torch + diffusers import).
+
+    ``--cpu`` keeps the expectations the same on a GPU host; the GPU run is ``test_real_child_on_gpu``.
+    """
+    res = run_command([sys.executable, "-m", "wan_runtime.kernel_check", "--cpu"], timeout_s=120,
+                      env=_child_env(None), cwd=str(ROOT))
+    assert res.ok, res.stderr[-2000:]
+    return res
+
+
+def test_real_child_prints_exactly_one_json_document(real_child: CommandResult) -> None:
+    doc = json.loads(real_child.stdout)  # strict: library chatter went to stderr, not stdout
+    assert doc["schema"] == 1
+    assert list(doc["checks"]) == sorted(KERNEL_CHECKS)  # the child's list is the parent's list
+    assert doc["device"] == "cpu"
+    assert doc["torch"].startswith("2.")
+    announced = [ln[len(START_MARK):] for ln in real_child.stderr.splitlines() if ln.startswith(START_MARK)]
+    assert announced == list(KERNEL_CHECKS)  # same marker, same order
+
+
+def test_real_child_on_cpu(real_child: CommandResult, tmp_path: Path) -> None:
+    saved = tmp_path / "doc.json"
+    saved.write_text(real_child.stdout)
+    py = write_script(tmp_path / "python", f'cat "{saved}"\n')
+    report = run_kernel_checks(python=str(py), timeout_s=10)
+    by = {c.name: c for c in report.checks}
+    assert [c.name for c in report.checks] == list(KERNEL_CHECKS)
+    for name in CPU_OK:
+        assert by[name].ok, by[name]
+        assert 0 < by[name].rel_err < 2e-2
+    assert by["attention:_native_cudnn"].summary == "absent: no CUDA device"
+    assert by["attention:_native_efficient"].summary == "absent: no CUDA device"
+    assert by["fp8_scaled_mm"].summary == "absent: no CUDA device"
+    assert by["compile"].status == "absent" and "--with-compile" in by["compile"].detail
+    assert report.device == "cpu"
+    assert report.notes == ()
+
+
+@pytest.mark.gpu
+def test_real_child_on_gpu() -> None:
+    report = run_kernel_checks(timeout_s=300)
+    by = {c.name: c for c in report.checks}
+    assert report.device == "cuda", report.notes
+    for name in ("attention:native", "attention:_native_cudnn", "attention:_native_flash", "attention:_native_math"):
+        assert by[name].ok, by[name]
+    cc = tuple(int(x) for x in report.compute_capability.split("."))
+    assert by["fp8_scaled_mm"].ok == (cc >= (8, 9)), by["fp8_scaled_mm"]
+
+
+def test_child_that_segfaults_fails_every_check(tmp_path: Path) -> None:
+    py = write_script(tmp_path / "python", "exit 139\n")
+    report = run_kernel_checks(python=str(py), timeout_s=10)
+    assert len(report.checks) == len(KERNEL_CHECKS)
+    assert {c.summary for c in report.checks} == {"fails: probe child crashed (exit 139 (SIGSEGV))"}
+    assert report.notes == ("probe failed: kernel-check child crashed (exit 139 (SIGSEGV))",)
+
+
+def test_child_that_prints_garbage(tmp_path: Path) -> None:
+    py = write_script(tmp_path / "python", "echo 'Illegal instruction? no: just words'\n")
+    report = run_kernel_checks(python=str(py), timeout_s=10)
+    assert {c.status for c in report.checks} == {"fails"}
+    assert report.checks[0].detail.startswith("probe child printed no JSON document: 'Illegal instruction?")
+
+
+def test_child_that_hangs_is_killed_as_a_group(tmp_path: Path) -> None:
+    py = write_script(tmp_path / "python", "sleep 30 &\nwait\n")
+    t0 = time.monotonic()
+    report = run_kernel_checks(python=str(py), timeout_s=0.5)
+    assert time.monotonic() - t0 < 2  # killing only the child would leave the pipes open (2 s grace)
+    assert {c.summary for c in report.checks} == {"fails: probe child timed out after 0.5 s"}
+
+
+def test_crash_inside_one_check_reruns_the_others(tmp_path: Path) -> None:
+    # First start: dies inside the sage check. Second start (with --skip): reports the rest.
+    doc = {"schema": 1, "torch": "2.11.0+cu130", "torch_cuda": "13.0", "cudnn": "91900", "device": "cuda",
+           "device_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "cuda_unavailable": "",
+           "checks": {"attention:native": {"status": "ok", "detail": "", "rel_err": 0.002, "seconds": 1.0}}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    py = write_script(tmp_path / "python", f"""case "$*" in
+  *"--skip attention:sage"*) cat "{tmp_path / 'doc.json'}" ;;
+  *) echo "{START_MARK}attention:native" >&2; echo "{START_MARK}attention:sage" >&2; kill -SEGV $$ ;;
+esac
+""")
+    report = run_kernel_checks(python=str(py), timeout_s=10)
+    by = {c.name: c for c in report.checks}
+    assert by["attention:native"].ok
+    assert by["attention:sage"].summary == "fails: probe child crashed (exit -11 (SIGSEGV)) during this check"
+    assert by["attention:flash"].summary == "fails: probe child did not report it"
+    assert report.device_name == "NVIDIA H100 80GB HBM3"
+    assert report.notes == ("kernel check 'attention:sage' crashed (exit -11 (SIGSEGV)); restarted the child without it",)
+
+
+def test_child_that_keeps_dying_gives_up(tmp_path: Path) -> None:
+    # Dies in a different check every start: at most max_restarts + 1 starts, then everything left fails.
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    py = write_script(tmp_path / "python", f"""n=$(cat "{counter}"); n=$((n+1)); echo $n > "{counter}"
+echo "{START_MARK}check$n" >&2
+exit 134
+""")
+    report = run_kernel_checks(python=str(py), timeout_s=10, max_restarts=2)
+    assert counter.read_text().strip() == "3"
+    by = {c.name: c for c in report.checks}
+    assert by["check1"].summary == "fails: probe child crashed (exit 134 (SIGABRT)) during this check"
+    assert by["attention:native"].summary == "fails: probe child kept dying; not run"
+    assert report.notes[-1] == "probe failed: kernel-check child died 3 times; remaining checks not run"
+
+
+def test_missing_interpreter(tmp_path: Path) -> None:
+    report = run_kernel_checks(python=str(tmp_path / "no-python"), timeout_s=5)
+    assert report.checks[0].summary == f"fails: probe child could not run: {tmp_path / 'no-python'} not found"
+
+
+def test_cuda_build_that_cannot_reach_the_gpu(tmp_path: Path) -> None:
+    doc = {"schema": 1, "torch": "2.11.0+cu130", "torch_cuda": "13.0", "cudnn": "91900", "device": "cpu",
+           "device_name": "", "compute_capability": "",
+           "cuda_unavailable": "CUDA initialization: The NVIDIA driver on your system is too old (found version 12040).",
+           "checks": {}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    py = write_script(tmp_path / "python", f'cat "{tmp_path / "doc.json"}"\n')
+    report = run_kernel_checks(python=str(py), timeout_s=10)
+    assert report.notes == ("torch 2.11.0+cu130 cannot use the GPU (CUDA initialization: The NVIDIA driver on your "
+                            "system is too old (found version 12040).): kernel checks ran on the CPU",)

@@ -1,0 +1,239 @@
+"""Search space per recorded machine: hardware rules, kernel checks, parallelism and memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from autotune.search_space import KNOBS, SearchSpace, memory_estimate_gib, search_space_for
+from probes.kernels import KernelCheck
+from probes.result import ProbeResult
+from recipes.errors import BadInput, HardwareUnsupported, SchemaError
+from recipes.recipe import Recipe
+from tests.conftest import ROOT
+from tests.probe_fakes import FIXTURES, MACHINES, probe_machine
+
+FP8_QUANT = {"fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block"}
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ProbeResult]:
+    tmp = tmp_path_factory.mktemp("machines")
+    return {m: probe_machine(m, tmp) for m in MACHINES}
+
+
+def space(probes: dict[str, ProbeResult], machine: str, task: str = "t2v-A14B", model: str = "random",
+          **kw: object) -> SearchSpace:
+    return search_space_for(probes[machine], task, model, **kw)  # type: ignore[arg-type]
+
+
+def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "h100_sxm_8x")
+    assert s.gpus == (8,)
+    assert s.ulysses == (1, 2, 4, 8)
+    assert s.cfg_parallel == (False, True) and s.fsdp == (False, True)
+    assert s.attention == ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex",
+                           "sage", "flash", "_flash_3")
+    assert s.quant == ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
+    assert s.tf32 == (False, True)
+    assert s.compile == ("off", "regional", "full")
+    assert s.compile_mode == ("default", "max-autotune-no-cudagraphs", "max-autotune")
+    assert s.offload == ("none",)
+    assert s.excluded["offload=model"].startswith("CPU offload runs one GPU")
+    assert s.cache == ("none", "magcache", "fbcache") and "cache=teacache" in s.excluded
+    assert s.lightning == (0,)
+
+
+def test_1x_h100_recorded(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "h100_sxm_1x")
+    assert s.gpus == (1,) and s.ulysses == (1,) and s.cfg_parallel == (False,) and s.fsdp == (False,)
+    assert s.excluded["cfg_parallel=True"] == "needs 2 or more GPUs; this run uses 1"
+    # A14B (~61 GiB estimated) fits in 80 GB: offload would only slow it down.
+    assert s.offload == ("none",)
+    assert s.excluded["offload=model"].startswith("not needed: ~61 GiB fits in 80 GiB")
+    assert s.quant == ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise")
+    assert s.excluded["quant=te_delayed"] == "absent: transformer-engine not installed"
+    assert s.excluded["attention=_flash_3"] == "absent: flash_attn_interface (FA3) not installed"
+
+
+def test_fa3_that_fails_to_load_is_excluded(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "h100_pcie_1x")
+    assert "_flash_3" not in s.attention
+    assert s.excluded["attention=_flash_3"].startswith("fails: RuntimeError: diffusers cannot use it: ImportError")
+
+
+def test_b200_no_fa3_but_fp8_and_te_block(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "b200_8x")
+    assert s.excluded["attention=_flash_3"] == "FA3 needs Hopper (sm90); this GPU is Blackwell sm100"
+    assert {"fp8_rowwise", "te_block"} <= set(s.quant)
+    assert s.ulysses == (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("machine", ["a100_80gb_2x", "a100_40gb_1x"])
+def test_a100_has_no_fp8(probes: dict[str, ProbeResult], machine: str) -> None:
+    s = space(probes, machine)
+    assert not FP8_QUANT & set(s.quant)
+    assert "int8wo" in s.quant
+    assert s.excluded["quant=fp8_rowwise"] == "fp8 needs sm89+, this GPU is sm80"
+    assert s.excluded["quant=te_delayed"] == "fp8 needs sm89+, this GPU is sm80"
+    assert "_flash_3" not in s.attention
+    assert s.why_not(Recipe(quant="fp8_rowwise", gpus=s.gpus[0])) == ["quant=fp8_rowwise: fp8 needs sm89+, this GPU is sm80"]
+    assert s.why_not(Recipe(gpus=9))[-1] == f"gpus=9: not in the search space (allowed: {s.gpus[0]})"
+
+
+def test_2x_a100_parallelism(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "a100_80gb_2x")
+    assert s.ulysses == (1, 2) and s.cfg_parallel == (False, True) and s.fsdp == (False, True)
+    assert {"sage", "flash"} <= set(s.attention)
+
+
+def test_a100_40gb_compile_failure_and_offload(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "a100_40gb_1x")
+    assert s.compile == ("off",)
+    assert s.excluded["compile=regional"] == "compile check: fails: BackendCompilerFailed: backend='inductor' raised:"
+    # 61 GiB of bf16 A14B does not fit in 40 GiB, but int8 weights (~34 GiB) do, and so does one expert.
+    assert s.offload == ("none", "model", "group_block", "group_leaf")
+    assert any(n.startswith("offload=none fits only with 8-bit weights (int8wo)") for n in s.notes)
+
+
+def test_rtx4090_needs_offload_for_a14b(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "rtx4090_1x")
+    assert s.offload == ("group_block", "group_leaf")
+    assert s.excluded["offload=none"] == "does not fit: ~61 GiB needed, the GPU has 24 GiB"
+    assert s.excluded["offload=model"].startswith("model offload keeps one whole expert on the GPU: ~34 GiB")
+    assert {"fp8_rowwise", "fp8_tensorwise"} <= set(s.quant)
+    assert s.excluded["quant=te_delayed"] == "absent: transformer-engine not installed"
+    # The 5B model fits in 24 GB.
+    assert space(probes, "rtx4090_1x", task="ti2v-5B").offload == ("none",)
+
+
+def test_l40s_te_without_block_scaling(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "l40s_1x")
+    assert s.quant == ("none", "te_delayed", "te_current")
+    assert s.excluded["quant=te_block"] == "Transformer Engine block scaling needs sm90+, this GPU is sm89"
+    assert s.excluded["quant=int8wo"] == "absent: torchao not installed"
+    assert s.offload[0] == "none" and "model" in s.offload  # fits with TE fp8 weights; one expert fits
+
+
+def test_tiny_on_cpu_host(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "no_gpu", model="tiny")
+    assert s.attention == ("native", "_native_flash", "_native_math", "flex")
+    assert s.cache == ("none", "magcache", "fbcache")
+    assert s.tf32 == (False,) and s.excluded["tf32=True"] == "TF32 is a GPU tensor-core mode; this host has no GPU"
+    assert s.quant == ("none",)  # torchao is not in the recorded CPU venv; fp8 needs a GPU
+    assert s.compile == ("off",) and "allow_cpu_compile" in s.excluded["compile=regional"]
+    assert s.offload == ("none",) and s.ulysses == (1,) and s.gpus == (1,)
+    assert s.cfg_parallel == (False,) and s.fsdp == (False,)
+    assert s.excluded["attention=_native_cudnn"] == "absent: no CUDA device"
+    assert s.size() == 4 * 2 * 3  # attention x fuse_qkv x cache: small but worth a demo
+
+
+def test_cpu_compile_only_when_allowed_and_checked(probes: dict[str, ProbeResult]) -> None:
+    cpu = probes["no_gpu"]
+    s = search_space_for(cpu, "t2v-A14B", "tiny", allow_cpu_compile=True)
+    assert s.compile == ("off",)  # the recorded CPU probe did not run the compile check
+    assert s.excluded["compile=full"].startswith("compile check: absent: not checked")
+    checked = dataclasses.replace(cpu, kernels=tuple(
+        KernelCheck("compile", "ok") if c.name == "compile" else c for c in cpu.kernels))
+    s = search_space_for(checked, "t2v-A14B", "tiny", allow_cpu_compile=True)
+    assert s.compile == ("off", "regional", "full") and s.compile_mode == ("default",)
+
+
+def test_full_size_model_on_cpu_is_refused(probes: dict[str, ProbeResult]) -> None:
+    with pytest.raises(HardwareUnsupported, match="needs a GPU"):
+        space(probes, "no_gpu", model="random")
+
+
+def test_gpu_count_requests(probes: dict[str, ProbeResult]) -> None:
+    s = space(probes, "h100_sxm_8x", gpus=4)
+    assert s.gpus == (4,) and s.ulysses == (1, 2, 4)
+    s = space(probes, "h100_sxm_8x", gpus=3)
+    assert s.ulysses == (1,)
+    assert s.excluded["ulysses=3"] == "t2v-A14B has 40 attention heads, not divisible by 3"
+    assert space(probes, "h100_sxm_8x", task="ti2v-5B", gpus=3).ulysses == (1, 3)  # 24 heads
+    with pytest.raises(HardwareUnsupported, match="asked for 16 GPUs; this machine has 8"):
+        space(probes, "h100_sxm_8x", gpus=16)
+    with pytest.raises(BadInput, match="gpus=0"):
+        space(probes, "h100_sxm_8x", gpus=0)
+    with pytest.raises(BadInput, match="unknown task"):
+        space(probes, "h100_sxm_8x", task="t2v-XXL")
+
+
+def test_fsdp_forced_when_weights_only_fit_sharded(probes: dict[str, ProbeResult]) -> None:
+    small = probes["a100_80gb_2x"]
+    small = dataclasses.replace(small, gpus=tuple(dataclasses.replace(g, memory_total_mib=40960) for g in small.gpus))
+    s = search_space_for(small, "t2v-A14B", "random")
+    assert s.fsdp == (True,) and s.offload == ("none",)
+    assert s.excluded["fsdp=False"] == "does not fit without sharding: ~61 GiB needed, 40 GiB per GPU"
+
+
+def test_lightning_only_when_available(probes: dict[str, ProbeResult]) -> None:
+    assert space(probes, "h200_8x").lightning == (0,)
+    assert space(probes, "h200_8x", lightning_available=True).lightning == (0, 4)
+
+
+def test_probe_without_kernel_checks_searches_native_only(probes: dict[str, ProbeResult]) -> None:
+    bare = dataclasses.replace(probes["h200_8x"], kernels=())
+    s = search_space_for(bare, "t2v-A14B", "random")
+    assert s.attention == ("native",) and s.quant == ("none",) and s.compile == ("off",)
+    assert "kernel checks were not run" in s.notes[0]
+
+
+def test_memory_estimate() -> None:
+    # One expert at 720p/81f: the H100 anchor measured 34.6 GB (32.2 GiB) peak.
+    one = memory_estimate_gib("t2v-A14B", "random", resident_experts=1)
+    assert 30 < one < 36
+    assert memory_estimate_gib("t2v-A14B", "tiny") < 3
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_every_space_is_valid_and_round_trips(probes: dict[str, ProbeResult], machine: str) -> None:
+    model = "tiny" if machine == "no_gpu" else "random"
+    s = space(probes, machine, model=model)
+    for knob, values in s.values().items():
+        assert values, knob
+        default = getattr(Recipe(), knob)
+        if knob not in ("gpus", "offload", "fsdp"):
+            assert default in values, (knob, default)  # plain diffusers (the baseline) stays searchable
+        for v in values:
+            assert f"{knob}={v}" not in s.excluded
+    assert set(s.values()) == set(KNOBS)
+    assert SearchSpace.from_json(s.to_json()) == s
+
+
+def test_search_space_json_rejects_unknown_keys() -> None:
+    with pytest.raises(SchemaError, match="unknown key"):
+        SearchSpace.from_json('{"attention": ["native"], "warp_speed": [true]}')
+
+
+BLOCKED = """
+import sys
+for name in ("torch", "diffusers", "transformers"):
+    sys.modules[name] = None
+import probes, probes.commands, probes.families, probes.gpu, probes.host, probes.kernels, probes.probe
+import probes.render, probes.result, probes.software
+import autotune.search_space as ss
+r = probes.run_probe(paths=(), with_kernels=False, use_nvml=False, nvidia_smi="/nonexistent/nvidia-smi")
+assert r.software.torch not in ("", "absent"), r.software
+probes.render.render_probe(r)
+s = ss.search_space_for(r, "t2v-A14B", "tiny")
+assert s.attention == ("native",), s
+k = probes.run_probe(paths=(), with_kernels=True, use_nvml=False, nvidia_smi="/nonexistent/nvidia-smi",
+                     python="/nonexistent/python")
+assert k.kernels[0].status == "fails", k.kernels
+assert sys.modules["torch"] is None
+print("ok")
+"""
+
+
+def test_probes_and_search_space_never_import_torch() -> None:
+    p = subprocess.run([sys.executable, "-c", BLOCKED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "ok"
+
+
+def test_fixture_dir_exists() -> None:
+    assert (FIXTURES / "no_gpu" / "kernels.json").exists()

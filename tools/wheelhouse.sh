@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build a wheelhouse for an offline GPU host that already has torch (and CUDA) installed:
+# the pure-Python and manylinux wheels wanctl needs beyond torch, for one Python version.
+#   PYVER=3.12 OUT=.wheelhouse bash tools/wheelhouse.sh
+# On the GPU host:
+#   python3 -m pip install --no-index --no-deps --target /opt/wanctl-site .wheelhouse/*.whl
+#   export PYTHONPATH=/opt/wanctl-site:$PWD
+set -euo pipefail
+PYVER="${PYVER:-3.12}"
+OUT="${OUT:-.wheelhouse}"
+PY="${PY:-python3}"
+# What a typical CUDA+torch image lacks (imageio-ffmpeg is 68 MB: add it with PKGS=... when the host has no
+# OpenCV; without either, wanctl writes no mp4 and says so). Pinned to versions tested on the H100 (see BENCHMARKS.md).
+PKGS=(${PKGS:-diffusers==0.42.1 optuna==5.0.0 alembic sqlalchemy mako colorlog tomli-w ftfy wcwidth
+      torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet})
+mkdir -p "$OUT"
+plat=()
+for n in 17 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+  "${plat[@]}" -d "$OUT" "${PKGS[@]}"
+ls -la "$OUT"
+du -sh "$OUT"
