@@ -68,8 +68,8 @@ def recover_stale(study: optuna.Study) -> list[int]:
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     requeued = []
     for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
         study._storage.set_trial_user_attr(t._trial_id, "wanctl_stale", "killed tuner; marked failed on resume")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
         if not t.user_attrs.get("wanctl_requeued") and t.params:
             study.enqueue_trial(t.params, user_attrs={"wanctl_requeued": t.number}, skip_if_exists=False)
             requeued.append(t.number)

@@ -1,0 +1,54 @@
+"""Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from autotune.trial_runner import run_trial
+from recipes.recipe import Recipe
+from recipes.spec import TrialSpec
+
+
+def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
+    return TrialSpec(recipe=Recipe(steps=2), mode="measure", out_dir=str(tmp), fault=fault, fault_step=step,
+                     write_video=False)
+
+
+@pytest.mark.parametrize("fault, outcome, fragment", [
+    ("oom", "oom", "out of memory"),
+    ("crash", "crash", "exit code 7"),
+    ("segfault", "crash", "SIGSEGV"),
+    ("illegal_memory", "crash", "illegal memory access"),
+    ("no_result", "crash", "without writing a result"),
+    ("bad_result", "crash", "malformed result"),
+])
+def test_fault_becomes_outcome(tmp_path: Path, fault: str, outcome: str, fragment: str) -> None:
+    out = run_trial(_spec(tmp_path, fault), tmp_path, timeout_s=120)
+    assert out.outcome == outcome
+    assert fragment in out.reason
+
+
+def test_nan_latents_are_detected(tmp_path: Path) -> None:
+    out = run_trial(_spec(tmp_path, "nan", step=0), tmp_path, timeout_s=120)
+    assert out.outcome == "nan" and "non-finite" in out.reason
+
+
+@pytest.mark.parametrize("fault", ["hang", "ignore_sigterm"])
+def test_hang_is_killed_with_its_group(tmp_path: Path, fault: str) -> None:
+    out = run_trial(_spec(tmp_path, fault), tmp_path, timeout_s=6)
+    assert out.outcome == "timeout"
+    pid_alive = []
+    # No process of the trial's session may survive: scan /proc for our spec path on a command line.
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(tmp_path).encode() in cmd:
+                pid_alive.append(d.name)
+    assert pid_alive == [], f"trial processes survived: {pid_alive}"
+    assert os.path.exists(tmp_path / "spec.json")
