@@ -102,8 +102,8 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
             vae_kw.update(in_channels=12, out_channels=12, is_residual=True, patch_size=2,
                           scale_factor_spatial=16, scale_factor_temporal=4,
                           decoder_base_dim=256 if width is not TINY else None)
-            if width is TINY:
-                vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+            # diffusers' defaults are the z16 VAE's statistics; random weights need only the right length.
+            vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
         torch.manual_seed(seed + 1)
         vae = _parked(AutoencoderKLWan(**vae_kw).to(torch.float32).eval(), park)
 

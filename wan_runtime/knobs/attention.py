@@ -58,7 +58,12 @@ def classify(kernel_names: list[str]) -> str:
 
 
 class AttentionObserver:
-    """Counts dispatches to the requested backend and replays one call under the profiler after the run."""
+    """Counts eager dispatches to the requested backend; after the run, replays one self-attention call at
+    the run's real shape under the profiler to see which kernel family torch actually picked.
+
+    Under torch.compile the counter is not touched (a Python side effect inside a compiled region makes
+    dynamo guard on it and recompile every call); what was dispatched is then read off the processors.
+    """
 
     def __init__(self, backend: str) -> None:
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
@@ -70,18 +75,11 @@ class AttentionObserver:
             raise Unsupported(f"diffusers has no attention backend {backend!r}", "pick another --attention")
         self.original = self.registry._backends[self.key]
         self.calls = 0
-        self.example: dict[str, Any] | None = None
         original = self.original
 
         def observed(**kwargs: Any) -> Any:
-            self.calls += 1
-            q = kwargs.get("query")
-            if q is not None and (self.example is None or q.shape[1] > self.example["shape"][1]):
-                k, v = kwargs["key"], kwargs["value"]
-                self.example = {"shape": tuple(q.shape), "kshape": tuple(k.shape), "dtype": q.dtype,
-                                "device": q.device, "kwargs": {n: x for n, x in kwargs.items()
-                                                               if n not in ("query", "key", "value")}}
-                del k, v
+            if not torch.compiler.is_compiling():
+                self.calls += 1
             return original(**kwargs)
 
         self.registry._backends[self.key] = observed
@@ -90,23 +88,28 @@ class AttentionObserver:
         self.registry._backends[self.key] = self.original
 
     def finish(self, ctx: KnobContext) -> None:
-        """Record dispatch count and the kernel family of one replayed call at the largest real shape."""
         self.restore()
-        ctx.actual["attention_backend"] = self.backend if self.calls else "not-dispatched"
-        ctx.actual["attention_calls"] = str(self.calls)
-        if not self.example:
-            ctx.actual["attention_kernel"] = "none"
+        procs = [m.processor for t in ctx.transformers for m in t.modules()
+                 if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None]
+        set_to = {str(getattr(p._attention_backend, "value", p._attention_backend)) for p in procs}
+        ctx.actual["attention_backend"] = ",".join(sorted(set_to)) or "unset"
+        ctx.actual["attention_calls"] = str(self.calls) if ctx.recipe.compile == "off" else "compiled"
+        if ctx.recipe.compile == "off" and self.calls == 0:
+            ctx.actual["attention_mismatch"] = f"requested {self.backend} but it was never dispatched"
+        q_shape = _self_attention_shape(ctx)
+        if q_shape is None:
+            ctx.actual["attention_kernel"] = "unknown"
             return
-        ex = self.example
-        gen = torch.Generator(device=ex["device"]).manual_seed(0)
-        q = torch.randn(ex["shape"], dtype=ex["dtype"], device=ex["device"], generator=gen)
-        k = torch.randn(ex["kshape"], dtype=ex["dtype"], device=ex["device"], generator=gen)
+        dtype = next(ctx.transformers[0].parameters()).dtype if ctx.transformers else torch.bfloat16
+        dtype = torch.bfloat16 if dtype not in (torch.float16, torch.bfloat16, torch.float32) else dtype
+        gen = torch.Generator(device=ctx.device).manual_seed(0)
+        q = torch.randn(q_shape, dtype=dtype, device=ctx.device, generator=gen)
         acts = [torch.profiler.ProfilerActivity.CPU]
-        if ex["device"].type == "cuda":
+        if ctx.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            self.original(query=q, key=k, value=k, **ex["kwargs"])
-            if ex["device"].type == "cuda":
+        with torch.inference_mode(), torch.profiler.profile(activities=acts) as prof:
+            self.original(query=q, key=q, value=q)
+            if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
         names = [e.key for e in prof.key_averages()]
         fam = classify(names)
@@ -116,6 +119,21 @@ class AttentionObserver:
             ctx.actual["attention_mismatch"] = (
                 f"requested {self.backend} but the kernel that ran is '{fam}' (profiled: "
                 + ", ".join(n for n in names if "attention" in n.lower() or "fmha" in n.lower())[:300] + ")")
+
+
+def _self_attention_shape(ctx: KnobContext) -> tuple[int, int, int, int] | None:
+    """(batch, tokens, heads, head_dim) of the DiT's self-attention at this recipe's size and frames."""
+    if not ctx.transformers:
+        return None
+    from recipes.models import model_spec
+
+    cfg = ctx.transformers[0].config
+    spec = model_spec(ctx.recipe.task)
+    r = ctx.recipe.resolved()
+    w, h = (int(x) for x in r.size.split("*"))
+    vs = 16 if spec.vae_z_dim == 48 else 8
+    tokens = ((r.frames - 1) // 4 + 1) * (h // vs // 2) * (w // vs // 2)
+    return (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
 
 
 def _check(ctx: KnobContext) -> None:
@@ -132,12 +150,13 @@ def _check(ctx: KnobContext) -> None:
 def _apply(ctx: KnobContext) -> None:
     for t in ctx.transformers:
         mark_applied(t, "attention")
-        if ctx.recipe.attention != "native":
-            try:
-                t.set_attention_backend(ctx.recipe.attention)
-            except (ImportError, RuntimeError, ValueError) as exc:
-                raise Unsupported(f"attention backend {ctx.recipe.attention} is not available: "
-                                  f"{str(exc).splitlines()[0][:200]}", "install its library or pick another") from None
+        # Set even for "native": diffusers' set_attention_backend also sets a process-wide active backend,
+        # so an unset model would silently run whatever another model set last.
+        try:
+            t.set_attention_backend(ctx.recipe.attention)
+        except (ImportError, RuntimeError, ValueError) as exc:
+            raise Unsupported(f"attention backend {ctx.recipe.attention} is not available: "
+                              f"{str(exc).splitlines()[0][:200]}", "install its library or pick another") from None
     obs = AttentionObserver(ctx.recipe.attention)
     ctx.observers.append(obs)
 

@@ -29,6 +29,15 @@ def _check(ctx: KnobContext) -> None:
 def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    import torch._dynamo
+
+    # Regional compile compiles one block class used by every block of both experts (80 instances for
+    # A14B); with fullgraph=True, hitting dynamo's default recompile limit (8) is a hard error, seen on the
+    # H100 with the two-expert tiny model. Allow one compile per block instance.
+    blocks = sum(len(getattr(t, "blocks", ())) for t in ctx.transformers)
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * blocks + 8)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * blocks + 64)
     kwargs = {"fullgraph": r.compile_fullgraph, "mode": r.compile_mode}
     for t in ctx.transformers:
         mark_applied(t, "compile")
