@@ -1,7 +1,7 @@
 """Fallbacks: what the tuner tries after a trial fails, each recorded with its evidence.
 
-OOM -> the same stack with one memory-saving change (offload, lower compile mode, VAE tiling) before
-giving up on it; a knob value measured slower than the baseline on its own -> excluded from later trials,
+OOM -> the same stack with one memory-saving change before giving up on it, chosen by where the run
+ran out (VAE tiling only helps an OOM in VAE decode; offload helps one in load or denoise); a knob value measured slower than the baseline on its own -> excluded from later trials,
 and later recipes use the faster value (the seeds' "FA2 slower than SDPA", found by measurement).
 """
 
@@ -18,13 +18,14 @@ class MemoryFallback:
     reason: str
 
 
-def memory_fallbacks(recipe: Recipe, offload_values: tuple[str, ...]) -> list[MemoryFallback]:
-    """Memory-saving variants of ``recipe``, cheapest first (each differs by one change)."""
+def memory_fallbacks(recipe: Recipe, offload_values: tuple[str, ...], phase: str = "") -> list[MemoryFallback]:
+    """Memory-saving variants of ``recipe`` for an OOM in ``phase`` (recipes.spec.PHASES; "" when unknown),
+    cheapest first, each differing by one change."""
     out = []
-    if recipe.compile_mode == "max-autotune":
+    if recipe.compile_mode == "max-autotune" and phase in ("", "apply", "denoise"):
         out.append(MemoryFallback({"compile_mode": "max-autotune-no-cudagraphs"},
                                   "CUDA graphs keep static buffers alive: drop them"))
-    if not recipe.vae_tiling:
+    if not recipe.vae_tiling and phase in ("", "vae_decode"):
         out.append(MemoryFallback({"vae_tiling": True}, "decode the VAE in tiles (720p decode peaks ~21 GB)"))
     if recipe.offload == "none" and recipe.gpus == 1:
         for value in ("model", "group_block"):

@@ -39,6 +39,7 @@ FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
 MAGCACHE_K = (1, 2, 3)
 RETENTION = (0.1, 0.2)
 INFEASIBLE_FACTOR = 10.0
+MAX_MEMORY_FALLBACKS = 2
 
 
 class Reporter(Protocol):
@@ -384,12 +385,14 @@ class Tuner:
             rec = self._measure(number, role, label, recipe, attempt, notes)
             if rec.outcome != "oom":
                 break
-            options = [f for f in memory_fallbacks(recipe, self.space.offload)
+            phase = rec.phase
+            options = [f for f in memory_fallbacks(recipe, self.space.offload, phase)
                        if not self.space.why_not(recipe.replace(**f.changes))]
-            if not options or attempt >= 1:
+            if not options or attempt >= MAX_MEMORY_FALLBACKS:
                 break
             fb = options[0]
-            fallbacks.append(f"oom -> {', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
+            fallbacks.append(f"oom{' in ' + phase if phase else ''} -> "
+                             f"{', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
                              f"evidence: {rec.reason[:160]}")
             recipe = validate(recipe.replace(**fb.changes))
             label = recipe.stack_label(self.base_recipe)
@@ -401,7 +404,8 @@ class Tuner:
         speedup = base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0
         rec = dataclasses.replace(rec, speedup=speedup)
         if rec.denoise_pred_s > base_t * (1 + self.tol):
-            diff = [k for k in self._params_of(recipe) if getattr(recipe, k) != getattr(self.base_recipe, k)]
+            # Recipe fields, not Optuna parameter names ("fbcache_threshold" is the field cache_threshold).
+            diff = list(recipe.diff(self.base_recipe))
             reason = f"{rec.denoise_pred_s:.3g} s vs baseline {base_t:.3g} s ({speedup:.2f}x)"
             if len(diff) == 1:
                 knob = diff[0]
@@ -475,6 +479,7 @@ class Tuner:
                            notes=list(notes or []))
         if r is None:
             return base
+        base = dataclasses.replace(base, phase=r.phase)
         t = r.timings
         frac = 1.0
         if r.step_forwards and recipe.cache != "none":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -140,7 +141,9 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["est_forward_s"] for r in rows if r["stack"] == "default" and "est_forward_s" in r), None)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # A copied work tree (offline GPU host) has no .git: the caller passes the commit it copied.
+    commit = os.environ.get("WANCTL_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "bf16_tflops": rate / 1e12, "flops_per_forward": flops,
            "floor_s": floor, "layers": args.layers, "size": args.size, "frames": args.frames, "rows": rows}

@@ -31,6 +31,8 @@ class TrialRecord:
     """ok, oom, timeout, crash, nan, unsupported, invalid, kernel_mismatch, quality_fail, slower_than_baseline,
     duplicate."""
     reason: str = ""
+    phase: str = ""
+    """Where a failed run was when it ended (recipes.spec.PHASES)."""
     step_median_s: float = 0.0
     """Steady-state seconds per denoise step at the target workload (warm-up excluded)."""
     denoise_pred_s: float = 0.0

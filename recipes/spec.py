@@ -23,9 +23,11 @@ MODES = ("generate", "measure", "quality")
 """generate: full run, video written. measure: time a few denoise steps at the target workload and one
 VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate."""
 
-FAULTS = ("none", "oom", "hang", "crash", "segfault", "nan", "slow", "no_result", "bad_result",
+FAULTS = ("none", "oom", "oom_decode", "hang", "crash", "segfault", "nan", "slow", "no_result", "bad_result",
           "illegal_memory", "ignore_sigterm")
 """Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked."""
+
+PHASES = ("start", "load", "apply", "text_encode", "denoise", "vae_decode", "finish")
 
 OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", "quality_fail",
             "slower_than_baseline", "kernel_mismatch")
@@ -123,6 +125,9 @@ class Quality:
     nonfinite: bool = False
     black_frames: int = 0
     frozen_frames: int = 0
+    ref_black_frames: int = 0
+    """The reference's own defects: a frame the baseline also freezes is not this recipe's fault."""
+    ref_frozen_frames: int = 0
     """Frames identical to their predecessor (a stuck decode)."""
     compared: bool = False
 
@@ -135,6 +140,8 @@ class RunResult:
     """ok, or how it failed: oom, nan, crash, unsupported, bad_input, kernel_mismatch."""
     error: str = ""
     error_type: str = ""
+    phase: str = ""
+    """Where the run was when it ended (see PHASES): an OOM in VAE decode wants tiling, one in denoise offload."""
     rank: int = 0
     """Rank that reported the failure (multi-GPU)."""
     device: str = ""

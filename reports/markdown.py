@@ -74,10 +74,12 @@ def render(inp: ReportInput) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
         reason = (r.reason or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
+        speed = f"{r.speedup:.2f}x" if r.speedup else "-"
+        judged = r.gate_tier and r.gate_tier != "reference"
+        psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
+        ssim = f"{r.ssim_min:.3f}" if judged else "-"
         lines.append(f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | "
-                     f"{r.speedup:.2f}x | {r.psnr_min_db:.1f} | {r.ssim_min:.3f} | {reason} |" if r.speedup else
-                     f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | - | "
-                     f"- | - | {reason} |")
+                     f"{speed} | {psnr} | {ssim} | {reason} |")
     fb = [(r.number, f) for r in inp.records for f in r.fallbacks]
     lines += ["", "## Fallbacks that fired", ""]
     lines += [f"- trial {n}: {f}" for n, f in fb] or ["- none"]

@@ -72,3 +72,15 @@ def test_observed_attention_kernel_is_recorded(tmp_path: Path) -> None:
     assert res.actual["attention_kernel"] == "math"
     # 3 steps x 2 CFG passes x (self + cross attention) x 3 blocks (one expert per step)
     assert int(res.actual["attention_calls"]) == 3 * 2 * 2 * 3
+
+
+@pytest.mark.parametrize("fault, step, phase", [
+    ("oom", -1, "start"),
+    ("oom", 1, "denoise"),
+    ("oom_decode", 0, "vae_decode"),
+])
+def test_oom_reports_where_memory_ran_out(tmp_path: Path, fault: str, step: int, phase: str) -> None:
+    """The tuner's memory fallback depends on it: tiling for a decode OOM, offload for a denoise OOM."""
+    res = run_spec(TrialSpec(recipe=Recipe(steps=2), mode="measure", out_dir=str(tmp_path), fault=fault,
+                             fault_step=step, write_video=False))
+    assert res.outcome == "oom" and res.phase == phase, (res.outcome, res.phase, res.error)

@@ -31,7 +31,7 @@ def _records(storage: Path) -> list[TrialRecord]:
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tune")
     env = {"WANCTL_CACHE": str(out / "cache")}
-    p = run_cli("tune", "--model", "tiny", "--trials", "6", "--out", str(out), "--inject", "oom@1",
+    p = run_cli("tune", "--model", "tiny", "--trials", "6", "--out", str(out), "--inject", "oom_decode@1",
                 "--inject", "nan@2", "--json", env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (out / "stdout.json").write_text(p.stdout)
@@ -42,8 +42,9 @@ def test_study_records_every_outcome(tuned: Path) -> None:
     recs = {r.number: r for r in _records(tuned / "study.journal")}
     assert len(recs) == 6
     assert recs[0].role == "baseline" and recs[0].outcome == "ok" and recs[0].denoise_pred_s > 0
-    # oom@1: the memory fallback fired and is recorded with its evidence
-    assert recs[1].fallbacks and "oom ->" in recs[1].fallbacks[0] and "injected" in recs[1].fallbacks[0]
+    # oom_decode@1: the memory fallback that fits where it ran out fired, recorded with its evidence
+    assert recs[1].fallbacks and recs[1].fallbacks[0].startswith("oom in vae_decode -> vae_tiling=True")
+    assert "injected" in recs[1].fallbacks[0]
     assert recs[2].outcome == "nan"
     for r in recs.values():
         assert r.outcome in ("ok", "oom", "timeout", "crash", "nan", "unsupported", "invalid", "kernel_mismatch",
@@ -56,7 +57,7 @@ def test_outputs_written_and_consistent(tuned: Path) -> None:
     assert meta.fingerprint.startswith("cpu_") and meta.name.startswith("tiny_cpu_")
     assert meta.speedup == pytest.approx(summary["speedup"])
     report = (tuned / "report.md").read_text()
-    assert "## Trials" in report and "Fallbacks that fired" in report and "oom ->" in report
+    assert "## Trials" in report and "Fallbacks that fired" in report and "oom in vae_decode ->" in report
     assert "| 2 |" in report and "nan" in report
     assert (tuned / "pareto.png").stat().st_size > 1000
     launch = (tuned / "launch.sh").read_text()
@@ -122,7 +123,7 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     assert spec.exists(), "trial 1 never started"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    p = run_cli("tune", "--model", "tiny", "--trials", "4", "--out", str(out), "--resume",
+    p = run_cli("tune", "--model", "tiny", "--trials", "3", "--out", str(out), "--resume",
                 env={"WANCTL_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     from autotune.study import open_storage

@@ -18,7 +18,7 @@ from recipes.spec import TrialSpec
 
 def fire(spec: TrialSpec, step: int) -> None:
     """Fire the spec's fault if it is due at ``step`` (-1: before the pipeline is built)."""
-    if spec.fault in ("none", "nan", "slow") or step != spec.fault_step:
+    if spec.fault in ("none", "nan", "slow", "oom_decode") or step != spec.fault_step:
         return
     f = spec.fault
     if f == "oom":
@@ -40,6 +40,12 @@ def fire(spec: TrialSpec, step: int) -> None:
                          "CUDA kernel errors might be asynchronously reported at some other API call\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def fire_decode(spec: TrialSpec) -> None:
+    """The OOM that 720p VAE decode really hits on 80 GB cards, at the same place."""
+    if spec.fault == "oom_decode":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 21.00 GiB (injected fault in VAE decode)")
 
 
 def corrupt_latents(spec: TrialSpec, step: int, latents: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ def compare(frames: np.ndarray | None, ref_frames: np.ndarray | None, latent: np
         finite = np.where(np.isinf(p), 100.0, p)
         kw.update(psnr_min_db=float(finite.min()), psnr_mean_db=float(finite.mean()),
                   ssim_min=float(s.min()), ssim_mean=float(s.mean()), compared=True)
+        kw["ref_black_frames"], kw["ref_frozen_frames"] = frame_defects(ref_frames)
     if latent is not None and ref_latent is not None and not nonfinite:
         kw["latent_rel_err"] = latent_rel_err(latent, ref_latent)
     return Quality(**kw)

@@ -76,35 +76,58 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
     """Run ``spec`` and return its result; expected failures become outcomes, not exceptions."""
     started = time.perf_counter()
     device = torch.device("cpu")
+    where = _Phase()
     try:
         device = pick_device()
-        return _run(spec, device, started, stream_progress)
+        return _run(spec, device, started, stream_progress, where)
     except torch.OutOfMemoryError as exc:
-        return _failed(spec, "oom", exc, device, started)
+        return _failed(spec, "oom", exc, device, started, where)
     except HardwareUnsupported as exc:
-        return _failed(spec, "unsupported", exc, device, started)
+        return _failed(spec, "unsupported", exc, device, started, where)
     except BadInput as exc:
-        return _failed(spec, "bad_input", exc, device, started)
+        return _failed(spec, "bad_input", exc, device, started, where)
     except WanctlError as exc:
-        return _failed(spec, "crash", exc, device, started)
+        return _failed(spec, "crash", exc, device, started, where)
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
-            return _failed(spec, "oom", exc, device, started)
-        return _failed(spec, "crash", exc, device, started)
+            return _failed(spec, "oom", exc, device, started, where)
+        return _failed(spec, "crash", exc, device, started, where)
 
 
-def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.device, started: float) -> RunResult:
+class _Phase:
+    """Where the run is (recipes.spec.PHASES): a failure reports it, so the tuner picks the right fallback."""
+
+    def __init__(self) -> None:
+        self.name = "start"
+
+    def wrap(self, obj: Any, name: str, phase: str, then: str, before: Any = None) -> None:
+        """Mark ``phase`` while ``obj.name`` runs (and ``then`` after it returns)."""
+        original = getattr(obj, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.name = phase
+            if before is not None:
+                before()
+            res = original(*args, **kwargs)
+            self.name = then
+            return res
+
+        setattr(obj, name, wrapper)
+
+
+def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.device, started: float,
+            where: _Phase) -> RunResult:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     hint = getattr(exc, "hint", "")
     log.error("%s: %s", outcome, first)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,
-                     device=device_name(device), versions=versions(), peak_mem_bytes=int(peak),
+                     phase=where.name, device=device_name(device), versions=versions(), peak_mem_bytes=int(peak),
                      timings=Timings(total_s=time.perf_counter() - started))
 
 
-def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -> RunResult:
+def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: _Phase) -> RunResult:
     recipe = validate(spec.recipe).resolved()
     mspec = model_spec(recipe.task)
     out = Path(spec.out_dir)
@@ -120,6 +143,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = clock.now()
+    where.name = "load"
     pipe = build_pipeline(recipe, device, spec.trust_checkpoint)
     load_s = clock.now() - t0
 
@@ -127,6 +151,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -
     if spec.magcache_ratios:
         ctx.extra["magcache_ratios"] = [list(r) for r in spec.magcache_ratios]
     t0 = clock.now()
+    where.name = "apply"
     apply_all(ctx)
     w, h = parse_size(recipe.size)
     call: dict[str, Any] = dict(
@@ -155,6 +180,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any) -
     sink: dict[str, float] = {}
     _timed_method(pipe, "encode_prompt", sink, "text_encode_s", clock)
     _timed_method(pipe.vae, "decode", sink, "vae_decode_s", clock)
+    where.wrap(pipe, "encode_prompt", "text_encode", then="denoise")
+    where.wrap(pipe.vae, "decode", "vae_decode", then="finish", before=lambda: faults.fire_decode(spec))
     steps_to_run = recipe.steps
     if spec.mode == "measure":
         steps_to_run = min(recipe.steps, spec.measure_steps or (spec.warmup_steps + 3))

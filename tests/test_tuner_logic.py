@@ -1,0 +1,194 @@
+"""The tuner's decisions on a simulated H100, with the trial process replaced by a cost model.
+
+The real process boundary is covered by test_tune_e2e and test_trial_faults; here many trials run in
+a second so the study's rules (exclusions, fallbacks, gate tiers, confirmation, best choice) are checked
+over a realistic search space (the recorded H100 probe) and with timings that make knobs lose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from autotune.config import TuneConfig
+from autotune.trial_runner import TrialOutcome
+from autotune.tuner import Tuner
+from probes.result import ProbeResult
+from recipes.recipe import Recipe
+from recipes.spec import Quality, RunResult, Timings, TrialSpec
+from tests.probe_fakes import probe_machine
+
+ATTENTION = {"native": 1.0, "_native_cudnn": 0.92, "_native_flash": 1.25, "_native_efficient": 1.6,
+             "_native_math": 3.0, "flex": 2.0}
+QUANT = {"none": 1.0, "int8wo": 1.15, "fp8_rowwise": 0.80, "fp8_tensorwise": 0.78}
+COMPILE = {"off": 1.0, "regional": 0.88, "full": 0.86}
+
+
+def step_s(r: Recipe) -> float:
+    """Seconds per denoise step (both CFG forwards) of the simulated machine."""
+    t = 1.0 * ATTENTION.get(r.attention, 1.0) * QUANT.get(r.quant, 1.0) * COMPILE[r.compile]
+    if r.tf32:
+        t *= 0.99
+    if r.offload != "none":
+        t *= 1.5
+    return t
+
+
+def computed(r: Recipe) -> float:
+    """Fraction of forwards a cache computes: the looser the threshold, the fewer."""
+    if r.cache == "none":
+        return 1.0
+    return max(0.4, 1.0 - 4.0 * r.cache_threshold)
+
+
+def quality(r: Recipe) -> Quality:
+    if r.quant == "fp8_tensorwise":  # "too lossy": fails the lossy bar
+        return Quality(psnr_min_db=21.0, psnr_mean_db=23.0, ssim_min=0.8, ssim_mean=0.85, latent_rel_err=0.3,
+                       compared=True)
+    psnr = 60.0
+    if r.quant != "none":
+        psnr = 32.0
+    if r.cache != "none":
+        psnr = min(psnr, 40.0 - 100.0 * r.cache_threshold)
+    return Quality(psnr_min_db=psnr, psnr_mean_db=psnr + 2, ssim_min=0.99 if psnr > 35 else 0.93,
+                   ssim_mean=0.99, latent_rel_err=0.001 if psnr > 50 else 0.1, compared=True)
+
+
+class SimulatedTuner(Tuner):
+    """Answers each TrialSpec from the cost model, as the runtime process would, and keeps them all."""
+
+    def __init__(self, *a: object, oom_if: dict[str, object] | None = None, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.specs: list[TrialSpec] = []
+        self.oom_if = oom_if or {}
+        self.oom_phase = "denoise"
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        self.specs.append(spec)
+        r = spec.recipe
+        if self.oom_if and all(getattr(r, k) == v for k, v in self.oom_if.items()):
+            res = RunResult(outcome="oom", error="CUDA out of memory (simulated)", phase=self.oom_phase)
+            return TrialOutcome("oom", "CUDA out of memory (simulated)", res, 1, "", 1.0)
+        t = step_s(r)
+        n = spec.measure_steps or r.steps
+        per = 2 if r.guidance > 1 else 1
+        frac = computed(r)
+        forwards = [per if i < 1 or (i * frac) % 1 < frac else 0 for i in range(r.steps)]
+        timings = Timings(load_s=5.0, text_encode_s=0.5, step_s=[t] * n, warmup_s=3.0 if r.compile != "off" else 0,
+                          step_median_s=t, denoise_s=t * n, denoise_pred_s=t * r.steps, vae_decode_s=1.0)
+        q = quality(r) if spec.mode == "quality" and spec.reference_frames else Quality()
+        res = RunResult(outcome="ok", device="cuda:0", timings=timings, steps_total=r.steps, steps_run=n,
+                        step_forwards=forwards if r.cache != "none" else [], quality=q,
+                        frames_path=str(Path(spec.out_dir) / "frames.npy"),
+                        latent_path=str(Path(spec.out_dir) / "latent.pt"),
+                        actual={"attention": r.attention, "compile": r.compile, "quant": r.quant})
+        return TrialOutcome("ok", "", res, 0, "", 2.0)
+
+
+@pytest.fixture(scope="module")
+def h100(tmp_path_factory: pytest.TempPathFactory) -> ProbeResult:
+    return probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m"))
+
+
+def run(h100: ProbeResult, tmp_path: Path, trials: int = 30, **kw: object) -> SimulatedTuner:
+    oom_if = kw.pop("oom_if", None)
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path),
+                     **kw)  # type: ignore[arg-type]
+    t = SimulatedTuner(cfg, h100, oom_if=oom_if)  # type: ignore[arg-type]
+    t.result = t.run()  # type: ignore[attr-defined]
+    return t
+
+
+def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path)
+    res = t.result  # type: ignore[attr-defined]
+    recs = {r.number: r for r in res.records}
+    assert len(recs) == 30
+    # Every attention backend was screened alone against the baseline; the slower ones are excluded.
+    for slow in ("_native_flash", "_native_efficient", "_native_math"):
+        if slow in t.space.attention:
+            assert slow in res.exclusions.get("attention", {}), res.exclusions
+    # ... and never measured again after their screen.
+    screens = {r.recipe["attention"]: r.number for r in res.records if r.role == "screen"}
+    for spec in t.specs:
+        att = spec.recipe.attention
+        if att in res.exclusions.get("attention", {}) and spec.trial_number > screens[att]:
+            pytest.fail(f"trial {spec.trial_number} ran excluded attention={att}")
+    # Nothing slower than the baseline is 'ok' (int8 weight-only alone is, on this machine).
+    base_t = res.baseline.denoise_pred_s
+    for r in res.records:
+        if r.outcome == "ok" and r.role != "baseline":
+            assert r.denoise_pred_s <= base_t * (1 + t.tol), r
+        if r.outcome == "slower_than_baseline":
+            assert r.speedup < 1.0 and "vs baseline" in r.reason
+    # fp8 tensorwise fails the lossy bar.
+    assert all(r.outcome == "quality_fail" for r in res.records if r.recipe["quant"] == "fp8_tensorwise"
+               and r.outcome not in ("slower_than_baseline", "duplicate"))
+    # Best: the fastest record that passed the gate, confirmed by a second measurement.
+    ok = [r for r in res.records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"]
+    assert ok and res.best is not None and res.confirm is not None
+    assert res.best.denoise_pred_s == min(r.denoise_pred_s for r in ok)
+    assert res.best.denoise_pred_s < res.baseline.denoise_pred_s
+
+
+def test_gate_tiers_use_the_right_reference(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=20)
+    quality_specs = [s for s in t.specs if s.mode == "quality" and s.reference_frames]
+    assert quality_specs
+    for s in quality_specs:
+        lossy = bool(s.recipe.lossy_knobs())
+        want = "full" if lossy else "short"
+        assert f"/reference/{want}/" in s.reference_frames, (s.recipe.stack_label(), s.reference_frames)
+        # Lossless checks run the short schedule; lossy ones the full one (errors compound over steps).
+        assert s.recipe.steps == (t.cfg.lossless_steps if not lossy else 8)
+    for r in t.result.records:  # type: ignore[attr-defined]
+        if r.gate_tier in ("lossy", "lossless"):
+            assert r.gate_tier == ("lossy" if r.recipe_obj().lossy_knobs() else "lossless")
+
+
+def test_cache_trial_slower_than_baseline_is_recorded_not_fatal(h100: ProbeResult, tmp_path: Path) -> None:
+    """Regression: a slower trial with FirstBlockCache used to crash the tuner (an Optuna parameter
+    name, fbcache_threshold, was read as a Recipe field)."""
+    t = run(h100, tmp_path, trials=1)  # the baseline only: nothing screened or excluded yet
+    rec = t._evaluate_trial(99, "sampled", t.base_recipe.replace(attention="_native_flash", cache="fbcache",
+                                                                 cache_threshold=0.03))
+    assert rec.outcome == "slower_than_baseline", rec
+    assert "excluded" not in rec.reason  # two knobs changed: nothing single to blame
+
+
+@pytest.mark.parametrize("phase, first", [("denoise", "offload=model"), ("vae_decode", "vae_tiling=True")])
+def test_oom_fallback_follows_where_memory_ran_out(h100: ProbeResult, tmp_path: Path, phase: str,
+                                                   first: str) -> None:
+    t = run(h100, tmp_path, trials=2)
+    t.oom_phase = phase
+    t.space = dataclasses.replace(t.space, offload=("none", "model"))
+    t.oom_if = {"compile": "full", "offload": "none"}  # only offload helps, whatever the phase says
+    r = t.base_recipe.replace(compile="full", cache="fbcache", cache_threshold=0.12)
+    rec = t._evaluate_trial(50, "sampled", r)
+    assert rec.fallbacks[0].startswith(f"oom in {phase} -> {first}"), rec.fallbacks
+    # Tiling did not help a decode OOM here: the next fallback (offload) is tried before giving up.
+    assert rec.recipe["offload"] == "model"
+    assert rec.outcome in ("ok", "slower_than_baseline"), rec
+    assert len(rec.fallbacks) == (1 if phase == "denoise" else 2)
+
+
+def test_oom_with_nothing_left_to_try_is_recorded(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=2)
+    t.oom_if = {"compile": "full"}
+    t.space = dataclasses.replace(t.space, offload=("none",))
+    rec = t._evaluate_trial(51, "sampled", t.base_recipe.replace(compile="full"))
+    assert rec.outcome == "oom" and rec.phase == "denoise" and not rec.fallbacks
+
+
+def test_resume_restores_exclusions_and_skips_measured_recipes(h100: ProbeResult, tmp_path: Path) -> None:
+    first = run(h100, tmp_path, trials=12)
+    measured = {s.recipe.recipe_hash() for s in first.specs if s.mode == "measure"}
+    second = run(h100, tmp_path, trials=20, resume=True)
+    assert second.exclusions.as_dict() == first.result.exclusions  # type: ignore[attr-defined]
+    confirm_tag = "-a9"  # the final confirmation re-measures the best on purpose
+    again = [s for s in second.specs if s.mode == "measure" and s.recipe.recipe_hash() in measured
+             and s.trial_number < 12 and not s.out_dir.endswith(confirm_tag)]
+    assert not again, "trials of the first run were measured again"
+    assert len(second.result.records) == 20  # type: ignore[attr-defined]
