@@ -83,9 +83,31 @@ def build_components(spec: ModelSpec, width: Width, seed: int = 0, device: str |
         torch.set_default_dtype(previous)
 
 
+def build_vae(spec: ModelSpec, width: Width, seed: int = 0, device: str | torch.device = "cpu") -> Any:
+    """The task's VAE (Wan2.1 z16 or Wan2.2 z48) with seeded random weights, in fp32 as diffusers runs it."""
+    from diffusers import AutoencoderKLWan
+
+    vae_kw: dict[str, Any] = dict(base_dim=width.vae_base, z_dim=spec.vae_z_dim, dim_mult=list(width.vae_mult),
+                                  num_res_blocks=width.vae_res_blocks, temperal_downsample=[False, True, True])
+    if spec.vae_z_dim == 48:  # the Wan2.2 VAE: patchified, residual, 16x spatial compression
+        vae_kw.update(in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                      scale_factor_spatial=16, scale_factor_temporal=4,
+                      decoder_base_dim=256 if width is not TINY else None)
+        # diffusers' defaults are the z16 VAE's statistics; random weights need only the right length.
+        vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed + 1)
+            return AutoencoderKLWan(**vae_kw).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device, dtype: torch.dtype,
            shift: float, tokenizer: Any, park: bool) -> dict[str, Any]:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device(device):
@@ -96,16 +118,8 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
                             eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False)
         text_encoder = _parked(UMT5EncoderModel(t5_cfg).to(dtype).eval(), park)
 
-        vae_kw: dict[str, Any] = dict(base_dim=width.vae_base, z_dim=spec.vae_z_dim, dim_mult=list(width.vae_mult),
-                                      num_res_blocks=width.vae_res_blocks, temperal_downsample=[False, True, True])
-        if spec.vae_z_dim == 48:  # the Wan2.2 VAE: patchified, residual, 16x spatial compression
-            vae_kw.update(in_channels=12, out_channels=12, is_residual=True, patch_size=2,
-                          scale_factor_spatial=16, scale_factor_temporal=4,
-                          decoder_base_dim=256 if width is not TINY else None)
-            # diffusers' defaults are the z16 VAE's statistics; random weights need only the right length.
-            vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-        torch.manual_seed(seed + 1)
-        vae = _parked(AutoencoderKLWan(**vae_kw).to(torch.float32).eval(), park)
+    vae = _parked(build_vae(spec, width, seed, device), park)
+    with torch.device(device):
 
         def transformer(k: int) -> Any:
             torch.manual_seed(seed + 10 + k)
