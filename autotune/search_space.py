@@ -21,6 +21,7 @@ from typing import Any
 from probes.families import sm_number
 from probes.result import ProbeResult, dataclass_from_plain
 from recipes.errors import BadInput, HardwareUnsupported, SchemaError
+from recipes.memory import HEADROOM, host_weights_gib, peak_gib
 from recipes.models import model_spec
 from recipes.recipe import ATTENTION_BACKENDS, CACHES, COMPILE, COMPILE_MODES, OFFLOAD, QUANT, TE_QUANT, Recipe
 
@@ -28,11 +29,6 @@ KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "c
          "cfg_parallel", "fsdp", "lightning", "gpus")
 """Searched recipe fields, in the order trials vary them."""
 
-ACTIVATION_FACTOR = 8.0
-"""Peak activations of one DiT forward ~ this many bf16 hidden states (tokens x dim): the H100 anchor
-measured 34.6 GB peak for one A14B expert at 720p/81f, 28.6 GB of it weights, 6.0 GB over 0.77 GB states."""
-OVERHEAD_GIB = 2.0
-"""CUDA context, cuBLAS/cuDNN workspaces and allocator slack, per GPU."""
 EIGHT_BIT_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
 """Quant values that store block weights in 8 bits (halving the DiT's weight memory)."""
 
@@ -96,22 +92,11 @@ class SearchSpace:
 
 # ------------------------------------------------------------------------------------------- memory
 def memory_estimate_gib(task: str, model: str, *, size: str = "", frames: int = 0, weight_bytes: float = 2.0,
-                        resident_experts: float | None = None, shards: int = 1) -> float:
-    """Rough peak GPU memory of the denoise loop per GPU (GiB): DiT weights + activations + overhead.
-
-    ``weight_bytes`` 2 for bf16, 1 for 8-bit quant; ``resident_experts`` how many experts sit on the GPU
-    at once (all without offload, 1 with model offload, ~0 with group offload); ``shards`` FSDP ways.
-    The text encoder and VAE are not counted: they run before and after the loop and can be offloaded
-    or tiled on their own. The tiny model is a few MB: only the overhead remains.
-    """
-    spec = model_spec(task)
-    if model == "tiny":
-        return OVERHEAD_GIB
-    experts = spec.experts if resident_experts is None else resident_experts
-    weights = spec.params_per_expert * experts * weight_bytes / shards
-    tokens = spec.tokens(size or spec.default_size, frames or spec.default_frames)
-    activations = ACTIVATION_FACTOR * tokens * spec.dim * 2
-    return (weights + activations) / 2**30 + OVERHEAD_GIB
+                        offload: str = "none", shards: int = 1, vae_tiling: bool = True) -> float:
+    """Peak GPU memory per GPU (GiB) over the run's phases (recipes.memory). VAE tiling is assumed by
+    default: it is lossless and the adapter turns it on whenever untiled decode would not fit."""
+    return peak_gib(task, model, size=size, frames=frames, weight_bytes=weight_bytes, offload=offload,
+                    shards=shards, vae_tiling=vae_tiling)
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -252,16 +237,15 @@ def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, 
                   fsdp: tuple[bool, ...], excluded: dict[str, str],
                   notes: list[str]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
     """Offload and FSDP values from the memory estimate against the smallest GPU's memory."""
-    gpu_gib = probe.min_gpu_memory_mib / 1024
+    gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM  # usable: the same margin the adapter plans with
     est = memory_estimate_gib(task, model, size=size, frames=frames)
     fits = est <= gpu_gib
     eight_bit = [q for q in quant if q in EIGHT_BIT_QUANT]
     fits_8bit = bool(eight_bit) and memory_estimate_gib(task, model, size=size, frames=frames, weight_bytes=1) <= gpu_gib
-    notes.append(f"memory estimate: ~{est:.0f} GiB per GPU for {task} ({model}) without offload or sharding; "
-                 f"the smallest GPU has {gpu_gib:.0f} GiB")
+    notes.append(f"memory estimate: ~{est:.0f} GiB per GPU for {task} ({model}) without offload or sharding, "
+                 f"VAE decode tiled; the smallest GPU has {gpu_gib:.0f} GiB usable")
     if model != "tiny" and probe.host.ram_total_mib:
-        weights_gib = memory_estimate_gib(task, model, size=size, frames=frames) - OVERHEAD_GIB
-        if probe.host.ram_total_mib / 1024 < weights_gib:
+        if probe.host.ram_total_mib / 1024 < host_weights_gib(task):
             notes.append(f"host RAM ({probe.host.ram_total_mib / 1024:.0f} GiB) may be too small to hold the weights "
                          "while loading or offloading (some hosts grow RAM on use: measured at probe time)")
     if n >= 2:
@@ -272,33 +256,34 @@ def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, 
         sharded = memory_estimate_gib(task, model, size=size, frames=frames, shards=n)
         if sharded > gpu_gib:
             raise HardwareUnsupported(
-                f"{task} needs ~{sharded:.0f} GiB per GPU even sharded over {n} GPUs; they have {gpu_gib:.0f} GiB",
+                f"{task} needs ~{sharded:.0f} GiB per GPU even sharded over {n} GPUs; they have {gpu_gib:.0f} GiB usable",
                 "use more GPUs, a smaller size or fewer frames")
-        excluded["fsdp=False"] = f"does not fit without sharding: ~{est:.0f} GiB needed, {gpu_gib:.0f} GiB per GPU"
+        excluded["fsdp=False"] = f"does not fit without sharding: ~{est:.0f} GiB needed, {gpu_gib:.0f} GiB usable per GPU"
         notes.append(f"FSDP over {n} GPUs needed: ~{sharded:.0f} GiB per GPU sharded")
         return ("none",), (True,)
     if fits:
         for o in OFFLOAD[1:]:
-            excluded[f"offload={o}"] = f"not needed: ~{est:.0f} GiB fits in {gpu_gib:.0f} GiB (offload only slows down)"
+            excluded[f"offload={o}"] = f"not needed: ~{est:.0f} GiB fits in {gpu_gib:.0f} GiB usable (offload only slows down)"
         return ("none",), fsdp
     offload = []
     if fits_8bit:
         offload.append("none")
         notes.append(f"offload=none fits only with 8-bit weights ({', '.join(eight_bit)}); other trials will OOM")
     else:
-        excluded["offload=none"] = f"does not fit: ~{est:.0f} GiB needed, the GPU has {gpu_gib:.0f} GiB"
-    one_expert = memory_estimate_gib(task, model, size=size, frames=frames, resident_experts=1)
+        excluded["offload=none"] = f"does not fit: ~{est:.0f} GiB needed, the GPU has {gpu_gib:.0f} GiB usable"
+    one_expert = memory_estimate_gib(task, model, size=size, frames=frames, offload="model")
     if one_expert <= gpu_gib:
         offload.append("model")
     else:
         excluded["offload=model"] = (f"model offload keeps one whole expert on the GPU: ~{one_expert:.0f} GiB, "
-                                     f"the GPU has {gpu_gib:.0f} GiB")
-    streamed = memory_estimate_gib(task, model, size=size, frames=frames, resident_experts=0)
+                                     f"the GPU has {gpu_gib:.0f} GiB usable")
+    streamed = memory_estimate_gib(task, model, size=size, frames=frames, offload="group_block")
     if streamed <= gpu_gib:
         offload += ["group_block", "group_leaf"]
     else:
         for o in ("group_block", "group_leaf"):
-            excluded[f"offload={o}"] = f"activations alone need ~{streamed:.0f} GiB; the GPU has {gpu_gib:.0f} GiB"
+            excluded[f"offload={o}"] = (f"streamed weights still need ~{streamed:.0f} GiB (activations, decode); "
+                                        f"the GPU has {gpu_gib:.0f} GiB usable")
     if not offload:
         raise HardwareUnsupported(f"{task} at this size does not fit on this GPU even with offload "
                                   f"(~{streamed:.0f} GiB of activations, {gpu_gib:.0f} GiB GPU)",

@@ -2,8 +2,9 @@
 the disk can hold it.
 
 All inputs are plain numbers (GPU count, per-GPU memory, free bytes), so the probe package, a test or
-a user planning for another machine can feed it. The memory figures are rules of thumb for bf16
-weights; the tuner measures the real peak. Nothing here swaps a task: a machine that cannot run A14B
+a user planning for another machine can feed it. The memory figures come from recipes.memory (the same
+phase-by-phase estimate the tuner plans with, at the task's default size, VAE decode tiled); the tuner
+measures the real peak. Nothing here swaps a task: a machine that cannot run A14B
 gets a suggestion with numbers, and the user decides.
 """
 
@@ -21,17 +22,12 @@ from downloads.listing import RemoteFile, RemoteListing
 from downloads.safety import check_remote_names
 from recipes.errors import DownloadError
 from recipes.manifest import PICKLE_SUFFIXES
+from recipes.memory import HEADROOM, host_weights_gib, peak_gib, weights_gib
 from recipes.models import MODELS
 
 GIB = 1 << 30
 HEADROOM_BYTES = 1 * GIB
 """Kept free beyond the files themselves (metadata, logs, the manifest, a file growing during verify)."""
-TEXT_ENCODER_PARAMS = 5.7e9
-"""UMT5-XXL encoder, shared by every Wan2.2 task."""
-WORKSPACE_GIB = 8.0
-"""Activations, latents and a tiled VAE decode at 720p, on top of the weights (rule of thumb)."""
-BYTES_PER_PARAM = 2
-"""bf16 weights."""
 
 
 def fmt_bytes(n: float) -> str:
@@ -82,32 +78,26 @@ class HardwareAdvice:
     notes: tuple[str, ...] = ()
 
 
-def _weights_gib(task: str) -> tuple[float, float]:
-    """(one expert, text encoder) in GiB of bf16 weights."""
-    spec = MODELS[task]
-    return spec.params_per_expert * BYTES_PER_PARAM / GIB, TEXT_ENCODER_PARAMS * BYTES_PER_PARAM / GIB
-
-
 def _needs(task: str, gpu_count: int) -> dict[str, float]:
-    expert, te = _weights_gib(task)
-    experts = MODELS[task].experts
+    """Per-GPU peak (GiB) at the task's default size with tiled decode, per way of running it."""
+    kw = {"model": "random", "vae_tiling": True}
     return {
-        "resident": experts * expert + te + WORKSPACE_GIB,
-        "fsdp": (experts * expert + te) / max(gpu_count, 1) + WORKSPACE_GIB,
-        "offload": expert + WORKSPACE_GIB,
+        "resident": peak_gib(task, **kw),
+        "fsdp": peak_gib(task, shards=max(gpu_count, 1), **kw),
+        "offload": peak_gib(task, offload="model", **kw),
     }
 
 
 def hardware_advice(task: str, gpu_count: int, gpu_mem_gib: float, host_ram_gib: float = 0.0) -> HardwareAdvice:
     """How ``task`` fits ``gpu_count`` GPUs of ``gpu_mem_gib`` each; the cheapest mode that fits, with notes."""
     spec = MODELS[task]
-    expert, te = _weights_gib(task)
+    expert, _ = weights_gib(task)
     needs = _needs(task, gpu_count)
-    host_need = spec.experts * expert + te
+    host_need = host_weights_gib(task)
     if gpu_count <= 0:
         return HardwareAdvice(task=task, mode="none", need_gib=needs["offload"], gpu_count=0, notes=(
             "no GPU found on this machine: fine when downloading for another one; advice skipped",))
-    have = gpu_mem_gib
+    have = gpu_mem_gib * HEADROOM  # usable: the margin the tuner plans with
     if needs["resident"] <= have:
         return HardwareAdvice(task=task, runnable=True, mode="resident", need_gib=needs["resident"], have_gib=have,
                               gpu_count=gpu_count, notes=(
