@@ -91,6 +91,8 @@ def generate(
     sets: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
     trust_checkpoint: TrustOpt = False,
+    no_adapt: Annotated[bool, typer.Option("--no-adapt", help="plain diffusers even where it will not fit (no VAE "
+                                           "tiling or offload added for this GPU's memory)")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -115,6 +117,8 @@ def generate(
         base = found.recipe
     r = build_recipe(base, model=model, task=task, size=size, frames=frames, steps=steps, seed=seed,
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
+    if not (recipe or best or no_adapt):
+        r = _fit_to_gpu(r, sets or [])
     output = output.expanduser().resolve()
     work = output.parent / f".{output.stem}.wanctl"
     spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
@@ -133,7 +137,8 @@ def generate(
     assert rr is not None
     if json_out:
         out.print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
-                                   "actual": rr.actual, "device": rr.device}))
+                                   "actual": rr.actual, "device": rr.device,
+                                   "peak_mem_gb": rr.peak_mem_bytes / 1e9, "recipe": r.resolved().to_dict()}))
         return
     t = Table(title=f"{rr.video_path}", show_header=True)
     t.add_column("part")
@@ -144,8 +149,26 @@ def generate(
                       ("VAE decode", tm.vae_decode_s), ("process total", tm.total_s)):
         t.add_row(name, f"{val:.3f}")
     out.print(t)
-    out.print(f"frames in video: {rr.video_frames}; device: {rr.device}; ran: "
+    out.print(f"frames in video: {rr.video_frames}; device: {rr.device}; peak memory {rr.peak_mem_bytes / 1e9:.1f} GB; ran: "
               + ", ".join(f"{k}={v}" for k, v in rr.actual.items()))
+
+
+def _fit_to_gpu(r: Recipe, sets: list[str]) -> Recipe:
+    """Plain diffusers plus the least memory plan this GPU needs (said on stderr, never silent); a user's
+    own --set offload/vae_tiling is left as given."""
+    from autotune.adapt import adapt_to_machine
+    from probes.probe import run_probe
+    from recipes.recipe import OFFLOAD
+
+    if r.model == "tiny" or any(s.split("=", 1)[0].strip() in ("offload", "vae_tiling") for s in sets):
+        return r
+    probe = run_probe(with_kernels=False)
+    if not probe.gpu_count:
+        return r
+    adapted, notes = adapt_to_machine(r.resolved(), probe.min_gpu_memory_mib / 1024, r.gpus, OFFLOAD)
+    for n in notes:
+        err.print(f"[yellow]memory plan:[/] {n} (--no-adapt to run without it)")
+    return adapted if notes and adapted != r.resolved() else r
 
 
 class LiveReporter:
