@@ -256,3 +256,14 @@ def test_mixed_gpus_use_the_least_capable_family(tmp_path: Path) -> None:
     assert r.describe() == "1x NVIDIA GeForce RTX 4090 + 1x NVIDIA GeForce RTX 3090"
     assert r.fingerprint().startswith("1xRTX-4090-24GB+1xRTX-3090-24GB_drv570_")
     assert any(n.startswith("mixed GPU models") for n in r.notes)
+
+
+def test_recorded_h100_kernels_agree_with_the_anchors(tmp_path: Path) -> None:
+    """The real H100 recording (tests/fixtures/probe/README.md) says what ../shared/anchors measured:
+    cuDNN and torch's flash SDPA run, FA3 and FA2 packages are absent, fp8 matmul works."""
+    r = probe_machine("h100_sxm_1x", tmp_path)
+    for ok in ("attention:_native_cudnn", "attention:_native_flash", "fp8_scaled_mm", "quant:fp8_rowwise",
+               "quant:int8wo", "compile"):
+        assert r.kernel_ok(ok), (ok, r.kernel_summary(ok))
+    for absent in ("attention:_flash_3", "attention:flash", "quant:te_delayed"):
+        assert not r.kernel_ok(absent) and "absent" in r.kernel_summary(absent)
