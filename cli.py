@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -252,7 +253,7 @@ def tune(
                      objective=objective, storage=storage, study=study, resume=resume,
                      out_dir=str(output.expanduser().resolve()), proxy_size=proxy_size, proxy_frames=proxy_frames,
                      measure_steps=measure_steps, trial_timeout_s=trial_timeout, inject=tuple(inject or ()),
-                     trust_checkpoint=trust_checkpoint)
+                     trust_checkpoint=trust_checkpoint, command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
     err.print("probing this machine (GPUs, libraries, kernels)...")
     probe = run_probe(paths=[cfg.out_dir])
@@ -303,7 +304,8 @@ def _emit(result: object, cfg: object, probe: object, argv: list[str]) -> object
     gate = __import__("autotune.quality_gate", fromlist=["parse_quality"]).parse_quality(cfg.quality).describe()
     fp = probe.fingerprint()
     name = f"{model_tag(recipe.model)}_{fp.split('_')[0]}_{recipe.recipe_hash()[:8]}"
-    versions = {"wanctl": _version(), **{k: v for k, v in vars(probe.software).items() if isinstance(v, str)}}
+    versions = {"wanctl": cfg.wanctl_version or _version(),
+                **{k: v for k, v in vars(probe.software).items() if isinstance(v, str)}}
     notes = list(result.notes) + [n for r in ([chosen] if chosen else []) for n in r.notes]
     meta = RecipeMeta(
         name=name, fingerprint=fp, machine=probe.describe(), speedup=conf.speedup if conf else 1.0,
@@ -315,7 +317,7 @@ def _emit(result: object, cfg: object, probe: object, argv: list[str]) -> object
     inp = ReportInput(
         title=f"wanctl tune: {model_tag(cfg.model)} {cfg.task} {recipe.size} x{recipe.frames} frames, {recipe.steps} steps",
         machine=probe.describe(), fingerprint=fp, versions=versions, study=result.study_name, storage=result.storage,
-        command=["wanctl", *argv[1:]], baseline=result.baseline, records=result.records, best=result.best,
+        command=list(cfg.command) or ["wanctl", *argv[1:]], baseline=result.baseline, records=result.records, best=result.best,
         confirm=result.confirm, recipe=recipe, gate=gate, exclusions=result.exclusions,
         excluded_space=dict(result.space.excluded), notes=notes,
     )
@@ -329,8 +331,20 @@ def _version() -> str:
 
     try:
         return metadata.version("wanctl")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    except metadata.PackageNotFoundError:  # run from a copied tree (offline GPU host): pyproject + commit
+        import tomllib
+
+        root = Path(__file__).resolve().parent
+        try:
+            base = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
+        commit = os.environ.get("WANCTL_COMMIT", "")
+        if not commit:
+            git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, check=False)
+            commit = git.stdout.strip() if git.returncode == 0 else ""
+        return f"{base}+g{commit}" if commit else base
 
 
 @app.command()

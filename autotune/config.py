@@ -54,6 +54,10 @@ class TuneConfig:
     """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2'); see recipes.spec.FAULTS."""
     slower_tolerance: float = 0.0
     """Relative margin under which a trial counts as not slower than the baseline; 0: 3% GPU, 10% CPU."""
+    command: tuple[str, ...] = ()
+    """The command line that started the study (the report's "Reproduce"; a rebuild keeps it)."""
+    wanctl_version: str = ""
+    """wanctl's version when the study started."""
 
     def base_recipe(self) -> Recipe:
         return validate(Recipe(task=self.task, model=self.model, size=self.size, frames=self.frames,

@@ -28,8 +28,9 @@ from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError
 from recipes.models import model_spec, parse_size
 from recipes.recipe import Recipe, validate
-from recipes.records import BASELINE_KEY, CONFIG_KEY, PROBE_KEY, RECORD_KEY, SCREENED_KEY, TrialRecord
+from recipes.records import BASELINE_KEY, CONFIG_KEY, NOTES_KEY, PROBE_KEY, RECORD_KEY, SCREENED_KEY, TrialRecord
 from recipes.spec import RunResult, TrialSpec
+from recipes.units import fmt_seconds
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -134,6 +135,8 @@ class Tuner:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
                                   "and re-queued once")
             self._restore(study)
+        self._attrs[NOTES_KEY] = self.notes  # the same list: later notes land in it, flushed with the rest
+        self._flush_attrs()
         self._loop(study)
         return self._finish(study, name, storage_url)
 
@@ -406,7 +409,7 @@ class Tuner:
         if rec.denoise_pred_s > base_t * (1 + self.tol):
             # Recipe fields, not Optuna parameter names ("fbcache_threshold" is the field cache_threshold).
             diff = list(recipe.diff(self.base_recipe))
-            reason = f"{rec.denoise_pred_s:.3g} s vs baseline {base_t:.3g} s ({speedup:.2f}x)"
+            reason = f"{fmt_seconds(rec.denoise_pred_s)} s vs baseline {fmt_seconds(base_t)} s ({speedup:.2f}x)"
             if len(diff) == 1:
                 knob = diff[0]
                 self.exclusions.exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
@@ -525,6 +528,7 @@ class Tuner:
                 break
             self.notes.append(f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
                               f"{rec.speedup:.2f}x): not emitted")
+        self._flush_attrs()
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
                           confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes)
 
@@ -561,6 +565,7 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
     attrs = study.user_attrs
     cfg_d = dict(attrs.get(CONFIG_KEY, {}))
     cfg_d["inject"] = tuple(cfg_d.get("inject", ()))
+    cfg_d["command"] = tuple(cfg_d.get("command", ()))
     cfg = TuneConfig(**cfg_d)
     probe = ProbeResult.from_json(attrs[PROBE_KEY])
     base = attrs.get(BASELINE_KEY)
@@ -578,7 +583,9 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
                 if cand and (best is None or cand.denoise_pred_s < best.denoise_pred_s):
                     best, confirm = cand, rec
     ex = attrs.get(SCREENED_KEY, {})
-    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus)
+    r0 = cfg.base_recipe().resolved()
+    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames)
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
-                     records=records, best=best, confirm=confirm, exclusions=ex, space=space)
+                     records=records, best=best, confirm=confirm, exclusions=ex, space=space,
+                     notes=list(attrs.get(NOTES_KEY, [])))
     return res, cfg, probe

@@ -18,6 +18,7 @@ BASELINE_KEY = "wanctl_baseline"
 CONFIG_KEY = "wanctl_config"
 PROBE_KEY = "wanctl_probe"
 SCREENED_KEY = "wanctl_screened"
+NOTES_KEY = "wanctl_notes"
 
 
 @dataclass(frozen=True)

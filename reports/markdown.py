@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from recipes.recipe import Recipe
 from recipes.records import TrialRecord
+from recipes.units import fmt_seconds
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ReportInput:
 
 
 def _s(x: float) -> str:
-    return f"{x:.3g}" if x else "-"
+    return fmt_seconds(x) if x else "-"
 
 
 def render(inp: ReportInput) -> str:

@@ -105,7 +105,10 @@ def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
     p = run_cli("report", "--study", summary.study_name, "--storage", str(tuned / "study.journal"),
                 "--out", str(tmp_path / "rep"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "## Trials" in (tmp_path / "rep" / "report.md").read_text()
+    rebuilt = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Trials" in rebuilt
+    # "Reproduce" is the command that made the study, not the rebuild's
+    assert "wanctl tune --model tiny --trials 6" in rebuilt and "wanctl report" not in rebuilt
     assert (tmp_path / "rep" / "recipe.toml").is_file()
 
 
