@@ -8,7 +8,11 @@ heartbeat does that (``RetryHeartbeatStaleTrialCallback``).
 
 from __future__ import annotations
 
+import inspect
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,11 @@ def open_storage(url: str) -> Any:
     if url.startswith(("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+")):
         cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
-        if cb is not None:
-            kwargs["failed_trial_callback"] = cb(max_retry=1)
+        if cb is not None:  # Optuna >= 4.9 names it heartbeat_stale_trial_callback
+            key = ("heartbeat_stale_trial_callback"
+                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                   else "failed_trial_callback")
+            kwargs[key] = cb(max_retry=1)
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except ImportError as exc:
@@ -76,3 +83,51 @@ def recover_stale(study: optuna.Study) -> list[int]:
         log.warning("trial %d was left running by a killed tuner: marked failed%s", t.number,
                     ", re-queued" if t.number in requeued else "")
     return requeued
+
+
+def has_heartbeat(study: optuna.Study) -> bool:
+    """RDB storages (PostgreSQL across hosts, SQLite) carry heartbeats; a journal file does not."""
+    storage = study._storage  # noqa: SLF001 - the study's own storage
+    get = getattr(storage, "get_heartbeat_interval", None)  # BaseHeartbeat's public method
+    return get is not None and get() is not None
+
+
+def recover(study: optuna.Study) -> list[int]:
+    """Resume-time recovery of trials a dead tuner left RUNNING; returns the re-queued trial numbers.
+
+    With heartbeats, only trials whose heartbeat went stale are failed (and re-queued once by the
+    storage's RetryHeartbeatStaleTrialCallback): another live tuner's running trial is left alone. Without
+    (journal), every RUNNING trial is presumed dead, which is why a journal study takes one tuner at a time.
+    """
+    if has_heartbeat(study):
+        optuna.storages.fail_stale_trials(study)
+        return []
+    return recover_stale(study)
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat while it runs (ask/tell gets none from Optuna; optimize() would)."""
+    storage = study._storage  # noqa: SLF001
+    if not has_heartbeat(study):
+        yield
+        return
+    stop = threading.Event()
+    interval = storage.get_heartbeat_interval()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial._trial_id)  # noqa: SLF001
+            except Exception as exc:  # a storage hiccup must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial %d not recorded: %s", trial.number, exc)
+            if stop.wait(interval):
+                return
+
+    t = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=30)

@@ -22,7 +22,7 @@ from autotune.fallbacks import Exclusions, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.search_space import SearchSpace, search_space_for
-from autotune.study import load_or_create, open_storage, recover_stale
+from autotune.study import has_heartbeat, heartbeat, load_or_create, open_storage, recover
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError
@@ -130,7 +130,7 @@ class Tuner:
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
             self._enqueue_plan(study)
         else:
-            requeued = recover_stale(study)
+            requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
                                   "and re-queued once")
@@ -254,13 +254,21 @@ class Tuner:
 
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
+            if has_heartbeat(study):
+                optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
             trial = study.ask()
             role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
                                                           else "sampled")
+            if self.baseline is None and role != "baseline":
+                self._restore(study)  # another tuner on this storage may have measured it meanwhile
             if self.baseline is not None and role == "baseline":
                 role = "sampled"  # a re-queued baseline never runs twice
             recipe = self._suggest(trial)
-            record = self._evaluate_trial(trial.number, role, recipe)
+            if self.baseline is None and role != "baseline":
+                # No baseline anywhere yet (its worker died before recording it): this trial measures it.
+                role, recipe = "baseline", self.base_recipe
+            with heartbeat(study, trial):
+                record = self._evaluate_trial(trial.number, role, recipe)
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)

@@ -192,3 +192,47 @@ def test_resume_restores_exclusions_and_skips_measured_recipes(h100: ProbeResult
              and s.trial_number < 12 and not s.out_dir.endswith(confirm_tag)]
     assert not again, "trials of the first run were measured again"
     assert len(second.result.records) == 20  # type: ignore[attr-defined]
+
+
+def _sqlite(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def test_rdb_resume_leaves_a_live_workers_trial_alone(h100: ProbeResult, tmp_path: Path) -> None:
+    """Across hosts (RDB), a second tuner must not fail the trial another live tuner is running."""
+    import optuna
+
+    from autotune.study import open_storage
+
+    url = _sqlite(tmp_path)
+    first = run(h100, tmp_path / "a", trials=5, storage=url)
+    study = optuna.load_study(study_name=first.study_name(), storage=open_storage(url))
+    live = study.ask()
+    study._storage.record_heartbeat(live._trial_id)  # another tuner's trial, beating now
+    second = run(h100, tmp_path / "b", trials=9, storage=url, resume=True)
+    trials = optuna.load_study(study_name=first.study_name(), storage=open_storage(url)).trials
+    assert trials[live.number].state == optuna.trial.TrialState.RUNNING
+    assert sum(t.state.is_finished() for t in trials) == 9
+    assert not [s for s in second.specs if "base" in s.out_dir]  # the baseline never runs twice
+
+
+def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path: Path) -> None:
+    """The worker that took the baseline trial died before recording it: the next worker measures the
+    baseline (the plain recipe) before anything is compared with it, whatever trial it was handed."""
+    import optuna
+
+    from autotune.study import load_or_create, open_storage
+
+    url = _sqlite(tmp_path)
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
+                     storage=url)
+    dead = SimulatedTuner(cfg, h100)
+    study = load_or_create(open_storage(url), dead.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
+    dead._enqueue_plan(study)
+    taken = study.ask()  # the baseline's trial, never finished
+    assert taken.user_attrs["wanctl_role"] == "baseline"
+    second = run(h100, tmp_path / "b", trials=4, storage=url, resume=True)
+    recs = second.result.records  # type: ignore[attr-defined]
+    base = [r for r in recs if r.role == "baseline"]
+    assert len(base) == 1 and base[0].recipe == second.base_recipe.to_dict()
+    assert second.specs[0].recipe == second.base_recipe and "base" in second.specs[0].out_dir
