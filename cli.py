@@ -136,6 +136,8 @@ def generate(
                           f"see {work / 'stderr.log'}" + (" and rerun with --debug" if not debug else ""))
     rr = res.result
     assert rr is not None
+    for n in rr.notes:
+        err.print(f"[yellow]note:[/] {n}")
     if json_out:
         out.print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
                                    "actual": rr.actual, "device": rr.device,

@@ -9,7 +9,10 @@ heartbeat does that (``RetryHeartbeatStaleTrialCallback``).
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,11 +51,58 @@ def open_storage(url: str) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    repair_torn_tail(path)
+
     try:
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as exc:  # a torn or foreign file surfaces as JSON/Key errors from the replay
         raise StudyError(f"study journal {path} is unreadable: {type(exc).__name__}: {exc}",
                          "move it aside and start a new study, or restore it from a backup") from None
+
+
+def repair_torn_tail(path: Path) -> str:
+    """Cut a torn last record (a tuner killed mid-append, a full disk) off a journal file; keep a backup.
+
+    Optuna's reader skips a partial last line, but its next append lands right after it, on the same line,
+    and that record is then lost too. Under the journal's own lock (a writer mid-append holds it), the
+    tail after the last complete, parseable line is cut, after copying the file to ``PATH.torn-N``.
+    Returns a note ("" when the file was whole).
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return ""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path))
+    if not lock.acquire():
+        return ""
+    try:
+        data = path.read_bytes()
+        keep = len(data)
+        if not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+        while keep > 0:  # the last complete line must parse, or it is torn too (a crash mid-write)
+            start = data.rfind(b"\n", 0, keep - 1) + 1
+            try:
+                json.loads(data[start:keep])
+                break
+            except ValueError:
+                keep = start
+        if keep == len(data):
+            return ""
+        n = 1
+        while path.with_name(f"{path.name}.torn-{n}").exists():
+            n += 1
+        backup = path.with_name(f"{path.name}.torn-{n}")
+        shutil.copy2(path, backup)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+        note = (f"study journal {path}: cut a torn last record ({len(data) - keep} bytes: a writer was killed "
+                f"mid-append); the file as found is kept as {backup.name}")
+        log.warning("%s", note)
+        return note
+    finally:
+        lock.release()
 
 
 def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool) -> optuna.Study:

@@ -22,7 +22,7 @@ from autotune.fallbacks import Exclusions, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.search_space import SearchSpace, search_space_for
-from autotune.study import has_heartbeat, heartbeat, load_or_create, open_storage, recover
+from autotune.study import has_heartbeat, heartbeat, load_or_create, open_storage, recover, repair_torn_tail
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError
@@ -116,6 +116,10 @@ class Tuner:
     def run(self) -> TuneResult:
         self.out.mkdir(parents=True, exist_ok=True)
         storage_url = self.cfg.storage or str(self.out / "study.journal")
+        if "://" not in storage_url or storage_url.startswith("journal://"):
+            torn = repair_torn_tail(Path(storage_url.removeprefix("journal://")).expanduser())
+            if torn:
+                self.notes.append(torn)
         storage = open_storage(storage_url)
         directions = ["minimize", "maximize"] if self.cfg.objective == "pareto" else ["minimize"]
         sampler = (optuna.samplers.NSGAIISampler(seed=self.cfg.sampler_seed) if self.cfg.objective == "pareto"

@@ -84,3 +84,11 @@ def test_oom_reports_where_memory_ran_out(tmp_path: Path, fault: str, step: int,
     res = run_spec(TrialSpec(recipe=Recipe(steps=2), mode="measure", out_dir=str(tmp_path), fault=fault,
                              fault_step=step, write_video=False))
     assert res.outcome == "oom" and res.phase == phase, (res.outcome, res.phase, res.error)
+
+
+def test_over_long_prompt_is_said_to_be_truncated(tmp_path: Path) -> None:
+    res = _run(tmp_path, mode="measure", prompt="a fox in the snow " * 40)  # 720 bytes: 721 tokens here
+    assert res.outcome == "ok"
+    assert any("prompt is 721 tokens: the text encoder reads the first 512" in n for n in res.notes), res.notes
+    short = _run(tmp_path / "s", mode="measure", prompt="a fox")
+    assert not any("tokens" in n for n in short.notes)

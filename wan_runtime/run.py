@@ -127,6 +127,25 @@ def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.dev
                      timings=Timings(total_s=time.perf_counter() - started))
 
 
+TEXT_TOKENS = 512
+"""The Wan pipelines' max_sequence_length: the text encoder reads this many tokens, the rest is dropped."""
+
+
+def _truncation_notes(pipe: Any, recipe: Any) -> list[str]:
+    """diffusers cuts a long prompt silently; the user is told how much of theirs the model never read."""
+    notes = []
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(recipe, name)
+        if not text:
+            continue
+        n = len(pipe.tokenizer(text, add_special_tokens=True).input_ids)
+        if n > TEXT_TOKENS:
+            notes.append(f"{name} is {n} tokens: the text encoder reads the first {TEXT_TOKENS}, the rest is "
+                         "dropped (shorten it to control what is kept)")
+            log.warning("%s", notes[-1])
+    return notes
+
+
 def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: _Phase) -> RunResult:
     recipe = validate(spec.recipe).resolved()
     mspec = model_spec(recipe.task)
@@ -148,6 +167,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     load_s = clock.now() - t0
 
     ctx = KnobContext(pipe=pipe, recipe=recipe, device=device)
+    ctx.notes.extend(_truncation_notes(pipe, recipe))
     if spec.magcache_ratios:
         ctx.extra["magcache_ratios"] = [list(r) for r in spec.magcache_ratios]
     t0 = clock.now()
