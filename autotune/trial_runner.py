@@ -8,6 +8,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -85,8 +86,10 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
         reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
         reader.start()
         timed_out = False
+        reaped = False
         try:
             proc.wait(timeout=timeout_s)
+            reaped = reap_group(proc.pid)
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_group(proc)
@@ -97,7 +100,37 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
             reader.join(timeout=5)
     wall = time.monotonic() - t0
     tail = _tail(stderr_path)
-    return classify(proc.returncode, timed_out, timeout_s, result_path, tail, wall)
+    out = classify(proc.returncode, timed_out, timeout_s, result_path, tail, wall)
+    if reaped:
+        note = "processes of the trial outlived it (e.g. compile workers, a stray rank): killed before the next trial"
+        log.warning("%s", note)
+        out = dataclasses.replace(out, evidence={**out.evidence, "reaped": note})
+    return out
+
+
+def reap_group(pgid: int) -> bool:
+    """Kill whatever is left of a finished trial's process group; True when something was left.
+
+    The next trial must start on free GPUs: a leftover process would hold its CUDA context and memory.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # bounded wait for the kernel to reap the group
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    return True
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -271,11 +271,24 @@ class Tuner:
             if self.baseline is None and role != "baseline":
                 # No baseline anywhere yet (its worker died before recording it): this trial measures it.
                 role, recipe = "baseline", self.base_recipe
-            with heartbeat(study, trial):
-                record = self._evaluate_trial(trial.number, role, recipe)
+            try:
+                with heartbeat(study, trial):
+                    record = self._evaluate_trial(trial.number, role, recipe)
+            except KeyboardInterrupt:
+                self._interrupted(study, trial)
+                raise
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)
+
+    def _interrupted(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,
+        and queue its parameters again so --resume runs it."""
+        trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        if trial.params and "wanctl_requeued" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"wanctl_requeued": trial.number}, skip_if_exists=False)
+        log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
         trial.set_user_attr(RECORD_KEY, rec.to_attr())

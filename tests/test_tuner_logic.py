@@ -236,3 +236,25 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
     base = [r for r in recs if r.role == "baseline"]
     assert len(base) == 1 and base[0].recipe == second.base_recipe.to_dict()
     assert second.specs[0].recipe == second.base_recipe and "base" in second.specs[0].out_dir
+
+
+def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult, tmp_path: Path) -> None:
+    import optuna
+
+    class Interrupted(SimulatedTuner):
+        def _launch(self, spec: TrialSpec) -> TrialOutcome:
+            if spec.trial_number == 2:
+                raise KeyboardInterrupt
+            return super()._launch(spec)
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    t = Interrupted(cfg, h100)
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
+    from autotune.study import open_storage
+
+    trials = optuna.load_study(study_name=t.study_name(), storage=open_storage(str(tmp_path / "study.journal"))).trials
+    assert trials[2].state == optuna.trial.TrialState.FAIL and "wanctl_interrupted" in trials[2].user_attrs
+    assert trials[-1].state == optuna.trial.TrialState.WAITING
+    assert trials[-1].user_attrs["wanctl_requeued"] == 2
+    assert trials[-1].system_attrs["fixed_params"] == trials[2].params  # what --resume will run

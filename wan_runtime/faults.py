@@ -28,6 +28,12 @@ def fire(spec: TrialSpec, step: int) -> None:
     if f == "ignore_sigterm":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         threading.Event().wait()
+    if f == "orphan":  # a child left behind in the trial's process group (a compile worker, a stray rank)
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", spec.out_dir],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return
     if f == "crash":
         sys.stderr.write("RuntimeError: injected crash in the trial process\n")
         sys.stderr.flush()
