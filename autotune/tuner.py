@@ -38,7 +38,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
 FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
 MAGCACHE_K = (1, 2, 3)
-RETENTION = (0.1, 0.2)
+RETENTION = (0.1, 0.2, 0.4)
+MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
+"""(threshold, K, retention) the MagCache authors run on Wan2.2 per task: E006K2R02, E006K2R04, E006K2R01
+(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios are not in
+that folder; wanctl calibrates ratios in-process for the user's model and step count instead."""
 INFEASIBLE_FACTOR = 10.0
 MAX_MEMORY_FALLBACKS = 2
 
@@ -199,6 +203,10 @@ class Tuner:
         if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
             stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
                                        magcache_k=2, cache_retention=0.2, compile=compile_))
+            # The MagCache authors' own Wan2.2 setting for this task, on the plain baseline.
+            threshold, k, retention = MAGCACHE_AUTHORS_WAN22[base.task]
+            stacks.append(base.replace(cache="magcache", cache_threshold=threshold, magcache_k=k,
+                                       cache_retention=retention))
         fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
         if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
             stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))

@@ -258,3 +258,13 @@ def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult
     assert trials[-1].state == optuna.trial.TrialState.WAITING
     assert trials[-1].user_attrs["wanctl_requeued"] == 2
     assert trials[-1].system_attrs["fixed_params"] == trials[2].params  # what --resume will run
+
+
+def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100: ProbeResult,
+                                                                            tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=12)
+    warm = [r.recipe_obj() for r in t.result.records if r.role == "warm_start"]  # type: ignore[attr-defined]
+    caches = {(r.cache, r.cache_threshold, r.magcache_k, r.cache_retention) for r in warm}
+    assert ("magcache", 0.12, 2, 0.2) in caches  # seed 000's E012K2R20
+    assert ("magcache", 0.06, 2, 0.2) in caches  # the authors' ti2v-5B E006K2R02
+    assert any(r.quant == "fp8_rowwise" and r.compile == "regional" for r in warm)  # the anchors' best lossy
