@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from recipes.errors import BadInput, StudyError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60
+SCHEMA_RACE_TRIES = 3
 GRACE_S = 180
 
 
@@ -40,13 +42,20 @@ def open_storage(url: str) -> Any:
                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                    else "failed_trial_callback")
             kwargs[key] = cb(max_retry=1)
-        try:
-            return optuna.storages.RDBStorage(url, **kwargs)
-        except ImportError as exc:
-            raise StudyError(f"storage {url}: driver missing ({exc})", "pip install 'wanctl[postgres]'") from None
-        except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
-            raise StudyError(f"cannot open storage {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                             "check the URL, the server and the credentials") from None
+        for attempt in range(SCHEMA_RACE_TRIES):
+            try:
+                return optuna.storages.RDBStorage(url, **kwargs)
+            except ImportError as exc:
+                raise StudyError(f"storage {url}: driver missing ({exc})", "pip install 'wanctl[postgres]'") from None
+            except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
+                # Tuners started together on an empty database race to create Optuna's tables; the loser
+                # sees a unique violation, and the tables exist by the time it retries.
+                if type(exc).__name__ == "IntegrityError" and attempt + 1 < SCHEMA_RACE_TRIES:
+                    log.info("storage %s: schema created concurrently by another tuner; retrying", url)
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise StudyError(f"cannot open storage {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                                 "check the URL, the server and the credentials") from None
     path = Path(url.removeprefix("journal://")).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -105,15 +114,27 @@ def repair_torn_tail(path: Path) -> str:
         lock.release()
 
 
-def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool) -> optuna.Study:
-    """The study ``name``: created when new; with ``resume`` continued; otherwise an existing one is an error."""
+def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool
+                   ) -> tuple[optuna.Study, bool]:
+    """The study ``name`` and whether this call created it.
+
+    Without ``resume`` an existing study is an error (nothing is mixed by accident). With it, tuners on
+    several hosts may start together: the storage's unique name decides which one creates the study (and
+    enqueues the plan); the others join it.
+    """
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    if name in names:
-        if not resume:
-            raise BadInput(f"study {name!r} already exists in this storage",
-                           "pass --resume to continue it, or --study NEW_NAME to start another")
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    return optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
+    if name in names and not resume:
+        raise BadInput(f"study {name!r} already exists in this storage",
+                       "pass --resume to continue it, or --study NEW_NAME to start another")
+    if name not in names:
+        try:
+            return optuna.create_study(study_name=name, storage=storage, directions=directions,
+                                       sampler=sampler), True
+        except optuna.exceptions.DuplicatedStudyError:
+            if not resume:
+                raise BadInput(f"study {name!r} was just created by another tuner",
+                               "pass --resume to join it, or --study NEW_NAME to start another") from None
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
 
 
 def recover_stale(study: optuna.Study) -> list[int]:

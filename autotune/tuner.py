@@ -25,7 +25,7 @@ from autotune.search_space import SearchSpace, search_space_for
 from autotune.study import has_heartbeat, heartbeat, load_or_create, open_storage, recover, repair_torn_tail
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
-from recipes.errors import NothingFeasible, RecipeError
+from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
 from recipes.recipe import Recipe, validate
 from recipes.records import BASELINE_KEY, CONFIG_KEY, NOTES_KEY, PROBE_KEY, RECORD_KEY, SCREENED_KEY, TrialRecord
@@ -45,6 +45,9 @@ MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4),
 that folder; wanctl calibrates ratios in-process for the user's model and step count instead."""
 INFEASIBLE_FACTOR = 10.0
 MAX_MEMORY_FALLBACKS = 2
+BASELINE_POLL_S = 2.0
+PLAN_WAIT_S = 60.0
+PLAN_KEY = "wanctl_plan_queued"
 
 
 class Reporter(Protocol):
@@ -130,14 +133,15 @@ class Tuner:
                    else optuna.samplers.TPESampler(seed=self.cfg.sampler_seed, multivariate=True, group=True,
                                                    constant_liar=True, n_startup_trials=5))
         name = self.study_name()
-        study = load_or_create(storage, name, directions, sampler, self.cfg.resume)
+        study, created = load_or_create(storage, name, directions, sampler, self.cfg.resume)
         self._study = study
-        fresh = len(study.trials) == 0
-        if fresh:
+        if created:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
             self._enqueue_plan(study)
+            study.set_user_attr(PLAN_KEY, True)
         else:
+            self._await_plan(study)
             requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
@@ -268,6 +272,8 @@ class Tuner:
         while not self._should_stop(study):
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
+            if self.baseline is None:
+                self._await_baseline(study)
             trial = study.ask()
             role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
                                                           else "sampled")
@@ -288,6 +294,38 @@ class Tuner:
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)
+
+    def _await_plan(self, study: optuna.Study) -> None:
+        """A study another tuner created a moment ago: wait until its plan (baseline first) is queued, so
+        this tuner never starts on a sampled trial with no baseline in sight."""
+        deadline = time.monotonic() + PLAN_WAIT_S
+        while time.monotonic() < deadline:
+            attrs = study.user_attrs
+            if attrs.get(PLAN_KEY) or (CONFIG_KEY in attrs and study.trials):  # older studies have no flag
+                return
+            time.sleep(0.2)  # another process is writing the plan
+        raise StudyError(f"study {study.study_name!r} has no plan after {PLAN_WAIT_S:.0f} s: the tuner that "
+                         "created it died while writing it", "start a new study with --study NEW_NAME")
+
+    def _await_baseline(self, study: optuna.Study) -> None:
+        """Another tuner on this storage is measuring the baseline right now: wait for its record rather
+        than measure it twice (or compare against nothing). Gives up when that trial ends without one."""
+        deadline = time.monotonic() + self._timeout()
+        announced = False
+        while self.baseline is None and time.monotonic() < deadline:
+            self._restore(study)
+            if self.baseline is not None:
+                return
+            running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if t.user_attrs.get("wanctl_role") == "baseline"]
+            if not running:
+                return
+            if not announced:
+                self.reporter.message(f"waiting for the baseline (trial {running[0].number}) another tuner is measuring")
+                announced = True
+            if has_heartbeat(study):
+                optuna.storages.fail_stale_trials(study)
+            time.sleep(BASELINE_POLL_S)  # waiting on another host's trial, not on this process
 
     def _interrupted(self, study: optuna.Study, trial: optuna.Trial) -> None:
         """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,

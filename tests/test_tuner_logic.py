@@ -8,6 +8,9 @@ over a realistic search space (the recorded H100 probe) and with timings that ma
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from autotune.trial_runner import TrialOutcome
 from autotune.tuner import Tuner
 from probes.result import ProbeResult
 from recipes.recipe import Recipe
+from recipes.records import RECORD_KEY, TrialRecord
 from recipes.spec import Quality, RunResult, Timings, TrialSpec
 from tests.probe_fakes import probe_machine
 
@@ -64,9 +68,12 @@ class SimulatedTuner(Tuner):
         self.specs: list[TrialSpec] = []
         self.oom_if = oom_if or {}
         self.oom_phase = "denoise"
+        self.trial_s = 0.0  # simulated duration of one trial process (lets concurrent workers interleave)
 
     def _launch(self, spec: TrialSpec) -> TrialOutcome:
         self.specs.append(spec)
+        if self.trial_s:
+            time.sleep(self.trial_s)
         r = spec.recipe
         if self.oom_if and all(getattr(r, k) == v for k, v in self.oom_if.items()):
             res = RunResult(outcome="oom", error="CUDA out of memory (simulated)", phase=self.oom_phase)
@@ -227,10 +234,14 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
                      storage=url)
     dead = SimulatedTuner(cfg, h100)
-    study = load_or_create(open_storage(url), dead.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
+    study, created = load_or_create(open_storage(url), dead.study_name(), ["minimize"],
+                                    optuna.samplers.TPESampler(), False)
+    assert created
+    study.set_user_attr("wanctl_config", cfg.to_dict())
     dead._enqueue_plan(study)
-    taken = study.ask()  # the baseline's trial, never finished
+    taken = study.ask()  # the baseline's trial: its worker died, and the heartbeat check failed it
     assert taken.user_attrs["wanctl_role"] == "baseline"
+    study.tell(taken, state=optuna.trial.TrialState.FAIL)
     second = run(h100, tmp_path / "b", trials=4, storage=url, resume=True)
     recs = second.result.records  # type: ignore[attr-defined]
     base = [r for r in recs if r.role == "baseline"]
@@ -268,3 +279,43 @@ def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100:
     assert ("magcache", 0.12, 2, 0.2) in caches  # seed 000's E012K2R20
     assert ("magcache", 0.06, 2, 0.2) in caches  # the authors' ti2v-5B E006K2R02
     assert any(r.quant == "fp8_rowwise" and r.compile == "regional" for r in warm)  # the anchors' best lossy
+
+
+def _worker(probe: ProbeResult, url: str, out: str, trials: int) -> None:
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=out, storage=url,
+                     resume=True, study="shared")
+    t = SimulatedTuner(cfg, probe)
+    t.trial_s = 0.05
+    t.run()
+    Path(out, "ran.json").write_text(json.dumps(sorted({s.trial_number for s in t.specs})))
+
+
+def test_two_tuners_on_one_postgresql_study_split_the_work(h100: ProbeResult, tmp_path: Path) -> None:
+    """Several hosts, one study (issue: --storage postgresql://...): a real server, two worker processes,
+    each started with --resume (the first creates the study, the other joins); nothing lost or run twice."""
+    import optuna
+
+    from autotune.study import open_storage
+    from tests.pg import find_initdb, postgres_server
+
+    if find_initdb() is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian: apt-get install postgresql)")
+    total = 14
+    with postgres_server() as url:
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_worker, args=(h100, url, str(tmp_path / f"w{i}"), total)) for i in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=240)
+        assert [p.exitcode for p in procs] == [0, 0]
+        trials = optuna.load_study(study_name="shared", storage=open_storage(url)).trials
+    ran = [set(json.loads((tmp_path / f"w{i}" / "ran.json").read_text())) for i in (0, 1)]
+    assert ran[0] and ran[1], "one worker did nothing"
+    finished = {t.number for t in trials if t.state.is_finished()}
+    assert not [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert total <= len(finished) <= total + 1  # each worker may have one trial in flight at the end
+    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in trials if RECORD_KEY in t.user_attrs]
+    assert [r.role for r in records].count("baseline") == 1  # the second worker waited for it
+    planned = [json.dumps(r.recipe, sort_keys=True) for r in records if r.role in ("screen", "warm_start")]
+    assert len(planned) == len(set(planned))  # every planned stack ran once
