@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,13 +39,16 @@ def open_storage(url: str) -> Any:
         cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
         if cb is not None:  # Optuna >= 4.9 names it heartbeat_stale_trial_callback
+            warnings.filterwarnings("ignore", message="RetryHeartbeatStaleTrialCallback is experimental")
             key = ("heartbeat_stale_trial_callback"
                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                    else "failed_trial_callback")
             kwargs[key] = cb(max_retry=1)
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
-                return optuna.storages.RDBStorage(url, **kwargs)
+                with warnings.catch_warnings():  # heartbeat arguments are "experimental" since Optuna 2.8
+                    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, **kwargs)
             except ImportError as exc:
                 raise StudyError(f"storage {url}: driver missing ({exc})", "pip install 'wanctl[postgres]'") from None
             except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,6 +122,14 @@ class Tuner:
         return f"{model_tag(r.model)}_{r.task}_{r.size.replace('*', 'x')}_{r.frames}f_{r.steps}s_{self.probe.fingerprint()}"
 
     def run(self) -> TuneResult:
+        with warnings.catch_warnings():
+            # wanctl records heartbeats itself around ask/tell (autotune.study.heartbeat), which is what
+            # Optuna's warning asks for; fail_stale_trials is marked experimental but is the documented way.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            return self._run()
+
+    def _run(self) -> TuneResult:
         self.out.mkdir(parents=True, exist_ok=True)
         storage_url = self.cfg.storage or str(self.out / "study.journal")
         if "://" not in storage_url or storage_url.startswith("journal://"):
