@@ -39,11 +39,12 @@ def open_storage(url: str) -> Any:
         cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
         if cb is not None:  # Optuna >= 4.9 names it heartbeat_stale_trial_callback
-            warnings.filterwarnings("ignore", message="RetryHeartbeatStaleTrialCallback is experimental")
             key = ("heartbeat_stale_trial_callback"
                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
                    else "failed_trial_callback")
-            kwargs[key] = cb(max_retry=1)
+            with warnings.catch_warnings():  # "experimental" since Optuna 2.8, and the documented way
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                kwargs[key] = cb(max_retry=1)
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
                 with warnings.catch_warnings():  # heartbeat arguments are "experimental" since Optuna 2.8
