@@ -281,28 +281,30 @@ class Tuner:
         while not self._should_stop(study):
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
-            if self.baseline is None:
-                self._await_baseline(study)
             trial = study.ask()
-            role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
-                                                          else "sampled")
-            if self.baseline is None and role != "baseline":
-                self._restore(study)  # another tuner on this storage may have measured it meanwhile
-            if self.baseline is not None and role == "baseline":
-                role = "sampled"  # a re-queued baseline never runs twice
-            recipe = self._suggest(trial)
-            if self.baseline is None and role != "baseline":
-                # No baseline anywhere yet (its worker died before recording it): this trial measures it.
-                role, recipe = "baseline", self.base_recipe
             try:
                 with heartbeat(study, trial):
-                    record = self._evaluate_trial(trial.number, role, recipe)
+                    record = self._run_asked(study, trial)
             except KeyboardInterrupt:
                 self._interrupted(study, trial)
                 raise
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)
+
+    def _run_asked(self, study: optuna.Study, trial: optuna.Trial) -> TrialRecord:
+        role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
+                                                      else "sampled")
+        if self.baseline is None and role != "baseline":
+            # Trials are handed out in order, so the baseline's trial was taken before this one: by another
+            # tuner on this storage, still measuring it (wait), or by one that died (measure it here).
+            self._await_baseline(study)
+        if self.baseline is not None and role == "baseline":
+            role = "sampled"  # a re-queued baseline never runs twice
+        recipe = self._suggest(trial)
+        if self.baseline is None and role != "baseline":
+            role, recipe = "baseline", self.base_recipe
+        return self._evaluate_trial(trial.number, role, recipe)
 
     def _await_plan(self, study: optuna.Study) -> None:
         """A study another tuner created a moment ago: wait until its plan (baseline first) is queued, so

@@ -281,10 +281,26 @@ def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100:
     assert any(r.quant == "fp8_rowwise" and r.compile == "regional" for r in warm)  # the anchors' best lossy
 
 
-def _worker(probe: ProbeResult, url: str, out: str, trials: int) -> None:
+class _Shared(SimulatedTuner):
+    """A worker of the two-host test: the first waits, after its baseline, until the second has begun a
+    trial (an Event, not a timer), so both really share the study whatever the machine's load."""
+
+    def __init__(self, *a: object, first: bool, joined: object, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.first, self.joined = first, joined
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if not self.first:
+            self.joined.set()  # type: ignore[attr-defined]
+        elif self.specs:  # the baseline is done: do not finish the study alone
+            assert self.joined.wait(timeout=120), "the second worker never started a trial"  # type: ignore[attr-defined]
+        return super()._launch(spec)
+
+
+def _worker(probe: ProbeResult, url: str, out: str, trials: int, first: bool, joined: object) -> None:
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=out, storage=url,
                      resume=True, study="shared")
-    t = SimulatedTuner(cfg, probe)
+    t = _Shared(cfg, probe, first=first, joined=joined)
     t.trial_s = 0.05
     t.run()
     Path(out, "ran.json").write_text(json.dumps(sorted({s.trial_number for s in t.specs})))
@@ -303,9 +319,11 @@ def test_two_tuners_on_one_postgresql_study_split_the_work(h100: ProbeResult, tm
     total = 14
     with postgres_server() as url:
         ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=_worker, args=(h100, url, str(tmp_path / f"w{i}"), total)) for i in (0, 1)]
-        for p in procs:
-            p.start()
+        joined = ctx.Event()
+        procs = [ctx.Process(target=_worker, args=(h100, url, str(tmp_path / f"w{i}"), total, i == 0, joined))
+                 for i in (0, 1)]
+        procs[0].start()
+        procs[1].start()
         for p in procs:
             p.join(timeout=240)
         assert [p.exitcode for p in procs] == [0, 0]
