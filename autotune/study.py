@@ -107,7 +107,14 @@ def repair_torn_tail(path: Path) -> str:
         while path.with_name(f"{path.name}.torn-{n}").exists():
             n += 1
         backup = path.with_name(f"{path.name}.torn-{n}")
-        shutil.copy2(path, backup)
+        try:
+            shutil.copy2(path, backup)
+        except OSError as exc:  # e.g. the disk that tore the record is still full: cut nothing unbacked
+            backup.unlink(missing_ok=True)
+            note = (f"study journal {path} ends in a torn record, left as is: no room for a backup "
+                    f"({exc.strerror}); free space before resuming")
+            log.warning("%s", note)
+            return note
         with open(path, "r+b") as f:
             f.truncate(keep)
             os.fsync(f.fileno())

@@ -7,6 +7,7 @@ Flow (each arrow a plain object): probe -> SearchSpace -> Recipe per trial -> Tr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import statistics
 import time
@@ -127,7 +128,15 @@ class Tuner:
             # Optuna's warning asks for; fail_stale_trials is marked experimental but is the documented way.
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            return self._run()
+            try:
+                return self._run()
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                done = self._finished_count()
+                raise StudyError(f"disk full ({exc.strerror}) while writing the study or a trial's files; the "
+                                 f"study keeps the {done} finished trials", f"free space under {self.out} (and the "
+                                 "storage's disk) and run the same command with --resume") from None
 
     def _run(self) -> TuneResult:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -305,6 +314,14 @@ class Tuner:
         if self.baseline is None and role != "baseline":
             role, recipe = "baseline", self.base_recipe
         return self._evaluate_trial(trial.number, role, recipe)
+
+    def _finished_count(self) -> int:
+        if self._study is None:
+            return 0
+        try:
+            return sum(1 for t in self._study.get_trials(deepcopy=False) if t.state.is_finished())
+        except Exception:  # the storage itself may be what failed
+            return 0
 
     def _await_plan(self, study: optuna.Study) -> None:
         """A study another tuner created a moment ago: wait until its plan (baseline first) is queued, so

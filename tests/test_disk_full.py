@@ -1,0 +1,82 @@
+"""A full disk (a real one: a small tmpfs) costs a clear error, never the study or a previous file."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotune.config import TuneConfig
+from autotune.study import open_storage
+from autotune.trial_runner import TrialOutcome
+from probes.result import ProbeResult
+from recipes.errors import StudyError, WanctlError
+from recipes.files import atomic_write_bytes, atomic_write_text
+from recipes.spec import TrialSpec
+from tests.test_tuner_logic import SimulatedTuner, h100  # noqa: F401 - h100 is a fixture
+
+
+@pytest.fixture()
+def small_disk() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="wanctl-full-"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode}): needs root")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True, check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_old_file(small_disk: Path) -> None:
+    report = small_disk / "report.md"
+    atomic_write_text(report, "the previous report")
+    with pytest.raises(WanctlError, match="No space left") as info:
+        atomic_write_bytes(report, b"x" * 2_000_000)
+    assert "free disk space" in info.value.hint
+    assert report.read_text() == "the previous report"
+    assert [p.name for p in small_disk.iterdir()] == ["report.md"]  # no temp file left behind
+
+
+class Filling(SimulatedTuner):
+    """Each trial writes its frames, as the runtime does; on a full disk it fails as the runtime would."""
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        out = Path(spec.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "frames.npy").write_bytes(b"\0" * 60_000)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            return TrialOutcome("crash", f"OSError: [Errno 28] {exc.strerror}", None, 1, "", 0.1)
+        return super()._launch(spec)
+
+
+def test_tune_on_a_filling_disk_stops_cleanly_and_resumes(h100: ProbeResult, small_disk: Path) -> None:  # noqa: F811
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=400, out_dir=str(small_disk))
+    with pytest.raises(StudyError, match="disk full") as info:
+        Filling(cfg, h100).run()
+    assert "--resume" in info.value.hint
+    journal = small_disk / "study.journal"
+    name = Filling(cfg, h100).study_name()
+    shutil.rmtree(small_disk / "trials")  # the user frees space
+    shutil.rmtree(small_disk / "reference", ignore_errors=True)
+    before = [t for t in optuna.load_study(study_name=name, storage=open_storage(str(journal))).trials
+              if t.state.is_finished()]
+    assert len(before) >= 3
+    again = Filling(TuneConfig(**{**cfg.__dict__, "trials": len(before) + 3, "resume": True}), h100)
+    again.run()
+    after = optuna.load_study(study_name=name, storage=open_storage(str(journal))).trials
+    finished = [t for t in after if t.state.is_finished()]
+    assert len(finished) >= len(before) + 3
+    # Everything finished before the disk filled is still there, unchanged.
+    assert [(t.number, t.state, t.values) for t in finished[: len(before)]] == \
+        [(t.number, t.state, t.values) for t in before]
