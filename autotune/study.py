@@ -55,7 +55,8 @@ def open_storage(url: str) -> Any:
             except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
                 # Tuners started together on an empty database race to create Optuna's tables; the loser
                 # sees a unique violation, and the tables exist by the time it retries.
-                if type(exc).__name__ == "IntegrityError" and attempt + 1 < SCHEMA_RACE_TRIES:
+                raced = any(k in str(exc) for k in ("already exists", "duplicate key", "UniqueViolation"))
+                if raced and attempt + 1 < SCHEMA_RACE_TRIES:
                     log.info("storage %s: schema created concurrently by another tuner; retrying", url)
                     time.sleep(0.5 * (attempt + 1))
                     continue

@@ -8,6 +8,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -27,6 +28,9 @@ from recipes.spec import RunResult, TrialSpec
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 30
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+"""libc, loaded once in the tuner: the child must not import anything between fork and exec."""
 KILL_GRACE_S = 5.0
 
 
@@ -82,7 +86,8 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     t0 = time.monotonic()
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env(env), cwd=workdir)
+                                start_new_session=True, env=child_env(env), cwd=workdir,
+                                preexec_fn=_die_with_parent)
         reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
         reader.start()
         timed_out = False
@@ -106,6 +111,22 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
         log.warning("%s", note)
         out = dataclasses.replace(out, evidence={**out.evidence, "reaped": note})
     return out
+
+
+def _die_with_parent() -> None:
+    """In the trial process, before exec: be SIGKILLed when the tuner dies, however it dies.
+
+    The trial runs in its own session (so it can be killed as a group), which also takes it out of the
+    tuner's process group: without this, `kill -9` of `wanctl tune` would leave the trial running and
+    holding its GPU. Linux only (prctl); elsewhere the trial is left to the resume-time recovery.
+    """
+    if _LIBC is None:
+        return
+    # Runs between fork and exec while other tuner threads (heartbeat, progress) may hold locks: no
+    # imports, no allocation-heavy work here, only the already-loaded libc call.
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the tuner died before prctl took effect
+        os._exit(1)
 
 
 def reap_group(pgid: int) -> bool:

@@ -18,6 +18,18 @@ from recipes.serialize import read_recipe
 from tests.conftest import ROOT, run_cli
 
 
+def _cmdlines_with(marker: bytes) -> list[str]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes():
+                    pids.append(d.name)
+            except OSError:
+                continue
+    return pids
+
+
 def _records(storage: Path) -> list[TrialRecord]:
     from autotune.study import open_storage
 
@@ -126,6 +138,12 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     assert spec.exists(), "trial 1 never started"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    # The trial runs in its own session; it must die with the tuner, not keep a GPU busy forever.
+    marker = str(spec).encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _cmdlines_with(marker):
+        time.sleep(0.1)  # polling a condition (the kernel delivering the death signal), bounded
+    assert not _cmdlines_with(marker), "the trial outlived the killed tuner"
     p = run_cli("tune", "--model", "tiny", "--trials", "3", "--out", str(out), "--resume",
                 env={"WANCTL_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
