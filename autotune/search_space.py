@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from probes.families import sm_number
-from probes.result import ProbeResult, dataclass_from_plain
-from recipes.errors import BadInput, HardwareUnsupported, SchemaError
+from probes.result import ProbeResult
+from recipes.errors import BadInput, HardwareUnsupported
 from recipes.memory import HEADROOM, host_weights_gib, peak_gib
 from recipes.models import model_spec
+from recipes.plain import from_plain, load_json_object
 from recipes.recipe import ATTENTION_BACKENDS, CACHES, COMPILE, COMPILE_MODES, OFFLOAD, QUANT, TE_QUANT, Recipe
 
 KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "offload", "ulysses",
@@ -83,11 +84,8 @@ class SearchSpace:
 
     @classmethod
     def from_json(cls, text: str, where: str = "search space") -> SearchSpace:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{where}: malformed JSON ({exc})", "regenerate it from a probe") from None
-        return dataclass_from_plain(cls, data, where)
+        return from_plain(cls, load_json_object(text, where, "regenerate it from a probe"), where,
+                          "regenerate it from a probe")
 
 
 # ------------------------------------------------------------------------------------------- memory

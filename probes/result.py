@@ -13,11 +13,8 @@ import dataclasses
 import hashlib
 import json
 import re
-import types
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from probes.families import NO_GPU, GpuFamily
 from probes.gpu import GpuInfo, GpuLink
@@ -25,9 +22,9 @@ from probes.host import HostInfo
 from probes.kernels import KernelCheck
 from probes.software import ABSENT, SoftwareVersions
 from recipes.errors import SchemaError
+from recipes.plain import from_plain, load_json_object
 
 PROBE_SCHEMA = 1
-T = TypeVar("T")
 
 #: Libraries whose version changes kernel speed or availability: a new one means a new fingerprint,
 #: so an old recipe is not served as "tuned for this machine". Python and optuna do not change speed.
@@ -132,17 +129,12 @@ class ProbeResult:
     @classmethod
     def from_json(cls, text: str, where: str = "probe") -> ProbeResult:
         """Parse a saved probe. Unknown keys, wrong types or a newer schema raise SchemaError (exit 2)."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{where}: malformed JSON ({exc})", "re-run wanctl probe --json") from None
-        if not isinstance(data, dict):
-            raise SchemaError(f"{where}: expected a JSON object", "re-run wanctl probe --json")
+        data = load_json_object(text, where, "re-run wanctl probe --json")
         version = data.get("schema_version", PROBE_SCHEMA)
         if not isinstance(version, int) or isinstance(version, bool) or version > PROBE_SCHEMA:
             raise SchemaError(f"{where}: schema_version {version!r} is newer than this wanctl reads ({PROBE_SCHEMA})",
                               "upgrade wanctl or re-run wanctl probe with this version")
-        return dataclass_from_plain(cls, data, where)
+        return from_plain(cls, data, where, "re-run wanctl probe")
 
 
 def short_model(name: str) -> str:
@@ -160,50 +152,3 @@ def short_model(name: str) -> str:
 def memory_gb(mib: int) -> int:
     """Whole GiB, rounded: 81559 MiB (an 'H100 80GB') -> 80."""
     return round(mib / 1024)
-
-
-# ------------------------------------------------------------------------------------ strict loading
-def dataclass_from_plain(cls: type[T], data: Any, where: str) -> T:
-    """Build ``cls`` (nested dataclasses, tuples, dicts) from parsed JSON; SchemaError on unknown keys or types."""
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where}: expected an object for {cls.__name__}, got {data!r}"[:200], "re-run wanctl probe")
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise SchemaError(f"{where}: unknown key(s) {', '.join(unknown)} in {cls.__name__}",
-                          f"remove them; known keys are: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _value(v, hints[k], f"{where}.{k}") for k, v in data.items()})
-
-
-def _value(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return dataclass_from_plain(hint, value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise SchemaError(f"{where}: expected a list, got {value!r}"[:200], "re-run wanctl probe")
-        item = args[0] if args else Any
-        return tuple(_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SchemaError(f"{where}: expected an object, got {value!r}"[:200], "re-run wanctl probe")
-        return {str(k): _value(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
-    if origin in (types.UnionType, typing.Union):
-        return value
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:
-        ok = True
-    if not ok:
-        raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}"[:200],
-                          "re-run wanctl probe")
-    return value

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +17,7 @@ import tomllib
 
 from recipes.errors import BadInput, SchemaError
 from recipes.files import atomic_write_text
+from recipes.plain import from_plain, load_json_object
 from recipes.recipe import Recipe, validate
 
 RECIPE_SCHEMA = 1
@@ -54,46 +53,8 @@ class RecipeMeta:
     study: str = ""
 
 
-def _from_mapping(cls: type[T], data: dict[str, Any], where: str) -> T:
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise SchemaError(
-            f"{where}: unknown key(s) {', '.join(unknown)}",
-            f"remove them; known keys are: {', '.join(names)}",
-        )
-    hints = typing.get_type_hints(cls)
-    clean: dict[str, Any] = {}
-    for k, v in data.items():
-        clean[k] = _coerce(k, v, hints[k], where)
-    return cls(**clean)
-
-
-def _coerce(name: str, value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise SchemaError(f"{where}: '{name}' must be true or false, got {value!r}", "write true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SchemaError(f"{where}: '{name}' must be an integer, got {value!r}", "write a whole number")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SchemaError(f"{where}: '{name}' must be a number, got {value!r}", "write a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise SchemaError(f"{where}: '{name}' must be a string, got {value!r}", "quote the value")
-        return value
-    if origin in (list, dict, types.UnionType, typing.Union) or hint is Any:
-        return value
-    return value
-
-
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
-    return _from_mapping(Recipe, data, where)
+    return from_plain(Recipe, data, where, "fix the field named above (see 'wanctl recipe --help')")
 
 
 def dumps_recipe(recipe: Recipe, meta: RecipeMeta | None = None) -> str:
@@ -122,8 +83,8 @@ def loads_recipe(text: str, where: str = "recipe") -> tuple[Recipe, RecipeMeta]:
         raise SchemaError(f"{where}: unknown table(s) {', '.join(unknown)}", "only [recipe] and [meta] are allowed")
     if "recipe" not in doc:
         raise SchemaError(f"{where}: no [recipe] table", "add a [recipe] table with the knobs")
-    recipe = validate(_from_mapping(Recipe, doc["recipe"], f"{where} [recipe]"))
-    meta = _from_mapping(RecipeMeta, doc.get("meta", {}), f"{where} [meta]")
+    recipe = validate(recipe_from_dict(doc["recipe"], f"{where} [recipe]"))
+    meta = from_plain(RecipeMeta, doc.get("meta", {}), f"{where} [meta]")
     return recipe, meta
 
 
@@ -145,10 +106,4 @@ def dataclass_to_json(obj: Any) -> str:
 
 
 def dataclass_from_json(cls: type[T], text: str, where: str) -> T:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SchemaError(f"{where}: malformed JSON ({exc})", "the file is truncated or corrupted") from None
-    if not isinstance(data, dict):
-        raise SchemaError(f"{where}: expected a JSON object", "the file is corrupted")
-    return _from_mapping(cls, data, where)
+    return from_plain(cls, load_json_object(text, where, "the file is truncated or corrupted"), where)

@@ -14,8 +14,8 @@ from typing import Any
 
 from recipes.errors import SchemaError
 from recipes.files import atomic_write_text
+from recipes.plain import from_plain, load_json_object
 from recipes.recipe import Recipe
-from recipes.serialize import _from_mapping, recipe_from_dict
 
 SPEC_SCHEMA = 1
 
@@ -71,15 +71,10 @@ class TrialSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str = "spec") -> TrialSpec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{where}: malformed JSON ({exc})", "regenerate the spec") from None
+        data = load_json_object(text, where, "regenerate the spec")
         if data.get("schema_version", SPEC_SCHEMA) > SPEC_SCHEMA:
             raise SchemaError(f"{where}: schema newer than this wanctl", "upgrade wanctl")
-        recipe = recipe_from_dict(data.pop("recipe", {}), f"{where} recipe")
-        spec = _from_mapping(cls, data, where)
-        return dataclasses.replace(spec, recipe=recipe)
+        return from_plain(cls, data, where, "regenerate the spec with this wanctl")
 
     def write(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
@@ -175,16 +170,8 @@ class RunResult:
 
     @classmethod
     def from_json(cls, text: str, where: str = "result") -> RunResult:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{where}: malformed JSON ({exc})", "the trial died while writing it") from None
-        if not isinstance(data, dict):
-            raise SchemaError(f"{where}: expected a JSON object", "the trial wrote garbage")
-        timings = _from_mapping(Timings, data.pop("timings", {}) or {}, f"{where} timings")
-        quality = _from_mapping(Quality, data.pop("quality", {}) or {}, f"{where} quality")
-        res = _from_mapping(cls, data, where)
-        return dataclasses.replace(res, timings=timings, quality=quality)
+        data = load_json_object(text, where, "the trial died while writing it, or wrote garbage")
+        return from_plain(cls, data, where, "the trial process and the tuner are different wanctl versions?")
 
     def write(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())

@@ -75,3 +75,22 @@ def test_lossy_knobs_and_stack_label() -> None:
     r = Recipe(cache="fbcache", attention="sage", compile="regional")
     assert r.lossy_knobs() == ["cache=fbcache", "attention=sage"]
     assert "compile=regional" in r.stack_label() and Recipe().stack_label() == "baseline"
+
+
+def test_one_strict_loader_for_every_document() -> None:
+    """Nested documents (a result with its timings, a spec with its recipe) get the same checks as a recipe."""
+    import json
+
+    from recipes.spec import RunResult, TrialSpec
+
+    good = json.loads(RunResult().to_json())
+    good["timings"]["step_s"] = [1, 2.5]  # JSON integers where floats are expected are fine
+    assert RunResult.from_json(json.dumps(good)).timings.step_s == [1.0, 2.5]
+    bad = json.loads(RunResult().to_json())
+    bad["timings"]["turbo"] = 1
+    with pytest.raises(SchemaError, match=r"result.timings: unknown key\(s\) turbo in Timings"):
+        RunResult.from_json(json.dumps(bad))
+    spec = json.loads(TrialSpec().to_json())
+    spec["recipe"]["frames"] = "81"
+    with pytest.raises(SchemaError, match=r"spec.recipe.frames: expected int, got '81' \('frames' must be an integer\)"):
+        TrialSpec.from_json(json.dumps(spec))
