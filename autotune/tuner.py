@@ -402,6 +402,8 @@ class Tuner:
         if h in self.by_hash:
             prev = self.by_hash[h]
             return dataclasses.replace(prev, number=number, role=role, label=label,
+                                       reason=f"same recipe as trial {prev.number}: not run again"
+                                       + (f" ({prev.reason})" if prev.reason else ""),
                                        notes=notes + [f"same recipe as trial {prev.number}: not run again"])
         if role == "baseline" or self.baseline is None:
             rec = self._run_baseline(number, recipe)
@@ -482,6 +484,7 @@ class Tuner:
     def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str]) -> TrialRecord:
         assert self.baseline is not None
         fallbacks: list[str] = []
+        fallback_fields: set[str] = set()
         attempt = 0
         while True:
             rec = self._measure(number, role, label, recipe, attempt, notes)
@@ -497,6 +500,7 @@ class Tuner:
                              f"{', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
                              f"evidence: {rec.reason[:160]}")
             recipe = validate(recipe.replace(**fb.changes))
+            fallback_fields.update(fb.changes)
             label = recipe.stack_label(self.base_recipe)
             attempt += 1
         rec = dataclasses.replace(rec, fallbacks=fallbacks)
@@ -507,7 +511,9 @@ class Tuner:
         rec = dataclasses.replace(rec, speedup=speedup)
         if rec.denoise_pred_s > base_t * (1 + self.tol):
             # Recipe fields, not Optuna parameter names ("fbcache_threshold" is the field cache_threshold).
-            diff = list(recipe.diff(self.base_recipe))
+            # A memory fallback is not the knob under test: a screen that needed VAE tiling still blames
+            # its attention backend alone.
+            diff = [k for k in recipe.diff(self.base_recipe) if k not in fallback_fields]
             reason = f"{fmt_seconds(rec.denoise_pred_s)} s vs baseline {fmt_seconds(base_t)} s ({speedup:.2f}x)"
             if len(diff) == 1:
                 knob = diff[0]

@@ -337,3 +337,23 @@ def test_two_tuners_on_one_postgresql_study_split_the_work(h100: ProbeResult, tm
     assert [r.role for r in records].count("baseline") == 1  # the second worker waited for it
     planned = [json.dumps(r.recipe, sort_keys=True) for r in records if r.role in ("screen", "warm_start")]
     assert len(planned) == len(set(planned))  # every planned stack ran once
+
+
+def test_screen_that_needed_a_memory_fallback_still_excludes_its_knob(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=1)
+    t.oom_phase = "vae_decode"
+    t.oom_if = {"attention": "_native_efficient", "vae_tiling": False}
+    rec = t._evaluate_trial(7, "screen", t.base_recipe.replace(attention="_native_efficient"))
+    assert rec.fallbacks and rec.recipe["vae_tiling"] is True
+    assert rec.outcome == "slower_than_baseline" and "excluded" in rec.reason
+    assert "_native_efficient" in t.exclusions.as_dict()["attention"]
+
+
+def test_a_repeated_recipe_says_which_trial_it_repeats(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=1)
+    r = t.base_recipe.replace(compile="regional")
+    first = t._evaluate_trial(5, "sampled", r)
+    again = t._evaluate_trial(6, "sampled", r)
+    assert again.number == 6 and again.reason.startswith("same recipe as trial 5: not run again")
+    assert again.denoise_pred_s == first.denoise_pred_s
+    assert sum(1 for s in t.specs if s.trial_number == 6) == 0  # nothing launched for it
