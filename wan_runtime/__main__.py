@@ -34,6 +34,14 @@ def _write(result: RunResult, path: str | None) -> None:
         result.write(path)
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank exits while another still needs it
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING"), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(result_path).write_text('{"outcome": "ok", "timings": {"step_s": [0.1, ')
         return 0
     result = run_spec(spec, stream_progress=_progress)
+    _leave_process_group()
     try:
         _write(result, result_path)
     except WanctlError as exc:

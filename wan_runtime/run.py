@@ -27,6 +27,7 @@ from wan_runtime.build import build_pipeline, load_image
 from wan_runtime.env import device_name, pick_device, versions
 from wan_runtime.knobs import KnobContext, apply_all
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
+from wan_runtime.knobs.distributed import init_from_env, is_rank0
 from wan_runtime.quality import compare
 from wan_runtime.video import count_frames, to_uint8, write_mp4
 
@@ -79,6 +80,7 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
     where = _Phase()
     try:
         device = pick_device()
+        init_from_env(device)  # one rank of several under torchrun (no-op for a single process)
         return _run(spec, device, started, stream_progress, where)
     except torch.OutOfMemoryError as exc:
         return _failed(spec, "oom", exc, device, started, where)
@@ -225,7 +227,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         now = clock.now()
         step_s.append(now - last["t"])
         if counter is not None:
-            forwards.append(counter.count - last["count"])
+            # With CFG parallel each rank computes one of the step's two passes: count what the step did.
+            forwards.append((counter.count - last["count"]) * ctx.extra.get("forwards_per_computed", 1))
             last["count"] = counter.count
         if spec.fault == "slow":
             time.sleep(step_s[-1] * max(spec.fault_arg, 1.0))  # injected slowness, part of the step's cost
@@ -280,7 +283,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     if mismatch and res.outcome == "ok":
         res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
 
-    if spec.mode in ("quality", "generate") and res.outcome == "ok":
+    rank0 = is_rank0()  # every rank ends with the same latent; one writes the files
+    if spec.mode in ("quality", "generate") and res.outcome == "ok" and rank0:
         np.save(out / "latent.npy", latent)
         np.save(out / "frames.npy", frames)
         res = dataclasses.replace(res, latent_path=str(out / "latent.npy"), frames_path=str(out / "frames.npy"))
@@ -288,7 +292,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         ref_f = np.load(spec.reference_frames) if spec.reference_frames else None
         ref_l = np.load(spec.reference_latent) if spec.reference_latent else None
         res = dataclasses.replace(res, quality=compare(frames, ref_f, latent, ref_l))
-    if spec.mode == "generate" and spec.write_video and res.outcome == "ok":
+    if spec.mode == "generate" and spec.write_video and res.outcome == "ok" and rank0:
         video = write_mp4(out / "video.mp4" if not spec.video_path else spec.video_path, frames, mspec.fps)
         got = count_frames(video)
         res = dataclasses.replace(res, video_path=str(video), video_frames=got)
