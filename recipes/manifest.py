@@ -21,6 +21,7 @@ from pathlib import Path
 from recipes.errors import CheckpointError, SchemaError
 from recipes.files import atomic_write_text
 from recipes.models import MODELS, model_spec
+from recipes.plain import load_json_object
 
 MANIFEST_NAME = "wanctl-manifest.json"
 INCOMPLETE_MARKER = ".incomplete"
@@ -87,12 +88,7 @@ class Manifest:
     def from_json(cls, text: str, where: str = MANIFEST_NAME) -> Manifest:
         """Parse a manifest; unknown keys, a newer schema or wrong types are a SchemaError naming ``where``."""
         hint = "delete the manifest and run 'wanctl download' again to re-verify the directory"
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{where} is not valid JSON ({exc})", hint) from None
-        if not isinstance(data, dict):
-            raise SchemaError(f"{where} must hold a JSON object", hint)
+        data = load_json_object(text, where, hint)
         known = {"schema", "artifact", "kind", "task", "source", "repo", "revision", "files"}
         unknown = sorted(set(data) - known)
         if unknown:
