@@ -28,6 +28,7 @@ from recipes.errors import BadInput, StudyError
 
 log = logging.getLogger(__name__)
 
+REQUEUED_KEY = "wanctl_requeued"
 HEARTBEAT_S = 60
 SCHEMA_RACE_TRIES = 3
 GRACE_S = 180
@@ -66,8 +67,6 @@ def open_storage(url: str) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    repair_torn_tail(path)
-
     try:
         return JournalStorage(JournalFileBackend(str(path)))
     except Exception as exc:  # a torn or foreign file surfaces as JSON/Key errors from the replay
@@ -81,7 +80,8 @@ def repair_torn_tail(path: Path) -> str:
     Optuna's reader skips a partial last line, but its next append lands right after it, on the same line,
     and that record is then lost too. Under the journal's own lock (a writer mid-append holds it), the
     tail after the last complete, parseable line is cut, after copying the file to ``PATH.torn-N``.
-    Returns a note ("" when the file was whole).
+    Called by the tuner (the only writer) before it opens the study; readers such as ``wanctl report``
+    leave the file alone (Optuna's reader skips the torn line). Returns a note ("" when the file was whole).
     """
     if not path.is_file() or path.stat().st_size == 0:
         return ""
@@ -150,6 +150,15 @@ def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any,
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
 
 
+def requeue_once(study: optuna.Study, number: int, params: dict[str, Any], user_attrs: dict[str, Any]) -> bool:
+    """Queue a failed trial's parameters again, unless it was itself a re-queue (so a stack that kills its
+    tuner every time is tried twice, not forever). True when queued."""
+    if not params or REQUEUED_KEY in user_attrs:
+        return False
+    study.enqueue_trial(params, user_attrs={REQUEUED_KEY: number}, skip_if_exists=False)
+    return True
+
+
 def recover_stale(study: optuna.Study) -> list[int]:
     """Mark trials left RUNNING by a killed tuner as FAIL; re-queue each one's parameters once.
 
@@ -161,8 +170,7 @@ def recover_stale(study: optuna.Study) -> list[int]:
     for t in stale:
         study._storage.set_trial_user_attr(t._trial_id, "wanctl_stale", "killed tuner; marked failed on resume")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
-        if not t.user_attrs.get("wanctl_requeued") and t.params:
-            study.enqueue_trial(t.params, user_attrs={"wanctl_requeued": t.number}, skip_if_exists=False)
+        if requeue_once(study, t.number, t.params, t.user_attrs):
             requeued.append(t.number)
         log.warning("trial %d was left running by a killed tuner: marked failed%s", t.number,
                     ", re-queued" if t.number in requeued else "")
@@ -215,3 +223,8 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     finally:
         stop.set()
         t.join(timeout=30)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that ended (complete, failed, pruned): what a trial budget counts."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())

@@ -24,7 +24,17 @@ from autotune.fallbacks import Exclusions, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.search_space import SearchSpace, search_space_for
-from autotune.study import has_heartbeat, heartbeat, load_or_create, open_storage, recover, repair_torn_tail
+from autotune.study import (
+    REQUEUED_KEY,
+    finished_trials,
+    has_heartbeat,
+    heartbeat,
+    load_or_create,
+    open_storage,
+    recover,
+    repair_torn_tail,
+    requeue_once,
+)
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
@@ -276,7 +286,7 @@ class Tuner:
         return None if self.cfg.budget_s else 20
 
     def _should_stop(self, study: optuna.Study) -> bool:
-        done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        done = finished_trials(study)
         total = self._total(study)
         if total is not None and done >= total:
             return True
@@ -302,7 +312,7 @@ class Tuner:
             self.reporter.trial_finished(record, best)
 
     def _run_asked(self, study: optuna.Study, trial: optuna.Trial) -> TrialRecord:
-        role = trial.user_attrs.get("wanctl_role") or ("requeued" if "wanctl_requeued" in trial.user_attrs
+        role = trial.user_attrs.get("wanctl_role") or ("requeued" if REQUEUED_KEY in trial.user_attrs
                                                       else "sampled")
         if self.baseline is None and role != "baseline":
             # Trials are handed out in order, so the baseline's trial was taken before this one: by another
@@ -319,7 +329,7 @@ class Tuner:
         if self._study is None:
             return 0
         try:
-            return sum(1 for t in self._study.get_trials(deepcopy=False) if t.state.is_finished())
+            return finished_trials(self._study)
         except Exception:  # the storage itself may be what failed
             return 0
 
@@ -360,8 +370,7 @@ class Tuner:
         and queue its parameters again so --resume runs it."""
         trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if trial.params and "wanctl_requeued" not in trial.user_attrs:
-            study.enqueue_trial(trial.params, user_attrs={"wanctl_requeued": trial.number}, skip_if_exists=False)
+        requeue_once(study, trial.number, trial.params, trial.user_attrs)
         log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:

@@ -44,3 +44,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     e.update(env or {})
     return subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def pids_naming(marker: str | Path) -> list[str]:
+    """PIDs whose command line contains ``marker`` (a trial's folder or spec path): what is left of a trial."""
+    needle = str(marker).encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if needle in (d / "cmdline").read_bytes():
+                    pids.append(d.name)
+            except OSError:
+                continue
+    return pids

@@ -10,6 +10,7 @@ import pytest
 from autotune.trial_runner import run_trial
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
+from tests.conftest import pids_naming
 
 
 def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
@@ -36,30 +37,16 @@ def test_nan_latents_are_detected(tmp_path: Path) -> None:
     assert out.outcome == "nan" and "non-finite" in out.reason
 
 
-def _alive(marker: Path) -> list[str]:
-    """PIDs whose command line names ``marker`` (the trial's folder): what is left of a trial."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(marker).encode() in cmd:
-                pids.append(d.name)
-    return pids
-
-
 def test_processes_left_behind_by_a_finished_trial_are_killed(tmp_path: Path) -> None:
     out = run_trial(_spec(tmp_path, "orphan"), tmp_path, timeout_s=120)
     assert out.outcome == "ok", out.reason
     assert "reaped" in out.evidence
-    assert _alive(tmp_path) == []
+    assert pids_naming(tmp_path) == []
 
 
 @pytest.mark.parametrize("fault", ["hang", "ignore_sigterm"])
 def test_hang_is_killed_with_its_group(tmp_path: Path, fault: str) -> None:
     out = run_trial(_spec(tmp_path, fault), tmp_path, timeout_s=6)
     assert out.outcome == "timeout"
-    assert _alive(tmp_path) == [], "trial processes survived"
+    assert pids_naming(tmp_path) == [], "trial processes survived"
     assert os.path.exists(tmp_path / "spec.json")

@@ -15,19 +15,7 @@ import pytest
 
 from recipes.records import RECORD_KEY, TrialRecord
 from recipes.serialize import read_recipe
-from tests.conftest import ROOT, run_cli
-
-
-def _cmdlines_with(marker: bytes) -> list[str]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes():
-                    pids.append(d.name)
-            except OSError:
-                continue
-    return pids
+from tests.conftest import ROOT, pids_naming, run_cli
 
 
 def _records(storage: Path) -> list[TrialRecord]:
@@ -139,11 +127,10 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     # The trial runs in its own session; it must die with the tuner, not keep a GPU busy forever.
-    marker = str(spec).encode()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _cmdlines_with(marker):
+    while time.monotonic() < deadline and pids_naming(spec):
         time.sleep(0.1)  # polling a condition (the kernel delivering the death signal), bounded
-    assert not _cmdlines_with(marker), "the trial outlived the killed tuner"
+    assert not pids_naming(spec), "the trial outlived the killed tuner"
     p = run_cli("tune", "--model", "tiny", "--trials", "3", "--out", str(out), "--resume",
                 env={"WANCTL_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
