@@ -76,6 +76,28 @@ def bf16_rate() -> float:
     return 2 * n**3 / t
 
 
+def a14b_slice(layers: int) -> torch.nn.Module:
+    """An A14B expert's transformer cut to ``layers`` identical blocks, random bf16 weights, on the GPU."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=layers,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+        ).to(torch.bfloat16).eval()
+
+
+def a14b_inputs(size: str, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latent, text states and timestep of one A14B forward at the workload, fixed seed."""
+    _, f, h, w = model_spec("t2v-A14B").latent_shape(size, frames)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lat = torch.randn(1, 16, f, h, w, device="cuda", dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    return lat, txt, torch.tensor([500.0], device="cuda")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stacks", default="default,cudnn,flash,compile")
@@ -86,31 +108,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()
-    from diffusers import WanTransformer3DModel
-
     spec = model_spec("t2v-A14B")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rate = bf16_rate()
     flops = spec.forward_flops(args.size, args.frames)
     floor = flops / rate
-    _, f, h, w = spec.latent_shape(args.size, args.frames)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    lat = torch.randn(1, 16, f, h, w, device="cuda", dtype=torch.bfloat16, generator=g)
-    txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
-    ts = torch.tensor([500.0], device="cuda")
+    lat, txt, ts = a14b_inputs(args.size, args.frames)
     scale = spec.num_layers / args.layers
     rows, ref = [], None
     for name in args.stacks.split(","):
         row: dict = {"stack": name, "knobs": STACKS[name]}
         try:
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                model = WanTransformer3DModel(
-                    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                    out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=args.layers,
-                    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-                ).to(torch.bfloat16).eval()
+            model = a14b_slice(args.layers)
             recipe = Recipe(model="random", size=args.size, frames=args.frames, **STACKS[name])
             ctx = KnobContext(pipe=SimpleNamespace(transformer=model, transformer_2=None), recipe=recipe,
                               device=torch.device("cuda"))
