@@ -182,6 +182,8 @@ class Tuner:
 
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
+        # Notes of earlier runs of this study stay: this run's notes are appended, never written over them.
+        self.notes[:0] = [n for n in study.user_attrs.get(NOTES_KEY, []) if n not in self.notes]
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])
@@ -232,6 +234,13 @@ class Tuner:
         compile_ = "regional" if "regional" in s.compile else "off"
         tf32 = True in s.tf32
         stacks = []
+        # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
+        # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
+        if compile_ != "off":
+            stacks.append(base.replace(attention=best_att, compile=compile_))
+        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
+            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
         if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
             stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
                                        magcache_k=2, cache_retention=0.2, compile=compile_))
@@ -239,11 +248,6 @@ class Tuner:
             threshold, k, retention = MAGCACHE_AUTHORS_WAN22[base.task]
             stacks.append(base.replace(cache="magcache", cache_threshold=threshold, magcache_k=k,
                                        cache_retention=retention))
-        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
-        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
-            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
-        if compile_ != "off":
-            stacks.append(base.replace(attention=best_att, compile=compile_))
         if "fbcache" in s.cache:
             stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
         if 4 in s.lightning:  # seed 003: Lightning 4-step
@@ -293,8 +297,15 @@ class Tuner:
         if self.cfg.budget_s:
             walls = [r.wall_s for r in self.by_hash.values() if r.wall_s]
             est = statistics.median(walls) if walls else 0.0
-            return time.monotonic() - self.started + est > self.cfg.budget_s
+            # The winner's confirmation run comes after the last trial and belongs inside the budget too.
+            confirm = est if self._unconfirmed_candidate(study) else 0.0
+            return time.monotonic() - self.started + est + confirm > self.cfg.budget_s
         return False
+
+    def _unconfirmed_candidate(self, study: optuna.Study) -> bool:
+        """Whether the study holds a faster, gate-passing trial that has no confirmation run yet."""
+        return any(r.outcome == "ok" and r.gate_passed and r.role != "baseline" and r.speedup > 1.0
+                   and not study.user_attrs.get(confirm_key(r.number)) for r in self.by_hash.values())
 
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
@@ -480,7 +491,13 @@ class Tuner:
     def _reference(self, kind: str) -> None:
         """Baseline outputs at the proxy size, made on first need: 'short' (lossless check), 'full' (lossy)."""
         if kind in self.ref_paths:
-            return
+            if all(Path(p).is_file() for p in self.ref_paths[kind] if p):
+                return
+            # A study resumed on another host (or after its output folder was cleaned) has the record of
+            # the reference but not its files: make them again, same recipe and seed, and say so.
+            self.notes.append(f"the baseline's {kind} reference output was missing ({self.ref_paths[kind][0]}): "
+                              "made again")
+            del self.ref_paths[kind]
         r = self._proxy(self.base_recipe, short=kind == "short")
         out = self._launch(TrialSpec(recipe=r, mode="quality", out_dir=str(self.out / "reference" / kind),
                                      warmup_steps=0, write_video=False, trust_checkpoint=self.cfg.trust_checkpoint))
@@ -631,20 +648,38 @@ class Tuner:
             if h in seen:
                 continue
             seen.add(h)
-            self.reporter.message(f"confirming trial {cand.number} ({cand.label})")
-            rec = self._measure(cand.number, "confirm", cand.label, cand.recipe_obj(), 9, [])
-            base_t = self.baseline.denoise_pred_s
-            rec = dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
-            ok = rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0
-            study.set_user_attr(f"wanctl_confirm_{cand.number}", rec.to_attr())
-            if ok:
+            stored = study.user_attrs.get(confirm_key(cand.number))
+            if stored:  # confirmed by an earlier run of this study (--resume): not measured twice
+                rec = TrialRecord.from_attr(stored)
+            else:
+                self.reporter.message(f"confirming trial {cand.number} ({cand.label})")
+                rec = self._measure(cand.number, "confirm", cand.label, cand.recipe_obj(), 9, [])
+                base_t = self.baseline.denoise_pred_s
+                rec = dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
+                study.set_user_attr(confirm_key(cand.number), rec.to_attr())
+            if confirmed(rec):
                 best, confirm = cand, rec
                 break
-            self.notes.append(f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
-                              f"{rec.speedup:.2f}x): not emitted")
+            note = (f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
+                    f"{rec.speedup:.2f}x): not emitted")
+            if note not in self.notes:
+                self.notes.append(note)
         self._flush_attrs()
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
                           confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes)
+
+
+CONFIRM_PREFIX = "wanctl_confirm_"
+
+
+def confirm_key(number: int) -> str:
+    """Study attribute holding the confirmation run of trial ``number``."""
+    return f"{CONFIRM_PREFIX}{number}"
+
+
+def confirmed(rec: TrialRecord) -> bool:
+    """A confirmation run that lets its recipe be emitted: ran, passed the gate, still faster."""
+    return rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0
 
 
 def _hash(recipe_dict: dict[str, Any]) -> str:
@@ -690,10 +725,10 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
     best = confirm = None
     by_number = {r.number: r for r in records}
     for key, value in sorted(attrs.items()):
-        if key.startswith("wanctl_confirm_"):
+        if key.startswith(CONFIRM_PREFIX):
             rec = TrialRecord.from_attr(value)
-            if rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0:
-                cand = by_number.get(int(key.rsplit("_", 1)[1]))
+            if confirmed(rec):
+                cand = by_number.get(int(key.removeprefix(CONFIRM_PREFIX)))
                 if cand and (best is None or cand.denoise_pred_s < best.denoise_pred_s):
                     best, confirm = cand, rec
     ex = attrs.get(SCREENED_KEY, {})

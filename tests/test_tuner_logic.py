@@ -86,6 +86,10 @@ class SimulatedTuner(Tuner):
         timings = Timings(load_s=5.0, text_encode_s=0.5, step_s=[t] * n, warmup_s=3.0 if r.compile != "off" else 0,
                           step_median_s=t, denoise_s=t * n, denoise_pred_s=t * r.steps, vae_decode_s=1.0)
         q = quality(r) if spec.mode == "quality" and spec.reference_frames else Quality()
+        if spec.mode == "quality":  # the outputs a reference is made of, as the runtime writes them
+            Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+            for name in ("frames.npy", "latent.pt"):
+                Path(spec.out_dir, name).touch()
         res = RunResult(outcome="ok", device="cuda:0", timings=timings, steps_total=r.steps, steps_run=n,
                         step_forwards=forwards if r.cache != "none" else [], quality=q,
                         frames_path=str(Path(spec.out_dir) / "frames.npy"),
@@ -357,3 +361,51 @@ def test_a_repeated_recipe_says_which_trial_it_repeats(h100: ProbeResult, tmp_pa
     assert again.number == 6 and again.reason.startswith("same recipe as trial 5: not run again")
     assert again.denoise_pred_s == first.denoise_pred_s
     assert sum(1 for s in t.specs if s.trial_number == 6) == 0  # nothing launched for it
+
+
+def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResult, tmp_path: Path) -> None:
+    import optuna
+
+    from autotune.study import open_storage
+    from recipes.records import NOTES_KEY
+
+    first = run(h100, tmp_path, trials=12)
+    best = first.result.best  # type: ignore[attr-defined]
+    assert best is not None and first.result.confirm is not None  # type: ignore[attr-defined]
+    study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
+    study.set_user_attr(NOTES_KEY, [*study.user_attrs.get(NOTES_KEY, []), "a note of the first run"])
+    second = run(h100, tmp_path, trials=12, resume=True)
+    assert not [s for s in second.specs if s.out_dir.endswith("-a9")], "a confirmed trial was confirmed again"
+    assert second.result.best.number == best.number  # type: ignore[attr-defined]
+    assert "a note of the first run" in second.result.notes  # type: ignore[attr-defined]
+    study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
+    assert "a note of the first run" in study.user_attrs[NOTES_KEY]
+
+
+def test_budget_leaves_room_for_the_confirmation_run(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=6)
+    study = t._study
+    assert study is not None
+    t.cfg = dataclasses.replace(t.cfg, trials=0, budget_s=10.0)
+    est = 2.0  # every simulated trial process takes 2.0 s (SimulatedTuner._launch)
+    t.started = time.monotonic() - (10.0 - est - 0.5)  # room for one more trial, not for a trial and a confirmation
+    assert not t._unconfirmed_candidate(study)  # the first run confirmed its best
+    assert not t._should_stop(study)
+    # Forget the confirmations (Optuna keeps attribute keys; an empty value reads as "not confirmed").
+    for k in [k for k in study.user_attrs if k.startswith("wanctl_confirm_")]:
+        study.set_user_attr(k, None)
+    assert t._unconfirmed_candidate(study)
+    assert t._should_stop(study)
+
+
+def test_resume_on_another_host_makes_missing_references_again(h100: ProbeResult, tmp_path: Path) -> None:
+    import shutil
+
+    first = run(h100, tmp_path, trials=8)
+    made = [s for s in first.specs if "reference" in s.out_dir]
+    assert made and len(made) == len({s.out_dir for s in made})  # each reference made once while present
+    shutil.rmtree(tmp_path / "reference")
+    second = run(h100, tmp_path, trials=12, resume=True)
+    again = [s for s in second.specs if "reference" in s.out_dir]
+    assert again and len(again) == len({s.out_dir for s in again}) <= 2
+    assert any("reference output was missing" in n for n in second.result.notes)  # type: ignore[attr-defined]
