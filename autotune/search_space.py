@@ -21,7 +21,7 @@ from typing import Any
 from probes.families import sm_number
 from probes.result import ProbeResult
 from recipes.errors import BadInput, HardwareUnsupported
-from recipes.memory import HEADROOM, host_weights_gib, peak_gib
+from recipes.memory import HEADROOM, attention_scores_gib, host_weights_gib, peak_gib
 from recipes.models import model_spec
 from recipes.plain import from_plain, load_json_object
 from recipes.recipe import ATTENTION_BACKENDS, CACHES, COMPILE, COMPILE_MODES, OFFLOAD, QUANT, TE_QUANT, Recipe
@@ -159,6 +159,8 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     if not attention:
         raise HardwareUnsupported("no attention backend passed the kernel check on this machine",
                                   "run 'wanctl probe' and read the kernel-check errors")
+    if on_gpu and model != "tiny":
+        attention = _drop_score_materializing(probe, task, model, size, frames, attention, excluded)
     if on_gpu and probe.kernels and not probe.kernel_device.startswith("cuda"):
         notes.append("kernel checks ran on the CPU although this machine has GPUs: GPU kernels are unverified")
 
@@ -229,6 +231,26 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
         cfg_parallel=(False, True) if multi else (False,), fsdp=fsdp, lightning=lightning, gpus=(n,),
         excluded=excluded, notes=tuple(notes),
     )
+
+
+def _drop_score_materializing(probe: ProbeResult, task: str, model: str, size: str, frames: int,
+                              attention: list[str], excluded: dict[str, str]) -> list[str]:
+    """Backends whose score matrix alone cannot fit are priced out before a trial is spent finding the OOM
+    (at 720p A14B one such trial costs about as long as the baseline and asks for 852 GiB)."""
+    gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM
+    resident = memory_estimate_gib(task, model, size=size, frames=frames)
+    spec = model_spec(task)
+    where = f"{size or spec.default_size} x{frames or spec.default_frames} frames"
+    keep = []
+    for backend in attention:
+        scores = attention_scores_gib(task, backend, size=size, frames=frames)
+        if scores and resident + scores > gpu_gib:
+            excluded[f"attention={backend}"] = (
+                f"materializes the fp32 attention scores: ~{scores:.0f} GiB per call at {where} on top of "
+                f"~{resident:.0f} GiB, the GPU has {gpu_gib:.0f} GiB usable")
+        else:
+            keep.append(backend)
+    return keep or attention
 
 
 def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, frames: int, quant: list[str],

@@ -91,3 +91,19 @@ def host_weights_gib(task: str) -> float:
     """Host RAM that offload parks the model in (all experts and the text encoder, bf16)."""
     expert, text = weights_gib(task)
     return model_spec(task).experts * expert + text
+
+
+SCORE_MATERIALIZING = ("_native_math", "flex")
+"""Attention backends that hold the whole fp32 score matrix (heads x tokens x tokens) at once when run
+eagerly. Measured on H100 at A14B 1280*720x81 (75,600 tokens, 40 heads): both OOM asking for 851.66 GiB
+in one allocation, exactly 40 x 75,600^2 x 4 bytes (tune at commit 6c90de2, trials 4 and 5)."""
+
+
+def attention_scores_gib(task: str, backend: str, *, size: str = "", frames: int = 0) -> float:
+    """The single allocation a score-materializing backend makes in each attention call (0 for the
+    fused kernels, whose memory is linear in the sequence): prices such a trial before it is run."""
+    if backend not in SCORE_MATERIALIZING:
+        return 0.0
+    spec = model_spec(task)
+    n = spec.tokens(size or spec.default_size, frames or spec.default_frames)
+    return spec.num_heads * n * n * 4 / GIB

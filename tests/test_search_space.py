@@ -35,8 +35,8 @@ def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     assert s.gpus == (8,)
     assert s.ulysses == (1, 2, 4, 8)
     assert s.cfg_parallel == (False, True) and s.fsdp == (False, True)
-    assert s.attention == ("native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math", "flex",
-                           "sage", "flash", "_flash_3")
+    # At 720p x81 the two score-materializing backends are priced out (their scores alone are 852 GiB).
+    assert s.attention == ("native", "_native_cudnn", "_native_flash", "_native_efficient", "sage", "flash", "_flash_3")
     assert s.quant == ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
     assert s.tf32 == (False, True)
     assert s.compile == ("off", "regional", "full")
@@ -45,6 +45,24 @@ def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     assert s.excluded["offload=model"].startswith("CPU offload runs one GPU")
     assert s.cache == ("none", "magcache", "fbcache") and "cache=teacache" in s.excluded
     assert s.lightning == (0,)
+
+
+def test_score_materializing_attention_priced_by_workload(probes: dict[str, ProbeResult]) -> None:
+    big = space(probes, "h100_sxm_1x")
+    for backend in ("_native_math", "flex"):
+        assert backend not in big.attention
+        why = big.excluded[f"attention={backend}"]
+        # 40 heads x 75,600^2 fp32: the allocation the H100 run's OOM reported (851.66 GiB).
+        assert why.startswith("materializes the fp32 attention scores: ~852 GiB per call at 1280*720 x81 frames")
+    # A short 480p clip has ~9 GiB of scores: on top of both resident experts (~69 GiB) that still does not
+    # fit 80 GB, but it fits an H200, where they are measured, not assumed.
+    tight = space(probes, "h100_sxm_1x", size="832*480", frames=17)
+    assert "~9 GiB per call at 832*480 x17 frames on top of ~69 GiB" in tight.excluded["attention=flex"]
+    roomy = space(probes, "h200_8x", size="832*480", frames=17, gpus=1)
+    assert {"_native_math", "flex"} <= set(roomy.attention)
+    assert "attention=_native_math" not in roomy.excluded
+    # The tiny model's scores are kilobytes: never priced out.
+    assert "_native_math" in space(probes, "h100_sxm_1x", model="tiny").attention
 
 
 def test_1x_h100_recorded(probes: dict[str, ProbeResult]) -> None:

@@ -409,3 +409,16 @@ def test_resume_on_another_host_makes_missing_references_again(h100: ProbeResult
     again = [s for s in second.specs if "reference" in s.out_dir]
     assert again and len(again) == len({s.out_dir for s in again}) <= 2
     assert any("reference output was missing" in n for n in second.result.notes)  # type: ignore[attr-defined]
+
+
+def test_kernels_that_rarely_win_are_screened_after_the_warm_starts(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=12)
+    order = [(r.role, r.recipe["attention"]) for r in sorted(t.result.records, key=lambda r: r.number)]  # type: ignore[attr-defined]
+    roles = [role for role, _ in order]
+    assert roles[0] == "baseline"
+    first_warm = roles.index("warm_start")
+    early = [att for role, att in order[:first_warm] if role == "screen"]
+    assert early == [a for a in ("_native_cudnn", "_native_flash") if a in t.space.attention]
+    late = [att for role, att in order[first_warm:] if role == "screen"]
+    assert late and set(late) <= {"_native_efficient", "_native_math", "flex"}
+    assert all(role == "warm_start" for role in roles[first_warm:roles.index("screen", first_warm)])
