@@ -142,6 +142,12 @@ def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult,
     assert ok and res.best is not None and res.confirm is not None
     assert res.best.denoise_pred_s == min(r.denoise_pred_s for r in ok)
     assert res.best.denoise_pred_s < res.baseline.denoise_pred_s
+    # The confirmation re-measures speed only, in one fresh process; the gate result is the trial's.
+    conf_specs = [s for s in t.specs if s.out_dir.endswith("-a9") or "-a9q" in s.out_dir]
+    assert [s.mode for s in conf_specs] == ["measure"] and conf_specs[0].trial_number == res.best.number
+    assert res.confirm.gate_passed and res.confirm.psnr_min_db == res.best.psnr_min_db
+    assert res.confirm.gate_reason.endswith(f"(gated in trial {res.best.number})")
+    assert res.confirm.computed_fraction == res.best.computed_fraction
 
 
 def test_gate_tiers_use_the_right_reference(h100: ProbeResult, tmp_path: Path) -> None:
