@@ -125,6 +125,7 @@ class Tuner:
         self.ref_paths: dict[str, tuple[str, str]] = {}
         self.magcache_ratios: list[list[float]] = []
         self.by_hash: dict[str, TrialRecord] = {}
+        self.trial_costs: list[float] = []  # seconds each trial of this run took, all its processes
         self.started = time.monotonic()
         self._attrs: dict[str, Any] = {}
         self._study: optuna.Study | None = None
@@ -302,35 +303,40 @@ class Tuner:
         if total is not None and done >= total:
             return True
         if self.cfg.budget_s:
-            walls = [r.wall_s for r in self.by_hash.values() if r.wall_s]
-            est = statistics.median(walls) if walls else 0.0
-            # The winner's confirmation run comes after the last trial and belongs inside the budget too.
-            confirm = est if self._unconfirmed_candidate(study) else 0.0
+            # A trial costs its speed run, its quality run and any fallback: the whole of it, as timed in
+            # this run (a resumed run has no timings yet: its records' speed runs are a lower bound).
+            costs = self.trial_costs or [r.wall_s for r in self.by_hash.values() if r.wall_s]
+            est = statistics.median(costs) if costs else 0.0
+            # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
+            pending = self._unconfirmed_candidate(study)
+            confirm = pending.wall_s if pending else 0.0
             return time.monotonic() - self.started + est + confirm > self.cfg.budget_s
         return False
 
-    def _unconfirmed_candidate(self, study: optuna.Study) -> bool:
-        """Whether finishing now would need a confirmation run: walks the candidates as ``_finish`` does,
-        past those whose stored confirmation failed, to the first that holds or lacks one."""
+    def _unconfirmed_candidate(self, study: optuna.Study) -> TrialRecord | None:
+        """The candidate finishing now would have to confirm, if any: walks the candidates as ``_finish``
+        does, past those whose stored confirmation failed, to the first that holds or lacks one."""
         for r in ranked(self.by_hash.values())[:3]:
             stored = study.user_attrs.get(confirm_key(r.number))
             if not stored:
-                return True
+                return r
             if confirmed(TrialRecord.from_attr(stored)):
-                return False
-        return False
+                return None
+        return None
 
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
             trial = study.ask()
+            began = time.monotonic()
             try:
                 with heartbeat(study, trial):
                     record = self._run_asked(study, trial)
             except KeyboardInterrupt:
                 self._interrupted(study, trial)
                 raise
+            self.trial_costs.append(time.monotonic() - began)
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)

@@ -393,15 +393,20 @@ def test_budget_leaves_room_for_the_confirmation_run(h100: ProbeResult, tmp_path
     study = t._study
     assert study is not None
     t.cfg = dataclasses.replace(t.cfg, trials=0, budget_s=10.0)
-    est = 2.0  # every simulated trial process takes 2.0 s (SimulatedTuner._launch)
-    t.started = time.monotonic() - (10.0 - est - 0.5)  # room for one more trial, not for a trial and a confirmation
-    assert not t._unconfirmed_candidate(study)  # the first run confirmed its best
+    # A trial of this run took 4 s in all (speed + quality process); a confirmation is one speed run, the
+    # candidate's own 2.0 s (SimulatedTuner._launch), not the median trial.
+    t.trial_costs = [4.0, 4.0, 3.0]
+    t.started = time.monotonic() - 5.0  # 5 + 4 fits in 10 s; 5 + 4 + 2 does not
+    assert t._unconfirmed_candidate(study) is None  # the first run confirmed its best
     assert not t._should_stop(study)
     # Forget the confirmations (Optuna keeps attribute keys; an empty value reads as "not confirmed").
     for k in [k for k in study.user_attrs if k.startswith("wanctl_confirm_")]:
         study.set_user_attr(k, None)
-    assert t._unconfirmed_candidate(study)
+    pending = t._unconfirmed_candidate(study)
+    assert pending is not None and pending.number == t.result.best.number  # type: ignore[attr-defined]
     assert t._should_stop(study)
+    t.started = time.monotonic() - 3.5  # 3.5 + 4 + 2 fits: the reserve is one speed run, not a whole trial
+    assert not t._should_stop(study)
 
 
 def test_resume_on_another_host_makes_missing_references_again(h100: ProbeResult, tmp_path: Path) -> None:
