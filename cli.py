@@ -321,7 +321,7 @@ def _emit(result: object, cfg: object, probe: object, argv: list[str]) -> object
         machine=probe.describe(), fingerprint=fp, versions=versions, study=result.study_name, storage=result.storage,
         command=list(cfg.command) or ["wanctl", *argv[1:]], baseline=result.baseline, records=result.records, best=result.best,
         confirm=result.confirm, recipe=recipe, gate=gate, exclusions=result.exclusions,
-        excluded_space=dict(result.space.excluded), notes=notes,
+        excluded_space=dict(result.space.excluded), notes=notes, runs=result.runs,
     )
     paths = write_outputs(Path(cfg.out_dir), inp, recipe, meta, probe.to_json(), cfg.to_dict(), _version())
     save_to_store(recipe, meta)

@@ -41,7 +41,16 @@ from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
 from recipes.recipe import Recipe, validate
-from recipes.records import BASELINE_KEY, CONFIG_KEY, NOTES_KEY, PROBE_KEY, RECORD_KEY, SCREENED_KEY, TrialRecord
+from recipes.records import (
+    BASELINE_KEY,
+    CONFIG_KEY,
+    NOTES_KEY,
+    PROBE_KEY,
+    RECORD_KEY,
+    RUNS_KEY,
+    SCREENED_KEY,
+    TrialRecord,
+)
 from recipes.spec import RunResult, TrialSpec
 from recipes.units import fmt_seconds
 
@@ -100,6 +109,8 @@ class TuneResult:
     exclusions: dict[str, dict[str, str]]
     space: SearchSpace
     notes: list[str] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    """Each ``wanctl tune`` run of the study, first to last (command line and wanctl version)."""
 
 
 class Tuner:
@@ -180,6 +191,8 @@ class Tuner:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
                                   "and re-queued once")
             self._restore(study)
+        this_run = {"command": list(self.cfg.command), "wanctl": self.cfg.wanctl_version}
+        study.set_user_attr(RUNS_KEY, [*study.user_attrs.get(RUNS_KEY, []), this_run])
         self._attrs[NOTES_KEY] = self.notes  # the same list: later notes land in it, flushed with the rest
         self._flush_attrs()
         self._loop(study)
@@ -703,10 +716,20 @@ class Tuner:
                 self.notes.append(note)
         self._flush_attrs()
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
-                          confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes)
+                          confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes,
+                          runs=study_runs(study.user_attrs))
 
 
 CONFIRM_PREFIX = "wanctl_confirm_"
+
+
+def study_runs(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's runs; a study from before runs were recorded has only its creating command."""
+    runs = list(attrs.get(RUNS_KEY, []))
+    if not runs and attrs.get(CONFIG_KEY, {}).get("command"):
+        cfg = attrs[CONFIG_KEY]
+        runs = [{"command": list(cfg["command"]), "wanctl": cfg.get("wanctl_version", "")}]
+    return runs
 
 
 def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -779,5 +802,5 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
     space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames)
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
                      records=records, best=best, confirm=confirm, exclusions=ex, space=space,
-                     notes=list(attrs.get(NOTES_KEY, [])))
+                     notes=list(attrs.get(NOTES_KEY, [])), runs=study_runs(attrs))
     return res, cfg, probe

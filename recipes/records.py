@@ -19,6 +19,8 @@ CONFIG_KEY = "wanctl_config"
 PROBE_KEY = "wanctl_probe"
 SCREENED_KEY = "wanctl_screened"
 NOTES_KEY = "wanctl_notes"
+RUNS_KEY = "wanctl_runs"
+"""Every tune run of a study, in order ({"command": [...], "wanctl": version}): a resumed study says how it was made."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from recipes.recipe import Recipe
 from recipes.records import TrialRecord
@@ -35,6 +36,8 @@ class ReportInput:
     excluded_space: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plot: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    """Every tune run of the study, first to last: a study built over several resumed runs says so."""
 
 
 def _s(x: float) -> str:
@@ -91,6 +94,15 @@ def render(inp: ReportInput) -> str:
     lines += [f"- `{k}`: {v}" for k, v in sorted(inp.excluded_space.items())] or ["- nothing"]
     if inp.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in inp.notes]
-    lines += ["", "## Reproduce", "", "```bash", " ".join(shlex.quote(c) for c in inp.command), "```", "",
-              "Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
+    lines += ["", "## Reproduce", ""]
+    if len(inp.runs) > 1:
+        lines += [f"The study was built by {len(inp.runs)} runs of `wanctl tune`, in this order "
+                  "(each after the previous one stopped):", ""]
+        for i, run in enumerate(inp.runs, 1):
+            ver = f" (wanctl {run['wanctl']})" if run.get("wanctl") else ""
+            lines.append(f"{i}. `{' '.join(shlex.quote(c) for c in run.get('command', []))}`{ver}")
+        lines.append("")
+    else:
+        lines += ["```bash", " ".join(shlex.quote(c) for c in inp.command), "```", ""]
+    lines += ["Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
     return "\n".join(lines)
