@@ -55,8 +55,10 @@ def open_storage(url: str) -> Any:
                 raise StudyError(f"storage {url}: driver missing ({exc})", "pip install 'wanctl[postgres]'") from None
             except Exception as exc:  # sqlalchemy raises many types for a bad URL or an unreachable server
                 # Tuners started together on an empty database race to create Optuna's tables; the loser
-                # sees a unique violation, and the tables exist by the time it retries.
-                raced = any(k in str(exc) for k in ("already exists", "duplicate key", "UniqueViolation"))
+                # sees a unique violation (SQLite: on alembic_version, or the file still locked by the
+                # winner), and the tables exist by the time it retries.
+                raced = any(k in str(exc) for k in ("already exists", "duplicate key", "UniqueViolation",
+                                                    "UNIQUE constraint failed", "database is locked"))
                 if raced and attempt + 1 < SCHEMA_RACE_TRIES:
                     log.info("storage %s: schema created concurrently by another tuner; retrying", url)
                     time.sleep(0.5 * (attempt + 1))
@@ -72,6 +74,29 @@ def open_storage(url: str) -> Any:
     except Exception as exc:  # a torn or foreign file surfaces as JSON/Key errors from the replay
         raise StudyError(f"study journal {path} is unreadable: {type(exc).__name__}: {exc}",
                          "move it aside and start a new study, or restore it from a backup") from None
+
+
+@contextmanager
+def ask_lock(url: str) -> Iterator[None]:
+    """Hold while taking a trial from a SQLite study shared by several tuners on this host.
+
+    SQLite has no row locks (Optuna's SELECT ... FOR UPDATE is a no-op there), so two tuners could both
+    pop the same queued trial, measure it twice, and the second would die telling a finished trial
+    (measured: two tuners on one file, 1 run in 8). A lock file next to the database makes taking a trial
+    one step at a time; PostgreSQL locks the row itself, and a journal study takes one tuner at a time.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(url.removeprefix("sqlite:///"))
+    with open(db.with_name(db.name + ".ask.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def repair_torn_tail(path: Path) -> str:

@@ -12,11 +12,13 @@ import ctypes
 import dataclasses
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 """libc, loaded once in the tuner: the child must not import anything between fork and exec."""
 KILL_GRACE_S = 5.0
+TOKEN_VAR = "WANCTL_TRIAL_TOKEN"
+"""Set in each trial's environment, inherited by everything it starts: how its processes are found again.
+torchrun starts every rank in a session of its own, so a rank escapes the trial's process-group kill and,
+once torchrun is gone, is re-parented to init (measured on the CPU: a hung rank outlived its trial)."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +88,12 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     result_path.unlink(missing_ok=True)
     spec.write(spec_path)
     cmd = runtime_command(spec_path, result_path, spec.recipe.gpus, python)
+    token = uuid.uuid4().hex
     stderr_path = workdir / "stderr.log"
     t0 = time.monotonic()
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env(env), cwd=workdir,
+                                start_new_session=True, env=child_env({**(env or {}), TOKEN_VAR: token}), cwd=workdir,
                                 preexec_fn=_die_with_parent)
         reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
         reader.start()
@@ -100,12 +107,16 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
             kill_group(proc)
         except BaseException:
             kill_group(proc)
+            reap_token(token)
             raise
         finally:
             reader.join(timeout=5)
+        strays = reap_token(token)  # ranks in sessions of their own, whatever the group kill missed
+        reaped = reaped or bool(strays)
     wall = time.monotonic() - t0
     tail = _tail(stderr_path)
-    out = classify(proc.returncode, timed_out, timeout_s, result_path, tail, wall)
+    out = classify(proc.returncode, timed_out, timeout_s, result_path, tail, wall,
+                   first_error=_first_error(stderr_path) if spec.recipe.gpus > 1 else "")
     if reaped:
         note = "processes of the trial outlived it (e.g. compile workers, a stray rank): killed before the next trial"
         log.warning("%s", note)
@@ -154,6 +165,40 @@ def reap_group(pgid: int) -> bool:
     return True
 
 
+def reap_token(token: str) -> list[int]:
+    """SIGKILL every process whose environment carries this trial's token; the PIDs found (Linux /proc).
+
+    Run after the trial's group is gone, so nothing of the trial can still be starting new processes.
+    """
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    needle = f"{TOKEN_VAR}={token}".encode()
+    found = []
+    for d in proc_dir.iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                os.kill(int(d.name), signal.SIGKILL)
+                found.append(int(d.name))
+        except (OSError, ValueError):
+            continue  # gone already, or another user's process (not ours to read or kill)
+    deadline = time.monotonic() + 10
+    for pid in found:  # bounded wait until the kernel has taken each one (a zombie holds no GPU memory)
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the trial's process group, SIGKILL it after a grace period (ranks may ignore SIGTERM)."""
     try:
@@ -178,8 +223,11 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, result_path: Path,
-             tail: str, wall: float) -> TrialOutcome:
-    """Map exit status, result file and stderr to an outcome with a one-line reason and its evidence."""
+             tail: str, wall: float, first_error: str = "") -> TrialOutcome:
+    """Map exit status, result file and stderr to an outcome with a one-line reason and its evidence.
+
+    ``first_error``: the first exception line of the whole stderr (several ranks: the failing rank's own
+    message lies above torchrun's summary, outside the tail)."""
     ev = {"returncode": str(returncode), "stderr_tail": tail[-2000:]}
     if timed_out:
         return TrialOutcome("timeout", f"killed after {timeout_s:.0f} s (process group)", None, returncode, tail,
@@ -199,6 +247,14 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
         return TrialOutcome("crash", f"CUDA fault: {line.strip()[:200]}", None, returncode, tail, wall, ev)
     if "out of memory" in low:
         return TrialOutcome("oom", "out of memory (from stderr; no result written)", None, returncode, tail, wall, ev)
+    root = _RANK_ROOT_CAUSE.search(tail)
+    if root:  # torchrun's summary: one rank failed first and the agent stopped the others
+        rank, code = root.group(1), int(root.group(2))
+        ev["failed_rank"] = rank
+        how = f"killed by signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+        what = f": {first_error}" if first_error else ""
+        return TrialOutcome("crash", f"rank {rank} failed first ({how}){what}; torchrun stopped the other ranks",
+                            None, returncode, tail, wall, ev)
     if returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else "?"
         return TrialOutcome("crash", f"killed by signal {name}", None, returncode, tail, wall, ev)
@@ -206,6 +262,30 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
     if returncode == 0:
         return TrialOutcome("crash", "exited 0 without writing a result file", None, returncode, tail, wall, ev)
     return TrialOutcome("crash", f"exit code {returncode}: {last.strip()[:200]}", None, returncode, tail, wall, ev)
+
+
+_RANK_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+"""torchrun's ChildFailedError summary names the rank that failed first and its exit code."""
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*?:.*")
+
+
+def _first_error(path: Path) -> str:
+    """The first exception line of a trial's stderr that is not torchrun's own report."""
+    try:
+        with open(path, errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line:
+                    return line[:200]
+    except OSError:
+        pass
+    return ""
+
+
+def _signal_name(num: int) -> str:
+    return signal.Signals(num).name if num in signal.Signals._value2member_map_ else f"signal {num}"
 
 
 def _read_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[int, int], None] | None) -> None:

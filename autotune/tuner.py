@@ -27,6 +27,7 @@ from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.search_space import SearchSpace, search_space_for
 from autotune.study import (
     REQUEUED_KEY,
+    ask_lock,
     finished_trials,
     has_heartbeat,
     heartbeat,
@@ -341,7 +342,8 @@ class Tuner:
         while not self._should_stop(study):
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
-            trial = study.ask()
+            with ask_lock(self.cfg.storage):
+                trial = study.ask()
             began = time.monotonic()
             try:
                 with heartbeat(study, trial):

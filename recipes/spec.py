@@ -62,6 +62,9 @@ class TrialSpec:
     """Denoise step at which the fault fires (0: at the start of the run)."""
     fault_arg: float = 0.0
     """Fault parameter, e.g. the slowdown factor for 'slow'."""
+    fault_rank: int = -1
+    """Multi-process trials: the one rank the fault hits (-1: every rank), e.g. one rank that dies or hangs
+    while the others wait for it in a collective."""
     trial_number: int = -1
     schema_version: int = SPEC_SCHEMA
 

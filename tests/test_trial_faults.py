@@ -50,3 +50,27 @@ def test_hang_is_killed_with_its_group(tmp_path: Path, fault: str) -> None:
     assert out.outcome == "timeout"
     assert pids_naming(tmp_path) == [], "trial processes survived"
     assert os.path.exists(tmp_path / "spec.json")
+
+
+def test_token_sweep_kills_a_trial_process_that_left_the_group(tmp_path: Path) -> None:
+    """A torchrun rank lives in a session of its own: only the trial's token in its environment finds it."""
+    import subprocess
+    import sys
+
+    from autotune.trial_runner import TOKEN_VAR, reap_token
+
+    marker = str(tmp_path / "stray")
+    env = {**os.environ, TOKEN_VAR: "t0ken"}
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)", marker]
+    stray = subprocess.Popen(sleeper, env=env, start_new_session=True)
+    other = subprocess.Popen([*sleeper[:-1], marker + "-other"], env={**env, TOKEN_VAR: "another"},
+                             start_new_session=True)
+    try:
+        assert reap_token("t0ken") == [stray.pid]
+        assert stray.wait(timeout=10) == -9
+        assert other.poll() is None  # another trial's process is not touched
+        assert reap_token("t0ken") == []
+    finally:
+        other.kill()
+        stray.kill()
+        other.wait()

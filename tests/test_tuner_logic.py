@@ -316,18 +316,23 @@ def _worker(probe: ProbeResult, url: str, out: str, trials: int, first: bool, jo
     Path(out, "ran.json").write_text(json.dumps(sorted({s.trial_number for s in t.specs})))
 
 
-def test_two_tuners_on_one_postgresql_study_split_the_work(h100: ProbeResult, tmp_path: Path) -> None:
-    """Several hosts, one study (issue: --storage postgresql://...): a real server, two worker processes,
-    each started with --resume (the first creates the study, the other joins); nothing lost or run twice."""
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_tuners_on_one_study_split_the_work(h100: ProbeResult, tmp_path: Path, backend: str) -> None:
+    """Several workers, one study: two processes, each started with --resume (the first creates the study,
+    the other joins); nothing lost or run twice. SQLite: one file, two writers (lock contention on every
+    trial); PostgreSQL: a real server, as across hosts (issue: --storage postgresql://...)."""
+    import contextlib
+
     import optuna
 
     from autotune.study import open_storage
     from tests.pg import find_initdb, postgres_server
 
-    if find_initdb() is None:
+    if backend == "postgresql" and find_initdb() is None:
         pytest.skip("PostgreSQL server binaries not installed (Debian: apt-get install postgresql)")
     total = 14
-    with postgres_server() as url:
+    server = postgres_server() if backend == "postgresql" else contextlib.nullcontext(_sqlite(tmp_path))
+    with server as url:
         ctx = multiprocessing.get_context("fork")
         joined = ctx.Event()
         procs = [ctx.Process(target=_worker, args=(h100, url, str(tmp_path / f"w{i}"), total, i == 0, joined))

@@ -42,7 +42,22 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun, die when the launcher dies: torchrun puts each rank in a session of its own, so the
+    tuner's process-group kill of a hung trial does not reach the ranks, and a rank whose torchrun was
+    killed would keep its GPU (the tuner also sweeps by its trial token; this is the immediate path)."""
+    if "LOCAL_RANK" not in os.environ or sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher was gone before the call took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_launcher()
     logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING"), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m wan_runtime")

@@ -18,7 +18,7 @@ from recipes.spec import TrialSpec
 
 def fire(spec: TrialSpec, step: int) -> None:
     """Fire the spec's fault if it is due at ``step`` (-1: before the pipeline is built)."""
-    if spec.fault in ("none", "nan", "slow", "oom_decode") or step != spec.fault_step:
+    if spec.fault in ("none", "nan", "slow", "oom_decode") or step != spec.fault_step or not _this_rank(spec):
         return
     f = spec.fault
     if f == "oom":
@@ -46,6 +46,10 @@ def fire(spec: TrialSpec, step: int) -> None:
                          "CUDA kernel errors might be asynchronously reported at some other API call\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _this_rank(spec: TrialSpec) -> bool:
+    return spec.fault_rank < 0 or int(os.environ.get("RANK", "0")) == spec.fault_rank
 
 
 def fire_decode(spec: TrialSpec) -> None:
