@@ -22,6 +22,9 @@ ATTENTION_BACKENDS = (
 )
 """diffusers attention-dispatch names (``set_attention_backend``); ``native`` is diffusers' default."""
 
+CP_ATTENTION = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
+"""Backends diffusers' context parallelism (Ulysses) can split: the others have no parallel path there."""
+
 QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
 """none; torchao int8 weight-only; torchao fp8 dynamic rowwise/tensorwise; Transformer Engine fp8 recipes."""
 
@@ -227,11 +230,26 @@ def validate(recipe: Recipe) -> Recipe:
     if r.fsdp and r.gpus < 2:
         raise RecipeError("fsdp", r.fsdp, "False on one GPU")
     groups = r.ulysses * (2 if r.cfg_parallel else 1)
-    if r.gpus % groups:
-        raise RecipeError("gpus", r.gpus, f"a multiple of ulysses x cfg-parallel = {groups}",
-                          hint=f"use --gpus {groups} or lower the ulysses degree")
     if r.gpus > 1 and groups == 1 and not r.fsdp:
         raise RecipeError("gpus", r.gpus, "1 unless ulysses > 1, cfg_parallel or fsdp uses the extra GPUs")
+    if r.gpus != groups and groups > 1:
+        # Spare GPUs would only repeat a group's work: one run is one set of groups.
+        raise RecipeError("gpus", r.gpus, f"ulysses x cfg-parallel = {groups}",
+                          hint=f"use --gpus {groups}, or a ulysses degree of {r.gpus // (2 if r.cfg_parallel else 1)}")
+    if r.ulysses > 1 and r.attention not in CP_ATTENTION:
+        raise RecipeError("attention", r.attention, f"one of {', '.join(CP_ATTENTION)} with ulysses > 1 "
+                          "(diffusers' context parallelism supports only these)")
+    if r.fsdp and r.cfg_parallel and r.ulysses == 1:
+        raise RecipeError("fsdp", r.fsdp, "False with cfg_parallel and ulysses 1 (FSDP shards within a CFG "
+                          "group, one GPU each here)", hint="add ulysses 2 or more, or drop fsdp")
+    if r.fsdp and r.quant != "none":
+        raise RecipeError("quant", r.quant, "none with fsdp (quantized weights are not sharded by wanctl)")
+    if r.gpus > 1 and r.cache != "none":
+        raise RecipeError("cache", r.cache, "none with several GPUs (every rank must take the same skip "
+                          "decision; the caches decide on what their own rank sees)")
+    if r.gpus > 1 and r.compile == "full":
+        raise RecipeError("compile", r.compile, "off or regional with several GPUs (the parallel exchanges "
+                          "sit in the whole model's forward)")
     # combinations
     if r.quant in TE_QUANT and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with Transformer Engine fp8 (TE modules do not trace whole)")

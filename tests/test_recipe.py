@@ -20,7 +20,13 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"frames": 80}, "frames", "4n+1"),
     ({"model": "random", "size": "1000*1000"}, "size", "1280*720"),
     ({"ulysses": 3, "gpus": 3}, "ulysses", "divisor of the 40"),
-    ({"ulysses": 4, "gpus": 2}, "gpus", "multiple of ulysses"),
+    ({"ulysses": 4, "gpus": 2}, "gpus", "ulysses x cfg-parallel = 4"),
+    ({"ulysses": 2, "gpus": 4}, "gpus", "ulysses x cfg-parallel = 2"),
+    ({"ulysses": 2, "gpus": 2, "attention": "flex"}, "attention", "context parallelism"),
+    ({"fsdp": True, "cfg_parallel": True, "gpus": 2}, "fsdp", "FSDP shards within a CFG group"),
+    ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "not sharded"),
+    ({"ulysses": 2, "gpus": 2, "cache": "fbcache"}, "cache", "same skip decision"),
+    ({"ulysses": 2, "gpus": 2, "compile": "full"}, "compile", "parallel exchanges"),
     ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
     ({"attention": "fa3"}, "attention", "_flash_3"),
     ({"task": "i2v-A14B"}, "image", "needs a conditioning image"),
@@ -94,3 +100,11 @@ def test_one_strict_loader_for_every_document() -> None:
     spec["recipe"]["frames"] = "81"
     with pytest.raises(SchemaError, match=r"spec.recipe.frames: expected int, got '81' \('frames' must be an integer\)"):
         TrialSpec.from_json(json.dumps(spec))
+
+
+def test_the_parallel_layouts_a_run_can_take_are_valid() -> None:
+    # Ulysses alone, CFG alone, both on 4, and FSDP alone or inside a Ulysses group.
+    for kw in ({"ulysses": 2, "gpus": 2}, {"cfg_parallel": True, "gpus": 2}, {"ulysses": 2, "cfg_parallel": True, "gpus": 4},
+               {"fsdp": True, "gpus": 2}, {"ulysses": 2, "fsdp": True, "gpus": 2, "attention": "_native_cudnn"},
+               {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "compile": "regional"}):
+        validate(Recipe(**kw))  # type: ignore[arg-type]

@@ -45,7 +45,12 @@ def build_pipeline(recipe: Recipe, device: torch.device, trust_checkpoint: bool 
         pipe = _from_checkpoint(recipe, cls, dtype, trust_checkpoint)
     if recipe.shift and recipe.model not in ("tiny", "random"):
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=recipe.shift)
-    if recipe.offload == "none":
+    if recipe.offload == "none" and recipe.fsdp:
+        # FSDP shards the DiTs and the text encoder where they are and moves only the shards to the GPU.
+        for name, part in pipe.components.items():
+            if isinstance(part, torch.nn.Module) and name not in ("transformer", "transformer_2", "text_encoder"):
+                part.to(device)
+    elif recipe.offload == "none":
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -279,7 +279,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         res = dataclasses.replace(res, notes=res.notes + ["no denoise step ran"])
     if nonfinite:
         res = dataclasses.replace(res, outcome="nan", error="non-finite values in the latent or decoded frames")
-    mismatch = ctx.actual.get("attention_mismatch")
+    # A requested kernel or parallel layout that did not really run fails the trial, never passes as it.
+    mismatch = ctx.actual.get("attention_mismatch") or ctx.actual.get("parallel_mismatch")
     if mismatch and res.outcome == "ok":
         res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
 

@@ -1,18 +1,27 @@
-"""Several GPUs under torchrun: CFG parallel (here), Ulysses and FSDP (not yet).
+"""Several GPUs under torchrun: Ulysses sequence parallel, CFG parallel and FSDP, alone or combined.
 
-CFG parallel: every denoise step runs the transformer twice, once with the prompt (conditional) and once
-with the negative prompt (unconditional), and the two passes are independent. With two ranks, rank 0
-computes the conditional pass and rank 1 the unconditional one; the two predictions are exchanged
-(two broadcasts) before the pipeline combines them, so every rank steps the scheduler with the same
-numbers. diffusers has no CFG parallelism for Wan; this wraps each transformer's forward on the instance.
+The ranks form a mesh ``(cfg, ring, ulysses)`` with the CFG dimension outermost: rank ``g * U + u`` is
+member ``u`` of CFG group ``g``. Inside a CFG group the ranks run every transformer call together:
 
-Nothing is claimed that did not run: a recipe asking for more processes than this run has, or for a
-parallel mode not implemented, is reported as unsupported with the reason.
+- Ulysses is diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``
+  on the group's ``ring x ulysses`` sub-mesh): the sequence is split across the group and the attention
+  heads are exchanged all-to-all, so each rank attends over the whole sequence for its share of heads.
+- CFG parallel has no diffusers implementation: group 0 computes the conditional pass and group 1 the
+  unconditional one, and the two predictions are exchanged over the ``cfg`` dimension before the
+  pipeline combines them, so every rank steps the scheduler with the same numbers.
+- FSDP2 (``fully_shard``) shards each DiT over the ranks that call it together (the CFG group; with one
+  group, every rank) and the UMT5 encoder over every rank (all ranks encode both prompts).
+
+Nothing is claimed that did not run: the sequence length each rank's attention saw and the parameter
+type FSDP left behind are observed, and a run where they are not what the recipe asked for fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,28 +43,77 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where one rank sits: CFG group ``group`` of ``cfg``, member ``member`` of ``per_group``."""
+
+    world: int
+    rank: int
+    cfg: int
+    ulysses: int
+
+    @property
+    def per_group(self) -> int:
+        return self.world // self.cfg
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.per_group
+
+    @property
+    def member(self) -> int:
+        return self.rank % self.per_group
+
+
+def _layout(ctx: KnobContext) -> Layout:
+    r = ctx.recipe
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Layout(world=world, rank=rank, cfg=2 if r.cfg_parallel else 1, ulysses=r.ulysses)
+
+
+def _tokens(ctx: KnobContext) -> int:
+    from wan_runtime.knobs.attention import _self_attention_shape
+
+    shape = _self_attention_shape(ctx)
+    return shape[1] if shape else 0
+
+
 def _check(ctx: KnobContext) -> None:
     r = ctx.recipe
-    if r.ulysses > 1 or r.fsdp:
-        raise Unsupported("Ulysses sequence parallel and FSDP are not implemented in this wanctl version",
-                          "use cfg_parallel alone on 2 GPUs, or gpus=1")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != r.gpus:
         raise Unsupported(f"the recipe asks for {r.gpus} processes and this run has {world}",
                           f"launch with torchrun --nproc_per_node={r.gpus} (wanctl tune and launch.sh do)")
-    if r.cfg_parallel and r.gpus != 2:
-        raise Unsupported(f"cfg_parallel on {r.gpus} GPUs needs Ulysses inside each CFG group (not implemented)",
-                          "use gpus=2")
-    if r.cfg_parallel and r.cache != "none":
-        raise Unsupported("cfg_parallel with a cache: each rank would see one branch's residuals only",
-                          "use cache=none with cfg_parallel")
-    if r.cfg_parallel and r.compile == "full":
-        raise Unsupported("cfg_parallel with whole-model compile (the exchange sits in the forward)",
-                          "use compile=regional")
+    if r.ulysses > 1:
+        heads = ctx.transformers[0].config.num_attention_heads if ctx.transformers else 0
+        if heads % r.ulysses:
+            raise Unsupported(f"ulysses={r.ulysses} does not divide this model's {heads} attention heads",
+                              "pick a degree that divides the head count")
+        tokens = _tokens(ctx)
+        if tokens % r.ulysses:
+            raise Unsupported(f"ulysses={r.ulysses} does not divide the {tokens}-token sequence of "
+                              f"{r.size} x {r.frames} frames", "pick another degree, size or frame count")
+
+
+@contextlib.contextmanager
+def _cpu_device_count(device: torch.device) -> Iterator[None]:
+    """diffusers (0.42) picks the rank's device as ``rank % torch.accelerator.device_count()``, which
+    divides by zero on a host without an accelerator; CPU ranks (gloo: the test suite) see one device
+    for the duration of that call. GPU runs are untouched."""
+    if device.type != "cpu":
+        yield
+        return
+    original = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original  # type: ignore[assignment]
 
 
 class CfgSplit:
-    """Rank 0 computes the conditional pass, rank 1 the unconditional one; the results are exchanged.
+    """CFG group 0 computes the conditional pass, group 1 the unconditional one; the results are exchanged.
 
     The pipeline calls the transformer conditional-first then unconditional in every step (diffusers'
     Wan pipelines), so the call parity says which pass a call is; one counter is shared by both experts.
@@ -63,8 +121,9 @@ class CfgSplit:
     unconditional call, before the pipeline reads it.
     """
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, group: int, cfg_group: Any) -> None:
+        self.group = group
+        self.cfg_group = cfg_group
         self.calls = 0
         self.pending: torch.Tensor | None = None
 
@@ -75,7 +134,7 @@ class CfgSplit:
         def forward(hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
             branch = self.calls % 2
             self.calls += 1
-            if branch == self.rank:
+            if branch == self.group:
                 out = original(hidden_states, *args, return_dict=False, **kwargs)[0].contiguous()
             else:
                 out = torch.empty((hidden_states.shape[0], out_channels, *hidden_states.shape[2:]),
@@ -85,8 +144,8 @@ class CfgSplit:
             else:
                 cond, self.pending = self.pending, None
                 assert cond is not None, "unconditional pass without a conditional one"
-                dist.broadcast(cond, src=0)
-                dist.broadcast(out, src=1)
+                dist.broadcast(cond, group=self.cfg_group, group_src=0)
+                dist.broadcast(out, group=self.cfg_group, group_src=1)
             if return_dict:
                 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -96,17 +155,100 @@ class CfgSplit:
         module.forward = forward
 
 
+class ShardObserver:
+    """Records the sequence length each self-attention call saw on this rank: under Ulysses the DiT's
+    blocks hold 1/degree of the tokens (the all-to-all happens inside attention). A run whose blocks saw
+    the whole sequence did not run sequence-parallel, whatever was configured."""
+
+    def __init__(self, transformers: list[Any], expected: int, full: int) -> None:
+        self.expected = expected
+        self.full = full
+        self.seen: set[int] = set()
+        self.handles = [t.blocks[0].attn1.register_forward_pre_hook(self._hook, with_kwargs=True)
+                        for t in transformers]
+
+    def _hook(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hs = args[0] if args else kwargs.get("hidden_states")
+        if hs is not None and not torch.compiler.is_compiling():
+            self.seen.add(int(hs.shape[1]))
+
+    def finish(self, ctx: KnobContext) -> None:
+        for h in self.handles:
+            h.remove()
+        got = ",".join(map(str, sorted(self.seen))) or "none"
+        ctx.actual["ulysses_tokens_per_rank"] = f"{got} of {self.full}"
+        if self.seen and self.seen != {self.expected}:
+            ctx.actual["parallel_mismatch"] = (f"ulysses={ctx.recipe.ulysses} should leave {self.expected} of "
+                                               f"{self.full} tokens per rank; attention saw {got}")
+
+
+def _mesh(ctx: KnobContext, lay: Layout) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(ctx.device.type, (lay.cfg, 1, lay.per_group), mesh_dim_names=("cfg", "ring", "ulysses"))
+
+
+def _enable_ulysses(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
+    from diffusers import ContextParallelConfig
+
+    for t in ctx.transformers:
+        config = ContextParallelConfig(ulysses_degree=lay.ulysses, mesh=mesh["ring", "ulysses"])
+        with _cpu_device_count(ctx.device):
+            t.enable_parallelism(config=config)
+    full = _tokens(ctx)
+    if ctx.recipe.compile == "off":
+        ctx.observers.append(ShardObserver(ctx.transformers, full // lay.ulysses, full))
+    ctx.actual["ulysses"] = (f"degree {lay.ulysses}: rank {lay.rank} holds sequence shard {lay.member} of "
+                             f"{lay.ulysses} (diffusers context parallel, {ctx.recipe.attention} attention)")
+
+
+def _shard(module: Any, blocks: Any, mesh: Any, device: torch.device) -> int:
+    """fully_shard each block, then the root; the shards (not the whole model) move to the device."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    module.to(device)
+    return mesh.size()
+
+
+def _enable_fsdp(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    group_mesh = mesh["ulysses"]  # the ranks that call each DiT together
+    for t in ctx.transformers:
+        _shard(t, t.blocks, group_mesh, ctx.device)
+    te = getattr(ctx.pipe, "text_encoder", None)
+    world_mesh = init_device_mesh(ctx.device.type, (lay.world,), mesh_dim_names=("world",))
+    if te is not None:
+        _shard(te, te.encoder.block, world_mesh, ctx.device)
+    sharded = [isinstance(p, DTensor) for t in ctx.transformers for p in t.blocks[0].parameters()]
+    if not sharded or not all(sharded):
+        raise Unsupported("FSDP was applied but the DiT's parameters are not sharded tensors",
+                          "report this with the torch version")
+    local = sum(p.to_local().numel() for t in ctx.transformers for p in t.parameters() if isinstance(p, DTensor))
+    total = sum(p.numel() for t in ctx.transformers for p in t.parameters())
+    ctx.actual["fsdp"] = (f"DiT sharded over {group_mesh.size()} ranks (this rank holds {local / total:.0%} of "
+                          f"its parameters), text encoder over {lay.world}")
+
+
 def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
-    if not r.cfg_parallel:
-        return
-    rank = dist.get_rank()
-    split = CfgSplit(rank)
-    for t in ctx.transformers:
-        split.wrap(t)
-    ctx.extra["forwards_per_computed"] = 2  # each rank computes one of every two passes
-    ctx.actual["cfg_parallel"] = (f"rank {rank} of {dist.get_world_size()} computes the "
-                                  f"{'conditional' if rank == 0 else 'unconditional'} pass")
+    lay = _layout(ctx)
+    mesh = _mesh(ctx, lay)
+    if r.fsdp:
+        _enable_fsdp(ctx, lay, mesh)
+    if r.ulysses > 1:
+        _enable_ulysses(ctx, lay, mesh)
+    if r.cfg_parallel:
+        split = CfgSplit(lay.group, mesh.get_group("cfg"))
+        for t in ctx.transformers:
+            split.wrap(t)
+        ctx.extra["forwards_per_computed"] = 2  # each rank computes one of every two passes
+        ctx.actual["cfg_parallel"] = (f"rank {lay.rank} of {lay.world} computes the "
+                                      f"{'conditional' if lay.group == 0 else 'unconditional'} pass")
 
 
 PARALLEL = Knob(name="parallel", lossless=True,
