@@ -6,8 +6,11 @@ here), parallelism arithmetic (Ulysses degrees divide both the GPU count and the
 memory estimate (offload only when the model does not fit). Every value left out is recorded in
 ``excluded`` with the reason, so nothing is pruned silently and a report can say "fp8 not tried: sm80".
 
-The space lists allowed values per knob; whether a *combination* is valid (cfg_parallel x ulysses must
-divide gpus, no offload with several GPUs, ...) stays ``recipes.validate``'s job, checked per trial.
+The space lists allowed values per knob; whether a *combination* is valid (no offload with several GPUs,
+Ulysses only with a context-parallel attention backend, ...) stays ``recipes.validate``'s job, checked
+per trial. The parallel knobs are the exception: ulysses x cfg_parallel x fsdp x gpus only make sense
+together, so the space lists whole *layouts* (``parallel``), each a valid set of the four, and a trial
+picks one of them rather than four values that mostly do not fit.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class SearchSpace:
     fsdp: tuple[bool, ...] = (False,)
     lightning: tuple[int, ...] = (0,)
     gpus: tuple[int, ...] = (1,)
+    parallel: tuple[str, ...] = ("single",)
+    """Parallel layouts a trial may take (``layout_label``): one GPU, or Ulysses / CFG / FSDP on several."""
     excluded: dict[str, str] = field(default_factory=dict)
     """'knob=value' -> why it is not searched here, e.g. 'quant=fp8_rowwise': 'fp8 needs sm89+, this GPU is sm80'."""
     notes: tuple[str, ...] = ()
@@ -77,6 +82,10 @@ class SearchSpace:
                 key = f"{knob}={value}"
                 why = self.excluded.get(key, f"not in the search space (allowed: {', '.join(map(str, allowed))})")
                 out.append(f"{key}: {why}")
+        label = layout_label(recipe)
+        if not out and label not in self.parallel:
+            out.append(f"parallel={label}: " + self.excluded.get(
+                f"parallel={label}", f"not in the search space (allowed: {', '.join(self.parallel)})"))
         return out
 
     def to_json(self) -> str:
@@ -86,6 +95,75 @@ class SearchSpace:
     def from_json(cls, text: str, where: str = "search space") -> SearchSpace:
         return from_plain(cls, load_json_object(text, where, "regenerate it from a probe"), where,
                           "regenerate it from a probe")
+
+
+# ------------------------------------------------------------------------------------------- layouts
+LAYOUT_FIELDS = ("gpus", "ulysses", "cfg_parallel", "fsdp")
+
+
+def layout_label(recipe: Recipe) -> str:
+    """'single', or the parallel parts joined by '+': 'ulysses2', 'cfg', 'ulysses2+cfg', 'fsdp2', 'ulysses2+fsdp'."""
+    parts = []
+    if recipe.ulysses > 1:
+        parts.append(f"ulysses{recipe.ulysses}")
+    if recipe.cfg_parallel:
+        parts.append("cfg")
+    if recipe.fsdp:
+        parts.append("fsdp" if len(parts) else f"fsdp{recipe.gpus}")
+    return "+".join(parts) or "single"
+
+
+def layout_fields(label: str) -> dict[str, Any]:
+    """The recipe fields ``label`` stands for (inverse of ``layout_label``)."""
+    ulysses, cfg, fsdp, fsdp_gpus = 1, False, False, 0
+    for part in label.split("+"):
+        if part.startswith("ulysses") and part[7:].isdigit():
+            ulysses = int(part[7:])
+        elif part == "cfg":
+            cfg = True
+        elif part == "fsdp" or (part.startswith("fsdp") and part[4:].isdigit()):
+            fsdp, fsdp_gpus = True, int(part[4:] or 0)
+        elif part != "single":
+            raise BadInput(f"parallel layout {label!r} is not understood",
+                           "use e.g. single, ulysses2, cfg, ulysses2+cfg, fsdp2 or ulysses2+fsdp")
+    groups = ulysses * (2 if cfg else 1)
+    return {"gpus": groups if groups > 1 else (fsdp_gpus or 1), "ulysses": ulysses, "cfg_parallel": cfg, "fsdp": fsdp}
+
+
+def _layouts(n: int, ulysses: tuple[int, ...], cfg: tuple[bool, ...], fsdp: tuple[bool, ...],
+             need_gib: Any, gpu_gib: float, excluded: dict[str, str]) -> tuple[str, ...]:
+    """Every valid layout on up to ``n`` GPUs from the allowed values; ``need_gib(k)`` is the per-GPU peak
+    with the weights sharded over k GPUs (k=1: unsharded). Fewer GPUs than ``n`` are allowed: on 4 GPUs a
+    2-GPU Ulysses run can be the fastest per GPU, and a trial says what it used."""
+    out = []
+    for u in ulysses:
+        for c in cfg:
+            groups = u * (2 if c else 1)
+            if groups > n:
+                continue
+            for f in fsdp:
+                if f and groups == 1:
+                    gpus, shards = n, n
+                elif f and u == 1:
+                    continue  # FSDP shards inside a CFG group: one GPU each here
+                else:
+                    gpus, shards = groups, (u if f else 1)
+                if f and gpus == 1:
+                    continue
+                fields = {"gpus": gpus, "ulysses": u, "cfg_parallel": c, "fsdp": f}
+                label = layout_label(Recipe(**fields))
+                if f and groups == 1 and need_gib(1) <= gpu_gib:
+                    excluded[f"parallel={label}"] = ("FSDP alone computes the whole video on every GPU: only worth it "
+                                                     "when the model does not fit one GPU, and it fits here")
+                    continue
+                need = need_gib(shards)
+                if need > gpu_gib:
+                    whole = f"sharded over {shards} GPUs" if shards > 1 else "whole on each GPU"
+                    excluded[f"parallel={label}"] = (f"does not fit: ~{need:.0f} GiB per GPU with the weights {whole}, "
+                                                     f"{gpu_gib:.0f} GiB usable")
+                    continue
+                out.append(label)
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -225,10 +303,23 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
         lightning = (0,)
         excluded["lightning=4"] = "the Lightning 4-step LoRA is not available (download it to search it)"
 
+    # --- parallel layouts ----------------------------------------------------------------------
+    cfg_values = (False, True) if multi else (False,)
+    parallel: tuple[str, ...] = ("single",)
+    if multi:
+        gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM
+
+        def need_gib(k: int) -> float:
+            return memory_estimate_gib(task, model, size=size, frames=frames, shards=k)
+        parallel = _layouts(n, ulysses, cfg_values, fsdp, need_gib, gpu_gib, excluded)
+        if not probe.all_nvlink:
+            notes.append("the GPUs are not all joined by NVLink: Ulysses' all-to-all crosses PCIe in every layer "
+                         "and may not pay off; CFG parallel exchanges one prediction per step")
     return SearchSpace(
         task=task, model=model, attention=tuple(attention), tf32=tf32, fuse_qkv=(False, True), quant=tuple(quant),
         compile=compile_values, compile_mode=compile_modes, cache=cache, offload=offload, ulysses=ulysses,
-        cfg_parallel=(False, True) if multi else (False,), fsdp=fsdp, lightning=lightning, gpus=(n,),
+        cfg_parallel=cfg_values, fsdp=fsdp, lightning=lightning,
+        gpus=tuple(sorted({layout_fields(p)["gpus"] for p in parallel})), parallel=parallel,
         excluded=excluded, notes=tuple(notes),
     )
 

@@ -24,7 +24,7 @@ from autotune.config import TuneConfig, model_tag
 from autotune.fallbacks import Exclusions, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
-from autotune.search_space import SearchSpace, search_space_for
+from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
 from autotune.study import (
     REQUEUED_KEY,
     ask_lock,
@@ -41,7 +41,7 @@ from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
-from recipes.recipe import Recipe, validate
+from recipes.recipe import CP_ATTENTION, Recipe, validate
 from recipes.records import (
     BASELINE_KEY,
     CONFIG_KEY,
@@ -129,9 +129,13 @@ class Tuner:
         self.injections = cfg.injections()
         self.notes: list[str] = []
         self.baseline: TrialRecord | None = None
+        base = cfg.base_recipe().resolved()
+        if "single" not in self.space.parallel:
+            # The model does not fit one GPU: the baseline is plain diffusers sharded (the least layout that fits).
+            base = base.replace(**layout_fields(self.space.parallel[0]))
+            self.notes.append(f"baseline sharded as {self.space.parallel[0]}: plain diffusers does not fit one GPU")
         self.base_recipe, adapt_notes = adapt_to_machine(
-            cfg.base_recipe().resolved(), probe.min_gpu_memory_mib / 1024 if probe.gpu_count else 0.0,
-            cfg.gpus, self.space.offload)
+            base, probe.min_gpu_memory_mib / 1024 if probe.gpu_count else 0.0, cfg.gpus, self.space.offload)
         self.notes.extend(adapt_notes)
         self.refs: dict[str, TrialRecord] = {}
         self.ref_paths: dict[str, tuple[str, str]] = {}
@@ -221,7 +225,8 @@ class Tuner:
     # ------------------------------------------------------------------ plan
     def _params_of(self, r: Recipe) -> dict[str, Any]:
         p: dict[str, Any] = {k: getattr(r, k) for k in ("attention", "tf32", "fuse_qkv", "quant", "compile", "cache",
-                                                         "offload", "ulysses", "cfg_parallel")}
+                                                         "offload")}
+        p["parallel"] = layout_label(r)
         if r.compile != "off":
             p["compile_mode"] = r.compile_mode
         if r.cache == "magcache":
@@ -255,7 +260,7 @@ class Tuner:
         best_att = next((a for a in ("_flash_3", "_native_cudnn", "native") if a in s.attention), base.attention)
         compile_ = "regional" if "regional" in s.compile else "off"
         tf32 = True in s.tf32
-        stacks = []
+        stacks = self._parallel_starts(base, best_att, compile_)
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
         # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
         if compile_ != "off":
@@ -282,6 +287,26 @@ class Tuner:
                 log.info("warm start %s dropped: %s", r.stack_label(base), exc)
         return out
 
+    def _parallel_starts(self, base: Recipe, best_att: str, compile_: str) -> list[Recipe]:
+        """On several GPUs the layout is the largest win, so it is measured first: the layouts that use the
+        most GPUs, CFG parallel first (one exchange per step, the anchors' 0.97 target) then pure Ulysses
+        (an all-to-all per attention), each alone, then the best one with compile and fp8 on top."""
+        s = self.space
+        most = max(s.gpus)
+        if most < 2:
+            return []
+        fitting = "single" in s.parallel
+        top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
+        top.sort(key=lambda p: ("cfg" not in p, p))
+        att = best_att if best_att in CP_ATTENTION else "native"
+        out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
+        if out and compile_ != "off":
+            out.append(out[0].replace(compile=compile_))
+            fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+            if fp8 and not out[0].fsdp:
+                out.append(out[0].replace(compile=compile_, quant=fp8))
+        return out
+
     def _suggest(self, trial: optuna.Trial) -> Recipe:
         s, base = self.space, self.base_recipe
         ch: dict[str, Any] = {
@@ -292,9 +317,9 @@ class Tuner:
             "compile": trial.suggest_categorical("compile", s.compile),
             "cache": trial.suggest_categorical("cache", s.cache),
             "offload": trial.suggest_categorical("offload", s.offload),
-            "ulysses": trial.suggest_categorical("ulysses", s.ulysses),
-            "cfg_parallel": trial.suggest_categorical("cfg_parallel", s.cfg_parallel),
         }
+        # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
+        ch.update(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
         if ch["compile"] != "off":
             ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
         if ch["cache"] == "magcache":

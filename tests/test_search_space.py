@@ -32,9 +32,13 @@ def space(probes: dict[str, ProbeResult], machine: str, task: str = "t2v-A14B", 
 
 def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_8x")
-    assert s.gpus == (8,)
+    assert s.gpus == (1, 2, 4, 8)
     assert s.ulysses == (1, 2, 4, 8)
     assert s.cfg_parallel == (False, True) and s.fsdp == (False, True)
+    # Whole layouts, each valid; FSDP alone (every GPU computing the whole video) only when it must.
+    assert s.parallel == ("single", "cfg", "ulysses2", "ulysses2+fsdp", "ulysses2+cfg", "ulysses2+cfg+fsdp", "ulysses4",
+                          "ulysses4+fsdp", "ulysses4+cfg", "ulysses4+cfg+fsdp", "ulysses8", "ulysses8+fsdp")
+    assert "only worth it when the model does not fit" in s.excluded["parallel=fsdp8"]
     # At 720p x81 the two score-materializing backends are priced out (their scores alone are 852 GiB).
     assert s.attention == ("native", "_native_cudnn", "_native_flash", "_native_efficient", "sage", "flash", "_flash_3")
     assert s.quant == ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
@@ -100,7 +104,7 @@ def test_a100_has_no_fp8(probes: dict[str, ProbeResult], machine: str) -> None:
     assert s.excluded["quant=te_delayed"] == "fp8 needs sm89+, this GPU is sm80"
     assert "_flash_3" not in s.attention
     assert s.why_not(Recipe(quant="fp8_rowwise", gpus=s.gpus[0], offload=s.offload[0])) == ["quant=fp8_rowwise: fp8 needs sm89+, this GPU is sm80"]
-    assert s.why_not(Recipe(gpus=9))[-1] == f"gpus=9: not in the search space (allowed: {s.gpus[0]})"
+    assert s.why_not(Recipe(gpus=9))[-1] == f"gpus=9: not in the search space (allowed: {', '.join(map(str, s.gpus))})"
 
 
 def test_2x_a100_parallelism(probes: dict[str, ProbeResult]) -> None:
@@ -170,7 +174,8 @@ def test_full_size_model_on_cpu_is_refused(probes: dict[str, ProbeResult]) -> No
 
 def test_gpu_count_requests(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_8x", gpus=4)
-    assert s.gpus == (4,) and s.ulysses == (1, 2, 4)
+    assert s.gpus == (1, 2, 4) and s.ulysses == (1, 2, 4) and "ulysses8" not in s.parallel
+    assert "ulysses2+cfg" in s.parallel and "ulysses4+cfg" not in s.parallel  # 8 GPUs, not 4
     s = space(probes, "h100_sxm_8x", gpus=3)
     assert s.ulysses == (1,)
     assert s.excluded["ulysses=3"] == "t2v-A14B has 40 attention heads, not divisible by 3"
@@ -189,6 +194,8 @@ def test_fsdp_forced_when_weights_only_fit_sharded(probes: dict[str, ProbeResult
     s = search_space_for(small, "t2v-A14B", "random")
     assert s.fsdp == (True,) and s.offload == ("none",)
     assert s.excluded["fsdp=False"] == "does not fit without sharding: ~73 GiB needed, 46 GiB usable per GPU"
+    assert s.parallel == ("fsdp2", "ulysses2+fsdp") and s.gpus == (2,)
+    assert s.why_not(Recipe(task="t2v-A14B", model="random", gpus=2, cfg_parallel=True))[0].startswith("fsdp=False")
 
 
 def test_lightning_only_when_available(probes: dict[str, ProbeResult]) -> None:
