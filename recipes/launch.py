@@ -28,8 +28,7 @@ if [ -z "${{IMAGE+x}}" ]; then IMAGE={image}; fi
 if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
 PYTHON="${{PYTHON:-python3}}"
-NPROC="${{NPROC:-{gpus}}}"
-{multinode}
+{nproc}
 cleanup() {{
   local rc=$?
   # Take the whole process group down on interrupt, so no rank is left holding GPU memory.
@@ -48,7 +47,7 @@ args=(
   --out "$OUT"
 )
 
-if [ "$NPROC" -gt 1 ]; then
+if [ "$NPROC" -gt 1 ] || [ "${{NNODES:-1}}" -gt 1 ]; then
   "$PYTHON" -m torch.distributed.run {torchrun_flags} --nproc_per_node="$NPROC" -m wan_runtime generate "${{args[@]}}"
 else
   "$PYTHON" -m wan_runtime generate "${{args[@]}}"
@@ -56,10 +55,20 @@ fi
 """
 
 MULTINODE = """\
-# Several hosts: set NNODES, NODE_RANK and RDZV_ENDPOINT (host:port of node 0) on every host.
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-RDZV_ENDPOINT="${RDZV_ENDPOINT:-}"
+# Several hosts: set NNODES, NODE_RANK and RDZV_ENDPOINT (host:port of node 0) on every host; the recipe's
+# {gpus} GPUs are split evenly over them (NPROC per host).
+NNODES="${{NNODES:-1}}"
+NODE_RANK="${{NODE_RANK:-0}}"
+RDZV_ENDPOINT="${{RDZV_ENDPOINT:-}}"
+NPROC="${{NPROC:-$(( {gpus} / NNODES ))}}"
+if [ $(( NPROC * NNODES )) -ne {gpus} ]; then
+  echo "launch.sh: the recipe runs on {gpus} GPUs in all; NNODES=$NNODES x NPROC=$NPROC is not {gpus}" >&2
+  exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "$RDZV_ENDPOINT" ]; then
+  echo "launch.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0 on every host" >&2
+  exit 2
+fi
 """
 
 
@@ -79,10 +88,11 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
     args = "\n".join(f"  --set {q(f'{k}={v}')}" for k, v in to_overrides(recipe, skip=CONTENT_FIELDS))
     if recipe.gpus > 1:
         torchrun = ('$( [ "$NNODES" -gt 1 ] && echo --nnodes="$NNODES" --node_rank="$NODE_RANK" '
-                    '--rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" || echo --standalone )')
-        multinode = MULTINODE
+                    '--rdzv_backend=static --rdzv_endpoint="$RDZV_ENDPOINT" || echo --standalone )')
+        nproc = MULTINODE.format(gpus=recipe.gpus)
     else:
-        torchrun, multinode = "--standalone", ""
+        torchrun, nproc = "--standalone", 'NPROC=1\n'
+
     return TEMPLATE.format(
         version=o.version.replace("\n", " "),
         name=o.name.replace("\n", " "),
@@ -93,8 +103,7 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
         image=q(recipe.image),
         seed=q(str(recipe.seed)),
         out=q(o.out),
-        gpus=recipe.gpus,
         args=args,
         torchrun_flags=torchrun,
-        multinode=multinode,
+        nproc=nproc,
     )

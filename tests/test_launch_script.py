@@ -60,4 +60,48 @@ def test_script_shape() -> None:
     s = render_launch_script(Recipe(model="random"))
     assert s.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in s and "trap cleanup EXIT" in s
     multi = render_launch_script(Recipe(model="random", gpus=2, ulysses=2))
-    assert "torch.distributed.run" in multi and "NNODES" in multi and 'NPROC="${NPROC:-2}"' in multi
+    assert "torch.distributed.run" in multi and "NNODES" in multi and 'NPROC="${NPROC:-$(( 2 / NNODES ))}"' in multi
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_several_hosts_split_the_recipe_and_node_0_writes_the_video(tmp_path: Path) -> None:
+    """Two "hosts" (two launch.sh on this machine, one rank each, rendezvous over TCP): the recipe's two
+    Ulysses ranks span them, and the video lands on node 0 whichever host starts first."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="tiny", steps=2, gpus=2, ulysses=2)))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "NNODES": "2", "OUT": "v.mp4",
+           "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}"}
+    hosts = []
+    for node in (1, 0):  # node 1 first: the rank order must not depend on who arrives first
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        hosts.append(subprocess.Popen(["bash", str(sh)], cwd=cwd, env={**env, "NODE_RANK": str(node)},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in hosts:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    assert (node0 / "v.mp4").stat().st_size > 0 and not (node1 / "v.mp4").exists()
+    res = json.loads((node0 / ".v.wanctl" / "result.json").read_text())
+    assert res["outcome"] == "ok" and res["actual"]["ulysses_tokens_per_rank"] == "18 of 36"
+
+
+def test_a_host_count_that_does_not_split_the_gpus_is_refused(tmp_path: Path) -> None:
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="random", gpus=2, ulysses=2)))
+    for env, msg in (({"NNODES": "3"}, "NNODES=3 x NPROC=0 is not 2"),
+                     ({"NNODES": "2"}, "NNODES=2 needs RDZV_ENDPOINT")):
+        p = subprocess.run(["bash", str(sh)], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
+                           text=True, timeout=30)
+        assert p.returncode == 2 and msg in p.stderr
