@@ -233,6 +233,9 @@ def tune(
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
     inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL")] = None,
     trust_checkpoint: TrustOpt = False,
+    lightning_lora: Annotated[str, typer.Option("--lightning-lora", help="Lightning LoRA folder (wanctl download "
+                              "--task TASK-lightning) to search the 4-step stack with, or 'none'; default: the "
+                              "download beside the checkpoint when there")] = "",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -248,6 +251,11 @@ def tune(
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     if image and not Path(image).expanduser().is_file():
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if lightning_lora and lightning_lora != "none":
+        if not Path(lightning_lora).expanduser().is_dir():
+            raise BadInput(f"--lightning-lora {lightning_lora} is not a folder",
+                           f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
+        lightning_lora = str(Path(lightning_lora).expanduser().resolve())
     cfg = TuneConfig(model=model, task=task, size=size, frames=frames, steps=steps,
                      prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
                      image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,
@@ -255,7 +263,8 @@ def tune(
                      objective=objective, storage=storage, study=study, resume=resume,
                      out_dir=str(output.expanduser().resolve()), proxy_size=proxy_size, proxy_frames=proxy_frames,
                      measure_steps=measure_steps, trial_timeout_s=trial_timeout, inject=tuple(inject or ()),
-                     trust_checkpoint=trust_checkpoint, command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
+                     trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
+                     command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
     err.print("probing this machine (GPUs, libraries, kernels)...")
     probe = run_probe(paths=[cfg.out_dir])

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.errors import BadInput
-from recipes.recipe import DEFAULT_PROMPT, Recipe, validate
+from recipes.manifest import MANIFEST_NAME
+from recipes.models import lightning_dirname
+from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, SYNTHETIC, Recipe, validate
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class TuneConfig:
     """Hard per-trial limit; 0: derived from the baseline (before it: 20 min on GPU, 5 min on CPU)."""
     trust_checkpoint: bool = False
     """Load a checkpoint directory without wanctl's download manifest."""
+    lightning_lora: str = ""
+    """Lightning LoRA folder to search the 4-step distilled stack with; 'none': never; empty: the tiny/random
+    model's own random LoRA, or for a checkpoint the download folder beside it when there."""
     sampler_seed: int = 0
     inject: tuple[str, ...] = field(default_factory=tuple)
     """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2'); see recipes.spec.FAULTS."""
@@ -63,6 +68,17 @@ class TuneConfig:
         return validate(Recipe(task=self.task, model=self.model, size=self.size, frames=self.frames,
                                steps=self.steps, prompt=self.prompt, negative_prompt=self.negative_prompt,
                                image=self.image, seed=self.seed))
+
+    def lightning_source(self) -> str:
+        """The recipe's ``lightning_lora`` value for Lightning trials; empty when Lightning is not searched."""
+        if self.lightning_lora == "none" or self.task not in LIGHTNING_TASKS:
+            return ""
+        if self.lightning_lora:
+            return self.lightning_lora
+        if self.model in SYNTHETIC:
+            return self.model
+        beside = Path(self.model).expanduser().resolve().parent / lightning_dirname(self.task)
+        return str(beside) if (beside / MANIFEST_NAME).is_file() else ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

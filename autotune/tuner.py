@@ -122,7 +122,8 @@ class Tuner:
         self.policy: QualityPolicy = parse_quality(cfg.quality)
         self.out = Path(cfg.out_dir).expanduser().resolve()
         r0 = cfg.base_recipe().resolved()
-        self.space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames)
+        self.space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
+                                lightning_available=bool(cfg.lightning_source()))
         self.on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.tol = cfg.slower_tolerance or (0.03 if self.on_gpu else 0.10)
         self.exclusions = Exclusions()
@@ -233,7 +234,16 @@ class Tuner:
             p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
         elif r.cache == "fbcache":
             p["fbcache_threshold"] = r.cache_threshold
+        if len(self.space.lightning) > 1:
+            p["lightning"] = r.lightning
         return p
+
+    def _lightning(self, r: Recipe, steps: int) -> Recipe:
+        """``r`` as a Lightning run: the distilled step count, CFG off (as distilled), no cache."""
+        if not steps:
+            return r
+        return r.replace(lightning=steps, steps=steps, guidance=1.0, guidance_2=1.0, cache="none",
+                         lightning_lora=self.cfg.lightning_source())
 
     def _enqueue_plan(self, study: optuna.Study) -> None:
         """Trial 0 the baseline; one-knob screens of the attention kernels that can win; the seeds' stacks;
@@ -278,7 +288,7 @@ class Tuner:
         if "fbcache" in s.cache:
             stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
         if 4 in s.lightning:  # seed 003: Lightning 4-step
-            stacks.append(base.replace(lightning=4, steps=0, cache="none").resolved())
+            stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
         out = []
         for r in stacks:
             try:
@@ -315,9 +325,11 @@ class Tuner:
             "fuse_qkv": trial.suggest_categorical("fuse_qkv", s.fuse_qkv),
             "quant": trial.suggest_categorical("quant", s.quant),
             "compile": trial.suggest_categorical("compile", s.compile),
-            "cache": trial.suggest_categorical("cache", s.cache),
             "offload": trial.suggest_categorical("offload", s.offload),
         }
+        lightning = trial.suggest_categorical("lightning", s.lightning) if len(s.lightning) > 1 else 0
+        # Four distilled steps leave no step to skip: the cache is searched only without Lightning.
+        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning else "none"
         # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
         ch.update(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
         if ch["compile"] != "off":
@@ -328,7 +340,7 @@ class Tuner:
             ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
         elif ch["cache"] == "fbcache":
             ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
-        return base.replace(**ch)
+        return self._lightning(base.replace(**ch), lightning)
 
     # ------------------------------------------------------------------ loop
     def _total(self, study: optuna.Study) -> int | None:
@@ -826,7 +838,8 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
                     best, confirm = cand, rec
     ex = attrs.get(SCREENED_KEY, {})
     r0 = cfg.base_recipe().resolved()
-    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames)
+    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
+                             lightning_available=bool(cfg.lightning_source()))
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
                      records=records, best=best, confirm=confirm, exclusions=ex, space=space,
                      notes=list(attrs.get(NOTES_KEY, [])), runs=study_runs(attrs))

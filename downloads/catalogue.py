@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from recipes.errors import BadInput
-from recipes.models import MODELS
+from recipes.models import MODELS, lightning_dirname
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -64,7 +64,7 @@ class Artifact:
     @property
     def dirname(self) -> str:
         """Default directory name: the repo's name ('Wan2.2-T2V-A14B-Diffusers')."""
-        return self.hf_repo.rsplit("/", 1)[-1] if self.kind == "pipeline" else f"Wan2.2-Lightning-{self.task}"
+        return self.hf_repo.rsplit("/", 1)[-1] if self.kind == "pipeline" else lightning_dirname(self.task)
 
 
 def _pipeline(task: str, transformer_bytes: int, vae_bytes: int, description: str) -> Artifact:

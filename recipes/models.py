@@ -129,6 +129,12 @@ def model_spec(task: str) -> ModelSpec:
         ) from None
 
 
+def lightning_dirname(task: str) -> str:
+    """Folder name a Lightning LoRA download of ``task`` gets by default (next to the pipeline checkpoint),
+    where the tuner looks for it."""
+    return f"Wan2.2-Lightning-{task}"
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """'1280*720' -> (1280, 720): width first, as Wan2.2's own CLI writes it."""
     try:

@@ -35,11 +35,15 @@ CACHES = ("none", "magcache", "teacache", "fbcache")
 OFFLOAD = ("none", "model", "group_block", "group_leaf")
 DTYPES = ("bfloat16", "float16", "float32")
 LIGHTNING_STEPS = (0, 4)
+LIGHTNING_TASKS = ("t2v-A14B", "i2v-A14B")
+"""Tasks lightx2v publishes Lightning LoRAs for (downloads.catalogue lists them)."""
+SYNTHETIC = ("tiny", "random")
+"""Models built locally with random weights (no checkpoint directory)."""
 TE_AMAX_ALGOS = ("max", "most_recent")
 
 #: Fields that describe *what* is generated rather than *how fast*: excluded from the recipe hash so
 #: that one tuned recipe serves any prompt, image and seed.
-CONTENT_FIELDS = ("model", "prompt", "negative_prompt", "image", "seed")
+CONTENT_FIELDS = ("model", "prompt", "negative_prompt", "image", "seed", "lightning_lora")
 
 DEFAULT_PROMPT = (
     "A red fox trots through fresh snow in a birch forest at golden hour, its breath visible in the cold "
@@ -98,6 +102,8 @@ class Recipe:
     fsdp: bool = _f(False, "shard the DiT and text encoder with FSDP2")
     # --- distillation ---
     lightning: int = _f(0, "Lightning distilled LoRA steps: 0 (off) or 4")
+    lightning_lora: str = _f("", "folder of the Lightning LoRA pair (wanctl download --task t2v-A14B-lightning); "
+                                 "empty: the model's own random LoRA for tiny/random")
 
     # ----------------------------------------------------------------- derived
     @classmethod
@@ -124,6 +130,7 @@ class Recipe:
             steps=self.steps or (self.lightning if lightning else (spec.default_steps if self.model != "tiny" else 6)),
             guidance=self.guidance or (1.0 if lightning else spec.guidance),
             guidance_2=self.guidance_2 or (1.0 if lightning else (spec.guidance_2 or 0.0)),
+            lightning_lora=self.lightning_lora or (self.model if lightning and self.model in SYNTHETIC else ""),
         )
 
     def knob_dict(self) -> dict[str, Any]:
@@ -257,6 +264,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("offload", r.offload, "none with several GPUs (use fsdp to save memory instead)")
     if r.offload.startswith("group") and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with group offload")
+    _check_lightning(r)
     if r.lightning and r.cache != "none":
         raise RecipeError("cache", r.cache, "none with Lightning (4 steps leave nothing to skip)")
     if r.lightning and r.steps and r.steps != r.lightning:
@@ -266,6 +274,24 @@ def validate(recipe: Recipe) -> Recipe:
     if r.cfg_parallel and (r.guidance == 1.0 or r.lightning):
         raise RecipeError("cfg_parallel", r.cfg_parallel, "False when CFG is off (guidance 1 or Lightning)")
     return r
+
+
+def _check_lightning(r: Recipe) -> None:
+    if r.lightning and r.task not in LIGHTNING_TASKS:
+        raise RecipeError("lightning", r.lightning, f"0 for {r.task} (Lightning LoRAs exist for "
+                          f"{', '.join(LIGHTNING_TASKS)})")
+    if r.lightning_lora and not r.lightning:
+        raise RecipeError("lightning_lora", r.lightning_lora, "empty unless lightning is on (it would not be loaded)",
+                          hint="set lightning = 4, or drop lightning_lora")
+    if not r.lightning:
+        return
+    if r.model in SYNTHETIC:
+        if r.lightning_lora in SYNTHETIC and r.lightning_lora != r.model:
+            raise RecipeError("lightning_lora", r.lightning_lora, f"empty, {r.model!r} or a LoRA folder saved for "
+                              f"the {r.model} model")
+    elif not r.lightning_lora or r.lightning_lora in SYNTHETIC:
+        raise RecipeError("lightning_lora", r.lightning_lora, "the folder of the Lightning LoRA pair for a checkpoint",
+                          hint=f"wanctl download --task {r.task}-lightning, then pass that folder")
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:

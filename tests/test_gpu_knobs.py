@@ -88,3 +88,21 @@ def test_random_full_size_model_builds_and_steps(tmp_path: Path) -> None:
     out = run_trial(spec, tmp_path, 900)
     assert out.outcome == "ok", f"{out.outcome}: {out.reason}\n{out.stderr_tail[-1500:]}"
     assert out.result.timings.step_median_s > 0 and out.result.peak_mem_bytes > 10e9
+
+
+@pytest.mark.parametrize("stack", [{}, {"compile": "regional", "quant": "fp8_rowwise", "attention": "_native_cudnn"}])
+def test_lightning_fuses_then_composes_with_compile_and_fp8(tmp_path: Path, reference: tuple[str, str],
+                                                            stack: dict) -> None:
+    """The LoRA is fused and unwrapped before quantization and compile see the Linear layers; the run takes
+    the distilled timesteps with CFG off. Its error against the 4-step CFG reference is reported, not gated."""
+    res = _run(tmp_path, reference, {"lightning": 4, **stack})
+    print("lightning", stack, res.actual, res.quality)
+    assert "Euler on timesteps 1000.0, 937.5, 833.3, 625.0" in res.actual["lightning"]
+    if "compile" not in stack:  # compiled blocks are not counted per forward (their hooks would break graphs)
+        assert res.step_forwards == [1, 1, 1, 1]  # CFG off: one forward per step
+    assert res.quality.compared and not res.quality.nonfinite
+    for key, want in stack.items():
+        if key == "attention":
+            assert res.actual["attention_backend"] == want
+        else:
+            assert want in res.actual[key]

@@ -57,6 +57,9 @@ def quality(r: Recipe) -> Quality:
     if r.quant == "fp8_tensorwise":  # "too lossy": fails the lossy bar
         return Quality(psnr_min_db=21.0, psnr_mean_db=23.0, ssim_min=0.8, ssim_mean=0.85, latent_rel_err=0.3,
                        compared=True)
+    if r.lightning:  # another (distilled) model on 4 steps: far from the 8-step baseline, still a video
+        return Quality(psnr_min_db=22.0, psnr_mean_db=24.0, ssim_min=0.85, ssim_mean=0.9, latent_rel_err=0.4,
+                       compared=True)
     psnr = 60.0
     if r.quant != "none":
         psnr = 32.0
@@ -477,3 +480,28 @@ def test_a_model_that_fits_only_sharded_has_a_sharded_baseline(tmp_path: Path) -
     assert (base.gpus, base.fsdp, base.ulysses) == (2, True, 1)
     assert any("baseline sharded as fsdp2" in n for n in res.notes)
     assert all(s.recipe.fsdp for s in t.specs)
+
+
+def _a14b(h100: ProbeResult, tmp_path: Path, **kw: object) -> SimulatedTuner:
+    cfg = TuneConfig(model="random", task="t2v-A14B", frames=17, steps=8, trials=20, out_dir=str(tmp_path),
+                     **kw)  # type: ignore[arg-type]
+    t = SimulatedTuner(cfg, h100)
+    t.result = t.run()  # type: ignore[attr-defined]
+    return t
+
+
+def test_lightning_is_tried_as_distilled_and_kept_only_where_the_gate_allows(h100: ProbeResult,
+                                                                             tmp_path: Path) -> None:
+    strict = _a14b(h100, tmp_path / "strict")
+    light = [r for r in strict.result.records if r.recipe_obj().lightning]  # type: ignore[attr-defined]
+    assert light, "no Lightning trial on an A14B model"
+    for rec in light:  # every Lightning trial, warm-started or sampled, runs as it was distilled
+        r = rec.recipe_obj()
+        assert (r.steps, r.guidance, r.guidance_2, r.cache, r.lightning_lora) == (4, 1.0, 1.0, "none", "random")
+    assert not any(rec.gate_passed for rec in light) and "PSNR 22.0 dB < 25" in light[0].gate_reason
+    assert not strict.result.best.recipe_obj().lightning  # type: ignore[attr-defined]
+    loose = _a14b(h100, tmp_path / "loose", quality="lossy_psnr=20,lossy_ssim=0.8")
+    best = loose.result.best.recipe_obj()  # type: ignore[attr-defined]
+    assert best.lightning == 4 and best.steps == 4  # half the steps of the baseline: the fastest that passes
+    off = _a14b(h100, tmp_path / "off", lightning_lora="none")
+    assert not any(s.recipe.lightning for s in off.specs) and off.space.lightning == (0,)

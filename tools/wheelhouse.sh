@@ -12,7 +12,7 @@ PY="${PY:-python3}"
 # What a typical CUDA+torch image lacks (imageio-ffmpeg is 68 MB: add it with PKGS=... when the host has no
 # OpenCV; without either, wanctl writes no mp4 and says so). Pinned to versions tested on the H100 (see BENCHMARKS.md).
 PKGS=(${PKGS:-diffusers==0.42.1 optuna==5.0.0 alembic sqlalchemy mako colorlog tomli-w ftfy wcwidth
-      torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet})
+      torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet peft==0.21.2 accelerate})
 mkdir -p "$OUT"
 plat=()
 for n in 17 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done

@@ -170,6 +170,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
 
     ctx = KnobContext(pipe=pipe, recipe=recipe, device=device)
     ctx.notes.extend(_truncation_notes(pipe, recipe))
+    ctx.extra["trust_checkpoint"] = spec.trust_checkpoint  # the Lightning LoRA folder is checked like the model
     if spec.magcache_ratios:
         ctx.extra["magcache_ratios"] = [list(r) for r in spec.magcache_ratios]
     t0 = clock.now()
@@ -280,7 +281,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     if nonfinite:
         res = dataclasses.replace(res, outcome="nan", error="non-finite values in the latent or decoded frames")
     # A requested kernel or parallel layout that did not really run fails the trial, never passes as it.
-    mismatch = ctx.actual.get("attention_mismatch") or ctx.actual.get("parallel_mismatch")
+    mismatch = "; ".join(v for k, v in sorted(ctx.actual.items()) if k.endswith("_mismatch"))
     if mismatch and res.outcome == "ok":
         res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
 
