@@ -76,12 +76,12 @@ def bf16_rate() -> float:
     return 2 * n**3 / t
 
 
-def a14b_slice(layers: int) -> torch.nn.Module:
-    """An A14B expert's transformer cut to ``layers`` identical blocks, random bf16 weights, on the GPU."""
+def a14b_slice(layers: int, device: str = "cuda") -> torch.nn.Module:
+    """An A14B expert's transformer cut to ``layers`` identical blocks, random bf16 weights, on ``device``."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=layers,
@@ -89,13 +89,14 @@ def a14b_slice(layers: int) -> torch.nn.Module:
         ).to(torch.bfloat16).eval()
 
 
-def a14b_inputs(size: str, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def a14b_inputs(size: str, frames: int, device: str = "cuda", seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latent, text states and timestep of one A14B forward at the workload, fixed seed."""
     _, f, h, w = model_spec("t2v-A14B").latent_shape(size, frames)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    lat = torch.randn(1, 16, f, h, w, device="cuda", dtype=torch.bfloat16, generator=g)
-    txt = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
-    return lat, txt, torch.tensor([500.0], device="cuda")
+    g = torch.Generator(device=device).manual_seed(seed)
+    lat = torch.randn(1, 16, f, h, w, device=device, dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=g)
+    return lat, txt, torch.tensor([500.0], device=device)
 
 
 def main() -> None:
