@@ -227,8 +227,11 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     for backend in ATTENTION_BACKENDS:
         if backend in attention:
             continue
-        if backend == "_flash_3" and on_gpu and not fam.fa3:
-            excluded["attention=_flash_3"] = f"FA3 needs Hopper (sm90); this GPU is {fam.name} {fam.sm}"
+        if backend in ("_flash_3", "torch_fa3") and on_gpu and not fam.fa3:
+            excluded[f"attention={backend}"] = f"FA3 needs Hopper (sm90); this GPU is {fam.name} {fam.sm}"
+            continue
+        if backend == "torch_fa4" and on_gpu and not fam.fa4:
+            excluded["attention=torch_fa4"] = f"torch's FA4 needs sm90 or sm100; this GPU is {fam.name} {fam.sm}"
             continue
         if probe.kernels and probe.kernel_ok(f"attention:{backend}"):
             attention.append(backend)

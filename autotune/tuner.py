@@ -58,7 +58,7 @@ from recipes.units import fmt_seconds
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-EARLY_SCREENS = ("_flash_3", "sage", "_native_cudnn", "flash", "_native_flash")
+EARLY_SCREENS = ("_flash_3", "torch_fa4", "sage", "_native_cudnn", "flash", "_native_flash")
 """Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
 fastest somewhere (FA3 on Hopper, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users try first)."""
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
@@ -267,7 +267,8 @@ class Tuner:
     def _warm_starts(self, base: Recipe) -> list[Recipe]:
         """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped)."""
         s = self.space
-        best_att = next((a for a in ("_flash_3", "_native_cudnn", "native") if a in s.attention), base.attention)
+        best_att = next((a for a in ("_flash_3", "torch_fa4", "_native_cudnn", "native") if a in s.attention),
+                        base.attention)
         compile_ = "regional" if "regional" in s.compile else "off"
         tf32 = True in s.tf32
         stacks = self._parallel_starts(base, best_att, compile_)

@@ -48,6 +48,10 @@ STACKS: dict[str, dict] = {
     "fp8tensor+compile": {"quant": "fp8_tensorwise", "compile": "regional"},
     "int8wo+compile": {"quant": "int8wo", "compile": "regional"},
     "fp8row+qkv+compile": {"quant": "fp8_rowwise", "fuse_qkv": True, "compile": "regional"},
+    "fa4": {"attention": "torch_fa4"},
+    "fa4+compile": {"attention": "torch_fa4", "compile": "regional"},
+    "fa4+qkv+compile": {"attention": "torch_fa4", "fuse_qkv": True, "compile": "regional"},
+    "fa4+fp8row+compile": {"attention": "torch_fa4", "quant": "fp8_rowwise", "compile": "regional"},
 }
 
 

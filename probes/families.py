@@ -33,7 +33,8 @@ class GpuFamily:
     fa3: bool = False
     """FlashAttention-3 (`flash_attn_interface`, wgmma/TMA): Hopper sm90 only."""
     fa4: bool = False
-    """FlashAttention-4 (CuTe DSL): Blackwell (best supported on datacenter sm100)."""
+    """FlashAttention-4 (CuTe DSL, through torch's flash SDPA): Hopper sm90 and datacenter Blackwell sm10x
+    (torch's FA4 glue refuses other majors; measured on an H100 in BENCHMARKS.md)."""
 
 
 NO_GPU = GpuFamily()
@@ -82,9 +83,9 @@ def family_for(cc: tuple[int, int] | None, name: str = "") -> GpuFamily:
     sm = f"sm{major}{minor}"
     if major >= 10:
         # sm100/sm103 datacenter Blackwell, sm110 Thor, sm120/sm121 consumer and workstation Blackwell.
-        return GpuFamily("Blackwell", sm, bf16=True, tf32=True, fp8=True, fp4=True, fa2=True, fa4=True)
+        return GpuFamily("Blackwell", sm, bf16=True, tf32=True, fp8=True, fp4=True, fa2=True, fa4=major == 10)
     if major == 9:
-        return GpuFamily("Hopper", sm, bf16=True, tf32=True, fp8=True, fa2=True, fa3=True)
+        return GpuFamily("Hopper", sm, bf16=True, tf32=True, fp8=True, fa2=True, fa3=True, fa4=True)
     if (major, minor) >= (8, 9):
         return GpuFamily("Ada", sm, bf16=True, tf32=True, fp8=True, fa2=True)
     if major == 8:

@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from probes.commands import CommandResult, describe_returncode, run_command
+from recipes.recipe import ATTENTION_BACKENDS
 
 START_MARK = "wanctl-kernel-check: start "
 """Must equal wan_runtime.kernel_check.START_MARK (a test runs the real child and checks)."""
 
-ATTENTION_CHECKS = tuple(f"attention:{b}" for b in (
-    "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
-    "flex", "sage", "flash", "_flash_3",
-))
+ATTENTION_CHECKS = tuple(f"attention:{b}" for b in ATTENTION_BACKENDS)
 QUANT_CHECKS = tuple(f"quant:{q}" for q in ("int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current",
                                              "te_block"))
 KERNEL_CHECKS = (*ATTENTION_CHECKS, "fp8_scaled_mm", *QUANT_CHECKS, "compile")

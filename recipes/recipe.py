@@ -18,9 +18,19 @@ from recipes.models import MODELS, model_spec, parse_size
 
 ATTENTION_BACKENDS = (
     "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
-    "flex", "sage", "flash", "_flash_3",
+    "flex", "sage", "flash", "_flash_3", "torch_fa4", "torch_fa3",
 )
-"""diffusers attention-dispatch names (``set_attention_backend``); ``native`` is diffusers' default."""
+"""diffusers attention-dispatch names (``set_attention_backend``; ``native`` is diffusers' default), plus
+``torch_fa4`` / ``torch_fa3``: diffusers' ``_native_flash`` with torch's flash kernel replaced by FA4 / FA3."""
+
+TORCH_FLASH_IMPLS = {"torch_fa4": "FA4", "torch_fa3": "FA3"}
+"""Recipe attention values that plug an implementation into torch (``activate_flash_attention_impl``)."""
+
+
+def dispatch_backend(attention: str) -> str:
+    """The diffusers backend a recipe's ``attention`` value runs through."""
+    return "_native_flash" if attention in TORCH_FLASH_IMPLS else attention
+
 
 CP_ATTENTION = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
 """Backends diffusers' context parallelism (Ulysses) can split: the others have no parallel path there."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autotune.trial_runner import run_trial
-from recipes.recipe import Recipe
+from recipes.recipe import Recipe, dispatch_backend
 from recipes.spec import TrialSpec
 
 pytestmark = pytest.mark.gpu
@@ -23,6 +23,7 @@ LOSSLESS = {
     "flash": {"attention": "_native_flash"},
     "efficient": {"attention": "_native_efficient"},
     "flex": {"attention": "flex"},
+    "fa4": {"attention": "torch_fa4"},
     "tf32": {"tf32": True},
     "qkv": {"fuse_qkv": True},
     "compile_regional": {"compile": "regional"},
@@ -67,7 +68,7 @@ def test_lossless_knob_matches_default(tmp_path: Path, reference: tuple[str, str
     assert q.compared and not q.nonfinite
     assert q.latent_rel_err < 1e-2, f"{name}: latent rel err {q.latent_rel_err}"
     if "attention" in LOSSLESS[name]:
-        assert res.actual["attention_backend"] == LOSSLESS[name]["attention"]
+        assert res.actual["attention_backend"] == dispatch_backend(LOSSLESS[name]["attention"])
         assert "attention_mismatch" not in res.actual
 
 
@@ -103,6 +104,6 @@ def test_lightning_fuses_then_composes_with_compile_and_fp8(tmp_path: Path, refe
     assert res.quality.compared and not res.quality.nonfinite
     for key, want in stack.items():
         if key == "attention":
-            assert res.actual["attention_backend"] == want
+            assert res.actual["attention_backend"] == dispatch_backend(want)
         else:
             assert want in res.actual[key]

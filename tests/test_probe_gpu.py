@@ -15,10 +15,10 @@ from tests.probe_fakes import FIXTURES, MACHINES, RecordedNvml, fake_nvidia_smi,
 
 # machine -> (GPU count, family, sm, fp8, fp4, fa3, fa4, describe())
 EXPECTED = {
-    "h100_sxm_8x": (8, "Hopper", "sm90", True, False, True, False, "8x NVIDIA H100 80GB HBM3"),
-    "h100_sxm_1x": (1, "Hopper", "sm90", True, False, True, False, "1x NVIDIA H100 80GB HBM3"),
-    "h100_pcie_1x": (1, "Hopper", "sm90", True, False, True, False, "1x NVIDIA H100 PCIe"),
-    "h200_8x": (8, "Hopper", "sm90", True, False, True, False, "8x NVIDIA H200"),
+    "h100_sxm_8x": (8, "Hopper", "sm90", True, False, True, True, "8x NVIDIA H100 80GB HBM3"),
+    "h100_sxm_1x": (1, "Hopper", "sm90", True, False, True, True, "1x NVIDIA H100 80GB HBM3"),
+    "h100_pcie_1x": (1, "Hopper", "sm90", True, False, True, True, "1x NVIDIA H100 PCIe"),
+    "h200_8x": (8, "Hopper", "sm90", True, False, True, True, "8x NVIDIA H200"),
     "b200_8x": (8, "Blackwell", "sm100", True, True, False, True, "8x NVIDIA B200"),
     "a100_80gb_2x": (2, "Ampere", "sm80", False, False, False, False, "2x NVIDIA A100-SXM4-80GB"),
     "a100_40gb_1x": (1, "Ampere", "sm80", False, False, False, False, "1x NVIDIA A100-PCIE-40GB"),

@@ -13,6 +13,14 @@ PY="${PY:-python3}"
 # OpenCV; without either, wanctl writes no mp4 and says so). Pinned to versions tested on the H100 (see BENCHMARKS.md).
 PKGS=(${PKGS:-diffusers==0.42.1 optuna==5.0.0 alembic sqlalchemy mako colorlog tomli-w ftfy wcwidth
       torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet peft==0.21.2 accelerate})
+# FA4=1 adds flash-attn-4 and its CuTe DSL runtime for CUDA 13 (~110 MB; torch >= 2.11 plugs it in as the
+# torch_fa4 attention). pip --target does not run .pth files: on the GPU host also put
+# /opt/wanctl-site/nvidia_cutlass_dsl/dsl_packages on PYTHONPATH. Tested on the H100: BENCHMARKS.md.
+if [ "${FA4:-0}" = 1 ]; then
+  PKGS+=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+         nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi==0.1.15.post2
+         torch-c-dlpack-ext quack-kernels==0.6.5 einops cuda-bindings==13.5.0 cuda-pathfinder)
+fi
 mkdir -p "$OUT"
 plat=()
 for n in 17 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done

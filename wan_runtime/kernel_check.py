@@ -31,16 +31,14 @@ from typing import Any
 
 import torch
 
+from recipes.recipe import ATTENTION_BACKENDS, dispatch_backend
+from wan_runtime.knobs import flash_impl
+from wan_runtime.knobs.base import Unsupported
+
 SCHEMA = 1
 START_MARK = "wanctl-kernel-check: start "
 
-ATTENTION_BACKENDS = (
-    "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
-    "flex", "sage", "flash", "_flash_3",
-)
-"""diffusers backend names checked, the values of the recipe's ``attention`` field."""
-
-_CUDA_ONLY_ATTENTION = {"_native_cudnn", "_native_efficient", "sage", "flash", "_flash_3"}
+_CUDA_ONLY_ATTENTION = {"_native_cudnn", "_native_efficient", "sage", "flash", "_flash_3", "torch_fa4", "torch_fa3"}
 """Backends with no CPU kernel at all (torch's flash backend does have one)."""
 
 _ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface"}
@@ -91,7 +89,7 @@ def _check_close(err: float, tol: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- attention
-def check_attention(backend: str, device: torch.device) -> float:
+def check_attention(backend: str, device: torch.device, tol_of: str = "") -> float:
     """One tiny (B, S, H, D) attention through diffusers' dispatcher, against float32 math."""
     if backend in _CUDA_ONLY_ATTENTION:
         _need_cuda(device)
@@ -99,6 +97,17 @@ def check_attention(backend: str, device: torch.device) -> float:
         mod = _ATTENTION_MODULE[backend]
         _need_module(mod, {"sageattention": "sageattention", "flash_attn": "flash-attn",
                            "flash_attn_interface": "flash_attn_interface (FA3)"}[mod])
+    impl = flash_impl.impl_of(backend)
+    if impl:
+        try:
+            flash_impl.require(impl)
+        except Unsupported as exc:
+            raise Absent(str(exc)) from None
+        flash_impl.activate(impl)
+        try:
+            return check_attention(dispatch_backend(backend), device, tol_of=backend)
+        finally:
+            flash_impl.restore()
     from diffusers.models import attention_dispatch as ad
 
     requirements = getattr(ad, "_check_attention_backend_requirements", None)
@@ -119,7 +128,7 @@ def check_attention(backend: str, device: torch.device) -> float:
         raise RuntimeError(f"output shape {tuple(out.shape)}, expected {(b, s, h, d)}")
     qt, kt, vt = (x.float().transpose(1, 2) for x in (q.to(dtype), k.to(dtype), v.to(dtype)))
     ref = (torch.softmax(qt @ kt.transpose(-1, -2) / math.sqrt(d), dim=-1) @ vt).transpose(1, 2)
-    return _check_close(_rel_err(out, ref), _ATTENTION_TOL.get(backend, _DEFAULT_TOL))
+    return _check_close(_rel_err(out, ref), _ATTENTION_TOL.get(tol_of or backend, _DEFAULT_TOL))
 
 
 # ------------------------------------------------------------------------------------------- matmuls

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from recipes.recipe import dispatch_backend
+from wan_runtime.knobs import flash_impl
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 #: Kernel-name fragments -> family, checked in order (first match wins).
 KERNEL_FAMILIES = (
     ("cudnn", "cudnn"),
+    ("flash_attncute", "fa4"),  # flash-attn-4's CuTe DSL kernels (e.g. ...flash_attncuteflash_fwd_sm90...)
+    ("flashattnfwdsm90", "fa3"),  # FA3's cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>
     ("sage", "sage"),
     ("flash_fwd", "flash"),
     ("flash_attn", "flash"),
@@ -40,7 +44,9 @@ EXPECTED = {
     "_native_efficient": {"efficient"},
     "_native_math": {"math"},
     "flash": {"flash"},
-    "_flash_3": {"flash"},
+    "_flash_3": {"flash", "fa3"},
+    "torch_fa4": {"fa4"},
+    "torch_fa3": {"fa3"},
     "sage": {"sage", "triton"},
     "flex": {"flex", "triton", "math"},
 }
@@ -65,10 +71,11 @@ class AttentionObserver:
     dynamo guard on it and recompile every call); what was dispatched is then read off the processors.
     """
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, requested: str) -> None:
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-        self.backend = backend
+        self.backend = requested
+        backend = dispatch_backend(requested)
         self.registry = _AttentionBackendRegistry
         self.key = AttentionBackendName(backend)
         if self.key not in self.registry._backends:
@@ -139,26 +146,36 @@ def _self_attention_shape(ctx: KnobContext) -> tuple[int, int, int, int] | None:
 def _check(ctx: KnobContext) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
+    requested = ctx.recipe.attention
     try:
-        AttentionBackendName(ctx.recipe.attention)
+        AttentionBackendName(dispatch_backend(requested))
     except ValueError:
-        raise Unsupported(f"diffusers has no attention backend {ctx.recipe.attention!r}", "pick another") from None
-    if ctx.recipe.attention in ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage") and not ctx.on_gpu:
-        raise Unsupported(f"attention backend {ctx.recipe.attention} needs a CUDA GPU", "use native on CPU")
+        raise Unsupported(f"diffusers has no attention backend {requested!r}", "pick another") from None
+    cuda_only = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3")
+    if requested in cuda_only and not ctx.on_gpu:
+        raise Unsupported(f"attention backend {requested} needs a CUDA GPU", "use native on CPU")
+    if flash_impl.impl_of(requested):
+        flash_impl.require(flash_impl.impl_of(requested))
 
 
 def _apply(ctx: KnobContext) -> None:
+    impl = flash_impl.impl_of(ctx.recipe.attention)
+    if impl:
+        flash_impl.activate(impl)
+        ctx.actual["flash_impl"] = f"{impl} plugged into torch's flash SDPA kernel, run by diffusers' _native_flash"
     for t in ctx.transformers:
         mark_applied(t, "attention")
         # Set even for "native": diffusers' set_attention_backend also sets a process-wide active backend,
         # so an unset model would silently run whatever another model set last.
         try:
-            t.set_attention_backend(ctx.recipe.attention)
+            t.set_attention_backend(dispatch_backend(ctx.recipe.attention))
         except (ImportError, RuntimeError, ValueError) as exc:
             raise Unsupported(f"attention backend {ctx.recipe.attention} is not available: "
                               f"{str(exc).splitlines()[0][:200]}", "install its library or pick another") from None
     obs = AttentionObserver(ctx.recipe.attention)
     ctx.observers.append(obs)
+    if impl:  # after the observer's kernel replay, which must still see the plugged-in kernel
+        ctx.observers.append(flash_impl.Restore())
 
 
 KNOB = Knob(name="attention", lossless=True, active=lambda r: True, check=_check, apply=_apply)

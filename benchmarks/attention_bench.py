@@ -1,0 +1,148 @@
+"""One attention call at the A14B workload per kernel torch can reach, timed in one run.
+
+Why: attention is two thirds of an A14B forward on an H100 (BENCHMARKS.md), so the kernel is the knob
+that matters most, and which kernel is fastest depends on the GPU and on what is installed. This times
+``F.scaled_dot_product_attention`` at the workload's shape (B=1, 40 heads, 75,600 tokens, head dim 128,
+bf16, no mask) under each SDPA backend, and under torch's FA3/FA4 implementations where
+``torch.nn.attention.activate_flash_attention_impl`` can activate them (``flash-attn-4`` /
+``flash_attn_interface`` installed), through wanctl's own route (wan_runtime/knobs/flash_impl.py);
+``FA4-direct`` calls flash-attn-4's ``flash_attn_func`` without torch, as a check on that route. Each row's error is against the cuDNN output of the same inputs.
+
+    python benchmarks/attention_bench.py --out DIR [--impls cudnn,flash,FA4,FA3] [--tokens 75600]
+
+Timing boundary: one attention call (one layer's self-attention of one forward), CUDA events, median of
+``--iters`` after ``--warmup`` calls (FA4 compiles its kernel on first use: the warm-up column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wan_runtime.env import versions  # noqa: E402
+from wan_runtime.knobs import flash_impl  # noqa: E402
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _time(fn, iters: int, warmup: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts), warm
+
+
+def kernels_of(fn) -> list[str]:
+    """Names of the GPU kernels one call launches (what really ran, not what was asked for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name[:80] for e in prof.events() if e.device_type.name == "CUDA"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impls", default="cudnn,flash,FA4,FA3")
+    ap.add_argument("--tokens", type=int, default=75600)
+    ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    from torch.nn import attention as tna
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, args.heads, args.tokens, args.dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    flops = 4 * args.tokens**2 * args.dim * args.heads
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref = F.scaled_dot_product_attention(q, k, v).float()
+    rows = []
+    listed = list(getattr(tna, "list_flash_attention_impls", lambda: [])())
+    for name in args.impls.split(","):
+        row: dict = {"impl": name}
+        try:
+            if name == "FA4-direct":  # flash-attn-4's own entry point, (B, S, H, D), without torch's glue
+                from flash_attn.cute import flash_attn_func
+
+                bshd = tuple(x.transpose(1, 2).contiguous() for x in (q, k, v))
+
+                def direct(bshd: tuple[torch.Tensor, ...] = bshd) -> torch.Tensor:
+                    out = flash_attn_func(*bshd)
+                    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+
+                t, warm = _time(direct, args.iters, args.warmup)
+                out = direct().float()
+                row.update(s=t, tflops=flops / t / 1e12, warmup_s=warm,
+                           rel_err_vs_cudnn=float((out - ref).norm() / ref.norm()), kernels=kernels_of(direct))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            if name in BACKENDS:
+                backend = BACKENDS[name]
+            else:  # torch's pluggable flash implementations, behind the FLASH_ATTENTION backend, as wanctl plugs them
+                flash_impl.activate(name)
+                backend = SDPBackend.FLASH_ATTENTION
+
+            def call(backend: SDPBackend = backend) -> torch.Tensor:
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            t, warm = _time(call, args.iters, args.warmup)
+            out = call().float()
+            row.update(s=t, tflops=flops / t / 1e12, warmup_s=warm,
+                       rel_err_vs_cudnn=float((out - ref).norm() / ref.norm()), kernels=kernels_of(call))
+        except Exception as exc:  # an impl that cannot run is a row saying why
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            traceback.print_exc()
+        finally:
+            if name in ("FA3", "FA4"):
+                flash_impl.restore()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    doc = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "commit": commit,
+           "registered_impls": listed, "shape": list(shape), "flops": flops, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_bench.json").write_text(json.dumps(doc, indent=2))
+    base = next((r["s"] for r in rows if r["impl"] == "cudnn" and "s" in r), None)
+    print("| kernel | ms / call | TFLOP/s | vs cuDNN | rel. err vs cuDNN | warm-up s |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['impl']} | error: {r['error'][:100]} | | | | |")
+        else:
+            ratio = f"{base / r['s']:.2f}x" if base else "-"
+            print(f"| {r['impl']} | {r['s'] * 1e3:.1f} | {r['tflops']:.0f} | {ratio} | {r['rel_err_vs_cudnn']:.1e} | "
+                  f"{r['warmup_s']:.1f} |")
+    print(doc["gpu"], doc["versions"], "registered:", listed)
+
+
+if __name__ == "__main__":
+    main()
