@@ -231,7 +231,7 @@ def tune(
     proxy_frames: Annotated[int, typer.Option("--proxy-frames", help="frames of quality runs")] = 17,
     measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps timed per trial")] = 4,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
-    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL")] = None,
+    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank")] = None,
     trust_checkpoint: TrustOpt = False,
     lightning_lora: Annotated[str, typer.Option("--lightning-lora", help="Lightning LoRA folder (wanctl download "
                               "--task TASK-lightning) to search the 4-step stack with, or 'none'; default: the "

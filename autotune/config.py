@@ -11,6 +11,7 @@ from recipes.errors import BadInput
 from recipes.manifest import MANIFEST_NAME
 from recipes.models import lightning_dirname
 from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, SYNTHETIC, Recipe, validate
+from recipes.spec import FAULTS
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class TuneConfig:
     model's own random LoRA, or for a checkpoint the download folder beside it when there."""
     sampler_seed: int = 0
     inject: tuple[str, ...] = field(default_factory=tuple)
-    """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2'); see recipes.spec.FAULTS."""
+    """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2') or 'FAULT@TRIAL:RANK' (one rank of a
+    multi-GPU trial, e.g. 'hang@3:1'); see recipes.spec.FAULTS."""
     slower_tolerance: float = 0.0
     """Relative margin under which a trial counts as not slower than the baseline; 0: 3% GPU, 10% CPU."""
     command: tuple[str, ...] = ()
@@ -91,13 +93,17 @@ class TuneConfig:
         only for the tiny model, where the proxy and the target workload are the same."""
         return self.model == "tiny"
 
-    def injections(self) -> dict[int, str]:
+    def injections(self) -> dict[int, tuple[str, int]]:
+        """Trial number -> (fault, rank); rank -1 fires on every rank of a multi-GPU trial."""
         out = {}
         for item in self.inject:
-            m = re.fullmatch(r"([a-z_]+)@(\d+)", item)
+            m = re.fullmatch(r"([a-z_]+)@(\d+)(?::(\d+))?", item)
             if not m:
-                raise BadInput(f"--inject {item!r} is not FAULT@TRIAL", "write e.g. --inject oom@2")
-            out[int(m.group(2))] = m.group(1)
+                raise BadInput(f"--inject {item!r} is not FAULT@TRIAL or FAULT@TRIAL:RANK",
+                               "write e.g. --inject oom@2, or --inject hang@3:1 for rank 1 only")
+            if m.group(1) not in FAULTS or m.group(1) == "none":
+                raise BadInput(f"--inject fault {m.group(1)!r} is unknown", "one of " + ", ".join(FAULTS[1:]))
+            out[int(m.group(2))] = (m.group(1), int(m.group(3)) if m.group(3) else -1)
         return out
 
 

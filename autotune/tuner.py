@@ -516,10 +516,11 @@ class Tuner:
 
     def _spec(self, recipe: Recipe, mode: str, number: int, tag: str, ref: str = "", **kw: Any) -> TrialSpec:
         frames_ref, latent_ref = self.ref_paths.get(ref, ("", ""))
-        fault = self.injections.get(number, "none") if tag.endswith("a0") else "none"
+        fault, fault_rank = self.injections.get(number, ("none", -1)) if tag.endswith("a0") else ("none", -1)
         return TrialSpec(recipe=recipe, mode=mode, out_dir=str(self.out / "trials" / f"{number:04d}-{tag}"),
                          warmup_steps=self.cfg.warmup_steps, reference_frames=frames_ref,
-                         reference_latent=latent_ref, write_video=False, fault=fault, trial_number=number,
+                         reference_latent=latent_ref, write_video=False, fault=fault, fault_rank=fault_rank,
+                         trial_number=number,
                          magcache_ratios=self.magcache_ratios if recipe.cache == "magcache" else [],
                          trust_checkpoint=self.cfg.trust_checkpoint, **kw)
 

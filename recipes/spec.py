@@ -24,8 +24,10 @@ MODES = ("generate", "measure", "quality")
 VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate."""
 
 FAULTS = ("none", "oom", "oom_decode", "orphan", "hang", "crash", "segfault", "nan", "slow", "no_result", "bad_result",
-          "illegal_memory", "ignore_sigterm")
-"""Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked."""
+          "illegal_memory", "ignore_sigterm", "oom_cuda", "illegal_memory_cuda")
+"""Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked. The
+``_cuda`` ones are the real failure on a GPU (an allocation larger than the card; a kernel's out-of-bounds
+store), the others imitate how a failure reaches the tuner (exception, exit code, signal, stderr line)."""
 
 PHASES = ("start", "load", "apply", "text_encode", "denoise", "vae_decode", "finish")
 

@@ -505,3 +505,15 @@ def test_lightning_is_tried_as_distilled_and_kept_only_where_the_gate_allows(h10
     assert best.lightning == 4 and best.steps == 4  # half the steps of the baseline: the fastest that passes
     off = _a14b(h100, tmp_path / "off", lightning_lora="none")
     assert not any(s.recipe.lightning for s in off.specs) and off.space.lightning == (0,)
+
+
+def test_an_injected_fault_can_target_one_rank(h100: ProbeResult, tmp_path: Path) -> None:
+    from recipes.errors import BadInput
+
+    t = run(h100, tmp_path, trials=3, inject=("crash@1:1", "oom@2"))
+    by = {s.trial_number: s for s in t.specs if s.fault != "none"}
+    assert (by[1].fault, by[1].fault_rank) == ("crash", 1)
+    assert (by[2].fault, by[2].fault_rank) == ("oom", -1)  # every rank
+    for bad in ("boom@1", "crash@x", "crash@1:"):
+        with pytest.raises(BadInput):
+            TuneConfig(inject=(bad,)).injections()

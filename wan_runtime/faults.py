@@ -21,6 +21,13 @@ def fire(spec: TrialSpec, step: int) -> None:
     if spec.fault in ("none", "nan", "slow", "oom_decode") or step != spec.fault_step or not _this_rank(spec):
         return
     f = spec.fault
+    if f in ("oom_cuda", "illegal_memory_cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"fault {f} needs a CUDA GPU (it makes the real failure, not an imitation)")
+        if f == "oom_cuda":  # the caching allocator's own OutOfMemoryError: more than the whole card at once
+            _, total = torch.cuda.mem_get_info()
+            torch.empty(total + (1 << 30), dtype=torch.uint8, device="cuda")
+        _out_of_bounds_store()
     if f == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected fault)")
     if f == "hang":
@@ -62,3 +69,18 @@ def corrupt_latents(spec: TrialSpec, step: int, latents: torch.Tensor) -> torch.
     if spec.fault == "nan" and step >= spec.fault_step:
         return torch.full_like(latents, float("nan"))
     return latents
+
+
+def _out_of_bounds_store() -> None:
+    """A real illegal memory access: a kernel storing 4 TiB past its buffer. The CUDA context is dead
+    afterwards, as after the real bug; only a fresh process can use the GPU again."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_far(ptr):  # noqa: ANN001, ANN202 (a Triton kernel)
+        tl.store(ptr + (1 << 40), 1.0)
+
+    x = torch.zeros(1, device="cuda")
+    store_far[(1,)](x)
+    torch.cuda.synchronize()
