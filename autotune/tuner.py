@@ -41,7 +41,7 @@ from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
-from recipes.recipe import CP_ATTENTION, Recipe, validate
+from recipes.recipe import CP_ATTENTION, GRAPH_BREAKING_ATTENTION, Recipe, validate
 from recipes.records import (
     BASELINE_KEY,
     CONFIG_KEY,
@@ -279,6 +279,8 @@ class Tuner:
         fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
         if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
             stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
+        if "sage" in s.attention:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
+            stacks.append(base.replace(attention="sage", quant=fp8 or "none", compile=compile_))
         if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
             stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
                                        magcache_k=2, cache_retention=0.2, compile=compile_))
@@ -293,7 +295,7 @@ class Tuner:
         out = []
         for r in stacks:
             try:
-                out.append(validate(r))
+                out.append(validate(_traceable(r)))
             except RecipeError as exc:
                 log.info("warm start %s dropped: %s", r.stack_label(base), exc)
         return out
@@ -341,7 +343,7 @@ class Tuner:
             ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
         elif ch["cache"] == "fbcache":
             ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
-        return self._lightning(base.replace(**ch), lightning)
+        return _traceable(self._lightning(base.replace(**ch), lightning))
 
     # ------------------------------------------------------------------ loop
     def _total(self, study: optuna.Study) -> int | None:
@@ -806,6 +808,13 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) 
     tuner = Tuner(cfg, probe, reporter)
     return tuner.run()
 
+
+
+def _traceable(r: Recipe) -> Recipe:
+    """Compile around an attention backend torch cannot trace whole instead of failing on it."""
+    if r.attention in GRAPH_BREAKING_ATTENTION and r.compile != "off":
+        return r.replace(compile_fullgraph=False)
+    return r
 
 
 def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConfig, ProbeResult]:

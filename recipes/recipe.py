@@ -23,6 +23,10 @@ ATTENTION_BACKENDS = (
 """diffusers attention-dispatch names (``set_attention_backend``; ``native`` is diffusers' default), plus
 ``torch_fa4`` / ``torch_fa3``: diffusers' ``_native_flash`` with torch's flash kernel replaced by FA4 / FA3."""
 
+GRAPH_BREAKING_ATTENTION = ("sage",)
+"""Backends torch.compile cannot trace whole (SageAttention 2.2 on torch 2.11, measured on the H100):
+compiled only with fullgraph=False, the blocks compiled around the attention call."""
+
 TORCH_FLASH_IMPLS = {"torch_fa4": "FA4", "torch_fa3": "FA3"}
 """Recipe attention values that plug an implementation into torch (``activate_flash_attention_impl``)."""
 
@@ -274,6 +278,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("offload", r.offload, "none with several GPUs (use fsdp to save memory instead)")
     if r.offload.startswith("group") and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with group offload")
+    if r.attention in GRAPH_BREAKING_ATTENTION and r.compile != "off" and r.compile_fullgraph:
+        raise RecipeError("compile_fullgraph", True, f"False with {r.attention} attention (its kernels break the "
+                          "graph: torch.compile fullgraph=True fails with 'torch.* op returned non-Tensor')",
+                          hint="set compile_fullgraph = false (--set compile_fullgraph=false)")
     _check_lightning(r)
     if r.lightning and r.cache != "none":
         raise RecipeError("cache", r.cache, "none with Lightning (4 steps leave nothing to skip)")

@@ -38,6 +38,7 @@ LOSSY = {
     "fp8_tensorwise": {"quant": "fp8_tensorwise"},
     "fbcache": {"cache": "fbcache", "cache_threshold": 0.05},
     "magcache": {"cache": "magcache", "cache_threshold": 0.12},
+    "sage": {"attention": "sage"},  # SageAttention >= 2.1.1 (tools/build_sageattention.sh); skipped without it
 }
 
 
@@ -78,7 +79,7 @@ def test_lossy_knob_runs_and_reports_error(tmp_path: Path, reference: tuple[str,
     q = res.quality
     print(name, res.actual, q)
     assert q.compared and not q.nonfinite and q.psnr_min_db > 10.0
-    key = "quant" if "quant" in LOSSY[name] else "cache"
+    key = "quant" if "quant" in LOSSY[name] else "cache" if "cache" in LOSSY[name] else "attention_backend"
     assert key in res.actual
 
 

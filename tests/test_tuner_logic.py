@@ -517,3 +517,22 @@ def test_an_injected_fault_can_target_one_rank(h100: ProbeResult, tmp_path: Path
     for bad in ("boom@1", "crash@x", "crash@1:"):
         with pytest.raises(BadInput):
             TuneConfig(inject=(bad,)).injections()
+
+
+def test_sage_is_compiled_around_not_through(h100: ProbeResult, tmp_path: Path) -> None:
+    """SageAttention 2 breaks torch.compile's graph (measured on the H100): a recipe asking for both is bad
+    input unless fullgraph is off, and every trial the tuner makes with both has it off."""
+    from recipes.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        validate(Recipe(attention="sage", compile="regional"))
+    assert e.value.field == "compile_fullgraph" and "compile_fullgraph=false" in str(e.value)
+    validate(Recipe(attention="sage", compile="regional", compile_fullgraph=False))
+    sage_ok = dataclasses.replace(h100.kernel("attention:native"), name="attention:sage")  # as if Sage 2 were built
+    probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels if k.name != "attention:sage") + (sage_ok,))
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, probe)
+    t.run()
+    sage = [s.recipe for s in t.specs if s.recipe.attention == "sage"]
+    assert any(r.compile != "off" for r in sage), "no compiled Sage trial was tried"
+    assert all(not r.compile_fullgraph for r in sage if r.compile != "off")
