@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -31,28 +28,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import commit_id  # noqa: E402
+from benchmarks.dit_bench import ev_time  # noqa: E402
 from wan_runtime.env import versions  # noqa: E402
 from wan_runtime.knobs import flash_impl  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def _time(fn, iters: int, warmup: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    warm = time.perf_counter() - t0
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts), warm
 
 
 def kernels_of(fn) -> list[str]:
@@ -97,7 +79,7 @@ def main() -> None:
                     out = flash_attn_func(*bshd)
                     return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
 
-                t, warm = _time(direct, args.iters, args.warmup)
+                t, warm = ev_time(direct, args.iters, args.warmup)
                 out = direct().float()
                 row.update(s=t, tflops=flops / t / 1e12, warmup_s=warm,
                            rel_err_vs_cudnn=float((out - ref).norm() / ref.norm()), kernels=kernels_of(direct))
@@ -114,7 +96,7 @@ def main() -> None:
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(q, k, v)
 
-            t, warm = _time(call, args.iters, args.warmup)
+            t, warm = ev_time(call, args.iters, args.warmup)
             out = call().float()
             row.update(s=t, tflops=flops / t / 1e12, warmup_s=warm,
                        rel_err_vs_cudnn=float((out - ref).norm() / ref.norm()), kernels=kernels_of(call))
@@ -126,7 +108,7 @@ def main() -> None:
                 flash_impl.restore()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     doc = {"gpu": torch.cuda.get_device_name(), "versions": versions(), "commit": commit,
            "registered_impls": listed, "shape": list(shape), "flops": flops, "rows": rows}
     out = Path(args.out)

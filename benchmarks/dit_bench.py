@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
+from benchmarks.common import commit_id, ran_summary
 from recipes.models import model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import versions
@@ -160,9 +159,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["est_forward_s"] for r in rows if r["stack"] == "default" and "est_forward_s" in r), None)
-    # A copied work tree (offline GPU host) has no .git: the caller passes the commit it copied.
-    commit = os.environ.get("WANCTL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "bf16_tflops": rate / 1e12, "flops_per_forward": flops,
            "floor_s": floor, "layers": args.layers, "size": args.size, "frames": args.frames, "rows": rows}
@@ -174,7 +171,7 @@ def main() -> None:
             lines.append(f"| {r['stack']} | error | | | | | | {r['error'][:120]} |")
             continue
         ratio = f"{base / r['est_forward_s']:.2f}x" if base else "-"
-        ran = ", ".join(f"{k}={v}" for k, v in r["actual"].items() if k != "attention_calls")
+        ran = ran_summary(r["actual"])
         lines.append(f"| {r['stack']} | {r['est_forward_s']:.2f} | {ratio} | {r['est_forward_s'] / floor:.2f}x | "
                      f"{r['warmup_s']:.1f} | {r['peak_gb']:.1f} | {r['rel_err']:.1e} | {ran} |")
     (out / "dit_bench.md").write_text("\n".join(lines) + "\n")

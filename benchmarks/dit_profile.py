@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from benchmarks.common import commit_id
 from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
@@ -105,8 +104,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    commit = os.environ.get("WANCTL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "size": args.size, "frames": args.frames,
            "rows": rows}

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.search_space import layout_fields  # noqa: E402
+from benchmarks.common import commit_id, ran_summary  # noqa: E402
 from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
@@ -157,8 +157,7 @@ def main() -> None:
     for r in rows:
         if "est_step_s" in r:
             r["efficiency"] = t1 / (r["gpus"] * r["est_step_s"])
-    commit = os.environ.get("WANCTL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     doc = {"gpu": gpu, "gpus": world, "versions": versions(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
            "layers": args.layers, "size": args.size, "frames": args.frames, "attention": args.attention, "rows": rows}
@@ -171,7 +170,7 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {r['layout']} | {r['gpus']} | error | | | | | | {r['error'][:120]} |")
             continue
-        ran = "; ".join(f"{k}={v}" for k, v in r["actual"].items() if k != "attention_calls")
+        ran = ran_summary(r["actual"], "; ")
         err = f"{r['rel_err_vs_single']:.1e}" if "rel_err_vs_single" in r else "-"
         lines.append(f"| {r['layout']} | {r['gpus']} | {r['est_step_s']:.2f} | {t1 / r['est_step_s']:.2f}x | "
                      f"{r['efficiency']:.3f} | {err} | {r['peak_gb']:.1f} | {r['warmup_s']:.1f} | {ran} |")
