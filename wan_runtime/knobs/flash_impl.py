@@ -59,12 +59,13 @@ def require(impl: str) -> None:
         raise Unsupported(f"{impl} is not installed: {what}", "install it, or use attention _native_cudnn")
 
 
-@functools.cache
 def _registered(impl: str) -> str:
-    """Register our entry once per process; the name to activate."""
+    """Our entry in torch's registry (added on first use in this process); the name to activate."""
     from torch.nn import attention as tna
 
     name = _WANCTL_NAME.format(impl=impl)
+    if name in tna.list_flash_attention_impls():
+        return name
     if impl == "FA4":
         from torch.nn.attention import _fa4
 
