@@ -77,3 +77,17 @@ def test_adapter_hands_torch_out_and_lse_only(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [{"causal": False}]
     assert adapter._flash_attn_bwd == "bwd" and adapter.other == 7
     monkeypatch.delitem(sys.modules, "wan_runtime.knobs.fa4_adapter")
+
+
+def test_sage_on_a_head_dim_it_cannot_take_is_unsupported_before_it_runs() -> None:
+    """SageAttention 2 asserts on head dims other than 64/96/128 mid-run; the knob says so up front (the tiny
+    model's 16), so the trial is 'unsupported' with the reason, not a crash."""
+    from wan_runtime.build import build_pipeline
+    from wan_runtime.knobs.attention import _check
+    from wan_runtime.knobs.base import KnobContext
+
+    pipe = build_pipeline(Recipe(steps=1), torch.device("cpu"))
+    ctx = KnobContext(pipe=pipe, recipe=Recipe(steps=1, attention="sage"), device=torch.device("cuda"))
+    with pytest.raises(Unsupported) as e:
+        _check(ctx)
+    assert "head dims [64, 96, 128]" in str(e.value) and "[16]" in str(e.value)

@@ -37,6 +37,9 @@ KERNEL_FAMILIES = (
     ("bmm", "math"),
 )
 
+SAGE_HEAD_DIMS = {64, 96, 128}
+"""Head dims SageAttention 2's kernels take (it asserts on others): Wan2.2's are 128."""
+
 #: Requested backend -> kernel families that honour the request.
 EXPECTED = {
     "_native_cudnn": {"cudnn"},
@@ -156,6 +159,11 @@ def _check(ctx: KnobContext) -> None:
         raise Unsupported(f"attention backend {requested} needs a CUDA GPU", "use native on CPU")
     if flash_impl.impl_of(requested):
         flash_impl.require(flash_impl.impl_of(requested))
+    if requested == "sage":
+        dims = {t.config.attention_head_dim for t in ctx.transformers}
+        if not dims <= SAGE_HEAD_DIMS:
+            raise Unsupported(f"sage attention takes head dims {sorted(SAGE_HEAD_DIMS)}; this model has "
+                              f"{sorted(dims)}", "use another attention backend for this model")
 
 
 def _apply(ctx: KnobContext) -> None:
