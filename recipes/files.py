@@ -23,12 +23,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, mode if mode is not None else file_mode(0o666))
         os.replace(tmp, p)
     except OSError as exc:
         try:
@@ -38,6 +33,26 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
         raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
                           "free disk space or choose another output directory") from exc
     return p
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux says it (os.umask can only be read by
+    setting it, which races with threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def file_mode(full: int) -> int:
+    """``full`` (0o666 for data, 0o755 for a script) under the user's umask, and never world-writable: a
+    recipe or launch script others could edit would run their commands as the user."""
+    return full & ~current_umask() & ~0o002
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> Path:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.files import atomic_write_text
+from recipes.files import atomic_write_text, file_mode
 from recipes.launch import LaunchOptions, render_launch_script
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, write_recipe
@@ -31,7 +31,7 @@ def write_outputs(out: Path, inp: ReportInput, recipe: Recipe, meta: RecipeMeta,
     recipe_path = write_recipe(out / "recipe.toml", recipe, meta)
     launch = atomic_write_text(out / "launch.sh", render_launch_script(
         recipe, LaunchOptions(name=meta.name, version=version, out=f"{meta.name}.mp4")))
-    os.chmod(launch, 0o755 & ~_umask())
+    os.chmod(launch, file_mode(0o755))
     report = atomic_write_text(out / "report.md", render(ReportInput(**{**inp.__dict__, "plot": plot.name})))
     inputs = out / "inputs"
     atomic_write_text(inputs / "tune_config.json", json.dumps(config, indent=2, sort_keys=True))
@@ -39,8 +39,3 @@ def write_outputs(out: Path, inp: ReportInput, recipe: Recipe, meta: RecipeMeta,
     atomic_write_text(inputs / "versions.json", json.dumps(inp.versions, indent=2, sort_keys=True))
     return OutputPaths(recipe_path, launch, report, plot)
 
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m

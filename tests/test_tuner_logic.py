@@ -536,3 +536,27 @@ def test_sage_is_compiled_around_not_through(h100: ProbeResult, tmp_path: Path) 
     sage = [s.recipe for s in t.specs if s.recipe.attention == "sage"]
     assert any(r.compile != "off" for r in sage), "no compiled Sage trial was tried"
     assert all(not r.compile_fullgraph for r in sage if r.compile != "off")
+
+
+class _FirstConfirmationCrashes(SimulatedTuner):
+    """The fastest trial's confirmation run crashes (a kernel that fails on a second run, a flaky GPU)."""
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        confirming = spec.out_dir.endswith("-a9")
+        if confirming and not any(s.out_dir.endswith("-a9") for s in self.specs):
+            self.specs.append(spec)
+            res = RunResult(outcome="crash", error="illegal memory access (simulated)")
+            return TrialOutcome("crash", "illegal memory access (simulated)", res, 1, "", 1.0)
+        return super()._launch(spec)
+
+
+def test_a_recipe_that_fails_its_confirmation_is_not_emitted(h100: ProbeResult, tmp_path: Path) -> None:
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
+    t = _FirstConfirmationCrashes(cfg, h100)
+    res = t.run()
+    confirms = [s for s in t.specs if s.out_dir.endswith("-a9")]
+    assert len(confirms) >= 2, "no second candidate was confirmed after the first failed"
+    failed = confirms[0].trial_number
+    assert res.best is not None and res.best.number != failed  # the failed one is not the emitted recipe
+    assert res.best.number == confirms[1].trial_number and res.confirm is not None and res.confirm.outcome == "ok"
+    assert any(f"trial {failed} failed its confirmation run (crash" in n for n in res.notes)
