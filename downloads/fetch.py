@@ -73,6 +73,19 @@ def _stale_partials(target: Path) -> list[Path]:
     return sorted(folder.rglob("*.incomplete")) if folder.is_dir() else []
 
 
+def _remove_partials(target: Path) -> tuple[int, int]:
+    """Delete huggingface_hub's temp files in ``target``; (how many, bytes)."""
+    stale = _stale_partials(target)
+    size = 0
+    for part in stale:
+        try:
+            size += part.stat().st_size
+            part.unlink()
+        except FileNotFoundError:
+            continue
+    return len(stale), size
+
+
 def _discard(target: Path, rel: str) -> None:
     """Delete a bad file and its huggingface_hub metadata so the next run fetches it again."""
     for p in (target.joinpath(*rel.split("/")), (target / HF_METADATA_DIR).joinpath(*f"{rel}.metadata".split("/"))):
@@ -146,15 +159,19 @@ def download(task: str, *, target_dir: str | os.PathLike[str] | None = None, sou
     try:
         atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {p.artifact} in progress\n")
         (target / MANIFEST_NAME).unlink(missing_ok=True)
-        stale = _stale_partials(target)
-        if stale:
-            size = sum(s.stat().st_size for s in stale)
-            for s in stale:
-                s.unlink(missing_ok=True)
-            notes.append(f"removed {len(stale)} partial file(s) ({fmt_bytes(size)}) left by an interrupted run")
-        with DiskProgress(target, p.to_fetch_bytes, progress):
-            _fetch(p, target, endpoint, ms_endpoint, token, max_workers,
-                   Path(cache_dir) if cache_dir is not None else None)
+        count, size = _remove_partials(target)
+        if count:
+            notes.append(f"removed {count} partial file(s) ({fmt_bytes(size)}) left by an interrupted run")
+        try:
+            with DiskProgress(target, p.to_fetch_bytes, progress):
+                _fetch(p, target, endpoint, ms_endpoint, token, max_workers,
+                       Path(cache_dir) if cache_dir is not None else None)
+        except DownloadError as exc:
+            if not hub.is_disk_full(exc):
+                raise
+            count, size = _remove_partials(target)  # they cannot be resumed; give the space back now
+            raise DownloadError(f"{exc.message}; removed {count} partial file(s) ({fmt_bytes(size)}), no manifest "
+                                "was written", exc.hint) from exc
         oid_problems = _check_git_oids(target, p.files)
         if oid_problems:
             _refuse_bad_files(target, oid_problems, p)

@@ -9,6 +9,7 @@ files on a rerun without asking the server. Its errors become DownloadError/BadI
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 from pathlib import Path
@@ -64,6 +65,20 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+DISK_FULL_HINT = ("free disk space (or pass --dir on a larger file system) and rerun the same command: "
+                  "finished files are kept and not fetched again")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ENOSPC is anywhere in ``exc``'s cause chain (huggingface_hub re-raises from worker threads)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _endpoint(endpoint: str | None) -> str:
     from huggingface_hub import constants
 
@@ -110,6 +125,9 @@ def translate_error(exc: BaseException, repo: str, revision: str | None, endpoin
                                  f"wait a few minutes and rerun; a token raises the limit: {LOGIN_HINT}")
         return DownloadError(f"{where} answered HTTP {code} for {repo}: {str(exc).strip().splitlines()[0]}",
                              "rerun later; finished files are kept")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the disk filled up after the pre-check passed
+        return DownloadError(f"the disk filled up while downloading {repo} ({exc.filename or 'a temp file'}: "
+                             f"{exc.strerror})", DISK_FULL_HINT)
     if isinstance(exc, connection_errors()):
         return SourceUnreachable(f"cannot reach {where}: {type(exc).__name__}: {exc}",
                                  "check the network or proxy, set HF_ENDPOINT to a mirror, or use --source modelscope")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,18 @@ def pids_naming(marker: str | Path) -> list[str]:
             except OSError:
                 continue
     return pids
+
+
+@pytest.fixture()
+def small_disk() -> Iterator[Path]:
+    """A real 1 MiB tmpfs (needs root; skipped otherwise): a disk that fills up for real."""
+    d = Path(tempfile.mkdtemp(prefix="wanctl-full-"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode}): needs root")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True, check=False)
+        shutil.rmtree(d, ignore_errors=True)

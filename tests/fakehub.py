@@ -14,7 +14,9 @@ It implements what huggingface_hub 2.4 calls for ``HfApi.model_info``, ``HfApi.l
 
 Errors carry X-Error-Code (RepoNotFound, GatedRepo, RevisionNotFound) the way the hub sends them.
 Faults are injected per file: drop the connection after N bytes once, hold after N bytes until
-released, or serve other bytes of the same size. Every request is recorded.
+released, serve other bytes of the same size, ignore Range requests (200 and the whole file), send no
+Content-Length (a chunked body), or let the file change between the HEAD and the GET (other bytes,
+another ETag). Every request is recorded, with the status it got.
 """
 
 from __future__ import annotations
@@ -73,13 +75,15 @@ class Hold:
     release: threading.Event = field(default_factory=threading.Event)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Request:
     server: str
     method: str
     path: str
     range: str | None
     auth: bool
+    status: list[int] = field(default_factory=list, compare=False)
+    """The status code sent back (filled in when the response starts)."""
 
 
 class FakeHub:
@@ -91,6 +95,10 @@ class FakeHub:
         self.drop_once: dict[str, int] = {}
         self.holds: dict[str, Hold] = {}
         self.override: dict[str, bytes] = {}
+        self.ignore_range: set[str] = set()
+        self.no_length: set[str] = set()
+        self.changed_after_head: dict[str, bytes] = {}
+        """GETs of these files serve these bytes (with their own ETag) while HEADs still describe the old ones."""
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
@@ -155,8 +163,12 @@ class FakeHub:
         for repo in self.repos.values():
             for path, data in repo.files.items():
                 if sha256(data) == sha:
-                    return path, self.override.get(path, data)
+                    return path, self.served(path, data)
         return None
+
+    def served(self, path: str, data: bytes) -> bytes:
+        """The bytes a GET of ``path`` returns: an injected replacement, else the file."""
+        return self.changed_after_head.get(path, self.override.get(path, data))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -174,6 +186,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._route("GET")
 
     # ---------------------------------------------------------------- responses
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if self._request is not None:
+            self._request.status.append(code)
+        super().send_response(code, message)
+
+    _request: Request | None = None
+
     def _send(self, code: int, headers: dict[str, str], body: bytes = b"", method: str = "GET") -> None:
         self.send_response(code)
         for k, v in headers.items():
@@ -194,8 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         hub = self.hub
         path = unquote(urlsplit(self.path).path)
-        hub.record(Request(self.server_name, method, path, self.headers.get("Range"),
-                           "authorization" in {k.lower() for k in self.headers}))
+        self._request = Request(self.server_name, method, path, self.headers.get("Range"),
+                                "authorization" in {k.lower() for k in self.headers})
+        hub.record(self._request)
         if self.server_name == "cdn":
             m = re.fullmatch(r"/cdn/([0-9a-f]{64})", path)
             blob = hub._blob(m.group(1)) if m else None
@@ -262,36 +282,44 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"Location": f"{self.hub.cdn}/cdn/{digest}", "X-Linked-Etag": f'"{digest}"',
                             "X-Linked-Size": str(len(data)), "ETag": f'"{git_oid(b"pointer " + data[:16])}"'})
             return self._send(302, headers, b"", method)
-        headers["ETag"] = f'"{git_oid(data)}"'
-        self._content(name, self.hub.override.get(name, data), method, headers)
+        body = data if method == "HEAD" else self.hub.served(name, data)
+        headers["ETag"] = f'"{git_oid(body)}"'
+        self._content(name, body, method, headers)
 
     def _content(self, name: str, data: bytes, method: str, headers: dict[str, str]) -> None:
-        """Serve ``data`` with Range support and the file's injected fault, if any."""
+        """Serve ``data`` with Range support and the file's injected faults, if any."""
+        hub = self.hub
         start = 0
-        rng = self.headers.get("Range")
+        rng = None if name in hub.ignore_range else self.headers.get("Range")
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-", rng.strip())
             start = int(m.group(1)) if m else 0
         body = data[start:]
-        hdrs = {**headers, "Content-Length": str(len(body)), "Accept-Ranges": "bytes"}
+        chunked = name in hub.no_length
+        hdrs = {**headers, "Accept-Ranges": "none" if name in hub.ignore_range else "bytes"}
+        if self.server_name == "cdn" and name in hub.changed_after_head:
+            hdrs["ETag"] = f'"{sha256(data)}"'
+        if chunked:
+            hdrs["Transfer-Encoding"] = "chunked"
+        else:
+            hdrs["Content-Length"] = str(len(body))
         code = 200
         if rng:
             code = 206
             hdrs["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        if method == "HEAD":
-            return self._send(code, hdrs, b"", "HEAD")
-        hub = self.hub
-        with hub._lock:
-            drop = hub.drop_once.pop(name, None)
-        hold = hub.holds.get(name)
-        cut = drop if drop is not None else (hold.after if hold is not None and not hold.reached.is_set() else None)
-        if cut is None:
-            return self._send(code, hdrs, body, method)
         self.send_response(code)
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body[:cut])
+        if method == "HEAD":
+            return
+        with hub._lock:
+            drop = hub.drop_once.pop(name, None)
+        hold = hub.holds.get(name)
+        cut = drop if drop is not None else (hold.after if hold is not None and not hold.reached.is_set() else None)
+        self._body(body if cut is None else body[:cut], chunked, last=cut is None)
+        if cut is None:
+            return
         self.wfile.flush()
         if hold is not None and drop is None:
             hold.reached.set()
@@ -301,6 +329,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def _body(self, body: bytes, chunked: bool, last: bool) -> None:
+        if not chunked:
+            self.wfile.write(body)
+            return
+        for i in range(0, len(body), 4096):
+            piece = body[i:i + 4096]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if last:
+            self.wfile.write(b"0\r\n\r\n")
 
 
 # -------------------------------------------------------------------------------- test repos

@@ -116,6 +116,70 @@ def test_dropped_connection_is_resumed_with_a_range_request(hub: FakeHub, tmp_pa
     assert (tmp_path / "ckpt" / BIG).read_bytes() == hub.repos[REPO].files[BIG]
 
 
+def _no_partials_in_final_layout(target: Path) -> None:
+    """Only complete, verified files outside .cache: every byte of a broken transfer stays in a temp file."""
+    for p in target.rglob("*"):
+        rel = p.relative_to(target).as_posix()
+        if p.is_file() and not rel.startswith(".cache/") and rel != INCOMPLETE_MARKER:
+            assert not rel.endswith(".incomplete"), rel
+
+
+def test_server_that_ignores_range_restarts_the_file_from_zero(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """A CDN that answers a Range request with 200 and the whole file: the resumed bytes must not be appended."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    good = hub.repos[REPO].files[BIG]
+    hub.ignore_range.add(BIG)
+    hub.drop_once[BIG] = len(good) // 2
+    report = fetch(hub, tmp_path / "ckpt")
+    gets = [r for r in hub.file_requests(BIG) if r.server == "cdn" and r.method == "GET"]
+    assert len(gets) == 2 and gets[1].range is not None and gets[1].status == [200]  # asked to resume, got it all
+    assert report.verified and (tmp_path / "ckpt" / BIG).read_bytes() == good
+    _no_partials_in_final_layout(tmp_path / "ckpt")
+
+
+def test_server_without_content_length_is_read_to_the_end_and_resumed(hub: FakeHub, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """Chunked bodies (no Content-Length), one of them cut in the middle: the size comes from the listing."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 8192)
+    files = hub.repos[REPO].files
+    hub.no_length.update({BIG, "vae/config.json"})
+    hub.drop_once[BIG] = len(files[BIG]) // 2
+    report = fetch(hub, tmp_path / "ckpt")
+    assert report.verified
+    gets = [r for r in hub.file_requests(BIG) if r.server == "cdn" and r.method == "GET"]
+    assert [g.status for g in gets] == [[200], [206]]
+    for path in (BIG, "vae/config.json"):
+        assert (tmp_path / "ckpt" / path).read_bytes() == files[path]
+
+
+@pytest.mark.parametrize("path", [BIG, "vae/config.json"], ids=["lfs", "small"])
+@pytest.mark.parametrize("change", ["same-size", "longer"])
+def test_file_changing_between_head_and_get_is_never_accepted(hub: FakeHub, tmp_path: Path, path: str,
+                                                              change: str) -> None:
+    """The hub's HEAD describes one file, the GET returns another with another ETag (a push mid-download)."""
+    good = hub.repos[REPO].files[path]
+    hub.changed_after_head[path] = (bytes(b ^ 0x55 for b in good[:16]) + good[16:] if change == "same-size"
+                                    else good + b"appended by a new commit")
+    target = tmp_path / "ckpt"
+    with pytest.raises(DownloadError) as err:
+        fetch(hub, target)
+    assert "rerun" in err.value.hint
+    assert not (target / path).exists()
+    assert not (target / MANIFEST_NAME).exists() and (target / INCOMPLETE_MARKER).exists()
+    with pytest.raises(Exception, match="partial download"):
+        verify_checkpoint_dir(target, task="t2v-A14B")
+    _no_partials_in_final_layout(target)
+
+    del hub.changed_after_head[path]
+    report = fetch(hub, target)
+    assert report.verified and (target / path).read_bytes() == good
+    assert verify_checkpoint_dir(target, task="t2v-A14B", deep=True).revision == hub.repos[REPO].commit
+
+
 def test_killed_download_reruns_to_completion_without_refetching_finished_files(tmp_path: Path, monkeypatch) -> None:
     files = pipeline_files()
     big = files.pop(BIG)
@@ -316,3 +380,32 @@ def test_dry_run_advice_suggests_5b_but_plans_what_was_asked(hub: FakeHub, tmp_p
     assert p.task == "t2v-A14B" and any(f.component == "transformer_2" for f in p.files)
     assert p.advice is not None and not p.advice.runnable and p.advice.suggestion == "ti2v-5B"
     assert hub.file_requests() == []
+
+
+def test_disk_filling_up_mid_download_is_a_clean_error_and_the_rerun_completes(small_disk: Path,
+                                                                               monkeypatch) -> None:
+    """A real ENOSPC (a 1 MiB tmpfs, 4 MiB of weights) after the free-space check passed (another writer)."""
+    files = pipeline_files(big=2 * 1024 * 1024)
+    hub = serve(monkeypatch, files)
+    target = small_disk / "ckpt"
+    try:
+        with pytest.raises(DownloadError, match="disk filled up") as err:
+            fetch(hub, target, free_disk_bytes=1 << 40, max_workers=1)
+        assert "free disk space" in err.value.hint and "rerun" in err.value.hint
+        assert "partial file(s)" in err.value.message
+        assert not (target / MANIFEST_NAME).exists() and (target / INCOMPLETE_MARKER).exists()
+        assert not list((target / ".cache").rglob("*.incomplete")), "temp files must be freed"
+        for p in target.rglob("*"):  # what did land is complete and correct
+            rel = p.relative_to(target).as_posix()
+            if p.is_file() and rel in files:
+                assert p.read_bytes() == files[rel], rel
+        kept = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        hub.clear()
+        report = fetch(hub, target, free_disk_bytes=1 << 40, max_workers=1)  # the 1 GiB headroom rule aside
+        assert report.verified and verify_checkpoint_dir(target, task="t2v-A14B", deep=True)
+        refetched = {p for p in EXPECTED if hub.file_requests(p)}
+        assert not (refetched & kept), f"finished files fetched again: {refetched & kept}"
+    finally:
+        hub.stop()
