@@ -24,7 +24,7 @@ from rich.table import Table
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
-from recipes.recipe import Recipe, validate
+from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -68,6 +68,8 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
     changes = {k: v for k, v in dict(model=model, task=task, size=size, frames=frames, steps=steps, seed=seed,
                                      prompt=prompt, negative_prompt=negative_prompt, image=image).items()
                if v is not None}
+    if changes.get("model") in SYNTHETIC:  # a random model has no revision for the recipe's pin to check
+        changes["model_revision"] = ""
     if "prompt" in changes and not changes["prompt"].strip():
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     if image and not Path(image).expanduser().is_file():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.errors import BadInput
-from recipes.manifest import MANIFEST_NAME
+from recipes.manifest import MANIFEST_NAME, checkpoint_revision
 from recipes.models import lightning_dirname
 from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, SYNTHETIC, Recipe, validate
 from recipes.spec import FAULTS
@@ -67,9 +67,9 @@ class TuneConfig:
     """wanctl's version when the study started."""
 
     def base_recipe(self) -> Recipe:
-        return validate(Recipe(task=self.task, model=self.model, size=self.size, frames=self.frames,
-                               steps=self.steps, prompt=self.prompt, negative_prompt=self.negative_prompt,
-                               image=self.image, seed=self.seed))
+        return validate(Recipe(task=self.task, model=self.model, model_revision=checkpoint_revision(self.model),
+                               size=self.size, frames=self.frames, steps=self.steps, prompt=self.prompt,
+                               negative_prompt=self.negative_prompt, image=self.image, seed=self.seed))
 
     def lightning_source(self) -> str:
         """The recipe's ``lightning_lora`` value for Lightning trials; empty when Lightning is not searched."""

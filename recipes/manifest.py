@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,30 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest | None:
     return Manifest.from_json(text, where=str(p))
 
 
+def checkpoint_revision(model: str) -> str:
+    """The commit SHA a checkpoint directory was downloaded at ('' for tiny/random, no manifest, or a branch name).
+
+    A tuned recipe records it, so the recipe later refuses a checkpoint that moved to another commit.
+    """
+    if model in ("tiny", "random"):
+        return ""
+    manifest = read_manifest(Path(model).expanduser())
+    rev = manifest.revision if manifest is not None else ""
+    return rev if re.fullmatch(r"[0-9a-f]{40}", rev) else ""
+
+
+def check_revision(root: Path, manifest: Manifest, pinned: str) -> None:
+    """CheckpointError when ``root`` is not at the ``pinned`` commit (no pin: nothing to check)."""
+    if not pinned or manifest.revision == pinned:
+        return
+    have = manifest.revision[:12] if manifest.revision else "an unknown revision (no manifest)"
+    task = manifest.task or "TASK"
+    raise CheckpointError(
+        f"{root} holds {have}, but the recipe pins model_revision {pinned[:12]}",
+        f"wanctl download --task {task} --revision {pinned} --dir NEW_DIR, then use that directory; or clear "
+        "model_revision in the recipe to accept this checkpoint (and re-tune: its output may differ)")
+
+
 # ------------------------------------------------------------------------------------------- verify
 def pipeline_components(task: str) -> tuple[str, ...]:
     """Subfolders a diffusers checkpoint of ``task`` must have (transformer_2 only for the A14B MoE pair)."""
@@ -356,5 +381,5 @@ def verify_checkpoint_dir(path: str | os.PathLike[str], task: str | None = None,
 __all__ = [
     "INCOMPLETE_MARKER", "MANIFEST_NAME", "PICKLE_SUFFIXES", "TRUST_FLAG", "FileEntry", "FileProblem", "Manifest",
     "ManifestMismatch", "check_files", "find_pickles", "pipeline_components", "read_manifest", "sha256_file",
-    "verify_checkpoint_dir", "write_manifest",
+    "check_revision", "checkpoint_revision", "verify_checkpoint_dir", "write_manifest",
 ]

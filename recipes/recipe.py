@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,7 @@ TE_AMAX_ALGOS = ("max", "most_recent")
 
 #: Fields that describe *what* is generated rather than *how fast*: excluded from the recipe hash so
 #: that one tuned recipe serves any prompt, image and seed.
-CONTENT_FIELDS = ("model", "prompt", "negative_prompt", "image", "seed", "lightning_lora")
+CONTENT_FIELDS = ("model", "model_revision", "prompt", "negative_prompt", "image", "seed", "lightning_lora")
 
 DEFAULT_PROMPT = (
     "A red fox trots through fresh snow in a birch forest at golden hour, its breath visible in the cold "
@@ -79,6 +80,8 @@ class Recipe:
     # --- what to generate ---
     task: str = _f("t2v-A14B", "Wan2.2 task: t2v-A14B, i2v-A14B or ti2v-5B")
     model: str = _f("tiny", "tiny (embedded random model), random (full-size random weights) or a checkpoint dir")
+    model_revision: str = _f("", "commit SHA (40 hex) the checkpoint must be at, from its wanctl-manifest.json; "
+                                 "a checkpoint at another revision is refused; empty: not pinned")
     size: str = _f("", "WIDTH*HEIGHT; empty: the task's default (1280*720 for A14B)")
     frames: int = _f(0, "number of frames, 4n+1; 0: the task's default (81 for A14B)")
     steps: int = _f(0, "denoising steps; 0: the task's default (40 for A14B)")
@@ -209,6 +212,13 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("te_amax_compute_algo", r.te_amax_compute_algo, TE_AMAX_ALGOS)
     if not r.model:
         raise RecipeError("model", r.model, "tiny, random or a checkpoint directory")
+    if r.model_revision:
+        if r.model in SYNTHETIC:
+            raise RecipeError("model_revision", r.model_revision, f"empty for the {r.model} model (it has no revision)",
+                              hint="drop model_revision, or set model to a downloaded checkpoint directory")
+        if not re.fullmatch(r"[0-9a-f]{40}", r.model_revision):
+            raise RecipeError("model_revision", r.model_revision, "a full 40-hex commit SHA, lower case",
+                              hint="copy 'revision' from the checkpoint's wanctl-manifest.json, or leave it empty")
     if r.size:
         w, h = parse_size(r.size)
         if r.model == "tiny":

@@ -23,7 +23,7 @@ MODES = ("generate", "measure", "quality")
 """generate: full run, video written. measure: time a few denoise steps at the target workload and one
 VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate."""
 
-FAULTS = ("none", "oom", "oom_decode", "orphan", "hang", "crash", "segfault", "nan", "slow", "no_result", "bad_result",
+FAULTS = ("none", "oom", "oom_decode", "orphan", "hang", "crash", "segfault", "nan", "inf", "slow", "no_result", "bad_result",
           "illegal_memory", "ignore_sigterm", "oom_cuda", "illegal_memory_cuda")
 """Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked. The
 ``_cuda`` ones are the real failure on a GPU (an allocation larger than the card; a kernel's out-of-bounds

@@ -37,3 +37,14 @@ def test_generate_best_with_only_another_machines_recipe_names_it(tmp_path: Path
     assert p.returncode == 2
     assert "recipes exist for other machines: nvidia-h100-80gb-hbm3x8" in _err(p) and "wanctl tune" in _err(p)
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_i2v_with_a_corrupt_image_exits_2_and_writes_no_video(tmp_path: Path) -> None:
+    bad = tmp_path / "photo.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)  # a PNG signature, then garbage
+    video = tmp_path / "v.mp4"
+    p = run_cli("generate", "--task", "i2v-A14B", "--image", str(bad), "--steps", "2", "--out", str(video),
+                env={"WANCTL_CACHE": str(tmp_path / "c")})
+    assert p.returncode == 2, p.stderr
+    assert "is not a readable image" in _err(p) and "PNG or JPEG" in _err(p)
+    assert not video.exists()

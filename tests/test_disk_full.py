@@ -5,10 +5,9 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -19,21 +18,8 @@ from probes.result import ProbeResult
 from recipes.errors import StudyError, WanctlError
 from recipes.files import atomic_write_bytes, atomic_write_text
 from recipes.spec import TrialSpec
+from tests.conftest import ROOT
 from tests.test_tuner_logic import SimulatedTuner, h100  # noqa: F401 - h100 is a fixture
-
-
-@pytest.fixture()
-def small_disk() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="wanctl-full-"))
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        shutil.rmtree(d, ignore_errors=True)
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode}): needs root")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", str(d)], capture_output=True, check=False)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_atomic_write_on_a_full_disk_keeps_the_old_file(small_disk: Path) -> None:
@@ -80,3 +66,23 @@ def test_tune_on_a_filling_disk_stops_cleanly_and_resumes(h100: ProbeResult, sma
     # Everything finished before the disk filled is still there, unchanged.
     assert [(t.number, t.state, t.values) for t in finished[: len(before)]] == \
         [(t.number, t.state, t.values) for t in before]
+
+
+def test_runtime_on_a_full_disk_reports_it_and_leaves_no_partial_output(small_disk: Path) -> None:
+    """The runtime's own writers (arrays, video) on a real ENOSPC: a clear failure, no truncated file."""
+    import os
+    import sys
+
+    filler = small_disk / "filler"
+    with open(filler, "wb") as fh:  # leave ~24 KiB: room for the result file, not for the frames
+        fh.write(b"\0" * (1024 * 1024 - 24 * 1024))
+    work, video = small_disk / "work", small_disk / "v.mp4"
+    p = subprocess.run([sys.executable, "-m", "wan_runtime", "generate", "--set", "steps=2", "--set", "size=64*48",
+                        "--out", str(video), "--out-dir", str(work), "--result", str(small_disk / "r.json")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 1, p.stderr
+    assert "No space left" in p.stderr and "free disk space" in p.stderr
+    names = sorted(q.relative_to(small_disk).as_posix() for q in small_disk.rglob("*") if q.is_file())
+    assert "v.mp4" not in names and not any(n.endswith((".tmp", ".partial.mp4")) for n in names), names
+    for arr in work.glob("*.npy"):  # whatever array did land is whole
+        np.load(arr)

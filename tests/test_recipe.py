@@ -108,3 +108,21 @@ def test_the_parallel_layouts_a_run_can_take_are_valid() -> None:
                {"fsdp": True, "gpus": 2}, {"ulysses": 2, "fsdp": True, "gpus": 2, "attention": "_native_cudnn"},
                {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "compile": "regional"}):
         validate(Recipe(**kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("model, revision, ok", [
+    ("/ckpt", "0123456789abcdef0123456789abcdef01234567", True),
+    ("/ckpt", "", True),
+    ("/ckpt", "main", False),
+    ("/ckpt", "0123456789ABCDEF0123456789ABCDEF01234567", False),
+    ("/ckpt", "0123456789abcdef", False),
+    ("tiny", "0123456789abcdef0123456789abcdef01234567", False),
+])
+def test_model_revision_is_a_full_sha_and_only_for_checkpoints(model: str, revision: str, ok: bool) -> None:
+    r = Recipe(model=model, model_revision=revision)
+    if ok:
+        assert validate(r) == r
+        return
+    with pytest.raises(RecipeError) as err:
+        validate(r)
+    assert err.value.field == "model_revision"

@@ -92,3 +92,62 @@ def test_over_long_prompt_is_said_to_be_truncated(tmp_path: Path) -> None:
     assert any("prompt is 721 tokens: the text encoder reads the first 512" in n for n in res.notes), res.notes
     short = _run(tmp_path / "s", mode="measure", prompt="a fox")
     assert not any("tokens" in n for n in short.notes)
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("2.5.1+cu124", True), ("2.4.0", True), ("1.13.1", True), ("nightly", True),
+    ("2.6.0", False), ("2.11.0+cu130", False), ("3.0.0a0", False),
+])
+def test_torch_with_the_weights_only_bypass_is_refused(version: str, refused: bool) -> None:
+    from recipes.errors import HardwareUnsupported
+    from wan_runtime.env import require_safe_torch
+
+    if not refused:
+        require_safe_torch(version)
+        return
+    with pytest.raises(HardwareUnsupported) as err:
+        require_safe_torch(version)
+    assert "2.6" in err.value.hint
+
+
+def test_the_runtime_refuses_an_old_torch_before_loading_anything(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu124")
+    res = _run(tmp_path)
+    assert res.outcome == "unsupported" and "CVE-2025-32434" in res.error
+    assert res.phase == "start" and not list(tmp_path.glob("*.npy"))
+
+
+def _saved_checkpoint(root: Path, revision: str) -> Path:
+    from recipes.manifest import write_manifest
+    from wan_runtime.save import save_tiny
+
+    save_tiny("t2v-A14B", root)
+    files = {p.relative_to(root).as_posix(): (p.stat().st_size, None) for p in root.rglob("*") if p.is_file()}
+    write_manifest(root, files, artifact="t2v-A14B", kind="pipeline", task="t2v-A14B", source="hf",
+                   repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers", revision=revision)
+    return root
+
+
+def test_a_pinned_recipe_refuses_a_checkpoint_at_another_commit(tmp_path: Path) -> None:
+    """model_revision pins the commit a recipe was tuned on; the runtime checks it against the manifest."""
+    from wan_runtime.build import check_checkpoint_dir
+
+    ckpt = _saved_checkpoint(tmp_path / "ckpt", "a" * 40)
+    other = _run(tmp_path / "o1", model=str(ckpt), model_revision="b" * 40, size="832*480", frames=5)
+    assert other.outcome == "bad_input" and other.phase == "load"
+    assert "aaaaaaaaaaaa" in other.error and "pins model_revision bbbbbbbbbbbb" in other.error
+    assert f"--revision {'b' * 40}" in other.error
+    assert not list((tmp_path / "o1").glob("*.npy"))
+    check_checkpoint_dir(ckpt, "t2v-A14B", revision="a" * 40)  # the pinned commit loads
+    check_checkpoint_dir(ckpt, "t2v-A14B")  # no pin: any verified commit loads
+
+
+def test_tuning_a_checkpoint_pins_the_recipe_to_its_commit(tmp_path: Path) -> None:
+    from autotune.config import TuneConfig
+
+    ckpt = _saved_checkpoint(tmp_path / "ckpt", "c" * 40)
+    assert TuneConfig(model=str(ckpt), task="t2v-A14B").base_recipe().model_revision == "c" * 40
+    assert TuneConfig(model="tiny").base_recipe().model_revision == ""

@@ -37,6 +37,13 @@ def test_nan_latents_are_detected(tmp_path: Path) -> None:
     assert out.outcome == "nan" and "non-finite" in out.reason
 
 
+def test_a_single_inf_without_nan_is_detected(tmp_path: Path) -> None:
+    """One overflowed value in the last step's latent (no NaN anywhere in it) still fails the trial."""
+    out = run_trial(_spec(tmp_path, "inf", step=1), tmp_path, timeout_s=120)
+    assert out.outcome == "nan", out.reason
+    assert "the latent (0 NaN, 1 Inf)" in out.reason
+
+
 def test_processes_left_behind_by_a_finished_trial_are_killed(tmp_path: Path) -> None:
     out = run_trial(_spec(tmp_path, "orphan"), tmp_path, timeout_s=120)
     assert out.outcome == "ok", out.reason

@@ -58,7 +58,7 @@ def build_pipeline(recipe: Recipe, device: torch.device, trust_checkpoint: bool 
 
 def _from_checkpoint(recipe: Recipe, cls: Any, dtype: torch.dtype, trust: bool) -> Any:
     root = Path(recipe.model).expanduser()
-    check_checkpoint_dir(root, recipe.task, trust)
+    check_checkpoint_dir(root, recipe.task, trust, recipe.model_revision)
     vae_dtype = torch.float32
     from diffusers import AutoencoderKLWan
 
@@ -66,12 +66,13 @@ def _from_checkpoint(recipe: Recipe, cls: Any, dtype: torch.dtype, trust: bool) 
     return cls.from_pretrained(root, vae=vae, torch_dtype=dtype, use_safetensors=True)
 
 
-def check_checkpoint_dir(root: Path, task: str, trust: bool = False) -> None:
+def check_checkpoint_dir(root: Path, task: str, trust: bool = False, revision: str = "") -> None:
     """Refuse what must not be loaded (recipes.manifest does the checking): missing or partial downloads,
-    another task's model, pickle weights; a directory without wanctl's manifest only with ``trust``."""
-    from recipes.manifest import verify_checkpoint_dir
+    another task's model, pickle weights, another commit than the recipe pins; a directory without
+    wanctl's manifest only with ``trust``."""
+    from recipes.manifest import check_revision, verify_checkpoint_dir
 
-    verify_checkpoint_dir(root, task=task, allow_missing_manifest=trust)
+    check_revision(root, verify_checkpoint_dir(root, task=task, allow_missing_manifest=trust), revision)
 
 
 def load_image(path: str) -> Any:

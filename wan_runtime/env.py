@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
 
 import torch
 
+from recipes.errors import HardwareUnsupported
+
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "transformer-engine", "flash-attn", "sageattention",
             "triton", "wanctl")
+
+
+SAFE_TORCH = (2, 6)
+"""The first torch whose ``torch.load(weights_only=True)`` is not bypassable (CVE-2025-32434 hit <= 2.5.1).
+wanctl never calls ``torch.load``, but diffusers, transformers and peft may on a file we do not control."""
+
+
+def require_safe_torch(version: str | None = None) -> None:
+    """Refuse to run on a torch whose unpickler can be made to execute code.
+
+    Checked at run time as well as in pyproject: an offline GPU host often has its torch preinstalled
+    (``--no-deps`` wheelhouse installs skip the floor), and that is where the old release would slip in.
+    """
+    text = torch.__version__ if version is None else version
+    m = re.match(r"(\d+)\.(\d+)", str(text))
+    if m is None:
+        raise HardwareUnsupported(f"cannot read the torch version {text!r}",
+                                  "install torch >= 2.6 from pytorch.org or PyPI")
+    if (int(m.group(1)), int(m.group(2))) < SAFE_TORCH:
+        raise HardwareUnsupported(
+            f"torch {text} is older than 2.6: its torch.load(weights_only=True) can be bypassed to run code "
+            "from a checkpoint file (CVE-2025-32434), so wanctl refuses to load models with it",
+            "upgrade torch to 2.6 or newer (pip install -U 'torch>=2.6'), then rerun")
 
 
 def versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ from recipes.spec import TrialSpec
 
 def fire(spec: TrialSpec, step: int) -> None:
     """Fire the spec's fault if it is due at ``step`` (-1: before the pipeline is built)."""
-    if spec.fault in ("none", "nan", "slow", "oom_decode") or step != spec.fault_step or not _this_rank(spec):
+    if spec.fault in ("none", "nan", "inf", "slow", "oom_decode") or step != spec.fault_step or not _this_rank(spec):
         return
     f = spec.fault
     if f in ("oom_cuda", "illegal_memory_cuda"):
@@ -68,6 +68,10 @@ def fire_decode(spec: TrialSpec) -> None:
 def corrupt_latents(spec: TrialSpec, step: int, latents: torch.Tensor) -> torch.Tensor:
     if spec.fault == "nan" and step >= spec.fault_step:
         return torch.full_like(latents, float("nan"))
+    if spec.fault == "inf" and step >= spec.fault_step:  # one overflowed value, no NaN: what fp16 overflow gives
+        out = latents.clone()
+        out.view(-1)[0] = float("inf")
+        return out
     return latents
 
 

@@ -8,6 +8,8 @@ decode; the whole process. On a GPU each boundary is read after ``torch.cuda.syn
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import logging
 import resource
 import statistics
@@ -19,12 +21,13 @@ import numpy as np
 import torch
 
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
+from recipes.files import atomic_write_bytes
 from recipes.models import model_spec, parse_size
 from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
-from wan_runtime.env import device_name, pick_device, versions
+from wan_runtime.env import device_name, pick_device, require_safe_torch, versions
 from wan_runtime.knobs import KnobContext, apply_all
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
@@ -79,6 +82,7 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
     device = torch.device("cpu")
     where = _Phase()
     try:
+        require_safe_torch()
         device = pick_device()
         init_from_env(device)  # one rank of several under torchrun (no-op for a single process)
         return _run(spec, device, started, stream_progress, where)
@@ -94,6 +98,34 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
         if "out of memory" in str(exc).lower():
             return _failed(spec, "oom", exc, device, started, where)
         return _failed(spec, "crash", exc, device, started, where)
+    except OSError as exc:  # the outputs could not be written: say which file and why, keep the process alive
+        return _failed(spec, "crash", _os_error(exc), device, started, where)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through a temp file and a rename: a full disk leaves no truncated array for the gate to read."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _os_error(exc: OSError) -> WanctlError:
+    what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    if exc.errno == errno.ENOSPC:
+        return WanctlError(f"disk full while writing {what}", "free disk space or point --out / --out-dir at a "
+                           "larger disk; measured trials are kept, rerun with --resume")
+    return WanctlError(f"cannot write {what}", "check the output directory's permissions and free space")
+
+
+def _nonfinite_counts(latent: np.ndarray | None, frames: np.ndarray) -> str:
+    """'' when everything is finite, else where and how many NaN / Inf (an Inf alone is as fatal as a NaN)."""
+    parts = []
+    for name, arr in (("the latent", latent), ("the decoded frames", frames)):
+        if arr is None or np.isfinite(arr).all():
+            continue
+        nan = int(np.isnan(arr).sum())
+        parts.append(f"{name} ({nan} NaN, {int(arr.size - nan - np.isfinite(arr).sum())} Inf)")
+    return " and ".join(parts)
 
 
 class _Phase:
@@ -258,7 +290,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
 
     frames_f = np.asarray(result.frames[0])  # T,H,W,C in [0,1]
     latent = last["latents"].float().cpu().numpy() if last["latents"] is not None else None
-    nonfinite = (latent is not None and not np.isfinite(latent).all()) or not np.isfinite(frames_f).all()
+    nonfinite = _nonfinite_counts(latent, frames_f)
     frames = to_uint8(np.nan_to_num(frames_f))
 
     warm = spec.warmup_steps if len(step_s) > spec.warmup_steps else 0
@@ -279,7 +311,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     if wall > 0 and not step_s:
         res = dataclasses.replace(res, notes=res.notes + ["no denoise step ran"])
     if nonfinite:
-        res = dataclasses.replace(res, outcome="nan", error="non-finite values in the latent or decoded frames")
+        res = dataclasses.replace(res, outcome="nan", error=f"non-finite values in {nonfinite}")
     # A requested kernel or parallel layout that did not really run fails the trial, never passes as it.
     mismatch = "; ".join(v for k, v in sorted(ctx.actual.items()) if k.endswith("_mismatch"))
     if mismatch and res.outcome == "ok":
@@ -287,8 +319,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
 
     rank0 = is_rank0()  # every rank ends with the same latent; one writes the files
     if spec.mode in ("quality", "generate") and res.outcome == "ok" and rank0:
-        np.save(out / "latent.npy", latent)
-        np.save(out / "frames.npy", frames)
+        _save_npy(out / "latent.npy", latent)
+        _save_npy(out / "frames.npy", frames)
         res = dataclasses.replace(res, latent_path=str(out / "latent.npy"), frames_path=str(out / "frames.npy"))
     if spec.reference_frames or spec.reference_latent:
         ref_f = np.load(spec.reference_frames) if spec.reference_frames else None
