@@ -55,6 +55,11 @@ STACKS: dict[str, dict] = {
     "fa4+compile": {"attention": "torch_fa4", "compile": "regional"},
     "fa4+qkv+compile": {"attention": "torch_fa4", "fuse_qkv": True, "compile": "regional"},
     "fa4+fp8row+compile": {"attention": "torch_fa4", "quant": "fp8_rowwise", "compile": "regional"},
+    "fa4+qkv+compile-maxat": {"attention": "torch_fa4", "fuse_qkv": True, "compile": "regional",
+                              "compile_mode": "max-autotune-no-cudagraphs"},
+    "fa4+fp8tensor+compile": {"attention": "torch_fa4", "quant": "fp8_tensorwise", "compile": "regional"},
+    "sage+fp8tensor+compile": {"attention": "sage", "quant": "fp8_tensorwise", "compile": "regional",
+                               "compile_fullgraph": False},
 }
 
 
