@@ -7,10 +7,15 @@ import subprocess
 
 
 def commit_id() -> str:
-    """The commit measured. A copied work tree (offline GPU host) has no .git: the caller passes it in
-    WANCTL_COMMIT."""
-    return os.environ.get("WANCTL_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """The commit measured. A copied work tree (offline GPU host) may have no .git, or a stale one whose
+    HEAD is not what was copied: the caller passes the real one in WANCTL_COMMIT, and a tree that differs
+    from HEAD is marked '+dirty' so a figure never claims a commit it did not run."""
+    if os.environ.get("WANCTL_COMMIT"):
+        return os.environ["WANCTL_COMMIT"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True).stdout.strip()
+    return f"{head}+dirty" if head and changed else head
 
 
 def ran_summary(actual: dict[str, str], sep: str = ", ") -> str:
