@@ -55,6 +55,19 @@ class FakeRepo:
     extra_names: list[str] = field(default_factory=list)
     """Names that appear in the listing only (hostile names: never served)."""
     commit: str = ""
+    older: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    """Earlier commits (SHA -> files) still reachable by their SHA, while 'main' serves ``files``."""
+
+    def at(self, rev: str) -> FakeRepo | None:
+        """The repo as of ``rev`` ('main', the head commit or an older SHA); None for an unknown revision."""
+        if rev in ("main", self.commit):
+            return self
+        if rev in self.older:
+            return FakeRepo(self.repo_id, self.older[rev], self.extra_names, commit=rev)
+        return None
+
+    def versions(self) -> list[dict[str, bytes]]:
+        return [self.files, *self.older.values()]
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -161,9 +174,10 @@ class FakeHub:
 
     def _blob(self, sha: str) -> tuple[str, bytes] | None:
         for repo in self.repos.values():
-            for path, data in repo.files.items():
-                if sha256(data) == sha:
-                    return path, self.served(path, data)
+            for files in repo.versions():
+                for path, data in files.items():
+                    if sha256(data) == sha:
+                        return path, self.served(path, data)
         return None
 
     def served(self, path: str, data: bytes) -> bytes:
@@ -245,10 +259,10 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             self._error(404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, method)
             return None
-        if rev not in ("main", repo.commit):
+        snapshot = repo.at(rev)
+        if snapshot is None:
             self._error(404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, method)
-            return None
-        return repo
+        return snapshot
 
     def _api(self, repo_id: str, kind: str, rev: str, method: str) -> None:
         repo = self._repo(repo_id, rev, method)

@@ -409,3 +409,37 @@ def test_disk_filling_up_mid_download_is_a_clean_error_and_the_rerun_completes(s
         assert not (refetched & kept), f"finished files fetched again: {refetched & kept}"
     finally:
         hub.stop()
+
+
+def test_catalogue_pin_fetches_that_commit_while_main_has_moved(tmp_path: Path, monkeypatch) -> None:
+    """A pinned catalogue entry gets its commit, not main; the tuned recipe carries it; a move is refused."""
+    import dataclasses
+
+    from autotune.config import TuneConfig
+    from downloads.catalogue import CATALOGUE
+    from recipes.errors import CheckpointError
+    from recipes.manifest import check_revision
+
+    old_files = pipeline_files()
+    new_files = {**old_files, BIG: tensor_file(99, len(old_files[BIG]) // 4)}
+    pinned = "1" * 40
+    hub = serve(monkeypatch, new_files, older={pinned: old_files})
+    head = hub.repos[REPO].commit
+    try:
+        monkeypatch.setitem(CATALOGUE, "t2v-A14B", dataclasses.replace(CATALOGUE["t2v-A14B"], revision=pinned))
+        target = tmp_path / "ckpt"
+        report = fetch(hub, target)
+        assert report.revision == pinned and head != pinned
+        assert (target / BIG).read_bytes() == old_files[BIG] != new_files[BIG]
+        assert verify_checkpoint_dir(target, task="t2v-A14B", deep=True).revision == pinned
+        assert TuneConfig(model=str(target), task="t2v-A14B").base_recipe().model_revision == pinned
+
+        hub.clear()  # the user moves the directory to main: only the changed file is fetched
+        moved = fetch(hub, target, revision=head)
+        assert moved.revision == head and set(moved.fetched) == {BIG}
+        assert (target / BIG).read_bytes() == new_files[BIG]
+        with pytest.raises(CheckpointError, match="pins model_revision 111111111111") as err:
+            check_revision(target, verify_checkpoint_dir(target, task="t2v-A14B"), pinned)
+        assert f"--revision {pinned}" in err.value.hint
+    finally:
+        hub.stop()
