@@ -67,8 +67,9 @@ MAGCACHE_K = (1, 2, 3)
 RETENTION = (0.1, 0.2, 0.4)
 MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
 """(threshold, K, retention) the MagCache authors run on Wan2.2 per task: E006K2R02, E006K2R04, E006K2R01
-(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios are not in
-that folder; wanctl calibrates ratios in-process for the user's model and step count instead."""
+(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios (from their
+ComfyUI-MagCache node) ship in wan_runtime/data for real checkpoints at the card's steps and shift; any
+other schedule, and the random models, calibrate ratios in-process for the user's model and step count."""
 INFEASIBLE_FACTOR = 10.0
 MAX_MEMORY_FALLBACKS = 2
 BASELINE_POLL_S = 2.0

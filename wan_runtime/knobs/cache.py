@@ -2,7 +2,8 @@
 
 Each A14B expert gets its own hook state and its own step count (MagCache's reference code shares one
 state and breaks when the experts switch or under FSDP). MagCache needs magnitude ratios per expert:
-shipped ones for real checkpoints where published, otherwise measured by a calibration pass of our own
+the authors' published Wan2.2 ones (wan_runtime/data/magcache_ratios.json) for a real checkpoint at the
+model card's steps and shift, otherwise measured by a calibration pass of our own
 (residual-norm ratio of consecutive steps, measured over the whole block stack) before the timed run.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import Recipe
+from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,33 @@ def expert_steps(pipe: Any, steps: int) -> list[int]:
     return [high, steps - high]
 
 
-def shipped_ratios(recipe: Recipe) -> dict[str, list[float]] | None:
-    """Published per-expert ratios for real checkpoints (never for the random or tiny models)."""
-    if recipe.model in ("tiny", "random"):
-        return None
-    try:
-        text = resources.files("recipes").joinpath("data/magcache_ratios.json").read_text()
-    except FileNotFoundError:
-        return None
-    table = json.loads(text)
-    entry = table.get("ratios", {}).get(recipe.task)
-    return entry or None
+PUBLISHED_TABLE = "data/magcache_ratios.json"
+"""The MagCache authors' Wan2.2 ratios (source and layout inside the file)."""
+
+
+def published_ratios(task: str, steps: int, shift: float, split: list[int]) -> tuple[list[list[float]] | None, str]:
+    """Per-expert MagCache ratios from the authors' published Wan2.2 table, or None and why not.
+
+    The table holds one list for the whole schedule (both experts, cond/uncond interleaved) measured with
+    the model card's step count and shift; ratios measured under another schedule do not transfer (as
+    Wan2.1 ratios do not transfer to Wan2.2), so any other steps or shift gives None and a calibration run.
+    Each expert gets the cond ratios of its own steps, its first step set to 1.0: at the switch the table
+    records the jump between two different models, which is no skip signal for either.
+    """
+    table = json.loads(resources.files("wan_runtime").joinpath(PUBLISHED_TABLE).read_text())["tables"].get(task)
+    if table is None:
+        return None, f"no published MagCache ratios for {task}"
+    if steps != table["steps"] or (shift and shift != table["flow_shift"]):
+        return None, (f"published {task} ratios are for {table['steps']} steps at shift {table['flow_shift']}, "
+                      f"not {steps} steps at shift {shift or 'default'}")
+    cond = [float(v) for v in table["values"][0::2]]
+    if sum(split) != len(cond):
+        return None, f"expert split {split} does not cover the table's {len(cond)} steps"
+    out, start = [], 0
+    for n in split:
+        out.append([1.0, *cond[start + 1:start + n]] if n else [])
+        start += n
+    return out, f"published ratios ({task}, {table['steps']} steps, per expert {split})"
 
 
 class RatioCalibrator:
@@ -108,12 +125,16 @@ def _apply(ctx: KnobContext) -> None:
     # MagCache: ratios now, or after a calibration pass driven by the runner.
     for t in ctx.transformers:
         mark_applied(t, "cache")
-    ratios = ctx.extra.get("magcache_ratios") or shipped_ratios(r)
-    if ratios is None:
+    ratios = ctx.extra.get("magcache_ratios")
+    source = "ratios given"
+    if not ratios and r.model not in SYNTHETIC:  # random weights have no published ratios
+        ratios, source = published_ratios(r.task, r.steps, r.shift, expert_steps(ctx.pipe, r.steps))
+    if not ratios:
         ctx.extra["magcache_needs_calibration"] = True
         ctx.actual["cache"] = "magcache (ratios calibrated in-process)"
         return
     enable_magcache(ctx, ratios)
+    ctx.actual["magcache_ratios"] = source
 
 
 def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
