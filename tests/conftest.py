@@ -76,3 +76,15 @@ def small_disk() -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(d)], capture_output=True, check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def saved_tiny_checkpoint(root: Path, revision: str = "", task: str = "t2v-A14B") -> Path:
+    """The tiny model saved as a diffusers checkpoint with wanctl's manifest, as a download would leave it."""
+    from recipes.manifest import write_manifest
+    from wan_runtime.save import save_tiny
+
+    save_tiny(task, root)
+    files = {p.relative_to(root).as_posix(): (p.stat().st_size, None) for p in root.rglob("*") if p.is_file()}
+    write_manifest(root, files, artifact=task, kind="pipeline", task=task, source="hf" if revision else "",
+                   repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers" if revision else "", revision=revision)
+    return root

@@ -77,9 +77,10 @@ def test_runtime_on_a_full_disk_reports_it_and_leaves_no_partial_output(small_di
     with open(filler, "wb") as fh:  # leave ~24 KiB: room for the result file, not for the frames
         fh.write(b"\0" * (1024 * 1024 - 24 * 1024))
     work, video = small_disk / "work", small_disk / "v.mp4"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep a wheelhouse path
     p = subprocess.run([sys.executable, "-m", "wan_runtime", "generate", "--set", "steps=2", "--set", "size=64*48",
                         "--out", str(video), "--out-dir", str(work), "--result", str(small_disk / "r.json")],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": path})
     assert p.returncode == 1, p.stderr
     assert "No space left" in p.stderr and "free disk space" in p.stderr
     names = sorted(q.relative_to(small_disk).as_posix() for q in small_disk.rglob("*") if q.is_file())

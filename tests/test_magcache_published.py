@@ -78,15 +78,12 @@ def test_the_authors_setting_skips_steps_of_each_expert_at_their_schedule() -> N
 
 
 def test_runtime_uses_the_published_ratios_for_a_checkpoint_at_the_cards_schedule(tmp_path: Path) -> None:
-    from recipes.manifest import write_manifest
     from recipes.recipe import Recipe
     from recipes.spec import TrialSpec
+    from tests.conftest import saved_tiny_checkpoint
     from wan_runtime.run import run_spec
-    from wan_runtime.save import save_tiny
 
-    root = save_tiny("t2v-A14B", tmp_path / "ckpt")
-    files = {p.relative_to(root).as_posix(): (p.stat().st_size, None) for p in root.rglob("*") if p.is_file()}
-    write_manifest(root, files, artifact="t2v-A14B", kind="pipeline", task="t2v-A14B")
+    root = saved_tiny_checkpoint(tmp_path / "ckpt")
     recipe = Recipe(model=str(root), size="832*480", frames=1, steps=40, cache="magcache", cache_threshold=0.06,
                     magcache_k=2, cache_retention=0.4)
     res = run_spec(TrialSpec(recipe=recipe, mode="measure", out_dir=str(tmp_path / "o"), warmup_steps=0,

@@ -9,6 +9,7 @@ import pytest
 
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
+from tests.conftest import saved_tiny_checkpoint
 from wan_runtime.run import run_spec
 
 
@@ -120,22 +121,11 @@ def test_the_runtime_refuses_an_old_torch_before_loading_anything(tmp_path: Path
     assert res.phase == "start" and not list(tmp_path.glob("*.npy"))
 
 
-def _saved_checkpoint(root: Path, revision: str) -> Path:
-    from recipes.manifest import write_manifest
-    from wan_runtime.save import save_tiny
-
-    save_tiny("t2v-A14B", root)
-    files = {p.relative_to(root).as_posix(): (p.stat().st_size, None) for p in root.rglob("*") if p.is_file()}
-    write_manifest(root, files, artifact="t2v-A14B", kind="pipeline", task="t2v-A14B", source="hf",
-                   repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers", revision=revision)
-    return root
-
-
 def test_a_pinned_recipe_refuses_a_checkpoint_at_another_commit(tmp_path: Path) -> None:
     """model_revision pins the commit a recipe was tuned on; the runtime checks it against the manifest."""
     from wan_runtime.build import check_checkpoint_dir
 
-    ckpt = _saved_checkpoint(tmp_path / "ckpt", "a" * 40)
+    ckpt = saved_tiny_checkpoint(tmp_path / "ckpt", "a" * 40)
     other = _run(tmp_path / "o1", model=str(ckpt), model_revision="b" * 40, size="832*480", frames=5)
     assert other.outcome == "bad_input" and other.phase == "load"
     assert "aaaaaaaaaaaa" in other.error and "pins model_revision bbbbbbbbbbbb" in other.error
@@ -148,6 +138,6 @@ def test_a_pinned_recipe_refuses_a_checkpoint_at_another_commit(tmp_path: Path) 
 def test_tuning_a_checkpoint_pins_the_recipe_to_its_commit(tmp_path: Path) -> None:
     from autotune.config import TuneConfig
 
-    ckpt = _saved_checkpoint(tmp_path / "ckpt", "c" * 40)
+    ckpt = saved_tiny_checkpoint(tmp_path / "ckpt", "c" * 40)
     assert TuneConfig(model=str(ckpt), task="t2v-A14B").base_recipe().model_revision == "c" * 40
     assert TuneConfig(model="tiny").base_recipe().model_revision == ""
