@@ -27,7 +27,17 @@ from recipes.errors import BadInput, HardwareUnsupported
 from recipes.memory import HEADROOM, attention_scores_gib, host_weights_gib, peak_gib
 from recipes.models import model_spec
 from recipes.plain import from_plain, load_json_object
-from recipes.recipe import ATTENTION_BACKENDS, CACHES, COMPILE, COMPILE_MODES, OFFLOAD, QUANT, TE_QUANT, Recipe
+from recipes.recipe import (
+    ATTENTION_BACKENDS,
+    CACHES,
+    COMPILE,
+    COMPILE_MODES,
+    OFFLOAD,
+    QUANT,
+    SEACACHE_TASKS,
+    TE_QUANT,
+    Recipe,
+)
 
 KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "offload", "ulysses",
          "cfg_parallel", "fsdp", "lightning", "gpus")
@@ -288,7 +298,11 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
 
     # --- caches -----------------------------------------------------------------------------
     cache = tuple(c for c in CACHES if c != "teacache")
-    excluded["cache=teacache"] = "not implemented in wanctl (diffusers ships no TeaCache hook for Wan)"
+    excluded["cache=teacache"] = ("not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache "
+                                  "cover the same step skipping")
+    if task not in SEACACHE_TASKS:
+        cache = tuple(c for c in cache if c != "seacache")
+        excluded["cache=seacache"] = f"diffusers' SeaCache adapter does not take {task} (input != output channels)"
 
     # --- memory: offload and FSDP ------------------------------------------------------------
     offload: tuple[str, ...] = ("none",)

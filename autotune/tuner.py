@@ -63,6 +63,8 @@ EARLY_SCREENS = ("_flash_3", "torch_fa4", "sage", "_native_cudnn", "flash", "_na
 fastest somewhere (FA3 on Hopper, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users try first)."""
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
 FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
+SEACACHE_THRESHOLDS = (0.1, 0.25, 0.4)
+"""Around diffusers' default 0.25 (the SeaCache paper's video setting)."""
 MAGCACHE_K = (1, 2, 3)
 RETENTION = (0.1, 0.2, 0.4)
 MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
@@ -235,6 +237,8 @@ class Tuner:
             p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
         elif r.cache == "fbcache":
             p["fbcache_threshold"] = r.cache_threshold
+        elif r.cache == "seacache":
+            p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
         if len(self.space.lightning) > 1:
             p["lightning"] = r.lightning
         return p
@@ -291,6 +295,9 @@ class Tuner:
                                        cache_retention=retention))
         if "fbcache" in s.cache:
             stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
+        if "seacache" in s.cache:  # diffusers' defaults: threshold 0.25, 2 consecutive reuses
+            stacks.append(base.replace(attention=best_att, cache="seacache", cache_threshold=0.25, magcache_k=2,
+                                       cache_retention=0.1))
         if 4 in s.lightning:  # seed 003: Lightning 4-step
             stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
         out = []
@@ -344,6 +351,10 @@ class Tuner:
             ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
         elif ch["cache"] == "fbcache":
             ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
+        elif ch["cache"] == "seacache":
+            ch["cache_threshold"] = trial.suggest_categorical("seacache_threshold", SEACACHE_THRESHOLDS)
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
         return _traceable(self._lightning(base.replace(**ch), lightning))
 
     # ------------------------------------------------------------------ loop

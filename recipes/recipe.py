@@ -46,7 +46,10 @@ QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_cu
 TE_QUANT = ("te_delayed", "te_current", "te_block")
 COMPILE = ("off", "regional", "full")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
-CACHES = ("none", "magcache", "teacache", "fbcache")
+CACHES = ("none", "magcache", "teacache", "fbcache", "seacache")
+SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
+"""Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
+36 -> 16 do not)."""
 OFFLOAD = ("none", "model", "group_block", "group_leaf")
 DTYPES = ("bfloat16", "float16", "float32")
 LIGHTNING_STEPS = (0, 4)
@@ -104,8 +107,8 @@ class Recipe:
     compile_mode: str = _f("default", "torch.compile mode")
     compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)")
     # --- caches ---
-    cache: str = _f("none", "step cache: none, magcache, teacache or fbcache (first-block cache)")
-    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff)")
+    cache: str = _f("none", "step cache: none, magcache, teacache, fbcache (first-block cache) or seacache")
+    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget)")
     magcache_k: int = _f(2, "MagCache K: most consecutive skipped steps")
     cache_retention: float = _f(0.2, "fraction of the first steps always computed (MagCache R)")
     # --- memory ---
@@ -242,6 +245,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("image", r.image, f"a path: {r.task} needs a conditioning image", hint="pass --image IMG.png")
     if r.image and not (spec.needs_image or spec.image_optional):
         raise RecipeError("image", r.image, f"empty: {r.task} takes no image", hint="use i2v-A14B or ti2v-5B")
+    if r.cache == "seacache" and r.task not in SEACACHE_TASKS:
+        raise RecipeError("cache", r.cache, f"not seacache for {r.task}: diffusers' SeaCache adapter takes Wan "
+                          "transformers whose input and output channels match", hint="use magcache or fbcache")
     if not 0 < r.cache_threshold < 1:
         raise RecipeError("cache_threshold", r.cache_threshold, "0 < threshold < 1")
     if not 1 <= r.magcache_k <= 10:

@@ -38,6 +38,7 @@ LOSSY = {
     "fp8_tensorwise": {"quant": "fp8_tensorwise"},
     "fbcache": {"cache": "fbcache", "cache_threshold": 0.05},
     "magcache": {"cache": "magcache", "cache_threshold": 0.12},
+    "seacache": {"cache": "seacache", "cache_threshold": 0.25},
     "sage": {"attention": "sage"},  # SageAttention >= 2.1.1 (tools/build_sageattention.sh); skipped without it
 }
 

@@ -141,3 +141,28 @@ def test_tuning_a_checkpoint_pins_the_recipe_to_its_commit(tmp_path: Path) -> No
     ckpt = saved_tiny_checkpoint(tmp_path / "ckpt", "c" * 40)
     assert TuneConfig(model=str(ckpt), task="t2v-A14B").base_recipe().model_revision == "c" * 40
     assert TuneConfig(model="tiny").base_recipe().model_revision == ""
+
+
+@pytest.mark.parametrize("task, split", [("t2v-A14B", [7, 3]), ("ti2v-5B", [10])])
+def test_seacache_skips_more_with_a_larger_budget_and_restarts_per_expert(tmp_path: Path, task: str,
+                                                                         split: list[int]) -> None:
+    """diffusers' SeaCache through the recipe: skips are counted, not assumed; each expert starts full."""
+    runs = {thr: run_spec(TrialSpec(recipe=Recipe(task=task, steps=10, cache="seacache", cache_threshold=thr,
+                                                  magcache_k=2, cache_retention=0.1),
+                                    mode="quality", out_dir=str(tmp_path / str(thr))))
+            for thr in (0.02, 0.9)}
+    for res in runs.values():
+        assert res.outcome == "ok", res.error
+        assert res.actual["cache"].startswith("seacache") and f"steps/expert={split}" in res.actual["cache"]
+        starts = [sum(split[:i]) for i in range(len(split))]
+        assert all(res.step_forwards[s] == 2 for s in starts)  # every expert's first step is computed
+    assert sum(runs[0.9].step_forwards) < sum(runs[0.02].step_forwards)
+    assert 0 in runs[0.9].step_forwards
+
+
+def test_seacache_is_refused_for_i2v_with_the_reason() -> None:
+    from recipes.errors import RecipeError
+    from recipes.recipe import validate
+
+    with pytest.raises(RecipeError, match="input and output channels"):
+        validate(Recipe(task="i2v-A14B", image="x.png", cache="seacache"))

@@ -122,6 +122,9 @@ def _apply(ctx: KnobContext) -> None:
             t.enable_cache(FirstBlockCacheConfig(threshold=r.cache_threshold))
         ctx.actual["cache"] = f"fbcache threshold={r.cache_threshold} per-expert state x{len(ctx.transformers)}"
         return
+    if r.cache == "seacache":
+        _enable_seacache(ctx)
+        return
     # MagCache: ratios now, or after a calibration pass driven by the runner.
     for t in ctx.transformers:
         mark_applied(t, "cache")
@@ -135,6 +138,23 @@ def _apply(ctx: KnobContext) -> None:
         return
     enable_magcache(ctx, ratios)
     ctx.actual["magcache_ratios"] = source
+
+
+def _enable_seacache(ctx: KnobContext) -> None:
+    """diffusers' SeaCache, one state per expert; retention and the skip limit per expert as for MagCache.
+
+    Whether it really skipped is not taken on trust (diffusers falls back to full runs, "fail-open", when its
+    adapter cannot read the model): the runner counts the computed forwards per step.
+    """
+    from diffusers.hooks import SeaCacheConfig
+
+    r = ctx.recipe
+    steps = expert_steps(ctx.pipe, r.steps)
+    for t, n in zip(ctx.transformers, steps, strict=True):
+        t.enable_cache(SeaCacheConfig(threshold=r.cache_threshold, max_consecutive_cached=r.magcache_k,
+                                      retention_steps=max(1, int(r.cache_retention * n + 0.5))))
+    ctx.actual["cache"] = (f"seacache threshold={r.cache_threshold} max_consecutive={r.magcache_k} "
+                           f"retention={r.cache_retention} steps/expert={steps}")
 
 
 def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
