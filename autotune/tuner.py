@@ -414,7 +414,7 @@ class Tuner:
         if self.baseline is None and role != "baseline":
             # Trials are handed out in order, so the baseline's trial was taken before this one: by another
             # tuner on this storage, still measuring it (wait), or by one that died (measure it here).
-            self._await_baseline(study)
+            self._await_baseline(study, trial.number)
         if self.baseline is not None and role == "baseline":
             role = "sampled"  # a re-queued baseline never runs twice
         recipe = self._suggest(trial)
@@ -442,17 +442,23 @@ class Tuner:
         raise StudyError(f"study {study.study_name!r} has no plan after {PLAN_WAIT_S:.0f} s: the tuner that "
                          "created it died while writing it", "start a new study with --study NEW_NAME")
 
-    def _await_baseline(self, study: optuna.Study) -> None:
+    def _await_baseline(self, study: optuna.Study, number: int) -> None:
         """Another tuner on this storage is measuring the baseline right now: wait for its record rather
-        than measure it twice (or compare against nothing). Gives up when that trial ends without one."""
+        than measure it twice (or compare against nothing). Gives up when that trial ends without one.
+
+        A baseline trial numbered below ``number`` that still reads WAITING was taken already (trials are
+        handed out in order); this process's view of it is just older than the other tuner's ask (seen on
+        PostgreSQL under load, where it cost a second baseline), so it counts as running."""
         deadline = time.monotonic() + self._timeout()
         announced = False
+        live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         while self.baseline is None and time.monotonic() < deadline:
             self._restore(study)
             if self.baseline is not None:
                 return
-            running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                       if t.user_attrs.get("wanctl_role") == "baseline"]
+            running = [t for t in study.get_trials(deepcopy=False, states=live)
+                       if t.user_attrs.get("wanctl_role") == "baseline"
+                       and (t.state == optuna.trial.TrialState.RUNNING or t.number < number)]
             if not running:
                 return
             if not announced:

@@ -269,6 +269,34 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
     assert second.specs[0].recipe == second.base_recipe and "base" in second.specs[0].out_dir
 
 
+def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waited_for(
+        h100: ProbeResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holding trial 1 while trial 0 (the baseline) still reads WAITING means another tuner took it a moment
+    ago (trials are handed out in order): wait for its record, do not measure a second baseline."""
+    import optuna
+
+    import autotune.tuner as tuner_mod
+    from autotune.study import load_or_create, open_storage
+
+    url = _sqlite(tmp_path)
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
+                     storage=url)
+    t = SimulatedTuner(cfg, h100)
+    study, _ = load_or_create(open_storage(url), t.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
+    study.set_user_attr("wanctl_config", cfg.to_dict())
+    t._enqueue_plan(study)
+    assert study.trials[0].user_attrs["wanctl_role"] == "baseline"
+    polls: list[int] = []
+    monkeypatch.setattr(tuner_mod, "BASELINE_POLL_S", 0.01)
+    monkeypatch.setattr(t, "_timeout", lambda: 0.3)
+    monkeypatch.setattr(t, "_restore", lambda s: polls.append(1))
+    t._await_baseline(study, 1)  # trial 0 reads WAITING: counted as taken, polled until the deadline
+    assert len(polls) > 1
+    polls.clear()
+    t._await_baseline(study, 0)  # no earlier baseline trial: nothing to wait for
+    assert len(polls) == 1
+
+
 def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult, tmp_path: Path) -> None:
     import optuna
 
