@@ -2,10 +2,13 @@
 
 A MagCache skip schedule is a pure function of its per-step magnitude ratios, threshold, K and retention
 (Wan2GP predicts it the same way), so the tuner can tell before launching a trial how much a setting can
-save, and after it whether the run skipped what it should have.
+save, and after it whether the run skipped what it should have. TaylorSeer's needs no ratios at all: it
+computes on a fixed rhythm (recipes/cache_schedule.py), so its price is exact from the expert split.
 """
 
 from __future__ import annotations
+
+from recipes.cache_schedule import taylorseer_schedule
 
 
 def magcache_schedule(ratios: list[float], threshold: float, max_skip: int, retention: float,
@@ -48,6 +51,14 @@ def computed_fraction(per_expert_ratios: list[list[float]], steps_per_expert: li
     for ratios, n in zip(per_expert_ratios, steps_per_expert, strict=False):
         done += sum(magcache_schedule(ratios, threshold, max_skip, retention, n))
     return done / total
+
+
+def taylorseer_fraction(steps_per_expert: list[int], max_skip: int, retention: float) -> float:
+    """Fraction of transformer forwards TaylorSeer computes over the whole schedule: exact, no ratios needed."""
+    total = sum(steps_per_expert)
+    if not total:
+        return 1.0
+    return sum(sum(taylorseer_schedule(n, max_skip, retention)) for n in steps_per_expert) / total
 
 
 def predicted_denoise_s(step_s: float, steps: int, fraction: float, skip_cost: float = 0.02) -> float:

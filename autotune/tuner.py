@@ -22,7 +22,7 @@ import optuna
 from autotune.adapt import adapt_to_machine
 from autotune.config import TuneConfig, model_tag
 from autotune.fallbacks import Exclusions, memory_fallbacks
-from autotune.pricing import computed_fraction, predicted_denoise_s
+from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
 from autotune.study import (
@@ -41,7 +41,7 @@ from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
-from recipes.recipe import CP_ATTENTION, GRAPH_BREAKING_ATTENTION, Recipe, validate
+from recipes.recipe import CP_ATTENTION, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
     CONFIG_KEY,
@@ -144,6 +144,7 @@ class Tuner:
         self.refs: dict[str, TrialRecord] = {}
         self.ref_paths: dict[str, tuple[str, str]] = {}
         self.magcache_ratios: list[list[float]] = []
+        self.expert_steps: list[int] = []  # each expert's share of the schedule, as the baseline's run reported
         self.by_hash: dict[str, TrialRecord] = {}
         self.trial_costs: list[float] = []  # seconds each trial of this run took, all its processes
         self.started = time.monotonic()
@@ -216,6 +217,7 @@ class Tuner:
             self.baseline = TrialRecord.from_attr(base["record"])
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
+            self.expert_steps = base.get("expert_steps", [])
         for knob, values in study.user_attrs.get(SCREENED_KEY, {}).items():
             for value, evidence in values.items():
                 self.exclusions.exclude(knob, _typed(knob, value), evidence)
@@ -239,6 +241,8 @@ class Tuner:
             p["fbcache_threshold"] = r.cache_threshold
         elif r.cache == "seacache":
             p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        elif r.cache == "taylorseer":
+            p.update(magcache_k=r.magcache_k, cache_retention=r.cache_retention)
         if len(self.space.lightning) > 1:
             p["lightning"] = r.lightning
         return p
@@ -298,6 +302,8 @@ class Tuner:
         if "seacache" in s.cache:  # diffusers' defaults: threshold 0.25, 2 consecutive reuses
             stacks.append(base.replace(attention=best_att, cache="seacache", cache_threshold=0.25, magcache_k=2,
                                        cache_retention=0.1))
+        if "taylorseer" in s.cache:  # one prediction between computes, a fifth of each expert computed first
+            stacks.append(base.replace(attention=best_att, cache="taylorseer", magcache_k=1, cache_retention=0.2))
         if 4 in s.lightning:  # seed 003: Lightning 4-step
             stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
         out = []
@@ -353,6 +359,9 @@ class Tuner:
             ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
         elif ch["cache"] == "seacache":
             ch["cache_threshold"] = trial.suggest_categorical("seacache_threshold", SEACACHE_THRESHOLDS)
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        elif ch["cache"] == "taylorseer":  # no threshold: the schedule is fixed by K and the warm-up
             ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
             ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
         return _traceable(self._lightning(base.replace(**ch), lightning))
@@ -566,6 +575,8 @@ class Tuner:
             out = self._launch(self._spec(recipe, "measure", number, "base-a0",
                                           measure_steps=self.cfg.measure_steps))
             rec = self._record(number, "baseline", "baseline", recipe, out)
+        if out.result is not None and out.result.expert_steps:
+            self.expert_steps = list(out.result.expert_steps)
         if rec.outcome != "ok":
             raise NothingFeasible(f"the baseline (plain diffusers for this model) failed: {rec.outcome}: {rec.reason}",
                                   "check the model and the hardware with 'wanctl probe'; see "
@@ -578,7 +589,8 @@ class Tuner:
 
     def _save_baseline(self) -> None:
         self._attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
-                                           "refs": self.ref_paths, "magcache_ratios": self.magcache_ratios}
+                                           "refs": self.ref_paths, "magcache_ratios": self.magcache_ratios,
+                                           "expert_steps": self.expert_steps}
         self._flush_attrs()
 
     def _reference(self, kind: str) -> None:
@@ -670,8 +682,13 @@ class Tuner:
         if q.outcome != "ok" or q.result is None:
             return dataclasses.replace(rec, outcome=q.outcome, reason=f"quality run: {q.reason}")
         if recipe.cache != "none" and q.result.step_forwards:
+            priced = fraction
             fraction = sum(q.result.step_forwards) / (2 * len(q.result.step_forwards) if recipe.guidance > 1 else
                                                       len(q.result.step_forwards))
+            if recipe.cache == "taylorseer" and abs(fraction - priced) > 1e-9:
+                # The schedule is fixed, so a difference means the hooks did not do what the recipe says.
+                rec = dataclasses.replace(rec, notes=[*rec.notes, f"taylorseer computed {fraction:.3f} of the "
+                                                      f"forwards, priced {priced:.3f}: the measured count is used"])
             if recipe.cache == "magcache" and q.result.cache_ratios and not self.magcache_ratios:
                 self.magcache_ratios = q.result.cache_ratios
                 self._save_baseline()
@@ -701,7 +718,10 @@ class Tuner:
         return dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
 
     def _priced_fraction(self, recipe: Recipe) -> float:
-        """Computed fraction of a MagCache schedule from known ratios (one list per expert, one entry per step)."""
+        """Computed fraction of a cache's schedule, where it can be known before the run: MagCache's from
+        known ratios (one list per expert, one entry per step), TaylorSeer's from the expert split alone."""
+        if recipe.cache == "taylorseer" and sum(self.expert_steps) == recipe.steps:
+            return taylorseer_fraction(self.expert_steps, recipe.magcache_k, recipe.cache_retention)
         if recipe.cache != "magcache" or not self.magcache_ratios:
             return 1.0
         steps = [len(r) for r in self.magcache_ratios]
@@ -829,8 +849,8 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) 
 
 
 def _traceable(r: Recipe) -> Recipe:
-    """Compile around an attention backend torch cannot trace whole instead of failing on it."""
-    if r.attention in GRAPH_BREAKING_ATTENTION and r.compile != "off":
+    """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing."""
+    if graph_break(r) and r.compile != "off":
         return r.replace(compile_fullgraph=False)
     return r
 

@@ -32,6 +32,21 @@ TORCH_FLASH_IMPLS = {"torch_fa4": "FA4", "torch_fa3": "FA3"}
 """Recipe attention values that plug an implementation into torch (``activate_flash_attention_impl``)."""
 
 
+def graph_break(r: Recipe) -> str:
+    """Why torch.compile cannot trace this recipe's blocks whole, or "" when it can.
+
+    Both causes were seen, not assumed: Sage on the H100, the caches on the tiny model (CPU), where a
+    fullgraph compile of a cached transformer fails with "Skip calling torch.compiler.disable()d function".
+    """
+    if r.attention in GRAPH_BREAKING_ATTENTION:
+        return (f"{r.attention} attention (its kernels break the graph: torch.compile fullgraph=True fails with "
+                "'torch.* op returned non-Tensor')")
+    if r.cache != "none":
+        return (f"cache={r.cache} (diffusers' cache hooks decide each step in torch.compiler.disable()d code, "
+                "which fullgraph=True refuses)")
+    return ""
+
+
 def dispatch_backend(attention: str) -> str:
     """The diffusers backend a recipe's ``attention`` value runs through."""
     return "_native_flash" if attention in TORCH_FLASH_IMPLS else attention
@@ -46,7 +61,7 @@ QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_cu
 TE_QUANT = ("te_delayed", "te_current", "te_block")
 COMPILE = ("off", "regional", "full")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
-CACHES = ("none", "magcache", "teacache", "fbcache", "seacache")
+CACHES = ("none", "magcache", "teacache", "fbcache", "seacache", "taylorseer")
 SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
 """Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
 36 -> 16 do not)."""
@@ -107,10 +122,10 @@ class Recipe:
     compile_mode: str = _f("default", "torch.compile mode")
     compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)")
     # --- caches ---
-    cache: str = _f("none", "step cache: none, magcache, teacache, fbcache (first-block cache) or seacache")
-    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget)")
-    magcache_k: int = _f(2, "MagCache K: most consecutive skipped steps")
-    cache_retention: float = _f(0.2, "fraction of the first steps always computed (MagCache R)")
+    cache: str = _f("none", "step cache: none, magcache, teacache, fbcache (first-block cache), seacache or taylorseer")
+    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget; TaylorSeer has none)")
+    magcache_k: int = _f(2, "most consecutive skipped steps (MagCache K, SeaCache; TaylorSeer predicts at most this many between computes)")
+    cache_retention: float = _f(0.2, "fraction of each expert's first steps always computed (MagCache R, SeaCache, TaylorSeer warm-up)")
     # --- memory ---
     offload: str = _f("none", "CPU offload: none, model, group_block or group_leaf")
     vae_tiling: bool = _f(False, "decode the VAE in tiles (less memory, slower)")
@@ -294,9 +309,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("offload", r.offload, "none with several GPUs (use fsdp to save memory instead)")
     if r.offload.startswith("group") and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with group offload")
-    if r.attention in GRAPH_BREAKING_ATTENTION and r.compile != "off" and r.compile_fullgraph:
-        raise RecipeError("compile_fullgraph", True, f"False with {r.attention} attention (its kernels break the "
-                          "graph: torch.compile fullgraph=True fails with 'torch.* op returned non-Tensor')",
+    if r.compile != "off" and r.compile_fullgraph and graph_break(r):
+        raise RecipeError("compile_fullgraph", True, f"False with {graph_break(r)}",
                           hint="set compile_fullgraph = false (--set compile_fullgraph=false)")
     _check_lightning(r)
     if r.lightning and r.cache != "none":

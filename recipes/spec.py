@@ -158,6 +158,8 @@ class RunResult:
     """Transformer forwards computed in each step that ran (2 with CFG, fewer when a cache skipped)."""
     cache_ratios: list[list[float]] = field(default_factory=list)
     """MagCache ratios per expert used by this run (calibrated ones are reused by later trials)."""
+    expert_steps: list[int] = field(default_factory=list)
+    """Denoise steps each expert runs under this recipe's scheduler: what a cache's schedule is priced on."""
     peak_mem_bytes: int = 0
     """Peak GPU memory allocated during denoise and decode (host RSS on CPU)."""
     quality: Quality = field(default_factory=Quality)

@@ -39,6 +39,11 @@ LOSSY = {
     "fbcache": {"cache": "fbcache", "cache_threshold": 0.05},
     "magcache": {"cache": "magcache", "cache_threshold": 0.12},
     "seacache": {"cache": "seacache", "cache_threshold": 0.25},
+    "taylorseer": {"cache": "taylorseer", "magcache_k": 2},
+    # Caches' hooks break torch.compile's graph: compiled around them (fullgraph=False), as the tuner does.
+    "magcache_compile": {"cache": "magcache", "cache_threshold": 0.12, "compile": "regional",
+                         "compile_fullgraph": False},
+    "taylorseer_compile": {"cache": "taylorseer", "magcache_k": 2, "compile": "regional", "compile_fullgraph": False},
     "sage": {"attention": "sage"},  # SageAttention >= 2.1.1 (tools/build_sageattention.sh); skipped without it
 }
 

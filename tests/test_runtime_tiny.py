@@ -166,3 +166,49 @@ def test_seacache_is_refused_for_i2v_with_the_reason() -> None:
 
     with pytest.raises(RecipeError, match="input and output channels"):
         validate(Recipe(task="i2v-A14B", image="x.png", cache="seacache"))
+
+
+@pytest.mark.parametrize("task, split", [("t2v-A14B", [7, 3]), ("ti2v-5B", [10]), ("i2v-A14B", [4, 6])])
+def test_taylorseer_computes_exactly_the_priced_schedule_per_expert(tmp_path: Path, task: str,
+                                                                    split: list[int]) -> None:
+    """Lite TaylorSeer: the steps counted as computed are those the tuner priced before the run, for each
+    expert and both CFG branches; the predicted output is close to, not equal to, the computed one."""
+    from PIL import Image
+
+    from autotune.pricing import taylorseer_fraction
+    from recipes.cache_schedule import taylorseer_schedule
+
+    image = ""
+    if task == "i2v-A14B":
+        image = str(tmp_path / "in.png")
+        Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(image)
+    base = run_spec(TrialSpec(recipe=Recipe(task=task, steps=10, image=image), mode="quality",
+                              out_dir=str(tmp_path / "base")))
+    res = run_spec(TrialSpec(recipe=Recipe(task=task, steps=10, image=image, cache="taylorseer", magcache_k=2,
+                                           cache_retention=0.2),
+                             mode="quality", out_dir=str(tmp_path / "ts"), reference_latent=base.latent_path,
+                             reference_frames=base.frames_path))
+    assert base.outcome == "ok" and res.outcome == "ok", res.error
+    assert res.expert_steps == base.expert_steps == split
+    assert res.actual["cache"].startswith("taylorseer lite") and f"steps/expert={split}" in res.actual["cache"]
+    expected = [2 if computed else 0 for n in split for computed in taylorseer_schedule(n, 2, 0.2)]
+    assert res.step_forwards == expected and 0 in expected
+    assert sum(res.step_forwards) / (2 * len(res.step_forwards)) == taylorseer_fraction(split, 2, 0.2)
+    assert 0 < res.quality.latent_rel_err < 1.0
+
+
+def test_a_cache_runs_under_regional_compile_around_its_hooks(tmp_path: Path) -> None:
+    """TaylorSeer's hooks sit on the compiled blocks; with fullgraph=False the graph breaks at the hook's
+    decision, and the compiled run gives the uncompiled cached output within bf16 noise."""
+    recipe = Recipe(task="ti2v-5B", steps=6, cache="taylorseer", magcache_k=2)
+    plain = run_spec(TrialSpec(recipe=recipe, mode="quality", out_dir=str(tmp_path / "plain")))
+    comp = run_spec(TrialSpec(recipe=recipe.replace(compile="regional", compile_fullgraph=False), mode="quality",
+                              out_dir=str(tmp_path / "comp"), reference_latent=plain.latent_path,
+                              reference_frames=plain.frames_path))
+    assert plain.outcome == comp.outcome == "ok", comp.error
+    assert comp.actual["compile"] == "regional mode=default fullgraph=False"
+    assert comp.actual["cache"] == plain.actual["cache"]
+    # bf16: compile alone moves this model's latent by ~1.3e-2; extrapolating two steps ahead amplifies
+    # that to ~3.4e-2 (both measured here). A wrong schedule or a lost state would be off by far more.
+    assert comp.quality.latent_rel_err < 0.1 and comp.quality.psnr_min_db > 30
+

@@ -47,13 +47,14 @@ def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     assert s.compile_mode == ("default", "max-autotune-no-cudagraphs", "max-autotune")
     assert s.offload == ("none",)
     assert s.excluded["offload=model"].startswith("CPU offload runs one GPU")
-    assert s.cache == ("none", "magcache", "fbcache", "seacache") and "cache=teacache" in s.excluded
+    assert s.cache == ("none", "magcache", "fbcache", "seacache", "taylorseer") and "cache=teacache" in s.excluded
     assert s.lightning == (0,)
 
 
 def test_seacache_only_where_diffusers_adapter_takes_the_model(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_1x", task="i2v-A14B")
     assert "seacache" not in s.cache and "input != output channels" in s.excluded["cache=seacache"]
+    assert "taylorseer" in s.cache  # lite TaylorSeer reads only proj_out's output: any Wan transformer
     assert "seacache" in space(probes, "h100_sxm_1x", task="ti2v-5B").cache
 
 
@@ -152,14 +153,14 @@ def test_l40s_te_without_block_scaling(probes: dict[str, ProbeResult]) -> None:
 def test_tiny_on_cpu_host(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "no_gpu", model="tiny")
     assert s.attention == ("native", "_native_flash", "_native_math", "flex")
-    assert s.cache == ("none", "magcache", "fbcache", "seacache")
+    assert s.cache == ("none", "magcache", "fbcache", "seacache", "taylorseer")
     assert s.tf32 == (False,) and s.excluded["tf32=True"] == "TF32 is a GPU tensor-core mode; this host has no GPU"
     assert s.quant == ("none",)  # torchao is not in the recorded CPU venv; fp8 needs a GPU
     assert s.compile == ("off",) and "allow_cpu_compile" in s.excluded["compile=regional"]
     assert s.offload == ("none",) and s.ulysses == (1,) and s.gpus == (1,)
     assert s.cfg_parallel == (False,) and s.fsdp == (False,)
     assert s.excluded["attention=_native_cudnn"] == "absent: no CUDA device"
-    assert s.size() == 4 * 2 * 4  # attention x fuse_qkv x cache: small but worth a demo
+    assert s.size() == 4 * 2 * 5  # attention x fuse_qkv x cache: small but worth a demo
 
 
 def test_cpu_compile_only_when_allowed_and_checked(probes: dict[str, ProbeResult]) -> None:

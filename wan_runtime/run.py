@@ -29,7 +29,7 @@ from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
 from wan_runtime.env import device_name, pick_device, require_safe_torch, versions
 from wan_runtime.knobs import KnobContext, apply_all
-from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
+from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache, expert_steps
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
 from wan_runtime.quality import compare
 from wan_runtime.video import count_frames, to_uint8, write_mp4
@@ -306,7 +306,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         outcome="ok", device=device_name(device), gpus=recipe.gpus, versions=versions(), actual=dict(ctx.actual),
         steps_total=recipe.steps, steps_run=len(step_s), steps_computed=sum(forwards) if forwards else -1,
         step_forwards=forwards, peak_mem_bytes=int(peak), frames=int(frames.shape[0]), notes=list(ctx.notes),
-        cache_ratios=ctx.extra.get("magcache_ratios") or [],
+        cache_ratios=ctx.extra.get("magcache_ratios") or [], expert_steps=expert_steps(pipe, recipe.steps),
     )
     if wall > 0 and not step_s:
         res = dataclasses.replace(res, notes=res.notes + ["no denoise step ran"])

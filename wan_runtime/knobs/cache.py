@@ -1,4 +1,4 @@
-"""Step caches from diffusers' hooks: FirstBlockCache and MagCache, one state per expert.
+"""Step caches from diffusers' hooks: FirstBlockCache, MagCache, SeaCache and TaylorSeer, one state per expert.
 
 Each A14B expert gets its own hook state and its own step count (MagCache's reference code shares one
 state and breaks when the experts switch or under FSDP). MagCache needs magnitude ratios per expert:
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from recipes.cache_schedule import taylorseer_interval, taylorseer_warmup
 from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -125,6 +126,9 @@ def _apply(ctx: KnobContext) -> None:
     if r.cache == "seacache":
         _enable_seacache(ctx)
         return
+    if r.cache == "taylorseer":
+        _enable_taylorseer(ctx)
+        return
     # MagCache: ratios now, or after a calibration pass driven by the runner.
     for t in ctx.transformers:
         mark_applied(t, "cache")
@@ -155,6 +159,31 @@ def _enable_seacache(ctx: KnobContext) -> None:
                                       retention_steps=max(1, int(r.cache_retention * n + 0.5))))
     ctx.actual["cache"] = (f"seacache threshold={r.cache_threshold} max_consecutive={r.magcache_k} "
                            f"retention={r.cache_retention} steps/expert={steps}")
+
+
+def _enable_taylorseer(ctx: KnobContext) -> None:
+    """diffusers' TaylorSeer in its lite form, one state per expert (and, through the pipeline's cache
+    contexts, per CFG branch).
+
+    Lite: on a predicted step every block returns zeros at once and only ``proj_out``'s output is
+    extrapolated, so a predicted step costs the embeddings and nothing of the block stack. The full form
+    keeps Taylor factors of every attention output: at 720p/81f that is 75,600 x 5,120 bf16 (774 MB) per
+    module per order per branch, ~250 GB for one A14B expert at order 1, and it still runs the FFNs.
+    Blocks that do not run never reach the step counter's hook, so predicted steps are counted as skipped.
+    """
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    r = ctx.recipe
+    steps = expert_steps(ctx.pipe, r.steps)
+    warmups = []
+    for t, n in zip(ctx.transformers, steps, strict=True):
+        warmup = taylorseer_warmup(r.cache_retention, n)
+        warmups.append(warmup)
+        t.enable_cache(TaylorSeerCacheConfig(cache_interval=taylorseer_interval(r.magcache_k),
+                                             disable_cache_before_step=warmup, max_order=1,
+                                             taylor_factors_dtype=torch.float32, use_lite_mode=True))
+    ctx.actual["cache"] = (f"taylorseer lite order=1 interval={taylorseer_interval(r.magcache_k)} "
+                           f"warmup/expert={warmups} steps/expert={steps}")
 
 
 def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
