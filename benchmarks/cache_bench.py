@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.pricing import taylorseer_fraction  # noqa: E402
 from autotune.trial_runner import run_trial  # noqa: E402
-from benchmarks.common import commit_id, ran_summary  # noqa: E402
+from benchmarks.common import commit_id, ran_summary, write_outputs  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
 from recipes.spec import TrialSpec  # noqa: E402
@@ -110,7 +110,6 @@ def main() -> None:
     doc = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d"), "task": args.task, "size": args.size,
            "frames": args.frames, "steps": args.steps, "expert_steps": split, "bf16_tflops": rate / 1e12,
            "flops_per_forward": flops, "rows": rows}
-    (out / "cache_bench.json").write_text(json.dumps(doc, indent=2))
     lines = ["| stack | denoise s | time vs default (same run) | forwards computed (priced) | vs FLOP floor | "
              "first step s | latent rel. err | ran |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -122,8 +121,7 @@ def main() -> None:
         floor = f"{r['denoise_s'] / r['floor_s']:.2f}x" if r["floor_s"] else "-"
         lines.append(f"| {r['stack']} | {r['denoise_s']:.2f} | {ratio} | {fw} ({r['priced_fraction']:.2f}) | "
                      f"{floor} | {r['first_step_s']:.2f} | {r['latent_rel_err']:.1e} | {ran_summary(r['actual'])} |")
-    (out / "cache_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(out, "cache_bench", doc, lines)
     print(f"bf16 rate {rate / 1e12:.0f} TFLOP/s; {args.task} {args.size} {args.frames}f {args.steps} steps, "
           f"experts {split}; commit {doc['commit']}")
 

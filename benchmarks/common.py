@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 
 def commit_id() -> str:
@@ -21,3 +23,12 @@ def commit_id() -> str:
 def ran_summary(actual: dict[str, str], sep: str = ", ") -> str:
     """A row's 'what ran' cell: every observed fact but the attention call count (noise in a table)."""
     return sep.join(f"{k}={v}" for k, v in actual.items() if k != "attention_calls")
+
+
+def write_outputs(out: Path, stem: str, doc: dict, lines: list[str]) -> None:
+    """Every benchmark leaves the same pair: ``stem.json`` (all figures, for BENCHMARKS.md and later reading)
+    and ``stem.md`` (the table), and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

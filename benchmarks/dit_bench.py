@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id, ran_summary
+from benchmarks.common import commit_id, ran_summary, write_outputs
 from recipes.models import model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import versions
@@ -168,7 +168,6 @@ def main() -> None:
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "bf16_tflops": rate / 1e12, "flops_per_forward": flops,
            "floor_s": floor, "layers": args.layers, "size": args.size, "frames": args.frames, "rows": rows}
-    (out / "dit_bench.json").write_text(json.dumps(doc, indent=2))
     lines = ["| stack | s / forward | vs default (same run) | vs FLOP floor | warm-up s | peak GB | rel. err | ran |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -179,8 +178,7 @@ def main() -> None:
         ran = ran_summary(r["actual"])
         lines.append(f"| {r['stack']} | {r['est_forward_s']:.2f} | {ratio} | {r['est_forward_s'] / floor:.2f}x | "
                      f"{r['warmup_s']:.1f} | {r['peak_gb']:.1f} | {r['rel_err']:.1e} | {ran} |")
-    (out / "dit_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(out, "dit_bench", doc, lines)
     print(f"bf16 rate {rate / 1e12:.0f} TFLOP/s; floor {floor:.2f} s/forward; {doc['gpu']}; {doc['versions']}")
 
 

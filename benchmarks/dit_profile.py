@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id
+from benchmarks.common import commit_id, write_outputs
 from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
@@ -108,7 +108,6 @@ def main() -> None:
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "size": args.size, "frames": args.frames,
            "rows": rows}
-    (out / "dit_profile.json").write_text(json.dumps(doc, indent=2))
     kinds = [k for k, _ in KINDS] + ["other"]
     lines = ["| stack | s / forward (scaled) | " + " | ".join(kinds) + " | idle |",
              "| --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
@@ -119,8 +118,7 @@ def main() -> None:
         w = r["slice_s"]
         cells = [f"{r['by_kind_s'].get(k, 0.0) / w:.0%}" for k in kinds]
         lines.append(f"| {r['stack']} | {r['est_forward_s']:.2f} | " + " | ".join(cells) + f" | {r['idle_s'] / w:.0%} |")
-    (out / "dit_profile.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(out, "dit_profile", doc, lines)
     for r in rows:
         for k in r.get("top_kernels", []):
             print(f"{r['stack']}\t{k['kind']}\t{k['s'] * 1e3:.1f} ms\t{k['name']}")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.search_space import layout_fields  # noqa: E402
-from benchmarks.common import commit_id, ran_summary  # noqa: E402
+from benchmarks.common import commit_id, ran_summary, write_outputs  # noqa: E402
 from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
@@ -163,7 +163,6 @@ def main() -> None:
            "layers": args.layers, "size": args.size, "frames": args.frames, "attention": args.attention, "rows": rows}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "parallel_bench.json").write_text(json.dumps(doc, indent=2))
     lines = ["| layout | GPUs | s / step (40 blocks) | speed-up vs 1 GPU | efficiency t1/(N tN) | rel. err vs 1 GPU | "
              "peak GB | warm-up s | ran |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -174,8 +173,7 @@ def main() -> None:
         err = f"{r['rel_err_vs_single']:.1e}" if "rel_err_vs_single" in r else "-"
         lines.append(f"| {r['layout']} | {r['gpus']} | {r['est_step_s']:.2f} | {t1 / r['est_step_s']:.2f}x | "
                      f"{r['efficiency']:.3f} | {err} | {r['peak_gb']:.1f} | {r['warmup_s']:.1f} | {ran} |")
-    (out_dir / "parallel_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(out_dir, "parallel_bench", doc, lines)
     print(f"{gpu} x{world}; {doc['versions']}; commit {commit}")
 
 

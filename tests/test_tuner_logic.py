@@ -195,7 +195,7 @@ def test_oom_fallback_follows_where_memory_ran_out(h100: ProbeResult, tmp_path: 
     t.oom_phase = phase
     t.space = dataclasses.replace(t.space, offload=("none", "model"))
     t.oom_if = {"compile": "full", "offload": "none"}  # only offload helps, whatever the phase says
-    r = t.base_recipe.replace(compile="full", cache="fbcache", cache_threshold=0.12)
+    r = t.base_recipe.replace(compile="full", compile_fullgraph=False, cache="fbcache", cache_threshold=0.12)
     rec = t._evaluate_trial(50, "sampled", r)
     assert rec.fallbacks[0].startswith(f"oom in {phase} -> {first}"), rec.fallbacks
     # Tiling did not help a decode OOM here: the next fallback (offload) is tried before giving up.
