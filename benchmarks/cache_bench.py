@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.pricing import taylorseer_fraction  # noqa: E402
 from autotune.trial_runner import run_trial  # noqa: E402
-from benchmarks.common import commit_id, ran_summary, write_outputs  # noqa: E402
+from benchmarks.common import commit_id, ran_summary, table_head, write_outputs  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
 from recipes.spec import TrialSpec  # noqa: E402
@@ -110,8 +110,8 @@ def main() -> None:
     doc = {"commit": commit_id(), "date": time.strftime("%Y-%m-%d"), "task": args.task, "size": args.size,
            "frames": args.frames, "steps": args.steps, "expert_steps": split, "bf16_tflops": rate / 1e12,
            "flops_per_forward": flops, "rows": rows}
-    lines = ["| stack | denoise s | time vs default (same run) | forwards computed (priced) | vs FLOP floor | "
-             "first step s | latent rel. err | ran |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = table_head("stack", "denoise s", "time vs default (same run)", "forwards computed (priced)",
+                       "vs FLOP floor", "first step s", "latent rel. err", "ran")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['stack']} | {r['outcome']} | | | | | | {r['error'][:120]} |")

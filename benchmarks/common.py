@@ -25,6 +25,11 @@ def ran_summary(actual: dict[str, str], sep: str = ", ") -> str:
     return sep.join(f"{k}={v}" for k, v in actual.items() if k != "attention_calls")
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and separator lines, so a column added to one cannot miss the other."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def write_outputs(out: Path, stem: str, doc: dict, lines: list[str]) -> None:
     """Every benchmark leaves the same pair: ``stem.json`` (all figures, for BENCHMARKS.md and later reading)
     and ``stem.md`` (the table), and prints the table."""

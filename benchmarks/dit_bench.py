@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id, ran_summary, write_outputs
+from benchmarks.common import commit_id, ran_summary, table_head, write_outputs
 from recipes.models import model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import versions
@@ -168,8 +168,8 @@ def main() -> None:
     doc = {"gpu": torch.cuda.get_device_name(0), "versions": versions(), "commit": commit,
            "date": time.strftime("%Y-%m-%d"), "bf16_tflops": rate / 1e12, "flops_per_forward": flops,
            "floor_s": floor, "layers": args.layers, "size": args.size, "frames": args.frames, "rows": rows}
-    lines = ["| stack | s / forward | vs default (same run) | vs FLOP floor | warm-up s | peak GB | rel. err | ran |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = table_head("stack", "s / forward", "vs default (same run)", "vs FLOP floor", "warm-up s", "peak GB",
+                       "rel. err", "ran")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['stack']} | error | | | | | | {r['error'][:120]} |")

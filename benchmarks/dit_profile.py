@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id, write_outputs
+from benchmarks.common import commit_id, table_head, write_outputs
 from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
@@ -109,8 +109,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d"), "layers": args.layers, "size": args.size, "frames": args.frames,
            "rows": rows}
     kinds = [k for k, _ in KINDS] + ["other"]
-    lines = ["| stack | s / forward (scaled) | " + " | ".join(kinds) + " | idle |",
-             "| --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
+    lines = table_head("stack", "s / forward (scaled)", *kinds, "idle")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['stack']} | error: {r['error'][:100]} |")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.search_space import layout_fields  # noqa: E402
-from benchmarks.common import commit_id, ran_summary, write_outputs  # noqa: E402
+from benchmarks.common import commit_id, ran_summary, table_head, write_outputs  # noqa: E402
 from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
@@ -163,8 +163,8 @@ def main() -> None:
            "layers": args.layers, "size": args.size, "frames": args.frames, "attention": args.attention, "rows": rows}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| layout | GPUs | s / step (40 blocks) | speed-up vs 1 GPU | efficiency t1/(N tN) | rel. err vs 1 GPU | "
-             "peak GB | warm-up s | ran |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = table_head("layout", "GPUs", "s / step (40 blocks)", "speed-up vs 1 GPU", "efficiency t1/(N tN)",
+                       "rel. err vs 1 GPU", "peak GB", "warm-up s", "ran")
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['layout']} | {r['gpus']} | error | | | | | | {r['error'][:120]} |")
