@@ -117,6 +117,6 @@ def parse_budget(text: str) -> float:
 
 
 def model_tag(model: str) -> str:
-    if model in ("tiny", "random"):
+    if model in SYNTHETIC:
         return model
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).expanduser().resolve().name) or "checkpoint"

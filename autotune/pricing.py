@@ -8,7 +8,7 @@ computes on a fixed rhythm (recipes/cache_schedule.py), so its price is exact fr
 
 from __future__ import annotations
 
-from recipes.cache_schedule import taylorseer_schedule
+from recipes.cache_schedule import retention_steps, taylorseer_schedule
 
 
 def magcache_schedule(ratios: list[float], threshold: float, max_skip: int, retention: float,
@@ -22,7 +22,7 @@ def magcache_schedule(ratios: list[float], threshold: float, max_skip: int, rete
     if steps <= 0:
         return []
     rs = [ratios[min(len(ratios) - 1, int(i * len(ratios) / steps))] for i in range(steps)] if ratios else [1.0] * steps
-    retention_step = int(retention * steps + 0.5)
+    retention_step = retention_steps(retention, steps)
     acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
     computed: list[bool] = []
     have_residual = False

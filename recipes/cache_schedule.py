@@ -11,6 +11,12 @@ TAYLORSEER_MIN_WARMUP = 2
 """Computed steps before the first prediction: a first-order Taylor step needs two points to difference."""
 
 
+def retention_steps(retention: float, steps: int) -> int:
+    """Each expert's first steps a cache always computes, from a recipe's ``cache_retention`` fraction
+    (rounded half up, as diffusers' MagCache rounds its retention ratio)."""
+    return int(retention * steps + 0.5)
+
+
 def taylorseer_interval(max_skip: int) -> int:
     """diffusers' ``cache_interval`` for a recipe's ``magcache_k`` (most consecutive predicted steps)."""
     return max_skip + 1
@@ -18,7 +24,7 @@ def taylorseer_interval(max_skip: int) -> int:
 
 def taylorseer_warmup(retention: float, steps: int) -> int:
     """diffusers' ``disable_cache_before_step`` for one expert: the recipe's retention fraction of its steps."""
-    return max(TAYLORSEER_MIN_WARMUP, int(retention * steps + 0.5))
+    return max(TAYLORSEER_MIN_WARMUP, retention_steps(retention, steps))
 
 
 def taylorseer_schedule(steps: int, max_skip: int, retention: float) -> list[bool]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from recipes.errors import CheckpointError, SchemaError
 from recipes.files import atomic_write_text
 from recipes.models import MODELS, model_spec
 from recipes.plain import load_json_object
+from recipes.recipe import SYNTHETIC, is_commit_sha
 
 MANIFEST_NAME = "wanctl-manifest.json"
 INCOMPLETE_MARKER = ".incomplete"
@@ -227,11 +227,11 @@ def checkpoint_revision(model: str) -> str:
 
     A tuned recipe records it, so the recipe later refuses a checkpoint that moved to another commit.
     """
-    if model in ("tiny", "random"):
+    if model in SYNTHETIC:
         return ""
     manifest = read_manifest(Path(model).expanduser())
     rev = manifest.revision if manifest is not None else ""
-    return rev if re.fullmatch(r"[0-9a-f]{40}", rev) else ""
+    return rev if is_commit_sha(rev) else ""
 
 
 def check_revision(root: Path, manifest: Manifest, pinned: str) -> None:

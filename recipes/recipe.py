@@ -32,6 +32,14 @@ TORCH_FLASH_IMPLS = {"torch_fa4": "FA4", "torch_fa3": "FA3"}
 """Recipe attention values that plug an implementation into torch (``activate_flash_attention_impl``)."""
 
 
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+"""A full git commit id, as a pin must be (a branch or a short id can move or clash)."""
+
+
+def is_commit_sha(text: str) -> bool:
+    return COMMIT_SHA.fullmatch(text) is not None
+
+
 def graph_break(r: Recipe) -> str:
     """Why torch.compile cannot trace this recipe's blocks whole, or "" when it can.
 
@@ -234,7 +242,7 @@ def validate(recipe: Recipe) -> Recipe:
         if r.model in SYNTHETIC:
             raise RecipeError("model_revision", r.model_revision, f"empty for the {r.model} model (it has no revision)",
                               hint="drop model_revision, or set model to a downloaded checkpoint directory")
-        if not re.fullmatch(r"[0-9a-f]{40}", r.model_revision):
+        if not is_commit_sha(r.model_revision):
             raise RecipeError("model_revision", r.model_revision, "a full 40-hex commit SHA, lower case",
                               hint="copy 'revision' from the checkpoint's wanctl-manifest.json, or leave it empty")
     if r.size:

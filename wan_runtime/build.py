@@ -10,7 +10,7 @@ import torch
 
 from recipes.errors import BadInput
 from recipes.models import model_spec
-from recipes.recipe import Recipe
+from recipes.recipe import SYNTHETIC, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def build_pipeline(recipe: Recipe, device: torch.device, trust_checkpoint: bool 
     spec = model_spec(recipe.task)
     dtype = DTYPES[recipe.dtype]
     cls = pipeline_class(recipe.task, bool(recipe.image))
-    if recipe.model in ("tiny", "random"):
+    if recipe.model in SYNTHETIC:
         from wan_runtime.tiny import TINY, build_components, full_width
 
         width = TINY if recipe.model == "tiny" else full_width(spec)
@@ -43,7 +43,7 @@ def build_pipeline(recipe: Recipe, device: torch.device, trust_checkpoint: bool 
         pipe = cls(**comps)
     else:
         pipe = _from_checkpoint(recipe, cls, dtype, trust_checkpoint)
-    if recipe.shift and recipe.model not in ("tiny", "random"):
+    if recipe.shift and recipe.model not in SYNTHETIC:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=recipe.shift)
     if recipe.offload == "none" and recipe.fsdp:
         # FSDP shards the DiTs and the text encoder where they are and moves only the shards to the GPU.

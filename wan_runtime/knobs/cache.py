@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from recipes.cache_schedule import taylorseer_interval, taylorseer_warmup
+from recipes.cache_schedule import retention_steps, taylorseer_interval, taylorseer_warmup
 from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -115,11 +115,12 @@ def _check(ctx: KnobContext) -> None:
 
 def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
+    for t in ctx.transformers:
+        mark_applied(t, "cache")
     if r.cache == "fbcache":
         from diffusers.hooks import FirstBlockCacheConfig
 
         for t in ctx.transformers:
-            mark_applied(t, "cache")
             t.enable_cache(FirstBlockCacheConfig(threshold=r.cache_threshold))
         ctx.actual["cache"] = f"fbcache threshold={r.cache_threshold} per-expert state x{len(ctx.transformers)}"
         return
@@ -130,8 +131,6 @@ def _apply(ctx: KnobContext) -> None:
         _enable_taylorseer(ctx)
         return
     # MagCache: ratios now, or after a calibration pass driven by the runner.
-    for t in ctx.transformers:
-        mark_applied(t, "cache")
     ratios = ctx.extra.get("magcache_ratios")
     source = "ratios given"
     if not ratios and r.model not in SYNTHETIC:  # random weights have no published ratios
@@ -156,7 +155,7 @@ def _enable_seacache(ctx: KnobContext) -> None:
     steps = expert_steps(ctx.pipe, r.steps)
     for t, n in zip(ctx.transformers, steps, strict=True):
         t.enable_cache(SeaCacheConfig(threshold=r.cache_threshold, max_consecutive_cached=r.magcache_k,
-                                      retention_steps=max(1, int(r.cache_retention * n + 0.5))))
+                                      retention_steps=max(1, retention_steps(r.cache_retention, n))))
     ctx.actual["cache"] = (f"seacache threshold={r.cache_threshold} max_consecutive={r.magcache_k} "
                            f"retention={r.cache_retention} steps/expert={steps}")
 
