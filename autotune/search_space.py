@@ -237,7 +237,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     for backend in ATTENTION_BACKENDS:
         if backend in attention:
             continue
-        if backend in ("_flash_3", "torch_fa3") and on_gpu and not fam.fa3:
+        if backend in ("_flash_3", "torch_fa3", "fa3_fp8") and on_gpu and not fam.fa3:
             excluded[f"attention={backend}"] = f"FA3 needs Hopper (sm90); this GPU is {fam.name} {fam.sm}"
             continue
         if backend == "torch_fa4" and on_gpu and not fam.fa4:

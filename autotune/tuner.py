@@ -41,7 +41,7 @@ from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError
 from recipes.models import model_spec, parse_size
-from recipes.recipe import CP_ATTENTION, Recipe, graph_break, validate
+from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
     CONFIG_KEY,
@@ -58,7 +58,7 @@ from recipes.units import fmt_seconds
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-EARLY_SCREENS = ("_flash_3", "torch_fa4", "sage", "_native_cudnn", "flash", "_native_flash")
+EARLY_SCREENS = ("_flash_3", "torch_fa4", "fa3_fp8", "sage", "_native_cudnn", "flash", "_native_flash")
 """Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
 fastest somewhere (FA3 on Hopper, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users try first)."""
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
@@ -288,8 +288,9 @@ class Tuner:
         fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
         if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
             stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
-        if "sage" in s.attention:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
-            stacks.append(base.replace(attention="sage", quant=fp8 or "none", compile=compile_))
+        att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
+        if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
+            stacks.append(base.replace(attention=att8, quant=fp8 or "none", compile=compile_))
         if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
             stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
                                        magcache_k=2, cache_retention=0.2, compile=compile_))

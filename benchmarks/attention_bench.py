@@ -6,7 +6,8 @@ that matters most, and which kernel is fastest depends on the GPU and on what is
 bf16, no mask) under each SDPA backend, and under torch's FA3/FA4 implementations where
 ``torch.nn.attention.activate_flash_attention_impl`` can activate them (``flash-attn-4`` /
 ``flash_attn_interface`` installed), through wanctl's own route (wan_runtime/knobs/flash_impl.py);
-``FA4-direct`` calls flash-attn-4's ``flash_attn_func`` without torch, as a check on that route. Each row's error is against the cuDNN output of the same inputs.
+``FA4-direct`` / ``FA3-direct`` / ``sage-direct`` call the library's own function without torch, as a check on
+that route, and ``FA3-fp8`` is wanctl's 8-bit ``fa3_fp8`` attention. Each row's error is against the cuDNN output of the same inputs.
 
     python benchmarks/attention_bench.py --out DIR [--impls cudnn,flash,FA4,FA3] [--tokens 75600]
 
@@ -35,6 +36,34 @@ from wan_runtime.knobs import flash_impl  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def _fa4_direct():
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func
+
+
+def _fa3_direct():
+    from flash_attn_interface import flash_attn_func
+
+    return flash_attn_func
+
+
+def _fa3_fp8():  # wanctl's fa3_fp8 attention (per-head e4m3 scales, smoothed keys), as the runtime calls it
+    from wan_runtime.knobs.fp8_attention import fa3_fp8_attention
+
+    return fa3_fp8_attention
+
+
+def _sage_direct():
+    from sageattention import sageattn
+
+    return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
+
+
+DIRECT = {"FA4-direct": _fa4_direct, "FA3-direct": _fa3_direct, "FA3-fp8": _fa3_fp8, "sage-direct": _sage_direct}
+"""Kernels called through their library's own function on (B, S, H, D) tensors (no torch SDPA glue)."""
 
 
 def kernels_of(fn) -> list[str]:
@@ -70,13 +99,12 @@ def main() -> None:
     for name in args.impls.split(","):
         row: dict = {"impl": name}
         try:
-            if name == "FA4-direct":  # flash-attn-4's own entry point, (B, S, H, D), without torch's glue
-                from flash_attn.cute import flash_attn_func
-
+            if name in DIRECT:  # a library's own entry point on (B, S, H, D), without torch's SDPA glue
+                fn = DIRECT[name]()
                 bshd = tuple(x.transpose(1, 2).contiguous() for x in (q, k, v))
 
-                def direct(bshd: tuple[torch.Tensor, ...] = bshd) -> torch.Tensor:
-                    out = flash_attn_func(*bshd)
+                def direct(fn=fn, bshd: tuple[torch.Tensor, ...] = bshd) -> torch.Tensor:
+                    out = fn(*bshd)
                     return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
 
                 t, warm = ev_time(direct, args.iters, args.warmup)

@@ -60,6 +60,17 @@ STACKS: dict[str, dict] = {
     "fa4+fp8tensor+compile": {"attention": "torch_fa4", "quant": "fp8_tensorwise", "compile": "regional"},
     "sage+fp8tensor+compile": {"attention": "sage", "quant": "fp8_tensorwise", "compile": "regional",
                                "compile_fullgraph": False},
+    "fa3": {"attention": "_flash_3"},
+    "torch_fa3": {"attention": "torch_fa3"},
+    "fa3+compile": {"attention": "_flash_3", "compile": "regional"},
+    "fa3+qkv+compile": {"attention": "_flash_3", "fuse_qkv": True, "compile": "regional"},
+    "fa3+qkv+compile-maxat": {"attention": "_flash_3", "fuse_qkv": True, "compile": "regional",
+                              "compile_mode": "max-autotune-no-cudagraphs"},
+    "fa3fp8": {"attention": "fa3_fp8"},
+    "fa3fp8+compile": {"attention": "fa3_fp8", "compile": "regional"},
+    "fa3fp8+qkv+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "compile": "regional"},
+    "fa3fp8+fp8tensor+compile": {"attention": "fa3_fp8", "quant": "fp8_tensorwise", "compile": "regional"},
+    "fa3fp8+fp8row+compile": {"attention": "fa3_fp8", "quant": "fp8_rowwise", "compile": "regional"},
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 from autotune.trial_runner import run_trial
 from recipes.recipe import Recipe, dispatch_backend
 from recipes.spec import TrialSpec
+from wan_runtime.knobs.attention import EXPECTED
 
 pytestmark = pytest.mark.gpu
 
@@ -24,6 +25,8 @@ LOSSLESS = {
     "efficient": {"attention": "_native_efficient"},
     "flex": {"attention": "flex"},
     "fa4": {"attention": "torch_fa4"},
+    "fa3": {"attention": "_flash_3"},  # FlashAttention-3 (KERNEL=fa3 tools/build_kernel.sh); skipped without it
+    "torch_fa3": {"attention": "torch_fa3"},
     "tf32": {"tf32": True},
     "qkv": {"fuse_qkv": True},
     "compile_regional": {"compile": "regional"},
@@ -44,7 +47,9 @@ LOSSY = {
     "magcache_compile": {"cache": "magcache", "cache_threshold": 0.12, "compile": "regional",
                          "compile_fullgraph": False},
     "taylorseer_compile": {"cache": "taylorseer", "magcache_k": 2, "compile": "regional", "compile_fullgraph": False},
-    "sage": {"attention": "sage"},  # SageAttention >= 2.1.1 (tools/build_sageattention.sh); skipped without it
+    "sage": {"attention": "sage"},  # SageAttention >= 2.1.1 (KERNEL=sage tools/build_kernel.sh); skipped without it
+    "fa3_fp8": {"attention": "fa3_fp8"},
+    "fa3_fp8_compile": {"attention": "fa3_fp8", "compile": "regional"},  # traced whole (fullgraph=True)
 }
 
 
@@ -87,6 +92,9 @@ def test_lossy_knob_runs_and_reports_error(tmp_path: Path, reference: tuple[str,
     assert q.compared and not q.nonfinite and q.psnr_min_db > 10.0
     key = "quant" if "quant" in LOSSY[name] else "cache" if "cache" in LOSSY[name] else "attention_backend"
     assert key in res.actual
+    if "attention" in LOSSY[name]:  # the 8-bit kernel itself ran, not a bf16 fallback
+        assert "attention_mismatch" not in res.actual, res.actual
+        assert res.actual["attention_kernel"] in EXPECTED[LOSSY[name]["attention"]], res.actual
 
 
 def test_random_full_size_model_builds_and_steps(tmp_path: Path) -> None:

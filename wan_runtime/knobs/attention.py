@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from recipes.recipe import dispatch_backend
-from wan_runtime.knobs import flash_impl
+from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ EXPECTED = {
     "_flash_3": {"flash", "fa3"},
     "torch_fa4": {"fa4"},
     "torch_fa3": {"fa3"},
+    "fa3_fp8": {"fa3_fp8"},
     "sage": {"sage", "triton"},
     "flex": {"flex", "triton", "math"},
 }
@@ -58,6 +59,8 @@ EXPECTED = {
 def classify(kernel_names: list[str]) -> str:
     """Family of the attention kernel among profiled op/kernel names ('unknown' if none matches)."""
     low = [n.lower() for n in kernel_names]
+    if any("flashattnfwdsm90" in n and "e4m3" in n for n in low):
+        return "fa3_fp8"  # FA3's kernel instantiated for float_e4m3_t inputs
     for frag, fam in KERNEL_FAMILIES:
         if any(frag in n for n in low):
             if fam == "flash" and any("cpu" in n for n in low if frag in n):
@@ -154,9 +157,12 @@ def _check(ctx: KnobContext) -> None:
         AttentionBackendName(dispatch_backend(requested))
     except ValueError:
         raise Unsupported(f"diffusers has no attention backend {requested!r}", "pick another") from None
-    cuda_only = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3")
+    cuda_only = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3",
+                 "fa3_fp8")
     if requested in cuda_only and not ctx.on_gpu:
         raise Unsupported(f"attention backend {requested} needs a CUDA GPU", "use native on CPU")
+    if requested == "fa3_fp8":
+        fp8_attention.require(ctx.device, {t.config.attention_head_dim for t in ctx.transformers})
     if flash_impl.impl_of(requested):
         flash_impl.require(flash_impl.impl_of(requested))
     if requested == "sage":
@@ -171,6 +177,7 @@ def _apply(ctx: KnobContext) -> None:
     if impl:
         flash_impl.activate(impl)
         ctx.actual["flash_impl"] = f"{impl} plugged into torch's flash SDPA kernel, run by diffusers' _native_flash"
+    installed = fp8_attention.Installed() if ctx.recipe.attention == "fa3_fp8" else None
     for t in ctx.transformers:
         mark_applied(t, "attention")
         # Set even for "native": diffusers' set_attention_backend also sets a process-wide active backend,
@@ -178,12 +185,16 @@ def _apply(ctx: KnobContext) -> None:
         try:
             t.set_attention_backend(dispatch_backend(ctx.recipe.attention))
         except (ImportError, RuntimeError, ValueError) as exc:
+            if installed is not None:
+                installed.finish()
             raise Unsupported(f"attention backend {ctx.recipe.attention} is not available: "
                               f"{str(exc).splitlines()[0][:200]}", "install its library or pick another") from None
     obs = AttentionObserver(ctx.recipe.attention)
     ctx.observers.append(obs)
     if impl:  # after the observer's kernel replay, which must still see the plugged-in kernel
         ctx.observers.append(flash_impl.Restore())
+    if installed is not None:  # likewise after the replay, which runs the fp8 entry
+        ctx.observers.append(installed)
 
 
 KNOB = Knob(name="attention", lossless=True, active=lambda r: True, check=_check, apply=_apply)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Build an attention-kernel wheel on a GPU host that has nvcc but no internet, for that host's torch:
+#   KERNEL=sage: SageAttention 2 (PyPI carries only 1.0.6, which diffusers' `sage` backend refuses: it needs
+#     >= 2.1.1). SRC = a git archive of thu-ml/SageAttention.
+#   KERNEL=fa3: FlashAttention-3 (flash-attention's hopper/ folder; not on PyPI). SRC = a flash-attention
+#     tree with csrc/cutlass/include filled in (the submodule). Forward only, head dim FA3_HDIMS (default 128,
+#     Wan2.2's), bf16 and e4m3 (fp8): what inference needs, and minutes instead of an hour.
+# Bring ninja / wheel / setuptools wheels with you (TOOLS); only the listed compute capabilities are compiled:
+#   KERNEL=sage SRC=path TOOLS=dir OUT=dir ARCHS=9.0 bash tools/build_kernel.sh
+set -euo pipefail
+KERNEL="${KERNEL:?set KERNEL to sage or fa3}"
+SRC="${SRC:?set SRC to the kernel source folder}"
+OUT="${OUT:-.wheelhouse}"
+ARCHS="${ARCHS:-9.0}"
+BUILD_SITE="${BUILD_SITE:-/tmp/wanctl-build-tools}"
+if [ -n "${TOOLS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --target "$BUILD_SITE" "$TOOLS"/*.whl
+  export PYTHONPATH="$BUILD_SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_SITE/bin:$PATH"
+fi
+command -v nvcc >/dev/null || { echo "nvcc not found: $KERNEL compiles CUDA kernels (set CUDA_HOME / PATH)" >&2; exit 2; }
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+case "$KERNEL" in
+  sage)
+    cd "$SRC"
+    TORCH_CUDA_ARCH_LIST="$ARCHS" python3 setup.py -q bdist_wheel -d "$OUT"
+    ls -la "$OUT"/sageattention-*.whl ;;
+  fa3)
+    [ -d "$SRC/csrc/cutlass/include/cute" ] || { echo "$SRC/csrc/cutlass/include is empty: fill the cutlass submodule" >&2; exit 2; }
+    export FLASH_ATTENTION_FORCE_BUILD=TRUE  # never try to download a prebuilt wheel
+    for f in BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 VARLEN CLUSTER SM80 HDIMDIFF64 HDIMDIFF192; do
+      export "FLASH_ATTENTION_DISABLE_$f=TRUE"
+    done
+    for d in 64 96 128 192 256; do
+      case " ${FA3_HDIMS:-128} " in *" $d "*) ;; *) export "FLASH_ATTENTION_DISABLE_HDIM$d=TRUE" ;; esac
+    done
+    cd "$SRC/hopper"
+    python3 setup.py -q bdist_wheel -d "$OUT"
+    ls -la "$OUT"/flash_attn_3-*.whl ;;
+  *) echo "KERNEL must be sage or fa3, not $KERNEL" >&2; exit 2 ;;
+esac
