@@ -71,6 +71,8 @@ STACKS: dict[str, dict] = {
     "fa3fp8+qkv+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "compile": "regional"},
     "fa3fp8+fp8tensor+compile": {"attention": "fa3_fp8", "quant": "fp8_tensorwise", "compile": "regional"},
     "fa3fp8+fp8row+compile": {"attention": "fa3_fp8", "quant": "fp8_rowwise", "compile": "regional"},
+    "fa3fp8+qkv+fp8tensor+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "quant": "fp8_tensorwise",
+                                     "compile": "regional"},
 }
 
 

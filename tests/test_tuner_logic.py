@@ -632,3 +632,16 @@ def test_taylorseer_is_priced_exactly_before_its_quality_run(h100: ProbeResult, 
         assert r.predicted_s == pytest.approx(t.baseline.step_median_s * 8 * (frac + (1 - frac) * 0.02), rel=0.3)
         assert not any("priced" in n for n in r.notes)
 
+
+def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: ProbeResult, tmp_path: Path) -> None:
+    """Where both 8-bit attentions passed the kernel check, the seeds' lossy warm start takes fa3_fp8 (the
+    faster of the two on the H100: BENCHMARKS.md), with fp8 GEMMs under it."""
+    ok = [dataclasses.replace(h100.kernel("attention:native"), name=f"attention:{a}") for a in ("fa3_fp8", "sage")]
+    probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels
+                                                    if k.name not in ("attention:fa3_fp8", "attention:sage")) + tuple(ok))
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, probe)
+    assert {"fa3_fp8", "sage"} <= set(t.space.attention)
+    starts = t._warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
+    eight_bit = [r for r in starts if r.attention in ("fa3_fp8", "sage")]
+    assert eight_bit and eight_bit[0].attention == "fa3_fp8" and eight_bit[0].quant != "none"

@@ -27,5 +27,22 @@ for n in 17 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
 plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   "${plat[@]}" -d "$OUT" "${PKGS[@]}"
+# KERNELS=1 adds what tools/build_kernel.sh needs to compile attention kernels on an offline GPU host with nvcc:
+# the build tools' wheels in $OUT/build-tools and, packed from local checkouts, the sources in $OUT/src:
+#   FA3_REPO=path/to/flash-attention (with `git submodule update --init csrc/cutlass` done), SAGE_REPO=path/to/SageAttention
+if [ "${KERNELS:-0}" = 1 ]; then
+  mkdir -p "$OUT/build-tools" "$OUT/src"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
+  if [ -n "${FA3_REPO:-}" ]; then
+    [ -d "$FA3_REPO/csrc/cutlass/include/cute" ] || {
+      echo "$FA3_REPO/csrc/cutlass is empty: run 'git submodule update --init csrc/cutlass' there" >&2; exit 2; }
+    # Only what FA3's hopper/setup.py reads: hopper/, cutlass's headers and the README it opens.
+    tar czf "$OUT/src/flash-attention-fa3.tar.gz" -C "$FA3_REPO" --exclude='hopper/test_*' \
+      --exclude='hopper/benchmark_*' --transform 's,^,flash-attention/,' hopper csrc/cutlass/include README.md
+  fi
+  if [ -n "${SAGE_REPO:-}" ]; then
+    tar czf "$OUT/src/SageAttention.tar.gz" -C "$SAGE_REPO" --exclude=.git --transform 's,^\./,SageAttention/,' .
+  fi
+fi
 ls -la "$OUT"
 du -sh "$OUT"

@@ -34,12 +34,12 @@ def require(device: torch.device, head_dims: set[int]) -> None:
     if importlib.util.find_spec("flash_attn_interface") is None:
         raise Unsupported("fa3_fp8 attention needs FlashAttention-3 (flash_attn_interface), which is not installed",
                           "build it on the GPU host with KERNEL=fa3 tools/build_kernel.sh (README), or use sage")
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        raise Unsupported("fa3_fp8 attention runs FA3's Hopper (sm90) kernel only", "use sage or torch_fa4")
     bad = sorted(d for d in head_dims if d % 16 or d > 256)
     if bad:
         raise Unsupported(f"fa3_fp8 takes head dims that are multiples of 16 up to 256; this model has {bad}",
                           "use another attention backend for this model")
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        raise Unsupported("fa3_fp8 attention runs FA3's Hopper (sm90) kernel only", "use sage or torch_fa4")
 
 
 def quantize_e4m3(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
