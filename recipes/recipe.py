@@ -97,8 +97,6 @@ DEFAULT_PROMPT = (
     "air; the camera tracks it at ground level, shallow depth of field, soft rim light."
 )
 
-#: Fields that change the output beyond numerical noise. The quality gate uses the looser tier for these.
-LOSSY_FIELDS = ("quant", "cache", "lightning", *(f"attention:{a}" for a in EIGHT_BIT_ATTENTION))
 
 
 def _f(default: Any, doc: str) -> Any:

@@ -40,8 +40,11 @@ def test_the_observer_tells_fa4_from_fa2_and_cudnn() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; on a GPU torch_fa4 runs (test_gpu_knobs)")
-def test_fa4_on_the_cpu_is_unsupported_not_run_as_something_else(tmp_path: Path) -> None:
+def test_fa4_on_the_cpu_is_unsupported_not_run_as_something_else(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from wan_runtime.run import run_spec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU host
 
     res = run_spec(TrialSpec(recipe=Recipe(steps=1, attention="torch_fa4"), mode="quality", out_dir=str(tmp_path)))
     assert res.outcome == "unsupported" and "torch_fa4 needs a CUDA GPU" in res.error

@@ -103,11 +103,12 @@ def test_installed_swaps_diffusers_flash_3_entry_and_puts_it_back(fake_fa3: list
     assert _AttentionBackendRegistry._backends[key] is before
 
 
-def test_recipe_observer_and_knob_treat_it_as_8_bit_fa3() -> None:
+def test_recipe_observer_and_knob_treat_it_as_8_bit_fa3(monkeypatch: pytest.MonkeyPatch) -> None:
     r = validate(Recipe(attention="fa3_fp8", compile="regional"))  # traceable: no graph break
     assert dispatch_backend(r.attention) == "_flash_3"
     assert r.lossy_knobs() == ["attention=fa3_fp8"]
     assert classify([FA3_FP8_KERNEL]) == "fa3_fp8" and classify([FA3_BF16_KERNEL]) == "fa3"
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # absent, also on a host that has FA3
     with pytest.raises(Unsupported, match="not installed") as e:
         fp8_attention.require(torch.device("cpu"), {128})
     assert "KERNEL=fa3 tools/build_kernel.sh" in e.value.hint
@@ -120,9 +121,12 @@ def test_require_names_the_gpu_and_head_dims_it_needs(fake_fa3: list[dict]) -> N
         fp8_attention.require(torch.device("cpu"), {128})
 
 
-def test_fa3_fp8_on_the_cpu_is_unsupported_not_run_as_something_else(tmp_path: Path) -> None:
+def test_fa3_fp8_on_the_cpu_is_unsupported_not_run_as_something_else(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from recipes.spec import TrialSpec
     from wan_runtime.run import run_spec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU host
 
     res = run_spec(TrialSpec(recipe=Recipe(steps=1, attention="fa3_fp8"), out_dir=str(tmp_path), write_video=False))
     assert res.outcome == "unsupported" and "fa3_fp8" in res.error and "CUDA" in res.error
