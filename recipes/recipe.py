@@ -25,6 +25,10 @@ ATTENTION_BACKENDS = (
 ``torch_fa4`` / ``torch_fa3``: diffusers' ``_native_flash`` with torch's flash kernel replaced by FA4 / FA3,
 and ``fa3_fp8``: diffusers' ``_flash_3`` running FA3's e4m3 kernel on per-head-scaled fp8 inputs."""
 
+CUDA_ONLY_ATTENTION = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3",
+                       "fa3_fp8")
+"""Attention values with no CPU kernel at all (torch's flash backend does have one)."""
+
 EIGHT_BIT_ATTENTION = ("fa3_fp8", "sage")
 """Attention values that quantize Q/K/V to 8 bits (lossy), fastest first as measured on the H100."""
 

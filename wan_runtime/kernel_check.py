@@ -31,16 +31,12 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import ATTENTION_BACKENDS, dispatch_backend
+from recipes.recipe import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION, dispatch_backend
 from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Unsupported
 
 SCHEMA = 1
 START_MARK = "wanctl-kernel-check: start "
-
-_CUDA_ONLY_ATTENTION = {"_native_cudnn", "_native_efficient", "sage", "flash", "_flash_3", "torch_fa4", "torch_fa3",
-                        "fa3_fp8"}
-"""Backends with no CPU kernel at all (torch's flash backend does have one)."""
 
 _ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface",
                      "fa3_fp8": "flash_attn_interface"}
@@ -94,14 +90,17 @@ def _check_close(err: float, tol: float) -> float:
 # ---------------------------------------------------------------------------------------- attention
 def check_attention(backend: str, device: torch.device, tol_of: str = "") -> float:
     """One tiny (B, S, H, D) attention through diffusers' dispatcher, against float32 math."""
-    if backend in _CUDA_ONLY_ATTENTION:
+    if backend in CUDA_ONLY_ATTENTION:
         _need_cuda(device)
     if backend in _ATTENTION_MODULE:
         mod = _ATTENTION_MODULE[backend]
         _need_module(mod, {"sageattention": "sageattention", "flash_attn": "flash-attn",
                            "flash_attn_interface": "flash_attn_interface (FA3)"}[mod])
     if backend == "fa3_fp8":
-        _need_cc(device, (9, 0), "FA3's e4m3 kernel")
+        try:
+            fp8_attention.require(device, {64})  # the head dim this check runs at
+        except Unsupported as exc:
+            raise Absent(str(exc)) from None
         installed = fp8_attention.Installed()
         try:
             return check_attention(dispatch_backend(backend), device, tol_of=backend)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import dispatch_backend
+from recipes.recipe import CUDA_ONLY_ATTENTION, dispatch_backend
 from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -157,9 +157,7 @@ def _check(ctx: KnobContext) -> None:
         AttentionBackendName(dispatch_backend(requested))
     except ValueError:
         raise Unsupported(f"diffusers has no attention backend {requested!r}", "pick another") from None
-    cuda_only = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3",
-                 "fa3_fp8")
-    if requested in cuda_only and not ctx.on_gpu:
+    if requested in CUDA_ONLY_ATTENTION and not ctx.on_gpu:
         raise Unsupported(f"attention backend {requested} needs a CUDA GPU", "use native on CPU")
     if requested == "fa3_fp8":
         fp8_attention.require(ctx.device, {t.config.attention_head_dim for t in ctx.transformers})

@@ -20,14 +20,11 @@ from typing import Any
 
 import torch
 
+from recipes.recipe import dispatch_backend
 from wan_runtime.knobs.base import Unsupported
 
 E4M3_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
-
-BACKEND = "_flash_3"
-"""The diffusers backend whose registry entry runs the fp8 kernel."""
-
 
 def require(device: torch.device, head_dims: set[int]) -> None:
     """Unsupported, with the fix, where FA3's e4m3 kernel cannot run: no FA3, not Hopper, odd head dims."""
@@ -81,7 +78,7 @@ class Installed:
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
         self._registry = _AttentionBackendRegistry._backends
-        self._key = AttentionBackendName(BACKEND)
+        self._key = AttentionBackendName(dispatch_backend("fa3_fp8"))
         self._original = self._registry[self._key]
         self._registry[self._key] = fa3_fp8_attention
 
