@@ -62,7 +62,65 @@ def _sage_direct():
     return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
 
 
-DIRECT = {"FA4-direct": _fa4_direct, "FA3-direct": _fa3_direct, "FA3-fp8": _fa3_fp8, "sage-direct": _sage_direct}
+def _cudnn_fp8_direct():
+    """cuDNN's fp8 flash attention through cudnn-frontend's graph API (per-tensor scales; Hopper writes O in e4m3).
+
+    Why here: FA3's e4m3 kernel is 71% of the lossy stack's forward (BENCHMARKS.md); this row says whether
+    cuDNN's fp8 kernel is faster at the workload's shape before anything is built on it.
+    """
+    import cudnn
+
+    from wan_runtime.knobs.fp8_attention import E4M3_MAX
+
+    handle = cudnn.create_handle()
+    built: dict = {}
+
+    def quant(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if smooth:
+            x = x - x.mean(dim=1, keepdim=True, dtype=torch.float32).to(x.dtype)
+        amax = x.abs().amax().float().clamp_min(1e-6).reshape(1, 1, 1, 1)
+        return (x * (E4M3_MAX / amax).to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), amax / E4M3_MAX
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, s, h, d = q.shape
+        dims, strides = [b, h, s, d], [s * h * d, d, h * d, 1]
+        if "graph" not in built:
+            e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+            g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+            tq, tk, tv = (g.tensor(name=n, dim=dims, stride=strides, data_type=e4m3) for n in "qkv")
+            sc = [g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+                  for n in ("dq", "dk", "dv", "ds", "ss", "so")]
+            o, _, amax_s, amax_o = g.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=sc[0], descale_k=sc[1], descale_v=sc[2],
+                                              descale_s=sc[3], scale_s=sc[4], scale_o=sc[5],
+                                              generate_stats=False, attn_scale=d ** -0.5, use_causal_mask=False)
+            o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
+            for a in (amax_s, amax_o):
+                a.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+            g.validate()
+            g.build_operation_graph()
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            g.check_support()
+            g.build_plans()
+            built.update(graph=g, t=(tq, tk, tv, *sc, o, amax_s, amax_o),
+                         ws=torch.empty(g.get_workspace_size(), device=q.device, dtype=torch.uint8),
+                         amax=torch.empty(2, 1, 1, 1, 1, device=q.device))
+        qq, dq = quant(q)
+        kq, dk = quant(k, smooth=True)
+        vq, dv = quant(v)
+        one_p = torch.full((1, 1, 1, 1), 1.0 / E4M3_MAX, device=q.device)
+        out = torch.empty(b, s, h, d, device=q.device, dtype=torch.float8_e4m3fn)
+        tq, tk, tv, tdq, tdk, tdv, tds, tss, tso, to, tas, tao = built["t"]
+        pack = {tq: qq, tk: kq, tv: vq, tdq: dq, tdk: dk, tdv: dv, tds: one_p, tss: 1.0 / one_p,
+                tso: 1.0 / dv, to: out, tas: built["amax"][0], tao: built["amax"][1]}  # |O| <= amax(V): no overflow
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        built["graph"].execute(pack, built["ws"], handle=handle)
+        return out.to(q.dtype) * dv.to(q.dtype)
+
+    return run
+
+
+DIRECT = {"FA4-direct": _fa4_direct, "FA3-direct": _fa3_direct, "FA3-fp8": _fa3_fp8, "sage-direct": _sage_direct,
+          "cudnn-fp8-direct": _cudnn_fp8_direct}
 """Kernels called through their library's own function on (B, S, H, D) tensors (no torch SDPA glue)."""
 
 

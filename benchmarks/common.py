@@ -21,8 +21,9 @@ def commit_id() -> str:
 
 
 def ran_summary(actual: dict[str, str], sep: str = ", ") -> str:
-    """A row's 'what ran' cell: every observed fact but the attention call count (noise in a table)."""
-    return sep.join(f"{k}={v}" for k, v in actual.items() if k != "attention_calls")
+    """A row's 'what ran' cell: every observed fact but the attention call count and the graph-break reason
+    (noise in a table; both stay in the JSON)."""
+    return sep.join(f"{k}={v}" for k, v in actual.items() if k not in ("attention_calls", "graph_break_reason"))
 
 
 def table_head(*columns: str) -> list[str]:

@@ -207,6 +207,7 @@ def test_a_cache_runs_under_regional_compile_around_its_hooks(tmp_path: Path) ->
                               reference_frames=plain.frames_path))
     assert plain.outcome == comp.outcome == "ok", comp.error
     assert comp.actual["compile"] == "regional mode=default fullgraph=False"
+    assert int(comp.actual["compile_graphs"]) >= 1 and int(comp.actual["graph_breaks"]) >= 1  # the hook's break
     assert comp.actual["cache"] == plain.actual["cache"]
     # bf16: compile alone moves this model's latent by ~1.3e-2; extrapolating two steps ahead amplifies
     # that to ~3.4e-2 (both measured here). A wrong schedule or a lost state would be off by far more.

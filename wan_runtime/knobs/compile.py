@@ -3,12 +3,19 @@
 Compilation is lazy, so its cost lands in the warm-up steps and is reported there, apart from the
 steady-state step time. Inductor's on-disk caches (FX graph and autotune caches, on by default in
 recent torch) are pointed at a stable directory so a second run of the same recipe reuses them.
+
+Why dynamo is reset before compiling: its in-memory code cache is keyed on the block class's code, and a
+new model of the same class passes the old guards, so a second recipe in one process ran the first
+recipe's compiled code (seen on the H100: fa3_fp8 + compile after sage + compile in one benchmark "compiled"
+in 0 s and ran sage's graph breaks). Resetting makes what this recipe records be what it compiled; the
+on-disk caches keep a repeat cheap. The observer then counts what dynamo really compiled during the run.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -34,6 +41,7 @@ def _apply(ctx: KnobContext) -> None:
     # Regional compile compiles one block class used by every block of both experts (80 instances for
     # A14B); with fullgraph=True, hitting dynamo's default recompile limit (8) is a hard error, seen on the
     # H100 with the two-expert tiny model. Allow one compile per block instance.
+    torch._dynamo.reset()
     blocks = sum(len(getattr(t, "blocks", ())) for t in ctx.transformers)
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, 2 * blocks + 8)
@@ -46,6 +54,37 @@ def _apply(ctx: KnobContext) -> None:
         else:
             t.compile(**kwargs)
     ctx.actual["compile"] = f"{r.compile} mode={r.compile_mode} fullgraph={r.compile_fullgraph}"
+    ctx.observers.append(CompileObserver())
+
+
+def _dynamo_counts() -> tuple[int, dict[str, int]]:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
+
+
+class CompileObserver:
+    """Counts the graphs dynamo compiled and the graph breaks it took while the recipe ran.
+
+    Why: "compile on" is a request; a run that compiled nothing (compiled code reused from another model, or
+    compile disabled by the environment) is a mismatch, and graph breaks under fullgraph=False are where a
+    compiled stack leaves time on the table, so the record carries both.
+    """
+
+    def __init__(self) -> None:
+        self._graphs, self._breaks = _dynamo_counts()
+
+    def finish(self, ctx: Any) -> None:
+        graphs, breaks = _dynamo_counts()
+        new_breaks = {k: v - self._breaks.get(k, 0) for k, v in breaks.items() if v > self._breaks.get(k, 0)}
+        ctx.actual["compile_graphs"] = str(graphs - self._graphs)
+        ctx.actual["graph_breaks"] = str(sum(new_breaks.values()))
+        if new_breaks:
+            top = max(new_breaks, key=new_breaks.__getitem__)
+            ctx.actual["graph_break_reason"] = top.splitlines()[0][:200]
+        if graphs == self._graphs:
+            ctx.actual["compile_mismatch"] = ("compile was requested but dynamo compiled no graph during the run "
+                                              "(TORCHDYNAMO_DISABLE set, or compiled code reused from another model)")
 
 
 KNOB = Knob(name="compile", lossless=True, active=lambda r: r.compile != "off", check=_check, apply=_apply)
