@@ -173,6 +173,7 @@ def main() -> None:
             traceback.print_exc()
         finally:
             model = None
+            torch._dynamo.reset()  # compiled code holds the model: free it before the next stack's peak
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -54,10 +54,11 @@ def test_a_second_model_of_the_same_class_is_compiled_again_and_breaks_are_count
     assert int(whole["compile_graphs"]) == 1
 
 
-def test_compile_that_compiles_nothing_is_a_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_that_compiles_nothing_is_a_mismatch(tmp_path: Path) -> None:
     """TORCHDYNAMO_DISABLE turns torch.compile into a no-op: the trial must not be recorded as compiled."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    res = run_spec(TrialSpec(recipe=Recipe(steps=2, compile="regional", compile_fullgraph=False), mode="measure",
-                             out_dir=str(tmp_path)))
+    # config.patch, not monkeypatch: undoing a monkeypatch on dynamo's config module hides the option after.
+    with torch._dynamo.config.patch(disable=True):
+        res = run_spec(TrialSpec(recipe=Recipe(steps=2, compile="regional", compile_fullgraph=False),
+                                 mode="measure", out_dir=str(tmp_path)))
     assert res.outcome == "kernel_mismatch", res
     assert "compiled no graph" in res.error and res.actual["compile_graphs"] == "0"
