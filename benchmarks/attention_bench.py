@@ -7,7 +7,8 @@ bf16, no mask) under each SDPA backend, and under torch's FA3/FA4 implementation
 ``torch.nn.attention.activate_flash_attention_impl`` can activate them (``flash-attn-4`` /
 ``flash_attn_interface`` installed), through wanctl's own route (wan_runtime/knobs/flash_impl.py);
 ``FA4-direct`` / ``FA3-direct`` / ``sage-direct`` call the library's own function without torch, as a check on
-that route, and ``FA3-fp8`` is wanctl's 8-bit ``fa3_fp8`` attention. Each row's error is against the cuDNN output of the same inputs.
+that route, and ``FA3-fp8`` is wanctl's 8-bit ``fa3_fp8`` attention; ``cudnn-fp8-direct`` is cuDNN's fp8
+kernel through ``nvidia-cudnn-frontend`` (pip; a measurement only, not a runtime knob: it lost to FA3's). Each row's error is against the cuDNN output of the same inputs.
 
     python benchmarks/attention_bench.py --out DIR [--impls cudnn,flash,FA4,FA3] [--tokens 75600]
 
