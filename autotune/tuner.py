@@ -381,8 +381,8 @@ class Tuner:
             return True
         if self.cfg.budget_s:
             # A trial costs its speed run, its quality run and any fallback: the whole of it, as timed in
-            # this run (a resumed run has no timings yet: its records' speed runs are a lower bound).
-            costs = self.trial_costs or [r.wall_s for r in self.by_hash.values() if r.wall_s]
+            # this run, else as its record kept it (older records kept only the speed run: a lower bound).
+            costs = self.trial_costs or [r.cost_s or r.wall_s for r in self.by_hash.values() if r.cost_s or r.wall_s]
             est = statistics.median(costs) if costs else 0.0
             # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
             pending = self._unconfirmed_candidate(study)
@@ -414,7 +414,9 @@ class Tuner:
             except KeyboardInterrupt:
                 self._interrupted(study, trial)
                 raise
-            self.trial_costs.append(time.monotonic() - began)
+            cost = time.monotonic() - began
+            self.trial_costs.append(cost)
+            record = dataclasses.replace(record, cost_s=cost)
             self._tell(study, trial, record)
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)

@@ -59,6 +59,10 @@ class TrialRecord:
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    """Wall-clock seconds of the speed run's process (what a confirmation run costs)."""
+    cost_s: float = 0.0
+    """Wall-clock seconds of the whole trial: speed run, quality run, any reference it needed (what the
+    budget pays per trial; 0 in records written before it was kept)."""
     stderr_tail: str = ""
 
     def to_attr(self) -> dict[str, Any]:

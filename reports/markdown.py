@@ -74,16 +74,22 @@ def render(inp: ReportInput) -> str:
         lines += [f"![speed vs quality]({inp.plot})", ""]
     counts = Counter(r.outcome for r in inp.records)
     lines += ["## Trials", "", "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
-    lines += ["| # | role | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | reason |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    costs = sorted(r.cost_s for r in inp.records if r.cost_s)
+    if costs:  # what a trial costs here, so the next --budget can be chosen from it
+        lines += [f"Trial time: {sum(costs) / 60:.1f} min over {len(costs)} trials run, median "
+                  f"{costs[len(costs) // 2]:.0f} s per trial (speed run, quality run and references; "
+                  "the 'trial s' column).", ""]
+    lines += ["| # | role | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
         reason = (r.reason or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
         judged = r.gate_tier and r.gate_tier != "reference"
         psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
         ssim = f"{r.ssim_min:.3f}" if judged else "-"
+        cost = f"{r.cost_s:.0f}" if r.cost_s else "-"
         lines.append(f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | "
-                     f"{speed} | {psnr} | {ssim} | {reason} |")
+                     f"{speed} | {psnr} | {ssim} | {cost} | {reason} |")
     fb = [(r.number, f) for r in inp.records for f in r.fallbacks]
     lines += ["", "## Fallbacks that fired", ""]
     lines += [f"- trial {n}: {f}" for n, f in fb] or ["- none"]

@@ -46,6 +46,9 @@ def test_study_records_every_outcome(tuned: Path) -> None:
     assert recs[1].fallbacks and recs[1].fallbacks[0].startswith("oom in vae_decode -> vae_tiling=True")
     assert "injected" in recs[1].fallbacks[0]
     assert recs[2].outcome == "nan"
+    # Each trial keeps what it cost (all its processes), at least its speed run's process.
+    assert all(r.cost_s >= r.wall_s > 0 for r in recs.values() if r.outcome not in ("invalid", "unsupported")
+               and "not run again" not in r.reason)
     for r in recs.values():
         assert r.outcome in ("ok", "oom", "timeout", "crash", "nan", "unsupported", "invalid", "kernel_mismatch",
                              "quality_fail", "slower_than_baseline")
@@ -59,6 +62,7 @@ def test_outputs_written_and_consistent(tuned: Path) -> None:
     report = (tuned / "report.md").read_text()
     assert "## Trials" in report and "Fallbacks that fired" in report and "oom in vae_decode ->" in report
     assert "| 2 |" in report and "nan" in report
+    assert "Trial time: " in report and "| trial s |" in report
     assert (tuned / "pareto.png").stat().st_size > 1000
     launch = (tuned / "launch.sh").read_text()
     assert f"--set cache={recipe.cache}" in launch or f"--set 'cache={recipe.cache}'" in launch
