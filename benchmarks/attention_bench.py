@@ -52,6 +52,12 @@ def _fa3_direct():
 
 
 def _fa3_fp8():  # wanctl's fa3_fp8 attention (per-head e4m3 scales, smoothed keys), as the runtime calls it
+    from wan_runtime.knobs.fp8_attention import runtime_attention
+
+    return runtime_attention()
+
+
+def _fa3_fp8_eager_quant():  # the same with its quantization left to eager torch (before 2026-11-25)
     from wan_runtime.knobs.fp8_attention import fa3_fp8_attention
 
     return fa3_fp8_attention
@@ -120,7 +126,8 @@ def _cudnn_fp8_direct():
     return run
 
 
-DIRECT = {"FA4-direct": _fa4_direct, "FA3-direct": _fa3_direct, "FA3-fp8": _fa3_fp8, "sage-direct": _sage_direct,
+DIRECT = {"FA4-direct": _fa4_direct, "FA3-direct": _fa3_direct, "FA3-fp8": _fa3_fp8,
+          "FA3-fp8-eager-quant": _fa3_fp8_eager_quant, "sage-direct": _sage_direct,
           "cudnn-fp8-direct": _cudnn_fp8_direct}
 """Kernels called through their library's own function on (B, S, H, D) tensors (no torch SDPA glue)."""
 

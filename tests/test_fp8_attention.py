@@ -92,13 +92,34 @@ def test_the_wrapper_hands_fa3_e4m3_inputs_with_matching_descales(fake_fa3: list
         fp8_attention.fa3_fp8_attention(q, k, v, attn_mask=torch.ones(1, dtype=torch.bool))
 
 
+def test_the_runtime_entry_compiles_the_quantization_and_keeps_its_meaning(fake_fa3: list[dict]) -> None:
+    """Inductor keeps the smoothing's mean in fp32 where eager rounds it to bf16, so the bytes differ; both
+    must be e4m3 codes of the keys less a per-channel constant (exact for softmax), within e4m3 rounding."""
+    q, k, v = _qkv(2)
+    k = k + 8.0
+    exact = (k.double() - k.double().mean(dim=1, keepdim=True))
+    for quant in (fp8_attention.quantize_e4m3, torch.compile(fp8_attention.quantize_e4m3)):
+        for smooth, want in ((False, k.double()), (True, exact)):
+            codes, descale = quant(k, smooth=smooth)
+            deq = codes.double() * descale.double()[:, None, :, None]
+            if smooth:  # any constant per (batch, head, channel) is allowed: compare after removing the mean
+                deq = deq - deq.mean(dim=1, keepdim=True)
+            assert codes.dtype == torch.float8_e4m3fn and float((deq - want).norm() / want.norm()) < 0.05
+    entry = fp8_attention.runtime_attention()
+    ref = _attention(q, k, v)
+    out = entry(q, k, v)
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.08
+    assert fake_fa3[-1] == {"dtypes": {torch.float8_e4m3fn}, "descale_shape": (2, 3)}
+
+
 def test_installed_swaps_diffusers_flash_3_entry_and_puts_it_back(fake_fa3: list[dict]) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     key = AttentionBackendName("_flash_3")
     before = _AttentionBackendRegistry._backends[key]
     inst = fp8_attention.Installed()
-    assert _AttentionBackendRegistry._backends[key] is fp8_attention.fa3_fp8_attention
+    entry = _AttentionBackendRegistry._backends[key]
+    assert entry is inst.attention and entry.func is fp8_attention.fa3_fp8_attention
     inst.finish()
     assert _AttentionBackendRegistry._backends[key] is before
 
