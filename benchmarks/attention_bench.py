@@ -77,16 +77,14 @@ def _cudnn_fp8_direct():
     """
     import cudnn
 
-    from wan_runtime.knobs.fp8_attention import E4M3_MAX
+    from wan_runtime.knobs.fp8_attention import E4M3_MAX, quantize_e4m3
 
     handle = cudnn.create_handle()
     built: dict = {}
 
     def quant(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if smooth:
-            x = x - x.mean(dim=1, keepdim=True, dtype=torch.float32).to(x.dtype)
-        amax = x.abs().amax().float().clamp_min(1e-6).reshape(1, 1, 1, 1)
-        return (x * (E4M3_MAX / amax).to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), amax / E4M3_MAX
+        codes, descale = quantize_e4m3(x, smooth=smooth, per_tensor=True)
+        return codes, descale.reshape(1, 1, 1, 1)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, s, h, d = q.shape

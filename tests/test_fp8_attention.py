@@ -48,6 +48,11 @@ def test_quantization_round_trips_within_e4m3_precision_per_head() -> None:
         err = (back[:, :, h] - x[:, :, h].float()).norm() / x[:, :, h].float().norm()
         assert err < 0.05, (h, float(err))  # 3 mantissa bits: ~2^-4 worst case, ~3% rms
     assert float(xq.float().abs().amax()) == fp8_attention.E4M3_MAX  # the whole range is used
+    # One scale for the whole tensor (cuDNN's fp8 attention takes no other): the loudest head sets it.
+    tq, tdescale = fp8_attention.quantize_e4m3(x, per_tensor=True)
+    assert tdescale.shape == (1, 1) and float(tdescale) == pytest.approx(float(descale.max()))
+    tback = tq.float() * tdescale[:, None, :, None]
+    assert float((tback - x.float()).norm() / x.float().norm()) < 0.05
 
 
 def test_smoothing_the_keys_leaves_attention_unchanged_but_shrinks_their_range() -> None:

@@ -38,8 +38,8 @@ from wan_runtime.knobs.base import Unsupported
 SCHEMA = 1
 START_MARK = "wanctl-kernel-check: start "
 
-_ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface",
-                     "fa3_fp8": "flash_attn_interface"}
+_ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface"}
+"""fa3_fp8's library (FA3) is checked by fp8_attention.require with the rest of what it needs."""
 _ATTENTION_TOL = {"sage": 6e-2, "fa3_fp8": 1e-1}
 """Relative error allowed against the float32 reference; bf16 kernels land near 4e-3, 8-bit ones higher (on
 random inputs the e4m3 rounding of V alone, ~2^-4, shows through nearly unattenuated: 5.4e-2 on the H100)."""

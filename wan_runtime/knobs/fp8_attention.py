@@ -46,11 +46,14 @@ def require(device: torch.device, head_dims: set[int]) -> None:
         raise Unsupported("fa3_fp8 attention runs FA3's Hopper (sm90) kernel only", "use sage or torch_fa4")
 
 
-def quantize_e4m3(x: torch.Tensor, smooth: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, H, D) -> e4m3 tensor and its (B, H) float32 descale; ``smooth`` removes the mean over S first."""
+def quantize_e4m3(x: torch.Tensor, smooth: bool = False,
+                  per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) -> e4m3 tensor and its float32 descale, (B, H) or, ``per_tensor``, (1, 1) (the scale cuDNN's
+    fp8 attention takes); ``smooth`` removes the mean over S first."""
     if smooth:
         x = x - x.mean(dim=1, keepdim=True, dtype=torch.float32).to(x.dtype)
-    amax = x.abs().amax(dim=(1, 3)).float().clamp_min(1e-6)  # (B, H)
+    ax = x.abs()
+    amax = (ax.amax().reshape(1, 1) if per_tensor else ax.amax(dim=(1, 3))).float().clamp_min(1e-6)
     scale = E4M3_MAX / amax
     xq = (x * scale[:, None, :, None].to(x.dtype)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return xq, (1.0 / scale).contiguous()
