@@ -51,12 +51,16 @@ def is_commit_sha(text: str) -> bool:
 def graph_break(r: Recipe) -> str:
     """Why torch.compile cannot trace this recipe's blocks whole, or "" when it can.
 
-    Both causes were seen, not assumed: Sage on the H100, the caches on the tiny model (CPU), where a
-    fullgraph compile of a cached transformer fails with "Skip calling torch.compiler.disable()d function".
+    Sage was seen on the H100, the caches on the tiny model (CPU), where a fullgraph compile of a cached
+    transformer fails with "Skip calling torch.compiler.disable()d function"; TE is read from its source
+    (``no_torch_dynamo`` on ``Linear.forward`` through TE 2.18), not yet run.
     """
     if r.attention in GRAPH_BREAKING_ATTENTION:
         return (f"{r.attention} attention (its kernels break the graph: torch.compile fullgraph=True fails with "
                 "'torch.* op returned non-Tensor')")
+    if r.quant in TE_QUANT:
+        return (f"quant={r.quant} (Transformer Engine's Linear.forward is torch._dynamo.disable()d: each one is a "
+                "graph break, which fullgraph=True refuses)")
     if r.cache != "none":
         return (f"cache={r.cache} (diffusers' cache hooks decide each step in torch.compiler.disable()d code, "
                 "which fullgraph=True refuses)")

@@ -39,6 +39,12 @@ LOSSY = {
     "int8wo": {"quant": "int8wo"},
     "fp8_rowwise": {"quant": "fp8_rowwise"},
     "fp8_tensorwise": {"quant": "fp8_tensorwise"},
+    # Transformer Engine (pip install 'wanctl[te]'); skipped without it. Its Linear is dynamo.disable()d:
+    # compiled around (fullgraph=False), as the tuner does.
+    "te_delayed": {"quant": "te_delayed"},
+    "te_current": {"quant": "te_current"},
+    "te_block": {"quant": "te_block"},
+    "te_current_compile": {"quant": "te_current", "compile": "regional", "compile_fullgraph": False},
     "fbcache": {"cache": "fbcache", "cache_threshold": 0.05},
     "magcache": {"cache": "magcache", "cache_threshold": 0.12},
     "seacache": {"cache": "seacache", "cache_threshold": 0.25},
@@ -92,6 +98,8 @@ def test_lossy_knob_runs_and_reports_error(tmp_path: Path, reference: tuple[str,
     assert q.compared and not q.nonfinite and q.psnr_min_db > 10.0
     key = "quant" if "quant" in LOSSY[name] else "cache" if "cache" in LOSSY[name] else "attention_backend"
     assert key in res.actual
+    if LOSSY[name].get("quant", "").startswith("te_"):  # every swapped linear's last forward ran fp8
+        assert "fp8 GEMMs in the last forward" in res.actual["quant"], res.actual
     if "attention" in LOSSY[name]:  # the 8-bit kernel itself ran, not a bf16 fallback
         assert "attention_mismatch" not in res.actual, res.actual
         assert res.actual["attention_kernel"] in EXPECTED[LOSSY[name]["attention"]], res.actual

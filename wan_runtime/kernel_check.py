@@ -191,29 +191,26 @@ def check_torchao(config_name: str, device: torch.device) -> float:
 
 
 def check_transformer_engine(recipe_name: str, device: torch.device) -> float:
-    """A Transformer Engine Linear under fp8 autocast with the scaling recipe a ``te_*`` value selects."""
+    """A Transformer Engine Linear under fp8 autocast with the scaling recipe a ``te_*`` value selects, in
+    inference mode as trials run it. Its tolerance would pass a bf16 GEMM too, so the module must also say
+    its forward ran in fp8."""
     _need_cuda(device)
     _need_cc(device, (8, 9), "Transformer Engine fp8")
     _need_module("transformer_engine", "transformer-engine")
     import transformer_engine.pytorch as te
-    from transformer_engine.common import recipe as te_recipe
 
-    if recipe_name == "te_delayed":
-        fp8_recipe = te_recipe.DelayedScaling(fp8_format=te_recipe.Format.E4M3, amax_history_len=16,
-                                              amax_compute_algo="max")
-    elif recipe_name == "te_current":
-        fp8_recipe = te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.E4M3)
-    else:
-        _need_cc(device, (9, 0), "Transformer Engine fp8 block scaling")
-        fp8_recipe = te_recipe.Float8BlockScaling(fp8_format=te_recipe.Format.E4M3)
+    from wan_runtime.knobs.quant import te_autocast, te_ran_fp8, te_recipe, te_supported
+
+    if why := te_supported(te, recipe_name):
+        raise Absent(f"{recipe_name}: {why}")
     x, w = _inputs(device)
     lin = te.Linear(w.shape[1], w.shape[0], bias=False, params_dtype=torch.bfloat16, device=device)
     with torch.no_grad():
         lin.weight.copy_(w)
-    autocast = getattr(te, "autocast", None)
-    ctx = autocast(enabled=True, recipe=fp8_recipe) if autocast else te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe)
-    with torch.no_grad(), ctx:
+    with torch.inference_mode(), te_autocast(te, te_recipe(recipe_name)):
         out = lin(x)
+    if te_ran_fp8(lin) is False:
+        raise RuntimeError(f"{recipe_name}: Transformer Engine's Linear ran without fp8 under its autocast")
     return _check_close(_rel_err(out, x.float() @ w.float().t()), 0.1)
 
 

@@ -23,7 +23,7 @@ def _check(ctx: KnobContext) -> None:
     q = ctx.recipe.quant
     if q in TE_QUANT:
         require_gpu(ctx, "Transformer Engine fp8")
-        require_module("transformer_engine.pytorch", "te")
+        te = require_module("transformer_engine.pytorch", "te")
     else:
         require_module("torchao.quantization", "quant")
         if q.startswith("fp8"):
@@ -31,6 +31,8 @@ def _check(ctx: KnobContext) -> None:
     if q.startswith(("fp8", "te_")) and ctx.on_gpu and torch.cuda.get_device_capability(ctx.device) < (8, 9):
         raise Unsupported(f"{q} needs fp8 tensor cores (sm89+); this GPU is sm"
                           + "".join(map(str, torch.cuda.get_device_capability(ctx.device))), "use int8wo or none")
+    if q in TE_QUANT and (why := te_supported(te, q)):
+        raise Unsupported(f"{q}: {why}", "use te_delayed/te_current (sm89+) or torchao fp8")
 
 
 def _torchao_config(q: str) -> Any:
@@ -45,39 +47,91 @@ def _torchao_config(q: str) -> Any:
     raise Unsupported(f"unknown torchao scheme {q}", "pick int8wo, fp8_rowwise or fp8_tensorwise")
 
 
+#: Weight classes that mean "not quantized" (torchao leaves a linear alone when its shape does not suit).
+_PLAIN = {"Parameter", "Tensor"}
+
+
 def _apply(ctx: KnobContext) -> None:
     q = ctx.recipe.quant
     kinds: set[str] = set()
-    count = 0
+    count = plain = 0
+    swapped: list[_PaddedTELinear] = []
     for t in ctx.transformers:
         mark_applied(t, "quant")
         if q in TE_QUANT:
-            count += _apply_te(t, ctx)
+            swapped += _apply_te(t, ctx)
+            count = len(swapped)
             kinds.add("transformer_engine.Linear")
-        else:
-            from torchao.quantization import quantize_
+            continue
+        from torchao.quantization import quantize_
 
-            quantize_(t, _torchao_config(q), filter_fn=_block_linear)
-            for name, m in t.named_modules():
-                if name.startswith("blocks.") and isinstance(m, torch.nn.Linear):
-                    kinds.add(type(m.weight).__name__)
-                    count += 1
-    if not count or kinds <= {"Parameter", "Tensor"}:
+        quantize_(t, _torchao_config(q), filter_fn=_block_linear)
+        for name, m in t.named_modules():
+            if name.startswith("blocks.") and isinstance(m, torch.nn.Linear):
+                kind = type(m.weight).__name__
+                if kind in _PLAIN:
+                    plain += 1
+                    continue
+                kinds.add(kind)
+                count += 1
+                if q.startswith("fp8") and getattr(m.weight, "act_quant_kwargs", True) is None:
+                    # A Float8Tensor without activation quantization multiplies by its dequantized weight.
+                    ctx.actual["quant_mismatch"] = (f"{q}: {name}'s weight has no activation quantization, "
+                                                    "so its matmul runs in bf16")
+    if not count:
         raise Unsupported(f"quantization {q} left every block linear unquantized", "check the torchao version")
     ctx.actual["quant"] = f"{q}: {count} linears as {', '.join(sorted(kinds))}"
+    if swapped:
+        ctx.observers.append(TEObserver(swapped, q))
+    if plain:
+        ctx.actual["quant"] += f"; {plain} left in bf16 (shapes the kernel does not take)"
 
 
 # ------------------------------------------------------------------ Transformer Engine
-def _te_recipe(ctx: KnobContext) -> Any:
-    from transformer_engine.common import recipe as te_recipe
+def te_recipe(name: str, amax_history_len: int = 16, amax_compute_algo: str = "max") -> Any:
+    """The TE scaling recipe a ``te_*`` quant value names (E4M3 throughout: inference has no gradients)."""
+    from transformer_engine.common import recipe as te_rec
 
-    r = ctx.recipe
-    if r.quant == "te_delayed":
-        return te_recipe.DelayedScaling(fp8_format=te_recipe.Format.E4M3, amax_history_len=r.te_amax_history_len,
-                                        amax_compute_algo=r.te_amax_compute_algo)
-    if r.quant == "te_current":
-        return te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.E4M3)
-    return te_recipe.Float8BlockScaling(fp8_format=te_recipe.Format.E4M3)
+    if name == "te_delayed":
+        return te_rec.DelayedScaling(fp8_format=te_rec.Format.E4M3, amax_history_len=amax_history_len,
+                                     amax_compute_algo=amax_compute_algo)
+    if name == "te_current":
+        return te_rec.Float8CurrentScaling(fp8_format=te_rec.Format.E4M3)
+    if name == "te_block":
+        return te_rec.Float8BlockScaling(fp8_format=te_rec.Format.E4M3)
+    raise Unsupported(f"unknown Transformer Engine recipe {name}", "pick te_delayed, te_current or te_block")
+
+
+def te_autocast(te: Any, fp8_recipe: Any, *, enabled: bool = True, calibrating: bool = False) -> Any:
+    """TE's fp8 autocast under its current name: ``autocast(recipe=)`` since TE 2.9, where ``fp8_autocast``
+    became a deprecated alias that warns on every call (once per forward here)."""
+    autocast = getattr(te, "autocast", None)
+    if autocast is not None:
+        return autocast(enabled=enabled, calibrating=calibrating, recipe=fp8_recipe)
+    return te.fp8_autocast(enabled=enabled, calibrating=calibrating, fp8_recipe=fp8_recipe)
+
+
+def te_supported(te: Any, name: str) -> str:
+    """Why this GPU/CUDA/cuBLAS cannot run the recipe, in TE's own words, or "" when it can.
+
+    TE decides this from more than the compute capability (block scaling needs sm90+, CUDA and cuBLAS
+    12.9+), so its answer is asked for rather than re-derived.
+    """
+    ask = getattr(te, "is_fp8_block_scaling_available" if name == "te_block" else "is_fp8_available", None)
+    if ask is None:
+        return ""  # an older TE: the compute-capability check stands alone
+    try:
+        answer = ask(return_reason=True)
+    except TypeError:
+        answer = ask()
+    ok, reason = answer if isinstance(answer, tuple) else (bool(answer), "")
+    return "" if ok else (reason or f"Transformer Engine reports {name} unavailable here")
+
+
+def te_ran_fp8(linear: Any) -> bool | None:
+    """Whether a TE module's last forward ran in fp8 (TE sets ``fp8`` from its autocast state on every
+    forward); None when this TE does not expose it."""
+    return getattr(linear, "fp8", None)
 
 
 class _PaddedTELinear(torch.nn.Module):
@@ -104,26 +158,64 @@ class _PaddedTELinear(torch.nn.Module):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> int:
+class _TEForward:
+    """The transformer's forward under TE's autocast, one per transformer (each expert keeps its own state).
+
+    Delayed scaling starts from scale 1 with an empty amax history, so its first forward would quantize
+    with scales that fit nothing; that forward runs in bf16 instead, calibrating (recording amax), and the
+    fp8 forwards after it start from measured scales.
+    """
+
+    def __init__(self, original: Any, te: Any, fp8_recipe: Any, calibrate_first: bool) -> None:
+        self.original, self.te, self.fp8_recipe = original, te, fp8_recipe
+        self.pending_calibration = calibrate_first
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pending_calibration:
+            self.pending_calibration = False
+            with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
+                return self.original(*args, **kwargs)
+        with te_autocast(self.te, self.fp8_recipe):
+            return self.original(*args, **kwargs)
+
+
+class TEObserver:
+    """After the run: every swapped linear's last forward ran in fp8 (TE under autocast raises rather than
+    falls back, but an autocast that never reached a linear, e.g. a forward that bypassed the wrapper,
+    would leave it in bf16 and the trial timing bf16 GEMMs under an fp8 name)."""
+
+    def __init__(self, linears: list[Any], recipe_name: str) -> None:
+        self.linears, self.recipe_name = linears, recipe_name
+
+    def finish(self, ctx: KnobContext) -> None:
+        seen = [te_ran_fp8(m.inner) for m in self.linears]
+        if any(s is None for s in seen):
+            ctx.notes.append("transformer engine: this TE does not say whether a module ran fp8 (no `fp8` flag)")
+            return
+        ran = sum(1 for s in seen if s)
+        ctx.actual["quant"] += f"; fp8 GEMMs in the last forward: {ran}/{len(seen)}"
+        if ran < len(seen):
+            ctx.actual["quant_mismatch"] = (f"{self.recipe_name}: {len(seen) - ran} of {len(seen)} Transformer Engine "
+                                            "linears ran without fp8 in the last forward")
+
+
+def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTELinear]:
     te = require_module("transformer_engine.pytorch", "te")
-    swapped = 0
+    r = ctx.recipe
+    swapped: list[_PaddedTELinear] = []
     for name, module in list(transformer.named_modules()):
         if not name.startswith("blocks."):
             continue
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
-                setattr(module, child_name, _PaddedTELinear(child, te))
-                swapped += 1
-    fp8_recipe = _te_recipe(ctx)
-    original = transformer.forward
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe):
-            return original(*args, **kwargs)
-
-    transformer.forward = forward
-    ctx.notes.append(f"transformer engine: {swapped} block linears swapped, recipe {type(fp8_recipe).__name__}")
+                padded = _PaddedTELinear(child, te)
+                setattr(module, child_name, padded)
+                swapped.append(padded)
+    fp8_recipe = te_recipe(r.quant, r.te_amax_history_len, r.te_amax_compute_algo)
+    transformer.forward = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
+    ctx.notes.append(f"transformer engine: {len(swapped)} block linears swapped, recipe {type(fp8_recipe).__name__}"
+                     + (", first forward per expert calibrates in bf16" if r.quant == "te_delayed" else ""))
     return swapped
 
 
