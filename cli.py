@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
+from recipes.files import check_output_dir, check_output_file
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import SYNTHETIC, Recipe, validate
@@ -115,14 +118,14 @@ def generate(
 
         fp = run_probe(with_kernels=False).fingerprint()
         found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp)
-        err.print(f"using recipe [bold]{found.path}[/] ({found.meta.name}; {found.meta.speedup:.2f}x measured "
+        err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
                   f"on {found.meta.machine})")
         base = found.recipe
     r = build_recipe(base, model=model, task=task, size=size, frames=frames, steps=steps, seed=seed,
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     if not (recipe or best or no_adapt):
         r = _fit_to_gpu(r, sets or [])
-    output = output.expanduser().resolve()
+    output = check_output_file(output).resolve()
     work = output.parent / f".{output.stem}.wanctl"
     spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
                      trust_checkpoint=trust_checkpoint)
@@ -138,14 +141,15 @@ def generate(
                           f"see {work / 'stderr.log'}" + (" and rerun with --debug" if not debug else ""))
     rr = res.result
     assert rr is not None
+    shutil.rmtree(work, ignore_errors=True)  # the run's files (raw frames: ~224 MB at 720p) served their turn
     for n in rr.notes:
-        err.print(f"[yellow]note:[/] {n}")
+        err.print(f"[yellow]note:[/] {escape(n)}")
     if json_out:
         out.print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
                                    "actual": rr.actual, "device": rr.device,
                                    "peak_mem_gb": rr.peak_mem_bytes / 1e9, "recipe": r.resolved().to_dict()}))
         return
-    t = Table(title=f"{rr.video_path}", show_header=True)
+    t = Table(title=escape(str(rr.video_path)), show_header=True)
     t.add_column("part")
     t.add_column("seconds", justify="right")
     tm = rr.timings
@@ -154,8 +158,8 @@ def generate(
                       ("VAE decode", tm.vae_decode_s), ("process total", tm.total_s)):
         t.add_row(name, f"{val:.3f}")
     out.print(t)
-    out.print(f"frames in video: {rr.video_frames}; device: {rr.device}; peak memory {rr.peak_mem_bytes / 1e9:.1f} GB; ran: "
-              + ", ".join(f"{k}={v}" for k, v in rr.actual.items()))
+    out.print(escape(f"frames in video: {rr.video_frames}; device: {rr.device}; peak memory {rr.peak_mem_bytes / 1e9:.1f} GB; "
+                     "ran: " + ", ".join(f"{k}={v}" for k, v in rr.actual.items())))
 
 
 def _fit_to_gpu(r: Recipe, sets: list[str]) -> Recipe:
@@ -172,7 +176,7 @@ def _fit_to_gpu(r: Recipe, sets: list[str]) -> Recipe:
         return r
     adapted, notes = adapt_to_machine(r.resolved(), probe.min_gpu_memory_mib / 1024, r.gpus, OFFLOAD)
     for n in notes:
-        err.print(f"[yellow]memory plan:[/] {n} (--no-adapt to run without it)")
+        err.print(f"[yellow]memory plan:[/] {escape(n)} (--no-adapt to run without it)")
     return adapted if notes and adapted != r.resolved() else r
 
 
@@ -186,10 +190,10 @@ class LiveReporter:
         self.best = "none yet"
 
     def trial_started(self, number: int, total: int | None, role: str, label: str) -> None:
-        self.prog.update(self.trial_task, total=total, description=f"trial {number} [{role}] {label[:60]}")
+        self.prog.update(self.trial_task, total=total, description=escape(f"trial {number} [{role}] {label[:60]}"))
         self.prog.update(self.step_task, completed=0, visible=True)
         if not out.is_terminal:
-            err.print(f"trial {number}{'/' + str(total) if total else ''} [{role}] {label}")
+            err.print(escape(f"trial {number}{'/' + str(total) if total else ''} [{role}] {label}"))
 
     def progress(self, done: int, total: int) -> None:
         self.prog.update(self.step_task, completed=done, total=total)
@@ -200,13 +204,13 @@ class LiveReporter:
         assert isinstance(record, TrialRecord)
         self.prog.advance(self.trial_task)
         if isinstance(best, TrialRecord):
-            self.best = f"{best.speedup:.2f}x {best.label}"
+            self.best = escape(f"{best.speedup:.2f}x {best.label}")
         speed = f" {record.speedup:.2f}x" if record.speedup else ""
-        err.print(f"  trial {record.number}: [bold]{record.outcome}[/]{speed} {record.reason[:120]}"
+        err.print(f"  trial {record.number}: [bold]{record.outcome}[/]{speed} {escape(record.reason[:120])}"
                   f"  (best so far: {self.best})")
 
     def message(self, text: str) -> None:
-        err.print(text)
+        err.print(escape(text))
 
 
 @app.command()
@@ -244,6 +248,7 @@ def tune(
     """Search optimization stacks with Optuna; write the fastest quality-passing recipe, launch.sh, report.md."""
     _setup_logging(debug)
     from autotune.config import TuneConfig, parse_budget
+    from autotune.study import check_journal, journal_path
     from autotune.tuner import tune as run_tune
     from probes.probe import run_probe
 
@@ -268,6 +273,12 @@ def tune(
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
+    if model not in SYNTHETIC and not Path(model).expanduser().is_dir():
+        raise BadInput(f"--model {model}: no such checkpoint folder",
+                       f"wanctl download --task {task}, or --model tiny / random to tune without weights")
+    check_output_dir(cfg.out_dir)
+    if storage and (journal := journal_path(storage)) is not None:
+        check_journal(journal)
     err.print("probing this machine (GPUs, libraries, kernels)...")
     probe = run_probe(paths=[cfg.out_dir])
     with _progress() as prog:
@@ -278,19 +289,19 @@ def tune(
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
                                    "trials": len(result.records)}))
         return
-    t = Table(title=f"wanctl tune: {result.study_name}")
+    t = Table(title=escape(f"wanctl tune: {result.study_name}"))
     t.add_column("what")
     t.add_column("value")
     t.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(_count(result.records).items())))
     if result.best and result.confirm:
-        t.add_row("best stack", result.best.label)
+        t.add_row("best stack", escape(result.best.label))
         t.add_row("speed-up (search / confirmed)", f"{result.best.speedup:.2f}x / {result.confirm.speedup:.2f}x")
         t.add_row("quality", f"PSNR {result.best.psnr_min_db:.1f} dB, SSIM {result.best.ssim_min:.3f} "
                   f"({result.best.gate_tier})")
     else:
         t.add_row("best stack", "baseline (nothing faster passed the gate)")
     for name, pth in (("recipe", paths.recipe), ("launch script", paths.launch), ("report", paths.report)):
-        t.add_row(name, str(pth))
+        t.add_row(name, escape(str(pth)))
     out.print(t)
 
 
@@ -373,10 +384,11 @@ def report(
 
     from autotune.tuner import result_from_study
 
+    check_output_dir(output)
     result, cfg, probe = result_from_study(storage, study)
     cfg = dataclasses.replace(cfg, out_dir=str(output.expanduser().resolve()))
     paths = _emit(result, cfg, probe, sys.argv)
-    out.print(f"report: {paths.report}\nrecipe: {paths.recipe}\nlaunch script: {paths.launch}")
+    out.print(escape(f"report: {paths.report}\nrecipe: {paths.recipe}\nlaunch script: {paths.launch}"))
 
 
 @app.command()
@@ -393,6 +405,8 @@ def probe(
     from probes.render import render_probe
     from recipes.files import atomic_write_text
 
+    if save:
+        check_output_file(save)
     res = run_probe(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
     if save:
         atomic_write_text(save, res.to_json())
@@ -444,12 +458,12 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
     if json_out:
         out.print_json(json.dumps({"recipe": r.to_dict(), "meta": meta.__dict__}))
         return
-    t = Table(title=f"{path} ({r.stack_label()}, hash {r.recipe_hash()[:8]})")
+    t = Table(title=escape(f"{path} ({r.stack_label()}, hash {r.recipe_hash()[:8]})"))
     t.add_column("field")
     t.add_column("value")
     t.add_column("meaning", style="dim")
     for k, v in r.to_dict().items():
-        t.add_row(k, repr(v) if isinstance(v, str) else str(v), Recipe.field_doc(k))
+        t.add_row(k, escape(repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
     out.print(t)
 
 
@@ -460,9 +474,9 @@ def main() -> None:
     except WanctlError as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
-        err.print(f"[bold red]error:[/] {exc.message}")
+        err.print(f"[bold red]error:[/] {escape(exc.message)}")
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}")
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -66,6 +66,30 @@ class TuneConfig:
     wanctl_version: str = ""
     """wanctl's version when the study started."""
 
+    def __post_init__(self) -> None:
+        """Numbers a user typed are checked here, before the probe and before a study file exists: a
+        negative trial count would otherwise create the study and then report that nothing was measured."""
+        import math
+
+        from autotune.quality_gate import parse_quality
+
+        for name, low in (("trials", 0), ("gpus", 1), ("measure_steps", 1), ("warmup_steps", 0),
+                          ("lossless_steps", 1), ("proxy_frames", 1)):
+            if getattr(self, name) < low:
+                raise BadInput(f"{name} = {getattr(self, name)} is below {low}",
+                               f"pass --{name.replace('_', '-')} {low} or more")
+        for name in ("budget_s", "trial_timeout_s", "slower_tolerance"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise BadInput(f"{name} = {v} is not a finite number >= 0", "0 means: decide automatically")
+        if self.warmup_steps >= self.measure_steps:
+            raise BadInput(f"warmup_steps ({self.warmup_steps}) leaves no timed step of measure_steps "
+                           f"({self.measure_steps})", "measure more steps than the warm-up")
+        if self.objective not in ("latency", "pareto"):
+            raise BadInput(f"objective {self.objective!r} is unknown", "latency or pareto")
+        parse_quality(self.quality)
+        self.injections()
+
     def base_recipe(self) -> Recipe:
         return validate(Recipe(task=self.task, model=self.model, model_revision=checkpoint_revision(self.model),
                                size=self.size, frames=self.frames, steps=self.steps, prompt=self.prompt,

@@ -66,6 +66,9 @@ def parse_quality(text: str, base: QualityPolicy | None = None) -> QualityPolicy
             v = float(value)
         except ValueError:
             raise BadInput(f"--quality {key} needs a number, got {value!r}", "write e.g. lossy_psnr=22") from None
+        low, high, unit = {"psnr": (0.0, 200.0, " dB"), "ssim": (0.0, 1.0, ""), "latent": (0.0, 1e6, "")}[metric]
+        if not low <= v <= high:  # NaN fails too
+            raise BadInput(f"--quality {key}={value} is out of range", f"{key} is {low:g}..{high:g}{unit}")
         policy = replace(policy, **{tier: replace(getattr(policy, tier), **{keys[metric]: v})})
     return policy
 

@@ -34,9 +34,60 @@ SCHEMA_RACE_TRIES = 3
 GRACE_S = 180
 
 
-def open_storage(url: str) -> Any:
-    """A storage object for ``url``: a path ending .journal/.log (or any plain path) is a journal file."""
-    if url.startswith(("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+")):
+RDB_SCHEMES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+")
+"""URL prefixes SQLAlchemy opens for Optuna's RDBStorage (the ``+driver`` forms name a driver)."""
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def journal_path(url: str) -> Path | None:
+    """The journal file a storage string names, or None for an RDB URL; anything else is refused.
+
+    Refused rather than guessed: an unknown scheme (``postgres://`` is a common misspelling) would
+    otherwise become a local file named after the URL, and every host would tune its own study.
+    """
+    if url.startswith(RDB_SCHEMES):
+        return None
+    if "://" in url and not url.startswith("journal://"):
+        scheme = url.split("://", 1)[0]
+        fix = "postgresql://" if scheme in ("postgres", "pg", "psql") else "a path, journal://PATH, sqlite:///PATH"
+        raise BadInput(f"storage {url!r}: unknown scheme {scheme}://",
+                       f"use {fix} (also postgresql://..., mysql://...)")
+    return Path(url.removeprefix("journal://")).expanduser()
+
+
+def check_journal(path: Path) -> None:
+    """Refuse a file that is not an Optuna journal before anything writes to it.
+
+    The torn-tail repair cuts whatever does not parse, so a notes file or an SQLite database passed as
+    ``--storage`` would be rewritten as a journal (its old self only in a ``.torn`` backup).
+    """
+    if path.is_dir():
+        raise BadInput(f"storage {path} is a directory", f"pass a file, e.g. {path / 'study.journal'}")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    if head.startswith(_SQLITE_MAGIC):
+        raise BadInput(f"storage {path} is an SQLite database, not a journal file", f"pass sqlite:///{path}")
+    first = head.split(b"\n", 1)[0]
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    torn_first = b"\n" not in head and first.startswith(b'{"op_code"')  # killed during the first append
+    if not (isinstance(record, dict) and "op_code" in record) and not torn_first and len(first) < 65536:
+        raise BadInput(f"storage {path} is not an Optuna journal (its first line is no journal record); "
+                       "it was left untouched", "pass a new path for the study, or the journal a tuner wrote")
+
+
+def open_storage(url: str, create: bool = True) -> Any:
+    """A storage object for ``url``: a path (or ``journal://PATH``) is a journal file, else an RDB URL.
+
+    Readers pass ``create=False``: a mistyped path is then an error, not a new empty journal.
+    """
+    path = journal_path(url)
+    if path is None:
         cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
         if cb is not None:  # Optuna >= 4.9 names it heartbeat_stale_trial_callback
@@ -65,8 +116,14 @@ def open_storage(url: str) -> Any:
                     continue
                 raise StudyError(f"cannot open storage {url}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
                                  "check the URL, the server and the credentials") from None
-    path = Path(url.removeprefix("journal://")).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_journal(path)
+    if not create and not path.is_file():
+        raise BadInput(f"no study journal at {path}", "pass the --storage (or --out) the tuner wrote to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the folder for the study journal {path}: {exc.strerror}",
+                       "pass a writable path") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     try:
@@ -110,6 +167,7 @@ def repair_torn_tail(path: Path) -> str:
     """
     if not path.is_file() or path.stat().st_size == 0:
         return ""
+    check_journal(path)
     from optuna.storages.journal import JournalFileSymlinkLock
 
     lock = JournalFileSymlinkLock(str(path))

@@ -31,6 +31,7 @@ from autotune.study import (
     finished_trials,
     has_heartbeat,
     heartbeat,
+    journal_path,
     load_or_create,
     open_storage,
     recover,
@@ -178,10 +179,9 @@ class Tuner:
     def _run(self) -> TuneResult:
         self.out.mkdir(parents=True, exist_ok=True)
         storage_url = self.cfg.storage or str(self.out / "study.journal")
-        if "://" not in storage_url or storage_url.startswith("journal://"):
-            torn = repair_torn_tail(Path(storage_url.removeprefix("journal://")).expanduser())
-            if torn:
-                self.notes.append(torn)
+        journal = journal_path(storage_url)
+        if journal is not None and (torn := repair_torn_tail(journal)):
+            self.notes.append(torn)
         storage = open_storage(storage_url)
         directions = ["minimize", "maximize"] if self.cfg.objective == "pareto" else ["minimize"]
         sampler = (optuna.samplers.NSGAIISampler(seed=self.cfg.sampler_seed) if self.cfg.objective == "pareto"
@@ -190,6 +190,10 @@ class Tuner:
         name = self.study_name()
         study, created = load_or_create(storage, name, directions, sampler, self.cfg.resume)
         self._study = study
+        if created and self.cfg.resume:
+            note = f"--resume: no study {name!r} in {storage_url} yet, so this tuner started it"
+            self.notes.append(note)
+            self.reporter.message(note)
         if created:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
@@ -863,14 +867,23 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
     """Rebuild a TuneResult from the study alone (for ``wanctl report``): no side files needed."""
     from recipes.errors import BadInput
 
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise BadInput(f"no study {name!r} in {storage_url}", f"studies there: {', '.join(names) or 'none'}") from None
     attrs = study.user_attrs
-    cfg_d = dict(attrs.get(CONFIG_KEY, {}))
+    if CONFIG_KEY not in attrs or PROBE_KEY not in attrs:
+        raise NothingFeasible(f"study {name!r} holds no tuner setup yet (its tuner stopped right after creating it)",
+                              "run the same wanctl tune command with --resume")
+    cfg_d = dict(attrs[CONFIG_KEY])
+    unknown = sorted(set(cfg_d) - {f.name for f in dataclasses.fields(TuneConfig)})
+    if unknown:
+        from recipes.errors import SchemaError
+
+        raise SchemaError(f"study {name!r} was written by a newer wanctl (settings {', '.join(unknown)})",
+                          "run wanctl report with the wanctl version that tuned it, or upgrade")
     cfg_d["inject"] = tuple(cfg_d.get("inject", ()))
     cfg_d["command"] = tuple(cfg_d.get("command", ()))
     cfg = TuneConfig(**cfg_d)

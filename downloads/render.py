@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -39,31 +40,31 @@ def _advice_lines(advice: HardwareAdvice | None) -> list[str]:
     if advice is None:
         return []
     style = "green" if advice.runnable else "yellow"
-    return [f"[{style}]{line}[/{style}]" for line in advice.notes]
+    return [f"[{style}]{escape(line)}[/{style}]" for line in advice.notes]
 
 
 def render_plan(p: DownloadPlan, console: Console) -> None:
     """Files with sizes and status, then totals, disk and advice."""
     title = f"{p.artifact}: {p.source or 'local'} {p.repo}@{p.revision[:12]} -> {p.target_dir}"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("file")
     table.add_column("component")
     table.add_column("size", justify="right")
     table.add_column("status")
     for f in p.files:
         status = "present" if f.present else "fetch"
-        table.add_row(f.path, f.component, fmt_bytes(f.size), status)
+        table.add_row(escape(f.path), f.component, fmt_bytes(f.size), status)
     console.print(table)
     fits = "[green]fits[/green]" if p.fits_disk else "[red]does not fit[/red]"
     console.print(f"total {fmt_bytes(p.total_bytes)} in {len(p.files)} files; to fetch {fmt_bytes(p.to_fetch_bytes)}; "
                   f"free {fmt_bytes(p.free_bytes)}: {fits}")
-    for line in (*p.notes, *_advice_lines(p.advice)):
+    for line in (*map(escape, p.notes), *_advice_lines(p.advice)):
         console.print(line)
 
 
 def render_report(r: DownloadReport, console: Console) -> None:
     """One table of what happened, then notes and advice."""
-    table = Table(title=f"{r.artifact} -> {r.path}", title_justify="left", show_header=False)
+    table = Table(title=escape(f"{r.artifact} -> {r.path}"), title_justify="left", show_header=False)
     table.add_column("key")
     table.add_column("value")
     rows: list[tuple[str, Any]] = [
@@ -76,9 +77,9 @@ def render_report(r: DownloadReport, console: Console) -> None:
         ("time", f"{r.seconds:.1f} s"),
     ]
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     console.print(table)
-    for line in (*r.notes, *_advice_lines(r.advice)):
+    for line in (*map(escape, r.notes), *_advice_lines(r.advice)):
         console.print(line)
 
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from recipes.errors import WanctlError
+from recipes.errors import BadInput, WanctlError
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
@@ -16,8 +16,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     so the previous version of ``path`` (if any) stays intact.
     """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    check_output_file(p)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
+                          "free disk space or choose another output directory") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -57,3 +61,28 @@ def file_mode(full: int) -> int:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None = None) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (a folder wanctl writes into) or say why it cannot be, before any work is spent."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"cannot create the output folder {p}: a file of that name is there",
+                       "pass another path, or move the file")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the output folder {p}: {exc.strerror or exc}",
+                       "pass a folder you can write to") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise BadInput(f"output folder {p} is not writable", "pass a folder you can write to")
+    return p
+
+
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Make sure ``path`` can be written as a file (its folder exists or is created, it is no folder)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise BadInput(f"output {p} is a folder", f"pass a file name, e.g. {p / 'out'}")
+    check_output_dir(p.parent)
+    return p

@@ -267,12 +267,13 @@ def validate(recipe: Recipe) -> Recipe:
             raise RecipeError("size", r.size, f"for {r.task}: one of {', '.join(spec.sizes)}")
     if r.frames and (r.frames < 1 or (r.frames - 1) % 4):
         raise RecipeError("frames", r.frames, "4n+1 (e.g. 17, 33, 49, 81, 121)",
-                          hint=f"use {max(1, (r.frames - 1) // 4 * 4 + 1)} or {(r.frames - 1) // 4 * 4 + 5}")
+                          hint=f"use {(r.frames - 1) // 4 * 4 + 1} or {(r.frames - 1) // 4 * 4 + 5}" if r.frames > 1
+                          else "use 1 (an image), 17, 33, 49 or 81; 0 for the task's default")
     if r.steps < 0 or r.steps > 1000:
         raise RecipeError("steps", r.steps, "1..1000 (0 for the task's default)")
     for name in ("guidance", "guidance_2", "shift"):
         v = getattr(r, name)
-        if v < 0 or v > 50:
+        if not 0 <= v <= 50:  # written so that NaN fails too (it compares false both ways)
             raise RecipeError(name, v, "0..50 (0 for the model card's value)")
     if not 0 <= r.seed < 2**63:
         raise RecipeError("seed", r.seed, "0 .. 2**63-1")

@@ -73,7 +73,10 @@ def loads_recipe(text: str, where: str = "recipe") -> tuple[Recipe, RecipeMeta]:
     version = doc.pop("schema_version", None)
     if version is None:
         raise SchemaError(f"{where}: no schema_version", f"add 'schema_version = {RECIPE_SCHEMA}' at the top")
-    if not isinstance(version, int) or version > RECIPE_SCHEMA:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SchemaError(f"{where}: schema_version {version!r} is not a schema number",
+                          f"write 'schema_version = {RECIPE_SCHEMA}' (an integer, no quotes)")
+    if version > RECIPE_SCHEMA:
         raise SchemaError(
             f"{where}: schema_version {version!r} is newer than this wanctl understands ({RECIPE_SCHEMA})",
             "upgrade wanctl (pip install -U wanctl) or re-tune with this version",
@@ -94,6 +97,9 @@ def read_recipe(path: str | Path) -> tuple[Recipe, RecipeMeta]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise BadInput(f"cannot read recipe {p}: {exc.strerror}", "check the path") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"recipe {p} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})",
+                       "a recipe is a TOML file; pass the recipe.toml wanctl tune wrote") from None
     return loads_recipe(text, where=str(p))
 
 

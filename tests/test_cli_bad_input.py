@@ -6,7 +6,7 @@ from pathlib import Path
 
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, write_recipe
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def _err(p: object) -> str:
@@ -48,3 +48,77 @@ def test_i2v_with_a_corrupt_image_exits_2_and_writes_no_video(tmp_path: Path) ->
     assert p.returncode == 2, p.stderr
     assert "is not a readable image" in _err(p) and "PNG or JPEG" in _err(p)
     assert not video.exists()
+
+
+# ------------------------------------------------------------------ files and storages the user names
+def test_a_file_that_is_not_a_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    env = {"WANCTL_CACHE": str(tmp_path / "c")}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nmore\n")
+    db = tmp_path / "study.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(4080))
+    for path, fragment in ((notes, "not an Optuna journal"), (db, f"pass sqlite:///{db}")):
+        before = path.read_bytes()
+        p = run_cli("tune", "--storage", str(path), "--out", str(tmp_path / "o"), env=env)
+        assert p.returncode == 2 and fragment in _err(p), p.stderr
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+
+
+def test_an_unknown_storage_scheme_is_refused_not_made_a_local_file(tmp_path: Path) -> None:
+    p = run_cli("tune", "--storage", "postgres://me@dbhost/wan", "--resume", "--out", str(tmp_path / "o"),
+                cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "c"), "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "unknown scheme postgres://" in _err(p) and "use postgresql://" in _err(p)
+    assert not (tmp_path / "postgres:").exists()
+
+
+def test_report_on_a_missing_or_unfinished_study_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    missing = tmp_path / "typo" / "study.journal"
+    p = run_cli("report", "--study", "s", "--storage", str(missing), "--out", str(tmp_path / "r"))
+    assert p.returncode == 2 and "no study journal at" in _err(p)
+    assert not missing.exists() and not missing.parent.exists()
+    started = tmp_path / "started.journal"  # a tuner killed right after creating its study
+    optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(started))))
+    p = run_cli("report", "--study", "s", "--storage", str(started), "--out", str(tmp_path / "r"))
+    assert p.returncode == 3 and "holds no tuner setup yet" in _err(p) and "Traceback" not in p.stderr
+
+
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path: Path) -> None:
+    env = {"WANCTL_CACHE": str(tmp_path / "c")}
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for args, fragment in ((("generate", "--out", str(a_file / "v.mp4")), "cannot create the output folder"),
+                           (("generate", "--out", str(tmp_path)), "is a folder"),
+                           (("tune", "--out", str(a_file)), "a file of that name is there"),
+                           (("probe", "--no-kernels", "--save", str(tmp_path)), "is a folder")):
+        p = run_cli(*args, env=env)
+        assert p.returncode == 2 and fragment in _err(p) and "Traceback" not in p.stderr, (args, p.stderr)
+    assert a_file.read_text() == "keep me"
+
+
+def test_messages_keep_their_brackets_and_markup_like_input_cannot_crash_them(tmp_path: Path) -> None:
+    no_table = tmp_path / "r.toml"
+    no_table.write_text("schema_version = 1\n")
+    p = run_cli("recipe", str(no_table))
+    assert p.returncode == 2 and "[recipe]" in _err(p), p.stderr
+    p = run_cli("generate", "--set", "attention=[/red]", "--out", str(tmp_path / "v.mp4"))
+    assert p.returncode == 2 and "[/red]" in _err(p) and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_recipe_that_is_not_text_is_bad_input(tmp_path: Path) -> None:
+    binary = tmp_path / "r.toml"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    p = run_cli("recipe", str(binary))
+    assert p.returncode == 2 and "is not UTF-8 text" in _err(p) and "Traceback" not in p.stderr
+
+
+def test_tune_numbers_are_checked_before_a_study_exists(tmp_path: Path) -> None:
+    env = {"WANCTL_CACHE": str(tmp_path / "c")}
+    for args, fragment in ((("--trials", "-1"), "trials = -1 is below 0"),
+                           (("--trial-timeout", "-5"), "trial_timeout_s = -5.0"),
+                           (("--quality", "lossless_ssim=7"), "lossless_ssim is 0..1")):
+        p = run_cli("tune", *args, "--out", str(tmp_path / "o"), env=env)
+        assert p.returncode == 2 and fragment in _err(p), (args, p.stderr)
+        assert not (tmp_path / "o").exists()

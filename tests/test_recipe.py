@@ -29,6 +29,8 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"ulysses": 2, "gpus": 2, "compile": "full"}, "compile", "parallel exchanges"),
     ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
     ({"quant": "te_current", "compile": "regional"}, "compile_fullgraph", "dynamo.disable"),
+    ({"guidance": float("nan")}, "guidance", "0..50"),
+    ({"frames": -3}, "frames", "4n+1"),
     ({"attention": "fa3"}, "attention", "_flash_3"),
     ({"task": "i2v-A14B"}, "image", "needs a conditioning image"),
     ({"cfg_parallel": True}, "cfg_parallel", "two GPU groups"),

@@ -82,6 +82,7 @@ def test_generate_best_uses_the_tuned_recipe(tuned: Path, tmp_path: Path) -> Non
     assert p.returncode == 0, p.stderr[-2000:]
     assert "using recipe" in p.stderr and str(tuned / "recipe.toml") in p.stderr
     assert json.loads(p.stdout)["frames"] == 9
+    assert video.is_file() and not (tmp_path / ".best.wanctl").exists()  # the run's raw frames are not left behind
 
 
 def test_generate_best_without_recipe_says_how(tmp_path: Path) -> None:
