@@ -26,7 +26,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Wheels for an offline GPU host (cp312, manylinux x86_64): see docs/offline.md.
+# Wheels for an offline GPU host (cp312, manylinux x86_64): README.md, "Offline GPU hosts".
 wheelhouse:
 	bash tools/wheelhouse.sh
 

@@ -93,7 +93,8 @@ def generate(
     seed: SeedOpt = None,  # type: ignore[assignment]
     recipe: Annotated[Path | None, typer.Option("--recipe", help="recipe.toml to run")] = None,
     best: Annotated[bool, typer.Option("--best", help="use the best tuned recipe for this machine and model")] = False,
-    out_dir: Annotated[list[Path] | None, typer.Option("--out-dir", help="where --best looks for tuned recipes (repeatable)")] = None,
+    out_dir: Annotated[list[Path] | None, typer.Option("--out-dir", help="where --best looks for tuned recipes (repeatable), besides the store every tune saves to "
+                                                          "($WANCTL_CACHE/recipes)")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
     trust_checkpoint: TrustOpt = False,
@@ -225,23 +226,25 @@ def tune(
     image: ImageOpt = "",
     seed: SeedOpt = 42,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs one run may use")] = 1,
-    budget: Annotated[str, typer.Option("--budget", help="wall-clock budget, e.g. 30m, 2h")] = "",
-    trials: Annotated[int, typer.Option("--trials", help="total trials in the study (baseline included)")] = 0,
+    budget: Annotated[str, typer.Option("--budget", help="wall-clock budget, e.g. 30m, 2h, 90s (a bare number: minutes)")] = "",
+    trials: Annotated[int, typer.Option("--trials", help="total trials in the study (baseline included); 0: 20 without --budget, "
+                                              "no limit with one")] = 0,
     quality: Annotated[str, typer.Option("--quality", help="gate overrides, e.g. lossy_psnr=22,lossy_ssim=0.85")] = "",
     objective: Annotated[str, typer.Option("--objective", help="latency or pareto")] = "latency",
     storage: Annotated[str, typer.Option("--storage", help="PATH.journal, sqlite:///F.db or postgresql://...")] = "",
-    study: Annotated[str, typer.Option("--study", help="study name (default: model_task_size_fingerprint)")] = "",
+    study: Annotated[str, typer.Option("--study", help="study name (default: MODEL_TASK_WxH_Ff_Ss_FINGERPRINT)")] = "",
     resume: Annotated[bool, typer.Option("--resume", help="continue an existing study (only one tuner may resume a journal study at a time)")] = False,
     output: Annotated[Path, typer.Option("--out", help="output folder")] = Path("wanctl-out"),
-    proxy_size: Annotated[str, typer.Option("--proxy-size", help="size of quality runs (default: the task's smallest)")] = "",
+    proxy_size: Annotated[str, typer.Option("--proxy-size", help="size of quality runs (default: the task's smallest; ignored for --model tiny)")] = "",
     proxy_frames: Annotated[int, typer.Option("--proxy-frames", help="frames of quality runs")] = 17,
-    measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps timed per trial")] = 4,
+    measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps run to time a trial at the target size, the warm-up "
+                                                     "step included (ignored for --model tiny: one full run does both)")] = 4,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
     inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank")] = None,
     trust_checkpoint: TrustOpt = False,
     lightning_lora: Annotated[str, typer.Option("--lightning-lora", help="Lightning LoRA folder (wanctl download "
                               "--task TASK-lightning) to search the 4-step stack with, or 'none'; default: the "
-                              "download beside the checkpoint when there")] = "",
+                              "download beside the checkpoint when there (tiny/random: their own random LoRA)")] = "",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -420,10 +423,12 @@ def probe(
 
 @app.command()
 def download(
-    task: TaskOpt = "t2v-A14B",
+    task: Annotated[str, typer.Option("--task", help="one of t2v-A14B, i2v-A14B, ti2v-5B, or t2v-A14B-lightning / "
+                                      "i2v-A14B-lightning for the 4-step LoRA pair")] = "t2v-A14B",
     source: Annotated[str, typer.Option("--source", help="hf, modelscope or auto (hub first, then ModelScope)")] = "auto",
     revision: Annotated[str | None, typer.Option("--revision", help="branch, tag or commit SHA to pin")] = None,
-    directory: Annotated[Path | None, typer.Option("--dir", help="target folder (default ./checkpoints/<repo>)")] = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="target folder (default ./checkpoints/<repo>; LoRAs: "
+                                                  "./checkpoints/Wan2.2-Lightning-<task>)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be fetched and its size")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="use what is there, never touch the network")] = False,
     json_out: JsonOpt = False,

@@ -1,7 +1,9 @@
 """Fallbacks: what the tuner tries after a trial fails, each recorded with its evidence.
 
 OOM -> the same stack with one memory-saving change before giving up on it, chosen by where the run
-ran out (VAE tiling only helps an OOM in VAE decode; offload helps one in load or denoise); a knob value measured slower than the baseline on its own -> excluded from later trials,
+ran out (VAE tiling only helps an OOM in VAE decode, dropping CUDA graphs one in apply or denoise; offload
+is offered for any phase where the search space holds it); a knob value measured slower than the baseline
+on its own -> excluded from later trials,
 and later recipes use the faster value (the seeds' "FA2 slower than SDPA", found by measurement).
 """
 

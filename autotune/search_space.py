@@ -297,7 +297,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
                                 else "autotuning modes need a GPU (they benchmark Triton kernels)")
 
     # --- caches -----------------------------------------------------------------------------
-    cache = tuple(c for c in CACHES if c != "teacache")
+    cache = CACHES
     excluded["cache=teacache"] = ("not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache "
                                   "cover the same step skipping")
     if task not in SEACACHE_TASKS:

@@ -53,7 +53,8 @@ class HardwareUnsupported(WanctlError):
 
 
 class NothingFeasible(WanctlError):
-    """An expected outcome, not a bug: no configuration passed (e.g. every trial failed the gate)."""
+    """An expected outcome, not a bug: the study cannot say anything (its baseline or reference run failed, or
+    it holds no measured baseline). A study where no trial beat the baseline is not this: it emits the baseline."""
 
     exit_code = 3
 

@@ -2,8 +2,8 @@
 
 The script reproduces a run without wanctl's tuner: it calls ``python -m wan_runtime generate`` (or
 ``torchrun`` for several GPUs) with one ``--set field=value`` per recipe field, so the mapping from recipe
-to runtime flags is this one loop, not a hand-kept list. Content (model dir, prompt, image, seed, output)
-comes from overridable variables so the same script serves other prompts.
+to runtime flags is this one loop, not a hand-kept list. Content (model dir and its pinned revision, Lightning
+LoRA folder, prompt, image, seed, output) comes from overridable variables so the same script serves other prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ TEMPLATE = """\
 set -euo pipefail
 
 if [ -z "${{MODEL_DIR+x}}" ]; then MODEL_DIR={model}; fi
+# The checkpoint commit the recipe was tuned on (checked against the folder's download manifest); empty: no pin.
+if [ -z "${{MODEL_REVISION+x}}" ]; then MODEL_REVISION={model_revision}; fi
+# The Lightning LoRA folder of a 4-step recipe (empty otherwise).
+if [ -z "${{LIGHTNING_LORA+x}}" ]; then LIGHTNING_LORA={lightning_lora}; fi
 if [ -z "${{PROMPT+x}}" ]; then PROMPT={prompt}; fi
 if [ -z "${{NEGATIVE_PROMPT+x}}" ]; then NEGATIVE_PROMPT={negative_prompt}; fi
 if [ -z "${{IMAGE+x}}" ]; then IMAGE={image}; fi
@@ -40,6 +44,8 @@ trap 'trap - INT TERM; kill -- -$$ 2>/dev/null; exit 130' INT TERM
 args=(
 {args}
   --set "model=$MODEL_DIR"
+  --set "model_revision=$MODEL_REVISION"
+  --set "lightning_lora=$LIGHTNING_LORA"
   --set "prompt=$PROMPT"
   --set "negative_prompt=$NEGATIVE_PROMPT"
   --set "image=$IMAGE"
@@ -98,6 +104,8 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
         name=o.name.replace("\n", " "),
         stack=recipe.stack_label().replace("\n", " "),
         model=q(recipe.model),
+        model_revision=q(recipe.model_revision),
+        lightning_lora=q(recipe.lightning_lora),
         prompt=q(recipe.prompt),
         negative_prompt=q(recipe.negative_prompt),
         image=q(recipe.image),

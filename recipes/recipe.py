@@ -83,7 +83,8 @@ QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_cu
 TE_QUANT = ("te_delayed", "te_current", "te_block")
 COMPILE = ("off", "regional", "full")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
-CACHES = ("none", "magcache", "teacache", "fbcache", "seacache", "taylorseer")
+CACHES = ("none", "magcache", "fbcache", "seacache", "taylorseer")
+"""TeaCache is not among them: MagCache (published Wan2.2 ratios) and SeaCache cover its step skipping."""
 SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
 """Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
 36 -> 16 do not)."""
@@ -142,7 +143,7 @@ class Recipe:
     compile_mode: str = _f("default", "torch.compile mode")
     compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)")
     # --- caches ---
-    cache: str = _f("none", "step cache: none, magcache, teacache, fbcache (first-block cache), seacache or taylorseer")
+    cache: str = _f("none", "step cache: none, magcache, fbcache (first-block cache), seacache or taylorseer")
     cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget; TaylorSeer has none)")
     magcache_k: int = _f(2, "most consecutive skipped steps (MagCache K, SeaCache; TaylorSeer predicts at most this many between computes)")
     cache_retention: float = _f(0.2, "fraction of each expert's first steps always computed (MagCache R, SeaCache, TaylorSeer warm-up)")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
-import tomllib
 
 from recipes.errors import BadInput, SchemaError
 from recipes.files import atomic_write_text

@@ -56,6 +56,17 @@ def test_environment_overrides_content(tmp_path: Path) -> None:
     assert (rebuilt.prompt, rebuilt.seed, rebuilt.model) == ("$(touch canary)", 9, "/m")
 
 
+def test_every_content_field_reaches_the_runtime(tmp_path: Path) -> None:
+    """A checkpoint recipe keeps its revision pin and its Lightning LoRA folder (the runtime refuses a Lightning
+    recipe on a checkpoint without the folder)."""
+    r = Recipe(model="/ckpt/Wan2.2-T2V-A14B-Diffusers", model_revision="a" * 40, lightning=4, steps=4,
+               lightning_lora="/ckpt/Wan2.2-Lightning-t2v-A14B", image="", seed=3, prompt="p")
+    argv = _run(render_launch_script(r), tmp_path, {})
+    assert apply_overrides(Recipe(), _sets(argv)) == r
+    argv = _run(render_launch_script(r), tmp_path, {"MODEL_REVISION": ""})  # another checkpoint: drop the pin
+    assert apply_overrides(Recipe(), _sets(argv)).model_revision == ""
+
+
 def test_script_shape() -> None:
     s = render_launch_script(Recipe(model="random"))
     assert s.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in s and "trap cleanup EXIT" in s

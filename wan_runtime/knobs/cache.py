@@ -105,9 +105,6 @@ class RatioCalibrator:
 
 
 def _check(ctx: KnobContext) -> None:
-    if ctx.recipe.cache == "teacache":
-        raise Unsupported("teacache is not implemented in wanctl yet (diffusers ships none for Wan)",
-                          "use magcache or fbcache")
     for t in ctx.transformers:
         if not hasattr(t, "enable_cache"):
             raise Unsupported("this diffusers transformer has no enable_cache", "upgrade diffusers")
