@@ -7,12 +7,15 @@ Tracebacks only with --debug or WANCTL_DEBUG=1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +59,27 @@ def _setup_logging(debug: bool) -> None:
                         force=True)
     if debug:
         os.environ["WANCTL_DEBUG"] = "1"
+    else:  # one INFO line per HTTP request (a download makes hundreds) buries what wanctl says
+        for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "filelock", "modelscope"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C ends the process now, saying so. Python delivers it to the main thread, which then waits for
+    worker threads (huggingface_hub's parallel file transfers) to finish their multi-GB files before it exits;
+    nothing is left to clean up (the in-progress marker stays, the next run resumes), so exit at once."""
+    def stop(signum: int, frame: object) -> None:
+        sys.stderr.write("\x1b[?25h" if sys.stderr.isatty() else "")  # the progress bar hid the cursor
+        sys.stderr.write(f"\ninterrupted: {message}\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _progress() -> Progress:
@@ -431,6 +455,8 @@ def download(
                                                   "./checkpoints/Wan2.2-Lightning-<task>)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be fetched and its size")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="use what is there, never touch the network")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="re-hash a finished download against its manifest and "
+                                         "fetch again what no longer matches")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -450,8 +476,11 @@ def download(
         p = make_plan(task, **kw)
         out.print_json(to_json(p)) if json_out else render_plan(p, out)
         return
-    with rich_progress(err) as cb:
-        rep = do_download(task, progress=cb, **kw)
+    if directory is not None:
+        check_output_dir(directory)  # before the network: a folder that cannot be written is known now
+    with _exit_at_once_on_interrupt("download stopped; what was fetched is kept and the same command resumes it"), \
+            rich_progress(err) as cb:
+        rep = do_download(task, progress=cb, verify=verify, **kw)
     out.print_json(to_json(rep)) if json_out else render_report(rep, out)
 
 

@@ -18,17 +18,25 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from downloads import hub, modelscope
-from downloads.plan import DownloadPlan, PlannedFile, plan
+from downloads.plan import HF_METADATA_DIR, DownloadPlan, PlannedFile, foreign_files, plan, stale_partials
 from downloads.progress import DiskProgress, ProgressCallback, VerifyProgress
 from downloads.select import HardwareAdvice, MachineFacts, check_disk, fmt_bytes
-from recipes.errors import DownloadError
+from recipes.errors import BadInput, DownloadError, WanctlError
 from recipes.files import atomic_write_text
-from recipes.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, FileProblem, ManifestMismatch, write_manifest
+from recipes.manifest import (
+    INCOMPLETE_MARKER,
+    MANIFEST_NAME,
+    FileProblem,
+    ManifestMismatch,
+    check_files,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "wanctl-download.lock"
-HF_METADATA_DIR = Path(".cache") / "huggingface" / "download"
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class DownloadReport:
     """Every file matched its size and sha256 and the manifest was written."""
     already_complete: bool = False
     """Nothing to do: a verified download was already there (no network used)."""
+    hashed: bool = True
+    """Every file's checksum was computed by this run; False when a complete download was taken on its sizes
+    (``verify=True`` re-hashes it)."""
     seconds: float = 0.0
     advice: HardwareAdvice | None = None
     notes: tuple[str, ...] = ()
@@ -67,15 +78,9 @@ def git_blob_oid(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stale_partials(target: Path) -> list[Path]:
-    """huggingface_hub temp files left by a killed run (2.x never resumes them: names are per process)."""
-    folder = target / HF_METADATA_DIR
-    return sorted(folder.rglob("*.incomplete")) if folder.is_dir() else []
-
-
 def _remove_partials(target: Path) -> tuple[int, int]:
     """Delete huggingface_hub's temp files in ``target``; (how many, bytes)."""
-    stale = _stale_partials(target)
+    stale = stale_partials(target)
     size = 0
     for part in stale:
         try:
@@ -116,6 +121,55 @@ def _refuse_bad_files(target: Path, problems: list[FileProblem] | tuple[FileProb
         "try the other --source")
 
 
+def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool) -> list[str]:
+    """``--verify``: hash every file of a finished download against its manifest; delete those that no longer
+    match (bit rot, an edit) so this run fetches them again. Only a folder holding this artifact's manifest
+    is touched: its files are wanctl's."""
+    from downloads.catalogue import artifact
+    from downloads.plan import default_target_dir, offline_requested
+
+    art = artifact(task)
+    target = Path(target_dir if target_dir is not None else default_target_dir(task)).expanduser().absolute()
+    try:
+        manifest = read_manifest(target)
+    except WanctlError:
+        return []
+    if manifest is None or manifest.artifact != art.name or (target / INCOMPLETE_MARKER).exists():
+        return []
+    expected = {f.path: (f.size, f.sha256 or None) for f in manifest.files}
+    _, problems = check_files(target, expected, hash_files=True)
+    if not problems:
+        return [f"--verify: all {len(expected)} files re-hashed and match the manifest"]
+    shown = "; ".join(str(x) for x in problems[:5])
+    if offline_requested(offline):  # nothing could replace them: leave the folder as it is and say so
+        raise DownloadError(f"--verify: {len(problems)} file(s) in {target} no longer match the manifest: {shown}",
+                            "run the same command with the network available to fetch them again")
+    for prob in problems:
+        if prob.problem != "missing":
+            _discard(target, prob.path)
+    (target / MANIFEST_NAME).unlink(missing_ok=True)
+    atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {art.name}: files failed --verify\n")
+    return [f"--verify: {len(problems)} file(s) no longer matched the manifest and are fetched again: {shown}"]
+
+
+def _check_foreign(target: Path, p: DownloadPlan) -> None:
+    """Adopt files already in a folder wanctl did not download only if they are the source's; else stop here,
+    before the marker, the lock or a single byte is written (they may be the user's own weights)."""
+    differ = []
+    for f in foreign_files(target, p.files):
+        local = target.joinpath(*f.path.split("/"))
+        if not local.is_file() or local.stat().st_size != f.size:
+            differ.append(f"{f.path} (size)")
+        elif f.sha256 and sha256_file(local) != f.sha256:
+            differ.append(f"{f.path} (sha256)")
+        elif f.git_oid and git_blob_oid(local) != f.git_oid:
+            differ.append(f"{f.path} (git blob id)")
+    if differ:
+        raise BadInput(f"{target} holds files wanctl did not download that differ from {p.repo}@{p.revision[:12]}: "
+                       f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; nothing was changed",
+                       "pass an empty or new --dir (these may be your own weights; wanctl does not replace them)")
+
+
 def _fetch(p: DownloadPlan, target: Path, endpoint: str | None, ms_endpoint: str | None, token: str | bool | None,
            max_workers: int, cache_dir: Path | None) -> None:
     paths = [f.path for f in p.files]
@@ -130,27 +184,35 @@ def download(task: str, *, target_dir: str | os.PathLike[str] | None = None, sou
              revision: str | None = None, offline: bool = False, machine: MachineFacts | None = None,
              free_disk_bytes: int | None = None, progress: ProgressCallback | None = None,
              endpoint: str | None = None, ms_endpoint: str | None = None, token: str | bool | None = None,
-             max_workers: int = 8, cache_dir: str | os.PathLike[str] | None = None) -> DownloadReport:
+             max_workers: int = 8, cache_dir: str | os.PathLike[str] | None = None,
+             verify: bool = False) -> DownloadReport:
     """Fetch catalogue entry ``task`` into ``target_dir``, verify it and write ``wanctl-manifest.json``.
 
     Arguments as in ``plan``, plus ``progress`` (called from a helper thread with ProgressEvents),
-    ``max_workers`` (parallel files) and ``cache_dir`` (huggingface_hub cache consulted for files already
-    downloaded elsewhere; default HF_HUB_CACHE). Raises DownloadError (network, verification, disk),
+    ``max_workers`` (parallel files), ``cache_dir`` (huggingface_hub cache consulted for files already
+    downloaded elsewhere; default HF_HUB_CACHE) and ``verify`` (re-hash a complete download against its
+    manifest; files that no longer match are deleted and fetched again). Raises DownloadError (network, verification, disk),
     BadInput (unknown task/source/revision) — each with a hint.
     """
     start = time.monotonic()
+    pre_notes = _rehash(task, target_dir, offline) if verify else []
     p = plan(task, target_dir=target_dir, source=source, revision=revision, offline=offline, machine=machine,
              free_disk_bytes=free_disk_bytes, endpoint=endpoint, ms_endpoint=ms_endpoint, token=token)
     target = Path(p.target_dir)
     common = {"artifact": p.artifact, "kind": p.kind, "task": p.task, "source": p.source, "repo": p.repo,
               "revision": p.revision, "path": str(target), "total_bytes": p.total_bytes, "advice": p.advice}
     if p.complete:
-        return DownloadReport(**common, verified=True, already_complete=True, seconds=time.monotonic() - start,
-                              notes=p.notes)
+        return DownloadReport(**common, verified=True, already_complete=True, hashed=verify,
+                              seconds=time.monotonic() - start, notes=(*pre_notes, *p.notes))
     check_disk(p.to_fetch_bytes, p.free_bytes, target)
+    _check_foreign(target, p)
 
-    notes = list(p.notes)
-    (target / ".cache").mkdir(parents=True, exist_ok=True)
+    notes = [*pre_notes, *p.notes]
+    try:
+        (target / ".cache").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the download folder {target}: {exc.strerror or exc}",
+                       "pass a --dir you can write to") from None
     lock = FileLock(str(target / ".cache" / LOCK_NAME))
     try:
         lock.acquire(timeout=0)

@@ -10,7 +10,9 @@ computed locally.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,6 +24,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REVISION = "master"
 INSTALL_HINT = "install the extra: pip install 'wanctl[modelscope]' (or pip install modelscope), or use --source hf"
+
+
+def available() -> bool:
+    """Whether the ModelScope SDK is importable (checked without importing it, which is slow)."""
+    if sys.modules.get("modelscope") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("modelscope") is not None
+    except ValueError:  # a module object without a spec (one built at run time)
+        return False
 
 
 def _modelscope() -> tuple[Any, Any]:

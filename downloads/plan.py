@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,35 @@ from downloads.select import (
     select_files,
 )
 from recipes.errors import BadInput, CheckpointError, DownloadError
-from recipes.manifest import Manifest, read_manifest, verify_checkpoint_dir
+from recipes.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, Manifest, read_manifest, verify_checkpoint_dir
+from recipes.recipe import is_commit_sha
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("auto", "hf", "modelscope")
 DEFAULT_ROOT = Path("checkpoints")
+HF_METADATA_DIR = Path(".cache") / "huggingface" / "download"
+
+
+def stale_partials(target: Path) -> list[Path]:
+    """huggingface_hub temp files left by a killed run (2.x never resumes them: names are per process)."""
+    folder = target / HF_METADATA_DIR
+    return sorted(folder.rglob("*.incomplete")) if folder.is_dir() else []
+
+
+def _bytes_of(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def same_revision(wanted: str, held: str) -> bool:
+    """Whether a revision the user typed names the held commit: the full SHA or a prefix of it (7+ hex)."""
+    return wanted == held or (len(wanted) >= 7 and is_commit_sha(held) and held.startswith(wanted.lower()))
 
 
 @dataclass(frozen=True)
@@ -91,8 +115,13 @@ def _verify_name(art: Artifact) -> str:
     return art.task if art.kind == "pipeline" else art.name
 
 
-def existing_download(target: Path, art: Artifact, revision: str | None) -> tuple[Manifest | None, str]:
-    """The target's manifest when it is a complete download of ``art`` (at ``revision`` if given), else why not."""
+def existing_download(target: Path, art: Artifact, revision: str | None,
+                      resolve: Callable[[Manifest], str | None] | None = None) -> tuple[Manifest | None, str]:
+    """The target's manifest when it is a complete download of ``art`` (at ``revision`` if given), else why not.
+
+    A branch or tag (``main``) is no commit to compare with: ``resolve`` turns it into the commit it names
+    now (None: cannot tell, e.g. offline, and the held download is taken as it is).
+    """
     try:
         manifest = read_manifest(target)
     except (CheckpointError, BadInput) as exc:
@@ -102,8 +131,11 @@ def existing_download(target: Path, art: Artifact, revision: str | None) -> tupl
     if manifest.artifact != art.name or manifest.repo not in (art.hf_repo, art.ms_repo):
         return None, f"{target} holds {manifest.artifact or 'something else'} from {manifest.repo or '?'}"
     wanted = revision or (art.revision if manifest.source == "hf" else art.ms_revision)
-    if wanted and wanted != manifest.revision:
-        return None, f"{target} holds revision {manifest.revision[:12]}, {wanted[:12]} was asked"
+    if wanted and not same_revision(wanted, manifest.revision):
+        ref = revision and not is_commit_sha(revision.lower()) and resolve is not None
+        now = resolve(manifest) if ref else ""
+        if now is not None and now != manifest.revision:
+            return None, f"{target} holds revision {manifest.revision[:12]}, {(now or wanted)[:12]} was asked"
     try:
         verify_checkpoint_dir(target, task=_verify_name(art))
     except CheckpointError as exc:
@@ -126,6 +158,9 @@ def _listing(art: Artifact, source: str, revision: str | None, endpoint: str | N
             raise DownloadError(f"{exc.message}; not falling back to ModelScope because --revision {revision} names a "
                                 "Hugging Face revision", "retry later, or pass --source modelscope with a ModelScope "
                                 "revision") from exc
+        if not modelscope.available():  # the hub's failure is the news, not the fallback's missing SDK
+            raise DownloadError(f"{exc.message}; no fallback: ModelScope support is not installed",
+                                f"{exc.hint}; or pip install 'wanctl[modelscope]' to fetch from ModelScope") from exc
         note = f"Hugging Face hub unreachable ({exc.message}); falling back to ModelScope ({art.ms_repo})"
         log.warning(note)
         notes.append(note)
@@ -153,24 +188,40 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
                                  float(getattr(machine, "host_ram_gib", 0.0) or 0.0))
     base = {"artifact": art.name, "kind": art.kind, "task": art.task, "target_dir": str(target), "advice": advice}
 
-    manifest, why = existing_download(target, art, revision) if target.is_dir() else (None, "target does not exist")
+    offline_now = offline_requested(offline)
+    resolved: dict[str, RemoteListing] = {}
+    early_notes: list[str] = []
+
+    def resolve(held: Manifest) -> str | None:
+        if offline_now:
+            early_notes.append(f"{revision} is a branch or tag: offline, the held commit {held.revision[:12]} is used "
+                               "as it is")
+            return None
+        resolved["listing"] = _listing(art, held.source, revision, endpoint, ms_endpoint, token, early_notes)
+        return resolved["listing"].revision
+
+    manifest, why = (existing_download(target, art, revision, resolve) if target.is_dir()
+                     else (None, "target does not exist"))
+    if manifest is None and why.startswith(f"{target} holds ") and " revision " not in why:
+        raise BadInput(f"{why}: downloading {art.name} there would overwrite it",
+                       f"pass another --dir (the default is {default_target_dir(art.name)})")
     if manifest is not None:
         files = tuple(PlannedFile(path=f.path, size=f.size, sha256=f.sha256, present=True) for f in manifest.files)
         return DownloadPlan(**base, source=manifest.source, repo=manifest.repo, revision=manifest.revision,
                             files=files, total_bytes=manifest.total_bytes, complete=True,
                             free_bytes=free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target),
-                            notes=(f"{target} already holds a verified {art.name} download "
-                                   f"({manifest.source} {manifest.repo}@{manifest.revision[:12]}): nothing to fetch",))
-    if offline_requested(offline):
+                            notes=(*early_notes, f"{target} already holds a verified {art.name} download "
+                                   f"({manifest.source} {manifest.repo}@{manifest.revision[:12]}): nothing to fetch"))
+    if offline_now:
         raise DownloadError(
             f"offline (--offline or HF_HUB_OFFLINE) and {target} holds no complete {art.name} download: {why}",
             f"run 'wanctl download --task {art.name} --dir {target}' where the hub is reachable, or copy a complete "
             "download (with its wanctl-manifest.json) there")
 
-    notes: list[str] = []
+    notes: list[str] = list(early_notes)
     if why.startswith("existing"):
         notes.append(why + "; re-checking against the source")
-    listing = _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
+    listing = resolved.get("listing") or _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
     selected = select_files(art, listing)
     check_inside(target, (s.file.path for s in selected))
     files = []
@@ -182,13 +233,32 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     total = sum(f.size for f in files)
     to_fetch = sum(f.size for f in files if not f.present)
     free = free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target)
-    short = disk_shortfall(to_fetch, free)
+    partial = _bytes_of(stale_partials(target))
+    if partial:
+        notes.append(f"{fmt_bytes(partial)} of partial files from an interrupted run will be removed first")
+    short = disk_shortfall(to_fetch, free + partial)
     if short:
-        notes.append(f"does not fit: {fmt_bytes(to_fetch)} to fetch + headroom, {fmt_bytes(free)} free "
+        notes.append(f"does not fit: {fmt_bytes(to_fetch)} to fetch + headroom, {fmt_bytes(free + partial)} free "
                      f"(short by {fmt_bytes(short)})")
+    foreign = foreign_files(target, files)
+    if foreign:
+        notes.append(f"{len(foreign)} file(s) in {target} were not downloaded by wanctl: they are checked against the "
+                     "source's checksums before anything is fetched, and the download stops, touching nothing, if one "
+                     "differs")
     kept = sum(1 for f in files if f.present)
-    if kept:
-        notes.append(f"{kept} file(s) already in {target} with the right size: kept, verified after the download")
+    if kept and not foreign:
+        notes.append(f"{kept} file(s) already in {target} with the right size: kept if their checksums match "
+                     "(checked after the download; a file that does not match is fetched again by the next run)")
     return DownloadPlan(**base, source=listing.source, repo=listing.repo, revision=listing.revision,
-                        files=tuple(files), total_bytes=total, to_fetch_bytes=to_fetch, free_bytes=free,
+                        files=tuple(files), total_bytes=total, to_fetch_bytes=to_fetch, free_bytes=free + partial,
                         fits_disk=not short, notes=tuple(notes))
+
+
+
+def foreign_files(target: Path, files: tuple[PlannedFile, ...] | list[PlannedFile]) -> list[PlannedFile]:
+    """Planned files already in a folder no wanctl download started (neither its manifest nor its in-progress
+    marker is there): someone else's, maybe the user's own weights under the same names. ``download`` adopts
+    them only when they match the source's checksums, and otherwise stops before writing anything."""
+    if (target / INCOMPLETE_MARKER).exists() or (target / MANIFEST_NAME).exists():
+        return []
+    return [f for f in files if target.joinpath(*f.path.split("/")).exists()]

@@ -73,7 +73,9 @@ def render_report(r: DownloadReport, console: Console) -> None:
         ("fetched", f"{len(r.fetched)} file(s), {fmt_bytes(r.fetched_bytes)}" if not r.already_complete else
          "nothing (already complete)"),
         ("total", fmt_bytes(r.total_bytes)),
-        ("verified", "yes (size + sha256, manifest written)" if r.verified else "no"),
+        ("verified", ("no" if not r.verified else "yes (size + checksums, manifest written)" if not r.already_complete
+                      else "yes (every file re-hashed)" if r.hashed
+                      else "sizes match its manifest (--verify re-hashes every file)")),
         ("time", f"{r.seconds:.1f} s"),
     ]
     for key, value in rows:

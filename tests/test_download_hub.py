@@ -327,8 +327,8 @@ def test_offline_uses_a_complete_dir_without_network_and_fails_clearly_without_o
     with pytest.raises(DownloadError, match="offline") as err:
         download("t2v-A14B", target_dir=tmp_path / "empty")
     assert "wanctl download --task t2v-A14B" in err.value.hint
-    with pytest.raises(DownloadError, match="offline"):
-        download("ti2v-5B", target_dir=target, offline=True)  # a dir of another task is not 'complete'
+    with pytest.raises(BadInput, match="holds t2v-A14B .* would overwrite it"):
+        download("ti2v-5B", target_dir=target, offline=True)  # a dir of another task: refused, not overwritten
     assert len(guard.connects) == before and hub.requests == []
 
 
@@ -442,4 +442,97 @@ def test_catalogue_pin_fetches_that_commit_while_main_has_moved(tmp_path: Path, 
             check_revision(target, verify_checkpoint_dir(target, task="t2v-A14B"), pinned)
         assert f"--revision {pinned}" in err.value.hint
     finally:
+        hub.stop()
+
+
+# ----------------------------------------------------------------- the user's files, and reruns that must not cost
+def test_files_wanctl_did_not_download_are_adopted_only_when_they_are_the_hubs(hub: FakeHub, tmp_path: Path) -> None:
+    files = pipeline_files()
+    mine = tmp_path / "mine"  # the user's fine-tune under the hub's names: same size, other bytes
+    (mine / "transformer").mkdir(parents=True)
+    tuned = bytes(b ^ 0x5A for b in files["transformer/diffusion_pytorch_model.safetensors"])
+    (mine / "transformer/diffusion_pytorch_model.safetensors").write_bytes(tuned)
+    with pytest.raises(BadInput, match="wanctl did not download that differ") as err:
+        fetch(hub, mine)
+    assert "transformer/diffusion_pytorch_model.safetensors (sha256)" in str(err.value)
+    assert (mine / "transformer/diffusion_pytorch_model.safetensors").read_bytes() == tuned  # untouched
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "transformer", "transformer/diffusion_pytorch_model.safetensors"]  # no marker, cache or manifest either
+    assert hub.file_requests() == []
+
+    copy = tmp_path / "copy"  # the same files from another client (huggingface-cli download): adopted
+    (copy / "vae").mkdir(parents=True)
+    (copy / "vae/diffusion_pytorch_model.safetensors").write_bytes(files["vae/diffusion_pytorch_model.safetensors"])
+    report = fetch(hub, copy)
+    assert report.verified and "vae/diffusion_pytorch_model.safetensors" not in report.fetched
+    assert not [r for r in hub.file_requests("vae/diffusion_pytorch_model.safetensors") if r.method == "GET"]
+
+
+def test_verify_rehashes_and_refetches_only_what_rotted(hub: FakeHub, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    fetch(hub, target)
+    weights = target / "vae/diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # bit rot: same size, same mtime order
+    weights.write_bytes(bytes(data))
+    plain = fetch(hub, target)
+    assert plain.already_complete and not plain.hashed  # sizes only, and the report says so
+    hub.clear()
+    checked = fetch(hub, target, verify=True)
+    assert checked.verified and not checked.already_complete
+    assert checked.fetched == ("vae/diffusion_pytorch_model.safetensors",)
+    assert weights.read_bytes() == pipeline_files()["vae/diffusion_pytorch_model.safetensors"]
+    assert any("no longer matched" in n for n in checked.notes)
+    again = fetch(hub, target, verify=True)
+    assert again.already_complete and again.hashed and any("re-hashed and match" in n for n in again.notes)
+
+
+def test_a_branch_name_is_resolved_not_compared_with_the_commit(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "ckpt"
+    fetch(hub, target, revision="main")
+    hub.clear()
+    again = fetch(hub, target, revision="main")
+    assert again.already_complete and hub.file_requests() == []  # one listing call, no file and no re-hash
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = download("t2v-A14B", target_dir=target, revision="main")
+    assert offline.already_complete and any("offline, the held commit" in n for n in offline.notes)
+    short = download("t2v-A14B", target_dir=target, revision=hub.repos[REPO].commit[:10])
+    assert short.already_complete
+
+
+def test_partial_files_of_a_killed_run_count_as_free_space(hub: FakeHub, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    need = plan("t2v-A14B", target_dir=target, endpoint=hub.endpoint, free_disk_bytes=1 << 40).to_fetch_bytes
+    dead = target / ".cache/huggingface/download/transformer/x.incomplete"
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(bytes(1 << 20))
+    (target / INCOMPLETE_MARKER).write_text("interrupted\n")
+    from downloads.select import disk_shortfall
+
+    free = next(f for f in range(0, 1 << 32, 1 << 16) if not disk_shortfall(need, f + (1 << 20)))
+    assert disk_shortfall(need, free)  # without the partial's megabyte it would not fit
+    report = fetch(hub, target, free_disk_bytes=free)
+    assert report.verified and not dead.exists()
+
+
+def test_ctrl_c_stops_the_download_at_once_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    files = pipeline_files()
+    hub = serve(monkeypatch, files)
+    hold = hub.holds[BIG] = Hold(after=len(files[BIG]) // 2)
+    target = tmp_path / "ckpt"
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_OFFLINE", None)
+    child = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "download", "--dir", str(target)],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert hold.reached.wait(60), child.communicate(timeout=5)[1][-2000:]
+        child.send_signal(signal.SIGINT)  # the held transfer would keep a plain exit waiting for minutes
+        _, err = child.communicate(timeout=15)
+        assert child.returncode == 130 and "interrupted" in err and "resumes" in err
+        assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
+    finally:
+        hold.release.set()
+        if child.poll() is None:
+            child.kill()
         hub.stop()
