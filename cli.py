@@ -142,10 +142,17 @@ def generate(
         from probes.probe import run_probe
 
         fp = run_probe(with_kernels=False).fingerprint()
-        found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp)
+        found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp,
+                          size=size, frames=frames, steps=steps)
         err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
-                  f"on {found.meta.machine})")
-        base = found.recipe
+                  f"on {escape(found.meta.machine)})")
+        if found.workload_note:
+            err.print(f"[yellow]note:[/] {escape(found.workload_note)}")
+        # The recipe says how to run fast; what to make is the user's: the tuning study's prompt, seed and
+        # image do not carry over to this video.
+        default = Recipe()
+        base = found.recipe.replace(prompt=default.prompt, negative_prompt=default.negative_prompt,
+                                    seed=default.seed, image="")
     r = build_recipe(base, model=model, task=task, size=size, frames=frames, steps=steps, seed=seed,
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     if not (recipe or best or no_adapt):
@@ -310,7 +317,7 @@ def tune(
     probe = run_probe(paths=[cfg.out_dir])
     with _progress() as prog:
         result = run_tune(cfg, probe, LiveReporter(prog))
-    paths = _emit(result, cfg, probe, sys.argv)
+    paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         out.print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
@@ -325,6 +332,8 @@ def tune(
         t.add_row("speed-up (search / confirmed)", f"{result.best.speedup:.2f}x / {result.confirm.speedup:.2f}x")
         t.add_row("quality", f"PSNR {result.best.psnr_min_db:.1f} dB, SSIM {result.best.ssim_min:.3f} "
                   f"({result.best.gate_tier})")
+    elif all(r.role == "baseline" for r in result.records):
+        t.add_row("best stack", "baseline (no other stack was measured: see the notes above)")
     else:
         t.add_row("best stack", "baseline (nothing faster passed the gate)")
     for name, pth in (("recipe", paths.recipe), ("launch script", paths.launch), ("report", paths.report)):
@@ -409,10 +418,11 @@ def report(
     _setup_logging(debug)
     import dataclasses
 
+    from autotune.study import claim_output_dir
     from autotune.tuner import result_from_study
 
-    check_output_dir(output)
     result, cfg, probe = result_from_study(storage, study)
+    claim_output_dir(check_output_dir(output), study)
     cfg = dataclasses.replace(cfg, out_dir=str(output.expanduser().resolve()))
     paths = _emit(result, cfg, probe, sys.argv)
     out.print(escape(f"report: {paths.report}\nrecipe: {paths.recipe}\nlaunch script: {paths.launch}"))

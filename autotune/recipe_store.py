@@ -23,6 +23,8 @@ class FoundRecipe:
     path: Path
     recipe: Recipe
     meta: RecipeMeta
+    workload_note: str = ""
+    """Set when no recipe was tuned at the asked size/frames/steps and this one was tuned at others."""
 
 
 def store_dir() -> Path:
@@ -35,6 +37,10 @@ def save_to_store(recipe: Recipe, meta: RecipeMeta) -> Path:
 
 def _candidates(dirs: list[Path]) -> list[Path]:
     paths: list[Path] = []
+    for d in dirs:
+        if not Path(d).expanduser().exists():
+            raise BadInput(f"--out-dir {d} does not exist", "pass the --out folder of a wanctl tune run (or omit "
+                           "--out-dir: the recipe store is searched anyway)")
     for d in [*dirs, store_dir()]:
         d = Path(d).expanduser()
         if d.is_file() and d.suffix == ".toml":
@@ -44,8 +50,19 @@ def _candidates(dirs: list[Path]) -> list[Path]:
     return paths
 
 
-def find_best(model: str, task: str, dirs: list[Path], fingerprint: str) -> FoundRecipe:
-    """The fastest stored recipe for this fingerprint, model and task; BadInput with the way out otherwise."""
+def _workload(r: Recipe) -> tuple[str, int, int]:
+    w = r.resolved()
+    return w.size, w.frames, w.steps
+
+
+def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: str | None = None,
+              frames: int | None = None, steps: int | None = None) -> FoundRecipe:
+    """The fastest stored recipe for this fingerprint, model and task; BadInput with the way out otherwise.
+
+    Speed-ups are relative to a baseline at the workload each recipe was tuned at, so recipes tuned at the
+    asked size, frames and steps (those given) are preferred; another workload's recipe is taken only when
+    none was tuned at this one, and the result says so.
+    """
     tag = model_tag(model)
     found: list[FoundRecipe] = []
     others: set[str] = set()
@@ -65,4 +82,16 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str) -> Foun
         extra = f"; recipes exist for other machines: {', '.join(sorted(others))}" if others else ""
         raise BadInput(f"no tuned recipe for {tag} / {task} on this machine ({fingerprint}) in {where}{extra}",
                        f"run: wanctl tune --model {model} --task {task}")
-    return max(found, key=lambda f: f.meta.speedup)
+    asked = (size.replace("x", "*").replace("X", "*") if size else None, frames or None, steps or None)
+
+    def matches(f: FoundRecipe) -> bool:
+        return all(a is None or a == b for a, b in zip(asked, _workload(f.recipe), strict=True))
+
+    same = [f for f in found if matches(f)]
+    best = max(same or found, key=lambda f: f.meta.speedup)
+    if same or not any(a is not None for a in asked):
+        return best
+    s, fr, st = _workload(best.recipe)
+    return FoundRecipe(best.path, best.recipe, best.meta,
+                       workload_note=f"no recipe was tuned at the asked workload; this one was tuned at {s}, {fr} "
+                                     f"frames, {st} steps (its speed-up may differ here)")

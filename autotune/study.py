@@ -133,6 +133,29 @@ def open_storage(url: str, create: bool = True) -> Any:
                          "move it aside and start a new study, or restore it from a backup") from None
 
 
+OUT_MARKER = ".wanctl-study"
+"""File in a tune's output folder naming the study whose trials, references and recipe are there."""
+
+
+def claim_output_dir(out: Path, study: str) -> None:
+    """Make ``out`` this study's, or refuse: two studies in one folder share ``trials/NNNN-*`` and the
+    baseline's reference frames, so one study's trials would be judged against the other's baseline."""
+    marker = out / OUT_MARKER
+    try:
+        held = marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        held = ""
+    except (OSError, UnicodeDecodeError):
+        held = "?"
+    if held and held != study:
+        raise BadInput(f"{out} holds the outputs of study {held!r} (its trials, references and recipe); study "
+                       f"{study!r} would overwrite them", "pass another --out for this study")
+    if not held:
+        from recipes.files import atomic_write_text
+
+        atomic_write_text(marker, study + "\n")
+
+
 @contextmanager
 def ask_lock(url: str) -> Iterator[None]:
     """Hold while taking a trial from a SQLite study shared by several tuners on this host.

@@ -20,14 +20,16 @@ from typing import Any, Protocol
 import optuna
 
 from autotune.adapt import adapt_to_machine
-from autotune.config import TuneConfig, model_tag
+from autotune.config import TuneConfig
 from autotune.fallbacks import Exclusions, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
+from autotune.resume import default_study_name, settings_for_resume
 from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
 from autotune.study import (
     REQUEUED_KEY,
     ask_lock,
+    claim_output_dir,
     finished_trials,
     has_heartbeat,
     heartbeat,
@@ -117,6 +119,8 @@ class TuneResult:
     notes: list[str] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     """Each ``wanctl tune`` run of the study, first to last (command line and wanctl version)."""
+    config: TuneConfig | None = None
+    """The settings the study ran with (on --resume: the study's own, not the resuming command's defaults)."""
 
 
 class Tuner:
@@ -155,10 +159,7 @@ class Tuner:
 
     # ------------------------------------------------------------------ study
     def study_name(self) -> str:
-        if self.cfg.study:
-            return self.cfg.study
-        r = self.base_recipe
-        return f"{model_tag(r.model)}_{r.task}_{r.size.replace('*', 'x')}_{r.frames}f_{r.steps}s_{self.probe.fingerprint()}"
+        return default_study_name(self.cfg, self.probe)
 
     def run(self) -> TuneResult:
         with warnings.catch_warnings():
@@ -188,6 +189,7 @@ class Tuner:
                    else optuna.samplers.TPESampler(seed=self.cfg.sampler_seed, multivariate=True, group=True,
                                                    constant_liar=True, n_startup_trials=5))
         name = self.study_name()
+        claim_output_dir(self.out, name)
         study, created = load_or_create(storage, name, directions, sampler, self.cfg.resume)
         self._study = study
         if created and self.cfg.resume:
@@ -391,8 +393,22 @@ class Tuner:
             # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
             pending = self._unconfirmed_candidate(study)
             confirm = pending.wall_s if pending else 0.0
-            return time.monotonic() - self.started + est + confirm > self.cfg.budget_s
+            if time.monotonic() - self.started + est + confirm > self.cfg.budget_s:
+                self._budget_note(est)
+                return True
         return False
+
+    def _budget_note(self, per_trial_s: float) -> None:
+        """Say that the budget, not the search, ended the run, and what a useful budget would be."""
+        measured = sum(1 for r in self.by_hash.values() if r.role != "baseline")
+        note = (f"--budget {fmt_seconds(self.cfg.budget_s)} s reached after {len(self.trial_costs)} trial(s) in this run "
+                f"(~{fmt_seconds(per_trial_s)} s per trial here)")
+        if not measured:
+            note += (f"; no stack besides the baseline was measured: give at least "
+                     f"{fmt_seconds(max(per_trial_s * 6, 60.0))} s for a few candidates")
+        if note not in self.notes:
+            self.notes.append(note)
+            self.reporter.message(note)
 
     def _unconfirmed_candidate(self, study: optuna.Study) -> TrialRecord | None:
         """The candidate finishing now would have to confirm, if any: walks the candidates as ``_finish``
@@ -417,6 +433,10 @@ class Tuner:
                     record = self._run_asked(study, trial)
             except KeyboardInterrupt:
                 self._interrupted(study, trial)
+                raise
+            except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
+                trial.set_user_attr("wanctl_error", exc.message[:500])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             cost = time.monotonic() - began
             self.trial_costs.append(cost)
@@ -588,7 +608,8 @@ class Tuner:
         if rec.outcome != "ok":
             raise NothingFeasible(f"the baseline (plain diffusers for this model) failed: {rec.outcome}: {rec.reason}",
                                   "check the model and the hardware with 'wanctl probe'; see "
-                                  f"{self.out / 'trials'} for the trial's logs")
+                                  f"{self.out / 'trials'} for the trial's logs; once fixed, the same command with "
+                                  "--resume measures the baseline again")
         rec = dataclasses.replace(rec, speedup=1.0, gate_passed=True, gate_tier="reference",
                                   gate_reason="the reference")
         self.baseline = rec
@@ -806,7 +827,7 @@ class Tuner:
         self._flush_attrs()
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
                           confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes,
-                          runs=study_runs(study.user_attrs))
+                          runs=study_runs(study.user_attrs), config=self.cfg)
 
 
 CONFIRM_PREFIX = "wanctl_confirm_"
@@ -851,7 +872,13 @@ def _typed(knob: str, text: str) -> Any:
 
 def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> TuneResult:
     """Run (or resume) the study described by ``cfg`` on the machine described by ``probe``."""
+    notes: list[str] = []
+    if cfg.resume:
+        cfg, notes = settings_for_resume(cfg, probe)
     tuner = Tuner(cfg, probe, reporter)
+    for note in notes:
+        tuner.notes.append(note)
+        tuner.reporter.message(note)
     return tuner.run()
 
 

@@ -57,6 +57,9 @@ def render(inp: ReportInput) -> str:
                   f"{conf.speedup:.2f}x in its confirmation run ({_s(conf.denoise_pred_s)} s).",
                   "", f"Quality vs baseline: worst-frame PSNR {best.psnr_min_db:.1f} dB, SSIM {best.ssim_min:.3f} "
                   f"({best.gate_tier} bar). Gate: {inp.gate}.", ""]
+    elif all(r.role == "baseline" for r in inp.records):
+        lines += ["No stack besides the baseline was measured (see the notes: a budget too short for a trial?): "
+                  "the recipe is the baseline.", ""]
     else:
         lines += ["No stack beat the baseline while passing the quality gate: the recipe is the baseline.", ""]
     lines += ["| | baseline | best |", "| --- | --- | --- |"]

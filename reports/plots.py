@@ -37,7 +37,8 @@ def pareto_png(records: list[TrialRecord], path: Path, title: str) -> Path:
     ax.set_xlabel("speed-up vs baseline (predicted full-schedule denoise time)")
     ax.set_ylabel("worst-frame PSNR vs baseline, dB (capped at 60)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # only the baseline judged: nothing to name
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -645,3 +645,26 @@ def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: Prob
     starts = t._warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
     eight_bit = [r for r in starts if r.attention in ("fa3_fp8", "sage")]
     assert eight_bit and eight_bit[0].attention == "fa3_fp8" and eight_bit[0].quant != "none"
+
+
+def test_a_budget_spent_on_the_baseline_says_so(h100: ProbeResult, tmp_path: Path) -> None:
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, budget_s=1.5, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, h100)
+    t.trial_s = 1.0  # the baseline's trial takes >= 1 s: 1.5 s hold no second one
+    res = t.run()
+    assert [r.role for r in res.records] == ["baseline"]
+    assert any("no stack besides the baseline was measured" in n for n in res.notes), res.notes
+
+
+def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult, tmp_path: Path) -> None:
+    from optuna.trial import TrialState
+
+    from recipes.errors import NothingFeasible
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, h100, oom_if={"cache": "none"})  # the baseline (and its memory fallbacks) OOM
+    with pytest.raises(NothingFeasible, match="baseline"):
+        t.run()
+    assert t._study is not None
+    states = {tr.number: tr.state for tr in t._study.get_trials(deepcopy=False)}
+    assert states[0] == TrialState.FAIL and TrialState.RUNNING not in states.values()

@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result.outcome != "ok":
         print(f"error: {result.outcome}: {result.error}", file=sys.stderr)
+    elif args.cmd == "generate":
+        if not args.out_dir:  # the run folder beside the video keeps result.json; its raw arrays (~224 MB at 720p) go
+            for arr in Path(spec.out_dir).glob("*.npy"):
+                arr.unlink(missing_ok=True)
+        if result.video_path:
+            print(f"video: {result.video_path} ({result.video_frames} frames)", file=sys.stderr)
     return EXIT.get(result.outcome, 1)
 
 

@@ -1,0 +1,60 @@
+"""``generate --best`` picks the recipe tuned at the asked workload, says when it could not, and never skips a
+folder the user named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotune.recipe_store import find_best
+from recipes.errors import BadInput
+from recipes.recipe import Recipe
+from recipes.serialize import RecipeMeta, write_recipe
+
+FP = "cpu_nodrv_torch2.13_abcd1234"
+
+
+def _store(d: Path, name: str, speedup: float, **workload: object) -> None:
+    write_recipe(d / f"{name}.toml", Recipe(model="tiny", cache="magcache", **workload),  # type: ignore[arg-type]
+                 RecipeMeta(name=name, fingerprint=FP, speedup=speedup))
+
+
+@pytest.fixture(autouse=True)
+def empty_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANCTL_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_recipe_tuned_at_the_asked_frames_wins_over_a_faster_one_tuned_elsewhere(tmp_path: Path) -> None:
+    _store(tmp_path / "a", "nine", 2.6, frames=9)
+    _store(tmp_path / "b", "seventeen", 1.6, frames=17)
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    at17 = find_best("tiny", "t2v-A14B", dirs, FP, frames=17)
+    assert at17.meta.name == "seventeen" and not at17.workload_note
+    anywhere = find_best("tiny", "t2v-A14B", dirs, FP)
+    assert anywhere.meta.name == "nine"  # nothing asked: the fastest
+    at33 = find_best("tiny", "t2v-A14B", dirs, FP, frames=33)
+    assert at33.meta.name == "nine" and "tuned at 64*48, 9 frames" in at33.workload_note
+
+
+def test_a_named_folder_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    _store(tmp_path / "a", "nine", 2.6, frames=9)
+    with pytest.raises(BadInput, match="--out-dir .*typo does not exist"):
+        find_best("tiny", "t2v-A14B", [tmp_path / "a", tmp_path / "typo"], FP)
+
+
+def test_best_takes_how_from_the_recipe_and_what_from_the_user(tmp_path: Path) -> None:
+    """The tuning study's prompt and seed are not this video's: without --prompt the default prompt is used."""
+    import json
+
+    from probes.probe import run_probe
+    from tests.conftest import run_cli
+
+    fp = run_probe(with_kernels=False).fingerprint()
+    write_recipe(tmp_path / "t" / "recipe.toml", Recipe(model="tiny", steps=2, prompt="a blue whale", seed=7),
+                 RecipeMeta(name="whale", fingerprint=fp, speedup=1.2))
+    p = run_cli("generate", "--best", "--out-dir", str(tmp_path / "t"), "--out", str(tmp_path / "v.mp4"), "--json",
+                env={"WANCTL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    ran = json.loads(p.stdout)["recipe"]
+    assert (ran["prompt"], ran["seed"], ran["steps"]) == (Recipe().prompt, Recipe().seed, 2)

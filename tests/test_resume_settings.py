@@ -1,0 +1,71 @@
+"""``tune --resume`` continues the study as it was set up: settings left at their defaults come from the
+study, a different value is refused by name, and one output folder holds one study."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+from autotune.config import TuneConfig
+from autotune.resume import default_study_name, settings_for_resume
+from autotune.study import claim_output_dir
+from probes.result import ProbeResult
+from recipes.errors import BadInput
+from recipes.records import CONFIG_KEY
+from tests.probe_fakes import probe_machine
+
+
+@pytest.fixture(scope="module")
+def h100(tmp_path_factory: pytest.TempPathFactory) -> ProbeResult:
+    return probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m"))
+
+
+def _study(out: Path, cfg: TuneConfig, probe: ProbeResult) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    name = default_study_name(cfg, probe)
+    optuna.create_study(study_name=name, storage=storage).set_user_attr(CONFIG_KEY, cfg.to_dict())
+    return name
+
+
+def test_settings_left_at_their_defaults_come_from_the_study(h100: ProbeResult, tmp_path: Path) -> None:
+    first = TuneConfig(model="random", task="ti2v-5B", frames=17, prompt="a blue whale", seed=7,
+                       quality="lossy_psnr=22", out_dir=str(tmp_path), trials=4)
+    _study(tmp_path, first, h100)
+    again = TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path), trials=9, resume=True)
+    cfg, notes = settings_for_resume(again, h100)
+    assert (cfg.prompt, cfg.seed, cfg.quality, cfg.trials) == ("a blue whale", 7, "lossy_psnr=22", 9)
+    assert any("the study's own" in n and "prompt='a blue whale'" in n for n in notes)
+
+
+@pytest.mark.parametrize("change, flag", [({"quality": "lossy_psnr=60"}, "--quality"),
+                                          ({"objective": "pareto"}, "--objective"),
+                                          ({"prompt": "a red fox"}, "--prompt")])
+def test_a_setting_given_another_value_is_refused_by_name(h100: ProbeResult, tmp_path: Path, change: dict,
+                                                          flag: str) -> None:
+    first = TuneConfig(model="random", task="ti2v-5B", frames=17, prompt="a blue whale", out_dir=str(tmp_path))
+    _study(tmp_path, first, h100)
+    with pytest.raises(BadInput, match=f"{flag} .* differs from study") as err:
+        settings_for_resume(dataclasses.replace(first, resume=True, **change), h100)
+    assert "--study NEW_NAME" in err.value.hint
+
+
+def test_a_resume_that_names_no_study_while_others_are_there_says_which(h100: ProbeResult, tmp_path: Path) -> None:
+    name = _study(tmp_path, TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path)), h100)
+    other_frames = TuneConfig(model="random", task="ti2v-5B", frames=33, out_dir=str(tmp_path), resume=True)
+    with pytest.raises(BadInput, match="it holds: " + name) as err:
+        settings_for_resume(other_frames, h100)
+    assert f"--study {name}" in err.value.hint
+    fresh = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path / "new"), resume=True)
+    assert settings_for_resume(fresh, h100) == (fresh, [])  # nothing there yet: --resume starts it
+
+
+def test_one_output_folder_holds_one_study(tmp_path: Path) -> None:
+    claim_output_dir(tmp_path, "A")
+    claim_output_dir(tmp_path, "A")  # the same study again: resume, report
+    with pytest.raises(BadInput, match="holds the outputs of study 'A'"):
+        claim_output_dir(tmp_path, "B")
