@@ -110,7 +110,9 @@ def find_pair(root: Path, task: str, trust: bool) -> tuple[Path, Path]:
 
 def _load_pair(ctx: KnobContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     r = ctx.recipe
-    if r.lightning_lora in SYNTHETIC:
+    # Empty on a synthetic model means its own random LoRA (validation allows it); as a path it would name the
+    # current folder.
+    if r.lightning_lora in SYNTHETIC or (not r.lightning_lora and r.model in SYNTHETIC):
         high, low = ctx.transformers
         return random_lora(high, seed=1), random_lora(low, seed=2)
     from safetensors.torch import load_file

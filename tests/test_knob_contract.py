@@ -1,0 +1,69 @@
+"""One contract over every knob value the CPU can run (as diffusers' cache tester mixins do for caches): it
+applies, applying it twice to the same model is an error, the output keeps its shape, and a lossless knob
+reproduces the baseline. The GPU-only values run the same contract in test_gpu_knobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recipes.recipe import Recipe
+from recipes.spec import TrialSpec
+from wan_runtime.build import build_pipeline
+from wan_runtime.knobs import REGISTRY, KnobContext, KnobError
+from wan_runtime.run import run_spec
+
+BASE = dict(steps=4, frames=9)
+CPU_VALUES: dict[str, tuple[dict, bool]] = {  # name: (recipe fields, lossless)
+    "fuse_qkv": ({"fuse_qkv": True}, True),
+    "attention_math": ({"attention": "_native_math"}, True),
+    "attention_flex": ({"attention": "flex"}, True),
+    "vae_tiling": ({"vae_tiling": True}, True),
+    "magcache": ({"cache": "magcache", "cache_threshold": 0.12}, False),
+    "fbcache": ({"cache": "fbcache", "cache_threshold": 0.05}, False),
+    "seacache": ({"cache": "seacache", "cache_threshold": 0.25}, False),
+    "taylorseer": ({"cache": "taylorseer", "magcache_k": 1}, False),
+    "lightning": ({"lightning": 4, "guidance": 1.0, "guidance_2": 1.0}, False),
+}
+"""Every knob whose values need no GPU; a knob added to the registry with a CPU value belongs here."""
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    res = run_spec(TrialSpec(recipe=Recipe(**BASE), mode="quality", out_dir=str(tmp_path_factory.mktemp("base"))))
+    assert res.outcome == "ok", res.error
+    return res.frames_path, res.latent_path
+
+
+def test_every_registered_knob_with_a_cpu_value_is_covered() -> None:
+    active = {k.name for k in REGISTRY for fields, _ in CPU_VALUES.values() if k.active(Recipe(**BASE, **fields))}
+    gpu_only = {"quant", "tf32", "offload", "parallel", "compile"}  # test_gpu_knobs; compile: test_runtime_tiny
+    assert active | gpu_only == {k.name for k in REGISTRY}, "a knob has no contract test"
+
+
+@pytest.mark.parametrize("name", sorted(CPU_VALUES))
+def test_knob_contract(name: str, baseline: tuple[str, str], tmp_path: Path) -> None:
+    fields, lossless = CPU_VALUES[name]
+    recipe = Recipe(**BASE, **fields)
+    res = run_spec(TrialSpec(recipe=recipe, mode="quality", out_dir=str(tmp_path), reference_frames=baseline[0],
+                             reference_latent=baseline[1]))
+    assert res.outcome == "ok", res.error
+    assert np.load(res.frames_path).shape == np.load(baseline[0]).shape
+    q = res.quality
+    assert q.compared and not q.nonfinite
+    if lossless:
+        assert q.latent_rel_err < 1e-2, f"{name}: latent rel err {q.latent_rel_err}"
+    else:
+        assert q.psnr_min_db > 10.0  # lossy, but still the same video
+
+    pipe = build_pipeline(recipe, torch.device("cpu"))
+    ctx = KnobContext(pipe=pipe, recipe=recipe, device=torch.device("cpu"))
+    knobs = [k for k in REGISTRY if k.active(recipe)]
+    for k in knobs:
+        k.apply(ctx)
+    for k in knobs:
+        with pytest.raises(KnobError, match="already applied"):
+            k.apply(ctx)
