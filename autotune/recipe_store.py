@@ -8,14 +8,17 @@ library versions is not "best" here, and the error says which fingerprints were 
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.config import model_tag
+from recipes.child_env import cache_root
 from recipes.errors import BadInput, WanctlError
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, read_recipe, write_recipe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class FoundRecipe:
 
 
 def store_dir() -> Path:
-    return Path(os.environ.get("WANCTL_CACHE", Path.home() / ".cache" / "wanctl")).expanduser() / "recipes"
+    return cache_root() / "recipes"
 
 
 def save_to_store(recipe: Recipe, meta: RecipeMeta) -> Path:
@@ -66,10 +69,13 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
     tag = model_tag(model)
     found: list[FoundRecipe] = []
     others: set[str] = set()
+    unreadable: list[str] = []
     for p in _candidates(dirs):
         try:
             r, meta = read_recipe(p)
-        except WanctlError:
+        except WanctlError as exc:  # one bad file must not hide the others; it is named, not dropped
+            log.warning("skipping %s: %s", p, exc.message)
+            unreadable.append(f"{p} ({exc.message[:120]})")
             continue
         if r.task != task or model_tag(r.model) != tag:
             continue
@@ -80,6 +86,7 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
     if not found:
         where = ", ".join(str(d) for d in [*dirs, store_dir()])
         extra = f"; recipes exist for other machines: {', '.join(sorted(others))}" if others else ""
+        extra += f"; unreadable: {'; '.join(unreadable[:3])}" if unreadable else ""
         raise BadInput(f"no tuned recipe for {tag} / {task} on this machine ({fingerprint}) in {where}{extra}",
                        f"run: wanctl tune --model {model} --task {task}")
     asked = (size.replace("x", "*").replace("X", "*") if size else None, frames or None, steps or None)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recipes.child_env import with_source_on_path
 from recipes.errors import SchemaError
 from recipes.spec import RunResult, TrialSpec
 
@@ -63,14 +64,12 @@ def runtime_command(spec_path: Path, result_path: Path, gpus: int, python: str =
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = with_source_on_path()
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Multi-GPU machines here must keep NVLink multicast off (it can take shared GPUs down).
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    here = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra or {})
     return env
 

@@ -59,7 +59,6 @@ from recipes.spec import RunResult, TrialSpec
 from recipes.units import fmt_seconds
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 EARLY_SCREENS = ("_flash_3", "torch_fa4", "fa3_fp8", "sage", "_native_cudnn", "flash", "_native_flash")
 """Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
@@ -125,6 +124,7 @@ class TuneResult:
 
 class Tuner:
     def __init__(self, cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat ours
         self.cfg = cfg
         self.probe = probe
         self.reporter = reporter or NullReporter()

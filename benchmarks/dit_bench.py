@@ -28,7 +28,7 @@ from benchmarks.common import commit_id, ran_summary, table_head, write_outputs
 from recipes.models import model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import versions
-from wan_runtime.knobs import KnobContext, apply_all
+from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 
 STACKS: dict[str, dict] = {
     "default": {},
@@ -145,6 +145,7 @@ def main() -> None:
     rows, ref = [], None
     for name in args.stacks.split(","):
         row: dict = {"stack": name, "knobs": STACKS[name]}
+        ctx = None
         try:
             model = a14b_slice(args.layers)
             recipe = Recipe(model="random", size=args.size, frames=args.frames, **STACKS[name])
@@ -160,8 +161,7 @@ def main() -> None:
 
             t, warm_s = ev_time(run, iters=args.iters, warm=args.warmup)
             o = run().float()
-            for obs in ctx.observers:
-                obs.finish(ctx)
+            finish_observers(ctx)
             if ref is None:
                 ref = o
             row.update(slice_s=t, est_forward_s=t * scale, warmup_s=warm_s,
@@ -172,6 +172,8 @@ def main() -> None:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             traceback.print_exc()
         finally:
+            if ctx is not None:  # a failed stack must not leave its kernel swapped in for the next one
+                finish_observers(ctx)
             model = None
             torch._dynamo.reset()  # compiled code holds the model: free it before the next stack's peak
             torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import versions
-from wan_runtime.knobs import KnobContext, apply_all
+from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 
 #: Kernel-name patterns, first match wins. Attention first: cuDNN's SDPA kernels also say "gemm"-like things.
 KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -57,15 +57,18 @@ def profile_stack(name: str, layers: int, size: str, frames: int, warmup: int) -
         with torch.inference_mode():
             model(hidden_states=lat, timestep=ts, encoder_hidden_states=txt, return_dict=False)
 
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        a.record()
-        run()
-        b.record()
+    try:
+        for _ in range(warmup):
+            run()
         torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            a.record()
+            run()
+            b.record()
+            torch.cuda.synchronize()
+    finally:  # put swapped kernels back (fa3_fp8, FA4): the next stack in this process must run its own
+        finish_observers(ctx)
     wall = a.elapsed_time(b) / 1e3
     by_kind: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)

@@ -39,7 +39,7 @@ from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
 from wan_runtime.env import versions  # noqa: E402
-from wan_runtime.knobs import KnobContext, apply_all  # noqa: E402
+from wan_runtime.knobs import KnobContext, apply_all, finish_observers  # noqa: E402
 from wan_runtime.knobs.distributed import init_from_env  # noqa: E402
 
 
@@ -87,8 +87,7 @@ def measure(label: str, args: argparse.Namespace, device: torch.device, world: i
     lat, txt, uncond, ts = inputs
     t, warm_s = time_step(lambda: cfg_step(model, lat, ts, txt, uncond), device, args.iters, args.warmup)
     out = cfg_step(model, lat, ts, txt, uncond).float()
-    for obs in ctx.observers:
-        obs.finish(ctx)
+    finish_observers(ctx)
     if world > 1:
         slowest = torch.tensor([t], device=device, dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

@@ -12,13 +12,12 @@ the reason and the probe goes on.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from probes.commands import CommandResult, describe_returncode, run_command
+from recipes.child_env import with_source_on_path
 from recipes.recipe import ATTENTION_BACKENDS
 
 START_MARK = "wanctl-kernel-check: start "
@@ -71,24 +70,6 @@ class KernelReport:
     cuda_unavailable: str = ""
     """Why a CUDA build of torch could not use the GPU (driver too old, ...); empty otherwise."""
     notes: tuple[str, ...] = ()
-
-
-def repo_root() -> Path:
-    """The folder holding ``probes`` and ``wan_runtime``: put on the child's PYTHONPATH for source checkouts."""
-    return Path(__file__).resolve().parent.parent
-
-
-def _child_env(env: dict[str, str] | None) -> dict[str, str]:
-    """The child's environment: in a source checkout (not installed) the checkout goes on PYTHONPATH.
-
-    Only for a checkout: prepending an installed package's site-packages would put it ahead of the
-    standard library in the child's sys.path.
-    """
-    base = dict(os.environ if env is None else env)
-    root = repo_root()
-    if (root / "pyproject.toml").exists() and (root / "wan_runtime").is_dir():
-        base["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), base.get("PYTHONPATH", "")) if p)
-    return base
 
 
 def _last_started(stderr: str) -> str:
@@ -153,7 +134,7 @@ def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_
             argv.append("--with-compile")
         if skip:
             argv += ["--skip", ",".join(skip)]
-        res = run_command(argv, timeout_s, env=_child_env(env))
+        res = run_command(argv, timeout_s, env=with_source_on_path(env))
         if res.ok:
             try:
                 doc = _parse_doc(res.stdout)

@@ -18,12 +18,13 @@ def pareto_points(records: list[TrialRecord]) -> list[TrialRecord]:
 
 
 def pareto_png(records: list[TrialRecord], path: Path, title: str) -> Path:
-    import matplotlib
+    # A Figure with its own Agg canvas: no pyplot state, and the process's matplotlib backend is left as it is.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     colors = {"ok": "tab:green", "quality_fail": "tab:red", "slower_than_baseline": "tab:orange"}
     for outcome, color in colors.items():
         xs = [r.speedup for r in records if r.outcome == outcome and r.speedup > 0 and r.role != "baseline"]
@@ -42,5 +43,4 @@ def pareto_png(records: list[TrialRecord], path: Path, title: str) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -22,3 +22,4 @@ def test_modes_follow_the_umask_without_world_write(tmp_path: Path, umask: int, 
         assert file_mode(0o755) == script
     finally:
         os.umask(old)
+

@@ -93,7 +93,7 @@ def test_the_wrapper_hands_fa3_e4m3_inputs_with_matching_descales(fake_fa3: list
     assert float((out.double() - ref).norm() / ref.norm()) < 0.08
     out, lse = fp8_attention.fa3_fp8_attention(q, k, v, return_lse=True)
     assert lse.shape == (2, 96, 3)  # diffusers' (B, S, H)
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(Unsupported, match="mask"):
         fp8_attention.fa3_fp8_attention(q, k, v, attn_mask=torch.ones(1, dtype=torch.bool))
 
 

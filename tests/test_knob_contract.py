@@ -67,3 +67,22 @@ def test_knob_contract(name: str, baseline: tuple[str, str], tmp_path: Path) -> 
     for k in knobs:
         with pytest.raises(KnobError, match="already applied"):
             k.apply(ctx)
+
+
+def test_observers_finish_once_however_often_they_are_asked() -> None:
+    """Benchmarks finish on success and again in ``finally`` (a failed stack must put swapped kernels back)."""
+    from types import SimpleNamespace
+
+    from wan_runtime.knobs import finish_observers
+
+    class Counting:
+        calls = 0
+
+        def finish(self, ctx: KnobContext) -> None:
+            self.calls += 1
+
+    a, b = Counting(), Counting()
+    ctx = KnobContext(pipe=SimpleNamespace(), recipe=Recipe(), device=torch.device("cpu"), observers=[a, b])
+    finish_observers(ctx)
+    finish_observers(ctx)
+    assert (a.calls, b.calls) == (1, 1)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from probes.commands import CommandResult, run_command
-from probes.kernels import KERNEL_CHECKS, START_MARK, _child_env, run_kernel_checks
+from probes.kernels import KERNEL_CHECKS, START_MARK, run_kernel_checks
+from recipes.child_env import with_source_on_path
 from tests.conftest import ROOT
 from tests.probe_fakes import write_script
 
@@ -25,7 +26,7 @@ def real_child() -> CommandResult:
     ``--cpu`` keeps the expectations the same on a GPU host; the GPU run is ``test_real_child_on_gpu``.
     """
     res = run_command([sys.executable, "-m", "wan_runtime.kernel_check", "--cpu"], timeout_s=120,
-                      env=_child_env(None), cwd=str(ROOT))
+                      env=with_source_on_path(), cwd=str(ROOT))
     assert res.ok, res.stderr[-2000:]
     return res
 

@@ -213,3 +213,15 @@ def test_a_cache_runs_under_regional_compile_around_its_hooks(tmp_path: Path) ->
     # that to ~3.4e-2 (both measured here). A wrong schedule or a lost state would be off by far more.
     assert comp.quality.latent_rel_err < 0.1 and comp.quality.psnr_min_db > 30
 
+
+
+def test_a_library_error_becomes_a_crash_result_with_its_message(tmp_path: Path, monkeypatch) -> None:
+    """Not only wanctl's own errors: a ValueError deep in a library is a recorded crash, not a lost result."""
+    import wan_runtime.run as run_mod
+
+    def broken(*a: object, **k: object) -> None:
+        raise ValueError("shapes (3,) and (4,) do not broadcast")
+
+    monkeypatch.setattr(run_mod, "_run", broken)
+    res = run_spec(TrialSpec(recipe=Recipe(steps=1), mode="measure", out_dir=str(tmp_path)))
+    assert res.outcome == "crash" and "do not broadcast" in res.error

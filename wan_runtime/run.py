@@ -28,7 +28,7 @@ from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
 from wan_runtime.env import device_name, pick_device, require_safe_torch, versions
-from wan_runtime.knobs import KnobContext, apply_all
+from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache, expert_steps
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
 from wan_runtime.quality import compare
@@ -100,6 +100,10 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
         return _failed(spec, "crash", exc, device, started, where)
     except OSError as exc:  # the outputs could not be written: say which file and why, keep the process alive
         return _failed(spec, "crash", _os_error(exc), device, started, where)
+    except Exception as exc:  # a library's own error (ValueError, ImportError, ...): a crash with its message
+        # in the result, and its traceback in this process's stderr (the trial's stderr.log) for whoever debugs it
+        log.exception("unexpected error in phase %s", where.name)
+        return _failed(spec, "crash", exc, device, started, where)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -285,8 +289,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         counter.close()
     wall = clock.now() - t_denoise0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()
-    for obs in ctx.observers:
-        obs.finish(ctx)
+    finish_observers(ctx)
 
     frames_f = np.asarray(result.frames[0])  # T,H,W,C in [0,1]
     latent = last["latents"].float().cpu().numpy() if last["latents"] is not None else None

@@ -43,4 +43,14 @@ def apply_all(ctx: KnobContext) -> list[str]:
     return applied
 
 
-__all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all"]
+def finish_observers(ctx: KnobContext) -> None:
+    """Run each observer's ``finish`` once (it records what ran and puts swapped kernels back). Safe to call
+    again: a finished observer is not finished twice, so a caller may call it on success and in ``finally``."""
+    done = ctx.extra.setdefault("finished_observers", set())
+    for obs in ctx.observers:
+        if id(obs) not in done:
+            done.add(id(obs))
+            obs.finish(ctx)
+
+
+__all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all", "finish_observers"]

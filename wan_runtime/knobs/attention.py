@@ -195,4 +195,4 @@ def _apply(ctx: KnobContext) -> None:
         ctx.observers.append(installed)
 
 
-KNOB = Knob(name="attention", lossless=True, active=lambda r: True, check=_check, apply=_apply)
+KNOB = Knob(name="attention", active=lambda r: True, check=_check, apply=_apply)

@@ -1,8 +1,10 @@
 """What a knob is: one small unit that applies one recipe field to a built pipeline.
 
 Mirrors diffusers' hooks/ (one config, one entry point): each knob module defines a ``Knob`` with its
-requirement check beside its apply function and declares whether it is lossless. ``apply`` returns what
-it *observed* about what will run (e.g. the quant kernel class actually installed), never what was asked.
+requirement check beside its apply function. ``apply`` records what it *observed* about what will run (e.g.
+the quant kernel class actually installed), never what was asked. Whether a value is lossless is the
+recipe's to say (``Recipe.lossy_knobs``: attention is lossless for most backends, not for 8-bit ones), so the
+quality gate reads one rule.
 """
 
 from __future__ import annotations
@@ -56,8 +58,6 @@ class Knob:
 
     name: str
     """Recipe field."""
-    lossless: bool
-    """True when the output must match the baseline within numerical noise."""
     active: Callable[[Recipe], bool]
     """Whether the recipe asks for this knob at all."""
     check: Callable[[KnobContext], None]

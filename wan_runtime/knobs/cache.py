@@ -202,4 +202,4 @@ def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list
                            f"steps/expert={steps}")
 
 
-KNOB = Knob(name="cache", lossless=False, active=lambda r: r.cache != "none", check=_check, apply=_apply)
+KNOB = Knob(name="cache", active=lambda r: r.cache != "none", check=_check, apply=_apply)

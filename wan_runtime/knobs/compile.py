@@ -17,11 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from recipes.child_env import cache_root
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("WANCTL_CACHE", Path.home() / ".cache" / "wanctl")) / "inductor"
+    return cache_root() / "inductor"
 
 
 def _check(ctx: KnobContext) -> None:
@@ -89,4 +90,4 @@ class CompileObserver:
                                               "(TORCHDYNAMO_DISABLE set, or compiled code reused from another model)")
 
 
-KNOB = Knob(name="compile", lossless=True, active=lambda r: r.compile != "off", check=_check, apply=_apply)
+KNOB = Knob(name="compile", active=lambda r: r.compile != "off", check=_check, apply=_apply)

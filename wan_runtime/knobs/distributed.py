@@ -251,6 +251,6 @@ def _apply(ctx: KnobContext) -> None:
                                       f"{'conditional' if lay.group == 0 else 'unconditional'} pass")
 
 
-PARALLEL = Knob(name="parallel", lossless=True,
+PARALLEL = Knob(name="parallel",
                 active=lambda r: r.gpus > 1 or r.ulysses > 1 or r.cfg_parallel or r.fsdp,
                 check=_check, apply=_apply)

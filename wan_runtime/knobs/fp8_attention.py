@@ -65,9 +65,9 @@ def fa3_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] = quantize_e4m3) -> Any:
     """diffusers' backend signature, (B, S, H, D) in and out; the output keeps the inputs' dtype."""
     if attn_mask is not None:
-        raise ValueError("fa3_fp8 attention takes no attention mask")
+        raise Unsupported("fa3_fp8 attention takes no attention mask", "use _flash_3 or _native_cudnn here")
     if _parallel_config is not None:
-        raise ValueError("fa3_fp8 attention has no context-parallel path")
+        raise Unsupported("fa3_fp8 attention has no context-parallel path", "use ulysses=1, or a CP backend")
     from flash_attn_interface import flash_attn_func
 
     q, q_descale = quantize(query)

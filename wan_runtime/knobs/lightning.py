@@ -178,4 +178,4 @@ class _TimestepObserver:
                                                 f"not the distilled {[round(t, 1) for t in self.expected]}")
 
 
-LIGHTNING = Knob(name="lightning", lossless=False, active=lambda r: r.lightning > 0, check=_check, apply=_apply)
+LIGHTNING = Knob(name="lightning", active=lambda r: r.lightning > 0, check=_check, apply=_apply)

@@ -46,7 +46,7 @@ def _vae_apply(ctx: KnobContext) -> None:
     ctx.actual["vae"] = "+".join(done)
 
 
-OFFLOAD = Knob(name="offload", lossless=True, active=lambda r: r.offload != "none", check=_offload_check,
+OFFLOAD = Knob(name="offload", active=lambda r: r.offload != "none", check=_offload_check,
                apply=_offload_apply)
-VAE = Knob(name="vae_tiling", lossless=True, active=lambda r: r.vae_tiling or r.vae_slicing,
+VAE = Knob(name="vae_tiling", active=lambda r: r.vae_tiling or r.vae_slicing,
            check=lambda ctx: None, apply=_vae_apply)

@@ -36,6 +36,6 @@ def _qkv_apply(ctx: KnobContext) -> None:
         raise Unsupported("fuse_qkv_projections fused no attention module", "leave fuse_qkv off")
 
 
-TF32 = Knob(name="tf32", lossless=True, active=lambda r: r.tf32, check=_tf32_check, apply=_tf32_apply)
-FUSE_QKV = Knob(name="fuse_qkv", lossless=True, active=lambda r: r.fuse_qkv, check=lambda ctx: None,
+TF32 = Knob(name="tf32", active=lambda r: r.tf32, check=_tf32_check, apply=_tf32_apply)
+FUSE_QKV = Knob(name="fuse_qkv", active=lambda r: r.fuse_qkv, check=lambda ctx: None,
                 apply=_qkv_apply)

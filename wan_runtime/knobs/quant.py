@@ -219,4 +219,4 @@ def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTEL
     return swapped
 
 
-KNOB = Knob(name="quant", lossless=False, active=lambda r: r.quant != "none", check=_check, apply=_apply)
+KNOB = Knob(name="quant", active=lambda r: r.quant != "none", check=_check, apply=_apply)
