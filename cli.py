@@ -87,6 +87,22 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=err, disable=not out.is_terminal, transient=False)
 
 
+def _print_json(text: str) -> None:
+    """JSON on stdout as plain text: Rich's print_json colours it when FORCE_COLOR is set, even into a file."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def _refuse_unreadable_gpus(probe: object) -> None:
+    """A host whose NVIDIA driver is there but whose GPUs cannot be read is broken, not CPU-only: say so
+    (exit 3) rather than tune or describe it as a CPU."""
+    why = getattr(probe, "gpu_unreadable", "")
+    if why:
+        raise HardwareUnsupported(f"the NVIDIA driver is installed but no GPU could be read: {why}",
+                                  "fix the driver (nvidia-smi must list the GPUs; a lost GPU may need a reset or a "
+                                  "reboot), then run wanctl probe again")
+
+
 def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = None, size: str | None = None,
                  frames: int | None = None, steps: int | None = None, seed: int | None = None,
                  prompt: str | None = None, negative_prompt: str | None = None, image: str | None = None,
@@ -177,7 +193,7 @@ def generate(
     for n in rr.notes:
         err.print(f"[yellow]note:[/] {escape(n)}")
     if json_out:
-        out.print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
+        _print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
                                    "actual": rr.actual, "device": rr.device,
                                    "peak_mem_gb": rr.peak_mem_bytes / 1e9, "recipe": r.resolved().to_dict()}))
         return
@@ -315,11 +331,12 @@ def tune(
         check_journal(journal)
     err.print("probing this machine (GPUs, libraries, kernels)...")
     probe = run_probe(paths=[cfg.out_dir])
+    _refuse_unreadable_gpus(probe)
     with _progress() as prog:
         result = run_tune(cfg, probe, LiveReporter(prog))
     paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
-        out.print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
+        _print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
                                    "trials": len(result.records)}))
         return
@@ -443,16 +460,17 @@ def probe(
     from recipes.files import atomic_write_text
 
     if save:
-        check_output_file(save)
+        save = check_output_file(save)  # ~ expanded here and for the write
     res = run_probe(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
     if save:
         atomic_write_text(save, res.to_json())
     if json_out:
-        out.print_json(res.to_json())
-        return
-    for table in render_probe(res):
-        out.print(table)
-    out.print(f"fingerprint: {res.fingerprint()}")
+        _print_json(res.to_json())
+    else:
+        for table in render_probe(res):
+            out.print(table)
+        out.print(f"fingerprint: {res.fingerprint()}")
+    _refuse_unreadable_gpus(res)
 
 
 @app.command()
@@ -484,14 +502,14 @@ def download(
     kw = dict(target_dir=directory, source=source, revision=revision, offline=offline, machine=machine)
     if dry_run:
         p = make_plan(task, **kw)
-        out.print_json(to_json(p)) if json_out else render_plan(p, out)
+        _print_json(to_json(p)) if json_out else render_plan(p, out)
         return
     if directory is not None:
         check_output_dir(directory)  # before the network: a folder that cannot be written is known now
     with _exit_at_once_on_interrupt("download stopped; what was fetched is kept and the same command resumes it"), \
             rich_progress(err) as cb:
         rep = do_download(task, progress=cb, verify=verify, **kw)
-    out.print_json(to_json(rep)) if json_out else render_report(rep, out)
+    _print_json(to_json(rep)) if json_out else render_report(rep, out)
 
 
 @app.command("recipe")
@@ -500,7 +518,7 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
     """Validate a recipe file and show its knobs."""
     r, meta = read_recipe(path)
     if json_out:
-        out.print_json(json.dumps({"recipe": r.to_dict(), "meta": meta.__dict__}))
+        _print_json(json.dumps({"recipe": r.to_dict(), "meta": meta.__dict__}))
         return
     t = Table(title=escape(f"{path} ({r.stack_label()}, hash {r.recipe_hash()[:8]})"))
     t.add_column("field")

@@ -90,6 +90,14 @@ class TuneConfig:
         parse_quality(self.quality)
         self.injections()
 
+    def storage_url(self) -> str:
+        """Where the study lives: --storage, else the journal file in the output folder."""
+        return self.storage or str(Path(self.out_dir).expanduser().resolve() / "study.journal")
+
+    def total_trials(self) -> int | None:
+        """Trials in the study: --trials, else 20 without a budget, else as many as the budget holds (None)."""
+        return self.trials or (None if self.budget_s else 20)
+
     def base_recipe(self) -> Recipe:
         return validate(Recipe(task=self.task, model=self.model, model_revision=checkpoint_revision(self.model),
                                size=self.size, frames=self.frames, steps=self.steps, prompt=self.prompt,

@@ -11,7 +11,6 @@ injection) stay the command's.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from autotune.config import TuneConfig, model_tag
@@ -41,7 +40,7 @@ def _stored_config(cfg: TuneConfig, name: str) -> tuple[dict[str, Any] | None, l
     """The study's saved settings (None when there is no such study yet) and the names of the others there."""
     import optuna
 
-    url = cfg.storage or str(Path(cfg.out_dir) / "study.journal")
+    url = cfg.storage_url()
     journal = journal_path(url)
     if journal is not None and not journal.is_file():
         return None, []

@@ -32,10 +32,10 @@ from recipes.recipe import (
     CACHES,
     COMPILE,
     COMPILE_MODES,
+    FP8_QUANT,
     OFFLOAD,
     QUANT,
     SEACACHE_TASKS,
-    TE_QUANT,
     Recipe,
 )
 
@@ -43,7 +43,7 @@ KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "c
          "cfg_parallel", "fsdp", "lightning", "gpus")
 """Searched recipe fields, in the order trials vary them."""
 
-EIGHT_BIT_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
+EIGHT_BIT_QUANT = QUANT[1:]
 """Quant values that store block weights in 8 bits (halving the DiT's weight memory)."""
 
 
@@ -264,7 +264,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
                                  else f"TF32 needs sm80+; this GPU is {fam.sm}")
     quant = ["none"]
     for q in QUANT[1:]:
-        is_fp8 = q.startswith("fp8") or q in TE_QUANT
+        is_fp8 = q in FP8_QUANT
         if is_fp8 and not on_gpu:
             excluded[f"quant={q}"] = "fp8 needs a GPU with fp8 tensor cores (sm89+); this host has no GPU"
         elif is_fp8 and not fam.fp8:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from recipes.child_env import with_source_on_path
 from recipes.errors import SchemaError
-from recipes.spec import RunResult, TrialSpec
+from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _read_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[int, in
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode(errors="replace").strip()
-        if line.startswith("WANCTL_PROGRESS") and on_progress is not None:
+        if line.startswith(PROGRESS_PREFIX) and on_progress is not None:
             try:
                 _, done, total = line.split()
                 on_progress(int(done), int(total))

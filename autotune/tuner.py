@@ -179,7 +179,7 @@ class Tuner:
 
     def _run(self) -> TuneResult:
         self.out.mkdir(parents=True, exist_ok=True)
-        storage_url = self.cfg.storage or str(self.out / "study.journal")
+        storage_url = self.cfg.storage_url()
         journal = journal_path(storage_url)
         if journal is not None and (torn := repair_torn_tail(journal)):
             self.notes.append(torn)
@@ -376,9 +376,7 @@ class Tuner:
 
     # ------------------------------------------------------------------ loop
     def _total(self, study: optuna.Study) -> int | None:
-        if self.cfg.trials:
-            return self.cfg.trials
-        return None if self.cfg.budget_s else 20
+        return self.cfg.total_trials()
 
     def _should_stop(self, study: optuna.Study) -> bool:
         done = finished_trials(study)
@@ -562,7 +560,7 @@ class Tuner:
         return rec
 
     def _total_for_display(self) -> int | None:
-        return self.cfg.trials or (None if self.cfg.budget_s else 20)
+        return self.cfg.total_trials()
 
     def _timeout(self) -> float:
         if self.cfg.trial_timeout_s:

@@ -84,6 +84,9 @@ def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | 
             proc.kill()
             out, err = "", ""
         return CommandResult(args, None, out or "", err or "", timed_out=True)
+    except BaseException:  # Ctrl-C: its own session spares the child the terminal's SIGINT, so end it here
+        _kill_group(proc.pid)
+        raise
     return CommandResult(args, proc.returncode, out, err)
 
 

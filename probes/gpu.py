@@ -12,6 +12,7 @@ cases: NVLink vs PCIe decides whether Ulysses sequence parallelism pays off.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,6 +69,9 @@ class GpuProbe:
     source: str = "none"
     """'nvml', 'nvidia-smi' or 'none'."""
     notes: tuple[str, ...] = ()
+    unreadable: str = ""
+    """Why no GPU could be read on a host with an NVIDIA driver (NVML or nvidia-smi there, but failing):
+    such a host is not a CPU-only one, and must not be tuned or fingerprinted as one."""
 
 
 # ------------------------------------------------------------------------------------------------ NVML
@@ -90,8 +94,9 @@ def _cuda_version(code: Any) -> str:
     return f"{code // 1000}.{code % 1000 // 10}" if isinstance(code, int) and code > 0 else ""
 
 
-def read_nvml(nvml: Any) -> tuple[GpuInfo, ...]:
-    """Every GPU through an NVML-like object (``pynvml`` or a recording). Raises when NVML cannot start."""
+def read_nvml(nvml: Any, notes: list[str] | None = None) -> tuple[GpuInfo, ...]:
+    """Every GPU through an NVML-like object (``pynvml`` or a recording). Raises when NVML cannot start; a
+    GPU NVML cannot open (fallen off the bus, needs a reset) is left out and named in ``notes``."""
     nvml.nvmlInit()
     try:
         driver = _text(_call(nvml.nvmlSystemGetDriverVersion))
@@ -99,7 +104,13 @@ def read_nvml(nvml: Any) -> tuple[GpuInfo, ...]:
         count = int(nvml.nvmlDeviceGetCount())
         gpus = []
         for i in range(count):
-            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            try:
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+            except Exception as exc:  # noqa: BLE001 - NVMLError_GpuIsLost, _Unknown, ...: this GPU only
+                if notes is not None:
+                    notes.append(f"probe failed: GPU{i} cannot be read by NVML ({_first_line(str(exc)) or type(exc).__name__}); "
+                                 "left out: check it with nvidia-smi (it may need a reset)")
+                continue
             mem = _call(nvml.nvmlDeviceGetMemoryInfo, h)
             cc = _call(nvml.nvmlDeviceGetCudaComputeCapability, h)
             power_mw = _call(nvml.nvmlDeviceGetPowerManagementLimit, h)
@@ -125,6 +136,27 @@ def read_nvml(nvml: Any) -> tuple[GpuInfo, ...]:
         _call(nvml.nvmlShutdown)
 
 
+def _within(timeout_s: float, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread, given up after ``timeout_s``: a wedged driver hangs NVML's calls
+    forever, and nvidia-smi (which does run under a deadline) is the way on from there."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it was
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="wanctl-nvml", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise TimeoutError(f"NVML did not answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def load_pynvml() -> Any:
     """The real NVML binding, imported only when probing (it loads libnvidia-ml.so at nvmlInit)."""
     import pynvml
@@ -145,22 +177,28 @@ def _num(value: str) -> float:
         return 0.0
 
 
-def parse_query_csv(text: str, fields: tuple[str, ...] = QUERY_FIELDS) -> tuple[GpuInfo, ...]:
+def parse_query_csv(text: str, fields: tuple[str, ...] = QUERY_FIELDS,
+                    skipped: list[str] | None = None) -> tuple[GpuInfo, ...]:
     """GPUs from ``--query-gpu=<fields> --format=csv,noheader,nounits`` output.
 
     Raises ValueError naming the offending line when the text is not that CSV (an error banner, garbage),
-    so the caller can say what nvidia-smi printed instead of guessing.
+    so the caller can say what nvidia-smi printed instead of guessing. With ``skipped``, lines that are not
+    GPU rows among good ones (nvidia-smi's "Unable to determine the device handle for GPU..." for one lost
+    GPU) go there instead, and the healthy GPUs are kept.
     """
     gpus = []
+    bad: list[str] = []
     for line in text.splitlines():
         if not line.strip():
             continue
         cells = [c.strip() for c in line.split(",")]
         if len(cells) != len(fields):
-            raise ValueError(f"expected {len(fields)} comma-separated fields, got {line.strip()[:120]!r}")
+            bad.append(f"expected {len(fields)} comma-separated fields, got {line.strip()[:120]!r}")
+            continue
         row = dict(zip(fields, cells, strict=True))
         if not row["index"].isdigit() or not row["name"]:
-            raise ValueError(f"not a GPU row: {line.strip()[:120]!r}")
+            bad.append(f"not a GPU row: {line.strip()[:120]!r}")
+            continue
         gpus.append(GpuInfo(
             index=int(row["index"]),
             name=row["name"],
@@ -174,6 +212,10 @@ def parse_query_csv(text: str, fields: tuple[str, ...] = QUERY_FIELDS) -> tuple[
             mig_mode=_na(row["mig.mode.current"]),
             pci_bus_id=_na(row["pci.bus_id"]),
         ))
+    if bad and (skipped is None or not gpus):
+        raise ValueError(bad[0])
+    if skipped is not None:
+        skipped.extend(bad)
     return tuple(gpus)
 
 
@@ -195,14 +237,19 @@ def read_nvidia_smi(nvidia_smi: str, timeout_s: float) -> tuple[tuple[GpuInfo, .
         fields = tuple(f for f in QUERY_FIELDS if f != "compute_cap")
         cmd = [nvidia_smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
         res = run_command(cmd, timeout_s)
-    if not res.ok:
-        said = _first_line(res.stderr) or _first_line(res.stdout)
-        return (), [f"probe failed: nvidia-smi --query-gpu {res.why_failed(timeout_s)}" + (f": {said}" if said else "")]
-    try:
-        gpus = parse_query_csv(res.stdout, fields)
+    skipped: list[str] = []
+    try:  # a non-zero exit can still come with the healthy GPUs' rows (one GPU lost: exit 15)
+        gpus = parse_query_csv(res.stdout, fields, skipped) if res.stdout.strip() else ()
     except ValueError as exc:
-        return (), [f"probe failed: nvidia-smi --query-gpu printed something other than CSV: {exc}"]
-    notes: list[str] = []
+        gpus, skipped = (), [str(exc)]
+    if not gpus:
+        said = _first_line(res.stderr) or _first_line(res.stdout)
+        if not res.ok:
+            return (), [f"probe failed: nvidia-smi --query-gpu {res.why_failed(timeout_s)}" + (f": {said}" if said else "")]
+        if skipped:
+            return (), [f"probe failed: nvidia-smi --query-gpu printed something other than CSV: {skipped[0]}"]
+    notes: list[str] = [f"probe failed: nvidia-smi could not read every GPU ({s}); the others are listed"
+                        for s in skipped[:3]]
     if gpus:
         banner = run_command([nvidia_smi], timeout_s)
         cuda = parse_cuda_version_banner(banner.stdout) if banner.ok else ""
@@ -284,16 +331,25 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
     source = "none"
     if use_nvml:
         try:
-            gpus = read_nvml(nvml if nvml is not None else load_pynvml())
+            gpus = _within(timeout_s, read_nvml, nvml if nvml is not None else load_pynvml(), notes)
             source = "nvml"
         except ImportError:
             notes.append("NVML unavailable: nvidia-ml-py is not installed; trying nvidia-smi")
         except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ... all mean "no NVML"
             notes.append(f"NVML unavailable ({_first_line(str(exc)) or type(exc).__name__}); trying nvidia-smi")
+    if source == "nvml" and not gpus and notes:  # NVML started but opened no GPU: ask nvidia-smi too
+        source = "none"
     if source == "none":
         gpus, smi_notes = read_nvidia_smi(nvidia_smi, timeout_s)
         notes += smi_notes
         source = "nvidia-smi" if gpus else "none"
+    unreadable = ""
+    if not gpus:
+        # A driver is there (NVML or nvidia-smi answered, if only with an error): GPUs exist but cannot be read.
+        failed = [n for n in notes if n.startswith("probe failed")]
+        nvml_err = [n for n in notes if n.startswith("NVML unavailable (") and "not installed" not in n]
+        if failed or (nvml_err and not any("not found" in n for n in notes)):
+            unreadable = (failed or nvml_err)[0]
     links: tuple[GpuLink, ...] = ()
     if len(gpus) >= 2:
         links, link_notes = read_topology(nvidia_smi, timeout_s)
@@ -301,4 +357,7 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
     for g in gpus:
         if g.mig_mode == "Enabled":
             notes.append(f"GPU{g.index} has MIG enabled: CUDA sees MIG slices, and their memory, not the whole GPU")
-    return GpuProbe(gpus=gpus, links=links, source=source, notes=tuple(notes))
+    for g in gpus:
+        if not g.memory_total_mib:
+            notes.append(f"GPU{g.index} ({g.name}) reported no memory size: memory-based choices treat it as 0 GiB")
+    return GpuProbe(gpus=gpus, links=links, source=source, notes=tuple(notes), unreadable=unreadable)

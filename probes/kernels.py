@@ -18,14 +18,14 @@ from typing import Any
 
 from probes.commands import CommandResult, describe_returncode, run_command
 from recipes.child_env import with_source_on_path
-from recipes.recipe import ATTENTION_BACKENDS
+from recipes.recipe import ATTENTION_BACKENDS, QUANT
+from recipes.spec import KERNEL_CHECK_START
 
-START_MARK = "wanctl-kernel-check: start "
+START_MARK = KERNEL_CHECK_START
 """Must equal wan_runtime.kernel_check.START_MARK (a test runs the real child and checks)."""
 
 ATTENTION_CHECKS = tuple(f"attention:{b}" for b in ATTENTION_BACKENDS)
-QUANT_CHECKS = tuple(f"quant:{q}" for q in ("int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current",
-                                             "te_block"))
+QUANT_CHECKS = tuple(f"quant:{q}" for q in QUANT[1:])
 KERNEL_CHECKS = (*ATTENTION_CHECKS, "fp8_scaled_mm", *QUANT_CHECKS, "compile")
 """Every check the child runs, in its order (a test keeps this equal to the child's list)."""
 
@@ -91,10 +91,17 @@ def _parse_doc(stdout: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        # Tolerate stray lines before the document (a library printing through a path we did not redirect).
-        try:
-            doc = json.loads(text.splitlines()[-1])
-        except json.JSONDecodeError:
+        # The child writes its document as one line; tolerate stray lines before or after it (a library
+        # printing through a path we did not redirect, or at exit), taking the last line that is one.
+        doc = None
+        for line in reversed(text.splitlines()):
+            if line.lstrip().startswith("{"):
+                try:
+                    doc = json.loads(line)
+                    break
+                except json.JSONDecodeError:
+                    continue
+        if doc is None:
             raise ValueError(f"printed no JSON document: {text.splitlines()[0][:120]!r}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("checks"), dict):
         raise ValueError("printed JSON without a 'checks' object")

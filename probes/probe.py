@@ -73,7 +73,8 @@ def run_probe(
         notes += _build_notes(gpus, report.torch, report.torch_cuda, report.device)
     elif gpus and sw.torch == ABSENT:
         notes.append("torch is not installed: nothing can run on these GPUs yet")
-    return ProbeResult(gpus=gpus, links=links, gpu_source=found.source, family=family, software=sw,
+    return ProbeResult(gpus=gpus, links=links, gpu_source=found.source, gpu_unreadable=found.unreadable,
+                       family=family, software=sw,
                        kernels=kernels, kernel_device=kernel_device, host=host_info, notes=tuple(notes))
 
 

@@ -35,17 +35,17 @@ def _machine(r: ProbeResult) -> Table:
     t.add_column("value")
     fam = r.family
     caps = [name for name in ("bf16", "tf32", "fp8", "fp4", "fa2", "fa3", "fa4") if getattr(fam, name)]
-    t.add_row("machine", r.describe())
+    t.add_row("machine", escape(r.describe()))
     t.add_row("fingerprint", r.fingerprint())
     t.add_row("family", f"{fam.name} {fam.sm}".strip())
     t.add_row("capabilities", ", ".join(caps) or "-")
     t.add_row("GPUs found through", r.gpu_source)
-    t.add_row("CPU", f"{r.host.cpu_model} ({r.host.cpu_cores} cores)")
+    t.add_row("CPU", escape(f"{r.host.cpu_model} ({r.host.cpu_cores} cores)"))
     t.add_row("RAM", f"{r.host.ram_total_mib / 1024:.1f} GiB total, {r.host.ram_available_mib / 1024:.1f} GiB available")
     for d in r.host.disks:
-        t.add_row("free disk", f"{d.path}: {d.free_mib / 1024:.1f} GiB")
+        t.add_row("free disk", escape(f"{d.path}: {d.free_mib / 1024:.1f} GiB"))
     if r.kernel_device:
-        t.add_row("kernel checks ran on", r.kernel_device)
+        t.add_row("kernel checks ran on", escape(r.kernel_device))
     return t
 
 
@@ -54,9 +54,9 @@ def _gpus(r: ProbeResult) -> Table:
     for col in ("#", "name", "memory (free/total MiB)", "cc", "driver", "CUDA", "power W", "max SM MHz", "MIG", "PCI"):
         t.add_column(col)
     for g in r.gpus:
-        t.add_row(str(g.index), g.name, f"{g.memory_free_mib}/{g.memory_total_mib}", g.compute_capability or "?",
-                  g.driver_version, g.cuda_driver_version, f"{g.power_limit_w:g}", str(g.max_sm_clock_mhz),
-                  g.mig_mode or "-", g.pci_bus_id)
+        t.add_row(str(g.index), escape(g.name), f"{g.memory_free_mib}/{g.memory_total_mib}",
+                  g.compute_capability or "?", escape(g.driver_version), escape(g.cuda_driver_version),
+                  f"{g.power_limit_w:g}", str(g.max_sm_clock_mhz), escape(g.mig_mode or "-"), escape(g.pci_bus_id))
     return t
 
 
@@ -75,7 +75,7 @@ def _software(r: ProbeResult) -> Table:
     t.add_column("version")
     for name, value in vars(r.software).items():
         if value:
-            t.add_row(name, value, style="dim" if value == "absent" else None)
+            t.add_row(name, escape(value), style="dim" if value == "absent" else None)
     return t
 
 

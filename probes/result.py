@@ -43,6 +43,9 @@ class ProbeResult:
     """Links between those GPUs; empty with fewer than two GPUs or when nvidia-smi could not tell."""
     gpu_source: str = "none"
     """Where the GPU list came from: nvml, nvidia-smi or none."""
+    gpu_unreadable: str = ""
+    """Why no GPU could be read although an NVIDIA driver is there (a driver/library mismatch, a GPU that
+    needs a reset); empty otherwise. Such a host is neither described nor fingerprinted as CPU-only."""
     family: GpuFamily = field(default_factory=lambda: NO_GPU)
     """Family of the least capable GPU: a recipe must run on every GPU it spans."""
     software: SoftwareVersions = field(default_factory=SoftwareVersions)
@@ -91,6 +94,8 @@ class ProbeResult:
     # ------------------------------------------------------------------------------------ naming
     def describe(self) -> str:
         """'8x NVIDIA H100 80GB HBM3'; mixed GPUs joined with ' + '; a CPU-only host says so."""
+        if not self.gpus and self.gpu_unreadable:
+            return f"GPUs unreadable ({self.gpu_unreadable.removeprefix('probe failed: ')[:160]})"
         if not self.gpus:
             cpu = self.host.cpu_model or "unknown CPU"
             return f"CPU only: {cpu} ({self.host.cpu_cores} cores)"
@@ -108,6 +113,8 @@ class ProbeResult:
             counts = Counter((short_model(g.name), memory_gb(g.memory_total_mib)) for g in self.gpus)
             hw = "+".join(f"{n}x{model}-{gb}GB" for (model, gb), n in counts.items())
             drv = "drv" + (self.driver_version.split(".")[0] or "unknown")
+        elif self.gpu_unreadable:  # never the CPU fingerprint: a CPU recipe is not this machine's best
+            hw, drv = "gpu-unreadable", "drvunknown"
         else:
             hw, drv = "cpu", "nodrv"
         torch_v = self.software.torch

@@ -68,9 +68,10 @@ def distribution_version(names: tuple[str, ...], version: Callable[[str], str] |
     get = version or importlib.metadata.version
     for name in names:
         try:
-            return get(name)
+            found = get(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+        return found or "unknown"  # a dist-info with an empty METADATA gives None
     return ABSENT
 
 

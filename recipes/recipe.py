@@ -81,6 +81,9 @@ QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_cu
 """none; torchao int8 weight-only; torchao fp8 dynamic rowwise/tensorwise; Transformer Engine fp8 recipes."""
 
 TE_QUANT = ("te_delayed", "te_current", "te_block")
+TORCHAO_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise")
+FP8_QUANT = ("fp8_rowwise", "fp8_tensorwise", *TE_QUANT)
+"""Quant values that run fp8 GEMMs: they need fp8 tensor cores (sm89+)."""
 COMPILE = ("off", "regional", "full")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 CACHES = ("none", "magcache", "fbcache", "seacache", "taylorseer")

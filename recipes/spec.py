@@ -35,6 +35,12 @@ OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", 
             "slower_than_baseline", "kernel_mismatch")
 
 
+KERNEL_CHECK_START = "wanctl-kernel-check: start "
+"""Line the kernel-check child prints before each check: the parent names the one a crash or hang hit."""
+PROGRESS_PREFIX = "WANCTL_PROGRESS"
+"""Line a runtime child prints per denoise step (``WANCTL_PROGRESS <done> <total>``) for the progress bar."""
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """What one runtime process must do."""

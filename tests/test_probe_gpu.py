@@ -267,3 +267,44 @@ def test_recorded_h100_kernels_agree_with_the_anchors(tmp_path: Path) -> None:
         assert r.kernel_ok(ok), (ok, r.kernel_summary(ok))
     for absent in ("attention:_flash_3", "attention:flash", "quant:te_delayed"):
         assert not r.kernel_ok(absent) and "absent" in r.kernel_summary(absent)
+
+
+
+def test_one_lost_gpu_leaves_the_others_listed_and_a_dead_driver_is_not_a_cpu_host(tmp_path) -> None:
+    """nvidia-smi prints the healthy rows and an error line for a GPU that fell off the bus (exit 15); a
+    driver/library mismatch prints only the error. Neither host is 'CPU only'."""
+    import stat
+
+    row = "{i}, NVIDIA H100 80GB HBM3, GPU-{i}, 81559, 81000, 9.0, 580.95.05, 700.00, 1980, Disabled, 0000:{i}0:00.0"
+    lost = "\n".join([row.format(i=0), "Unable to determine the device handle for GPU0000:5D:00.0: Unknown Error",
+                      row.format(i=2)])
+    mismatch = "Failed to initialize NVML: Driver/library version mismatch"
+    for name, body, code in (("lost", lost, 15), ("mismatch", mismatch, 18)):
+        (tmp_path / f"{name}.out").write_text(body + "\n")
+        smi = tmp_path / name
+        smi.write_text("#!/bin/sh\n"
+                       f'case "$1" in --query-gpu*) cat {tmp_path / name}.out; exit {code};; '
+                       "topo) exit 1;; *) echo 'CUDA Version: 13.0';; esac\n")
+        smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+        found = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5)
+        if name == "lost":
+            assert [g.index for g in found.gpus] == [0, 2] and not found.unreadable
+            assert any("Unable to determine the device handle" in n for n in found.notes)
+        else:
+            assert found.gpus == () and "Driver/library version mismatch" in found.unreadable
+
+
+def test_a_hung_nvml_is_given_up_on_time(tmp_path) -> None:
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    release = threading.Event()
+    hung = SimpleNamespace(nvmlInit=lambda: release.wait(30))  # a wedged driver: nvmlInit never returns
+    t0 = time.monotonic()
+    try:
+        found = probe_gpus(nvml=hung, nvidia_smi=str(tmp_path / "no-nvidia-smi"), timeout_s=0.5)
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 5
+    assert any("NVML did not answer within 0.5 s" in n for n in found.notes), found.notes

@@ -144,3 +144,14 @@ def test_cuda_build_that_cannot_reach_the_gpu(tmp_path: Path) -> None:
     report = run_kernel_checks(python=str(py), timeout_s=10)
     assert report.notes == ("torch 2.11.0+cu130 cannot use the GPU (CUDA initialization: The NVIDIA driver on your "
                             "system is too old (found version 12040).): kernel checks ran on the CPU",)
+
+
+def test_stray_lines_around_the_childs_document_do_not_lose_the_report() -> None:
+    """A library may print at import or at exit, through a path the child did not redirect."""
+    from probes.kernels import _parse_doc
+
+    doc = '{"checks": {"compile": {"status": "ok"}}}'
+    for stdout in (f"loading...\n{doc}", f"{doc}\n[torchao] cleaning up", f"a\n{doc}\nb\n"):
+        assert _parse_doc(stdout)["checks"] == {"compile": {"status": "ok"}}
+    with pytest.raises(ValueError, match="printed no JSON document"):
+        _parse_doc("only noise\nhere")

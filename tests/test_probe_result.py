@@ -180,3 +180,14 @@ def test_probe_host_honours_container_limit(tmp_path: Path) -> None:
     assert h.cpu_cores >= 1
     assert h.disks[0].path == str(tmp_path / "not" / "yet") and h.disks[0].free_mib > 0
     assert disk_space(tmp_path).total_mib >= h.disks[0].free_mib
+
+
+def test_a_host_with_unreadable_gpus_is_neither_described_nor_fingerprinted_as_cpu_only() -> None:
+    from probes.result import ProbeResult
+
+    cpu = ProbeResult()
+    broken = ProbeResult(gpu_unreadable="probe failed: nvidia-smi --query-gpu exited 18: Driver/library version mismatch")
+    assert cpu.describe().startswith("CPU only") and cpu.fingerprint().startswith("cpu_nodrv")
+    assert "Driver/library version mismatch" in broken.describe()
+    assert broken.fingerprint().startswith("gpu-unreadable_") and broken.fingerprint() != cpu.fingerprint()
+    assert ProbeResult.from_json(broken.to_json()) == broken

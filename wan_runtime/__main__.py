@@ -20,13 +20,13 @@ from recipes.errors import WanctlError
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
-from recipes.spec import RunResult, TrialSpec
+from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec
 
 EXIT = {"ok": 0, "bad_input": 2, "unsupported": 3}
 
 
 def _progress(done: int, total: int) -> None:
-    print(f"WANCTL_PROGRESS {done} {total}", flush=True)
+    print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
 
 
 def _write(result: RunResult, path: str | None) -> None:

@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION, dispatch_backend
+from recipes.recipe import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION, TE_QUANT, TORCHAO_QUANT, dispatch_backend
+from recipes.spec import KERNEL_CHECK_START
 from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Unsupported
 
 SCHEMA = 1
-START_MARK = "wanctl-kernel-check: start "
+START_MARK = KERNEL_CHECK_START
 
 _ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface"}
 """fa3_fp8's library (FA3) is checked by fp8_attention.require with the rest of what it needs."""
@@ -231,9 +232,9 @@ def all_checks(device: torch.device, with_compile: bool) -> list[tuple[str, Call
         (f"attention:{b}", lambda b=b: check_attention(b, device)) for b in ATTENTION_BACKENDS
     ]
     checks.append(("fp8_scaled_mm", lambda: check_fp8_scaled_mm(device)))
-    for q in ("int8wo", "fp8_rowwise", "fp8_tensorwise"):
+    for q in TORCHAO_QUANT:
         checks.append((f"quant:{q}", lambda q=q: check_torchao(q, device)))
-    for q in ("te_delayed", "te_current", "te_block"):
+    for q in TE_QUANT:
         checks.append((f"quant:{q}", lambda q=q: check_transformer_engine(q, device)))
     if with_compile:
         checks.append(("compile", lambda: check_compile(device)))

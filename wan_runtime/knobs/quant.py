@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import TE_QUANT
+from recipes.recipe import FP8_QUANT, TE_QUANT
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied, require_gpu, require_module
 
 
@@ -28,7 +28,7 @@ def _check(ctx: KnobContext) -> None:
         require_module("torchao.quantization", "quant")
         if q.startswith("fp8"):
             require_gpu(ctx, "fp8 quantization")
-    if q.startswith(("fp8", "te_")) and ctx.on_gpu and torch.cuda.get_device_capability(ctx.device) < (8, 9):
+    if q in FP8_QUANT and ctx.on_gpu and torch.cuda.get_device_capability(ctx.device) < (8, 9):
         raise Unsupported(f"{q} needs fp8 tensor cores (sm89+); this GPU is sm"
                           + "".join(map(str, torch.cuda.get_device_capability(ctx.device))), "use int8wo or none")
     if q in TE_QUANT and (why := te_supported(te, q)):
