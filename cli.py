@@ -35,7 +35,8 @@ from recipes.serialize import read_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and run the fastest quality-preserving Wan2.2 stack for this machine.")
-out = Console()
+# Piped or redirected, Rich assumes 80 columns and cuts table cells ("81003…"); a file has no width to keep.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True)
 
 # Shared options, defined once.
