@@ -545,6 +545,8 @@ class Tuner:
         if why:
             return TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), outcome="unsupported",
                                reason="; ".join(why), notes=notes)
+        if recipe.compile != "off" and not recipe.compile_fullgraph and (breaks := graph_break(recipe)):
+            notes.append(f"compiled with fullgraph=False: {breaks}")  # the tuner's change, said where it applies
         h = _hash(recipe.to_dict())
         if h in self.by_hash:
             prev = self.by_hash[h]

@@ -590,6 +590,9 @@ def test_caches_are_compiled_around_not_through(h100: ProbeResult, tmp_path: Pat
     cached = [s.recipe for s in t.specs if s.recipe.cache != "none" and s.recipe.compile != "off"]
     assert cached, "no compiled cache trial was tried"
     assert all(not r.compile_fullgraph for r in cached)
+    said = [r for r in t.result.records if r.recipe.get("cache", "none") != "none"  # type: ignore[attr-defined]
+            and r.recipe.get("compile") != "off"]
+    assert said and all(any("compiled with fullgraph=False: cache=" in n for n in r.notes) for r in said)
 
 
 class _FirstConfirmationCrashes(SimulatedTuner):
