@@ -21,8 +21,7 @@ from probes.gpu import GpuInfo, GpuLink
 from probes.host import HostInfo
 from probes.kernels import KernelCheck
 from probes.software import ABSENT, SoftwareVersions
-from recipes.errors import SchemaError
-from recipes.plain import from_plain, load_json_object
+from recipes.plain import check_schema, from_plain, load_json_object
 
 PROBE_SCHEMA = 1
 
@@ -137,10 +136,7 @@ class ProbeResult:
     def from_json(cls, text: str, where: str = "probe") -> ProbeResult:
         """Parse a saved probe. Unknown keys, wrong types or a newer schema raise SchemaError (exit 2)."""
         data = load_json_object(text, where, "re-run wanctl probe --json")
-        version = data.get("schema_version", PROBE_SCHEMA)
-        if not isinstance(version, int) or isinstance(version, bool) or version > PROBE_SCHEMA:
-            raise SchemaError(f"{where}: schema_version {version!r} is newer than this wanctl reads ({PROBE_SCHEMA})",
-                              "upgrade wanctl or re-run wanctl probe with this version")
+        check_schema(data, PROBE_SCHEMA, where, "re-run wanctl probe")
         return from_plain(cls, data, where, "re-run wanctl probe")
 
 

@@ -35,6 +35,25 @@ def from_plain(cls: type[T], data: Any, where: str, hint: str = "") -> T:
     return cls(**{k: _value(v, hints[k], f"{where}.{k}", k, hint) for k, v in data.items()})
 
 
+def check_schema(data: dict[str, Any], current: int, where: str, what: str, required: bool = False) -> None:
+    """The document's ``schema_version`` is one this wanctl reads: an integer from 1 to ``current``.
+
+    One rule for every saved document (recipe, probe, trial spec, result) so that none of them fails on a
+    string version with a TypeError or passes a newer file it will misread.
+    """
+    version = data.get("schema_version")
+    if version is None:
+        if required:
+            raise SchemaError(f"{where}: no schema_version", f"add 'schema_version = {current}' at the top")
+        return
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SchemaError(f"{where}: schema_version {version!r} is not a schema number",
+                          f"write schema_version = {current} (an integer, no quotes)")
+    if version > current:
+        raise SchemaError(f"{where}: schema_version {version} is newer than this wanctl reads ({current})",
+                          f"upgrade wanctl (pip install -U wanctl), or {what} with this version")
+
+
 def load_json_object(text: str, where: str, hint: str) -> dict[str, Any]:
     """Parse ``text`` as one JSON object, or SchemaError saying where and how to fix it."""
     try:

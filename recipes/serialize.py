@@ -17,7 +17,7 @@ import tomli_w
 
 from recipes.errors import BadInput, SchemaError
 from recipes.files import atomic_write_text
-from recipes.plain import from_plain, load_json_object
+from recipes.plain import check_schema, from_plain, load_json_object
 from recipes.recipe import Recipe, validate
 
 RECIPE_SCHEMA = 1
@@ -70,17 +70,8 @@ def loads_recipe(text: str, where: str = "recipe") -> tuple[Recipe, RecipeMeta]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SchemaError(f"{where}: not valid TOML: {exc}", "fix the syntax or regenerate the recipe") from None
-    version = doc.pop("schema_version", None)
-    if version is None:
-        raise SchemaError(f"{where}: no schema_version", f"add 'schema_version = {RECIPE_SCHEMA}' at the top")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise SchemaError(f"{where}: schema_version {version!r} is not a schema number",
-                          f"write 'schema_version = {RECIPE_SCHEMA}' (an integer, no quotes)")
-    if version > RECIPE_SCHEMA:
-        raise SchemaError(
-            f"{where}: schema_version {version!r} is newer than this wanctl understands ({RECIPE_SCHEMA})",
-            "upgrade wanctl (pip install -U wanctl) or re-tune with this version",
-        )
+    check_schema(doc, RECIPE_SCHEMA, where, "re-tune", required=True)
+    doc.pop("schema_version")
     unknown = sorted(set(doc) - {"recipe", "meta"})
     if unknown:
         raise SchemaError(f"{where}: unknown table(s) {', '.join(unknown)}", "only [recipe] and [meta] are allowed")

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipes.errors import SchemaError
 from recipes.files import atomic_write_text
-from recipes.plain import from_plain, load_json_object
+from recipes.plain import check_schema, from_plain, load_json_object
 from recipes.recipe import Recipe
 
 SPEC_SCHEMA = 1
@@ -83,8 +82,7 @@ class TrialSpec:
     @classmethod
     def from_json(cls, text: str, where: str = "spec") -> TrialSpec:
         data = load_json_object(text, where, "regenerate the spec")
-        if data.get("schema_version", SPEC_SCHEMA) > SPEC_SCHEMA:
-            raise SchemaError(f"{where}: schema newer than this wanctl", "upgrade wanctl")
+        check_schema(data, SPEC_SCHEMA, where, "regenerate the spec")
         return from_plain(cls, data, where, "regenerate the spec with this wanctl")
 
     def write(self, path: str | Path) -> Path:
@@ -184,6 +182,7 @@ class RunResult:
     @classmethod
     def from_json(cls, text: str, where: str = "result") -> RunResult:
         data = load_json_object(text, where, "the trial died while writing it, or wrote garbage")
+        check_schema(data, SPEC_SCHEMA, where, "run the trial")
         return from_plain(cls, data, where, "the trial process and the tuner are different wanctl versions?")
 
     def write(self, path: str | Path) -> Path:

@@ -129,3 +129,24 @@ def test_model_revision_is_a_full_sha_and_only_for_checkpoints(model: str, revis
     with pytest.raises(RecipeError) as err:
         validate(r)
     assert err.value.field == "model_revision"
+
+
+@pytest.mark.parametrize("version, fragment", [('"1"', "not a schema number"), ("99", "newer than this wanctl"),
+                                               ("true", "not a schema number"), ("0", "not a schema number")])
+def test_every_saved_document_checks_its_schema_version_the_same_way(version: str, fragment: str) -> None:
+    """Recipe, probe, trial spec and result: a string, a boolean or a newer version is a SchemaError (exit 2),
+    never a TypeError or a silently misread file."""
+    from probes.result import ProbeResult
+    from recipes.errors import SchemaError
+    from recipes.spec import RunResult, TrialSpec
+
+    docs = {
+        "recipe": lambda: loads_recipe(f"schema_version = {version}\n[recipe]\n", where="r.toml"),
+        "probe": lambda: ProbeResult.from_json(f'{{"schema_version": {version}}}'),
+        "spec": lambda: TrialSpec.from_json(f'{{"schema_version": {version}}}'),
+        "result": lambda: RunResult.from_json(f'{{"schema_version": {version}, "outcome": "ok"}}'),
+    }
+    for name, load in docs.items():
+        with pytest.raises(SchemaError, match=fragment):
+            load()
+            pytest.fail(f"{name} accepted schema_version {version}")
