@@ -112,7 +112,50 @@ def test_a_host_count_that_does_not_split_the_gpus_is_refused(tmp_path: Path) ->
     sh = tmp_path / "launch.sh"
     sh.write_text(render_launch_script(Recipe(model="random", gpus=2, ulysses=2)))
     for env, msg in (({"NNODES": "3"}, "NNODES=3 x NPROC=0 is not 2"),
-                     ({"NNODES": "2"}, "NNODES=2 needs RDZV_ENDPOINT")):
+                     ({"NNODES": "2"}, "NNODES=2 needs RDZV_ENDPOINT"),
+                     ({"NNODES": "abc"}, "NNODES=abc is not a whole number"),
+                     ({"NNODES": "0"}, "must be 0..NNODES-1 with NNODES >= 1"),
+                     ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 must be 0..NNODES-1")):
         p = subprocess.run(["bash", str(sh)], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
                            text=True, timeout=30)
         assert p.returncode == 2 and msg in p.stderr
+
+
+def test_arguments_and_trust_reach_the_runtime_after_the_recipe(tmp_path: Path) -> None:
+    """A recipe tuned on a folder wanctl did not download needs --trust-checkpoint to run again."""
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(steps=4)))
+    stub = tmp_path / "python3"
+    stub.write_text(RECORDER)
+    stub.chmod(0o755)
+    rec = tmp_path / "argv.json"
+    env = {**os.environ, "PYTHON": str(stub), "RECORD": str(rec), "TRUST_CHECKPOINT": "1"}
+    subprocess.run(["bash", str(sh), "--set", "steps=30"], check=True, env=env, cwd=tmp_path, timeout=30)
+    argv = json.loads(rec.read_text())
+    assert "--trust-checkpoint" in argv and argv[-2:] == ["--set", "steps=30"]
+    assert apply_overrides(Recipe(), _sets(argv)).steps == 30  # the later --set wins
+
+
+def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=200)))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4"}
+    p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # its own group, as a terminal job is
+    try:
+        for line in p.stdout:  # type: ignore[union-attr]
+            if line.startswith("WANCTL_PROGRESS"):  # denoising: the model is loaded and running
+                break
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]

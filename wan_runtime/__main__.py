@@ -11,12 +11,14 @@ Progress goes to stdout as ``WANCTL_PROGRESS <done> <total>`` lines for the CLI'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from recipes.errors import WanctlError
+from recipes.errors import BadInput, WanctlError
+from recipes.files import check_output_file
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
@@ -58,7 +60,7 @@ def _die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_launcher()
-    logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING"), stream=sys.stderr,
+    logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING").upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     ap = argparse.ArgumentParser(prog="python -m wan_runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -89,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             recipe = read_recipe(args.recipe)[0] if args.recipe else Recipe()
             recipe = apply_overrides(recipe, args.sets)
-            out = Path(args.out)
+            if not args.out.strip():
+                raise BadInput("--out is empty (OUT= in launch.sh?)", "name the video file, e.g. OUT=fox.mp4")
+            out = check_output_file(args.out)  # before minutes of model loading, not after
+            if recipe.image and not Path(recipe.image).expanduser().is_file():
+                raise BadInput(f"image {recipe.image} does not exist or is not a file",
+                               "set IMAGE=path/to/image.png (launch.sh) or --set image=PATH")
             out_dir = Path(args.out_dir) if args.out_dir else out.parent / f".{out.stem}.wanctl"
             spec = TrialSpec(recipe=recipe, mode="generate", out_dir=str(out_dir), video_path=str(out),
                              trust_checkpoint=args.trust_checkpoint)
@@ -108,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     if spec.fault == "bad_result":
         Path(result_path).write_text('{"outcome": "ok", "timings": {"step_s": [0.1, ')
         return 0
-    result = run_spec(spec, stream_progress=_progress)
+    try:
+        result = run_spec(spec, stream_progress=_progress)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, nothing half-written left beside the video
+        if args.cmd == "generate":
+            for arr in Path(spec.out_dir).glob("*.npy"):
+                arr.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only when empty: a result.json of an earlier run stays
+                Path(spec.out_dir).rmdir()
+        print("interrupted", file=sys.stderr)
+        return 130
     _leave_process_group()
     try:
         _write(result, result_path)
@@ -122,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             for arr in Path(spec.out_dir).glob("*.npy"):
                 arr.unlink(missing_ok=True)
         if result.video_path:
-            print(f"video: {result.video_path} ({result.video_frames} frames)", file=sys.stderr)
+            print(f"video: {Path(result.video_path).resolve()} ({result.video_frames} frames, "
+                  f"{result.timings.total_s:.1f} s in all)", file=sys.stderr)
     return EXIT.get(result.outcome, 1)
 
 

@@ -158,7 +158,7 @@ def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.dev
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     hint = getattr(exc, "hint", "")
-    log.error("%s: %s", outcome, first)
+    log.info("%s: %s", outcome, first)  # the result carries it; the caller prints it once
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,
                      phase=where.name, device=device_name(device), versions=versions(), peak_mem_bytes=int(peak),

@@ -40,6 +40,9 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: int) -> Pat
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise WanctlError(f"could not write video {p}: {exc}", "free disk space or choose another --out") from exc
+    except BaseException:  # Ctrl-C or a crash mid-write: no half video left beside the real one
+        tmp.unlink(missing_ok=True)
+        raise
     return p
 
 
