@@ -46,10 +46,31 @@ def _stored_config(cfg: TuneConfig, name: str) -> tuple[dict[str, Any] | None, l
         return None, []
     storage = open_storage(url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    others = [n for n in names if n != name]
     if name not in names:
-        return None, names
+        return None, others
     attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
-    return attrs.get(CONFIG_KEY), names
+    return attrs.get(CONFIG_KEY), others
+
+
+def _exists(cfg: TuneConfig, name: str) -> bool:
+    import optuna
+
+    url = cfg.storage_url()
+    journal = journal_path(url)
+    if journal is not None and not journal.is_file():
+        return False
+    return name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(url, create=False))}
+
+
+def _workload(d: dict[str, Any]) -> tuple[str, int, int] | None:
+    """(size, frames, steps) a config resolves to: '' and 0 mean the task's defaults."""
+    try:
+        r = TuneConfig(**{k: d[k] for k in ("model", "task", "size", "frames", "steps") if k in d}).base_recipe()
+    except Exception:  # noqa: BLE001 - an old or odd config: compare raw values instead
+        return None
+    w = r.resolved()
+    return w.size, w.frames, w.steps
 
 
 def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig, list[str]]:
@@ -62,7 +83,7 @@ def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig
     name = default_study_name(cfg, probe)
     stored, others = _stored_config(cfg, name)
     if stored is None:
-        if others and not cfg.study:
+        if others and not cfg.study and not _exists(cfg, name):
             raise BadInput(f"--resume: no study {name!r} (named from this command's model, task, size, frames, steps "
                            f"and this machine) in {cfg.storage or cfg.out_dir}; it holds: {', '.join(others)}",
                            f"pass --study {others[0]} to continue it (or the same --size/--frames/--steps it was "
@@ -71,12 +92,13 @@ def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig
     defaults = TuneConfig()
     taken: dict[str, Any] = {}
     notes: list[str] = []
+    same_workload = _workload(stored) is not None and _workload(stored) == _workload(cfg.to_dict())
     for f in STUDY_FIELDS:
         if f not in stored:
             continue
         new, old = getattr(cfg, f), stored[f]
-        if new == old:
-            continue
+        if new == old or (f in ("size", "frames", "steps") and same_workload):
+            continue  # '64*48' given for a study started with the task's default 64*48 is the same study
         if new == getattr(defaults, f):
             taken[f] = old
             continue

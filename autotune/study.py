@@ -34,8 +34,13 @@ SCHEMA_RACE_TRIES = 3
 GRACE_S = 180
 
 
-RDB_SCHEMES = ("sqlite://", "postgresql://", "postgresql+", "mysql://", "mysql+")
-"""URL prefixes SQLAlchemy opens for Optuna's RDBStorage (the ``+driver`` forms name a driver)."""
+RDB_DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle", "cockroachdb")
+"""SQLAlchemy dialects (``dialect[+driver]://``) opened as Optuna's RDBStorage."""
+
+
+def is_rdb_url(url: str) -> bool:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    return scheme.split("+", 1)[0].lower() in RDB_DIALECTS
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -46,7 +51,7 @@ def journal_path(url: str) -> Path | None:
     Refused rather than guessed: an unknown scheme (``postgres://`` is a common misspelling) would
     otherwise become a local file named after the URL, and every host would tune its own study.
     """
-    if url.startswith(RDB_SCHEMES):
+    if is_rdb_url(url):
         return None
     if "://" in url and not url.startswith("journal://"):
         scheme = url.split("://", 1)[0]
@@ -75,7 +80,7 @@ def check_journal(path: Path) -> None:
         record = json.loads(first)
     except ValueError:
         record = None
-    torn_first = b"\n" not in head and first.startswith(b'{"op_code"')  # killed during the first append
+    torn_first = b"\n" not in head and (first.startswith(b'{"op_code"') or b'{"op_code"'.startswith(first))
     if not (isinstance(record, dict) and "op_code" in record) and not torn_first and len(first) < 65536:
         raise BadInput(f"storage {path} is not an Optuna journal (its first line is no journal record); "
                        "it was left untouched", "pass a new path for the study, or the journal a tuner wrote")

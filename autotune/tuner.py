@@ -189,20 +189,24 @@ class Tuner:
                    else optuna.samplers.TPESampler(seed=self.cfg.sampler_seed, multivariate=True, group=True,
                                                    constant_liar=True, n_startup_trials=5))
         name = self.study_name()
-        claim_output_dir(self.out, name)
         study, created = load_or_create(storage, name, directions, sampler, self.cfg.resume)
+        claim_output_dir(self.out, name)  # after: a refused start must not claim the folder
         self._study = study
         if created and self.cfg.resume:
             note = f"--resume: no study {name!r} in {storage_url} yet, so this tuner started it"
             self.notes.append(note)
             self.reporter.message(note)
-        if created:
+        adopt = not created and not self._await_plan(study)
+        if adopt:
+            note = f"--resume: study {name!r} was left without its setup (its tuner died creating it); set up here"
+            self.notes.append(note)
+            self.reporter.message(note)
+        if created or adopt:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
             self._enqueue_plan(study)
             study.set_user_attr(PLAN_KEY, True)
         else:
-            self._await_plan(study)
             requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
@@ -465,15 +469,18 @@ class Tuner:
         except Exception:  # the storage itself may be what failed
             return 0
 
-    def _await_plan(self, study: optuna.Study) -> None:
+    def _await_plan(self, study: optuna.Study) -> bool:
         """A study another tuner created a moment ago: wait until its plan (baseline first) is queued, so
-        this tuner never starts on a sampled trial with no baseline in sight."""
+        this tuner never starts on a sampled trial with no baseline in sight. False when the study is still
+        bare after the wait (its creator died before writing anything): this tuner sets it up."""
         deadline = time.monotonic() + PLAN_WAIT_S
         while time.monotonic() < deadline:
             attrs = study.user_attrs
             if attrs.get(PLAN_KEY) or (CONFIG_KEY in attrs and study.trials):  # older studies have no flag
-                return
+                return True
             time.sleep(0.2)  # another process is writing the plan
+        if CONFIG_KEY not in study.user_attrs and not study.trials:
+            return False
         raise StudyError(f"study {study.study_name!r} has no plan after {PLAN_WAIT_S:.0f} s: the tuner that "
                          "created it died while writing it", "start a new study with --study NEW_NAME")
 

@@ -121,7 +121,7 @@ def _refuse_bad_files(target: Path, problems: list[FileProblem] | tuple[FileProb
         "try the other --source")
 
 
-def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool) -> list[str]:
+def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool) -> tuple[list[str], str, str]:
     """``--verify``: hash every file of a finished download against its manifest; delete those that no longer
     match (bit rot, an edit) so this run fetches them again. Only a folder holding this artifact's manifest
     is touched: its files are wanctl's."""
@@ -133,13 +133,13 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
     try:
         manifest = read_manifest(target)
     except WanctlError:
-        return []
+        return [], "", ""
     if manifest is None or manifest.artifact != art.name or (target / INCOMPLETE_MARKER).exists():
-        return []
+        return [], "", ""
     expected = {f.path: (f.size, f.sha256 or None) for f in manifest.files}
     _, problems = check_files(target, expected, hash_files=True)
     if not problems:
-        return [f"--verify: all {len(expected)} files re-hashed and match the manifest"]
+        return [f"--verify: all {len(expected)} files re-hashed and match the manifest"], "", ""
     shown = "; ".join(str(x) for x in problems[:5])
     if offline_requested(offline):  # nothing could replace them: leave the folder as it is and say so
         raise DownloadError(f"--verify: {len(problems)} file(s) in {target} no longer match the manifest: {shown}",
@@ -149,7 +149,8 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
             _discard(target, prob.path)
     (target / MANIFEST_NAME).unlink(missing_ok=True)
     atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {art.name}: files failed --verify\n")
-    return [f"--verify: {len(problems)} file(s) no longer matched the manifest and are fetched again: {shown}"]
+    return ([f"--verify: {len(problems)} file(s) no longer matched the manifest and are fetched again: {shown}"],
+            manifest.revision, manifest.source)
 
 
 def _check_foreign(target: Path, p: DownloadPlan) -> None:
@@ -195,7 +196,12 @@ def download(task: str, *, target_dir: str | os.PathLike[str] | None = None, sou
     BadInput (unknown task/source/revision) — each with a hint.
     """
     start = time.monotonic()
-    pre_notes = _rehash(task, target_dir, offline) if verify else []
+    pre_notes: list[str] = []
+    if verify:
+        pre_notes, held_revision, held_source = _rehash(task, target_dir, offline)
+        # Re-fetch what rotted from the commit the folder holds, not whatever the branch points at now.
+        revision = revision or held_revision or None
+        source = held_source if source == "auto" and held_source else source
     p = plan(task, target_dir=target_dir, source=source, revision=revision, offline=offline, machine=machine,
              free_disk_bytes=free_disk_bytes, endpoint=endpoint, ms_endpoint=ms_endpoint, token=token)
     target = Path(p.target_dir)

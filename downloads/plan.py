@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def existing_download(target: Path, art: Artifact, revision: str | None,
         return None, f"{target} holds {manifest.artifact or 'something else'} from {manifest.repo or '?'}"
     wanted = revision or (art.revision if manifest.source == "hf" else art.ms_revision)
     if wanted and not same_revision(wanted, manifest.revision):
-        ref = revision and not is_commit_sha(revision.lower()) and resolve is not None
+        ref = revision and not re.fullmatch(r"[0-9a-f]{7,40}", revision.lower()) and resolve is not None
         now = resolve(manifest) if ref else ""
         if now is not None and now != manifest.revision:
             return None, f"{target} holds revision {manifest.revision[:12]}, {(now or wanted)[:12]} was asked"
@@ -197,7 +198,8 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
             early_notes.append(f"{revision} is a branch or tag: offline, the held commit {held.revision[:12]} is used "
                                "as it is")
             return None
-        resolved["listing"] = _listing(art, held.source, revision, endpoint, ms_endpoint, token, early_notes)
+        asked = held.source if source == "auto" else source
+        resolved["listing"] = _listing(art, asked, revision, endpoint, ms_endpoint, token, early_notes)
         return resolved["listing"].revision
 
     manifest, why = (existing_download(target, art, revision, resolve) if target.is_dir()

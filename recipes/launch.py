@@ -73,7 +73,7 @@ NNODES="${{NNODES:-1}}"
 NODE_RANK="${{NODE_RANK:-0}}"
 RDZV_ENDPOINT="${{RDZV_ENDPOINT:-}}"
 for v in NNODES NODE_RANK ${{NPROC:+NPROC}}; do
-  case "${{!v}}" in ''|*[!0-9]*) echo "launch.sh: $v=${{!v}} is not a whole number" >&2; exit 2;; esac
+  case "${{!v}}" in ''|*[!0-9]*|0[0-9]*) echo "launch.sh: $v=${{!v}} is not a whole number" >&2; exit 2;; esac
 done
 if [ "$NNODES" -lt 1 ] || [ "$NODE_RANK" -ge "$NNODES" ]; then
   echo "launch.sh: NODE_RANK=$NODE_RANK must be 0..NNODES-1 with NNODES >= 1 (NNODES=$NNODES)" >&2

@@ -123,3 +123,12 @@ def test_tune_numbers_are_checked_before_a_study_exists(tmp_path: Path) -> None:
         p = run_cli("tune", *args, "--out", str(tmp_path / "o"), env=env)
         assert p.returncode == 2 and fragment in _err(p), (args, p.stderr)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_journal_torn_in_its_first_record_is_repaired_not_refused(tmp_path: Path) -> None:
+    from autotune.study import check_journal
+
+    for torn in (b'{"op_c', b'{"op_code":0,"worker'):
+        path = tmp_path / "s.journal"
+        path.write_bytes(torn)
+        check_journal(path)  # a tuner killed during its first append: the repair handles it

@@ -114,6 +114,7 @@ def test_a_host_count_that_does_not_split_the_gpus_is_refused(tmp_path: Path) ->
     for env, msg in (({"NNODES": "3"}, "NNODES=3 x NPROC=0 is not 2"),
                      ({"NNODES": "2"}, "NNODES=2 needs RDZV_ENDPOINT"),
                      ({"NNODES": "abc"}, "NNODES=abc is not a whole number"),
+                     ({"NNODES": "2", "NPROC": "08"}, "NPROC=08 is not a whole number"),  # bash: octal
                      ({"NNODES": "0"}, "must be 0..NNODES-1 with NNODES >= 1"),
                      ({"NNODES": "2", "NODE_RANK": "2"}, "NODE_RANK=2 must be 0..NNODES-1")):
         p = subprocess.run(["bash", str(sh)], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,

@@ -69,3 +69,20 @@ def test_one_output_folder_holds_one_study(tmp_path: Path) -> None:
     claim_output_dir(tmp_path, "A")  # the same study again: resume, report
     with pytest.raises(BadInput, match="holds the outputs of study 'A'"):
         claim_output_dir(tmp_path, "B")
+
+
+def test_typing_the_workload_the_study_resolved_to_is_the_same_study(h100: ProbeResult, tmp_path: Path) -> None:
+    first = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path))  # size/frames/steps: defaults
+    _study(tmp_path, first, h100)
+    r = first.base_recipe().resolved()
+    spelled = dataclasses.replace(first, resume=True, size=r.size, frames=r.frames, steps=r.steps)
+    cfg, _ = settings_for_resume(spelled, h100)  # not refused as "--size '1280*704' differs ... ''"
+    assert default_study_name(cfg, h100) == default_study_name(first, h100)
+
+
+def test_a_study_whose_creator_died_before_its_setup_can_be_resumed(h100: ProbeResult, tmp_path: Path) -> None:
+    cfg = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path), resume=True)
+    tmp_path.mkdir(exist_ok=True)
+    optuna.create_study(study_name=default_study_name(cfg, h100),
+                        storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
+    assert settings_for_resume(cfg, h100) == (cfg, [])  # not "no study X ... it holds: X"

@@ -181,3 +181,12 @@ def test_te_is_asked_whether_a_recipe_runs_here(answer: Any, expect: str) -> Non
 
     assert quant.te_supported(SimpleNamespace(is_fp8_block_scaling_available=ask), "te_block") == expect
     assert quant.te_supported(SimpleNamespace(), "te_block") == ""  # an older TE: nothing to ask
+
+
+def test_an_expert_that_never_ran_is_not_judged(te: SimpleNamespace) -> None:
+    """A14B's measure run covers the first steps only: the low-noise expert's linears never run."""
+    ctx, high, _ = _apply("te_current")
+    with torch.inference_mode():
+        high(torch.randn(3, 32))
+    actual = _finish(ctx)
+    assert "quant_mismatch" not in actual and actual["quant"].endswith("fp8 GEMMs in the last forward: 2/2")

@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
-    from wan_runtime.run import run_spec
-
     if spec.fault == "no_result":
         return 0
     if spec.fault == "bad_result":
         Path(result_path).write_text('{"outcome": "ok", "timings": {"step_s": [0.1, ')
         return 0
     try:
+        from wan_runtime.run import run_spec  # torch's import takes seconds: Ctrl-C there is handled too
+
         result = run_spec(spec, stream_progress=_progress)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, nothing half-written left beside the video
         if args.cmd == "generate":

@@ -202,6 +202,8 @@ def check_transformer_engine(recipe_name: str, device: torch.device) -> float:
 
     from wan_runtime.knobs.quant import te_autocast, te_ran_fp8, te_recipe, te_supported
 
+    if recipe_name == "te_block":
+        _need_cc(device, (9, 0), "Transformer Engine fp8 block scaling")
     if why := te_supported(te, recipe_name):
         raise Absent(f"{recipe_name}: {why}")
     x, w = _inputs(device)

@@ -31,6 +31,8 @@ def _check(ctx: KnobContext) -> None:
     if q in FP8_QUANT and ctx.on_gpu and torch.cuda.get_device_capability(ctx.device) < (8, 9):
         raise Unsupported(f"{q} needs fp8 tensor cores (sm89+); this GPU is sm"
                           + "".join(map(str, torch.cuda.get_device_capability(ctx.device))), "use int8wo or none")
+    if q == "te_block" and ctx.on_gpu and torch.cuda.get_device_capability(ctx.device) < (9, 0):
+        raise Unsupported("te_block (Float8BlockScaling) needs Hopper (sm90+)", "use te_delayed or te_current")
     if q in TE_QUANT and (why := te_supported(te, q)):
         raise Unsupported(f"{q}: {why}", "use te_delayed/te_current (sm89+) or torchao fp8")
 
@@ -55,12 +57,12 @@ def _apply(ctx: KnobContext) -> None:
     q = ctx.recipe.quant
     kinds: set[str] = set()
     count = plain = 0
-    swapped: list[_PaddedTELinear] = []
+    experts: list[tuple[_TEForward, list[_PaddedTELinear]]] = []
     for t in ctx.transformers:
         mark_applied(t, "quant")
         if q in TE_QUANT:
-            swapped += _apply_te(t, ctx)
-            count = len(swapped)
+            experts.append(_apply_te(t, ctx))
+            count += len(experts[-1][1])
             kinds.add("transformer_engine.Linear")
             continue
         from torchao.quantization import quantize_
@@ -81,8 +83,8 @@ def _apply(ctx: KnobContext) -> None:
     if not count:
         raise Unsupported(f"quantization {q} left every block linear unquantized", "check the torchao version")
     ctx.actual["quant"] = f"{q}: {count} linears as {', '.join(sorted(kinds))}"
-    if swapped:
-        ctx.observers.append(TEObserver(swapped, q))
+    if experts:
+        ctx.observers.append(TEObserver([m for _, lins in experts for m in lins], q))
     if plain:
         ctx.actual["quant"] += f"; {plain} left in bf16 (shapes the kernel does not take)"
 
@@ -145,6 +147,8 @@ class _PaddedTELinear(torch.nn.Module):
             self.inner.weight.copy_(linear.weight)
             if linear.bias is not None:
                 self.inner.bias.copy_(linear.bias)
+        self.calls = 0
+        """Forwards run: the observer judges only linears that ran (a short run may not reach an expert)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -152,10 +156,18 @@ class _PaddedTELinear(torch.nn.Module):
         pad = (-flat.shape[0]) % 16
         if pad:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, pad))
-        out = self.inner(flat)
+        out = _run_counted(self, flat)
         if pad:
             out = out[: out.shape[0] - pad]
         return out.reshape(*shape[:-1], out.shape[-1])
+
+
+@torch._dynamo.disable
+def _run_counted(module: _PaddedTELinear, flat: torch.Tensor) -> torch.Tensor:
+    """The TE call, counted where dynamo does not look: TE's Linear is a graph break anyway, and a counter
+    changed in traced code would be guarded on and recompile the block every call."""
+    module.calls += 1
+    return module.inner(flat)
 
 
 class _TEForward:
@@ -169,27 +181,56 @@ class _TEForward:
     def __init__(self, original: Any, te: Any, fp8_recipe: Any, calibrate_first: bool) -> None:
         self.original, self.te, self.fp8_recipe = original, te, fp8_recipe
         self.pending_calibration = calibrate_first
+        self.delayed = calibrate_first
+        self.calls = 0
         functools.update_wrapper(self, original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.pending_calibration:
-            self.pending_calibration = False
-            with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
+        self.calls += 1
+        try:
+            if self.pending_calibration:
+                self.pending_calibration = False
+                with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
+                    return self.original(*args, **kwargs)
+            with te_autocast(self.te, self.fp8_recipe):
                 return self.original(*args, **kwargs)
-        with te_autocast(self.te, self.fp8_recipe):
-            return self.original(*args, **kwargs)
+        finally:
+            if self.delayed:
+                _update_delayed_scales()
+
+
+def _update_delayed_scales() -> None:
+    """Roll delayed scaling's amax history into new scales. TE does this when its autocast exits only with
+    gradients enabled (training); in inference mode the scales would stay at 1 for good. Read from TE's
+    source (2.x); not yet run on a GPU."""
+    import importlib
+
+    for module in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            manager = getattr(importlib.import_module(module), "FP8GlobalStateManager", None)
+        except ImportError:
+            continue
+        update = getattr(manager, "reduce_and_update_fp8_tensors", None)
+        if update is not None:
+            update(forward=True)
+            return
 
 
 class TEObserver:
-    """After the run: every swapped linear's last forward ran in fp8 (TE under autocast raises rather than
-    falls back, but an autocast that never reached a linear, e.g. a forward that bypassed the wrapper,
-    would leave it in bf16 and the trial timing bf16 GEMMs under an fp8 name)."""
+    """After the run: every swapped linear that ran had its last forward in fp8 (TE under autocast raises
+    rather than falls back, but an autocast that never reached a linear, e.g. a forward that bypassed the
+    wrapper, would leave it in bf16 and the trial timing bf16 GEMMs under an fp8 name). A linear that never
+    ran (A14B's low-noise expert in a short measure run) is not judged."""
 
-    def __init__(self, linears: list[Any], recipe_name: str) -> None:
+    def __init__(self, linears: list[_PaddedTELinear], recipe_name: str) -> None:
         self.linears, self.recipe_name = linears, recipe_name
 
     def finish(self, ctx: KnobContext) -> None:
-        seen = [te_ran_fp8(m.inner) for m in self.linears]
+        ran_linears = [m for m in self.linears if m.calls]
+        if not ran_linears:
+            ctx.notes.append("transformer engine: no swapped linear ran, nothing to observe")
+            return
+        seen = [te_ran_fp8(m.inner) for m in ran_linears]
         if any(s is None for s in seen):
             ctx.notes.append("transformer engine: this TE does not say whether a module ran fp8 (no `fp8` flag)")
             return
@@ -200,7 +241,7 @@ class TEObserver:
                                             "linears ran without fp8 in the last forward")
 
 
-def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTELinear]:
+def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> tuple[_TEForward, list[_PaddedTELinear]]:
     te = require_module("transformer_engine.pytorch", "te")
     r = ctx.recipe
     swapped: list[_PaddedTELinear] = []
@@ -213,10 +254,11 @@ def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTEL
                 setattr(module, child_name, padded)
                 swapped.append(padded)
     fp8_recipe = te_recipe(r.quant, r.te_amax_history_len, r.te_amax_compute_algo)
-    transformer.forward = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
+    wrapper = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
+    transformer.forward = wrapper
     ctx.notes.append(f"transformer engine: {len(swapped)} block linears swapped, recipe {type(fp8_recipe).__name__}"
                      + (", first forward per expert calibrates in bf16" if r.quant == "te_delayed" else ""))
-    return swapped
+    return wrapper, swapped
 
 
 KNOB = Knob(name="quant", active=lambda r: r.quant != "none", check=_check, apply=_apply)
