@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.config import model_tag
-from recipes.child_env import cache_root
 from recipes.errors import BadInput, WanctlError
+from recipes.locations import cache_root
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, read_recipe, write_recipe
 

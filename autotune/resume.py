@@ -36,31 +36,22 @@ def default_study_name(cfg: TuneConfig, probe: ProbeResult) -> str:
     return f"{model_tag(r.model)}_{r.task}_{r.size.replace('*', 'x')}_{r.frames}f_{r.steps}s_{probe.fingerprint()}"
 
 
-def _stored_config(cfg: TuneConfig, name: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """The study's saved settings (None when there is no such study yet) and the names of the others there."""
+def _stored_config(cfg: TuneConfig, name: str) -> tuple[bool, dict[str, Any] | None, list[str]]:
+    """Whether the study exists, its saved settings (None when it has none: not there, or its creator died
+    before writing them) and the names of the other studies there."""
     import optuna
 
     url = cfg.storage_url()
     journal = journal_path(url)
     if journal is not None and not journal.is_file():
-        return None, []
+        return False, None, []
     storage = open_storage(url, create=False)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     others = [n for n in names if n != name]
     if name not in names:
-        return None, others
+        return False, None, others
     attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
-    return attrs.get(CONFIG_KEY), others
-
-
-def _exists(cfg: TuneConfig, name: str) -> bool:
-    import optuna
-
-    url = cfg.storage_url()
-    journal = journal_path(url)
-    if journal is not None and not journal.is_file():
-        return False
-    return name in {s.study_name for s in optuna.get_all_study_summaries(open_storage(url, create=False))}
+    return True, attrs.get(CONFIG_KEY), others
 
 
 def _workload(d: dict[str, Any]) -> tuple[str, int, int] | None:
@@ -81,9 +72,9 @@ def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig
     those, not a new one).
     """
     name = default_study_name(cfg, probe)
-    stored, others = _stored_config(cfg, name)
+    exists, stored, others = _stored_config(cfg, name)
     if stored is None:
-        if others and not cfg.study and not _exists(cfg, name):
+        if others and not cfg.study and not exists:
             raise BadInput(f"--resume: no study {name!r} (named from this command's model, task, size, frames, steps "
                            f"and this machine) in {cfg.storage or cfg.out_dir}; it holds: {', '.join(others)}",
                            f"pass --study {others[0]} to continue it (or the same --size/--frames/--steps it was "

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.child_env import with_source_on_path
 from recipes.errors import SchemaError
+from recipes.locations import with_source_on_path
 from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec
 
 log = logging.getLogger(__name__)

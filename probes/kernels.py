@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.commands import CommandResult, describe_returncode, run_command
-from recipes.child_env import with_source_on_path
+from recipes.locations import with_source_on_path
 from recipes.recipe import ATTENTION_BACKENDS, QUANT
 from recipes.spec import KERNEL_CHECK_START
 

@@ -11,7 +11,7 @@ import pytest
 
 from probes.commands import CommandResult, run_command
 from probes.kernels import KERNEL_CHECKS, START_MARK, run_kernel_checks
-from recipes.child_env import with_source_on_path
+from recipes.locations import with_source_on_path
 from tests.conftest import ROOT
 from tests.probe_fakes import write_script
 

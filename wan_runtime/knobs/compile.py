@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from recipes.child_env import cache_root
+from recipes.locations import cache_root
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def test_children_get_the_checkout_on_pythonpath_but_never_site_packages(tmp_path, monkeypatch) -> None:
     """An installed wanctl's parent folder is site-packages: on PYTHONPATH it would shadow the stdlib."""
-    import recipes.child_env as ce
+    import recipes.locations as ce
 
     monkeypatch.setenv("PYTHONPATH", "/extra")
     assert ce.with_source_on_path()["PYTHONPATH"] == f"{ce.source_root()}:/extra"  # this checkout
