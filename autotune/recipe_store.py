@@ -15,6 +15,7 @@ from pathlib import Path
 from autotune.config import model_tag
 from recipes.errors import BadInput, WanctlError
 from recipes.locations import cache_root
+from recipes.models import parse_size
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, read_recipe, write_recipe
 
@@ -53,11 +54,6 @@ def _candidates(dirs: list[Path]) -> list[Path]:
     return paths
 
 
-def _workload(r: Recipe) -> tuple[str, int, int]:
-    w = r.resolved()
-    return w.size, w.frames, w.steps
-
-
 def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: str | None = None,
               frames: int | None = None, steps: int | None = None) -> FoundRecipe:
     """The fastest stored recipe for this fingerprint, model and task; BadInput with the way out otherwise.
@@ -89,16 +85,16 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
         extra += f"; unreadable: {'; '.join(unreadable[:3])}" if unreadable else ""
         raise BadInput(f"no tuned recipe for {tag} / {task} on this machine ({fingerprint}) in {where}{extra}",
                        f"run: wanctl tune --model {model} --task {task}")
-    asked = (size.replace("x", "*").replace("X", "*") if size else None, frames or None, steps or None)
+    asked = ("*".join(map(str, parse_size(size))) if size else None, frames or None, steps or None)
 
     def matches(f: FoundRecipe) -> bool:
-        return all(a is None or a == b for a, b in zip(asked, _workload(f.recipe), strict=True))
+        return all(a is None or a == b for a, b in zip(asked, f.recipe.workload(), strict=True))
 
     same = [f for f in found if matches(f)]
     best = max(same or found, key=lambda f: f.meta.speedup)
     if same or not any(a is not None for a in asked):
         return best
-    s, fr, st = _workload(best.recipe)
+    s, fr, st = best.recipe.workload()
     return FoundRecipe(best.path, best.recipe, best.meta,
                        workload_note=f"no recipe was tuned at the asked workload; this one was tuned at {s}, {fr} "
                                      f"frames, {st} steps (its speed-up may differ here)")

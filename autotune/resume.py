@@ -16,7 +16,7 @@ from typing import Any
 from autotune.config import TuneConfig, model_tag
 from autotune.study import journal_path, open_storage
 from probes.result import ProbeResult
-from recipes.errors import BadInput
+from recipes.errors import BadInput, WanctlError
 from recipes.records import CONFIG_KEY
 
 STUDY_FIELDS = ("model", "task", "size", "frames", "steps", "prompt", "negative_prompt", "image", "seed", "gpus",
@@ -32,8 +32,8 @@ def default_study_name(cfg: TuneConfig, probe: ProbeResult) -> str:
     """The study a command names without --study: model, task, workload and this machine's fingerprint."""
     if cfg.study:
         return cfg.study
-    r = cfg.base_recipe().resolved()
-    return f"{model_tag(r.model)}_{r.task}_{r.size.replace('*', 'x')}_{r.frames}f_{r.steps}s_{probe.fingerprint()}"
+    size, frames, steps = cfg.base_recipe().workload()
+    return f"{model_tag(cfg.model)}_{cfg.task}_{size.replace('*', 'x')}_{frames}f_{steps}s_{probe.fingerprint()}"
 
 
 def _stored_config(cfg: TuneConfig, name: str) -> tuple[bool, dict[str, Any] | None, list[str]]:
@@ -57,11 +57,10 @@ def _stored_config(cfg: TuneConfig, name: str) -> tuple[bool, dict[str, Any] | N
 def _workload(d: dict[str, Any]) -> tuple[str, int, int] | None:
     """(size, frames, steps) a config resolves to: '' and 0 mean the task's defaults."""
     try:
-        r = TuneConfig(**{k: d[k] for k in ("model", "task", "size", "frames", "steps") if k in d}).base_recipe()
-    except Exception:  # noqa: BLE001 - an old or odd config: compare raw values instead
+        return TuneConfig(**{k: d[k] for k in ("model", "task", "size", "frames", "steps") if k in d}
+                          ).base_recipe().workload()
+    except WanctlError:  # an old or odd config: compare raw values instead
         return None
-    w = r.resolved()
-    return w.size, w.frames, w.steps
 
 
 def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig, list[str]]:

@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from recipes.errors import BadInput, StudyError
+from recipes.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ RDB_DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle", "
 
 
 def is_rdb_url(url: str) -> bool:
+    """``dialect[+driver]://...`` for one of RDB_DIALECTS."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
     return scheme.split("+", 1)[0].lower() in RDB_DIALECTS
+
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -156,8 +159,6 @@ def claim_output_dir(out: Path, study: str) -> None:
         raise BadInput(f"{out} holds the outputs of study {held!r} (its trials, references and recipe); study "
                        f"{study!r} would overwrite them", "pass another --out for this study")
     if not held:
-        from recipes.files import atomic_write_text
-
         atomic_write_text(marker, study + "\n")
 
 

@@ -30,7 +30,6 @@ from recipes.manifest import (
     ManifestMismatch,
     check_files,
     read_manifest,
-    sha256_file,
     write_manifest,
 )
 
@@ -126,10 +125,10 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
     match (bit rot, an edit) so this run fetches them again. Only a folder holding this artifact's manifest
     is touched: its files are wanctl's."""
     from downloads.catalogue import artifact
-    from downloads.plan import default_target_dir, offline_requested
+    from downloads.plan import offline_requested, target_path
 
     art = artifact(task)
-    target = Path(target_dir if target_dir is not None else default_target_dir(task)).expanduser().absolute()
+    target = target_path(task, target_dir)
     try:
         manifest = read_manifest(target)
     except WanctlError:
@@ -156,15 +155,11 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
 def _check_foreign(target: Path, p: DownloadPlan) -> None:
     """Adopt files already in a folder wanctl did not download only if they are the source's; else stop here,
     before the marker, the lock or a single byte is written (they may be the user's own weights)."""
-    differ = []
-    for f in foreign_files(target, p.files):
-        local = target.joinpath(*f.path.split("/"))
-        if not local.is_file() or local.stat().st_size != f.size:
-            differ.append(f"{f.path} (size)")
-        elif f.sha256 and sha256_file(local) != f.sha256:
-            differ.append(f"{f.path} (sha256)")
-        elif f.git_oid and git_blob_oid(local) != f.git_oid:
-            differ.append(f"{f.path} (git blob id)")
+    foreign = tuple(foreign_files(target, p.files))
+    if not foreign:
+        return
+    _, problems = check_files(target, {f.path: (f.size, f.sha256) for f in foreign}, hash_files=True)
+    differ = [f"{x.path} ({x.problem})" for x in (*problems, *_check_git_oids(target, foreign))]
     if differ:
         raise BadInput(f"{target} holds files wanctl did not download that differ from {p.repo}@{p.revision[:12]}: "
                        f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; nothing was changed",

@@ -103,6 +103,11 @@ def default_target_dir(name: str) -> Path:
     return DEFAULT_ROOT / artifact(name).dirname
 
 
+def target_path(name: str, target_dir: str | os.PathLike[str] | None) -> Path:
+    """The absolute folder a download of ``name`` goes to: --dir, else the default under ./checkpoints."""
+    return Path(target_dir if target_dir is not None else default_target_dir(name)).expanduser().absolute()
+
+
 def offline_requested(flag: bool) -> bool:
     """The --offline flag, HF_HUB_OFFLINE (read now, not at import) or huggingface_hub's own offline mode."""
     if flag or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
@@ -180,7 +185,7 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     art = artifact(task)
     if source not in SOURCES:
         raise BadInput(f"unknown source {source!r}", f"use one of: {', '.join(SOURCES)}")
-    target = Path(target_dir if target_dir is not None else default_target_dir(task)).expanduser().absolute()
+    target = target_path(task, target_dir)
     if target.exists() and not target.is_dir():
         raise BadInput(f"{target} exists and is not a directory", "pass --dir with a directory path")
     advice = None

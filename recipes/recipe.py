@@ -179,6 +179,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def workload(self) -> tuple[str, int, int]:
+        """(size, frames, steps) this recipe runs at, the task's defaults filled in: what its timings and a
+        speed-up measured with it belong to."""
+        r = self.resolved()
+        return r.size, r.frames, r.steps
+
     def resolved(self) -> Recipe:
         """The same recipe with every 'model default' (0 / empty) replaced by the task's value."""
         spec = model_spec(self.task)

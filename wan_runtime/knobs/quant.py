@@ -57,12 +57,12 @@ def _apply(ctx: KnobContext) -> None:
     q = ctx.recipe.quant
     kinds: set[str] = set()
     count = plain = 0
-    experts: list[tuple[_TEForward, list[_PaddedTELinear]]] = []
+    swapped: list[_PaddedTELinear] = []
     for t in ctx.transformers:
         mark_applied(t, "quant")
         if q in TE_QUANT:
-            experts.append(_apply_te(t, ctx))
-            count += len(experts[-1][1])
+            swapped += _apply_te(t, ctx)
+            count = len(swapped)
             kinds.add("transformer_engine.Linear")
             continue
         from torchao.quantization import quantize_
@@ -83,8 +83,8 @@ def _apply(ctx: KnobContext) -> None:
     if not count:
         raise Unsupported(f"quantization {q} left every block linear unquantized", "check the torchao version")
     ctx.actual["quant"] = f"{q}: {count} linears as {', '.join(sorted(kinds))}"
-    if experts:
-        ctx.observers.append(TEObserver([m for _, lins in experts for m in lins], q))
+    if swapped:
+        ctx.observers.append(TEObserver(swapped, q))
     if plain:
         ctx.actual["quant"] += f"; {plain} left in bf16 (shapes the kernel does not take)"
 
@@ -182,11 +182,9 @@ class _TEForward:
         self.original, self.te, self.fp8_recipe = original, te, fp8_recipe
         self.pending_calibration = calibrate_first
         self.delayed = calibrate_first
-        self.calls = 0
         functools.update_wrapper(self, original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
         try:
             if self.pending_calibration:
                 self.pending_calibration = False
@@ -241,7 +239,7 @@ class TEObserver:
                                             "linears ran without fp8 in the last forward")
 
 
-def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> tuple[_TEForward, list[_PaddedTELinear]]:
+def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTELinear]:
     te = require_module("transformer_engine.pytorch", "te")
     r = ctx.recipe
     swapped: list[_PaddedTELinear] = []
@@ -254,11 +252,10 @@ def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> tuple[_TEForwar
                 setattr(module, child_name, padded)
                 swapped.append(padded)
     fp8_recipe = te_recipe(r.quant, r.te_amax_history_len, r.te_amax_compute_algo)
-    wrapper = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
-    transformer.forward = wrapper
+    transformer.forward = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
     ctx.notes.append(f"transformer engine: {len(swapped)} block linears swapped, recipe {type(fp8_recipe).__name__}"
                      + (", first forward per expert calibrates in bf16" if r.quant == "te_delayed" else ""))
-    return wrapper, swapped
+    return swapped
 
 
 KNOB = Knob(name="quant", active=lambda r: r.quant != "none", check=_check, apply=_apply)
