@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import commit_id, ran_summary, table_head, write_outputs
 from recipes.models import model_spec
 from recipes.recipe import Recipe
-from wan_runtime.env import versions
+from wan_runtime.env import share_torch_cudnn, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 
 STACKS: dict[str, dict] = {
@@ -71,6 +71,13 @@ STACKS: dict[str, dict] = {
     "fa3fp8+qkv+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "compile": "regional"},
     "fa3fp8+fp8tensor+compile": {"attention": "fa3_fp8", "quant": "fp8_tensorwise", "compile": "regional"},
     "fa3fp8+fp8row+compile": {"attention": "fa3_fp8", "quant": "fp8_rowwise", "compile": "regional"},
+    "tecurrent": {"quant": "te_current"},
+    "fa3fp8+tecurrent+compile": {"attention": "fa3_fp8", "quant": "te_current", "compile": "regional",
+                                 "compile_fullgraph": False},
+    "fa3fp8+teblock+compile": {"attention": "fa3_fp8", "quant": "te_block", "compile": "regional",
+                               "compile_fullgraph": False},
+    "fa3fp8+tedelayed+compile": {"attention": "fa3_fp8", "quant": "te_delayed", "compile": "regional",
+                                 "compile_fullgraph": False},
     "fa3fp8+qkv+fp8tensor+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "quant": "fp8_tensorwise",
                                      "compile": "regional"},
 }
@@ -125,6 +132,7 @@ def a14b_inputs(size: str, frames: int, device: str = "cuda", seed: int = 0
 
 
 def main() -> None:
+    share_torch_cudnn()  # before diffusers (through peft) imports Transformer Engine
     ap = argparse.ArgumentParser()
     ap.add_argument("--stacks", default="default,cudnn,flash,compile")
     ap.add_argument("--layers", type=int, default=8)

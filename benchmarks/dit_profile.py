@@ -26,7 +26,7 @@ from benchmarks.common import commit_id, table_head, write_outputs
 from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
-from wan_runtime.env import versions
+from wan_runtime.env import share_torch_cudnn, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 
 #: Kernel-name patterns, first match wins. Attention first: cuDNN's SDPA kernels also say "gemm"-like things.
@@ -88,6 +88,7 @@ def profile_stack(name: str, layers: int, size: str, frames: int, warmup: int) -
 
 
 def main() -> None:
+    share_torch_cudnn()  # before diffusers (through peft) imports Transformer Engine
     ap = argparse.ArgumentParser()
     ap.add_argument("--stacks", default="default,compile")
     ap.add_argument("--layers", type=int, default=2)

@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(result_path).write_text('{"outcome": "ok", "timings": {"step_s": [0.1, ')
         return 0
     try:
-        from wan_runtime.run import run_spec  # torch's import takes seconds: Ctrl-C there is handled too
+        from wan_runtime.env import share_torch_cudnn  # torch's import takes seconds: Ctrl-C there is handled too
+
+        share_torch_cudnn()  # before diffusers' import of peft imports Transformer Engine
+        from wan_runtime.run import run_spec
 
         result = run_spec(spec, stream_progress=_progress)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, nothing half-written left beside the video

@@ -1,13 +1,20 @@
-"""Versions and device facts recorded with every result (so a figure always says where it came from)."""
+"""The runtime process's surroundings: versions and device facts recorded with every result (so a figure always
+says where it came from), and the native libraries it must share with optional packages."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import Iterable
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from recipes.errors import HardwareUnsupported
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "diffusers", "transformers", "torchao", "transformer-engine", "flash-attn", "sageattention",
             "triton", "wanctl")
@@ -49,9 +56,67 @@ def versions() -> dict[str, str]:
     return out
 
 
+def loaded_library(prefix: str, maps: str | None = None) -> Path | None:
+    """The file a shared library whose name starts with ``prefix`` was loaded from, read from the process's
+    memory map (Linux). ``maps`` is the map's text, for tests."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return None
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and Path(parts[5]).name.startswith(prefix):
+            return Path(parts[5])
+    return None
+
+
+def cudnn_preload_order(libs: Iterable[Path]) -> list[Path]:
+    """cuDNN's libraries in the order they can be loaded one by one: the graph library first (the engine
+    libraries link against it by name), the front library last, versioned names only (``libcudnn.so`` is
+    the same file as ``libcudnn.so.9``)."""
+    versioned = [p for p in libs if not p.name.endswith(".so")]
+    return sorted(versioned, key=lambda p: (0 if "_graph" in p.name else 2 if p.name.startswith("libcudnn.so") else 1,
+                                             p.name))
+
+
+def share_torch_cudnn() -> None:
+    """Make Transformer Engine use the cuDNN torch loads, before anything imports TE.
+
+    TE loads cuDNN itself when imported, preferring a system or CUDA_HOME copy, and peft imports TE while
+    diffusers loads. Where the system copy is older than torch's (the H200 image here: 9.14 in /usr/lib
+    beside torch's 9.19), torch then binds to TE's copy and every cuDNN call fails with "cuDNN version
+    incompatibility", in trials that never asked for TE too; and cuDNN's own sub-libraries, opened by name,
+    come from the system folder ("undefined symbol ... libcudnn_graph.so.9"). Loading torch's cuDNN and
+    its sub-libraries first makes every later lookup by name find them, and ``CUDNN_PATH`` (which TE reads
+    first) names their folder. A user's own ``CUDNN_PATH``/``CUDNN_HOME`` is kept.
+    """
+    if os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME") or not torch.backends.cudnn.is_available():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:  # a top-level lookup runs no TE code
+        return
+    try:
+        torch.backends.cudnn.version()  # loads torch's cuDNN where torch loads it lazily
+    except RuntimeError:
+        return  # already mixed (TE imported first): torch's own error says so at the first cuDNN call
+    path = loaded_library("libcudnn.so")
+    if path is None:
+        return
+    import ctypes
+
+    for lib in cudnn_preload_order(path.parent.glob("libcudnn*.so*")):
+        try:
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:  # a sub-library torch itself never needs; TE says so if it does
+            log.debug("not preloading %s: %s", lib, exc)
+    os.environ["CUDNN_PATH"] = str(path.parent)
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
-        local = int(__import__("os").environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")

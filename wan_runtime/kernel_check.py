@@ -33,6 +33,7 @@ import torch
 
 from recipes.recipe import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION, TE_QUANT, TORCHAO_QUANT, dispatch_backend
 from recipes.spec import KERNEL_CHECK_START
+from wan_runtime.env import share_torch_cudnn
 from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Unsupported
 
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     only = {s for s in args.only.split(",") if s}
+    share_torch_cudnn()  # before any check imports Transformer Engine
     with _stdout_to_stderr() as real_stdout:
         info, device = environment()
         if args.cpu:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from recipes.recipe import FP8_QUANT, TE_QUANT
+from wan_runtime.env import share_torch_cudnn
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied, require_gpu, require_module
 
 
@@ -23,7 +24,7 @@ def _check(ctx: KnobContext) -> None:
     q = ctx.recipe.quant
     if q in TE_QUANT:
         require_gpu(ctx, "Transformer Engine fp8")
-        te = require_module("transformer_engine.pytorch", "te")
+        te = _te_module()
     else:
         require_module("torchao.quantization", "quant")
         if q.startswith("fp8"):
@@ -239,8 +240,13 @@ class TEObserver:
                                             "linears ran without fp8 in the last forward")
 
 
+def _te_module() -> Any:
+    share_torch_cudnn()  # a no-op once the runtime's entry has done it
+    return require_module("transformer_engine.pytorch", "te")
+
+
 def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTELinear]:
-    te = require_module("transformer_engine.pytorch", "te")
+    te = _te_module()
     r = ctx.recipe
     swapped: list[_PaddedTELinear] = []
     for name, module in list(transformer.named_modules()):

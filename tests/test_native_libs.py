@@ -1,0 +1,64 @@
+"""The runtime shares torch's cuDNN with Transformer Engine (a mixed cuDNN failed every trial on the H200 image)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from wan_runtime import env
+
+MAPS = """\
+7f00-7f10 r-xp 00000000 00:2a 101 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f20-7f30 r--p 00000000 00:2a 102 /opt/venv/site-packages/nvidia/cudnn/lib/libcudnn.so.9
+7f40-7f50 rw-p 00000000 00:00 0
+7f60-7f70 r-xp 00000000 00:2a 103 /usr/lib/x86_64-linux-gnu/libcudnn_graph.so.9.14.0
+"""
+
+
+def test_the_first_mapped_copy_of_a_library_is_found() -> None:
+    assert env.loaded_library("libcudnn.so", MAPS) == Path("/opt/venv/site-packages/nvidia/cudnn/lib/libcudnn.so.9")
+    assert env.loaded_library("libcudnn_graph", MAPS).name == "libcudnn_graph.so.9.14.0"
+    assert env.loaded_library("libnccl", MAPS) is None  # anonymous mappings (no path) are skipped too
+
+
+def test_cudnn_libraries_load_graph_first_and_the_front_library_last() -> None:
+    names = ["libcudnn.so", "libcudnn.so.9", "libcudnn_ops.so.9", "libcudnn_graph.so.9", "libcudnn_heuristic.so.9",
+             "libcudnn_engines_precompiled.so.9"]
+    order = [p.name for p in env.cudnn_preload_order(Path("/x") / n for n in names)]
+    assert order[0] == "libcudnn_graph.so.9" and order[-1] == "libcudnn.so.9"
+    assert "libcudnn.so" not in order and len(order) == 5
+
+
+@pytest.mark.parametrize("var", ["CUDNN_PATH", "CUDNN_HOME"])
+def test_a_users_cudnn_choice_is_kept(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    monkeypatch.delenv("CUDNN_PATH", raising=False)
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setenv(var, "/opt/my-cudnn")
+    monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
+    env.share_torch_cudnn()
+    assert os.environ[var] == "/opt/my-cudnn" and ("CUDNN_PATH" not in os.environ or var == "CUDNN_PATH")
+
+
+def test_torchs_cudnn_folder_is_named_for_transformer_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CUDNN_PATH", raising=False)
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(env.torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "transformer_engine" else None)
+    (tmp_path / "libcudnn.so.9").write_bytes(b"not a library")  # preloading it fails: logged, not raised
+    monkeypatch.setattr(env, "loaded_library", lambda prefix, maps=None: tmp_path / "libcudnn.so.9")
+    env.share_torch_cudnn()
+    assert os.environ["CUDNN_PATH"] == str(tmp_path)
+
+
+def test_nothing_changes_without_transformer_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDNN_PATH", raising=False)
+    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
+    env.share_torch_cudnn()
+    assert "CUDNN_PATH" not in os.environ
