@@ -5,10 +5,13 @@
 #   KERNEL=fa3: FlashAttention-3 (flash-attention's hopper/ folder; not on PyPI). SRC = a flash-attention
 #     tree with csrc/cutlass/include filled in (the submodule). Forward only, head dim FA3_HDIMS (default 128,
 #     Wan2.2's), bf16 and e4m3 (fp8): what inference needs, and minutes instead of an hour.
+#   KERNEL=te: Transformer Engine's torch extension (transformer_engine_torch; PyPI has only its sdist). SRC = the
+#     unpacked transformer_engine_torch-VERSION.tar.gz (TE=1 make wheelhouse); install the wheel with the same
+#     version's transformer-engine and transformer-engine-cu13 wheels. C++ only (no nvcc work): ~2 minutes.
 # Bring ninja / wheel / setuptools wheels with you (TOOLS); only the listed compute capabilities are compiled:
 #   KERNEL=sage SRC=path TOOLS=dir OUT=dir ARCHS=9.0 bash tools/build_kernel.sh
 set -euo pipefail
-KERNEL="${KERNEL:?set KERNEL to sage or fa3}"
+KERNEL="${KERNEL:?set KERNEL to sage, fa3 or te}"
 SRC="${SRC:?set SRC to the kernel source folder}"
 OUT="${OUT:-.wheelhouse}"
 ARCHS="${ARCHS:-9.0}"
@@ -17,7 +20,7 @@ if [ -n "${TOOLS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --target "$BUILD_SITE" "$TOOLS"/*.whl
   export PYTHONPATH="$BUILD_SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$BUILD_SITE/bin:$PATH"
 fi
-command -v nvcc >/dev/null || { echo "nvcc not found: $KERNEL compiles CUDA kernels (set CUDA_HOME / PATH)" >&2; exit 2; }
+[ "$KERNEL" = te ] || command -v nvcc >/dev/null || { echo "nvcc not found: $KERNEL compiles CUDA kernels (set CUDA_HOME / PATH)" >&2; exit 2; }
 OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 case "$KERNEL" in
@@ -37,5 +40,16 @@ case "$KERNEL" in
     cd "$SRC/hopper"
     python3 setup.py -q bdist_wheel -d "$OUT"
     ls -la "$OUT"/flash_attn_3-*.whl ;;
-  *) echo "KERNEL must be sage or fa3, not $KERNEL" >&2; exit 2 ;;
+  te)
+    [ -f "$SRC/setup.py" ] || { echo "$SRC has no setup.py: unpack transformer_engine_torch-VERSION.tar.gz there" >&2; exit 2; }
+    # cuDNN, NCCL and NVRTC headers come from the nvidia-* wheels torch was installed with
+    NV="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" || {
+      echo "the nvidia-* wheels torch uses are not importable: install torch with CUDA from PyPI" >&2; exit 2; }
+    CPATH="$(ls -d "$NV"/*/include | tr '\n' ':')${CPATH:-}"
+    export CPATH NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_WITH_NCCL_EP="${NVTE_WITH_NCCL_EP:-0}"
+    export NVTE_CUDA_ARCHS="${NVTE_CUDA_ARCHS:-${ARCHS//./}}"
+    cd "$SRC"
+    python3 setup.py -q bdist_wheel -d "$OUT"
+    ls -la "$OUT"/transformer_engine_torch-*.whl ;;
+  *) echo "KERNEL must be sage, fa3 or te, not $KERNEL" >&2; exit 2 ;;
 esac

@@ -21,12 +21,39 @@ if [ "${FA4:-0}" = 1 ]; then
          nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi==0.1.15.post2
          torch-c-dlpack-ext quack-kernels==0.6.5 einops cuda-bindings==13.5.0 cuda-pathfinder)
 fi
+# TE=1 adds Transformer Engine (the te_* quant values): its core wheel for CUDA ${TE_CUDA:-13} (~277 MB, every GPU
+# architecture inside), the metapackage, pydantic, and the torch extension's source in $OUT/src, which PyPI ships
+# only as an sdist: build it on the GPU host with KERNEL=te tools/build_kernel.sh (BENCHMARKS.md, seventh session).
+TE_VERSION="${TE_VERSION:-2.20.2}"
+if [ "${TE:-0}" = 1 ]; then
+  PKGS+=(transformer-engine=="$TE_VERSION" transformer-engine-cu"${TE_CUDA:-13}"=="$TE_VERSION" pydantic pydantic-core
+         annotated-types typing-inspection typing-extensions)
+fi
 mkdir -p "$OUT"
 plat=()
 for n in 17 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
 plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   "${plat[@]}" -d "$OUT" "${PKGS[@]}"
+if [ "${TE:-0}" = 1 ]; then
+  mkdir -p "$OUT/src" "$OUT/build-tools"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
+  # pip cannot download this sdist without building its metadata (which needs torch and CUDA): fetch it from the
+  # index by name and check the sha256 the index gives.
+  "$PY" - "$TE_VERSION" "$OUT/src" <<'PY'
+import hashlib, pathlib, re, sys, urllib.request
+version, out = sys.argv[1], pathlib.Path(sys.argv[2])
+name = f"transformer_engine_torch-{version}.tar.gz"
+page = urllib.request.urlopen("https://pypi.org/simple/transformer-engine-torch/", timeout=60).read().decode()
+found = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
+if found is None:
+    sys.exit(f"{name} is not on PyPI (TE_VERSION={version})")
+data = urllib.request.urlopen(found.group(1), timeout=600).read()
+if hashlib.sha256(data).hexdigest() != found.group(2):
+    sys.exit(f"{name}: sha256 does not match the index's")
+(out / name).write_bytes(data)
+PY
+fi
 # KERNELS=1 adds what tools/build_kernel.sh needs to compile attention kernels on an offline GPU host with nvcc:
 # the build tools' wheels in $OUT/build-tools and, packed from local checkouts, the sources in $OUT/src:
 #   FA3_REPO=path/to/flash-attention (with `git submodule update --init csrc/cutlass` done), SAGE_REPO=path/to/SageAttention
