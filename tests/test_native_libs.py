@@ -62,3 +62,23 @@ def test_nothing_changes_without_transformer_engine(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
     env.share_torch_cudnn()
     assert "CUDNN_PATH" not in os.environ
+
+
+@pytest.mark.parametrize("message", [
+    "cuDNN version incompatibility: PyTorch was compiled  against (9, 19, 0) but found runtime version (9, 14, 0).",
+    "/lib/x86_64-linux-gnu/libcudnn_heuristic.so.9: undefined symbol: _ZTVN5cudnn7backend12OperationSetE",
+])
+def test_a_trial_killed_by_two_cudnns_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         message: str) -> None:
+    from recipes.recipe import Recipe
+    from recipes.spec import TrialSpec
+    from wan_runtime import run
+
+    def boom(*args: object) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(run, "_run", boom)
+    res = run.run_spec(TrialSpec(recipe=Recipe(), mode="quality", out_dir=str(tmp_path), write_video=False))
+    assert res.outcome == "crash" and res.error.startswith(message.splitlines()[0])
+    assert "LD_LIBRARY_PATH" in res.error
+    assert env.mixed_cudnn_hint("CUDA error: an illegal memory access was encountered") == ""

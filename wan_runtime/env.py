@@ -114,6 +114,16 @@ def share_torch_cudnn() -> None:
     os.environ["CUDNN_PATH"] = str(path.parent)
 
 
+def mixed_cudnn_hint(message: str) -> str:
+    """A fix for the errors two cuDNN copies in one process give ('' for any other error): what ran on the
+    H200 image where a system cuDNN shadowed torch's."""
+    if "cuDNN version incompatibility" in message or ("undefined symbol" in message and "libcudnn" in message):
+        return ("another cuDNN than torch's was loaded (a system copy, through Transformer Engine?): put torch's "
+                "nvidia/cudnn/lib folder first on LD_LIBRARY_PATH, or uninstall Transformer Engine if no te_* "
+                "recipe is wanted")
+    return ""
+
+
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))

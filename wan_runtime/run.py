@@ -27,7 +27,7 @@ from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
-from wan_runtime.env import device_name, pick_device, require_safe_torch, versions
+from wan_runtime.env import device_name, mixed_cudnn_hint, pick_device, require_safe_torch, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache, expert_steps
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
@@ -157,7 +157,7 @@ def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.dev
             where: _Phase) -> RunResult:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    hint = getattr(exc, "hint", "")
+    hint = getattr(exc, "hint", "") or mixed_cudnn_hint(text)
     log.info("%s: %s", outcome, first)  # the result carries it; the caller prints it once
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,
