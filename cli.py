@@ -540,6 +540,9 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {escape(exc.message)}")
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+        if "--json" in sys.argv[1:]:  # a script reading stdout gets the failure as JSON, not an empty document
+            _print_json(json.dumps({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
+                                              "exit_code": exc.exit_code}}))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

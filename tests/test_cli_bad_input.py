@@ -132,3 +132,15 @@ def test_a_journal_torn_in_its_first_record_is_repaired_not_refused(tmp_path: Pa
         path = tmp_path / "s.journal"
         path.write_bytes(torn)
         check_journal(path)  # a tuner killed during its first append: the repair handles it
+
+
+def test_json_output_carries_the_failure_as_json(tmp_path: Path) -> None:
+    import json
+
+    r = run_cli("recipe", str(tmp_path / "missing.toml"), "--json")
+    assert r.returncode == 2, r.stderr
+    doc = json.loads(r.stdout)["error"]
+    assert "missing.toml" in doc["message"] and doc["exit_code"] == 2 and doc["type"]
+    assert "error:" in r.stderr  # people still read the message on stderr
+    plain = run_cli("recipe", str(tmp_path / "missing.toml"))
+    assert plain.returncode == 2 and plain.stdout == ""
