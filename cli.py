@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,6 +32,9 @@ from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
+
+if TYPE_CHECKING:
+    from probes.result import ProbeResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and run the fastest quality-preserving Wan2.2 stack for this machine.")
@@ -81,6 +84,17 @@ def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _probe_showing_checks(**kw: Any) -> ProbeResult:
+    """run_probe with a status line naming the kernel check under way: a hung check costs minutes before the
+    probe restarts its child without it, and the name says where they go."""
+    from probes.probe import run_probe
+
+    if not err.is_terminal:
+        return run_probe(**kw)
+    with err.status("probing: kernel checks starting") as status:
+        return run_probe(on_check=lambda name: status.update(f"probing: kernel check {escape(name)}"), **kw)
 
 
 def _progress() -> Progress:
@@ -301,7 +315,6 @@ def tune(
     from autotune.config import TuneConfig, parse_budget
     from autotune.study import check_journal, journal_path
     from autotune.tuner import tune as run_tune
-    from probes.probe import run_probe
 
     if objective not in ("latency", "pareto"):
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
@@ -331,7 +344,7 @@ def tune(
     if storage and (journal := journal_path(storage)) is not None:
         check_journal(journal)
     err.print("probing this machine (GPUs, libraries, kernels)...")
-    probe = run_probe(paths=[cfg.out_dir])
+    probe = _probe_showing_checks(paths=[cfg.out_dir])
     _refuse_unreadable_gpus(probe)
     with _progress() as prog:
         result = run_tune(cfg, probe, LiveReporter(prog))
@@ -456,13 +469,12 @@ def probe(
 ) -> None:
     """GPUs, links, drivers, libraries, and which kernels really run here."""
     _setup_logging(debug)
-    from probes.probe import run_probe
     from probes.render import render_probe
     from recipes.files import atomic_write_text
 
     if save:
         save = check_output_file(save)  # ~ expanded here and for the write
-    res = run_probe(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
+    res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
     if save:
         atomic_write_text(save, res.to_json())
     if json_out:

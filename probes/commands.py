@@ -8,11 +8,15 @@ session and killing the group is what makes a hanging ``nvidia-smi`` or kernel c
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,12 @@ def describe_returncode(code: int | None) -> str:
 
 
 def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | None = None,
-                cwd: str | None = None) -> CommandResult:
-    """Run ``argv`` with stdin closed; never raises for a missing, failing or hanging command."""
+                cwd: str | None = None, on_stderr_line: Callable[[str], None] | None = None) -> CommandResult:
+    """Run ``argv`` with stdin closed; never raises for a missing, failing or hanging command.
+
+    ``on_stderr_line`` sees each stderr line as it comes (from a reader thread), so a caller can show what a
+    long child is doing before it ends; its own errors are logged, never raised into the run.
+    """
     args = tuple(str(a) for a in argv)
     try:
         proc = subprocess.Popen(
@@ -73,6 +81,8 @@ def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | 
         return CommandResult(args, None, not_found=True)
     except OSError as exc:
         return CommandResult(args, None, error=f"could not start {args[0]}: {exc.strerror or exc}")
+    if on_stderr_line is not None:
+        return _run_streaming(proc, args, timeout_s, on_stderr_line)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -88,6 +98,43 @@ def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | 
         _kill_group(proc.pid)
         raise
     return CommandResult(args, proc.returncode, out, err)
+
+
+def _run_streaming(proc: subprocess.Popen[str], args: tuple[str, ...], timeout_s: float,
+                   on_line: Callable[[str], None]) -> CommandResult:
+    out: list[str] = []
+    err: list[str] = []
+
+    def pump_err() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            try:
+                on_line(line.rstrip("\n"))
+            except Exception:  # a display callback must not lose the child's result
+                log.debug("stderr line callback failed", exc_info=True)
+
+    def pump_out() -> None:
+        assert proc.stdout is not None
+        out.append(proc.stdout.read())
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (pump_err, pump_out)]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        timed_out = True
+    except BaseException:  # Ctrl-C: as in run_command
+        _kill_group(proc.pid)
+        raise
+    for t in readers:  # the group is dead or done, so the pipes close; bounded in case a member escaped it
+        t.join(timeout=2.0)
+    if timed_out:
+        return CommandResult(args, None, "".join(out), "".join(err), timed_out=True)
+    return CommandResult(args, proc.returncode, "".join(out), "".join(err))
 
 
 def _kill_group(pgid: int) -> None:

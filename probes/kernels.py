@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +126,18 @@ def _why(res: CommandResult, timeout_s: float) -> str:
 
 def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_compile: bool = False,
                       env: dict[str, str] | None = None, max_restarts: int = 2,
-                      extra_args: tuple[str, ...] = ()) -> KernelReport:
+                      extra_args: tuple[str, ...] = (), on_check: Callable[[str], None] | None = None) -> KernelReport:
     """Run the kernel-check child and turn whatever happens into a KernelReport; never raises.
 
     ``python`` is the interpreter to start (tests pass a fake one); ``timeout_s`` bounds each start.
+    ``on_check`` hears each check's name as the child starts it: a hung check costs ``timeout_s`` per
+    start, and a caller showing the name says where those minutes go.
     """
+
+    def on_line(line: str) -> None:
+        if on_check is not None and line.startswith(START_MARK):
+            on_check(line[len(START_MARK):].strip())
+
     exe = python or sys.executable
     found: dict[str, KernelCheck] = {}
     notes: list[str] = []
@@ -141,7 +149,7 @@ def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_
             argv.append("--with-compile")
         if skip:
             argv += ["--skip", ",".join(skip)]
-        res = run_command(argv, timeout_s, env=with_source_on_path(env))
+        res = run_command(argv, timeout_s, env=with_source_on_path(env), on_stderr_line=on_line if on_check else None)
         if res.ok:
             try:
                 doc = _parse_doc(res.stdout)

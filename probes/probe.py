@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from probes.families import NO_GPU, GpuFamily, family_for, parse_cc
@@ -37,12 +37,14 @@ def run_probe(
     env: Mapping[str, str] | None = None,
     host: HostInfo | None = None,
     software: SoftwareVersions | None = None,
+    on_check: Callable[[str], None] | None = None,
 ) -> ProbeResult:
     """Probe this machine; never raises for a missing driver, GPU or library (those are notes).
 
     ``paths``: folders whose free disk to report (output and checkpoint dirs). ``with_compile``: also check
     torch.compile in the kernel child; None means "when there is a GPU" (on a 2-core CPU it takes ~30 s).
-    ``env``: the environment to read CUDA_VISIBLE_DEVICES from and to start the child with.
+    ``env``: the environment to read CUDA_VISIBLE_DEVICES from and to start the child with. ``on_check``:
+    told each kernel check's name as it starts (for a status line).
     """
     environ = dict(os.environ if env is None else env)
     notes: list[str] = []
@@ -62,7 +64,7 @@ def run_probe(
     if with_kernels:
         compile_check = bool(gpus) if with_compile is None else with_compile
         report = run_kernel_checks(python=python, timeout_s=kernel_timeout_s, with_compile=compile_check,
-                                   env=environ)
+                                   env=environ, on_check=on_check)
         kernels = report.checks
         notes += report.notes
         if report.device == "cuda":

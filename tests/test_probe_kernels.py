@@ -155,3 +155,33 @@ def test_stray_lines_around_the_childs_document_do_not_lose_the_report() -> None
         assert _parse_doc(stdout)["checks"] == {"compile": {"status": "ok"}}
     with pytest.raises(ValueError, match="printed no JSON document"):
         _parse_doc("only noise\nhere")
+
+
+def test_each_check_is_named_as_it_starts_even_the_one_that_hangs(tmp_path: Path) -> None:
+    """The name reaches the caller while the child still runs: the hung check is the last name heard, before
+    the timeout, and the child is still killed as a group."""
+    heard: list[tuple[str, float]] = []
+    py = write_script(tmp_path / "python", f"""case "$*" in
+  *"--skip attention:sage"*) echo '{{"schema": 1, "checks": {{}}}}' ;;
+  *) echo "{START_MARK}attention:native" >&2; echo "not a mark" >&2; echo "{START_MARK}attention:sage" >&2
+     sleep 30 & wait ;;
+esac
+""")
+    t0 = time.monotonic()
+    report = run_kernel_checks(python=str(py), timeout_s=3.0,
+                               on_check=lambda name: heard.append((name, time.monotonic() - t0)))
+    assert [n for n, _ in heard] == ["attention:native", "attention:sage"]
+    assert heard[-1][1] < 3.0  # heard while the child was hanging, not read back after it was killed
+    assert time.monotonic() - t0 < 7
+    by = {c.name: c for c in report.checks}
+    assert by["attention:sage"].summary == "fails: probe child timed out after 3 s during this check"
+
+
+def test_a_failing_line_callback_loses_nothing(tmp_path: Path) -> None:
+    py = write_script(tmp_path / "python", "echo one >&2; echo two >&2; echo '{}'\n")
+
+    def broken(line: str) -> None:
+        raise RuntimeError("display gone")
+
+    res = run_command([str(py)], timeout_s=10, on_stderr_line=broken)
+    assert res.ok and res.stdout == "{}\n" and res.stderr == "one\ntwo\n"
