@@ -490,18 +490,22 @@ class Tuner:
 
         A baseline trial numbered below ``number`` that still reads WAITING was taken already (trials are
         handed out in order); this process's view of it is just older than the other tuner's ask (seen on
-        PostgreSQL under load, where it cost a second baseline), so it counts as running."""
+        PostgreSQL under load, where it cost a second baseline), so it counts as running.
+
+        The trials are read before the study's attributes, never after: the baseline's tuner stores its record
+        (``_run_baseline``) before it ends the trial (``_tell``), so a snapshot showing the baseline trial
+        ended is followed by a read that sees its record. Read the other way round, a baseline recorded and
+        ended between the two reads looked like one that died, and a second baseline was measured (make test,
+        SQLite two-worker test under load)."""
         deadline = time.monotonic() + self._timeout()
         announced = False
         live = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         while self.baseline is None and time.monotonic() < deadline:
-            self._restore(study)
-            if self.baseline is not None:
-                return
             running = [t for t in study.get_trials(deepcopy=False, states=live)
                        if t.user_attrs.get("wanctl_role") == "baseline"
                        and (t.state == optuna.trial.TrialState.RUNNING or t.number < number)]
-            if not running:
+            self._restore(study)
+            if self.baseline is not None or not running:
                 return
             if not announced:
                 self.reporter.message(f"waiting for the baseline (trial {running[0].number}) another tuner is measuring")
@@ -620,7 +624,7 @@ class Tuner:
         rec = dataclasses.replace(rec, speedup=1.0, gate_passed=True, gate_tier="reference",
                                   gate_reason="the reference")
         self.baseline = rec
-        self._save_baseline()
+        self._save_baseline()  # before the trial is told: _await_baseline in other tuners relies on that order
         return rec
 
     def _save_baseline(self) -> None:

@@ -304,6 +304,55 @@ def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waite
     assert len(polls) == 1
 
 
+def test_a_baseline_finished_between_the_waiters_two_reads_is_not_measured_again(
+        h100: ProbeResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waiter reads the study (its baseline record) and the trials (is a baseline trial live?); the
+    worker measuring the baseline records it and ends its trial between the two. Then no record and no live
+    baseline trial looked like a baseline whose tuner died, and the waiter measured a second one (make test
+    saw two baselines in the SQLite two-worker test under load). The interleaving is forced, not timed: the
+    other worker finishes right after the waiter first looked for the record and found none."""
+    import optuna
+
+    import autotune.tuner as tuner_mod
+    from autotune.study import load_or_create, open_storage
+
+    url = _sqlite(tmp_path)
+
+    def worker(name: str) -> SimulatedTuner:
+        cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4,
+                         out_dir=str(tmp_path / name), storage=url, resume=True, study="shared")
+        t = SimulatedTuner(cfg, h100)
+        t._study, _ = load_or_create(open_storage(url), "shared", ["minimize"], optuna.samplers.TPESampler(), True)
+        return t
+
+    other, waiter = worker("a"), worker("b")
+    assert other._study is not None and waiter._study is not None
+    other._enqueue_plan(other._study)
+    base_trial = other._study.ask()  # the other worker took the baseline and is measuring it
+    assert base_trial.user_attrs["wanctl_role"] == "baseline"
+    mine = waiter._study.ask()
+    assert mine.number == base_trial.number + 1
+
+    restore = waiter._restore
+    finished: list[int] = []
+
+    def restore_then_other_finishes(study: optuna.Study) -> None:
+        restore(study)
+        if waiter.baseline is None and not finished:  # as the other worker's loop does: record, then tell
+            finished.append(base_trial.number)
+            rec = other._run_asked(other._study, base_trial)
+            other._tell(other._study, base_trial, rec)
+
+    monkeypatch.setattr(waiter, "_restore", restore_then_other_finishes)
+    monkeypatch.setattr(tuner_mod, "BASELINE_POLL_S", 0.01)
+    rec = waiter._run_asked(waiter._study, mine)
+    assert finished, "the waiter never looked for the baseline's record"
+    assert [s.trial_number for s in other.specs] == [base_trial.number]
+    assert not [s for s in waiter.specs if Path(s.out_dir).name.endswith("-base-a0")], "a second baseline ran"
+    assert rec.role == "screen" and rec.number == mine.number
+    assert waiter.baseline is not None and waiter.baseline.number == base_trial.number
+
+
 def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult, tmp_path: Path) -> None:
     import optuna
 
