@@ -7,6 +7,13 @@ containers (no ``libnvidia-ml.so`` mounted) where ``nvidia-smi`` still works, so
 print an error banner instead of CSV: it always runs under a deadline, and whatever goes wrong becomes a
 "probe failed: ..." note, never an exception. GPU-to-GPU links come from ``nvidia-smi topo -m`` in both
 cases: NVLink vs PCIe decides whether Ulysses sequence parallelism pays off.
+
+A GPU in MIG mode is not what CUDA computes on: CUDA sees its MIG devices ("slices"), each with its own
+share of memory. NVML lists them under their GPU (nvmlDeviceGetMaxMigDeviceCount, then
+nvmlDeviceGetMigDeviceHandleByIndex per index, holes answering NOT_FOUND; nvmlDeviceGetMemoryInfo on the
+MIG handle gives the slice's own memory, as the NVML reference says for MIG device handles). Which of them
+one process uses is decided in probes/probe.py. nvidia-smi's --query-gpu has no slice rows, so the
+fallback, like an NVML that cannot list them, reports the whole GPU with a note.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ QUERY_FIELDS = ("index", "name", "uuid", "memory.total", "memory.free", "compute
 
 @dataclass(frozen=True)
 class GpuInfo:
-    """One GPU as the driver reports it (whole GPU, not a MIG slice)."""
+    """One GPU as the driver reports it: a whole GPU, or one MIG slice of it (``mig_slice``)."""
 
     index: int = 0
     """NVML / nvidia-smi index (PCI bus order), which is not always CUDA's order."""
@@ -44,6 +51,15 @@ class GpuInfo:
     mig_mode: str = ""
     """'Enabled', 'Disabled' or '' (not supported); with MIG on, CUDA sees slices, not this whole GPU."""
     pci_bus_id: str = ""
+    mig_slice: bool = False
+    """True for one MIG device (GPU instance + compute instance) of GPU ``index``: ``uuid`` and the memory
+    are the slice's (MIG-...), name, compute capability, driver, clocks and PCI id are the parent GPU's.
+    Compute instances of one GPU instance share that instance's memory: two of them are not twice the memory."""
+    mig_profile: str = ""
+    """The slice's profile as nvidia-smi names it ('1g.10gb', '3g.40gb'); empty for a whole GPU, or when NVML
+    did not say."""
+    mig_index: int = 0
+    """NVML's index of the slice under its GPU (nvidia-smi -L's 'MIG ... Device N'); 0 for a whole GPU."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,11 @@ class GpuProbe:
     unreadable: str = ""
     """Why no GPU could be read on a host with an NVIDIA driver (NVML or nvidia-smi there, but failing):
     such a host is not a CPU-only one, and must not be tuned or fingerprinted as one."""
+    mig_slices: tuple[GpuInfo, ...] = ()
+    """The MIG devices of the MIG-enabled GPUs in ``gpus``, by GPU index, then NVML MIG index."""
+    mig_listed: tuple[int, ...] = ()
+    """Indices of the MIG-enabled GPUs whose MIG devices NVML listed (maybe none). Only for these is it
+    known what CUDA sees; for the others (nvidia-smi fallback, an NVML that refused) the whole GPU stays."""
 
 
 # ------------------------------------------------------------------------------------------------ NVML
@@ -94,9 +115,11 @@ def _cuda_version(code: Any) -> str:
     return f"{code // 1000}.{code % 1000 // 10}" if isinstance(code, int) and code > 0 else ""
 
 
-def read_nvml(nvml: Any, notes: list[str] | None = None) -> tuple[GpuInfo, ...]:
+def read_nvml(nvml: Any, notes: list[str] | None = None,
+              mig_out: dict[int, tuple[GpuInfo, ...]] | None = None) -> tuple[GpuInfo, ...]:
     """Every GPU through an NVML-like object (``pynvml`` or a recording). Raises when NVML cannot start; a
-    GPU NVML cannot open (fallen off the bus, needs a reset) is left out and named in ``notes``."""
+    GPU NVML cannot open (fallen off the bus, needs a reset) is left out and named in ``notes``. With
+    ``mig_out``, each MIG-enabled GPU whose MIG devices NVML lists gets an entry there (GPU index -> slices)."""
     nvml.nvmlInit()
     try:
         driver = _text(_call(nvml.nvmlSystemGetDriverVersion))
@@ -131,9 +154,68 @@ def read_nvml(nvml: Any, notes: list[str] | None = None) -> tuple[GpuInfo, ...]:
                 mig_mode=("Enabled" if mig[0] else "Disabled") if mig else "",
                 pci_bus_id=_text(getattr(pci, "busId", "")) if pci is not None else "",
             ))
+            if mig_out is not None and gpus[-1].mig_mode == "Enabled":
+                slices = read_mig_slices(nvml, h, gpus[-1])
+                if slices is not None:
+                    mig_out[i] = slices
         return tuple(gpus)
     finally:
         _call(nvml.nvmlShutdown)
+
+
+_NVML_ERROR_NOT_FOUND = 6
+"""nvml.h's NVML_ERROR_NOT_FOUND: what nvmlDeviceGetMigDeviceHandleByIndex answers for an index that holds
+no MIG device (slices can be destroyed out of order, leaving holes)."""
+
+
+def read_mig_slices(nvml: Any, handle: Any, parent: GpuInfo) -> tuple[GpuInfo, ...] | None:
+    """The MIG devices of one MIG-enabled GPU, by NVML MIG index; None when NVML cannot list them.
+
+    None (not an empty tuple) matters: "MIG on and no slices" means CUDA cannot use the GPU at all, while
+    "NVML would not say" (NotSupported, NoPermission, a pynvml too old for the calls) must leave the whole
+    GPU described as before. Any answer other than NOT_FOUND for an index is the second case.
+    """
+    # getattr: a pynvml older than the MIG API (or a recording without it) lacks the functions, and _call
+    # turns calling None into None like any other unsupported query.
+    count = _call(getattr(nvml, "nvmlDeviceGetMaxMigDeviceCount", None), handle)
+    if not isinstance(count, int):
+        return None
+    not_found = getattr(nvml, "NVML_ERROR_NOT_FOUND", _NVML_ERROR_NOT_FOUND)
+    slices = []
+    for k in range(count):
+        try:
+            mh = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, k)
+        except Exception as exc:  # noqa: BLE001 - NVMLError_NotFound is a hole; anything else: cannot list
+            if getattr(exc, "value", None) == not_found:
+                continue
+            return None
+        uuid = _text(_call(nvml.nvmlDeviceGetUUID, mh))
+        mem = _call(nvml.nvmlDeviceGetMemoryInfo, mh)
+        if not uuid or mem is None:
+            return None  # a slice without its name or memory cannot be chosen or planned for
+        slices.append(replace(
+            parent, uuid=uuid, memory_total_mib=int(mem.total) // 2**20, memory_free_mib=int(mem.free) // 2**20,
+            mig_slice=True, mig_profile=_mig_profile(nvml, handle, mh), mig_index=k))
+    return tuple(slices)
+
+
+def _mig_profile(nvml: Any, handle: Any, mig_handle: Any) -> str:
+    """'1g.10gb' for one MIG device, or '' when NVML does not say.
+
+    NVML names a MIG device after its GPU and profile ('NVIDIA A100-SXM4-80GB MIG 1g.10gb', the name
+    nvidia-smi -L and CUDA show), which needs no privileges. The GPU instance's profile record is asked
+    only when the name lacks it: nvmlDeviceGetGpuInstanceById requires a privileged user (NVML reference),
+    so in most containers that route answers NoPermission.
+    """
+    m = re.search(r"\bMIG\s+(\S+)\s*$", _text(_call(nvml.nvmlDeviceGetName, mig_handle)))
+    if m:
+        return m.group(1)
+    gi_id = _call(getattr(nvml, "nvmlDeviceGetGpuInstanceId", None), mig_handle)
+    gi = _call(getattr(nvml, "nvmlDeviceGetGpuInstanceById", None), handle, gi_id) if isinstance(gi_id, int) else None
+    info = _call(getattr(nvml, "nvmlGpuInstanceGetInfo", None), gi) if gi is not None else None
+    profile = (_call(getattr(nvml, "nvmlDeviceGetGpuInstanceProfileInfoById", None), handle, info.profileId)
+               if info is not None else None)
+    return _text(getattr(profile, "name", "")).removeprefix("MIG ").strip() if profile is not None else ""
 
 
 def _within(timeout_s: float, fn: Any, *args: Any) -> Any:
@@ -328,10 +410,11 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
     """GPUs (NVML first, nvidia-smi second) and their links. ``nvml`` injects a recording in tests."""
     notes: list[str] = []
     gpus: tuple[GpuInfo, ...] = ()
+    mig: dict[int, tuple[GpuInfo, ...]] = {}
     source = "none"
     if use_nvml:
         try:
-            gpus = _within(timeout_s, read_nvml, nvml if nvml is not None else load_pynvml(), notes)
+            gpus = _within(timeout_s, read_nvml, nvml if nvml is not None else load_pynvml(), notes, mig)
             source = "nvml"
         except ImportError:
             notes.append("NVML unavailable: nvidia-ml-py is not installed; trying nvidia-smi")
@@ -340,6 +423,7 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
     if source == "nvml" and not gpus and notes:  # NVML started but opened no GPU: ask nvidia-smi too
         source = "none"
     if source == "none":
+        mig = {}
         gpus, smi_notes = read_nvidia_smi(nvidia_smi, timeout_s)
         notes += smi_notes
         source = "nvidia-smi" if gpus else "none"
@@ -355,9 +439,26 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
         links, link_notes = read_topology(nvidia_smi, timeout_s)
         notes += link_notes
     for g in gpus:
-        if g.mig_mode == "Enabled":
+        if g.mig_mode == "Enabled" and g.index not in mig:
             notes.append(f"GPU{g.index} has MIG enabled: CUDA sees MIG slices, and their memory, not the whole GPU")
+        elif g.index in mig and mig[g.index]:
+            notes.append(f"GPU{g.index} has MIG enabled with {len(mig[g.index])} MIG device(s): "
+                         + ", ".join(describe_slice(s) for s in mig[g.index]))
+        elif g.index in mig:
+            notes.append(f"GPU{g.index} has MIG enabled and no MIG devices: CUDA cannot use it until a GPU instance "
+                         "and a compute instance are created (nvidia-smi mig -cgi <profile> -C)")
     for g in gpus:
-        if not g.memory_total_mib:
+        # The whole memory of a GPU whose slices were listed plans nothing (NVML gives it only to root anyway).
+        if not g.memory_total_mib and g.index not in mig:
             notes.append(f"GPU{g.index} ({g.name}) reported no memory size: memory-based choices treat it as 0 GiB")
-    return GpuProbe(gpus=gpus, links=links, source=source, notes=tuple(notes), unreadable=unreadable)
+    slices = tuple(s for i in sorted(mig) for s in mig[i])
+    for s in slices:
+        if not s.memory_total_mib:
+            notes.append(f"{describe_slice(s)} reported no memory size: memory-based choices treat it as 0 GiB")
+    return GpuProbe(gpus=gpus, links=links, source=source, notes=tuple(notes), unreadable=unreadable,
+                    mig_slices=slices, mig_listed=tuple(sorted(mig)))
+
+
+def describe_slice(s: GpuInfo) -> str:
+    """'GPU0 MIG 1 MIG-5c1e... (1g.10gb, 9984 MiB)': enough to find it in nvidia-smi -L and to choose it."""
+    return f"GPU{s.index} MIG {s.mig_index} {s.uuid} ({s.mig_profile or 'profile unknown'}, {s.memory_total_mib} MiB)"

@@ -31,13 +31,28 @@ GPU_SOFTWARE = SoftwareVersions(python="3.12.3", torch="2.11.0+cu130", torch_cud
 
 
 class NVMLError(Exception):
-    """What pynvml raises (NVMLError_NotSupported, NVMLError_LibraryNotFound, ...), reduced to a message."""
+    """What pynvml raises (NVMLError_NotSupported, NVMLError_LibraryNotFound, ...): a message, and pynvml's
+    ``value`` (the nvml.h return code) where a caller tells errors apart by it."""
+
+    def __init__(self, message: str, value: int | None = None) -> None:
+        super().__init__(message)
+        self.value = value
 
 
 class RecordedNvml:
-    """Answers the pynvml calls probes.gpu makes from a recorded nvml.json (null = NotSupported)."""
+    """Answers the pynvml calls probes.gpu makes from a recorded nvml.json (null = NotSupported).
+
+    MIG: a device may hold ``mig_devices``, a list indexed like nvmlDeviceGetMigDeviceHandleByIndex's index
+    (null = no MIG device there: NOT_FOUND, as for a destroyed slice), each with ``name``, ``uuid`` and
+    ``memory``; ``max_mig_devices`` (default 7) is nvmlDeviceGetMaxMigDeviceCount; ``mig_error`` makes every
+    MIG call on that device raise it (a driver or pynvml without MIG support). A MIG handle is
+    ``(gpu, index)``. A device without ``mig_devices`` answers the MIG calls NotSupported, as the recordings
+    made before MIG devices were read do.
+    """
 
     NVML_CLOCK_SM = 1
+    NVML_ERROR_NOT_SUPPORTED = 3
+    NVML_ERROR_NOT_FOUND = 6
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
@@ -47,8 +62,16 @@ class RecordedNvml:
     def load(cls, machine: str) -> RecordedNvml:
         return cls(json.loads((FIXTURES / machine / "nvml.json").read_text()))
 
-    def _dev(self, handle: int) -> dict[str, Any]:
+    def _dev(self, handle: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(handle, tuple):
+            return self.data["devices"][handle[0]]["mig_devices"][handle[1]]
         return self.data["devices"][handle]
+
+    def _mig_parent(self, h: int) -> dict[str, Any]:
+        dev = self._dev(h)
+        if "mig_error" in dev or "mig_devices" not in dev:
+            raise NVMLError(dev.get("mig_error", "Not Supported"), self.NVML_ERROR_NOT_SUPPORTED)
+        return dev
 
     @staticmethod
     def _field(value: Any) -> Any:
@@ -97,6 +120,15 @@ class RecordedNvml:
 
     def nvmlDeviceGetMigMode(self, h: int) -> list[int]:
         return self._field(self._dev(h)["mig_mode"])
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: int) -> int:
+        return self._mig_parent(h).get("max_mig_devices", 7)
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: int, index: int) -> tuple[int, int]:
+        dev = self._mig_parent(h)
+        if index >= len(dev["mig_devices"]) or dev["mig_devices"][index] is None:
+            raise NVMLError("Not Found", self.NVML_ERROR_NOT_FOUND)
+        return (h, index)
 
     def nvmlDeviceGetPciInfo(self, h: int) -> Any:
         # pynvml returns bytes in older releases: replay that to keep the decoding path tested.
