@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from probes.families import NO_GPU, GpuFamily, family_for, parse_cc
-from probes.gpu import GpuInfo, GpuLink, probe_gpus
+from probes.gpu import GpuInfo, GpuLink, describe_slice, probe_gpus
 from probes.host import HostInfo, probe_host
 from probes.kernels import KernelCheck, run_kernel_checks
 from probes.result import ProbeResult
@@ -50,9 +50,20 @@ def run_probe(
     notes: list[str] = []
     found = probe_gpus(nvml=nvml, nvidia_smi=nvidia_smi, timeout_s=smi_timeout_s, use_nvml=use_nvml)
     notes += found.notes
-    gpus, links, vis_note = apply_visible_devices(found.gpus, found.links, environ.get("CUDA_VISIBLE_DEVICES"))
-    if vis_note:
-        notes.append(vis_note)
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if any(g.index in found.mig_listed for g in found.gpus):
+        gpus, links, vis_notes = apply_visible_mig_devices(found.gpus, found.links, found.mig_slices,
+                                                           found.mig_listed, visible)
+        notes += vis_notes
+    else:  # no MIG slices known: whole GPUs, as CUDA sees them without MIG
+        gpus, links, vis_note = apply_visible_devices(found.gpus, found.links, visible)
+        if vis_note:
+            notes.append(vis_note)
+    unreadable = found.unreadable
+    if not gpus and not unreadable and (visible is None or visible.strip()):
+        # GPUs in MIG mode without MIG devices give CUDA nothing; the host is still not a CPU host, and must not
+        # be described, tuned or fingerprinted as one.
+        unreadable = next((n for n in found.notes if "has MIG enabled and no MIG devices" in n), "")
     family = family_of(gpus)
     if len({g.name for g in gpus}) > 1:
         notes.append(f"mixed GPU models: capabilities are those of the least capable ({family.name} {family.sm})")
@@ -75,7 +86,7 @@ def run_probe(
         notes += _build_notes(gpus, report.torch, report.torch_cuda, report.device)
     elif gpus and sw.torch == ABSENT:
         notes.append("torch is not installed: nothing can run on these GPUs yet")
-    return ProbeResult(gpus=gpus, links=links, gpu_source=found.source, gpu_unreadable=found.unreadable,
+    return ProbeResult(gpus=gpus, links=links, gpu_source=found.source, gpu_unreadable=unreadable,
                        family=family, software=sw,
                        kernels=kernels, kernel_device=kernel_device, host=host_info, notes=tuple(notes))
 
@@ -93,7 +104,9 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
     """Keep the GPUs CUDA_VISIBLE_DEVICES lets this process use (indices or UUID prefixes, as CUDA reads it).
 
     NVML lists every GPU of the machine; tuning for 8 GPUs when the job may use 2 would produce recipes
-    that cannot launch. MIG UUIDs name slices NVML does not list here, so they leave the list unchanged.
+    that cannot launch. This is the view of a host whose MIG devices are unknown (no GPU in MIG mode, the
+    nvidia-smi fallback, an NVML that would not list them): MIG UUIDs then leave the list unchanged, with a
+    note. Where NVML listed MIG devices, ``apply_visible_mig_devices`` decides instead.
     """
     if visible is None or not gpus:
         return gpus, links, ""
@@ -114,6 +127,77 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
     kept_links = tuple(lk for lk in links if lk.a in keep and lk.b in keep)
     note = f"CUDA_VISIBLE_DEVICES={visible}: using {len(kept)} of {len(gpus)} GPUs"
     return tuple(kept), kept_links, note
+
+
+def apply_visible_mig_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...], slices: tuple[GpuInfo, ...],
+                              listed: tuple[int, ...], visible: str | None,
+                              ) -> tuple[tuple[GpuInfo, ...], tuple[GpuLink, ...], list[str]]:
+    """The devices one CUDA process gets on a host where some GPU is in MIG mode, with notes saying why.
+
+    What this relies on: NVIDIA's MIG user guide ("CUDA device enumeration") says that with CUDA 11/R450
+    and CUDA 12/R525 "a single CUDA process can only enumerate a single MIG device", however many are
+    created or handed to a container; the CUDA programming guide's CUDA_VISIBLE_DEVICES entry says the
+    same ("only single MIG instance enumeration is supported"). NVIDIA does not document which device
+    wins, nor what happens to whole GPUs beside it; nvitop and the Datadog agent, which predict CUDA's view
+    from NVML, both keep only the first MIG device and hide every other device, and this follows them:
+
+    - the candidates are CUDA_VISIBLE_DEVICES' entries in its order (GPU indices, GPU-<uuid> or
+      MIG-<uuid> prefixes; the rest ignored after the first one that matches nothing, as CUDA does), or
+      every GPU when it is unset; a MIG-enabled GPU stands for its first MIG device (NVML's lowest index)
+      and, without MIG devices, for nothing;
+    - if a MIG device is among them, the process gets that first MIG device alone; else the whole GPUs.
+
+    One device is also all a tune can use: MIG devices have no peer-to-peer path, so a recipe spanning a
+    slice and another device could not run. What is left out is named in a note. A CUDA_VISIBLE_DEVICES
+    entry this cannot match (the older MIG-GPU-<uuid>/<gi>/<ci> form, a MIG UUID NVML did not list) falls
+    back to the whole-GPU view, with a note, as before MIG devices were listed.
+    """
+    by_gpu = {i: [s for s in slices if s.index == i] for i in listed}
+    wanted: list[GpuInfo] = []
+    for item in ([str(g.index) for g in gpus] if visible is None else [v.strip() for v in visible.split(",")]):
+        if not item:
+            break
+        if item.startswith("MIG-"):
+            match = [s for s in slices if s.uuid.startswith(item)]
+            if not match:
+                kept, kept_links, note = apply_visible_devices(gpus, links, visible)
+                return kept, kept_links, [note, f"{item} is not one of the MIG devices NVML listed here "
+                                          f"({', '.join(s.uuid for s in slices) or 'none'}): name one as nvidia-smi -L prints it"]
+        else:
+            match = [g for g in gpus if (item.isdigit() and g.index == int(item))
+                     or (not item.isdigit() and g.uuid and g.uuid.startswith(item))]
+        if not match:
+            break  # CUDA ignores everything after the first invalid entry
+        if match[0] not in wanted:
+            wanted.append(match[0])
+    devices: list[GpuInfo] = []
+    notes: list[str] = []
+    for d in wanted:
+        if d.mig_slice or d.index not in by_gpu:
+            devices.append(d)
+        elif by_gpu[d.index]:
+            devices.append(by_gpu[d.index][0])
+        elif visible is not None:  # unset, probe_gpus' note on the GPU already says CUDA cannot use it
+            notes.append(f"GPU{d.index} is left out: it has MIG enabled and no MIG devices")
+    first = next((d for d in devices if d.mig_slice), None)
+    if first is None:
+        keep = {g.index for g in devices}
+        kept_links = tuple(lk for lk in links if lk.a in keep and lk.b in keep)
+        if visible is not None:
+            notes.insert(0, f"CUDA_VISIBLE_DEVICES={visible}: using {len(devices)} of {len(gpus)} GPUs")
+        return tuple(devices), kept_links, notes
+    if visible is None:  # everything here could have been meant: every other GPU and slice
+        others = [g for g in gpus if g.index not in by_gpu] + [s for s in slices if s is not first]
+    else:
+        others = [d for d in devices if d is not first]
+    said = ", ".join(describe_slice(d) if d.mig_slice else f"GPU{d.index} ({d.name})" for d in others)
+    if visible is not None:
+        notes.insert(0, f"CUDA_VISIBLE_DEVICES={visible}: using {describe_slice(first)}")
+    if visible is None or said:  # a CUDA_VISIBLE_DEVICES naming one MIG device needs no more words
+        notes.append("MIG: a CUDA process enumerates a single MIG device (NVIDIA MIG user guide), so this process "
+                     f"uses {describe_slice(first)}" + (f" and not {said}" if said else "")
+                     + ("; choose another with CUDA_VISIBLE_DEVICES=MIG-<uuid>" if visible is None and said else ""))
+    return (first,), (), notes
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

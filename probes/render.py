@@ -54,9 +54,11 @@ def _gpus(r: ProbeResult) -> Table:
     for col in ("#", "name", "memory (free/total MiB)", "cc", "driver", "CUDA", "power W", "max SM MHz", "MIG", "PCI"):
         t.add_column(col)
     for g in r.gpus:
-        t.add_row(str(g.index), escape(g.name), f"{g.memory_free_mib}/{g.memory_total_mib}",
+        mig = f"slice {g.mig_profile or '?'} ({g.uuid})" if g.mig_slice else g.mig_mode or "-"
+        t.add_row(f"{g.index}:{g.mig_index}" if g.mig_slice else str(g.index), escape(g.name),
+                  f"{g.memory_free_mib}/{g.memory_total_mib}",
                   g.compute_capability or "?", escape(g.driver_version), escape(g.cuda_driver_version),
-                  f"{g.power_limit_w:g}", str(g.max_sm_clock_mhz), escape(g.mig_mode or "-"), escape(g.pci_bus_id))
+                  f"{g.power_limit_w:g}", str(g.max_sm_clock_mhz), escape(mig), escape(g.pci_bus_id))
     return t
 
 

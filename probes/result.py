@@ -37,7 +37,8 @@ class ProbeResult:
 
     schema_version: int = PROBE_SCHEMA
     gpus: tuple[GpuInfo, ...] = ()
-    """GPUs this process may use (CUDA_VISIBLE_DEVICES applied), in driver (PCI) order."""
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES applied), in driver (PCI) order; with MIG, the one MIG
+    slice a CUDA process gets (``mig_slice``, its own memory), see probes.probe.apply_visible_mig_devices."""
     links: tuple[GpuLink, ...] = ()
     """Links between those GPUs; empty with fewer than two GPUs or when nvidia-smi could not tell."""
     gpu_source: str = "none"
@@ -92,13 +93,15 @@ class ProbeResult:
 
     # ------------------------------------------------------------------------------------ naming
     def describe(self) -> str:
-        """'8x NVIDIA H100 80GB HBM3'; mixed GPUs joined with ' + '; a CPU-only host says so."""
+        """'8x NVIDIA H100 80GB HBM3'; mixed GPUs joined with ' + '; a MIG slice as '1x NVIDIA H100 80GB HBM3
+        MIG 1g.10gb' (the whole GPU's name alone would promise its memory); a CPU-only host says so."""
         if not self.gpus and self.gpu_unreadable:
             return f"GPUs unreadable ({self.gpu_unreadable.removeprefix('probe failed: ')[:160]})"
         if not self.gpus:
             cpu = self.host.cpu_model or "unknown CPU"
             return f"CPU only: {cpu} ({self.host.cpu_cores} cores)"
-        counts = Counter(g.name for g in self.gpus)
+        counts = Counter(g.name + (f" MIG {g.mig_profile or f'{g.memory_total_mib} MiB'}" if g.mig_slice else "")
+                         for g in self.gpus)
         return " + ".join(f"{n}x {name}" for name, n in counts.items())
 
     def fingerprint(self) -> str:
@@ -106,11 +109,13 @@ class ProbeResult:
 
         Readable part: GPU model x count with memory, driver major, torch major.minor. The hash covers what
         the readable part abbreviates (full names, compute capability, MIG, full driver and library versions),
-        so two machines that differ in anything that changes speed get different fingerprints.
+        so two machines that differ in anything that changes speed get different fingerprints. A MIG slice
+        reads '1xH100-MIG-1g.10gb' and hashes its profile and memory: recipes tuned on a slice are never
+        served to the whole GPU, or to another slice size, and whole-GPU fingerprints stay as they were.
         """
         if self.gpus:
-            counts = Counter((short_model(g.name), memory_gb(g.memory_total_mib)) for g in self.gpus)
-            hw = "+".join(f"{n}x{model}-{gb}GB" for (model, gb), n in counts.items())
+            counts = Counter((short_model(g.name), _size_tag(g)) for g in self.gpus)
+            hw = "+".join(f"{n}x{model}-{size}" for (model, size), n in counts.items())
             drv = "drv" + (self.driver_version.split(".")[0] or "unknown")
         elif self.gpu_unreadable:  # never the CPU fingerprint: a CPU recipe is not this machine's best
             hw, drv = "gpu-unreadable", "drvunknown"
@@ -119,7 +124,8 @@ class ProbeResult:
         torch_v = self.software.torch
         torch_part = "torch" + (".".join(torch_v.split("+")[0].split(".")[:2]) if torch_v != ABSENT else "none")
         basis = {
-            "gpus": [[g.name, g.memory_total_mib, g.compute_capability, g.mig_mode] for g in self.gpus],
+            "gpus": [[g.name, g.memory_total_mib, g.compute_capability, g.mig_mode]
+                     + (["mig-slice", g.mig_profile] if g.mig_slice else []) for g in self.gpus],
             "driver": self.driver_version,
             "cuda_driver": self.gpus[0].cuda_driver_version if self.gpus else "",
             "libraries": {k: getattr(self.software, k) for k in FINGERPRINT_LIBRARIES},
@@ -150,6 +156,13 @@ def short_model(name: str) -> str:
     tokens = [t for t in re.split(r"[\s\-_]+", name) if t]
     kept = [t for t in tokens if t.upper() not in drop and not re.fullmatch(r"\d+GB|HBM\d*E?", t, re.IGNORECASE)]
     return re.sub(r"[^A-Za-z0-9.\-]", "", "-".join(kept)) or "GPU"
+
+
+def _size_tag(g: GpuInfo) -> str:
+    """'80GB' for a whole GPU, 'MIG-1g.10gb' for a slice (its memory in GiB when NVML gave no profile)."""
+    if not g.mig_slice:
+        return f"{memory_gb(g.memory_total_mib)}GB"
+    return "MIG-" + (re.sub(r"[^A-Za-z0-9.]", "-", g.mig_profile) or f"{memory_gb(g.memory_total_mib)}GB")
 
 
 def memory_gb(mib: int) -> int:
