@@ -23,7 +23,9 @@ from probes.kernels import KernelCheck
 from probes.software import ABSENT, SoftwareVersions
 from recipes.plain import check_schema, from_plain, load_json_object
 
-PROBE_SCHEMA = 1
+PROBE_SCHEMA = 2
+"""2: GPUs may be MIG slices (mig_slice, mig_profile, mig_index): a wanctl reading 1 would refuse those keys
+as unknown rather than say it is too old."""
 
 #: Libraries whose version changes kernel speed or availability: a new one means a new fingerprint,
 #: so an old recipe is not served as "tuned for this machine". Python and optuna do not change speed.
