@@ -112,6 +112,10 @@ def _refuse_unreadable_gpus(probe: object) -> None:
     """A host whose NVIDIA driver is there but whose GPUs cannot be read is broken, not CPU-only: say so
     (exit 3) rather than tune or describe it as a CPU."""
     why = getattr(probe, "gpu_unreadable", "")
+    if why and "MIG enabled and no MIG devices" in why:
+        raise HardwareUnsupported(f"no GPU CUDA can use here: {why}",
+                                  "create a MIG instance (nvidia-smi mig -cgi PROFILE -C), or turn MIG off "
+                                  "(nvidia-smi -i N -mig 0), then run wanctl probe again")
     if why:
         raise HardwareUnsupported(f"the NVIDIA driver is installed but no GPU could be read: {why}",
                                   "fix the driver (nvidia-smi must list the GPUs; a lost GPU may need a reset or a "

@@ -246,3 +246,13 @@ def test_search_space_plans_on_the_slice_memory() -> None:
     assert any("the smallest GPU has 37 GiB usable" in n for n in on_slice.notes), on_slice.notes
     assert any("the smallest GPU has 76 GiB usable" in n for n in on_whole.notes), on_whole.notes
     assert "none" in on_whole.offload and "none" not in on_slice.offload  # A14B's ~73 GiB no longer fits
+
+
+def test_a_host_whose_only_gpu_has_mig_on_and_no_slices_is_told_to_make_one() -> None:
+    from cli import _refuse_unreadable_gpus
+    from recipes.errors import HardwareUnsupported
+
+    with pytest.raises(HardwareUnsupported) as exc:
+        _refuse_unreadable_gpus(probe(mig_h100(mig_devices=[])))
+    assert "nvidia-smi mig -cgi" in exc.value.hint and "fix the driver" not in exc.value.hint
+    assert exc.value.exit_code == 3
