@@ -11,6 +11,7 @@ import errno
 import logging
 import statistics
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ from recipes.records import (
     RUNS_KEY,
     SCREENED_KEY,
     TrialRecord,
+    merged_notes,
+    merged_screened,
+    worker_key,
 )
 from recipes.spec import RunResult, TrialSpec
 from recipes.units import fmt_seconds
@@ -155,6 +159,7 @@ class Tuner:
         self.trial_costs: list[float] = []  # seconds each trial of this run took, all its processes
         self.started = time.monotonic()
         self._attrs: dict[str, Any] = {}
+        self._worker = uuid.uuid4().hex[:12]  # this process's name in per-worker study attrs (worker_key)
         self._study: optuna.Study | None = None
 
     # ------------------------------------------------------------------ study
@@ -214,7 +219,8 @@ class Tuner:
             self._restore(study)
         this_run = {"command": list(self.cfg.command), "wanctl": self.cfg.wanctl_version}
         study.set_user_attr(RUNS_KEY, [*study.user_attrs.get(RUNS_KEY, []), this_run])
-        self._attrs[NOTES_KEY] = self.notes  # the same list: later notes land in it, flushed with the rest
+        # the same list: later notes land in it, flushed with the rest; under this worker's own key
+        self._attrs[worker_key(NOTES_KEY, self._worker)] = self.notes
         self._flush_attrs()
         self._loop(study)
         return self._finish(study, name, storage_url)
@@ -222,14 +228,14 @@ class Tuner:
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
         # Notes of earlier runs of this study stay: this run's notes are appended, never written over them.
-        self.notes[:0] = [n for n in study.user_attrs.get(NOTES_KEY, []) if n not in self.notes]
+        self.notes[:0] = [n for n in merged_notes(study.user_attrs) if n not in self.notes]
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
-        for knob, values in study.user_attrs.get(SCREENED_KEY, {}).items():
+        for knob, values in merged_screened(study.user_attrs).items():
             for value, evidence in values.items():
                 self.exclusions.exclude(knob, _typed(knob, value), evidence)
         for t in study.get_trials(deepcopy=False):
@@ -689,7 +695,7 @@ class Tuner:
             if len(diff) == 1:
                 knob = diff[0]
                 self.exclusions.exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
-                self._attrs[SCREENED_KEY] = self.exclusions.as_dict()
+                self._attrs[worker_key(SCREENED_KEY, self._worker)] = self.exclusions.as_dict()
                 self._flush_attrs()
                 reason += f"; {knob}={getattr(recipe, knob)} excluded from later trials"
             return dataclasses.replace(rec, outcome="slower_than_baseline", reason=reason)
@@ -940,11 +946,11 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
                 cand = by_number.get(int(key.removeprefix(CONFIRM_PREFIX)))
                 if cand and (best is None or cand.denoise_pred_s < best.denoise_pred_s):
                     best, confirm = cand, rec
-    ex = attrs.get(SCREENED_KEY, {})
+    ex = merged_screened(attrs)
     r0 = cfg.base_recipe().resolved()
     space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
                              lightning_available=bool(cfg.lightning_source()))
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
                      records=records, best=best, confirm=confirm, exclusions=ex, space=space,
-                     notes=list(attrs.get(NOTES_KEY, [])), runs=study_runs(attrs))
+                     notes=merged_notes(attrs), runs=study_runs(attrs))
     return res, cfg, probe

@@ -19,8 +19,40 @@ CONFIG_KEY = "wanctl_config"
 PROBE_KEY = "wanctl_probe"
 SCREENED_KEY = "wanctl_screened"
 NOTES_KEY = "wanctl_notes"
+"""Screened exclusions and notes are written per tuner process under ``KEY@<worker>``: several workers on one
+study each wrote the whole ``KEY`` and the last writer's value dropped the others' (a knob one worker measured
+slower was tried again by the next). Read them with ``merged_screened`` / ``merged_notes``, which also take the
+plain ``KEY`` that studies made before this kept."""
 RUNS_KEY = "wanctl_runs"
 """Every tune run of a study, in order ({"command": [...], "wanctl": version}): a resumed study says how it was made."""
+
+
+def worker_key(key: str, worker: str) -> str:
+    return f"{key}@{worker}"
+
+
+def _keys_of(attrs: dict[str, Any], key: str) -> list[str]:
+    """``key`` (studies before per-worker keys) first, then every worker's, in a stable order."""
+    return [k for k in sorted(attrs) if k == key or k.startswith(key + "@")]
+
+
+def merged_screened(attrs: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Every worker's exclusions {knob: {value: evidence}}; the first evidence found for a value is kept."""
+    out: dict[str, dict[str, str]] = {}
+    for k in _keys_of(attrs, SCREENED_KEY):
+        for knob, values in (attrs[k] or {}).items():
+            for value, evidence in values.items():
+                out.setdefault(knob, {}).setdefault(value, evidence)
+    return out
+
+
+def merged_notes(attrs: dict[str, Any]) -> list[str]:
+    """Every worker's notes, each once (a resumed worker carries the notes it restored)."""
+    seen: dict[str, None] = {}
+    for k in _keys_of(attrs, NOTES_KEY):
+        for note in attrs[k] or []:
+            seen.setdefault(str(note), None)
+    return list(seen)
 
 
 @dataclass(frozen=True)

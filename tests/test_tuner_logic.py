@@ -474,7 +474,7 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     import optuna
 
     from autotune.study import open_storage
-    from recipes.records import NOTES_KEY
+    from recipes.records import NOTES_KEY, merged_notes
 
     first = run(h100, tmp_path, trials=12)
     best = first.result.best  # type: ignore[attr-defined]
@@ -486,7 +486,24 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     assert second.result.best.number == best.number  # type: ignore[attr-defined]
     assert "a note of the first run" in second.result.notes  # type: ignore[attr-defined]
     study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
-    assert "a note of the first run" in study.user_attrs[NOTES_KEY]
+    assert "a note of the first run" in merged_notes(study.user_attrs)
+    assert set(second.result.notes) <= set(merged_notes(study.user_attrs))  # type: ignore[attr-defined]
+
+
+def test_workers_on_one_study_keep_each_others_exclusions_and_notes() -> None:
+    """Each worker writes its own key; a study made before that (plain keys) still reads."""
+    from recipes.records import NOTES_KEY, SCREENED_KEY, merged_notes, merged_screened, worker_key
+
+    attrs = {SCREENED_KEY: {"attention": {"flash": "measured 0.91x vs baseline in trial 3"}},
+             worker_key(SCREENED_KEY, "b"): {"attention": {"sage": "measured 0.95x in trial 7"},
+                                              "quant": {"int8wo": "measured 0.80x in trial 9"}},
+             worker_key(SCREENED_KEY, "a"): {"attention": {"flash": "measured 0.90x in trial 5"}},
+             NOTES_KEY: ["old"], worker_key(NOTES_KEY, "a"): ["old", "from a"], worker_key(NOTES_KEY, "b"): ["from b"],
+             "wanctl_screenedX": {"attention": {"flex": "not ours"}}}
+    assert merged_screened(attrs) == {"attention": {"flash": "measured 0.91x vs baseline in trial 3",
+                                                    "sage": "measured 0.95x in trial 7"},
+                                      "quant": {"int8wo": "measured 0.80x in trial 9"}}
+    assert merged_notes(attrs) == ["old", "from a", "from b"]
 
 
 def test_budget_leaves_room_for_the_confirmation_run(h100: ProbeResult, tmp_path: Path) -> None:
