@@ -57,6 +57,7 @@ def run_probe(
         notes += vis_notes
     else:  # no MIG slices known: whole GPUs, as CUDA sees them without MIG
         gpus, links, vis_note = apply_visible_devices(found.gpus, found.links, visible)
+        notes += device_order_notes(found.gpus, visible, environ.get("CUDA_DEVICE_ORDER"))
         if vis_note:
             notes.append(vis_note)
     unreadable = found.unreadable
@@ -97,6 +98,17 @@ def family_of(gpus: tuple[GpuInfo, ...]) -> GpuFamily:
     if not families:
         return NO_GPU
     return min(families, key=lambda f: (f.sm == "", int(f.sm[2:]) if f.sm[2:].isdigit() else 0))
+
+
+def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: str | None) -> list[str]:
+    """CUDA numbers GPUs fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID; NVML and nvidia-smi number them by
+    PCI bus, and so does this probe. On a host with one GPU model the two agree; on a mixed host an index in
+    CUDA_VISIBLE_DEVICES can name another GPU than the one listed here, so say so."""
+    indices = [v.strip() for v in (visible or "").split(",") if v.strip().isdigit()]
+    if not indices or len({g.name for g in gpus}) < 2 or (order or "").strip().upper() == "PCI_BUS_ID":
+        return []
+    return [f"CUDA_VISIBLE_DEVICES={visible} is read in PCI bus order here, but CUDA numbers mixed GPUs fastest "
+            "first: export CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's GPU numbers match this list"]
 
 
 def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],

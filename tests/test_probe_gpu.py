@@ -308,3 +308,20 @@ def test_a_hung_nvml_is_given_up_on_time(tmp_path) -> None:
         release.set()
     assert time.monotonic() - t0 < 5
     assert any("NVML did not answer within 0.5 s" in n for n in found.notes), found.notes
+
+
+def test_indices_on_a_mixed_host_say_which_numbering_cuda_uses(tmp_path: Path) -> None:
+    ada = json.loads((FIXTURES / "rtx4090_1x" / "nvml.json").read_text())
+    ada["devices"].append(dict(ada["devices"][0], name="NVIDIA GeForce RTX 3090", cuda_compute_capability=[8, 6],
+                               uuid="GPU-3090"))
+
+    def notes(env: dict[str, str]) -> list[str]:
+        r = run_probe(paths=(), with_kernels=False, nvml=RecordedNvml(ada), nvidia_smi="/nonexistent/nvidia-smi",
+                      env=env)
+        return [n for n in r.notes if "CUDA_DEVICE_ORDER" in n]
+
+    assert len(notes({"CUDA_VISIBLE_DEVICES": "1"})) == 1
+    assert notes({"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}) == []
+    assert notes({"CUDA_VISIBLE_DEVICES": "GPU-3090"}) == [] and notes({}) == []  # a UUID names one GPU either way
+    same_model = probe_machine("h100_sxm_8x", tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert not [n for n in same_model.notes if "CUDA_DEVICE_ORDER" in n]
