@@ -553,9 +553,11 @@ def main() -> None:
     except WanctlError as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
-        err.print(f"[bold red]error:[/] {escape(exc.message)}")
+        # soft_wrap: Rich would otherwise break a long path or command inside a word ("study.d" / "b"), and
+        # hints are meant to be copied
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         if "--json" in sys.argv[1:]:  # a script reading stdout gets the failure as JSON, not an empty document
             _print_json(json.dumps({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                                               "exit_code": exc.exit_code}}))

@@ -144,3 +144,9 @@ def test_json_output_carries_the_failure_as_json(tmp_path: Path) -> None:
     assert "error:" in r.stderr  # people still read the message on stderr
     plain = run_cli("recipe", str(tmp_path / "missing.toml"))
     assert plain.returncode == 2 and plain.stdout == ""
+
+
+def test_a_long_path_in_an_error_is_never_broken_across_lines(tmp_path: Path) -> None:
+    deep = tmp_path / ("a-folder-with-a-rather-long-name-" * 4) / "missing.toml"
+    r = run_cli("recipe", str(deep))
+    assert r.returncode == 2 and str(deep) in r.stderr, r.stderr  # raw stderr: copyable as printed
