@@ -36,8 +36,14 @@ class ModelSpec:
     text_dim: int
     vae_z_dim: int
     vae_spatial: int
-    """Spatial down-sampling of the VAE (8 for the Wan2.1 VAE, 16 for the Wan2.2 VAE)."""
+    """Spatial down-sampling of the VAE: 8 for the Wan2.1 VAE (z16) the A14B tasks use, 16 for the Wan2.2 VAE
+    (z48) of TI2V-5B (diffusers' ``scale_factor_spatial``)."""
     vae_temporal: int
+    """Temporal down-sampling of the VAE, 4 for both: the first frame is kept, every further 4 frames become one
+    latent frame, hence 4n+1 frames (diffusers' ``scale_factor_temporal``)."""
+    patch_size: tuple[int, int, int]
+    """(frames, height, width) the DiT's patch embedding folds into one token: (1, 2, 2) for every Wan2.2
+    transformer (the checkpoints' ``patch_size``)."""
     needs_image: bool
     image_optional: bool
     sizes: tuple[str, ...]
@@ -57,8 +63,15 @@ class ModelSpec:
     def dim(self) -> int:
         return self.num_heads * self.head_dim
 
+    @property
+    def size_multiple(self) -> int:
+        """WIDTH and HEIGHT must be multiples of this: one latent pixel is ``vae_spatial`` pixels and one token
+        a patch of latent pixels (the patch is square), the rounding diffusers' Wan pipelines apply."""
+        return self.vae_spatial * self.patch_size[2]
+
     def latent_shape(self, size: str, frames: int) -> tuple[int, int, int, int]:
-        """(channels, latent frames, latent height, latent width) for a video of ``size`` x ``frames``."""
+        """(channels, latent frames, latent height, latent width) for a video of ``size`` x ``frames``: the
+        shape the VAE encodes to and decodes from, as diffusers' Wan pipelines compute it."""
         w, h = parse_size(size)
         return (
             self.vae_z_dim,
@@ -68,9 +81,11 @@ class ModelSpec:
         )
 
     def tokens(self, size: str, frames: int) -> int:
-        """Sequence length the DiT attends over (patch 1x2x2)."""
+        """Sequence length the DiT attends over: the latent cut into ``patch_size`` patches. Everything that
+        prices a workload (FLOPs, activations, attention scores, the Ulysses split) counts these."""
         _, f, h, w = self.latent_shape(size, frames)
-        return f * (h // 2) * (w // 2)
+        pf, ph, pw = self.patch_size
+        return (f // pf) * (h // ph) * (w // pw)
 
     def forward_flops(self, size: str, frames: int, text_len: int = 512) -> float:
         """FLOPs of one transformer forward (matmuls and attention), the basis of the FLOP floor."""
@@ -78,20 +93,26 @@ class ModelSpec:
         d = self.dim
         per_block = (
             2 * n * d * 3 * d  # self-attn qkv
-            + 4 * n * n * d  # self-attn scores and values
+            + attention_flops(n, n, d)  # self-attn scores and values
             + 2 * n * d * d  # self-attn out
             + 2 * n * d * d + 2 * text_len * d * 2 * d  # cross-attn q, kv
-            + 4 * n * text_len * d  # cross-attn scores and values
+            + attention_flops(n, text_len, d)  # cross-attn scores and values
             + 2 * n * d * d  # cross-attn out
             + 2 * 2 * n * d * self.ffn_dim  # ffn
         )
         return float(per_block * self.num_layers)
 
 
+def attention_flops(queries: int, keys: int, dim: int) -> int:
+    """FLOPs of one attention's two matmuls (Q K^T, then the scores times V) over all heads, ``dim`` being
+    heads x head_dim: 2 FLOPs per multiply-add, each matmul queries x keys x dim multiply-adds."""
+    return 4 * queries * keys * dim
+
+
 MODELS: dict[str, ModelSpec] = {
     "t2v-A14B": ModelSpec(
         task="t2v-A14B", pipeline="WanPipeline", experts=2, boundary_ratio=0.875,
-        num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, in_channels=16, out_channels=16,
         text_dim=4096, vae_z_dim=16, vae_spatial=8, vae_temporal=4, needs_image=False, image_optional=False,
         sizes=A14B_SIZES, default_size="1280*720", default_frames=81, default_steps=40,
         guidance=4.0, guidance_2=3.0, shift=12.0, fps=16,
@@ -100,7 +121,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "i2v-A14B": ModelSpec(
         task="i2v-A14B", pipeline="WanImageToVideoPipeline", experts=2, boundary_ratio=0.9,
-        num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, in_channels=36, out_channels=16,
+        patch_size=(1, 2, 2), num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, in_channels=36, out_channels=16,
         text_dim=4096, vae_z_dim=16, vae_spatial=8, vae_temporal=4, needs_image=True, image_optional=False,
         sizes=A14B_SIZES, default_size="1280*720", default_frames=81, default_steps=40,
         guidance=3.5, guidance_2=3.5, shift=5.0, fps=16,
@@ -109,7 +130,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "ti2v-5B": ModelSpec(
         task="ti2v-5B", pipeline="WanPipeline", experts=1, boundary_ratio=None,
-        num_layers=30, num_heads=24, head_dim=128, ffn_dim=14336, in_channels=48, out_channels=48,
+        patch_size=(1, 2, 2), num_layers=30, num_heads=24, head_dim=128, ffn_dim=14336, in_channels=48, out_channels=48,
         text_dim=4096, vae_z_dim=48, vae_spatial=16, vae_temporal=4, needs_image=False, image_optional=True,
         sizes=TI2V_5B_SIZES, default_size="1280*704", default_frames=121, default_steps=50,
         guidance=5.0, guidance_2=None, shift=5.0, fps=24,

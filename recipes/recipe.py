@@ -270,14 +270,16 @@ def validate(recipe: Recipe) -> Recipe:
     if r.size:
         w, h = parse_size(r.size)
         if r.model == "tiny":
-            m = 2 * spec.vae_spatial
+            m = spec.size_multiple
             if w % m or h % m or not (16 <= w <= 512 and 16 <= h <= 512):
                 raise RecipeError("size", r.size, f"for the tiny model: WIDTH and HEIGHT multiples of {m}, 16..512")
         elif r.size not in spec.sizes:
             raise RecipeError("size", r.size, f"for {r.task}: one of {', '.join(spec.sizes)}")
-    if r.frames and (r.frames < 1 or (r.frames - 1) % 4):
-        raise RecipeError("frames", r.frames, "4n+1 (e.g. 17, 33, 49, 81, 121)",
-                          hint=f"use {(r.frames - 1) // 4 * 4 + 1} or {(r.frames - 1) // 4 * 4 + 5}" if r.frames > 1
+    t = spec.vae_temporal  # the VAE keeps the first frame and folds each further t frames into one latent frame
+    if r.frames and (r.frames < 1 or (r.frames - 1) % t):
+        below = (r.frames - 1) // t * t + 1
+        raise RecipeError("frames", r.frames, f"{t}n+1 (e.g. {', '.join(str(t * n + 1) for n in (4, 8, 12, 20, 30))})",
+                          hint=f"use {below} or {below + t}" if r.frames > 1
                           else "use 1 (an image), 17, 33, 49 or 81; 0 for the task's default")
     if r.steps < 0 or r.steps > 1000:
         raise RecipeError("steps", r.steps, "1..1000 (0 for the task's default)")

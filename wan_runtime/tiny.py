@@ -91,7 +91,7 @@ def build_vae(spec: ModelSpec, width: Width, seed: int = 0, device: str | torch.
                                   num_res_blocks=width.vae_res_blocks, temperal_downsample=[False, True, True])
     if spec.vae_z_dim == 48:  # the Wan2.2 VAE: patchified, residual, 16x spatial compression
         vae_kw.update(in_channels=12, out_channels=12, is_residual=True, patch_size=2,
-                      scale_factor_spatial=16, scale_factor_temporal=4,
+                      scale_factor_spatial=spec.vae_spatial, scale_factor_temporal=spec.vae_temporal,
                       decoder_base_dim=256 if width is not TINY else None)
         # diffusers' defaults are the z16 VAE's statistics; random weights need only the right length.
         vae_kw.update(latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
@@ -124,7 +124,7 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
         def transformer(k: int) -> Any:
             torch.manual_seed(seed + 10 + k)
             return WanTransformer3DModel(
-                patch_size=(1, 2, 2), num_attention_heads=width.heads, attention_head_dim=width.head_dim,
+                patch_size=spec.patch_size, num_attention_heads=width.heads, attention_head_dim=width.head_dim,
                 in_channels=spec.in_channels, out_channels=spec.out_channels, text_dim=width.text_dim,
                 freq_dim=256, ffn_dim=width.ffn, num_layers=width.layers, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
