@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from recipes.models import model_spec
 from recipes.recipe import CUDA_ONLY_ATTENTION, dispatch_backend
 from wan_runtime.knobs import flash_impl, fp8_attention
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
@@ -138,15 +139,9 @@ def _self_attention_shape(ctx: KnobContext) -> tuple[int, int, int, int] | None:
     """(batch, tokens, heads, head_dim) of the DiT's self-attention at this recipe's size and frames."""
     if not ctx.transformers:
         return None
-    from recipes.models import model_spec, parse_size
-
     cfg = ctx.transformers[0].config
-    spec = model_spec(ctx.recipe.task)
     r = ctx.recipe.resolved()
-    w, h = parse_size(r.size)
-    vs = 16 if spec.vae_z_dim == 48 else 8
-    tokens = ((r.frames - 1) // 4 + 1) * (h // vs // 2) * (w // vs // 2)
-    return (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    return (1, model_spec(r.task).tokens(r.size, r.frames), cfg.num_attention_heads, cfg.attention_head_dim)
 
 
 def _check(ctx: KnobContext) -> None:
