@@ -32,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import commit_id  # noqa: E402
 from benchmarks.dit_bench import ev_time  # noqa: E402
+from recipes.models import attention_flops, model_spec  # noqa: E402
 from wan_runtime.env import versions  # noqa: E402
 from wan_runtime.knobs import flash_impl  # noqa: E402
+
+A14B = model_spec("t2v-A14B")
+"""The workload the defaults come from: A14B at its default 1280*720 x 81 frames (75,600 tokens, 40 heads of 128)."""
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -143,9 +147,9 @@ def kernels_of(fn) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--impls", default="cudnn,flash,FA4,FA3")
-    ap.add_argument("--tokens", type=int, default=75600)
-    ap.add_argument("--heads", type=int, default=40)
-    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=A14B.tokens(A14B.default_size, A14B.default_frames))
+    ap.add_argument("--heads", type=int, default=A14B.num_heads)
+    ap.add_argument("--dim", type=int, default=A14B.head_dim)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default="bench-out")
@@ -155,7 +159,7 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, args.heads, args.tokens, args.dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    flops = 4 * args.tokens**2 * args.dim * args.heads
+    flops = attention_flops(args.tokens, args.tokens, args.heads * args.dim)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ref = F.scaled_dot_product_attention(q, k, v).float()
     rows = []

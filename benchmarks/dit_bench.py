@@ -112,11 +112,13 @@ def a14b_slice(layers: int, device: str = "cuda") -> torch.nn.Module:
     """An A14B expert's transformer cut to ``layers`` identical blocks, random bf16 weights, on ``device``."""
     from diffusers import WanTransformer3DModel
 
+    spec = model_spec("t2v-A14B")
     torch.manual_seed(0)
     with torch.device(device):
         return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=layers,
+            patch_size=spec.patch_size, num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim,
+            in_channels=spec.in_channels, out_channels=spec.out_channels, text_dim=spec.text_dim, freq_dim=256,
+            ffn_dim=spec.ffn_dim, num_layers=layers,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
         ).to(torch.bfloat16).eval()
 
@@ -124,10 +126,10 @@ def a14b_slice(layers: int, device: str = "cuda") -> torch.nn.Module:
 def a14b_inputs(size: str, frames: int, device: str = "cuda", seed: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Latent, text states and timestep of one A14B forward at the workload, fixed seed."""
-    _, f, h, w = model_spec("t2v-A14B").latent_shape(size, frames)
+    spec = model_spec("t2v-A14B")
     g = torch.Generator(device=device).manual_seed(seed)
-    lat = torch.randn(1, 16, f, h, w, device=device, dtype=torch.bfloat16, generator=g)
-    txt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16, generator=g)
+    lat = torch.randn(1, *spec.latent_shape(size, frames), device=device, dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(1, 512, spec.text_dim, device=device, dtype=torch.bfloat16, generator=g)
     return lat, txt, torch.tensor([500.0], device=device)
 
 

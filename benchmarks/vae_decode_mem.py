@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from recipes.models import model_spec, parse_size
+from recipes.models import model_spec
 from wan_runtime.env import versions
 from wan_runtime.tiny import build_vae, full_width
 
@@ -32,9 +32,7 @@ def measure(task: str, size: str, frames: int, tiling: bool) -> dict:
     vae = build_vae(spec, full_width(spec), seed=0, device=dev)
     if tiling:
         vae.enable_tiling()
-    w, h = parse_size(size)
-    lat = torch.randn(1, spec.vae_z_dim, (frames - 1) // spec.vae_temporal + 1, h // spec.vae_spatial, w // spec.vae_spatial,
-                      device=dev, dtype=torch.float32)
+    lat = torch.randn(1, *spec.latent_shape(size, frames), device=dev, dtype=torch.float32)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(dev)
     before = torch.cuda.memory_allocated(dev)
