@@ -8,7 +8,7 @@ group offload (weights streamed block by block).
 
 from __future__ import annotations
 
-from recipes.memory import HEADROOM, phase_peaks_gib
+from recipes.memory import phase_peaks_gib, usable_gib
 from recipes.recipe import Recipe
 
 PLANS = ({"vae_tiling": True}, {"offload": "model", "vae_tiling": True}, {"offload": "group_block", "vae_tiling": True})
@@ -29,7 +29,7 @@ def adapt_to_machine(recipe: Recipe, gpu_mem_gib: float, gpus: int, offload_valu
     notes: list[str] = []
     if recipe.model == "tiny" or gpu_mem_gib <= 0:
         return recipe, notes
-    budget = gpu_mem_gib * HEADROOM
+    budget = usable_gib(gpu_mem_gib)
     peaks = estimate_gib(recipe, gpus)
     if max(peaks.values()) <= budget:
         return recipe, notes

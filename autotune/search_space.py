@@ -24,7 +24,7 @@ from typing import Any
 from probes.families import sm_number
 from probes.result import ProbeResult
 from recipes.errors import BadInput, HardwareUnsupported
-from recipes.memory import HEADROOM, attention_scores_gib, host_weights_gib, peak_gib
+from recipes.memory import attention_scores_gib, host_weights_gib, peak_gib, usable_gib
 from recipes.models import model_spec
 from recipes.plain import from_plain, load_json_object
 from recipes.recipe import (
@@ -324,7 +324,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     cfg_values = (False, True) if multi else (False,)
     parallel: tuple[str, ...] = ("single",)
     if multi:
-        gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM
+        gpu_gib = usable_gib(probe.min_gpu_memory_mib / 1024)
 
         def need_gib(k: int) -> float:
             return memory_estimate_gib(task, model, size=size, frames=frames, shards=k)
@@ -345,7 +345,7 @@ def _drop_score_materializing(probe: ProbeResult, task: str, model: str, size: s
                               attention: list[str], excluded: dict[str, str]) -> list[str]:
     """Backends whose score matrix alone cannot fit are priced out before a trial is spent finding the OOM
     (at 720p A14B one such trial costs about as long as the baseline and asks for 852 GiB)."""
-    gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM
+    gpu_gib = usable_gib(probe.min_gpu_memory_mib / 1024)
     resident = memory_estimate_gib(task, model, size=size, frames=frames)
     spec = model_spec(task)
     where = f"{size or spec.default_size} x{frames or spec.default_frames} frames"
@@ -365,7 +365,7 @@ def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, 
                   fsdp: tuple[bool, ...], excluded: dict[str, str],
                   notes: list[str]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
     """Offload and FSDP values from the memory estimate against the smallest GPU's memory."""
-    gpu_gib = probe.min_gpu_memory_mib / 1024 * HEADROOM  # usable: the same margin the adapter plans with
+    gpu_gib = usable_gib(probe.min_gpu_memory_mib / 1024)
     est = memory_estimate_gib(task, model, size=size, frames=frames)
     fits = est <= gpu_gib
     eight_bit = [q for q in quant if q in EIGHT_BIT_QUANT]

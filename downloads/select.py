@@ -22,7 +22,7 @@ from downloads.listing import RemoteFile, RemoteListing
 from downloads.safety import check_remote_names
 from recipes.errors import DownloadError
 from recipes.manifest import PICKLE_SUFFIXES
-from recipes.memory import HEADROOM, host_weights_gib, peak_gib, weights_gib
+from recipes.memory import host_weights_gib, peak_gib, usable_gib, weights_gib
 from recipes.models import MODELS
 
 GIB = 1 << 30
@@ -97,7 +97,7 @@ def hardware_advice(task: str, gpu_count: int, gpu_mem_gib: float, host_ram_gib:
     if gpu_count <= 0:
         return HardwareAdvice(task=task, mode="none", need_gib=needs["offload"], gpu_count=0, notes=(
             "no GPU found on this machine: fine when downloading for another one; advice skipped",))
-    have = gpu_mem_gib * HEADROOM  # usable: the margin the tuner plans with
+    have = usable_gib(gpu_mem_gib)
     if needs["resident"] <= have:
         return HardwareAdvice(task=task, runnable=True, mode="resident", need_gib=needs["resident"], have_gib=have,
                               gpu_count=gpu_count, notes=(

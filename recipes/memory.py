@@ -36,6 +36,12 @@ HEADROOM = 0.95
 PHASES = ("text_encode", "denoise", "vae_decode")
 
 
+def usable_gib(gpu_gib: float) -> float:
+    """The memory a plan may fill on a GPU of ``gpu_gib``: the one margin the recipe adapter, the search
+    space and the download advice all compare estimates against."""
+    return gpu_gib * HEADROOM
+
+
 def weights_gib(task: str, weight_bytes: float = 2.0) -> tuple[float, float]:
     """(one expert/DiT, text encoder) weights in GiB; ``weight_bytes`` 2 for bf16, 1 for 8-bit DiT weights."""
     spec = model_spec(task)

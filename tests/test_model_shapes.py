@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from recipes.errors import RecipeError
-from recipes.memory import ACTIVATION_FACTOR, GIB, attention_scores_gib, decode_gib, phase_peaks_gib
+from recipes.memory import ACTIVATION_FACTOR, GIB, attention_scores_gib, decode_gib, phase_peaks_gib, usable_gib
 from recipes.models import model_spec
 from recipes.recipe import Recipe, validate
 
@@ -82,3 +82,8 @@ def test_tiny_sizes_follow_the_vae_and_patch(task: str, multiple: int) -> None:
     with pytest.raises(RecipeError) as ei:
         validate(Recipe(task=task, size=f"{multiple * 3 + 8}*{multiple * 2}"))
     assert f"WIDTH and HEIGHT multiples of {multiple}, 16..512" in str(ei.value)
+
+
+def test_one_margin_below_the_gpus_memory() -> None:
+    # The adapter, the search space and the download advice all plan with 95% of the card.
+    assert usable_gib(80.0) == pytest.approx(76.0) and usable_gib(81559 / 1024) == 81559 / 1024 * 0.95
