@@ -11,6 +11,7 @@ from recipes.errors import (
     NothingFeasible,
     RecipeError,
     SchemaError,
+    SpecError,
     StudyError,
     TrialFailed,
     WanctlError,
@@ -20,6 +21,6 @@ from recipes.serialize import RecipeMeta, read_recipe, write_recipe
 
 __all__ = [
     "BadInput", "CheckpointError", "DownloadError", "HardwareUnsupported", "NothingFeasible", "Recipe",
-    "RecipeError", "RecipeMeta", "SchemaError", "StudyError", "TrialFailed", "WanctlError", "read_recipe",
-    "validate", "write_recipe",
+    "RecipeError", "RecipeMeta", "SchemaError", "SpecError", "StudyError", "TrialFailed", "WanctlError",
+    "read_recipe", "validate", "write_recipe",
 ]

@@ -42,6 +42,22 @@ class SchemaError(BadInput):
     """A recipe/spec/result file has unknown keys or a schema this version cannot read."""
 
 
+class SpecError(SchemaError):
+    """A trial spec or run result holds a value outside its closed set (a mode, a fault, an outcome, a phase).
+
+    A schema error because the runtime and the tuner read these words by comparison: an unknown mode ran
+    as a full generation, an unknown outcome was a failure no branch named. Seen in a file, it is most
+    often a spec or result written by another wanctl version, and the tuner treats it as a malformed file.
+    """
+
+    def __init__(self, document: str, field: str, value: object, allowed: str, hint: str = "") -> None:
+        msg = f"{document} field '{field}' = {value!r} is not allowed: {allowed}"
+        super().__init__(msg, hint or f"set '{field}' to one of the allowed values (the tuner and the runtime "
+                         "must be the same wanctl version)")
+        self.field = field
+        self.value = value
+
+
 class CheckpointError(BadInput):
     """A checkpoint directory is missing, partial, from another model or holds unsafe weights."""
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.errors import SpecError
 from recipes.files import atomic_write_text
 from recipes.plain import check_schema, from_plain, load_json_object
 from recipes.recipe import Recipe
@@ -32,6 +33,7 @@ PHASES = ("start", "load", "apply", "text_encode", "denoise", "vae_decode", "fin
 
 OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", "quality_fail",
             "slower_than_baseline", "kernel_mismatch")
+"""What a RunResult's ``outcome`` may say."""
 
 
 KERNEL_CHECK_START = "wanctl-kernel-check: start "
@@ -46,6 +48,7 @@ class TrialSpec:
 
     recipe: Recipe = field(default_factory=Recipe)
     mode: str = "generate"
+    """generate, measure or quality (see MODES)."""
     out_dir: str = "."
     """Folder for the result, video, latent and frames (created by the runtime)."""
     measure_steps: int = 0
@@ -65,6 +68,7 @@ class TrialSpec:
     trust_checkpoint: bool = False
     """Load a checkpoint directory that has no wanctl download manifest (the user vouches for it)."""
     fault: str = "none"
+    """Fault to inject (see FAULTS); none in every real run."""
     fault_step: int = 0
     """Denoise step at which the fault fires (0: at the start of the run)."""
     fault_arg: float = 0.0
@@ -74,6 +78,10 @@ class TrialSpec:
     while the others wait for it in a collective."""
     trial_number: int = -1
     schema_version: int = SPEC_SCHEMA
+
+    def __post_init__(self) -> None:
+        _one_of("trial spec", "mode", self.mode, MODES)
+        _one_of("trial spec", "fault", self.fault, FAULTS)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -141,7 +149,7 @@ class RunResult:
     """What one runtime process did, written by rank 0."""
 
     outcome: str = "ok"
-    """ok, or how it failed: oom, nan, crash, unsupported, bad_input, kernel_mismatch."""
+    """ok, or how it failed: oom, nan, crash, unsupported, bad_input, kernel_mismatch (see OUTCOMES)."""
     error: str = ""
     error_type: str = ""
     phase: str = ""
@@ -176,6 +184,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     schema_version: int = SPEC_SCHEMA
 
+    def __post_init__(self) -> None:
+        _one_of("run result", "outcome", self.outcome, OUTCOMES)
+        if self.phase:  # empty in a run that finished: a failure says where it was
+            _one_of("run result", "phase", self.phase, PHASES)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -191,6 +204,13 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
+
+
+def _one_of(document: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Checked when a spec or result is built, so also when one is read back: a word the other side does not
+    know is an error naming the allowed ones, never a branch silently not taken."""
+    if value not in allowed:
+        raise SpecError(document, name, value, "one of " + ", ".join(allowed))
 
 
 def summarize(obj: Any) -> dict[str, Any]:
