@@ -111,6 +111,12 @@ def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: st
             "first: export CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's GPU numbers match this list"]
 
 
+def _named_gpus(gpus: tuple[GpuInfo, ...], item: str) -> list[GpuInfo]:
+    """The GPUs one CUDA_VISIBLE_DEVICES entry names, as CUDA reads it: an index, or a UUID prefix."""
+    return [g for g in gpus if (item.isdigit() and g.index == int(item))
+            or (not item.isdigit() and bool(g.uuid) and g.uuid.startswith(item))]
+
+
 def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
                           visible: str | None) -> tuple[tuple[GpuInfo, ...], tuple[GpuLink, ...], str]:
     """Keep the GPUs CUDA_VISIBLE_DEVICES lets this process use (indices or UUID prefixes, as CUDA reads it).
@@ -129,8 +135,7 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
             break
         if item.startswith("MIG-"):
             return gpus, links, f"CUDA_VISIBLE_DEVICES={visible} names MIG slices: GPU list not filtered"
-        match = [g for g in gpus if (item.isdigit() and g.index == int(item))
-                 or (not item.isdigit() and g.uuid and g.uuid.startswith(item))]
+        match = _named_gpus(gpus, item)
         if not match:
             break  # CUDA ignores everything after the first invalid entry
         if match[0] not in kept:
@@ -176,8 +181,7 @@ def apply_visible_mig_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, .
                 return kept, kept_links, [note, f"{item} is not one of the MIG devices NVML listed here "
                                           f"({', '.join(s.uuid for s in slices) or 'none'}): name one as nvidia-smi -L prints it"]
         else:
-            match = [g for g in gpus if (item.isdigit() and g.index == int(item))
-                     or (not item.isdigit() and g.uuid and g.uuid.startswith(item))]
+            match = _named_gpus(gpus, item)
         if not match:
             break  # CUDA ignores everything after the first invalid entry
         if match[0] not in wanted:
