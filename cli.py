@@ -93,7 +93,7 @@ def _probe_showing_checks(**kw: Any) -> ProbeResult:
 
     if not err.is_terminal:
         return run_probe(**kw)
-    with err.status("probing: kernel checks starting") as status:
+    with err.status("probing this machine") as status:
         return run_probe(on_check=lambda name: status.update(f"probing: kernel check {escape(name)}"), **kw)
 
 
@@ -481,7 +481,8 @@ def probe(
     res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
     if save:
         atomic_write_text(save, res.to_json())
-    if json_out:
+    if json_out:  # one document on stdout: a host that cannot be used gets the error object alone (--save keeps
+        _refuse_unreadable_gpus(res)  # the probe's own document)
         _print_json(res.to_json())
     else:
         for table in render_probe(res):

@@ -159,7 +159,8 @@ class Tuner:
         self.trial_costs: list[float] = []  # seconds each trial of this run took, all its processes
         self.started = time.monotonic()
         self._attrs: dict[str, Any] = {}
-        self._worker = uuid.uuid4().hex[:12]  # this process's name in per-worker study attrs (worker_key)
+        # this process's name in per-worker study attrs (worker_key): start time first, so keys sort by run
+        self._worker = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
         self._study: optuna.Study | None = None
 
     # ------------------------------------------------------------------ study

@@ -148,5 +148,23 @@ def test_json_output_carries_the_failure_as_json(tmp_path: Path) -> None:
 
 def test_a_long_path_in_an_error_is_never_broken_across_lines(tmp_path: Path) -> None:
     deep = tmp_path / ("a-folder-with-a-rather-long-name-" * 4) / "missing.toml"
-    r = run_cli("recipe", str(deep))
+    r = run_cli("recipe", str(deep), env={"COLUMNS": "80"})  # narrower than the path: Rich would wrap it
     assert r.returncode == 2 and str(deep) in r.stderr, r.stderr  # raw stderr: copyable as printed
+
+
+def test_probe_json_on_a_host_whose_gpus_cannot_be_read_is_one_document(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from tests.probe_fakes import write_script
+
+    (tmp_path / "bin").mkdir()
+    write_script(tmp_path / "bin" / "nvidia-smi", 'echo "Failed to initialize NVML: Driver/library version mismatch"\n'
+                 "exit 18\n")
+    saved = tmp_path / "probe.json"
+    r = run_cli("probe", "--no-kernels", "--json", "--save", str(saved),
+                env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert r.returncode == 3, r.stderr
+    doc = json.loads(r.stdout)  # one document, not the probe and then the error
+    assert "no GPU could be read" in doc["error"]["message"] and doc["error"]["exit_code"] == 3
+    assert json.loads(saved.read_text())["gpu_unreadable"]  # --save keeps the probe's own document
