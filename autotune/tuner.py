@@ -236,9 +236,7 @@ class Tuner:
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
-        for knob, values in merged_screened(study.user_attrs).items():
-            for value, evidence in values.items():
-                self.exclusions.exclude(knob, _typed(knob, value), evidence)
+        self._adopt_exclusions(study.user_attrs)
         for t in study.get_trials(deepcopy=False):
             rec = t.user_attrs.get(RECORD_KEY)
             if rec and t.state == optuna.trial.TrialState.COMPLETE:
@@ -454,6 +452,15 @@ class Tuner:
             best = self._best_so_far()
             self.reporter.trial_finished(record, best)
 
+    def _adopt_exclusions(self, attrs: dict[str, Any]) -> None:
+        """Every worker's screened exclusions (recipes.records.merged_screened) join this one's; its own
+        evidence is kept where both excluded a value."""
+        for knob, values in merged_screened(attrs).items():
+            for value, evidence in values.items():
+                typed = _typed(knob, value)
+                if typed not in self.exclusions.slower.get(knob, {}):
+                    self.exclusions.exclude(knob, typed, evidence)
+
     def _run_asked(self, study: optuna.Study, trial: optuna.Trial) -> TrialRecord:
         role = trial.user_attrs.get("wanctl_role") or ("requeued" if REQUEUED_KEY in trial.user_attrs
                                                       else "sampled")
@@ -463,6 +470,7 @@ class Tuner:
             self._await_baseline(study, trial.number)
         if self.baseline is not None and role == "baseline":
             role = "sampled"  # a re-queued baseline never runs twice
+        self._adopt_exclusions(study.user_attrs)  # what workers beside this one screened out since it started
         recipe = self._suggest(trial)
         if self.baseline is None and role != "baseline":
             role, recipe = "baseline", self.base_recipe
@@ -843,9 +851,12 @@ class Tuner:
             if note not in self.notes:
                 self.notes.append(note)
         self._flush_attrs()
+        attrs = study.user_attrs  # every worker's, as `wanctl report` shows them
+        self._adopt_exclusions(attrs)
+        notes = [*self.notes, *(n for n in merged_notes(attrs) if n not in self.notes)]
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
-                          confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=self.notes,
-                          runs=study_runs(study.user_attrs), config=self.cfg)
+                          confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=notes,
+                          runs=study_runs(attrs), config=self.cfg)
 
 
 CONFIRM_PREFIX = "wanctl_confirm_"

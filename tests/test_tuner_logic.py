@@ -490,6 +490,38 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     assert set(second.result.notes) <= set(merged_notes(study.user_attrs))  # type: ignore[attr-defined]
 
 
+class _JoinedByAnotherWorker(SimulatedTuner):
+    """After its baseline, another worker on the study screens a knob out and leaves a note (its own keys)."""
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        out = super()._launch(spec)
+        if len(self.specs) == 1 and self._study is not None:
+            from recipes.records import NOTES_KEY, SCREENED_KEY, worker_key
+
+            self._study.set_user_attr(worker_key(SCREENED_KEY, "other"),
+                                      {"attention": {"_native_efficient": "measured 0.50x by the other worker"}})
+            self._study.set_user_attr(worker_key(NOTES_KEY, "other"), ["a note of the other worker"])
+        return out
+
+
+def test_a_knob_another_worker_screened_out_is_not_tried_here(h100: ProbeResult, tmp_path: Path) -> None:
+    from autotune.tuner import result_from_study
+    from recipes.records import SCREENED_KEY
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=30, out_dir=str(tmp_path))
+    t = _JoinedByAnotherWorker(cfg, h100)
+    assert "_native_efficient" in t.space.attention
+    res = t.run()
+    assert not [s for s in t.specs[1:] if s.recipe.attention == "_native_efficient"]
+    assert res.exclusions["attention"]["_native_efficient"] == "measured 0.50x by the other worker"
+    assert "a note of the other worker" in res.notes  # this tuner's report shows the other's notes too
+    attrs = t._study.user_attrs  # type: ignore[union-attr]
+    assert SCREENED_KEY not in attrs and any(k.startswith(SCREENED_KEY + "@") and not k.endswith("@other")
+                                             for k in attrs)  # each worker writes its own key, never the shared one
+    again, _, _ = result_from_study(cfg.storage_url(), t.study_name())
+    assert again.exclusions == res.exclusions and "a note of the other worker" in again.notes
+
+
 def test_workers_on_one_study_keep_each_others_exclusions_and_notes() -> None:
     """Each worker writes its own key; a study made before that (plain keys) still reads."""
     from recipes.records import NOTES_KEY, SCREENED_KEY, merged_notes, merged_screened, worker_key
