@@ -8,11 +8,13 @@ session and killing the group is what makes a hanging ``nvidia-smi`` or kernel c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,6 +104,9 @@ def run_command(argv: Sequence[str], timeout_s: float, env: Mapping[str, str] | 
 
 def _run_streaming(proc: subprocess.Popen[str], args: tuple[str, ...], timeout_s: float,
                    on_line: Callable[[str], None]) -> CommandResult:
+    """run_command's twin that hands stderr lines out as they come. Like ``communicate``, it waits (within the
+    same deadline) for the pipes to close, not just for the child: a descendant still writing keeps them open."""
+    deadline = time.monotonic() + timeout_s
     out: list[str] = []
     err: list[str] = []
 
@@ -116,7 +121,8 @@ def _run_streaming(proc: subprocess.Popen[str], args: tuple[str, ...], timeout_s
 
     def pump_out() -> None:
         assert proc.stdout is not None
-        out.append(proc.stdout.read())
+        while chunk := proc.stdout.read(65536):  # in chunks: what came before a kill is kept
+            out.append(chunk)
 
     readers = [threading.Thread(target=f, daemon=True) for f in (pump_err, pump_out)]
     for t in readers:
@@ -124,15 +130,20 @@ def _run_streaming(proc: subprocess.Popen[str], args: tuple[str, ...], timeout_s
     timed_out = False
     try:
         proc.wait(timeout=timeout_s)
+        for t in readers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        timed_out = any(t.is_alive() for t in readers)
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
         timed_out = True
     except BaseException:  # Ctrl-C: as in run_command
         _kill_group(proc.pid)
         raise
-    for t in readers:  # the group is dead or done, so the pipes close; bounded in case a member escaped it
-        t.join(timeout=2.0)
     if timed_out:
+        _kill_group(proc.pid)
+        for t in readers:  # the group is dead, so the pipes close; bounded in case a member escaped it
+            t.join(timeout=2.0)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # reaped, not left a zombie
         return CommandResult(args, None, "".join(out), "".join(err), timed_out=True)
     return CommandResult(args, proc.returncode, "".join(out), "".join(err))
 

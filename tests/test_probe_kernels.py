@@ -185,3 +185,14 @@ def test_a_failing_line_callback_loses_nothing(tmp_path: Path) -> None:
 
     res = run_command([str(py)], timeout_s=10, on_stderr_line=broken)
     assert res.ok and res.stdout == "{}\n" and res.stderr == "one\ntwo\n"
+
+
+def test_streamed_output_waits_for_a_descendant_holding_the_pipe_like_communicate(tmp_path: Path) -> None:
+    """A child that prints its document and leaves a descendant writing on: its output is kept, within the
+    deadline, as the non-streaming path keeps it."""
+    py = write_script(tmp_path / "python", "echo '{\"ok\": 1}'; (sleep 3; echo late) & exit 0\n")
+    res = run_command([str(py)], timeout_s=20, on_stderr_line=lambda line: None)
+    assert res.ok and res.stdout == '{"ok": 1}\nlate\n', res
+    hung = write_script(tmp_path / "hung", "echo partial; echo started >&2; sleep 30\n")
+    res = run_command([str(hung)], timeout_s=1.5, on_stderr_line=lambda line: None)
+    assert res.timed_out and res.stdout == "partial\n" and res.stderr == "started\n"
