@@ -38,7 +38,7 @@ from benchmarks.common import commit_id, ran_summary, table_head, write_outputs 
 from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
-from wan_runtime.env import versions  # noqa: E402
+from wan_runtime.env import share_torch_cudnn, versions  # noqa: E402
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers  # noqa: E402
 from wan_runtime.knobs.distributed import init_from_env  # noqa: E402
 
@@ -99,6 +99,7 @@ def measure(label: str, args: argparse.Namespace, device: torch.device, world: i
 
 
 def main() -> None:
+    share_torch_cudnn()  # before diffusers (through peft) imports Transformer Engine
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", default="ulysses2,cfg", help="labels as in the study: single, cfg, ulysses2, "
                     "ulysses2+cfg, ulysses2+fsdp, ...; those not using every process are skipped")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from recipes.models import model_spec
-from wan_runtime.env import versions
+from wan_runtime.env import share_torch_cudnn, versions
 from wan_runtime.tiny import build_vae, full_width
 
 CASES = (("t2v-A14B", "1280*720", 81), ("t2v-A14B", "832*480", 81), ("ti2v-5B", "1280*704", 121))
@@ -51,6 +51,7 @@ def measure(task: str, size: str, frames: int, tiling: bool) -> dict:
 
 
 def main() -> None:
+    share_torch_cudnn()  # before diffusers (through peft) imports Transformer Engine
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -24,27 +24,34 @@ def test_the_first_mapped_copy_of_a_library_is_found() -> None:
 
 
 def test_cudnn_libraries_load_graph_first_and_the_front_library_last() -> None:
-    names = ["libcudnn.so", "libcudnn.so.9", "libcudnn_ops.so.9", "libcudnn_graph.so.9", "libcudnn_heuristic.so.9",
-             "libcudnn_engines_precompiled.so.9"]
+    names = ["libcudnn.so", "libcudnn.so.9", "libcudnn_adv.so.9", "libcudnn_cnn.so.9", "libcudnn_ops.so.9",
+             "libcudnn_graph.so.9", "libcudnn_heuristic.so.9", "libcudnn_engines_precompiled.so.9"]
     order = [p.name for p in env.cudnn_preload_order(Path("/x") / n for n in names)]
-    assert order[0] == "libcudnn_graph.so.9" and order[-1] == "libcudnn.so.9"
-    assert "libcudnn.so" not in order and len(order) == 5
+    assert order[:4] == ["libcudnn_graph.so.9", "libcudnn_ops.so.9", "libcudnn_cnn.so.9", "libcudnn_adv.so.9"]
+    assert order[-1] == "libcudnn.so.9" and "libcudnn.so" not in order and len(order) == 7
+
+
+def test_a_cudnn_library_from_another_folder_is_found() -> None:
+    maps = MAPS + "7f80-7f90 r-xp 00000000 00:2a 104 /opt/venv/site-packages/nvidia/cudnn/lib/libcudnn_ops.so.9\n"
+    folder = Path("/opt/venv/site-packages/nvidia/cudnn/lib")
+    assert env.foreign_cudnn(folder, maps) == [Path("/usr/lib/x86_64-linux-gnu/libcudnn_graph.so.9.14.0")]
+    assert env.foreign_cudnn(Path("/usr/lib/x86_64-linux-gnu"), MAPS) == [folder / "libcudnn.so.9"]
 
 
 @pytest.mark.parametrize("var", ["CUDNN_PATH", "CUDNN_HOME"])
 def test_a_users_cudnn_choice_is_kept(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
-    monkeypatch.delenv("CUDNN_PATH", raising=False)
-    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setenv("CUDNN_PATH", "")  # empty counts as unset, and monkeypatch restores what the call sets
+    monkeypatch.setenv("CUDNN_HOME", "")
     monkeypatch.setenv(var, "/opt/my-cudnn")
     monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
     monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
     env.share_torch_cudnn()
-    assert os.environ[var] == "/opt/my-cudnn" and ("CUDNN_PATH" not in os.environ or var == "CUDNN_PATH")
+    assert os.environ[var] == "/opt/my-cudnn" and (os.environ["CUDNN_PATH"] == "" or var == "CUDNN_PATH")
 
 
 def test_torchs_cudnn_folder_is_named_for_transformer_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("CUDNN_PATH", raising=False)
-    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setenv("CUDNN_PATH", "")  # empty counts as unset, and monkeypatch restores what the call sets
+    monkeypatch.setenv("CUDNN_HOME", "")
     monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
     monkeypatch.setattr(env.torch.backends.cudnn, "version", lambda: 91900)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "transformer_engine" else None)
@@ -55,30 +62,51 @@ def test_torchs_cudnn_folder_is_named_for_transformer_engine(monkeypatch: pytest
 
 
 def test_nothing_changes_without_transformer_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CUDNN_PATH", raising=False)
-    monkeypatch.delenv("CUDNN_HOME", raising=False)
+    monkeypatch.setenv("CUDNN_PATH", "")  # empty counts as unset, and monkeypatch restores what the call sets
+    monkeypatch.setenv("CUDNN_HOME", "")
     monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
     env.share_torch_cudnn()
-    assert "CUDNN_PATH" not in os.environ
+    assert os.environ["CUDNN_PATH"] == ""
 
 
-@pytest.mark.parametrize("message", [
-    "cuDNN version incompatibility: PyTorch was compiled  against (9, 19, 0) but found runtime version (9, 14, 0).",
-    "/lib/x86_64-linux-gnu/libcudnn_heuristic.so.9: undefined symbol: _ZTVN5cudnn7backend12OperationSetE",
+@pytest.mark.parametrize(("kind", "message"), [
+    (RuntimeError, "cuDNN version incompatibility: PyTorch was compiled  against (9, 19, 0) but found runtime "
+                   "version (9, 14, 0)."),
+    (RuntimeError, "/lib/x86_64-linux-gnu/libcudnn_heuristic.so.9: undefined symbol: _ZTVN5cudnn7backend12OperationSetE"),
+    (OSError, "/lib/x86_64-linux-gnu/libcudnn_heuristic.so.9: undefined symbol: _ZTVN5cudnn7backend12OperationSetE"),
 ])
 def test_a_trial_killed_by_two_cudnns_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                         message: str) -> None:
+                                                         kind: type[Exception], message: str) -> None:
     from recipes.recipe import Recipe
     from recipes.spec import TrialSpec
     from wan_runtime import run
 
     def boom(*args: object) -> None:
-        raise RuntimeError(message)
+        raise kind(message)  # an OSError from a failed library load has no errno: not a write error
 
     monkeypatch.setattr(run, "_run", boom)
     res = run.run_spec(TrialSpec(recipe=Recipe(), mode="quality", out_dir=str(tmp_path), write_video=False))
     assert res.outcome == "crash" and res.error.startswith(message.splitlines()[0])
     assert "LD_LIBRARY_PATH" in res.error
     assert env.mixed_cudnn_hint("CUDA error: an illegal memory access was encountered") == ""
+
+
+def test_a_te_import_broken_by_two_cudnns_is_a_crash_with_the_fix_not_a_missing_extra(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from recipes.errors import WanctlError
+    from wan_runtime.knobs.base import Unsupported, require_module
+
+    def broken(name: str) -> None:
+        raise OSError("/lib/x86_64-linux-gnu/libcudnn_heuristic.so.9: undefined symbol: _ZTVN5cudnn7backend12Op")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(WanctlError) as exc:
+        require_module("transformer_engine.pytorch", "te")
+    assert not isinstance(exc.value, Unsupported) and "LD_LIBRARY_PATH" in exc.value.hint
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError("No module")))
+    with pytest.raises(Unsupported):
+        require_module("transformer_engine.pytorch", "te")

@@ -71,13 +71,31 @@ def loaded_library(prefix: str, maps: str | None = None) -> Path | None:
     return None
 
 
+_CUDNN_LOAD_RANK = (("_graph", 0), ("_ops", 1), ("_cnn", 2), ("_adv", 3))
+
+
 def cudnn_preload_order(libs: Iterable[Path]) -> list[Path]:
-    """cuDNN's libraries in the order they can be loaded one by one: the graph library first (the engine
-    libraries link against it by name), the front library last, versioned names only (``libcudnn.so`` is
-    the same file as ``libcudnn.so.9``)."""
-    versioned = [p for p in libs if not p.name.endswith(".so")]
-    return sorted(versioned, key=lambda p: (0 if "_graph" in p.name else 2 if p.name.startswith("libcudnn.so") else 1,
-                                             p.name))
+    """cuDNN's libraries in an order where each one's own dependencies are already loaded when it is: graph,
+    then ops (cnn and adv link against it by name), cnn, adv, the engine and heuristic libraries, and the
+    front library last. Versioned names only (``libcudnn.so`` is the same file as ``libcudnn.so.9``). A
+    dependency looked up by name before it is loaded could come from a system folder: the mix this avoids."""
+    def rank(p: Path) -> int:
+        if p.name.startswith("libcudnn.so"):
+            return 9
+        return next((r for tag, r in _CUDNN_LOAD_RANK if f"{tag}." in p.name), 5)
+
+    return sorted((p for p in libs if not p.name.endswith(".so")), key=lambda p: (rank(p), p.name))
+
+
+def foreign_cudnn(folder: Path, maps: str | None = None) -> list[Path]:
+    """cuDNN libraries mapped in this process from anywhere but ``folder`` (torch's): a mix that fails."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return []
+    found = {Path(line.split(maxsplit=5)[5]) for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
+    return sorted(p for p in found if p.name.startswith("libcudnn") and p.parent != folder)
 
 
 def share_torch_cudnn() -> None:
@@ -110,7 +128,10 @@ def share_torch_cudnn() -> None:
         try:
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
         except OSError as exc:  # a sub-library torch itself never needs; TE says so if it does
-            log.debug("not preloading %s: %s", lib, exc)
+            log.warning("could not preload torch's %s: %s", lib.name, exc)
+    if foreign := foreign_cudnn(path.parent):
+        log.warning("cuDNN libraries from outside torch's folder %s are loaded: %s (%s)", path.parent,
+                    ", ".join(map(str, foreign)), mixed_cudnn_hint("cuDNN version incompatibility"))
     os.environ["CUDNN_PATH"] = str(path.parent)
 
 

@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     only = {s for s in args.only.split(",") if s}
-    share_torch_cudnn()  # before any check imports Transformer Engine
     with _stdout_to_stderr() as real_stdout:
+        share_torch_cudnn()  # before any check imports Transformer Engine; inside: stdout is the JSON channel
         info, device = environment()
         if args.cpu:
             device = torch.device("cpu")

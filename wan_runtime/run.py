@@ -99,7 +99,8 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
             return _failed(spec, "oom", exc, device, started, where)
         return _failed(spec, "crash", exc, device, started, where)
     except OSError as exc:  # the outputs could not be written: say which file and why, keep the process alive
-        return _failed(spec, "crash", _os_error(exc), device, started, where)
+        # (an OSError without an errno is a library's own, e.g. a shared object that failed to load)
+        return _failed(spec, "crash", _os_error(exc) if exc.errno is not None else exc, device, started, where)
     except Exception as exc:  # a library's own error (ValueError, ImportError, ...): a crash with its message
         # in the result, and its traceback in this process's stderr (the trial's stderr.log) for whoever debugs it
         log.exception("unexpected error in phase %s", where.name)
@@ -157,7 +158,7 @@ def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.dev
             where: _Phase) -> RunResult:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    hint = getattr(exc, "hint", "") or mixed_cudnn_hint(text)
+    hint = mixed_cudnn_hint(text) or getattr(exc, "hint", "")  # a generic hint ('pip install ...') would mislead
     log.info("%s: %s", outcome, first)  # the result carries it; the caller prints it once
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,

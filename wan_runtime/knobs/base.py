@@ -17,6 +17,7 @@ import torch
 
 from recipes.errors import HardwareUnsupported, WanctlError
 from recipes.recipe import Recipe
+from wan_runtime.env import mixed_cudnn_hint
 
 
 class KnobError(WanctlError):
@@ -88,5 +89,7 @@ def require_module(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except Exception as exc:  # a broken install raises more than ImportError (e.g. undefined symbols)
+        if hint := mixed_cudnn_hint(str(exc)):  # installed, but two cuDNNs: a crash to fix, not a missing extra
+            raise WanctlError(f"{module} failed to load: {str(exc).splitlines()[0][:300]}", hint) from None
         raise Unsupported(f"{module} is not usable here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
                           f"pip install 'wanctl[{extra}]'") from None
