@@ -42,13 +42,19 @@ case "$KERNEL" in
     ls -la "$OUT"/flash_attn_3-*.whl ;;
   te)
     [ -f "$SRC/setup.py" ] || { echo "$SRC has no setup.py: unpack transformer_engine_torch-VERSION.tar.gz there" >&2; exit 2; }
+    # C++ only, but against CUDA's headers (the toolkit's, as on the H200 host where this compile ran)
+    CUDA_INC="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}/include"
+    [ -f "$CUDA_INC/cuda_runtime.h" ] || { echo "no CUDA toolkit headers at $CUDA_INC: set CUDA_HOME" >&2; exit 2; }
     # cuDNN, NCCL and NVRTC headers come from the nvidia-* wheels torch was installed with
-    NV="$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')" || {
+    NV_INC="$(python3 -c 'import glob, nvidia; print(":".join(d for p in nvidia.__path__ for d in sorted(glob.glob(p + "/*/include"))))')" || {
       echo "the nvidia-* wheels torch uses are not importable: install torch with CUDA from PyPI" >&2; exit 2; }
-    CPATH="$(ls -d "$NV"/*/include | tr '\n' ':')${CPATH:-}"
-    export CPATH NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_WITH_NCCL_EP="${NVTE_WITH_NCCL_EP:-0}"
+    [ -n "$NV_INC" ] || { echo "the nvidia-* wheels hold no headers (include/ folders)" >&2; exit 2; }
+    export CPATH="$NV_INC${CPATH:+:$CPATH}" CUDA_HOME="${CUDA_HOME:-$(dirname "$CUDA_INC")}"
+    export NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_WITH_NCCL_EP="${NVTE_WITH_NCCL_EP:-0}"
     export NVTE_CUDA_ARCHS="${NVTE_CUDA_ARCHS:-${ARCHS//./}}"
-    cd "$SRC"
+    # setup.py deletes its build_tools/ and common_headers/ after bdist_wheel: build a copy, keep SRC rebuildable
+    WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
+    cp -a "$SRC"/. "$WORK"/ && cd "$WORK"
     python3 setup.py -q bdist_wheel -d "$OUT"
     ls -la "$OUT"/transformer_engine_torch-*.whl ;;
   *) echo "KERNEL must be sage, fa3 or te, not $KERNEL" >&2; exit 2 ;;

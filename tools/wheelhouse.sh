@@ -26,8 +26,9 @@ fi
 # only as an sdist: build it on the GPU host with KERNEL=te tools/build_kernel.sh (BENCHMARKS.md, seventh session).
 TE_VERSION="${TE_VERSION:-2.20.2}"
 if [ "${TE:-0}" = 1 ]; then
-  PKGS+=(transformer-engine=="$TE_VERSION" transformer-engine-cu"${TE_CUDA:-13}"=="$TE_VERSION" pydantic pydantic-core
-         annotated-types typing-inspection typing-extensions)
+  # pydantic pins its core exactly and --no-deps checks nothing: the set that ran with TE 2.20.2 on the H200
+  PKGS+=(transformer-engine=="$TE_VERSION" transformer-engine-cu"${TE_CUDA:-13}"=="$TE_VERSION" pydantic==2.14.4
+         pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 einops)
 fi
 mkdir -p "$OUT"
 plat=()
@@ -40,15 +41,18 @@ if [ "${TE:-0}" = 1 ]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
   # pip cannot download this sdist without building its metadata (which needs torch and CUDA): fetch it from the
   # index by name and check the sha256 the index gives.
-  "$PY" - "$TE_VERSION" "$OUT/src" <<'PY'
-import hashlib, pathlib, re, sys, urllib.request
-version, out = sys.argv[1], pathlib.Path(sys.argv[2])
+  # the index pip itself uses (PIP_INDEX_URL, pip.conf), PyPI when none is set
+  INDEX="${PIP_INDEX_URL:-$("$PY" -m pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}"
+  "$PY" - "$TE_VERSION" "$OUT/src" "$INDEX" <<'PY'
+import hashlib, pathlib, re, sys, urllib.parse, urllib.request
+version, out, index = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3].rstrip("/")
 name = f"transformer_engine_torch-{version}.tar.gz"
-page = urllib.request.urlopen("https://pypi.org/simple/transformer-engine-torch/", timeout=60).read().decode()
-found = re.search(r'href="([^"#]*/' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
+listing = f"{index}/transformer-engine-torch/"
+page = urllib.request.urlopen(listing, timeout=60).read().decode()
+found = re.search(r'href="([^"#]*' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
 if found is None:
-    sys.exit(f"{name} is not on PyPI (TE_VERSION={version})")
-data = urllib.request.urlopen(found.group(1), timeout=600).read()
+    sys.exit(f"{name} is not listed at {listing} (TE_VERSION={version})")
+data = urllib.request.urlopen(urllib.parse.urljoin(listing, found.group(1)), timeout=600).read()
 if hashlib.sha256(data).hexdigest() != found.group(2):
     sys.exit(f"{name}: sha256 does not match the index's")
 (out / name).write_bytes(data)
