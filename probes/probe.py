@@ -64,7 +64,10 @@ def run_probe(
     if not gpus and not unreadable and (visible is None or visible.strip()):
         # GPUs in MIG mode without MIG devices give CUDA nothing; the host is still not a CPU host, and must not
         # be described, tuned or fingerprinted as one.
-        unreadable = next((n for n in found.notes if "has MIG enabled and no MIG devices" in n), "")
+        # ... but only when such a GPU is what CUDA_VISIBLE_DEVICES named, not when it named a GPU that is not there
+        named = found.gpus if visible is None else [g for v in visible.split(",") for g in _named_gpus(found.gpus, v.strip())]
+        if any(g.index in found.mig_listed for g in named):
+            unreadable = next((n for n in found.notes if "has MIG enabled and no MIG devices" in n), "")
     family = family_of(gpus)
     if len({g.name for g in gpus}) > 1:
         notes.append(f"mixed GPU models: capabilities are those of the least capable ({family.name} {family.sm})")
@@ -171,11 +174,16 @@ def apply_visible_mig_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, .
     """
     by_gpu = {i: [s for s in slices if s.index == i] for i in listed}
     wanted: list[GpuInfo] = []
+    notes_after: list[str] = []
     for item in ([str(g.index) for g in gpus] if visible is None else [v.strip() for v in visible.split(",")]):
         if not item:
             break
         if item.startswith("MIG-"):
             match = [s for s in slices if s.uuid.startswith(item)]
+            if not match and wanted:  # after valid entries: an invalid one, which ends the list for CUDA
+                notes_after = [f"{item} is not one of the MIG devices NVML listed here: CUDA_VISIBLE_DEVICES "
+                               "entries from it on are ignored, as CUDA ignores them"]
+                break
             if not match:
                 kept, kept_links, note = apply_visible_devices(gpus, links, visible)
                 return kept, kept_links, [note, f"{item} is not one of the MIG devices NVML listed here "
@@ -187,7 +195,7 @@ def apply_visible_mig_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, .
         if match[0] not in wanted:
             wanted.append(match[0])
     devices: list[GpuInfo] = []
-    notes: list[str] = []
+    notes: list[str] = list(notes_after)
     for d in wanted:
         if d.mig_slice or d.index not in by_gpu:
             devices.append(d)

@@ -256,3 +256,14 @@ def test_a_host_whose_only_gpu_has_mig_on_and_no_slices_is_told_to_make_one() ->
         _refuse_unreadable_gpus(probe(mig_h100(mig_devices=[])))
     assert "nvidia-smi mig -cgi" in exc.value.hint and "fix the driver" not in exc.value.hint
     assert exc.value.exit_code == 3
+
+
+def test_an_unlisted_mig_device_after_a_valid_entry_ends_the_list_as_cuda_reads_it() -> None:
+    r = probe(with_plain_h100(mig_h100()), "1,MIG-deadbeef")
+    assert [(g.index, g.mig_slice) for g in r.gpus] == [(1, False)], r.gpus  # not both whole GPUs
+    assert any("MIG-deadbeef is not one of the MIG devices" in n for n in r.notes)
+
+
+def test_a_missing_gpu_index_is_not_blamed_on_a_mig_gpu_without_slices() -> None:
+    r = probe(mig_h100(mig_devices=[]), "5")
+    assert r.gpus == () and "MIG" not in r.gpu_unreadable
