@@ -149,7 +149,9 @@ def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_
             argv.append("--with-compile")
         if skip:
             argv += ["--skip", ",".join(skip)]
-        res = run_command(argv, timeout_s, env=with_source_on_path(env), on_stderr_line=on_line if on_check else None)
+        child = with_source_on_path(env)
+        child.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the GPU the probe lists first is the one checked
+        res = run_command(argv, timeout_s, env=child, on_stderr_line=on_line if on_check else None)
         if res.ok:
             try:
                 doc = _parse_doc(res.stdout)

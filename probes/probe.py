@@ -104,14 +104,15 @@ def family_of(gpus: tuple[GpuInfo, ...]) -> GpuFamily:
 
 
 def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: str | None) -> list[str]:
-    """CUDA numbers GPUs fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID; NVML and nvidia-smi number them by
-    PCI bus, and so does this probe. On a host with one GPU model the two agree; on a mixed host an index in
-    CUDA_VISIBLE_DEVICES can name another GPU than the one listed here, so say so."""
+    """NVML and nvidia-smi number GPUs by PCI bus, and so do this probe and wanctl's child processes (trials,
+    the kernel check and launch.sh set CUDA_DEVICE_ORDER=PCI_BUS_ID unless it is set). A user's other order
+    (FASTEST_FIRST, CUDA's own default) makes an index in CUDA_VISIBLE_DEVICES name another GPU than the one
+    listed here on a host with mixed models: say so."""
     indices = [v.strip() for v in (visible or "").split(",") if v.strip().isdigit()]
-    if not indices or len({g.name for g in gpus}) < 2 or (order or "").strip().upper() == "PCI_BUS_ID":
+    if not indices or len({g.name for g in gpus}) < 2 or (order or "PCI_BUS_ID").strip().upper() == "PCI_BUS_ID":
         return []
-    return [f"CUDA_VISIBLE_DEVICES={visible} is read in PCI bus order here, but CUDA numbers mixed GPUs fastest "
-            "first: export CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA's GPU numbers match this list"]
+    return [f"CUDA_VISIBLE_DEVICES={visible} is read in PCI bus order here, but CUDA_DEVICE_ORDER={order} numbers "
+            "mixed GPUs fastest first: unset it or set PCI_BUS_ID so that CUDA's GPU numbers match this list"]
 
 
 def _named_gpus(gpus: tuple[GpuInfo, ...], item: str) -> list[GpuInfo]:

@@ -59,6 +59,8 @@ args=(
 if [ "${{TRUST_CHECKPOINT:-0}}" = 1 ]; then args+=(--trust-checkpoint); fi
 args+=("$@")
 
+# GPU numbers as nvidia-smi and the tuner's probe count them (CUDA's own default puts the fastest first)
+export CUDA_DEVICE_ORDER="${{CUDA_DEVICE_ORDER:-PCI_BUS_ID}}"
 if [ "$NPROC" -gt 1 ] || [ "${{NNODES:-1}}" -gt 1 ]; then
   "$PYTHON" -m torch.distributed.run {torchrun_flags} --nproc_per_node="$NPROC" -m wan_runtime generate "${{args[@]}}"
 else

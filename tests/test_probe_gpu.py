@@ -320,8 +320,9 @@ def test_indices_on_a_mixed_host_say_which_numbering_cuda_uses(tmp_path: Path) -
                       env=env)
         return [n for n in r.notes if "CUDA_DEVICE_ORDER" in n]
 
-    assert len(notes({"CUDA_VISIBLE_DEVICES": "1"})) == 1
+    assert len(notes({"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})) == 1
     assert notes({"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}) == []
+    assert notes({"CUDA_VISIBLE_DEVICES": "1"}) == []  # wanctl's children get PCI_BUS_ID
     assert notes({"CUDA_VISIBLE_DEVICES": "GPU-3090"}) == [] and notes({}) == []  # a UUID names one GPU either way
     same_model = probe_machine("h100_sxm_8x", tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"})
     assert not [n for n in same_model.notes if "CUDA_DEVICE_ORDER" in n]

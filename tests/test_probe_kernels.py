@@ -196,3 +196,14 @@ def test_streamed_output_waits_for_a_descendant_holding_the_pipe_like_communicat
     hung = write_script(tmp_path / "hung", "echo partial; echo started >&2; sleep 30\n")
     res = run_command([str(hung)], timeout_s=1.5, on_stderr_line=lambda line: None)
     assert res.timed_out and res.stdout == "partial\n" and res.stderr == "started\n"
+
+
+def test_children_number_gpus_as_the_probe_does_unless_the_user_chose(tmp_path: Path) -> None:
+    from autotune.trial_runner import child_env
+
+    py = write_script(tmp_path / "python", 'echo "$CUDA_DEVICE_ORDER" >&2; exit 1\n')
+    for given, seen in ((None, "PCI_BUS_ID"), ("FASTEST_FIRST", "FASTEST_FIRST")):
+        env = {"PATH": "/usr/bin:/bin"} | ({"CUDA_DEVICE_ORDER": given} if given else {})
+        report = run_kernel_checks(python=str(py), timeout_s=10, env=env)
+        assert report.checks[0].detail.endswith(seen), report.checks[0].detail
+    assert child_env()["CUDA_DEVICE_ORDER"] in ("PCI_BUS_ID", __import__("os").environ.get("CUDA_DEVICE_ORDER"))
