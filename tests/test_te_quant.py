@@ -43,6 +43,10 @@ def _fake_te(new_api: bool = True) -> SimpleNamespace:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.fp8 = state["enabled"]
             log.append((type(self).__name__, state["enabled"], state["calibrating"]))
+            if state["calibrating"]:  # as TE's delayed-scaling state: amaxes into row 0, scales untouched
+                self.fp8_meta = {"fp8_max_fwd": 448.0, "scaling_fwd": SimpleNamespace(
+                    scale=torch.ones(3), amax_history=torch.zeros(16, 3))}
+                self.fp8_meta["scaling_fwd"].amax_history[0] = torch.tensor([2.0, 0.0, float("inf")])
             return super().forward(x)
 
     te = SimpleNamespace(Linear=Linear, log=log)
@@ -135,6 +139,8 @@ def test_delayed_scaling_calibrates_each_experts_first_forward_in_bf16(te: Simpl
         low(x)  # the low-noise expert has its own state: its first calibrates too
     per_forward = [te.log[i:i + 2] for i in range(0, len(te.log), 2)]
     assert [f[0][1:] for f in per_forward] == [(False, True), (True, False), (False, True)]
+    scales = [m.inner.fp8_meta["scaling_fwd"].scale.tolist() for m in ctx.observers[0].linears if m.calls]
+    assert scales and all(sc == [224.0, 1.0, 1.0] for sc in scales)  # 448 / 2 where an amax was measured
     assert "quant_mismatch" in _finish(ctx)  # the low expert's last forward calibrated: not fp8
     with torch.inference_mode():
         low(x)

@@ -179,10 +179,12 @@ class _TEForward:
     fp8 forwards after it start from measured scales.
     """
 
-    def __init__(self, original: Any, te: Any, fp8_recipe: Any, calibrate_first: bool) -> None:
+    def __init__(self, original: Any, te: Any, fp8_recipe: Any, calibrate_first: bool,
+                 linears: list[_PaddedTELinear] | None = None) -> None:
         self.original, self.te, self.fp8_recipe = original, te, fp8_recipe
         self.pending_calibration = calibrate_first
         self.delayed = calibrate_first
+        self.linears = linears or []
         functools.update_wrapper(self, original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -190,12 +192,37 @@ class _TEForward:
             if self.pending_calibration:
                 self.pending_calibration = False
                 with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
-                    return self.original(*args, **kwargs)
+                    out = self.original(*args, **kwargs)
+                _scales_from_calibration(self.linears, self.fp8_recipe)
+                return out
             with te_autocast(self.te, self.fp8_recipe):
                 return self.original(*args, **kwargs)
         finally:
             if self.delayed:
                 _update_delayed_scales()
+
+
+def _scales_from_calibration(linears: list[_PaddedTELinear], fp8_recipe: Any) -> None:
+    """Scales for the first fp8 forward from the amaxes the calibrating forward recorded.
+
+    TE (2.20, read from its source) rolls amaxes into scales only for modules registered in its global
+    buffer, and a module registers in its first *fp8* forward: after a calibrating forward the scales are
+    still 1, so that first fp8 forward would quantize unscaled. This sets them as TE's own update would
+    (fp8 max / amax / 2^margin, kept where the amax is 0 or not finite), on TE's delayed-scaling state
+    (``fp8_meta['scaling_fwd']``: ``scale``, and ``amax_history`` whose row 0 the calibration wrote).
+    A TE without that state is left alone. Not yet run on a GPU."""
+    margin = 2.0 ** float(getattr(fp8_recipe, "margin", 0) or 0)
+    for m in linears:
+        meta = getattr(m.inner, "fp8_meta", None)
+        state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
+        fp8_max = meta.get("fp8_max_fwd") if isinstance(meta, dict) else None
+        scale, history = getattr(state, "scale", None), getattr(state, "amax_history", None)
+        if not isinstance(scale, torch.Tensor) or not isinstance(history, torch.Tensor) or not fp8_max:
+            continue
+        amax = history[0]
+        usable = (amax > 0) & torch.isfinite(amax)
+        with torch.no_grad():
+            scale.copy_(torch.where(usable, float(fp8_max) / amax.clamp_min(1e-30) / margin, scale))
 
 
 def _update_delayed_scales() -> None:
@@ -258,7 +285,8 @@ def _apply_te(transformer: torch.nn.Module, ctx: KnobContext) -> list[_PaddedTEL
                 setattr(module, child_name, padded)
                 swapped.append(padded)
     fp8_recipe = te_recipe(r.quant, r.te_amax_history_len, r.te_amax_compute_algo)
-    transformer.forward = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed")
+    transformer.forward = _TEForward(transformer.forward, te, fp8_recipe, calibrate_first=r.quant == "te_delayed",
+                                     linears=swapped)
     ctx.notes.append(f"transformer engine: {len(swapped)} block linears swapped, recipe {type(fp8_recipe).__name__}"
                      + (", first forward per expert calibrates in bf16" if r.quant == "te_delayed" else ""))
     return swapped
