@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.common import commit_id, ran_summary, table_head, write_outputs
-from recipes.models import model_spec
+from recipes.models import TEXT_TOKENS, model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import share_torch_cudnn, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
@@ -129,7 +129,7 @@ def a14b_inputs(size: str, frames: int, device: str = "cuda", seed: int = 0
     spec = model_spec("t2v-A14B")
     g = torch.Generator(device=device).manual_seed(seed)
     lat = torch.randn(1, *spec.latent_shape(size, frames), device=device, dtype=torch.bfloat16, generator=g)
-    txt = torch.randn(1, 512, spec.text_dim, device=device, dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(1, TEXT_TOKENS, spec.text_dim, device=device, dtype=torch.bfloat16, generator=g)
     return lat, txt, torch.tensor([500.0], device=device)
 
 

@@ -15,6 +15,11 @@ A14B_SIZES = ("1280*720", "720*1280", "832*480", "480*832", "1280*704", "704*128
 TI2V_5B_SIZES = ("1280*704", "704*1280")
 
 
+TEXT_TOKENS = 512
+"""The Wan pipelines' max_sequence_length: the text encoder reads this many tokens (the rest is dropped), and
+cross-attention attends over them."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture and sampling defaults of one Wan2.2 task."""
@@ -87,7 +92,7 @@ class ModelSpec:
         pf, ph, pw = self.patch_size
         return (f // pf) * (h // ph) * (w // pw)
 
-    def forward_flops(self, size: str, frames: int, text_len: int = 512) -> float:
+    def forward_flops(self, size: str, frames: int, text_len: int = TEXT_TOKENS) -> float:
         """FLOPs of one transformer forward (matmuls and attention), the basis of the FLOP floor."""
         n = self.tokens(size, frames)
         d = self.dim

@@ -22,7 +22,7 @@ import torch
 
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.files import atomic_write_bytes
-from recipes.models import model_spec, parse_size
+from recipes.models import TEXT_TOKENS, model_spec, parse_size
 from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
@@ -164,10 +164,6 @@ def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.dev
     return RunResult(outcome=outcome, error=first + (f" (hint: {hint})" if hint else ""), error_type=type(exc).__name__,
                      phase=where.name, device=device_name(device), versions=versions(), peak_mem_bytes=int(peak),
                      timings=Timings(total_s=time.perf_counter() - started))
-
-
-TEXT_TOKENS = 512
-"""The Wan pipelines' max_sequence_length: the text encoder reads this many tokens, the rest is dropped."""
 
 
 def _truncation_notes(pipe: Any, recipe: Any) -> list[str]:

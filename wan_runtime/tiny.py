@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from recipes.models import ModelSpec
+from recipes.models import TEXT_TOKENS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def full_width(spec: ModelSpec) -> Width:
                  vae_mult=(1, 2, 4, 4), vae_res_blocks=2)
 
 
-def build_tokenizer(max_length: int = 512) -> Any:
+def build_tokenizer(max_length: int = TEXT_TOKENS) -> Any:
     """A byte-level tokenizer made in memory: any prompt (unicode included) tokenizes, no hub access."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
