@@ -7,6 +7,7 @@ precision (they are a small share of FLOPs and the most sensitive to error).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -150,6 +151,10 @@ class _PaddedTELinear(torch.nn.Module):
                 self.inner.bias.copy_(linear.bias)
         self.calls = 0
         """Forwards run: the observer judges only linears that ran (a short run may not reach an expert)."""
+        self.calibrating = False
+        """Set by _TEForward for delayed scaling's first forward: record the amaxes TE itself does not."""
+        self.calibrated: tuple[float, float] | None = None
+        """(input amax, weight amax) seen while calibrating."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -168,6 +173,10 @@ def _run_counted(module: _PaddedTELinear, flat: torch.Tensor) -> torch.Tensor:
     """The TE call, counted where dynamo does not look: TE's Linear is a graph break anyway, and a counter
     changed in traced code would be guarded on and recompile the block every call."""
     module.calls += 1
+    if module.calibrating:
+        seen = (float(flat.detach().abs().amax()), float(module.inner.weight.detach().abs().amax()))
+        prev = module.calibrated or (0.0, 0.0)
+        module.calibrated = (max(prev[0], seen[0]), max(prev[1], seen[1]))
     return module.inner(flat)
 
 
@@ -191,8 +200,14 @@ class _TEForward:
         try:
             if self.pending_calibration:
                 self.pending_calibration = False
-                with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
-                    out = self.original(*args, **kwargs)
+                for m in self.linears:
+                    m.calibrating = True
+                try:
+                    with te_autocast(self.te, self.fp8_recipe, enabled=False, calibrating=True):
+                        out = self.original(*args, **kwargs)
+                finally:
+                    for m in self.linears:
+                        m.calibrating = False
                 _scales_from_calibration(self.linears, self.fp8_recipe)
                 return out
             with te_autocast(self.te, self.fp8_recipe):
@@ -203,26 +218,29 @@ class _TEForward:
 
 
 def _scales_from_calibration(linears: list[_PaddedTELinear], fp8_recipe: Any) -> None:
-    """Scales for the first fp8 forward from the amaxes the calibrating forward recorded.
+    """Scales for the first fp8 forward from the amaxes the calibrating forward saw.
 
-    TE (2.20, read from its source) rolls amaxes into scales only for modules registered in its global
-    buffer, and a module registers in its first *fp8* forward: after a calibrating forward the scales are
-    still 1, so that first fp8 forward would quantize unscaled. This sets them as TE's own update would
-    (fp8 max / amax / 2^margin, kept where the amax is 0 or not finite), on TE's delayed-scaling state
-    (``fp8_meta['scaling_fwd']``: ``scale``, and ``amax_history`` whose row 0 the calibration wrote).
-    A TE without that state is left alone. Not yet run on a GPU."""
+    Read from TE 2.20.2's source: a calibrating (non-fp8) forward builds the module's delayed-scaling state
+    (``fp8_meta['scaling_fwd']``: ``scale`` = 1 and an empty ``amax_history``) but records no amax (its Linear
+    has no quantizers outside fp8), and amaxes become scales only for modules registered in an fp8 forward.
+    Left alone, the first fp8 forward would quantize unscaled (weights near 0.01 fall below e4m3's normals).
+    So the amaxes are measured here (``_run_counted``) and written as TE's update would: history row 0, and
+    scale = fp8 max / amax / 2^margin for the input (0) and weight (1) slots, kept where an amax is 0 or not
+    finite. A TE without that state is left alone. Not yet run on a GPU."""
     margin = 2.0 ** float(getattr(fp8_recipe, "margin", 0) or 0)
     for m in linears:
         meta = getattr(m.inner, "fp8_meta", None)
         state = meta.get("scaling_fwd") if isinstance(meta, dict) else None
         fp8_max = meta.get("fp8_max_fwd") if isinstance(meta, dict) else None
         scale, history = getattr(state, "scale", None), getattr(state, "amax_history", None)
-        if not isinstance(scale, torch.Tensor) or not isinstance(history, torch.Tensor) or not fp8_max:
+        if (m.calibrated is None or not fp8_max or not isinstance(scale, torch.Tensor)
+                or not isinstance(history, torch.Tensor) or scale.numel() < 2):
             continue
-        amax = history[0]
-        usable = (amax > 0) & torch.isfinite(amax)
         with torch.no_grad():
-            scale.copy_(torch.where(usable, float(fp8_max) / amax.clamp_min(1e-30) / margin, scale))
+            for slot, amax in enumerate(m.calibrated):  # GEMM1_INPUT, GEMM1_WEIGHT
+                if amax > 0 and math.isfinite(amax):
+                    history[0, slot] = amax
+                    scale[slot] = float(fp8_max) / amax / margin
 
 
 def _update_delayed_scales() -> None:
