@@ -71,7 +71,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     # GPU numbers as the probe (NVML) and nvidia-smi count them; CUDA's default puts the fastest first
-    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if not env.get("CUDA_DEVICE_ORDER"):  # empty is CUDA's default (fastest first), as unset is
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env.update(extra or {})
     return env
 

@@ -150,7 +150,8 @@ def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_
         if skip:
             argv += ["--skip", ",".join(skip)]
         child = with_source_on_path(env)
-        child.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the GPU the probe lists first is the one checked
+        if not child.get("CUDA_DEVICE_ORDER"):  # the GPU the probe lists first is the one checked
+            child["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         res = run_command(argv, timeout_s, env=child, on_stderr_line=on_line if on_check else None)
         if res.ok:
             try:

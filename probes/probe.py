@@ -65,8 +65,7 @@ def run_probe(
         # GPUs in MIG mode without MIG devices give CUDA nothing; the host is still not a CPU host, and must not
         # be described, tuned or fingerprinted as one.
         # ... but only when such a GPU is what CUDA_VISIBLE_DEVICES named, not when it named a GPU that is not there
-        named = found.gpus if visible is None else [g for v in visible.split(",") for g in _named_gpus(found.gpus, v.strip())]
-        if any(g.index in found.mig_listed for g in named):
+        if any(g.index in found.mig_listed for g in _named_until_invalid(found.gpus, visible)):
             unreadable = next((n for n in found.notes if "has MIG enabled and no MIG devices" in n), "")
     family = family_of(gpus)
     if len({g.name for g in gpus}) > 1:
@@ -113,6 +112,19 @@ def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: st
         return []
     return [f"CUDA_VISIBLE_DEVICES={visible} is read in PCI bus order here, but CUDA_DEVICE_ORDER={order} numbers "
             "mixed GPUs fastest first: unset it or set PCI_BUS_ID so that CUDA's GPU numbers match this list"]
+
+
+def _named_until_invalid(gpus: tuple[GpuInfo, ...], visible: str | None) -> list[GpuInfo]:
+    """The GPUs CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to its first entry that names none."""
+    if visible is None:
+        return list(gpus)
+    named: list[GpuInfo] = []
+    for item in (v.strip() for v in visible.split(",")):
+        match = _named_gpus(gpus, item) if item else []
+        if not match:
+            break
+        named += match[:1]
+    return named
 
 
 def _named_gpus(gpus: tuple[GpuInfo, ...], item: str) -> list[GpuInfo]:

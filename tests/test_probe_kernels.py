@@ -190,7 +190,8 @@ def test_a_failing_line_callback_loses_nothing(tmp_path: Path) -> None:
 def test_streamed_output_waits_for_a_descendant_holding_the_pipe_like_communicate(tmp_path: Path) -> None:
     """A child that prints its document and leaves a descendant writing on: its output is kept, within the
     deadline, as the non-streaming path keeps it."""
-    py = write_script(tmp_path / "python", "echo '{\"ok\": 1}'; (sleep 3; echo late) & exit 0\n")
+    # 5 s: longer than the 2 s + 2 s the old reader gave the pipes after the child exited
+    py = write_script(tmp_path / "python", "echo '{\"ok\": 1}'; (sleep 5; echo late) & exit 0\n")
     res = run_command([str(py)], timeout_s=20, on_stderr_line=lambda line: None)
     assert res.ok and res.stdout == '{"ok": 1}\nlate\n', res
     hung = write_script(tmp_path / "hung", "echo partial; echo started >&2; sleep 30\n")
@@ -202,8 +203,8 @@ def test_children_number_gpus_as_the_probe_does_unless_the_user_chose(tmp_path: 
     from autotune.trial_runner import child_env
 
     py = write_script(tmp_path / "python", 'echo "$CUDA_DEVICE_ORDER" >&2; exit 1\n')
-    for given, seen in ((None, "PCI_BUS_ID"), ("FASTEST_FIRST", "FASTEST_FIRST")):
-        env = {"PATH": "/usr/bin:/bin"} | ({"CUDA_DEVICE_ORDER": given} if given else {})
+    for given, seen in ((None, "PCI_BUS_ID"), ("", "PCI_BUS_ID"), ("FASTEST_FIRST", "FASTEST_FIRST")):
+        env = {"PATH": "/usr/bin:/bin"} | ({"CUDA_DEVICE_ORDER": given} if given is not None else {})
         report = run_kernel_checks(python=str(py), timeout_s=10, env=env)
         assert report.checks[0].detail.endswith(seen), report.checks[0].detail
     assert child_env()["CUDA_DEVICE_ORDER"] in ("PCI_BUS_ID", __import__("os").environ.get("CUDA_DEVICE_ORDER"))

@@ -265,5 +265,6 @@ def test_an_unlisted_mig_device_after_a_valid_entry_ends_the_list_as_cuda_reads_
 
 
 def test_a_missing_gpu_index_is_not_blamed_on_a_mig_gpu_without_slices() -> None:
-    r = probe(mig_h100(mig_devices=[]), "5")
-    assert r.gpus == () and "MIG" not in r.gpu_unreadable
+    for visible in ("5", "5,0"):  # CUDA stops at 5: GPU0 is never reached
+        r = probe(mig_h100(mig_devices=[]), visible)
+        assert r.gpus == () and "MIG" not in r.gpu_unreadable, visible
