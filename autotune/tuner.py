@@ -43,7 +43,7 @@ from autotune.study import (
 )
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
-from recipes.errors import NothingFeasible, RecipeError, StudyError
+from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
 from recipes.models import model_spec, parse_size
 from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, Recipe, graph_break, validate
 from recipes.records import (
@@ -457,7 +457,11 @@ class Tuner:
         evidence is kept where both excluded a value."""
         for knob, values in merged_screened(attrs).items():
             for value, evidence in values.items():
-                typed = _typed(knob, value)
+                try:
+                    typed = _typed(knob, value)
+                except WanctlError:  # a newer wanctl's field or value, from a worker beside this one
+                    log.info("ignoring the screened exclusion %s=%s this wanctl cannot read", knob, value)
+                    continue
                 if typed not in self.exclusions.slower.get(knob, {}):
                     self.exclusions.exclude(knob, typed, evidence)
 

@@ -769,3 +769,15 @@ def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult
     assert t._study is not None
     states = {tr.number: tr.state for tr in t._study.get_trials(deepcopy=False)}
     assert states[0] == TrialState.FAIL and TrialState.RUNNING not in states.values()
+
+
+def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeResult, tmp_path: Path) -> None:
+    """A newer worker on the study may screen a field this version lacks: adopted before every trial, it must
+    not end the run (the trial already taken would be left RUNNING)."""
+    from recipes.records import SCREENED_KEY, worker_key
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, h100)  # type: ignore[arg-type]
+    t._adopt_exclusions({worker_key(SCREENED_KEY, "newer"): {"future_knob": {"x": "measured 0.9x"},
+                                                             "attention": {"flex": "measured 0.8x"}}})
+    assert t.exclusions.as_dict() == {"attention": {"flex": "measured 0.8x"}}
