@@ -38,21 +38,34 @@ plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform a
   "${plat[@]}" -d "$OUT" "${PKGS[@]}"
 if [ "${TE:-0}" = 1 ]; then
   mkdir -p "$OUT/src" "$OUT/build-tools"
-  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+    "${plat[@]}" -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
   # pip cannot download this sdist without building its metadata (which needs torch and CUDA): fetch it from the
-  # index by name and check the sha256 the index gives.
-  # the index pip itself uses (PIP_INDEX_URL, pip.conf), PyPI when none is set
+  # index pip uses (PIP_INDEX_URL / pip.conf, PyPI when none; its PIP_CERT and user:token@ too) and check the
+  # sha256 the index gives.
   INDEX="${PIP_INDEX_URL:-$("$PY" -m pip config get global.index-url 2>/dev/null || echo https://pypi.org/simple)}"
-  "$PY" - "$TE_VERSION" "$OUT/src" "$INDEX" <<'PY'
-import hashlib, pathlib, re, sys, urllib.parse, urllib.request
-version, out, index = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3].rstrip("/")
+  CERT="${PIP_CERT:-$("$PY" -m pip config get global.cert 2>/dev/null || true)}"
+  "$PY" - "$TE_VERSION" "$OUT/src" "$INDEX" "$CERT" <<'PY'
+import base64, hashlib, pathlib, re, ssl, sys, urllib.parse, urllib.request
+version, out, index, cert = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3].rstrip("/"), sys.argv[4]
+parts = urllib.parse.urlsplit(index)
+headers = {}
+if parts.username:  # user:token@host, as pip takes it: sent as Basic auth, never printed
+    token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+context = ssl.create_default_context(cafile=cert or None)
+def get(url: str, timeout: float) -> bytes:
+    same_host = urllib.parse.urlsplit(url).hostname == parts.hostname
+    req = urllib.request.Request(url, headers=headers if same_host else {})
+    return urllib.request.urlopen(req, timeout=timeout, context=context).read()
 name = f"transformer_engine_torch-{version}.tar.gz"
-listing = f"{index}/transformer-engine-torch/"
-page = urllib.request.urlopen(listing, timeout=60).read().decode()
+listing = urllib.parse.urlunsplit(parts) + "/transformer-engine-torch/"
+page = get(listing, 60).decode()
 found = re.search(r'href="([^"#]*' + re.escape(name) + r')#sha256=([0-9a-f]{64})"', page)
 if found is None:
     sys.exit(f"{name} is not listed at {listing} (TE_VERSION={version})")
-data = urllib.request.urlopen(urllib.parse.urljoin(listing, found.group(1)), timeout=600).read()
+data = get(urllib.parse.urljoin(listing, found.group(1)), 600)
 if hashlib.sha256(data).hexdigest() != found.group(2):
     sys.exit(f"{name}: sha256 does not match the index's")
 (out / name).write_bytes(data)
@@ -63,7 +76,8 @@ fi
 #   FA3_REPO=path/to/flash-attention (with `git submodule update --init csrc/cutlass` done), SAGE_REPO=path/to/SageAttention
 if [ "${KERNELS:-0}" = 1 ]; then
   mkdir -p "$OUT/build-tools" "$OUT/src"
-  "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+    "${plat[@]}" -d "$OUT/build-tools" ninja==1.13.2 wheel==0.48.0 setuptools==84.2.1
   if [ -n "${FA3_REPO:-}" ]; then
     [ -d "$FA3_REPO/csrc/cutlass/include/cute" ] || {
       echo "$FA3_REPO/csrc/cutlass is empty: run 'git submodule update --init csrc/cutlass' there" >&2; exit 2; }
