@@ -56,19 +56,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def loaded_library(prefix: str, maps: str | None = None) -> Path | None:
-    """The file a shared library whose name starts with ``prefix`` was loaded from, read from the process's
-    memory map (Linux). ``maps`` is the map's text, for tests."""
+def mapped_files(maps: str | None = None) -> list[Path]:
+    """The files mapped into this process, in map order, from ``/proc/self/maps`` (Linux; none elsewhere).
+    ``maps`` is the map's text, for tests."""
     if maps is None:
         try:
             maps = Path("/proc/self/maps").read_text()
         except OSError:
-            return None
-    for line in maps.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and Path(parts[5]).name.startswith(prefix):
-            return Path(parts[5])
-    return None
+            return []
+    return [Path(parts[5]) for parts in (line.split(maxsplit=5) for line in maps.splitlines()) if len(parts) == 6]
+
+
+def loaded_library(prefix: str, maps: str | None = None) -> Path | None:
+    """The file a shared library whose name starts with ``prefix`` was loaded from."""
+    return next((p for p in mapped_files(maps) if p.name.startswith(prefix)), None)
 
 
 _CUDNN_LOAD_RANK = (("_graph", 0), ("_ops", 1), ("_cnn", 2), ("_adv", 3))
@@ -89,13 +90,7 @@ def cudnn_preload_order(libs: Iterable[Path]) -> list[Path]:
 
 def foreign_cudnn(folder: Path, maps: str | None = None) -> list[Path]:
     """cuDNN libraries mapped in this process from anywhere but ``folder`` (torch's): a mix that fails."""
-    if maps is None:
-        try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:
-            return []
-    found = {Path(line.split(maxsplit=5)[5]) for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
-    return sorted(p for p in found if p.name.startswith("libcudnn") and p.parent != folder)
+    return sorted({p for p in mapped_files(maps) if p.name.startswith("libcudnn") and p.parent != folder})
 
 
 def share_torch_cudnn() -> None:
