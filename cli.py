@@ -34,7 +34,10 @@ from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
 
 if TYPE_CHECKING:
+    from autotune.config import TuneConfig
+    from autotune.tuner import TuneResult
     from probes.result import ProbeResult
+    from reports.outputs import OutputPaths
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and run the fastest quality-preserving Wan2.2 stack for this machine.")
@@ -382,21 +385,20 @@ def _count(records: list) -> dict[str, int]:
     return dict(Counter(r.outcome for r in records))
 
 
-def _emit(result: object, cfg: object, probe: object, argv: list[str]) -> object:
-    """Glue from the study's result to the files: recipe (with meta), launch script, report, store copy."""
-    from autotune.config import TuneConfig, model_tag
+def _emit(result: TuneResult, cfg: TuneConfig, probe: ProbeResult, argv: list[str]) -> OutputPaths:
+    """Glue from the study's result to the files: recipe (with meta), launch script, report, store copy. Here,
+    not in autotune/ or reports/: it needs both, and only the CLI imports both."""
+    from autotune.config import model_tag
+    from autotune.quality_gate import parse_quality
     from autotune.recipe_store import save_to_store
-    from autotune.tuner import TuneResult
-    from probes.result import ProbeResult
     from recipes.serialize import RecipeMeta
     from reports.markdown import ReportInput
     from reports.outputs import write_outputs
 
-    assert isinstance(result, TuneResult) and isinstance(cfg, TuneConfig) and isinstance(probe, ProbeResult)
     chosen = result.best or result.baseline
     recipe = chosen.recipe_obj()
     conf = result.confirm
-    gate = __import__("autotune.quality_gate", fromlist=["parse_quality"]).parse_quality(cfg.quality).describe()
+    gate = parse_quality(cfg.quality).describe()
     fp = probe.fingerprint()
     name = f"{model_tag(recipe.model)}_{fp.split('_')[0]}_{recipe.recipe_hash()[:8]}"
     versions = {"wanctl": cfg.wanctl_version or _version(),
