@@ -65,7 +65,8 @@ def run_probe(
         # GPUs in MIG mode without MIG devices give CUDA nothing; the host is still not a CPU host, and must not
         # be described, tuned or fingerprinted as one.
         # ... but only when such a GPU is what CUDA_VISIBLE_DEVICES named, not when it named a GPU that is not there
-        if any(g.index in found.mig_listed for g in _named_until_invalid(found.gpus, visible)):
+        named = list(found.gpus) if visible is None else _read_visible(found.gpus, visible)[0]
+        if any(g.index in found.mig_listed for g in named):
             unreadable = next((n for n in found.notes if "has MIG enabled and no MIG devices" in n), "")
     family = family_of(gpus)
     if len({g.name for g in gpus}) > 1:
@@ -114,17 +115,17 @@ def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: st
             "mixed GPUs fastest first: unset it or set PCI_BUS_ID so that CUDA's GPU numbers match this list"]
 
 
-def _named_until_invalid(gpus: tuple[GpuInfo, ...], visible: str | None) -> list[GpuInfo]:
-    """The GPUs CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to its first entry that names none."""
-    if visible is None:
-        return list(gpus)
+def _read_visible(gpus: tuple[GpuInfo, ...], visible: str) -> tuple[list[GpuInfo], str]:
+    """The GPUs CUDA_VISIBLE_DEVICES names, read as CUDA reads it (each once, up to its first entry that names
+    none), and that entry ('' when every entry named a GPU)."""
     named: list[GpuInfo] = []
     for item in (v.strip() for v in visible.split(",")):
         match = _named_gpus(gpus, item) if item else []
         if not match:
-            break
-        named += match[:1]
-    return named
+            return named, item or ","
+        if match[0] not in named:
+            named.append(match[0])
+    return named, ""
 
 
 def _named_gpus(gpus: tuple[GpuInfo, ...], item: str) -> list[GpuInfo]:
@@ -144,18 +145,9 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
     """
     if visible is None or not gpus:
         return gpus, links, ""
-    wanted = [v.strip() for v in visible.split(",")]
-    kept: list[GpuInfo] = []
-    for item in wanted:
-        if not item:
-            break
-        if item.startswith("MIG-"):
-            return gpus, links, f"CUDA_VISIBLE_DEVICES={visible} names MIG slices: GPU list not filtered"
-        match = _named_gpus(gpus, item)
-        if not match:
-            break  # CUDA ignores everything after the first invalid entry
-        if match[0] not in kept:
-            kept.append(match[0])
+    kept, stopped_at = _read_visible(gpus, visible)  # CUDA ignores everything after the first invalid entry
+    if stopped_at.startswith("MIG-"):
+        return gpus, links, f"CUDA_VISIBLE_DEVICES={visible} names MIG slices: GPU list not filtered"
     keep = {g.index for g in kept}
     kept_links = tuple(lk for lk in links if lk.a in keep and lk.b in keep)
     note = f"CUDA_VISIBLE_DEVICES={visible}: using {len(kept)} of {len(gpus)} GPUs"
