@@ -38,15 +38,44 @@ def test_a_cudnn_library_from_another_folder_is_found() -> None:
     assert env.foreign_cudnn(Path("/usr/lib/x86_64-linux-gnu"), MAPS) == [folder / "libcudnn.so.9"]
 
 
+def _torch_cudnn_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """torch's cuDNN "loaded" from ``folder`` with TE installed; returns the libraries preloaded."""
+    monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(env.torch.backends.cudnn, "version", lambda: 91900)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "transformer_engine" else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("libcudnn.so.9", "libcudnn_graph.so.9"):
+        (folder / name).write_bytes(b"not a library")
+    monkeypatch.setattr(env, "loaded_library", lambda prefix, maps=None: folder / "libcudnn.so.9")
+    monkeypatch.setattr(env, "foreign_cudnn", lambda folder, maps=None: [])
+    loaded: list[str] = []
+    monkeypatch.setattr("ctypes.CDLL", lambda name, mode=0: loaded.append(Path(name).name))
+    return loaded
+
+
 @pytest.mark.parametrize("var", ["CUDNN_PATH", "CUDNN_HOME"])
-def test_a_users_cudnn_choice_is_kept(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+def test_a_users_other_cudnn_is_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, var: str) -> None:
     monkeypatch.setenv("CUDNN_PATH", "")  # empty counts as unset, and monkeypatch restores what the call sets
     monkeypatch.setenv("CUDNN_HOME", "")
-    monkeypatch.setenv(var, "/opt/my-cudnn")
-    monkeypatch.setattr(env.torch.backends.cudnn, "is_available", lambda: True)
-    monkeypatch.setattr(env, "loaded_library", lambda *a: pytest.fail("must not look for torch's cuDNN"))
+    monkeypatch.setenv(var, str(tmp_path / "my-cudnn"))
+    loaded = _torch_cudnn_in(tmp_path / "venv/nvidia/cudnn/lib", monkeypatch)
     env.share_torch_cudnn()
-    assert os.environ[var] == "/opt/my-cudnn" and (os.environ["CUDNN_PATH"] == "" or var == "CUDNN_PATH")
+    assert loaded == []
+    assert os.environ[var] == str(tmp_path / "my-cudnn") and (os.environ["CUDNN_PATH"] == "" or var == "CUDNN_PATH")
+
+
+@pytest.mark.parametrize("named", ["lib", "package"])
+def test_an_inherited_cudnn_path_naming_torchs_folder_still_preloads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                     named: str) -> None:
+    """A trial inherits the CUDNN_PATH its parent's call set; CUDNN_PATH alone did not keep the system cuDNN
+    out on the H200 image (the baseline trial died of two cuDNNs), so the preload must still happen."""
+    lib = tmp_path / "venv/nvidia/cudnn/lib"
+    monkeypatch.setenv("CUDNN_HOME", "")
+    monkeypatch.setenv("CUDNN_PATH", str(lib if named == "lib" else lib.parent))
+    loaded = _torch_cudnn_in(lib, monkeypatch)
+    env.share_torch_cudnn()
+    assert loaded == ["libcudnn_graph.so.9", "libcudnn.so.9"]
+    assert os.environ["CUDNN_PATH"] == str(lib if named == "lib" else lib.parent)
 
 
 def test_torchs_cudnn_folder_is_named_for_transformer_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

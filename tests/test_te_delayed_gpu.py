@@ -15,9 +15,12 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture
-def te() -> object:
+def te(monkeypatch: pytest.MonkeyPatch) -> object:
+    import os
+
     from wan_runtime.env import share_torch_cudnn
 
+    monkeypatch.setenv("CUDNN_PATH", os.environ.get("CUDNN_PATH", ""))  # what the call sets is undone after
     share_torch_cudnn()  # as the runtime's entry does, before TE loads any cuDNN
     te = pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine not installed ('wanctl[te]')")
     why = te_supported(te, "te_delayed")

@@ -102,20 +102,24 @@ def share_torch_cudnn() -> None:
     incompatibility", in trials that never asked for TE too; and cuDNN's own sub-libraries, opened by name,
     come from the system folder ("undefined symbol ... libcudnn_graph.so.9"). Loading torch's cuDNN and
     its sub-libraries first makes every later lookup by name find them, and ``CUDNN_PATH`` (which TE reads
-    first) names their folder. A user's own ``CUDNN_PATH``/``CUDNN_HOME`` is kept.
+    first) names their folder. A user's own ``CUDNN_PATH``/``CUDNN_HOME`` naming another cuDNN is kept;
+    one naming torch's folder (set here in a parent process, which a trial inherits, or by a user
+    following the hint) still gets the preload: on the H200 image, ``CUDNN_PATH`` alone left the
+    sub-libraries coming from the system folder and the baseline trial died of it.
     """
-    if os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME") or not torch.backends.cudnn.is_available():
+    if not torch.backends.cudnn.is_available():
         return
     import importlib.util
 
     if importlib.util.find_spec("transformer_engine") is None:  # a top-level lookup runs no TE code
         return
+    chosen = os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME")
     try:
         torch.backends.cudnn.version()  # loads torch's cuDNN where torch loads it lazily
     except RuntimeError:
         return  # already mixed (TE imported first): torch's own error says so at the first cuDNN call
     path = loaded_library("libcudnn.so")
-    if path is None:
+    if path is None or (chosen and not _names_folder(chosen, path.parent)):
         return
     import ctypes
 
@@ -127,7 +131,17 @@ def share_torch_cudnn() -> None:
     if foreign := foreign_cudnn(path.parent):
         log.warning("cuDNN libraries from outside torch's folder %s are loaded: %s (%s)", path.parent,
                     ", ".join(map(str, foreign)), mixed_cudnn_hint("cuDNN version incompatibility"))
-    os.environ["CUDNN_PATH"] = str(path.parent)
+    if not chosen:
+        os.environ["CUDNN_PATH"] = str(path.parent)
+
+
+def _names_folder(chosen: str, folder: Path) -> bool:
+    """Whether a ``CUDNN_PATH``/``CUDNN_HOME`` value is torch's cuDNN folder (its ``lib`` or the package
+    folder above it), as TE's recursive search would find it."""
+    try:
+        return Path(chosen).resolve() in (folder.resolve(), folder.parent.resolve())
+    except OSError:
+        return False
 
 
 def mixed_cudnn_hint(message: str) -> str:
