@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id, ran_summary, table_head, write_outputs
+from benchmarks.common import commit_id, free_between_stacks, ran_summary, table_head, write_outputs
 from recipes.models import TEXT_TOKENS, model_spec
 from recipes.recipe import Recipe
 from wan_runtime.env import share_torch_cudnn, versions
@@ -78,6 +78,8 @@ STACKS: dict[str, dict] = {
                                "compile_fullgraph": False},
     "fa3fp8+tedelayed+compile": {"attention": "fa3_fp8", "quant": "te_delayed", "compile": "regional",
                                  "compile_fullgraph": False},
+    "fa3fp8+qkv+tecurrent+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "quant": "te_current",
+                                     "compile": "regional", "compile_fullgraph": False},
     "fa3fp8+qkv+fp8tensor+compile": {"attention": "fa3_fp8", "fuse_qkv": True, "quant": "fp8_tensorwise",
                                      "compile": "regional"},
 }
@@ -185,8 +187,7 @@ def main() -> None:
             if ctx is not None:  # a failed stack must not leave its kernel swapped in for the next one
                 finish_observers(ctx)
             model = None
-            torch._dynamo.reset()  # compiled code holds the model: free it before the next stack's peak
-            torch.cuda.empty_cache()
+            free_between_stacks()
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r["est_forward_s"] for r in rows if r["stack"] == "default" and "est_forward_s" in r), None)

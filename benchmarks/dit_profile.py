@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import commit_id, table_head, write_outputs
+from benchmarks.common import commit_id, free_between_stacks, table_head, write_outputs
 from benchmarks.dit_bench import STACKS, a14b_inputs, a14b_slice
 from recipes.models import model_spec
 from recipes.recipe import Recipe
@@ -105,7 +105,7 @@ def main() -> None:
             row = profile_stack(name, args.layers, args.size, args.frames, args.warmup)
         except Exception as exc:  # a failing stack is a row with its error, never dropped
             row = {"stack": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-        torch.cuda.empty_cache()
+        free_between_stacks()
         rows.append(row)
         print(json.dumps(row), flush=True)
     commit = commit_id()

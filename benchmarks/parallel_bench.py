@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune.search_space import layout_fields  # noqa: E402
-from benchmarks.common import commit_id, ran_summary, table_head, write_outputs  # noqa: E402
+from benchmarks.common import commit_id, free_between_stacks, ran_summary, table_head, write_outputs  # noqa: E402
 from benchmarks.dit_bench import a14b_inputs, a14b_slice  # noqa: E402
 from recipes.models import model_spec  # noqa: E402
 from recipes.recipe import Recipe  # noqa: E402
@@ -143,8 +143,7 @@ def main() -> None:
         except Exception as exc:  # a failing layout is a row with its error, never dropped
             row = {"layout": label, "gpus": world, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             traceback.print_exc()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_between_stacks()
         if rank == 0:
             rows.append(row)
             print(json.dumps(row), flush=True)
