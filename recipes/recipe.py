@@ -350,8 +350,6 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("cache", r.cache, "none with Lightning (4 steps leave nothing to skip)")
     if r.lightning and r.steps and r.steps != r.lightning:
         raise RecipeError("steps", r.steps, f"{r.lightning} (the Lightning LoRA's distilled step count) or 0")
-    if r.fuse_qkv and r.quant in TE_QUANT:
-        raise RecipeError("fuse_qkv", r.fuse_qkv, "False with Transformer Engine fp8 (TE swaps the unfused linears)")
     if r.cfg_parallel and (r.guidance == 1.0 or r.lightning):
         raise RecipeError("cfg_parallel", r.cfg_parallel, "False when CFG is off (guidance 1 or Lightning)")
     return r

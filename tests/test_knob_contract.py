@@ -86,3 +86,19 @@ def test_observers_finish_once_however_often_they_are_asked() -> None:
     finish_observers(ctx)
     finish_observers(ctx)
     assert (a.calls, b.calls) == (1, 1)
+
+
+def test_fused_qkv_keeps_one_copy_of_each_projection() -> None:
+    """diffusers keeps the unfused Q/K/V next to the fused ones (10.5 GB per A14B expert in bf16); the knob
+    drops them, so the fused model holds exactly the parameters the unfused one did."""
+    recipe = Recipe(**BASE, fuse_qkv=True)
+    pipe = build_pipeline(recipe, torch.device("cpu"))
+    before = sum(p.numel() for t in (pipe.transformer, pipe.transformer_2) for p in t.parameters())
+    ctx = KnobContext(pipe=pipe, recipe=recipe, device=torch.device("cpu"))
+    next(k for k in REGISTRY if k.name == "fuse_qkv").apply(ctx)
+    after = sum(p.numel() for t in (pipe.transformer, pipe.transformer_2) for p in t.parameters())
+    assert after == before
+    block = pipe.transformer.blocks[0]
+    assert not any(hasattr(block.attn1, n) for n in ("to_q", "to_k", "to_v")) and hasattr(block.attn1, "to_qkv")
+    assert hasattr(block.attn2, "to_q") and not any(hasattr(block.attn2, n) for n in ("to_k", "to_v"))
+    assert any("released" in n for n in ctx.notes), ctx.notes

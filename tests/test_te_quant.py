@@ -200,3 +200,24 @@ def test_an_expert_that_never_ran_is_not_judged(te: SimpleNamespace) -> None:
         high(torch.randn(3, 32))
     actual = _finish(ctx)
     assert "quant_mismatch" not in actual and actual["quant"].endswith("fp8 GEMMs in the last forward: 2/2")
+
+
+def test_fused_qkv_with_te_swaps_the_fused_projections_only(request: pytest.FixtureRequest) -> None:
+    """QKV fusion and TE compose (measured on the H200: every fused linear ran fp8); the projections fusion
+    replaced are gone before TE looks, so none is converted to sit unused."""
+    from recipes.recipe import validate
+    from wan_runtime.build import build_pipeline
+    from wan_runtime.knobs import precision
+
+    recipe = validate(Recipe(fuse_qkv=True, quant="te_current", steps=2, frames=9))
+    pipe = build_pipeline(recipe, torch.device("cpu"))
+    request.getfixturevalue("te")  # after diffusers' imports: peft inspects an installed TE's module spec
+    ctx = KnobContext(pipe=pipe, recipe=recipe, device=torch.device("cpu"))
+    precision.FUSE_QKV.apply(ctx)
+    quant.KNOB.apply(ctx)
+    attn1, attn2 = pipe.transformer.blocks[0].attn1, pipe.transformer.blocks[0].attn2
+    assert isinstance(attn1.to_qkv, quant._PaddedTELinear) and isinstance(attn2.to_kv, quant._PaddedTELinear)
+    assert isinstance(attn2.to_q, quant._PaddedTELinear) and not hasattr(attn1, "to_q")
+    swapped = sum(isinstance(m, quant._PaddedTELinear) for t in (pipe.transformer, pipe.transformer_2)
+                  for m in t.modules())
+    assert ctx.actual["quant"].startswith(f"te_current: {swapped} linears")

@@ -24,14 +24,41 @@ def _tf32_apply(ctx: KnobContext) -> None:
                      + ("" if dit_fp32 else " (the DiT runs in " + ctx.recipe.dtype + ", where TF32 has no effect)"))
 
 
+UNFUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_added_kv": ("add_k_proj", "add_v_proj")}
+"""Each fused projection diffusers builds and the projections it replaces in the fused forward."""
+
+
+def drop_unfused(attn: torch.nn.Module) -> int:
+    """Remove the projections a fused attention module no longer calls; returns the bytes they held.
+
+    diffusers keeps them (so ``unfuse_projections`` can restore them): a second copy of every Q/K/V weight,
+    10.5 GB per A14B expert in bf16, that quantization and TE would also convert. Removed rather than
+    emptied, so a diffusers whose fused forward still called one fails loudly instead of computing with it.
+    """
+    freed = 0
+    for fused, parts in UNFUSED.items():
+        if not isinstance(getattr(attn, fused, None), torch.nn.Module):
+            continue
+        for name in parts:
+            part = getattr(attn, name, None)
+            if isinstance(part, torch.nn.Module):
+                freed += sum(p.numel() * p.element_size() for p in part.parameters())
+                delattr(attn, name)
+    return freed
+
+
 def _qkv_apply(ctx: KnobContext) -> None:
     for t in ctx.transformers:
         mark_applied(t, "fuse_qkv")
         if not hasattr(t, "fuse_qkv_projections"):
             raise Unsupported("this diffusers transformer has no fuse_qkv_projections", "upgrade diffusers")
         t.fuse_qkv_projections()
-    fused = sum(1 for t in ctx.transformers for m in t.modules() if getattr(m, "fused_projections", False))
+    fused_modules = [m for t in ctx.transformers for m in t.modules() if getattr(m, "fused_projections", False)]
+    fused = len(fused_modules)
+    freed = sum(drop_unfused(m) for m in fused_modules)
     ctx.actual["fuse_qkv"] = f"{fused} attention modules fused"
+    if freed:
+        ctx.notes.append(f"fuse_qkv: the unfused projections' {freed / 1e9:.2f} GB released")
     if not fused:
         raise Unsupported("fuse_qkv_projections fused no attention module", "leave fuse_qkv off")
 

@@ -226,7 +226,8 @@ def _scales_from_calibration(linears: list[_PaddedTELinear], fp8_recipe: Any) ->
     Left alone, the first fp8 forward would quantize unscaled (weights near 0.01 fall below e4m3's normals).
     So the amaxes are measured here (``_run_counted``) and written as TE's update would: history row 0, and
     scale = fp8 max / amax / 2^margin for the input (0) and weight (1) slots, kept where an amax is 0 or not
-    finite. A TE without that state is left alone. Not yet run on a GPU."""
+    finite. A TE without that state is left alone. Checked against TE 2.20.2 on an H200
+    (tests/test_te_delayed_gpu.py)."""
     margin = 2.0 ** float(getattr(fp8_recipe, "margin", 0) or 0)
     for m in linears:
         meta = getattr(m.inner, "fp8_meta", None)
@@ -246,7 +247,7 @@ def _scales_from_calibration(linears: list[_PaddedTELinear], fp8_recipe: Any) ->
 def _update_delayed_scales() -> None:
     """Roll delayed scaling's amax history into new scales. TE does this when its autocast exits only with
     gradients enabled (training); in inference mode the scales would stay at 1 for good. Read from TE's
-    source (2.x); not yet run on a GPU."""
+    source (2.x); on TE 2.20.2 (H200) the input scale followed a 4x larger input after one forward."""
     import importlib
 
     for module in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
