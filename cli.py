@@ -551,8 +551,12 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
 
 def main() -> None:
     """Console entry point: maps wanctl's error families to exit codes, with one clean message."""
+    json_out = "--json" in sys.argv[1:]  # a script reading stdout gets a failure as JSON, not an empty document
     try:
-        app()
+        if json_out:
+            _run_reporting_usage_errors()
+        else:
+            app()
     except WanctlError as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
@@ -561,13 +565,39 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
             err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
-        if "--json" in sys.argv[1:]:  # a script reading stdout gets the failure as JSON, not an empty document
-            _print_json(json.dumps({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
-                                              "exit_code": exc.exit_code}}))
+        if json_out:
+            _print_json_error(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+def _print_json_error(kind: str, message: str, hint: str, exit_code: int) -> None:
+    _print_json(json.dumps({"error": {"type": kind, "message": message, "hint": hint, "exit_code": exit_code}}))
+
+
+def _run_reporting_usage_errors() -> None:
+    """The app with click's usage errors (unknown option, bad value) also reported as JSON on stdout.
+
+    Only under --json: click must then leave its exceptions to the caller (``standalone_mode=False``), which
+    also gives up Typer's boxed rendering of them, so the plain click text goes to stderr instead.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # click's name for Ctrl-C or EOF at a prompt
+        raise KeyboardInterrupt from None
+    except Exception as exc:
+        # click's exceptions (Typer >= 0.20 vendors its own click: matched by what they carry, not by class)
+        if not all(hasattr(exc, a) for a in ("show", "format_message", "exit_code")):
+            raise
+        exc.show()
+        ctx = getattr(exc, "ctx", None)
+        hint = f"see {ctx.command_path} --help" if ctx is not None else ""
+        _print_json_error(type(exc).__name__, exc.format_message(), hint, exc.exit_code)
+        sys.exit(exc.exit_code)
+    if isinstance(code, int) and code:  # typer.Exit(code) returns its code when click does not exit
+        sys.exit(code)
 
 
 

@@ -148,6 +148,28 @@ def test_json_output_carries_the_failure_as_json(tmp_path: Path) -> None:
     assert plain.returncode == 2 and plain.stdout == ""
 
 
+@pytest.mark.parametrize(("args", "kind", "named"), [
+    (("probe", "--json", "--bogus"), "NoSuchOption", "--bogus"),
+    (("tune", "--json", "--trials", "many"), "BadParameter", "--trials"),
+    (("recipe", "--json"), "MissingParameter", "path"),
+])
+def test_json_output_carries_a_usage_error_as_json(args: tuple[str, ...], kind: str, named: str) -> None:
+    import json
+
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    doc = json.loads(r.stdout)["error"]
+    assert doc["type"] == kind and named in doc["message"] and doc["exit_code"] == 2
+    assert doc["hint"].endswith(f"{args[0]} --help")
+    assert named in r.stderr  # click's own usage text stays on stderr
+    assert run_cli(*(a for a in args if a != "--json")).stdout == ""  # without --json: nothing on stdout
+
+
+def test_help_under_json_still_exits_zero() -> None:
+    r = run_cli("probe", "--json", "--help")
+    assert r.returncode == 0 and "Usage" in r.stdout and "error" not in r.stdout
+
+
 def test_a_long_path_in_an_error_is_never_broken_across_lines(tmp_path: Path) -> None:
     deep = tmp_path / ("a-folder-with-a-rather-long-name-" * 4) / "missing.toml"
     r = run_cli("recipe", str(deep), env={"COLUMNS": "80"})  # narrower than the path: Rich would wrap it
