@@ -228,8 +228,8 @@ class Tuner:
 
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
-        # Notes of earlier runs of this study stay: this run's notes are appended, never written over them.
-        self.notes[:0] = [n for n in merged_notes(study.user_attrs) if n not in self.notes]
+        # Notes of earlier runs stay under their own workers' keys (the result merges them); copying them
+        # into this run's key would store every note again on every resume.
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])
@@ -857,7 +857,8 @@ class Tuner:
         self._flush_attrs()
         attrs = study.user_attrs  # every worker's, as `wanctl report` shows them
         self._adopt_exclusions(attrs)
-        notes = [*self.notes, *(n for n in merged_notes(attrs) if n not in self.notes)]
+        earlier = merged_notes(attrs)  # every run's, oldest run first; this run's own are among them once flushed
+        notes = [*earlier, *(n for n in self.notes if n not in earlier)]
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
                           confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=notes,
                           runs=study_runs(attrs), config=self.cfg)

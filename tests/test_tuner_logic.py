@@ -488,6 +488,8 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
     assert "a note of the first run" in merged_notes(study.user_attrs)
     assert set(second.result.notes) <= set(merged_notes(study.user_attrs))  # type: ignore[attr-defined]
+    stored = [n for k, v in study.user_attrs.items() if k == NOTES_KEY or k.startswith(NOTES_KEY + "@") for n in v]
+    assert len(stored) == len(set(stored)), "a resumed run stored the earlier runs' notes again"
 
 
 class _JoinedByAnotherWorker(SimulatedTuner):
