@@ -142,6 +142,8 @@ class Tuner:
         self.exclusions = Exclusions()
         self.injections = cfg.injections()
         self.notes: list[str] = []
+        self._earlier_notes: set[str] = set()
+        """Notes earlier runs of this study stored (on --resume): not stored again under this run's key."""
         self.baseline: TrialRecord | None = None
         base = cfg.base_recipe().resolved()
         if "single" not in self.space.parallel:
@@ -220,16 +222,16 @@ class Tuner:
             self._restore(study)
         this_run = {"command": list(self.cfg.command), "wanctl": self.cfg.wanctl_version}
         study.set_user_attr(RUNS_KEY, [*study.user_attrs.get(RUNS_KEY, []), this_run])
-        # the same list: later notes land in it, flushed with the rest; under this worker's own key
-        self._attrs[worker_key(NOTES_KEY, self._worker)] = self.notes
         self._flush_attrs()
         self._loop(study)
         return self._finish(study, name, storage_url)
 
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
-        # Notes of earlier runs stay under their own workers' keys (the result merges them); copying them
-        # into this run's key would store every note again on every resume.
+        # Notes of earlier runs stay under their own workers' keys (the result merges them); this run stores
+        # only notes they do not have (a note every run makes, or one made again from a stored result, is
+        # stored once), or every resume would store them all again.
+        self._earlier_notes = set(merged_notes(study.user_attrs))
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])
@@ -825,6 +827,8 @@ class Tuner:
             return
         for k, v in self._attrs.items():
             self._study.set_user_attr(k, v)
+        self._study.set_user_attr(worker_key(NOTES_KEY, self._worker),
+                                  [n for n in self.notes if n not in self._earlier_notes])
 
     # ------------------------------------------------------------------ finish
     def _finish(self, study: optuna.Study, name: str, storage_url: str) -> TuneResult:

@@ -718,6 +718,17 @@ def test_a_recipe_that_fails_its_confirmation_is_not_emitted(h100: ProbeResult, 
     assert res.best.number == confirms[1].trial_number and res.confirm is not None and res.confirm.outcome == "ok"
     assert any(f"trial {failed} failed its confirmation run (crash" in n for n in res.notes)
 
+    import optuna
+
+    from autotune.study import open_storage
+    from recipes.records import NOTES_KEY
+
+    again = _FirstConfirmationCrashes(dataclasses.replace(cfg, resume=True), h100).run()  # makes the note again
+    assert any(f"trial {failed} failed its confirmation run (crash" in n for n in again.notes)
+    study = optuna.load_study(study_name=again.study_name, storage=open_storage(str(tmp_path / "study.journal")))
+    stored = [n for k, v in study.user_attrs.items() if k == NOTES_KEY or k.startswith(NOTES_KEY + "@") for n in v]
+    assert len(stored) == len(set(stored)), "a resumed run stored a note an earlier run had stored"
+
 
 def test_taylorseer_is_priced_exactly_before_its_quality_run(h100: ProbeResult, tmp_path: Path) -> None:
     """The speed run measures a few full steps; TaylorSeer's share of computed steps is known from the
