@@ -186,7 +186,7 @@ def main() -> None:
         finally:
             if ctx is not None:  # a failed stack must not leave its kernel swapped in for the next one
                 finish_observers(ctx)
-            model = None
+            ctx = model = None  # ctx.pipe holds the model too: both must go before the collector runs
             free_between_stacks()
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -102,3 +102,29 @@ def test_fused_qkv_keeps_one_copy_of_each_projection() -> None:
     assert not any(hasattr(block.attn1, n) for n in ("to_q", "to_k", "to_v")) and hasattr(block.attn1, "to_qkv")
     assert hasattr(block.attn2, "to_q") and not any(hasattr(block.attn2, n) for n in ("to_k", "to_v"))
     assert any("released" in n for n in ctx.notes), ctx.notes
+
+
+def test_fused_qkv_keeps_the_image_projections_diffusers_still_reads() -> None:
+    """A Wan2.1-style I2V transformer (image cross-attention projections): diffusers' processor reads
+    ``attn.add_k_proj`` on every call, fused or not, so the knob leaves those in place and the model runs."""
+    from types import SimpleNamespace
+
+    from diffusers import WanTransformer3DModel
+
+    from wan_runtime.knobs import precision
+
+    torch.manual_seed(0)
+    t = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, image_dim=24,
+                              added_kv_proj_dim=32, rope_max_seq_len=32).eval()
+    args = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 32), encoder_hidden_states_image=torch.randn(1, 5, 24),
+                return_dict=False)
+    with torch.no_grad():
+        ref = t(**args)[0]
+        ctx = KnobContext(pipe=SimpleNamespace(transformer=t, transformer_2=None), recipe=Recipe(fuse_qkv=True),
+                          device=torch.device("cpu"))
+        precision.FUSE_QKV.apply(ctx)
+        out = t(**args)[0]
+    assert t.blocks[0].attn2.add_k_proj is not None and not hasattr(t.blocks[0].attn2, "to_k")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

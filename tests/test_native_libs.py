@@ -139,3 +139,20 @@ def test_a_te_import_broken_by_two_cudnns_is_a_crash_with_the_fix_not_a_missing_
     monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError("No module")))
     with pytest.raises(Unsupported):
         require_module("transformer_engine.pytorch", "te")
+
+
+def test_cudnn_home_wins_as_it_does_for_te(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """TE reads CUDNN_HOME before CUDNN_PATH: an inherited CUDNN_PATH naming torch's folder does not override a
+    user's CUDNN_HOME naming another cuDNN (preloading torch's would give the process two)."""
+    lib = tmp_path / "venv/nvidia/cudnn/lib"
+    monkeypatch.setenv("CUDNN_PATH", str(lib))
+    monkeypatch.setenv("CUDNN_HOME", str(tmp_path / "my-cudnn"))
+    loaded = _torch_cudnn_in(lib, monkeypatch)
+    env.share_torch_cudnn()
+    assert loaded == []
+
+
+def test_a_symlink_loop_in_the_users_path_is_not_torchs_folder(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert env._names_folder(str(loop / "lib"), tmp_path / "venv/nvidia/cudnn/lib") is False

@@ -102,7 +102,8 @@ def share_torch_cudnn() -> None:
     incompatibility", in trials that never asked for TE too; and cuDNN's own sub-libraries, opened by name,
     come from the system folder ("undefined symbol ... libcudnn_graph.so.9"). Loading torch's cuDNN and
     its sub-libraries first makes every later lookup by name find them, and ``CUDNN_PATH`` (which TE reads
-    first) names their folder. A user's own ``CUDNN_PATH``/``CUDNN_HOME`` naming another cuDNN is kept;
+    after ``CUDNN_HOME``, before any CUDA folder) names their folder. A user's own ``CUDNN_HOME`` or
+    ``CUDNN_PATH`` (the one TE will use) naming another cuDNN is kept;
     one naming torch's folder (set here in a parent process, which a trial inherits, or by a user
     following the hint) still gets the preload: on the H200 image, ``CUDNN_PATH`` alone left the
     sub-libraries coming from the system folder and the baseline trial died of it.
@@ -113,7 +114,7 @@ def share_torch_cudnn() -> None:
 
     if importlib.util.find_spec("transformer_engine") is None:  # a top-level lookup runs no TE code
         return
-    chosen = os.environ.get("CUDNN_PATH") or os.environ.get("CUDNN_HOME")
+    chosen = os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH")  # TE's own order of preference
     try:
         torch.backends.cudnn.version()  # loads torch's cuDNN where torch loads it lazily
     except RuntimeError:
@@ -140,7 +141,7 @@ def _names_folder(chosen: str, folder: Path) -> bool:
     folder above it), as TE's recursive search would find it."""
     try:
         return Path(chosen).resolve() in (folder.resolve(), folder.parent.resolve())
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
         return False
 
 

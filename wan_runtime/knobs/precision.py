@@ -24,8 +24,10 @@ def _tf32_apply(ctx: KnobContext) -> None:
                      + ("" if dit_fp32 else " (the DiT runs in " + ctx.recipe.dtype + ", where TF32 has no effect)"))
 
 
-UNFUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_added_kv": ("add_k_proj", "add_v_proj")}
-"""Each fused projection diffusers builds and the projections it replaces in the fused forward."""
+UNFUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+"""Each fused projection diffusers builds and the projections it replaces in the fused forward. Not the
+image projections (``to_added_kv`` replacing ``add_k_proj``/``add_v_proj``, Wan2.1 I2V only): diffusers'
+processor reads ``attn.add_k_proj is not None`` on every call to choose the image branch."""
 
 
 def drop_unfused(attn: torch.nn.Module) -> int:
@@ -48,14 +50,16 @@ def drop_unfused(attn: torch.nn.Module) -> int:
 
 
 def _qkv_apply(ctx: KnobContext) -> None:
+    fused = freed = 0
     for t in ctx.transformers:
         mark_applied(t, "fuse_qkv")
         if not hasattr(t, "fuse_qkv_projections"):
             raise Unsupported("this diffusers transformer has no fuse_qkv_projections", "upgrade diffusers")
         t.fuse_qkv_projections()
-    fused_modules = [m for t in ctx.transformers for m in t.modules() if getattr(m, "fused_projections", False)]
-    fused = len(fused_modules)
-    freed = sum(drop_unfused(m) for m in fused_modules)
+        # dropped expert by expert: both experts' second copies at once would be 21 GB more on the GPU
+        fused_modules = [m for m in t.modules() if getattr(m, "fused_projections", False)]
+        fused += len(fused_modules)
+        freed += sum(drop_unfused(m) for m in fused_modules)
     ctx.actual["fuse_qkv"] = f"{fused} attention modules fused"
     if freed:
         ctx.notes.append(f"fuse_qkv: the unfused projections' {freed / 1e9:.2f} GB released")
