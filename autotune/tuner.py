@@ -231,7 +231,8 @@ class Tuner:
         # Notes of earlier runs stay under their own workers' keys (the result merges them); this run stores
         # only notes they do not have (a note every run makes, or one made again from a stored result, is
         # stored once), or every resume would store them all again.
-        self._earlier_notes = set(merged_notes(study.user_attrs))
+        own = worker_key(NOTES_KEY, self._worker)  # _restore also runs while waiting for another's baseline
+        self._earlier_notes = set(merged_notes({k: v for k, v in study.user_attrs.items() if k != own}))
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])

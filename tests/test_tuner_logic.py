@@ -794,3 +794,17 @@ def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeRe
     t._adopt_exclusions({worker_key(SCREENED_KEY, "newer"): {"future_knob": {"x": "measured 0.9x"},
                                                              "attention": {"flex": "measured 0.8x"}}})
     assert t.exclusions.as_dict() == {"attention": {"flex": "measured 0.8x"}}
+
+
+def test_restoring_from_the_study_keeps_this_runs_own_stored_notes(h100: ProbeResult, tmp_path: Path) -> None:
+    """_restore runs on every poll while waiting for another worker's baseline: this worker's notes, already
+    flushed under its own key, are not 'earlier' notes to leave out of its next flush."""
+    from recipes.records import NOTES_KEY, worker_key
+
+    t = run(h100, tmp_path, trials=4)
+    study = t._study  # type: ignore[attr-defined]
+    t.notes.append("a note of this run")  # type: ignore[attr-defined]
+    t._flush_attrs()  # type: ignore[attr-defined]
+    t._restore(study)  # type: ignore[attr-defined]
+    t._flush_attrs()  # type: ignore[attr-defined]
+    assert "a note of this run" in study.user_attrs[worker_key(NOTES_KEY, t._worker)]  # type: ignore[attr-defined]
