@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -96,7 +97,7 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=child_env({**(env or {}), TOKEN_VAR: token}), cwd=workdir,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
         reader.start()
         timed_out = False
@@ -126,19 +127,22 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     return out
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(tuner_pid: int) -> None:
     """In the trial process, before exec: be SIGKILLed when the tuner dies, however it dies.
 
     The trial runs in its own session (so it can be killed as a group), which also takes it out of the
     tuner's process group: without this, `kill -9` of `wanctl tune` would leave the trial running and
     holding its GPU. Linux only (prctl); elsewhere the trial is left to the resume-time recovery.
+    ``tuner_pid`` is read before the fork: a tuner that died before prctl took effect shows as a parent
+    that is no longer it (init or a subreaper), whereas "the parent is PID 1" would also be true of a live
+    tuner that is PID 1 itself (a container's entry point), and would kill every trial there.
     """
     if _LIBC is None:
         return
     # Runs between fork and exec while other tuner threads (heartbeat, progress) may hold locks: no
     # imports, no allocation-heavy work here, only the already-loaded libc call.
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the tuner died before prctl took effect
+    if os.getppid() != tuner_pid:  # the tuner died before prctl took effect
         os._exit(1)
 
 

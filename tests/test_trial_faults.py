@@ -81,3 +81,43 @@ def test_token_sweep_kills_a_trial_process_that_left_the_group(tmp_path: Path) -
         other.kill()
         stray.kill()
         other.wait()
+
+
+def _can_be_pid_1() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rpf", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_be_pid_1(), reason="needs unshare with user and PID namespaces")
+def test_a_tuner_that_is_pid_1_still_runs_its_trials(tmp_path: Path) -> None:
+    """A container's entry point is PID 1: its trials' parent is PID 1 and alive, not a dead tuner."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from autotune.trial_runner import run_trial; "
+            "from recipes.recipe import Recipe; from recipes.spec import TrialSpec; "
+            "d = Path(sys.argv[1]); "
+            "out = run_trial(TrialSpec(recipe=Recipe(), mode='measure', out_dir=str(d), fault='no_result'), d, 120); "
+            "print(out.returncode, out.reason)")
+    r = subprocess.run(["unshare", "-rpf", "--mount-proc", sys.executable, "-c", code, str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "0", r.stdout  # the trial ran to its own end, not killed before exec
+
+
+@pytest.mark.skipif(not _can_be_pid_1(), reason="needs unshare with user and PID namespaces")
+def test_a_rank_whose_launcher_is_pid_1_runs(tmp_path: Path) -> None:
+    """torchrun as a container's entry point: each rank's parent is PID 1 and alive."""
+    import subprocess
+    import sys
+
+    spec = TrialSpec(recipe=Recipe(), mode="measure", out_dir=str(tmp_path), fault="no_result")
+    spec.write(tmp_path / "spec.json")
+    launcher = f'LOCAL_RANK=0 "{sys.executable}" -m wan_runtime trial "{tmp_path}/spec.json" "{tmp_path}/r.json"'
+    r = subprocess.run(["unshare", "-rpf", "--mount-proc", "sh", "-c", f"{launcher}; echo rank-exit=$?"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert "rank-exit=0" in r.stdout, (r.stdout, r.stderr)

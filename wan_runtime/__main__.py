@@ -53,8 +53,12 @@ def _die_with_launcher() -> None:
     import ctypes
     import signal
 
+    # The launcher as this rank first sees it; "parent is PID 1" would also be true of a live torchrun that
+    # is PID 1 itself (a container's entry point) and kill every rank. A launcher that died before this
+    # line goes unnoticed here: the tuner's sweep by trial token covers that window.
+    launcher = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the launcher was gone before the call took effect
+    if os.getppid() != launcher:  # the launcher was gone before the call took effect
         os._exit(1)
 
 
