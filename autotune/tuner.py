@@ -684,15 +684,14 @@ class Tuner:
             if rec.outcome != "oom":
                 break
             phase = rec.phase
-            options = [f for f in memory_fallbacks(recipe, self.space.offload, phase)
-                       if not self.space.why_not(recipe.replace(**f.changes))]
+            options = [(f, r) for f in memory_fallbacks(recipe, self.space.offload, phase)
+                       if (r := _valid_or_none(recipe.replace(**f.changes))) is not None and not self.space.why_not(r)]
             if not options or attempt >= MAX_MEMORY_FALLBACKS:
                 break
-            fb = options[0]
+            fb, recipe = options[0]
             fallbacks.append(f"oom{' in ' + phase if phase else ''} -> "
                              f"{', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
                              f"evidence: {rec.reason[:160]}")
-            recipe = validate(recipe.replace(**fb.changes))
             fallback_fields.update(fb.changes)
             label = recipe.stack_label(self.base_recipe)
             attempt += 1
@@ -704,11 +703,15 @@ class Tuner:
         rec = dataclasses.replace(rec, speedup=speedup)
         if rec.denoise_pred_s > base_t * (1 + self.tol):
             # Recipe fields, not Optuna parameter names ("fbcache_threshold" is the field cache_threshold).
-            # A memory fallback is not the knob under test: a screen that needed VAE tiling still blames
-            # its attention backend alone.
+            # A memory fallback is not the knob under test: a screen that needed VAE tiling (decode only,
+            # outside the denoise time compared) still blames its attention backend alone; one that needed
+            # offload or lost its CUDA graphs was slowed by that, and blames nothing.
             diff = [k for k in recipe.diff(self.base_recipe) if k not in fallback_fields]
             reason = f"{fmt_seconds(rec.denoise_pred_s)} s vs baseline {fmt_seconds(base_t)} s ({speedup:.2f}x)"
-            if len(diff) == 1:
+            if fallback_fields - DENOISE_NEUTRAL_FALLBACKS:
+                reason += (f"; nothing excluded: its memory fallback ({', '.join(sorted(fallback_fields))}) "
+                           "costs denoise time too")
+            elif len(diff) == 1:
                 knob = diff[0]
                 self.exclusions.exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
                 self._attrs[worker_key(SCREENED_KEY, self._worker)] = self.exclusions.as_dict()
@@ -870,6 +873,17 @@ class Tuner:
 
 
 CONFIRM_PREFIX = "wanctl_confirm_"
+DENOISE_NEUTRAL_FALLBACKS = frozenset({"vae_tiling"})
+"""Memory fallbacks that change no denoise step (the time a trial is compared on)."""
+
+
+def _valid_or_none(recipe: Recipe) -> Recipe | None:
+    """A memory fallback can make a combination the runtime refuses (group offload with compile=full):
+    such a fallback is not an option, rather than a RecipeError that would end the tune."""
+    try:
+        return validate(recipe)
+    except RecipeError:
+        return None
 
 
 def study_runs(attrs: dict[str, Any]) -> list[dict[str, Any]]:

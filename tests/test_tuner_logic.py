@@ -212,6 +212,27 @@ def test_oom_with_nothing_left_to_try_is_recorded(h100: ProbeResult, tmp_path: P
     assert rec.outcome == "oom" and rec.phase == "denoise" and not rec.fallbacks
 
 
+def test_a_memory_fallback_the_runtime_would_refuse_is_not_tried(h100: ProbeResult, tmp_path: Path) -> None:
+    """Group offload cannot run with compile=full: the OOM is recorded, the tuner lives on."""
+    t = run(h100, tmp_path, trials=2)
+    t.oom_if = {"compile": "full"}
+    t.space = dataclasses.replace(t.space, offload=("none", "group_block"))
+    rec = t._evaluate_trial(52, "sampled", t.base_recipe.replace(compile="full", compile_fullgraph=False))
+    assert rec.outcome == "oom" and not rec.fallbacks, rec
+
+
+def test_a_screen_slowed_by_its_offload_fallback_excludes_nothing(h100: ProbeResult, tmp_path: Path) -> None:
+    """cuDNN attention is faster than the baseline here; needing offload to fit made it slower, which is the
+    offload's cost, not the backend's."""
+    t = run(h100, tmp_path, trials=1)  # the baseline alone: cuDNN not measured yet
+    t.space = dataclasses.replace(t.space, offload=("none", "model"))
+    t.oom_if = {"attention": "_native_cudnn", "offload": "none"}
+    rec = t._evaluate_trial(53, "screen", t.base_recipe.replace(attention="_native_cudnn"))
+    assert rec.fallbacks and rec.recipe["offload"] == "model", rec
+    assert rec.outcome == "slower_than_baseline" and "nothing excluded" in rec.reason, rec
+    assert "_native_cudnn" not in t.exclusions.as_dict().get("attention", {})
+
+
 def test_resume_restores_exclusions_and_skips_measured_recipes(h100: ProbeResult, tmp_path: Path) -> None:
     first = run(h100, tmp_path, trials=12)
     measured = {s.recipe.recipe_hash() for s in first.specs if s.mode == "measure"}
