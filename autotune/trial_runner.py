@@ -235,24 +235,28 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
     ``first_error``: the first exception line of the whole stderr (several ranks: the failing rank's own
     message lies above torchrun's summary, outside the tail)."""
     ev = {"returncode": str(returncode), "stderr_tail": tail[-2000:]}
-    if timed_out:
-        return TrialOutcome("timeout", f"killed after {timeout_s:.0f} s (process group)", None, returncode, tail,
-                            wall, ev)
     result = None
-    if result_path.exists():
+    if result_path.exists():  # removed before the trial started: whatever is there, this trial wrote
         try:
             result = RunResult.from_json(result_path.read_text(), where=str(result_path))
         except SchemaError as exc:
-            return TrialOutcome("crash", f"malformed result file: {exc.message}", None, returncode, tail, wall, ev)
-    low = tail.lower()
+            if not timed_out:
+                return TrialOutcome("crash", f"malformed result file: {exc.message}", None, returncode, tail, wall,
+                                    ev)
+    if timed_out and result is None:
+        return TrialOutcome("timeout", f"killed after {timeout_s:.0f} s (process group)", None, returncode, tail,
+                            wall, ev)
     if result is not None:
+        if timed_out:  # the result is whole (written atomically); the process hung on its way out
+            ev["hung_after_result"] = f"killed after {timeout_s:.0f} s, after writing its result"
         return TrialOutcome(result.outcome, result.error, result, returncode, tail, wall, ev)
+    low = tail.lower()
+    if "out of memory" in low:  # before the CUDA-error test: "CUDA error: out of memory" is an OOM
+        return TrialOutcome("oom", "out of memory (from stderr; no result written)", None, returncode, tail, wall, ev)
     if "illegal memory access" in low or "cuda error" in low:
         line = next((ln for ln in tail.splitlines() if "cuda error" in ln.lower()), "CUDA error")
         ev["cuda_fault"] = "yes"
         return TrialOutcome("crash", f"CUDA fault: {line.strip()[:200]}", None, returncode, tail, wall, ev)
-    if "out of memory" in low:
-        return TrialOutcome("oom", "out of memory (from stderr; no result written)", None, returncode, tail, wall, ev)
     root = _RANK_ROOT_CAUSE.search(tail)
     if root:  # torchrun's summary: one rank failed first and the agent stopped the others
         rank, code = root.group(1), int(root.group(2))

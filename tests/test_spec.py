@@ -61,6 +61,21 @@ def test_the_tuner_reads_an_unknown_outcome_as_a_malformed_result(tmp_path: Path
     assert out.reason.startswith("malformed result file: run result field 'outcome' = 'exploded' is not allowed")
 
 
+def test_a_trial_that_hung_after_writing_its_result_keeps_its_measurement(tmp_path: Path) -> None:
+    """Killed for hanging on its way out (a compile-worker pool, CUDA/NCCL teardown): the result is whole."""
+    path = tmp_path / "result.json"
+    path.write_text(RunResult(outcome="ok").to_json())
+    out = classify(-9, True, 100, path, "", 101.0)
+    assert out.outcome == "ok" and out.result is not None and "after writing its result" in out.evidence["hung_after_result"]
+    path.unlink()
+    assert classify(-9, True, 100, path, "", 101.0).outcome == "timeout"
+
+
+def test_cuda_error_out_of_memory_is_an_oom(tmp_path: Path) -> None:
+    out = classify(1, False, None, tmp_path / "none.json", "RuntimeError: CUDA error: out of memory\n", 1.0)
+    assert out.outcome == "oom", out.reason
+
+
 def test_the_runtime_refuses_a_spec_with_an_unknown_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Before: any mode but 'measure' ran the full schedule and wrote a video.
     spec = json.loads(TrialSpec(out_dir=str(tmp_path / "out")).to_json())
