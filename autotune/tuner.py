@@ -545,6 +545,17 @@ class Tuner:
         log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
+        try:
+            self._tell_study(study, trial, rec)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker failed it as stale (this worker's heartbeat lapsed: storage unreachable for
+            # minutes) and re-queued it: the study keeps that copy, which measures the stack again.
+            note = (f"trial {trial.number} was ended by another worker while it ran (its heartbeat lapsed): "
+                    "its result could not be stored; the re-queued copy measures it again")
+            log.warning("%s", note)
+            self.notes.append(note)
+
+    def _tell_study(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
         trial.set_user_attr(RECORD_KEY, rec.to_attr())
         feasible = rec.outcome in ("ok", "slower_than_baseline")
         trial.set_constraint("feasible", 0.0 if feasible else 1.0)

@@ -829,3 +829,16 @@ def test_restoring_from_the_study_keeps_this_runs_own_stored_notes(h100: ProbeRe
     t._restore(study)  # type: ignore[attr-defined]
     t._flush_attrs()  # type: ignore[attr-defined]
     assert "a note of this run" in study.user_attrs[worker_key(NOTES_KEY, t._worker)]  # type: ignore[attr-defined]
+
+
+def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult, tmp_path: Path) -> None:
+    """A heartbeat lapse lets another worker fail and re-queue a running trial; telling it then raises in
+    Optuna (UpdateFinishedTrialError). The tuner notes it and goes on."""
+    import optuna
+
+    t = run(h100, tmp_path, trials=1)
+    study = t._study  # type: ignore[attr-defined]
+    trial = study.ask()
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the other worker's stale sweep does
+    t._tell(study, trial, t.baseline)  # type: ignore[attr-defined]
+    assert any(f"trial {trial.number} was ended by another worker" in n for n in t.notes)  # type: ignore[attr-defined]
