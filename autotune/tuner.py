@@ -22,7 +22,7 @@ import optuna
 
 from autotune.adapt import adapt_to_machine
 from autotune.config import TuneConfig
-from autotune.fallbacks import Exclusions, memory_fallbacks
+from autotune.fallbacks import Exclusions, MemoryFallback, memory_fallbacks
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
 from autotune.resume import default_study_name, settings_for_resume
@@ -153,6 +153,8 @@ class Tuner:
         self.base_recipe, adapt_notes = adapt_to_machine(
             base, probe.min_gpu_memory_mib / 1024 if probe.gpu_count else 0.0, cfg.gpus, self.space.offload)
         self.notes.extend(adapt_notes)
+        self._base_as_built = self.base_recipe
+        """The base recipe before any baseline memory fallback (what the note of one compares with)."""
         self.refs: dict[str, TrialRecord] = {}
         self.ref_paths: dict[str, tuple[str, str]] = {}
         self.magcache_ratios: list[list[float]] = []
@@ -236,6 +238,8 @@ class Tuner:
         base = study.user_attrs.get(BASELINE_KEY)
         if base:
             self.baseline = TrialRecord.from_attr(base["record"])
+            if self.baseline.fallbacks:  # the stack the baseline ran with after running out of memory
+                self.base_recipe = self.baseline.recipe_obj()
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
@@ -636,17 +640,28 @@ class Tuner:
                               steps=self.cfg.lossless_steps if short else recipe.steps)
 
     def _run_baseline(self, number: int, recipe: Recipe) -> TrialRecord:
-        """Trial 0: speed and the reference output every other trial is compared with."""
-        if self.cfg.single_run:
-            out = self._launch(self._spec(recipe, "quality", number, "base-a0"))
-            rec = self._record(number, "baseline", "baseline", recipe, out)
-            if out.result and out.outcome == "ok":
-                self.ref_paths = {"full": (out.result.frames_path, out.result.latent_path)}
-                self.ref_paths["short"] = self.ref_paths["full"]
-        else:
-            out = self._launch(self._spec(recipe, "measure", number, "base-a0",
-                                          measure_steps=self.cfg.measure_steps))
-            rec = self._record(number, "baseline", "baseline", recipe, out)
+        """Trial 0: speed and the reference output every other trial is compared with.
+
+        The machine's memory plan (adapt_to_machine) is an estimate: a baseline that still runs out of memory
+        takes the same fallbacks a candidate would, and the stack it then ran becomes what every trial is
+        built on and compared with (a faster stack that still OOMs would be no use either)."""
+        fallbacks: list[str] = []
+        attempt = 0
+        while True:
+            out, rec = self._baseline_attempt(number, recipe, attempt)
+            if rec.outcome != "oom" or attempt >= MAX_MEMORY_FALLBACKS:
+                break
+            options = self._memory_options(recipe, rec.phase)
+            if not options:
+                break
+            fb, recipe = options[0]
+            fallbacks.append(_fallback_text(fb, rec))
+            attempt += 1
+        if fallbacks and rec.outcome == "ok":
+            self.base_recipe = recipe
+            self.notes.append(f"the baseline ran out of memory and ran with {recipe.stack_label(self._base_as_built)}: "
+                              "every trial is built on and compared with that")
+        rec = dataclasses.replace(rec, fallbacks=fallbacks)
         if out.result is not None and out.result.expert_steps:
             self.expert_steps = list(out.result.expert_steps)
         if rec.outcome != "ok":
@@ -659,6 +674,19 @@ class Tuner:
         self.baseline = rec
         self._save_baseline()  # before the trial is told: _await_baseline in other tuners relies on that order
         return rec
+
+    def _baseline_attempt(self, number: int, recipe: Recipe, attempt: int) -> tuple[TrialOutcome, TrialRecord]:
+        tag = f"base-a{attempt}"
+        if self.cfg.single_run:
+            out = self._launch(self._spec(recipe, "quality", number, tag))
+            rec = self._record(number, "baseline", "baseline", recipe, out)
+            if out.result and out.outcome == "ok":
+                self.ref_paths = {"full": (out.result.frames_path, out.result.latent_path)}
+                self.ref_paths["short"] = self.ref_paths["full"]
+        else:
+            out = self._launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
+            rec = self._record(number, "baseline", "baseline", recipe, out)
+        return out, rec
 
     def _save_baseline(self) -> None:
         self._attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
@@ -694,15 +722,11 @@ class Tuner:
             rec = self._measure(number, role, label, recipe, attempt, notes)
             if rec.outcome != "oom":
                 break
-            phase = rec.phase
-            options = [(f, r) for f in memory_fallbacks(recipe, self.space.offload, phase)
-                       if (r := _valid_or_none(recipe.replace(**f.changes))) is not None and not self.space.why_not(r)]
+            options = self._memory_options(recipe, rec.phase)
             if not options or attempt >= MAX_MEMORY_FALLBACKS:
                 break
             fb, recipe = options[0]
-            fallbacks.append(f"oom{' in ' + phase if phase else ''} -> "
-                             f"{', '.join(f'{k}={v}' for k, v in fb.changes.items())} ({fb.reason}); "
-                             f"evidence: {rec.reason[:160]}")
+            fallbacks.append(_fallback_text(fb, rec))
             fallback_fields.update(fb.changes)
             label = recipe.stack_label(self.base_recipe)
             attempt += 1
@@ -730,6 +754,11 @@ class Tuner:
                 reason += f"; {knob}={getattr(recipe, knob)} excluded from later trials"
             return dataclasses.replace(rec, outcome="slower_than_baseline", reason=reason)
         return rec
+
+    def _memory_options(self, recipe: Recipe, phase: str) -> list[tuple[MemoryFallback, Recipe]]:
+        """The memory fallbacks for an OOM in ``phase`` this search may run, cheapest first, as recipes."""
+        return [(f, r) for f in memory_fallbacks(recipe, self.space.offload, phase)
+                if (r := _valid_or_none(recipe.replace(**f.changes))) is not None and not self.space.why_not(r)]
 
     def _measure(self, number: int, role: str, label: str, recipe: Recipe, attempt: int,
                  notes: list[str]) -> TrialRecord:
@@ -886,6 +915,11 @@ class Tuner:
 CONFIRM_PREFIX = "wanctl_confirm_"
 DENOISE_NEUTRAL_FALLBACKS = frozenset({"vae_tiling"})
 """Memory fallbacks that change no denoise step (the time a trial is compared on)."""
+
+
+def _fallback_text(fb: MemoryFallback, rec: TrialRecord) -> str:
+    changes = ", ".join(f"{k}={v}" for k, v in fb.changes.items())
+    return f"oom{' in ' + rec.phase if rec.phase else ''} -> {changes} ({fb.reason}); evidence: {rec.reason[:160]}"
 
 
 def _valid_or_none(recipe: Recipe) -> Recipe | None:

@@ -842,3 +842,20 @@ def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult,
     study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the other worker's stale sweep does
     t._tell(study, trial, t.baseline)  # type: ignore[attr-defined]
     assert any(f"trial {trial.number} was ended by another worker" in n for n in t.notes)  # type: ignore[attr-defined]
+
+
+def test_a_baseline_that_runs_out_of_memory_takes_a_memory_fallback(h100: ProbeResult, tmp_path: Path) -> None:
+    """The machine plan is an estimate: a baseline whose VAE decode OOMs is run again tiled, and every trial is
+    built on that (a resumed run too), instead of the tune ending with nothing measured."""
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    t = SimulatedTuner(cfg, h100, oom_if={"vae_tiling": False})
+    t.oom_phase = "vae_decode"
+    res = t.run()
+    assert res.baseline.fallbacks and res.baseline.fallbacks[0].startswith("oom in vae_decode -> vae_tiling=True")
+    assert res.baseline.recipe["vae_tiling"] is True
+    assert any("the baseline ran out of memory and ran with vae_tiling=True" in n for n in res.notes), res.notes
+    assert all(s.recipe.vae_tiling for s in t.specs[1:])  # the OOMing attempt was the first spec
+    assert sum(r.outcome == "ok" for r in res.records) > 1
+    again = SimulatedTuner(dataclasses.replace(cfg, resume=True, trials=8), h100, oom_if={"vae_tiling": False})
+    again.run()
+    assert again.base_recipe.vae_tiling and all(s.recipe.vae_tiling for s in again.specs)
