@@ -338,5 +338,13 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that ended (complete, failed, pruned): what a trial budget counts."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    """Trials that ended (complete, failed, pruned): what a trial budget counts.
+
+    A failed trial whose parameters were re-queued (interrupted, left running by a killed tuner, stale
+    heartbeat) is not counted: its copy is, once it ends; counting both spent the budget twice on one stack.
+    """
+    trials = study.get_trials(deepcopy=False)
+    replaced = {t.user_attrs.get(REQUEUED_KEY) for t in trials}
+    replaced |= {getattr(t, "system_attrs", {}).get("failed_trial") for t in trials}  # Optuna's retry callbacks
+    return sum(1 for t in trials if t.state.is_finished()
+               and not (t.state == TrialState.FAIL and t.number in replaced))

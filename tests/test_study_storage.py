@@ -57,3 +57,26 @@ def test_without_repair_optunas_next_append_is_lost(tmp_path: Path) -> None:
         t = study.ask()
         study.tell(t, 9.0)
         assert len(optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path)))).trials) == 4
+
+
+def test_a_requeued_trial_counts_once_against_the_budget() -> None:
+    """An interrupted (or stale) trial ends FAIL and its parameters are queued again: the budget counts the
+    copy when it ends, not the failed original as well (a resumed --trials 6 ran 5 stacks)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autotune.study import finished_trials, requeue_once
+
+    study = optuna.create_study()
+    done = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(done, 1.0)
+    cut = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(cut, state=TrialState.FAIL)
+    assert requeue_once(study, cut.number, cut.params, {})
+    assert finished_trials(study) == 1
+    copy = study.ask()
+    study.tell(copy, 2.0)
+    assert finished_trials(study) == 2
+    lost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # a plain failure still counts
+    study.tell(lost, state=TrialState.FAIL)
+    assert finished_trials(study) == 3
