@@ -607,6 +607,8 @@ class Tuner:
         else:
             rec = self._run_candidate(number, role, recipe, label, notes)
         self.by_hash[h] = rec
+        if rec.fallbacks:  # the stack a memory fallback ran is measured too: a later trial that samples it is not
+            self.by_hash.setdefault(_hash(rec.recipe), rec)  # run again (a resumed run keys records this way)
         return rec
 
     def _total_for_display(self) -> int | None:

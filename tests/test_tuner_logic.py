@@ -859,3 +859,14 @@ def test_a_baseline_that_runs_out_of_memory_takes_a_memory_fallback(h100: ProbeR
     again = SimulatedTuner(dataclasses.replace(cfg, resume=True, trials=8), h100, oom_if={"vae_tiling": False})
     again.run()
     assert again.base_recipe.vae_tiling and all(s.recipe.vae_tiling for s in again.specs)
+
+
+def test_the_stack_a_memory_fallback_ran_is_not_measured_again(h100: ProbeResult, tmp_path: Path) -> None:
+    t = run(h100, tmp_path, trials=1)
+    t.space = dataclasses.replace(t.space, offload=("none", "model"))
+    t.oom_if = {"compile": "full", "offload": "none"}
+    first = t._evaluate_trial(60, "sampled", t.base_recipe.replace(compile="full", compile_fullgraph=False))
+    assert first.fallbacks and first.recipe["offload"] == "model"
+    ran = len(t.specs)
+    again = t._evaluate_trial(61, "sampled", first.recipe_obj())  # the fallback's stack, sampled directly
+    assert len(t.specs) == ran and "not run again" in again.reason
