@@ -65,15 +65,31 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """What a failed ``fetch`` raises: the request errors, plus RuntimeError, which is how hf_xet (the client
+    huggingface_hub hands a file to when the hub serves it from Xet storage) reports any failed transfer."""
+    return (*_hub_errors(), RuntimeError)
+
+
 DISK_FULL_HINT = ("free disk space (or pass --dir on a larger file system) and rerun the same command: "
                   "finished files are kept and not fetched again")
+XET_HINT = ("rerun the same command to resume (finished files are kept and not fetched again), or set "
+            "HF_HUB_DISABLE_XET=1 to download over plain HTTP instead")
+_XET_DISK_FULL = ("no space left on device", "os error 28")
+"""How hf_xet's RuntimeError text says ENOSPC (Rust's io::Error display): it never raises an OSError for it."""
+
+
+def _is_xet_disk_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in _XET_DISK_FULL)
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True when ENOSPC is anywhere in ``exc``'s cause chain (huggingface_hub re-raises from worker threads)."""
+    """True when ENOSPC is anywhere in ``exc``'s cause chain (huggingface_hub re-raises from worker threads),
+    as an OSError or as hf_xet's RuntimeError text."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+        if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or _is_xet_disk_full(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -87,6 +103,14 @@ def _endpoint(endpoint: str | None) -> str:
 
 def _status(exc: BaseException) -> int | None:
     return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def _xet_error(exc: RuntimeError, repo: str, where: str) -> DownloadError:
+    """hf_xet's RuntimeError as the error it means: a full disk, or a transfer to rerun (or to do over HTTP)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if _is_xet_disk_full(exc):
+        return DownloadError(f"the disk filled up while downloading {repo} (Xet transfer: {text})", DISK_FULL_HINT)
+    return DownloadError(f"the Xet transfer of {repo} from {where} failed: {text}", XET_HINT)
 
 
 def translate_error(exc: BaseException, repo: str, revision: str | None, endpoint: str | None) -> WanctlError | None:
@@ -128,6 +152,8 @@ def translate_error(exc: BaseException, repo: str, revision: str | None, endpoin
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the disk filled up after the pre-check passed
         return DownloadError(f"the disk filled up while downloading {repo} ({exc.filename or 'a temp file'}: "
                              f"{exc.strerror})", DISK_FULL_HINT)
+    if isinstance(exc, RuntimeError):  # only ``fetch`` catches these: hf_xet's transfer errors
+        return _xet_error(exc, repo, where)
     if isinstance(exc, connection_errors()):
         return SourceUnreachable(f"cannot reach {where}: {type(exc).__name__}: {exc}",
                                  "check the network or proxy, set HF_ENDPOINT to a mirror, or use --source modelscope")
@@ -192,5 +218,5 @@ def fetch(repo: str, commit: str, paths: list[str], target: Path, *, endpoint: s
             endpoint=endpoint, token=token, max_workers=max_workers, tqdm_class=_QuietBar,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
-    except _hub_errors() as exc:
+    except _fetch_errors() as exc:
         _raise_translated(exc, repo, commit, endpoint)

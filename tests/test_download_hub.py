@@ -411,6 +411,106 @@ def test_disk_filling_up_mid_download_is_a_clean_error_and_the_rerun_completes(s
         hub.stop()
 
 
+# hf_xet (huggingface_hub's Xet storage client) reports every failed transfer as a plain RuntimeError
+XET_503 = ("Task error: File reconstruction error: CAS Client Error: Request failed after 5 retries: HTTP status "
+           "server error (503 Service Unavailable) for url (https://cas-server.xethub.hf.co/v1/reconstructions/x)")
+XET_ENOSPC = "Task error: Data processing error: I/O error: No space left on device (os error 28)"
+
+
+def xet_fails(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes], failing: dict[str, str]) -> None:
+    """Make huggingface_hub's transfer of each file in ``failing`` raise RuntimeError(message) as hf_xet does.
+
+    The fake hub speaks no Xet, so the error is raised where huggingface_hub runs the transfer (its temp file
+    open, half the bytes written), and travels the real snapshot_download path from there. Clearing
+    ``failing`` lets the transfers through again.
+    """
+    from huggingface_hub import file_download
+
+    real = file_download.http_get
+    by_sha = {hashlib.sha256(data).hexdigest(): path for path, data in files.items()}
+
+    def http_get(url: str, temp_file, **kw) -> None:
+        path = by_sha.get(url.rsplit("/", 1)[-1]) or next((p for p in files if url.endswith("/" + p)), "")
+        if path in failing:
+            temp_file.write(files[path][: len(files[path]) // 2])
+            raise RuntimeError(failing[path])
+        real(url, temp_file, **kw)
+
+    monkeypatch.setattr(file_download, "http_get", http_get)
+
+
+def test_a_xet_transfer_failure_is_a_download_error_and_the_rerun_completes(hub: FakeHub, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    failing = {BIG: XET_503}
+    xet_fails(monkeypatch, hub.repos[REPO].files, failing)
+    target = tmp_path / "ckpt"
+    with pytest.raises(DownloadError, match="Xet transfer") as err:
+        fetch(hub, target)
+    assert "503 Service Unavailable" in err.value.message and isinstance(err.value.__cause__, RuntimeError)
+    assert "rerun the same command" in err.value.hint and "HF_HUB_DISABLE_XET=1" in err.value.hint
+    assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
+    assert not (target / BIG).exists()
+    _no_partials_in_final_layout(target)
+
+    failing.clear()
+    hub.clear()
+    report = fetch(hub, target)
+    assert report.verified and (target / BIG).read_bytes() == hub.repos[REPO].files[BIG]
+    assert {p for p in EXPECTED if hub.file_requests(p)} == {BIG}  # what had finished was kept
+
+
+def test_a_full_disk_on_the_xet_path_is_the_disk_full_error(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """hf_xet reports ENOSPC as RuntimeError text, never as OSError: same error, hint and clean-up as ENOSPC."""
+    from downloads.hub import DISK_FULL_HINT
+
+    xet_fails(monkeypatch, hub.repos[REPO].files, {BIG: XET_ENOSPC})
+    target = tmp_path / "ckpt"
+    stale = target / ".cache/huggingface/download/transformer_2/old.incomplete"
+    from downloads import fetch as fetch_mod
+
+    real_fetch = fetch_mod._fetch
+
+    def fetch_leaving_a_partial(*args: object) -> None:  # a temp file the cut transfer leaves behind
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale.write_bytes(bytes(4096))
+        real_fetch(*args)
+
+    monkeypatch.setattr(fetch_mod, "_fetch", fetch_leaving_a_partial)
+    with pytest.raises(DownloadError, match="disk filled up") as err:
+        fetch(hub, target, max_workers=1)
+    assert err.value.hint == DISK_FULL_HINT and "No space left on device" in err.value.message
+    assert "removed 1 partial file(s)" in err.value.message and not stale.exists()
+    assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
+
+
+def test_a_xet_failure_through_the_cli_is_an_error_message_not_a_traceback(hub: FakeHub, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    driver = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}]
+        from tests.fakehub import SocketGuard
+        SocketGuard().install()
+        from huggingface_hub import file_download
+
+        def http_get(url, temp_file, **kw):
+            raise RuntimeError({XET_503!r})
+
+        file_download.http_get = http_get
+        import cli
+        sys.argv = ["wanctl", "download", "--dir", {str(target)!r}]
+        cli.main()
+    """)
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    p = subprocess.run([sys.executable, "-c", driver], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "error: the Xet transfer of" in err and "HF_HUB_DISABLE_XET=1" in err
+    assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
+
+
 def test_catalogue_pin_fetches_that_commit_while_main_has_moved(tmp_path: Path, monkeypatch) -> None:
     """A pinned catalogue entry gets its commit, not main; the tuned recipe carries it; a move is refused."""
     import dataclasses
