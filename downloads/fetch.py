@@ -1,7 +1,8 @@
 """``download``: plan, fetch, verify, then write the manifest; the second run of a complete download is a no-op.
 
 The order matters for safety. A ``.incomplete`` marker goes into the target before the first byte and
-the old manifest is removed, so an interrupted run never leaves a directory that looks complete. After
+the old manifest is removed, so an interrupted run never leaves a directory that looks complete. The
+marker names the files the run may write, so a rerun knows them as its own (downloads.owned). After
 the fetch every file is checked (size; sha256 against the hub's LFS sha256; git blob id for small
 files); a file that fails is deleted, so the rerun fetches it again, and no manifest is written.
 """
@@ -18,11 +19,11 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from downloads import hub, modelscope
+from downloads.owned import write_marker
 from downloads.plan import HF_METADATA_DIR, DownloadPlan, PlannedFile, foreign_files, plan, stale_partials
 from downloads.progress import DiskProgress, ProgressCallback, VerifyProgress
 from downloads.select import HardwareAdvice, MachineFacts, check_disk, fmt_bytes
 from recipes.errors import BadInput, DownloadError, WanctlError
-from recipes.files import atomic_write_text
 from recipes.manifest import (
     INCOMPLETE_MARKER,
     MANIFEST_NAME,
@@ -146,16 +147,16 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
     for prob in problems:
         if prob.problem != "missing":
             _discard(target, prob.path)
+    write_marker(target, art.name, "files failed --verify", expected)
     (target / MANIFEST_NAME).unlink(missing_ok=True)
-    atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {art.name}: files failed --verify\n")
     return ([f"--verify: {len(problems)} file(s) no longer matched the manifest and are fetched again: {shown}"],
             manifest.revision, manifest.source)
 
 
 def _check_foreign(target: Path, p: DownloadPlan) -> None:
-    """Adopt files already in a folder wanctl did not download only if they are the source's; else stop here,
-    before the marker, the lock or a single byte is written (they may be the user's own weights)."""
-    foreign = tuple(foreign_files(target, p.files))
+    """Adopt planned files already there that are not wanctl's (downloads.owned) only if they are the source's;
+    else stop here, before the marker, the lock or a single byte is written (they may be the user's own weights)."""
+    foreign = tuple(foreign_files(target, p.files, p.artifact))
     if not foreign:
         return
     _, problems = check_files(target, {f.path: (f.size, f.sha256) for f in foreign}, hash_files=True)
@@ -220,7 +221,7 @@ def download(task: str, *, target_dir: str | os.PathLike[str] | None = None, sou
     except Timeout:
         raise DownloadError(f"another wanctl download into {target} is running", "wait for it to finish") from None
     try:
-        atomic_write_text(target / INCOMPLETE_MARKER, f"wanctl download of {p.artifact} in progress\n")
+        write_marker(target, p.artifact, "in progress", (f.path for f in p.files))
         (target / MANIFEST_NAME).unlink(missing_ok=True)
         count, size = _remove_partials(target)
         if count:

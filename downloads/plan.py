@@ -17,6 +17,7 @@ from pathlib import Path
 from downloads import hub, modelscope
 from downloads.catalogue import Artifact, artifact
 from downloads.listing import RemoteListing
+from downloads.owned import owned_paths
 from downloads.safety import check_inside
 from downloads.select import (
     HardwareAdvice,
@@ -28,7 +29,7 @@ from downloads.select import (
     select_files,
 )
 from recipes.errors import BadInput, CheckpointError, DownloadError
-from recipes.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, Manifest, read_manifest, verify_checkpoint_dir
+from recipes.manifest import Manifest, read_manifest, verify_checkpoint_dir
 from recipes.recipe import is_commit_sha
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,7 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     if short:
         notes.append(f"does not fit: {fmt_bytes(to_fetch)} to fetch + headroom, {fmt_bytes(free + partial)} free "
                      f"(short by {fmt_bytes(short)})")
-    foreign = foreign_files(target, files)
+    foreign = foreign_files(target, files, art.name)
     if foreign:
         notes.append(f"{len(foreign)} file(s) in {target} were not downloaded by wanctl: they are checked against the "
                      "source's checksums before anything is fetched, and the download stops, touching nothing, if one "
@@ -261,11 +262,11 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
                         fits_disk=not short, notes=tuple(notes))
 
 
-
-def foreign_files(target: Path, files: tuple[PlannedFile, ...] | list[PlannedFile]) -> list[PlannedFile]:
-    """Planned files already in a folder no wanctl download started (neither its manifest nor its in-progress
-    marker is there): someone else's, maybe the user's own weights under the same names. ``download`` adopts
-    them only when they match the source's checksums, and otherwise stops before writing anything."""
-    if (target / INCOMPLETE_MARKER).exists() or (target / MANIFEST_NAME).exists():
-        return []
-    return [f for f in files if target.joinpath(*f.path.split("/")).exists()]
+def foreign_files(target: Path, files: tuple[PlannedFile, ...] | list[PlannedFile],
+                  artifact_name: str) -> list[PlannedFile]:
+    """Planned files already in ``target`` that are not wanctl's (see downloads.owned): someone else's, maybe the
+    user's own weights under the same names. Decided per file: a marker or a manifest in the folder says nothing
+    about the files it does not name. ``download`` adopts them only when they match the source's checksums, and
+    otherwise stops before writing anything."""
+    owned = owned_paths(target, artifact_name)
+    return [f for f in files if f.path not in owned and target.joinpath(*f.path.split("/")).exists()]

@@ -32,15 +32,16 @@ def guard(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFact
 
 
 def serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes] | None = None, repo_id: str = REPO,
-          **kw) -> FakeHub:
-    """Start a fake hub and make it huggingface_hub's default endpoint, as HF_ENDPOINT would at import.
+          more: tuple[FakeRepo, ...] = (), **kw) -> FakeHub:
+    """Start a fake hub (serving ``more`` repos too) and make it huggingface_hub's default endpoint, as
+    HF_ENDPOINT would at import.
 
     Both constants derived from HF_ENDPOINT at import are patched: hf_hub_url only swaps in an explicit
     ``endpoint`` when the URL template starts with ``constants.ENDPOINT``.
     """
     from huggingface_hub import constants
 
-    hub = FakeHub([FakeRepo(repo_id, files if files is not None else pipeline_files(), **kw)]).start()
+    hub = FakeHub([FakeRepo(repo_id, files if files is not None else pipeline_files(), **kw), *more]).start()
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     return hub
@@ -566,6 +567,66 @@ def test_files_wanctl_did_not_download_are_adopted_only_when_they_are_the_hubs(h
     report = fetch(hub, copy)
     assert report.verified and "vae/diffusion_pytorch_model.safetensors" not in report.fetched
     assert not [r for r in hub.file_requests("vae/diffusion_pytorch_model.safetensors") if r.method == "GET"]
+
+
+def lightning_repo() -> FakeRepo:
+    from downloads import CATALOGUE
+
+    art = CATALOGUE["t2v-A14B-lightning"]
+    return FakeRepo(art.hf_repo, {p: tensor_file(i, 2048) for i, c in enumerate(art.components) for p in c.patterns})
+
+
+def test_another_artifacts_failed_download_does_not_make_the_users_files_wanctls(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """Which files are wanctl's is decided per file: the marker of the LoRA's failed download here vouches for the
+    LoRA's files, not for the user's fine-tune under the pipeline's names."""
+    lora = lightning_repo()
+    hub = serve(monkeypatch, more=(lora,))
+    user_file = "transformer/diffusion_pytorch_model.safetensors"
+    mine = tmp_path / "mine"
+    (mine / "transformer").mkdir(parents=True)
+    tuned = bytes(b ^ 0x5A for b in hub.repos[REPO].files[user_file])
+    (mine / user_file).write_bytes(tuned)
+    try:
+        with pytest.raises(BadInput, match="wanctl did not download that differ"):
+            fetch(hub, mine)
+        lora_file = next(iter(lora.files))
+        hub.override[lora_file] = bytes(len(lora.files[lora_file]))  # the LoRA's download fails, marker left
+        with pytest.raises(DownloadError, match="failed verification"):
+            fetch(hub, mine, task="t2v-A14B-lightning")
+        assert (mine / INCOMPLETE_MARKER).exists()
+        again = plan("t2v-A14B-lightning", target_dir=mine, endpoint=hub.endpoint)  # its own files stay its own
+        assert any(f.present for f in again.files) and not any("not downloaded by wanctl" in n for n in again.notes)
+        hub.clear()
+
+        with pytest.raises(BadInput, match="wanctl did not download that differ") as err:
+            fetch(hub, mine)
+        assert f"{user_file} (sha256)" in str(err.value)
+        assert (mine / user_file).read_bytes() == tuned  # untouched
+        assert not [r for r in hub.file_requests(user_file) if r.method == "GET"]
+    finally:
+        hub.stop()
+
+
+def test_files_another_huggingface_hub_client_fetched_are_still_checked(tmp_path: Path, monkeypatch) -> None:
+    """huggingface_hub's local-dir metadata is no sign a file is wanctl's: ``hf download`` of the user's own
+    fine-tune writes it too (it records a commit and an ETag, not the repository)."""
+    from huggingface_hub import snapshot_download
+
+    files = pipeline_files()
+    user_file = "transformer/diffusion_pytorch_model.safetensors"
+    finetune = FakeRepo("me/wan-finetune", {**files, user_file: bytes(b ^ 0x5A for b in files[user_file])})
+    hub = serve(monkeypatch, files, more=(finetune,))
+    mine = tmp_path / "mine"
+    try:
+        snapshot_download("me/wan-finetune", local_dir=mine, endpoint=hub.endpoint, allow_patterns=[user_file],
+                          cache_dir=tmp_path / "user-cache")
+        assert (mine / ".cache/huggingface/download" / f"{user_file}.metadata").is_file()
+        with pytest.raises(BadInput, match="wanctl did not download that differ"):
+            fetch(hub, mine)
+        assert (mine / user_file).read_bytes() == finetune.files[user_file]
+    finally:
+        hub.stop()
 
 
 def test_verify_rehashes_and_refetches_only_what_rotted(hub: FakeHub, tmp_path: Path) -> None:
