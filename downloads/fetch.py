@@ -153,12 +153,25 @@ def _rehash(task: str, target_dir: str | os.PathLike[str] | None, offline: bool)
             manifest.revision, manifest.source)
 
 
+def _refuse_unverifiable(target: Path, foreign: tuple[PlannedFile, ...], p: DownloadPlan) -> None:
+    """A file that is not wanctl's and has no published checksum (ModelScope lists some without a sha256) cannot
+    be told from the user's own file of the same size, and the fetch would replace it: stop, touching nothing."""
+    blind = [f.path for f in foreign if not f.sha256 and not f.git_oid]
+    if blind:
+        raise BadInput(f"{target} holds files wanctl did not download that {p.source} {p.repo} publishes no checksum "
+                       f"for, so they cannot be verified against it: {', '.join(blind[:4])}"
+                       f"{' ...' if len(blind) > 4 else ''}; nothing was changed",
+                       "move them away, or pass an empty or new --dir (they may be your own weights; wanctl does "
+                       "not replace them)")
+
+
 def _check_foreign(target: Path, p: DownloadPlan) -> None:
     """Adopt planned files already there that are not wanctl's (downloads.owned) only if they are the source's;
     else stop here, before the marker, the lock or a single byte is written (they may be the user's own weights)."""
     foreign = tuple(foreign_files(target, p.files, p.artifact))
     if not foreign:
         return
+    _refuse_unverifiable(target, foreign, p)
     _, problems = check_files(target, {f.path: (f.size, f.sha256) for f in foreign}, hash_files=True)
     differ = [f"{x.path} ({x.problem})" for x in (*problems, *_check_git_oids(target, foreign))]
     if differ:

@@ -4,7 +4,8 @@ modelscope is imported only when this source is used, so the base install neithe
 Only its long-stable entry points are touched: ``modelscope.hub.api.HubApi.get_model_files`` for the
 listing and ``modelscope.hub.snapshot_download.snapshot_download`` for the files. ModelScope lists
 sizes but not always a sha256, so a file without one is verified by size and recorded with the sha256
-computed locally.
+computed locally. Such a file already in the folder and not wanctl's is refused, never adopted: its size
+alone cannot tell it from the user's own.
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     if foreign:
         notes.append(f"{len(foreign)} file(s) in {target} were not downloaded by wanctl: they are checked against the "
                      "source's checksums before anything is fetched, and the download stops, touching nothing, if one "
-                     "differs")
+                     "differs or has no published checksum")
     kept = sum(1 for f in files if f.present)
     if kept and not foreign:
         notes.append(f"{kept} file(s) already in {target} with the right size: kept if their checksums match "

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from downloads import download, plan
-from recipes.errors import DownloadError
+from recipes.errors import BadInput, DownloadError
 from recipes.manifest import MANIFEST_NAME, read_manifest, verify_checkpoint_dir
 from tests.fakehub import SocketGuard, isolate_hf_client, pipeline_files, sha256
 
@@ -42,6 +42,8 @@ class FakeModelScope:
         self.with_sha = with_sha
         self.calls: list[dict] = []
         self.corrupt: set[str] = set()
+        self.fail_after: int | None = None
+        """Files snapshot_download writes before it fails with OSError (None: it does not fail)."""
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeModelScope:
         fake = self
@@ -65,11 +67,13 @@ class FakeModelScope:
                               max_workers: int = 4, endpoint: str | None = None) -> str:
             fake.calls.append({"call": "download", "model_id": model_id, "revision": revision,
                                "allow_patterns": allow_patterns, "endpoint": endpoint})
-            for p, d in fake.files.items():
-                if any(fnmatchcase(p, pat) for pat in allow_patterns):
-                    dest = Path(local_dir, *p.split("/"))
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(bytes(len(d)) if p in fake.corrupt else d)
+            wanted = [p for p in fake.files if any(fnmatchcase(p, pat) for pat in allow_patterns)]
+            for i, p in enumerate(wanted):
+                if fake.fail_after is not None and i >= fake.fail_after:
+                    raise OSError("connection reset by peer")
+                dest = Path(local_dir, *p.split("/"))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(bytes(len(fake.files[p])) if p in fake.corrupt else fake.files[p])
             return local_dir
 
         root = types.ModuleType("modelscope")
@@ -123,6 +127,40 @@ def test_listing_without_sha256_is_verified_by_size_and_says_so(tmp_path: Path, 
     report = download("ti2v-5B", target_dir=tmp_path / "ckpt", source="modelscope")
     assert any("no published checksum" in n for n in report.notes)
     assert all(f.sha256 for f in read_manifest(tmp_path / "ckpt").files)  # computed locally
+
+
+def test_a_file_wanctl_did_not_download_is_refused_when_there_is_no_checksum_to_verify_it(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """Without a published sha256 a same-size file cannot be told from the source's: refused, never adopted (the
+    fetch would replace it) -- the user's fine-tune under the hub's names, here."""
+    files = pipeline_files("ti2v-5B")
+    ms = FakeModelScope(files, with_sha=False).install(monkeypatch)
+    user_file = "transformer/diffusion_pytorch_model.safetensors"
+    mine = tmp_path / "mine"
+    (mine / "transformer").mkdir(parents=True)
+    tuned = bytes(b ^ 0x5A for b in files[user_file])
+    (mine / user_file).write_bytes(tuned)
+    with pytest.raises(BadInput, match="no checksum") as err:
+        download("ti2v-5B", target_dir=mine, source="modelscope")
+    assert user_file in str(err.value) and "--dir" in err.value.hint and "move" in err.value.hint
+    assert (mine / user_file).read_bytes() == tuned  # untouched
+    assert sorted(q.relative_to(mine).as_posix() for q in mine.rglob("*")) == ["transformer", user_file]
+    assert [c["call"] for c in ms.calls] == ["list"]  # nothing was fetched
+    p = plan("ti2v-5B", target_dir=mine, source="modelscope")  # --dry-run says so beforehand
+    assert any("no published checksum" in n and "stops" in n for n in p.notes)
+
+
+def test_a_failed_download_without_checksums_resumes_its_own_files(tmp_path: Path, monkeypatch) -> None:
+    """The files a failed run wrote are wanctl's (its marker names them): the rerun keeps them, no refusal."""
+    ms = FakeModelScope(pipeline_files("ti2v-5B"), with_sha=False).install(monkeypatch)
+    ms.fail_after = 3
+    target = tmp_path / "ckpt"
+    with pytest.raises(DownloadError, match="ModelScope download"):
+        download("ti2v-5B", target_dir=target, source="modelscope")
+    ms.fail_after = None
+    p = plan("ti2v-5B", target_dir=target, source="modelscope")
+    assert sum(f.present for f in p.files) == 3 and not any("not downloaded by wanctl" in n for n in p.notes)
+    assert download("ti2v-5B", target_dir=target, source="modelscope").verified
 
 
 def test_auto_falls_back_to_modelscope_when_the_hub_is_unreachable_and_says_so(tmp_path: Path, monkeypatch,
