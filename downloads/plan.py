@@ -7,12 +7,14 @@ holds a complete, verified download or when offline.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from downloads import hub, modelscope
 from downloads.catalogue import Artifact, artifact
@@ -28,8 +30,8 @@ from downloads.select import (
     hardware_advice,
     select_files,
 )
-from recipes.errors import BadInput, CheckpointError, DownloadError
-from recipes.manifest import Manifest, read_manifest, verify_checkpoint_dir
+from recipes.errors import BadInput, CheckpointError, DownloadError, WanctlError
+from recipes.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_checkpoint_dir
 from recipes.recipe import is_commit_sha
 
 log = logging.getLogger(__name__)
@@ -122,9 +124,49 @@ def _verify_name(art: Artifact) -> str:
     return art.task if art.kind == "pipeline" else art.name
 
 
+ExistingKind = Literal["none", "same", "incomplete", "other_revision", "other_artifact", "unreadable"]
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What the target already holds: ``kind`` is what ``plan`` decides on, ``message`` what it tells people."""
+
+    kind: ExistingKind = "none"
+    """'none': no manifest; 'same': a complete download of the artifact (``manifest``); 'incomplete': the
+    artifact's, but it does not verify (or its manifest is unreadable yet names it); 'other_revision';
+    'other_artifact': another artifact's download; 'unreadable': a manifest nothing can be told from."""
+    message: str = ""
+    manifest: Manifest | None = None
+
+
+def _named_by(target: Path) -> tuple[str, str]:
+    """(artifact, repo) a manifest this wanctl cannot read still names, when its JSON parses (a newer schema,
+    an unknown key); ('', '') when it does not (torn, not JSON, not readable)."""
+    try:
+        data = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    named, repo = data.get("artifact"), data.get("repo")
+    return (named if isinstance(named, str) else "", repo if isinstance(repo, str) else "")
+
+
+def _unreadable(target: Path, art: Artifact, exc: WanctlError) -> Existing:
+    """A manifest this wanctl cannot read is another artifact's unless it names ``art`` (then every file is checked
+    against the source like a stranger's); one that names nothing leaves nothing to decide on."""
+    named, repo = _named_by(target)
+    if named == art.name and repo in (art.hf_repo, art.ms_repo):
+        return Existing("incomplete", f"existing manifest unreadable ({exc.message}), though it names {art.name}")
+    if named:
+        return Existing("other_artifact", f"{target} holds {named} from {repo or '?'} (its manifest: {exc.message})")
+    return Existing("unreadable", f"{target / MANIFEST_NAME} cannot be read ({exc.message})")
+
+
 def existing_download(target: Path, art: Artifact, revision: str | None,
-                      resolve: Callable[[Manifest], str | None] | None = None) -> tuple[Manifest | None, str]:
-    """The target's manifest when it is a complete download of ``art`` (at ``revision`` if given), else why not.
+                      resolve: Callable[[Manifest], str | None] | None = None) -> Existing:
+    """What ``target`` holds: kind 'same' with its manifest when it is a complete download of ``art`` (at
+    ``revision`` if given), else which other case and why.
 
     A branch or tag (``main``) is no commit to compare with: ``resolve`` turns it into the commit it names
     now (None: cannot tell, e.g. offline, and the held download is taken as it is).
@@ -132,22 +174,38 @@ def existing_download(target: Path, art: Artifact, revision: str | None,
     try:
         manifest = read_manifest(target)
     except (CheckpointError, BadInput) as exc:
-        return None, f"existing manifest unreadable ({exc.message})"
+        return _unreadable(target, art, exc)
     if manifest is None:
-        return None, "no manifest yet"
+        return Existing("none", "no manifest yet")
     if manifest.artifact != art.name or manifest.repo not in (art.hf_repo, art.ms_repo):
-        return None, f"{target} holds {manifest.artifact or 'something else'} from {manifest.repo or '?'}"
+        return Existing("other_artifact",
+                        f"{target} holds {manifest.artifact or 'something else'} from {manifest.repo or '?'}")
     wanted = revision or (art.revision if manifest.source == "hf" else art.ms_revision)
     if wanted and not same_revision(wanted, manifest.revision):
         ref = revision and not re.fullmatch(r"[0-9a-f]{7,40}", revision.lower()) and resolve is not None
         now = resolve(manifest) if ref else ""
         if now is not None and now != manifest.revision:
-            return None, f"{target} holds revision {manifest.revision[:12]}, {(now or wanted)[:12]} was asked"
+            return Existing("other_revision",
+                            f"{target} holds revision {manifest.revision[:12]}, {(now or wanted)[:12]} was asked")
     try:
         verify_checkpoint_dir(target, task=_verify_name(art))
     except CheckpointError as exc:
-        return None, f"existing download does not verify ({exc.message})"
-    return manifest, ""
+        return Existing("incomplete", f"existing download does not verify ({exc.message})")
+    return Existing("same", manifest=manifest)
+
+
+def _refuse_overwrite(existing: Existing, art: Artifact, target: Path) -> None:
+    """Stop before asking the source when downloading ``art`` into ``target`` could overwrite what is there and
+    is not ``art``'s: another artifact's download, or one whose manifest says nothing."""
+    if existing.kind == "other_artifact":
+        raise BadInput(f"{existing.message}: downloading {art.name} there would overwrite it",
+                       f"pass another --dir (the default is {default_target_dir(art.name)})")
+    if existing.kind == "unreadable":
+        raise BadInput(f"{existing.message}: wanctl cannot tell whose download is in {target}, and downloading "
+                       f"{art.name} there could overwrite it",
+                       f"pass another --dir (the default is {default_target_dir(art.name)}); if the folder holds only "
+                       f"a {art.name} download, delete {target / MANIFEST_NAME} and rerun: files that match the source "
+                       "are kept, and it stops, touching nothing, if one does not")
 
 
 def _listing(art: Artifact, source: str, revision: str | None, endpoint: str | None, ms_endpoint: str | None,
@@ -208,11 +266,10 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
         resolved["listing"] = _listing(art, asked, revision, endpoint, ms_endpoint, token, early_notes)
         return resolved["listing"].revision
 
-    manifest, why = (existing_download(target, art, revision, resolve) if target.is_dir()
-                     else (None, "target does not exist"))
-    if manifest is None and why.startswith(f"{target} holds ") and " revision " not in why:
-        raise BadInput(f"{why}: downloading {art.name} there would overwrite it",
-                       f"pass another --dir (the default is {default_target_dir(art.name)})")
+    existing = (existing_download(target, art, revision, resolve) if target.is_dir()
+                else Existing("none", "target does not exist"))
+    _refuse_overwrite(existing, art, target)
+    manifest = existing.manifest
     if manifest is not None:
         files = tuple(PlannedFile(path=f.path, size=f.size, sha256=f.sha256, present=True) for f in manifest.files)
         return DownloadPlan(**base, source=manifest.source, repo=manifest.repo, revision=manifest.revision,
@@ -222,13 +279,14 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
                                    f"({manifest.source} {manifest.repo}@{manifest.revision[:12]}): nothing to fetch"))
     if offline_now:
         raise DownloadError(
-            f"offline (--offline or HF_HUB_OFFLINE) and {target} holds no complete {art.name} download: {why}",
+            f"offline (--offline or HF_HUB_OFFLINE) and {target} holds no complete {art.name} download: "
+            f"{existing.message}",
             f"run 'wanctl download --task {art.name} --dir {target}' where the hub is reachable, or copy a complete "
             "download (with its wanctl-manifest.json) there")
 
     notes: list[str] = list(early_notes)
-    if why.startswith("existing"):
-        notes.append(why + "; re-checking against the source")
+    if existing.kind == "incomplete":
+        notes.append(existing.message + "; re-checking against the source")
     listing = resolved.get("listing") or _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
     selected = select_files(art, listing)
     check_inside(target, (s.file.path for s in selected))

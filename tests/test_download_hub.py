@@ -333,6 +333,58 @@ def test_offline_uses_a_complete_dir_without_network_and_fails_clearly_without_o
     assert len(guard.connects) == before and hub.requests == []
 
 
+FIVE_B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+
+def test_another_tasks_download_is_refused_whatever_the_folder_is_called(tmp_path: Path, monkeypatch) -> None:
+    """The guard decides on what the folder holds, not on words in a message that also holds the path."""
+    hub = serve(monkeypatch, more=(FakeRepo(FIVE_B, pipeline_files("ti2v-5B")),))
+    target = tmp_path / "my revision 2" / "ckpt"
+    try:
+        fetch(hub, target)
+        hub.clear()
+        with pytest.raises(BadInput, match="holds t2v-A14B .* would overwrite it") as err:
+            fetch(hub, target, task="ti2v-5B")
+        assert "--dir" in err.value.hint and hub.requests == []  # decided before asking the hub
+        assert read_manifest(target).artifact == "t2v-A14B"
+        verify_checkpoint_dir(target, task="t2v-A14B", deep=True)
+    finally:
+        hub.stop()
+
+
+def test_a_manifest_this_wanctl_cannot_read_is_refused_unless_it_names_the_same_artifact(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """A newer wanctl's manifest (schema 2) or a damaged one: whose download is there decides, never a guess."""
+    hub = serve(monkeypatch, more=(FakeRepo(FIVE_B, pipeline_files("ti2v-5B")),))
+    target = tmp_path / "ckpt"
+    try:
+        fetch(hub, target)
+        manifest = target / MANIFEST_NAME
+        newer = {**json.loads(manifest.read_text()), "schema": 2}
+        manifest.write_text(json.dumps(newer))
+        hub.clear()
+        with pytest.raises(BadInput, match="holds t2v-A14B .* would overwrite it"):
+            fetch(hub, target, task="ti2v-5B")  # the newer manifest still says whose download this is
+        assert json.loads(manifest.read_text()) == newer and hub.requests == []
+
+        manifest.write_text(json.dumps(newer)[:40])  # torn: nothing can be told
+        with pytest.raises(BadInput, match="cannot be read") as err:
+            fetch(hub, target, task="ti2v-5B")
+        assert str(manifest) in err.value.hint and "--dir" in err.value.hint
+        with pytest.raises(BadInput, match="cannot be read"):
+            fetch(hub, target)
+        assert hub.requests == []
+
+        manifest.write_text(json.dumps(newer))  # the same artifact: every file is checked against the hub, kept
+        report = fetch(hub, target)
+        assert report.verified and report.fetched_bytes == 0
+        assert not [r for r in hub.file_requests() if r.method == "GET"]
+        assert any("re-checking against the source" in n for n in report.notes)
+        assert read_manifest(target).artifact == "t2v-A14B"
+    finally:
+        hub.stop()
+
+
 def test_second_run_after_a_file_went_missing_fetches_only_that_file(hub: FakeHub, tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
     fetch(hub, target)
