@@ -89,6 +89,8 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     spec_path = workdir / "spec.json"
     result_path = workdir / "result.json"
     result_path.unlink(missing_ok=True)
+    for stale in workdir.glob(f"{result_path.name}.rank*"):  # rank_result_path's: an earlier attempt's
+        stale.unlink(missing_ok=True)
     spec.write(spec_path)
     cmd = runtime_command(spec_path, result_path, spec.recipe.gpus, python)
     token = uuid.uuid4().hex
@@ -236,6 +238,7 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
     message lies above torchrun's summary, outside the tail)."""
     ev = {"returncode": str(returncode), "stderr_tail": tail[-2000:]}
     result = None
+    reason = ""
     if result_path.exists():  # removed before the trial started: whatever is there, this trial wrote
         try:
             result = RunResult.from_json(result_path.read_text(), where=str(result_path))
@@ -243,13 +246,19 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
             if not timed_out:
                 return TrialOutcome("crash", f"malformed result file: {exc.message}", None, returncode, tail, wall,
                                     ev)
+        reason = result.error if result is not None else ""
+    root = _RANK_ROOT_CAUSE.search(tail)
+    if result is None and (failed := _failed_rank_result(result_path, int(root.group(1)) if root else None)):
+        rank, result = failed  # several processes: the failure of the rank that failed first, in its own words
+        ev["failed_rank"] = str(rank)
+        reason = f"rank {rank} failed first: {result.error}"
     if timed_out and result is None:
         return TrialOutcome("timeout", f"killed after {timeout_s:.0f} s (process group)", None, returncode, tail,
                             wall, ev)
     if result is not None:
         if timed_out:  # the result is whole (written atomically); the process hung on its way out
             ev["hung_after_result"] = f"killed after {timeout_s:.0f} s, after writing its result"
-        return TrialOutcome(result.outcome, result.error, result, returncode, tail, wall, ev)
+        return TrialOutcome(result.outcome, reason, result, returncode, tail, wall, ev)
     low = tail.lower()
     if "out of memory" in low:  # before the CUDA-error test: "CUDA error: out of memory" is an OOM
         return TrialOutcome("oom", "out of memory (from stderr; no result written)", None, returncode, tail, wall, ev)
@@ -257,7 +266,6 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
         line = next((ln for ln in tail.splitlines() if "cuda error" in ln.lower()), "CUDA error")
         ev["cuda_fault"] = "yes"
         return TrialOutcome("crash", f"CUDA fault: {line.strip()[:200]}", None, returncode, tail, wall, ev)
-    root = _RANK_ROOT_CAUSE.search(tail)
     if root:  # torchrun's summary: one rank failed first and the agent stopped the others
         rank, code = root.group(1), int(root.group(2))
         ev["failed_rank"] = rank
@@ -272,6 +280,26 @@ def classify(returncode: int | None, timed_out: bool, timeout_s: float | None, r
     if returncode == 0:
         return TrialOutcome("crash", "exited 0 without writing a result file", None, returncode, tail, wall, ev)
     return TrialOutcome("crash", f"exit code {returncode}: {last.strip()[:200]}", None, returncode, tail, wall, ev)
+
+
+def _failed_rank_result(result_path: Path, root_rank: int | None) -> tuple[int, RunResult] | None:
+    """The failure result of the rank that failed first (wan_runtime writes one per failing rank under
+    torchrun): the one torchrun names as the root cause, else the earliest written. A peer's failure is
+    often only the consequence ("connection reset" once the first rank has gone); a root-cause rank that
+    wrote nothing (it died outright) gives None, so its own stderr line is used instead."""
+    found = []
+    for path in result_path.parent.glob(f"{result_path.name}.rank*"):
+        rank = path.name.rsplit(".rank", 1)[1]
+        if not rank.isdigit() or (root_rank is not None and int(rank) != root_rank):
+            continue
+        try:
+            found.append((path.stat().st_mtime_ns, int(rank), RunResult.from_json(path.read_text(), where=str(path))))
+        except (SchemaError, OSError):
+            continue
+    if not found:
+        return None
+    _, rank, result = min(found, key=lambda f: (f[0], f[1]))
+    return rank, result
 
 
 _RANK_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)

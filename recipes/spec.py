@@ -39,6 +39,12 @@ OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", 
 KERNEL_CHECK_START = "wanctl-kernel-check: start "
 """Line the kernel-check child prints before each check: the parent names the one a crash or hang hit."""
 PROGRESS_PREFIX = "WANCTL_PROGRESS"
+
+
+def rank_result_path(result_path: Path, rank: int) -> Path:
+    """Where one rank of a several-process trial leaves the result of its own failure: rank 0 alone writes
+    the trial's result, and a rank that fails alone may be stopped (by torchrun) before it could."""
+    return result_path.with_name(f"{result_path.name}.rank{rank}")
 """Line a runtime child prints per denoise step (``WANCTL_PROGRESS <done> <total>``) for the progress bar."""
 
 

@@ -118,3 +118,15 @@ def test_one_rank_hanging_is_killed_with_every_rank_at_the_timeout(tmp_path: Pat
     assert out.outcome == "timeout", out.reason  # type: ignore[attr-defined]
     assert seen and max(seen) >= 2  # the ranks were in the denoise loop when the limit hit
     assert not pids_naming(tmp_path)
+
+
+def test_one_rank_out_of_memory_is_an_oom_at_once(tmp_path: Path) -> None:
+    """One rank runs out of memory (GPU 0 often holds more) while its peer waits in the next exchange: the
+    trial is an OOM, with that rank's reason, as soon as torchrun stops the peer; not a timeout."""
+    from tests.conftest import pids_naming
+
+    out, seen = _two_rank_fault(tmp_path, "oom", timeout_s=90)
+    assert out.outcome == "oom", out.reason  # type: ignore[attr-defined]
+    assert out.reason.startswith("rank 1 failed first: ") and "out of memory" in out.reason  # type: ignore[attr-defined]
+    assert out.result is not None and out.result.phase == "denoise"  # type: ignore[attr-defined]
+    assert not pids_naming(tmp_path)

@@ -22,7 +22,7 @@ from recipes.files import check_output_file
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
-from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec
+from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_path
 
 EXIT = {"ok": 0, "bad_input": 2, "unsupported": 3}
 
@@ -42,6 +42,22 @@ def _leave_process_group() -> None:
     if dist.is_initialized():
         dist.barrier()  # no rank exits while another still needs it
         dist.destroy_process_group()
+
+
+def _leave_failed_rank(result: RunResult, result_path: str | None) -> None:
+    """One rank's failure under torchrun, without the barrier: its peers may wait in a collective it will
+    never join (an OOM on one GPU), and would sit there until NCCL's watchdog or the trial's timeout. The
+    result goes to this rank's own file, never the trial's (rank 0 may only be failing because a peer went
+    away; the tuner takes the rank torchrun names as the root cause), the reason to stderr, and the
+    process exits at once: torchrun then stops the rest.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    if result_path:
+        with contextlib.suppress(WanctlError, OSError):  # the reason still reaches stderr below
+            result.write(str(rank_result_path(Path(result_path), rank)))
+    print(f"error: rank {rank}: {result.outcome}: {result.error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT.get(result.outcome, 1))  # no interpreter teardown: it could wait on the process group
 
 
 def _die_with_launcher() -> None:
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 Path(spec.out_dir).rmdir()
         print("interrupted", file=sys.stderr)
         return 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and result.outcome != "ok":
+        _leave_failed_rank(result, result_path)
     _leave_process_group()
     try:
         _write(result, result_path)
