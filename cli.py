@@ -30,7 +30,7 @@ from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.files import check_output_dir, check_output_file
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
-from recipes.recipe import SYNTHETIC, Recipe, validate
+from recipes.recipe import SYNTHETIC, Recipe
 from recipes.serialize import read_recipe
 
 if TYPE_CHECKING:
@@ -139,7 +139,9 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     if image and not Path(image).expanduser().is_file():
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
-    return apply_overrides(validate(base.replace(**changes)), sets or [])
+    # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
+    # with); paths absolute, as the runtime's own folder and a launch script elsewhere need them.
+    return apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
 
 
 @app.command()
@@ -334,6 +336,8 @@ def tune(
             raise BadInput(f"--lightning-lora {lightning_lora} is not a folder",
                            f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
         lightning_lora = str(Path(lightning_lora).expanduser().resolve())
+    if model not in SYNTHETIC:  # recipe.toml, launch.sh and the store are used from other folders
+        model = str(Path(model).expanduser().resolve())
     cfg = TuneConfig(model=model, task=task, size=size, frames=frames, steps=steps,
                      prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
                      image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from recipes.errors import RecipeError
@@ -197,6 +198,20 @@ class Recipe:
             guidance_2=self.guidance_2 or (1.0 if lightning else (spec.guidance_2 or 0.0)),
             lightning_lora=self.lightning_lora or (self.model if lightning and self.model in SYNTHETIC else ""),
         )
+
+    def with_absolute_paths(self, cwd: Path | None = None) -> Recipe:
+        """The path fields (a checkpoint folder, the I2V image, the Lightning LoRA folder) made absolute
+        against ``cwd`` (the current directory when None): the runtime runs in a folder of its own, and
+        launch.sh and the store are used from anywhere, where a relative path names nothing."""
+        base = cwd or Path.cwd()
+
+        def absolute(value: str) -> str:
+            if not value or value in SYNTHETIC:
+                return value
+            return str((base / Path(value).expanduser()).resolve())
+
+        return self.replace(model=absolute(self.model), image=absolute(self.image),
+                            lightning_lora=absolute(self.lightning_lora))
 
     def knob_dict(self) -> dict[str, Any]:
         """Fields that define the optimization stack and workload (everything but the content)."""
