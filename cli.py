@@ -184,8 +184,9 @@ def generate(
         fp = run_probe(with_kernels=False).fingerprint()
         found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp,
                           size=size, frames=frames, steps=steps)
+        w_size, w_frames, w_steps = found.recipe.workload()
         err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
-                  f"on {escape(found.meta.machine)})")
+                  f"on {escape(found.meta.machine)}; tuned at {w_size}, {w_frames} frames, {w_steps} steps)")
         if found.workload_note:
             err.print(f"[yellow]note:[/] {escape(found.workload_note)}")
         # The recipe says how to run fast; what to make is the user's: the tuning study's prompt, seed and
@@ -404,7 +405,9 @@ def _emit(result: TuneResult, cfg: TuneConfig, probe: ProbeResult, argv: list[st
     conf = result.confirm
     gate = parse_quality(cfg.quality).describe()
     fp = probe.fingerprint()
-    name = f"{model_tag(recipe.model)}_{fp.split('_')[0]}_{recipe.recipe_hash()[:8]}"
+    # the fingerprint's readable head and its digest: machines with one GPU model but other drivers or
+    # libraries (a shared WANCTL_CACHE) must not write over each other's store entries
+    name = f"{model_tag(recipe.model)}_{fp.split('_')[0]}_{fp.rsplit('_', 1)[-1]}_{recipe.recipe_hash()[:8]}"
     versions = {"wanctl": cfg.wanctl_version or _version(),
                 **{k: v for k, v in vars(probe.software).items() if isinstance(v, str)}}
     notes = list(result.notes) + [n for r in ([chosen] if chosen else []) for n in r.notes]
@@ -423,7 +426,13 @@ def _emit(result: TuneResult, cfg: TuneConfig, probe: ProbeResult, argv: list[st
         excluded_space=dict(result.space.excluded), notes=notes, runs=result.runs,
     )
     paths = write_outputs(Path(cfg.out_dir), inp, recipe, meta, probe.to_json(), cfg.to_dict(), _version())
-    save_to_store(recipe, meta)
+    try:
+        save_to_store(recipe, meta)
+    except WanctlError as exc:  # the tune's own outputs are written: a store it cannot write costs only --best
+        err.print(f"[yellow]warning:[/] the recipe was not saved to the recipe store: {escape(exc.message)}",
+                  soft_wrap=True)
+        err.print("[yellow]hint:[/] set WANCTL_CACHE to a folder you can write to, or pass --out-dir "
+                  f"{escape(str(cfg.out_dir))} to wanctl generate --best", soft_wrap=True)
     return paths
 
 

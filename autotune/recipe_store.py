@@ -54,6 +54,15 @@ def _candidates(dirs: list[Path]) -> list[Path]:
     return paths
 
 
+def _fastest(pool: list[FoundRecipe]) -> FoundRecipe:
+    """At one workload, the lowest confirmed denoise time: each speed-up is against its own study's baseline,
+    which differs with --gpus and memory fallbacks (2.2x over an offloaded baseline can be slower than 1.5x
+    over a plain one). Times at different workloads do not compare; there the speed-up is all there is."""
+    if len({f.recipe.workload() for f in pool}) > 1:
+        return max(pool, key=lambda f: f.meta.speedup)
+    return min(pool, key=lambda f: (f.meta.confirmed_s if f.meta.confirmed_s > 0 else float("inf"), -f.meta.speedup))
+
+
 def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: str | None = None,
               frames: int | None = None, steps: int | None = None) -> FoundRecipe:
     """The fastest stored recipe for this fingerprint, model and task; BadInput with the way out otherwise.
@@ -91,7 +100,7 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
         return all(a is None or a == b for a, b in zip(asked, f.recipe.workload(), strict=True))
 
     same = [f for f in found if matches(f)]
-    best = max(same or found, key=lambda f: f.meta.speedup)
+    best = _fastest(same or found)
     if same or not any(a is not None for a in asked):
         return best
     s, fr, st = best.recipe.workload()

@@ -15,9 +15,9 @@ from recipes.serialize import RecipeMeta, write_recipe
 FP = "cpu_nodrv_torch2.13_abcd1234"
 
 
-def _store(d: Path, name: str, speedup: float, **workload: object) -> None:
+def _store(d: Path, name: str, speedup: float, confirmed_s: float = 0.0, **workload: object) -> None:
     write_recipe(d / f"{name}.toml", Recipe(model="tiny", cache="magcache", **workload),  # type: ignore[arg-type]
-                 RecipeMeta(name=name, fingerprint=FP, speedup=speedup))
+                 RecipeMeta(name=name, fingerprint=FP, speedup=speedup, confirmed_s=confirmed_s))
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,14 @@ def test_the_recipe_tuned_at_the_asked_frames_wins_over_a_faster_one_tuned_elsew
     assert anywhere.meta.name == "nine"  # nothing asked: the fastest
     at33 = find_best("tiny", "t2v-A14B", dirs, FP, frames=33)
     assert at33.meta.name == "nine" and "tuned at 64*48, 9 frames" in at33.workload_note
+
+
+def test_at_one_workload_the_fastest_time_wins_not_the_largest_speedup(tmp_path: Path) -> None:
+    """Each speed-up is against its own study's baseline: 2.25x over a slow (offloaded) baseline took 400 s,
+    1.5x over a plain one 200 s."""
+    _store(tmp_path / "a", "over-offloaded", 2.25, confirmed_s=400.0, frames=17)
+    _store(tmp_path / "b", "over-plain", 1.5, confirmed_s=200.0, frames=17)
+    assert find_best("tiny", "t2v-A14B", [tmp_path / "a", tmp_path / "b"], FP).meta.name == "over-plain"
 
 
 def test_a_named_folder_that_does_not_exist_is_an_error(tmp_path: Path) -> None:

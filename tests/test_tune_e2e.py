@@ -155,3 +155,14 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     assert any(t.user_attrs.get("wanctl_requeued") == 1 for t in trials[2:])
     assert trials[0].user_attrs[RECORD_KEY]["role"] == "baseline"
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+
+
+def test_a_recipe_store_it_cannot_write_does_not_fail_a_finished_tune(tmp_path: Path) -> None:
+    """Hours of tuning end in recipe.toml, launch.sh and the report; an unwritable ~/.cache only costs --best."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    p = run_cli("tune", "--model", "tiny", "--trials", "2", "--out", str(tmp_path / "out"),
+                env={"WANCTL_CACHE": str(blocker / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert "not saved to the recipe store" in p.stderr and "WANCTL_CACHE" in p.stderr
+    assert (tmp_path / "out" / "recipe.toml").is_file() and (tmp_path / "out" / "launch.sh").is_file()
