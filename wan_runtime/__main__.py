@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                 Path(spec.out_dir).rmdir()
         print("interrupted", file=sys.stderr)
         return 130
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and result.outcome != "ok":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and result.outcome not in ("ok", "crash"):
+        # A failure of this rank's own (OOM, NaN, unsupported, ...). Not a crash: that is also what a rank
+        # gets when a peer died ("connection closed"), and such a rank must not race the first one out,
+        # or torchrun names it as the root cause.
         _leave_failed_rank(result, result_path)
     _leave_process_group()
     try:
