@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from recipes.errors import BadInput, StudyError
 from recipes.files import atomic_write_text
+from recipes.locations import TUNE_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,10 @@ def claim_output_dir(out: Path, study: str) -> None:
         raise BadInput(f"{out} holds the outputs of study {held!r} (its trials, references and recipe); study "
                        f"{study!r} would overwrite them", "pass another --out for this study")
     if not held:
+        theirs = [name for name in TUNE_OUTPUTS.values() if (out / name).exists()]
+        if theirs:  # not a study's folder, yet it has files a tune writes: the user's own, never replaced
+            raise BadInput(f"{out} already holds {', '.join(theirs)} that no wanctl study wrote (it has no "
+                           f"{OUT_MARKER}); this tune would replace them", "pass another --out, or move those files")
         atomic_write_text(marker, study + "\n")
 
 

@@ -11,6 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+TUNE_OUTPUTS = {"recipe": "recipe.toml", "launch": "launch.sh", "report": "report.md", "plot": "pareto.png"}
+"""The files a tune writes at the top of its output folder (reports.outputs writes them; autotune refuses to
+claim a folder where someone else's already are)."""
+
 
 def source_root() -> Path:
     """The folder holding ``recipes``, ``wan_runtime`` and the rest of wanctl."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from recipes.files import atomic_write_text, file_mode
 from recipes.launch import LaunchOptions, render_launch_script
+from recipes.locations import TUNE_OUTPUTS
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, write_recipe
 from reports.markdown import ReportInput, render
@@ -27,12 +28,12 @@ class OutputPaths:
 def write_outputs(out: Path, inp: ReportInput, recipe: Recipe, meta: RecipeMeta, probe_json: str,
                   config: dict, version: str) -> OutputPaths:
     out.mkdir(parents=True, exist_ok=True)
-    plot = pareto_png(inp.records, out / "pareto.png", inp.title)
-    recipe_path = write_recipe(out / "recipe.toml", recipe, meta)
-    launch = atomic_write_text(out / "launch.sh", render_launch_script(
+    plot = pareto_png(inp.records, out / TUNE_OUTPUTS["plot"], inp.title)
+    recipe_path = write_recipe(out / TUNE_OUTPUTS["recipe"], recipe, meta)
+    launch = atomic_write_text(out / TUNE_OUTPUTS["launch"], render_launch_script(
         recipe, LaunchOptions(name=meta.name, version=version, out=f"{meta.name}.mp4")))
     os.chmod(launch, file_mode(0o755))
-    report = atomic_write_text(out / "report.md", render(ReportInput(**{**inp.__dict__, "plot": plot.name})))
+    report = atomic_write_text(out / TUNE_OUTPUTS["report"], render(ReportInput(**{**inp.__dict__, "plot": plot.name})))
     inputs = out / "inputs"
     atomic_write_text(inputs / "tune_config.json", json.dumps(config, indent=2, sort_keys=True))
     atomic_write_text(inputs / "probe.json", probe_json)

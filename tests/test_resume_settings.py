@@ -86,3 +86,16 @@ def test_a_study_whose_creator_died_before_its_setup_can_be_resumed(h100: ProbeR
     optuna.create_study(study_name=default_study_name(cfg, h100),
                         storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
     assert settings_for_resume(cfg, h100) == (cfg, [])  # not "no study X ... it holds: X"
+
+
+def test_a_folder_with_someone_elses_tune_files_is_not_claimed(tmp_path: Path) -> None:
+    """No study marker, but a launch.sh and report.md of the user's: a tune there would replace them."""
+    (tmp_path / "launch.sh").write_text("#!/bin/sh\necho mine\n")
+    (tmp_path / "report.md").write_text("my notes\n")
+    (tmp_path / "study.journal").write_text("")  # the tune's own journal may already be there
+    with pytest.raises(BadInput, match="launch.sh, report.md that no wanctl study wrote"):
+        claim_output_dir(tmp_path, "A")
+    assert (tmp_path / "launch.sh").read_text().endswith("echo mine\n") and not (tmp_path / ".wanctl-study").exists()
+    (tmp_path / "fresh").mkdir()
+    claim_output_dir(tmp_path / "fresh", "A")  # an empty folder is claimed
+    assert (tmp_path / "fresh" / ".wanctl-study").read_text().strip() == "A"
