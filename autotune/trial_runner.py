@@ -27,7 +27,7 @@ from pathlib import Path
 
 from recipes.errors import SchemaError
 from recipes.locations import with_source_on_path
-from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec
+from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_files
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     spec_path = workdir / "spec.json"
     result_path = workdir / "result.json"
     result_path.unlink(missing_ok=True)
-    for stale in workdir.glob(f"{result_path.name}.rank*"):  # rank_result_path's: an earlier attempt's
+    for stale in rank_result_files(result_path).values():  # an earlier attempt's
         stale.unlink(missing_ok=True)
     spec.write(spec_path)
     cmd = runtime_command(spec_path, result_path, spec.recipe.gpus, python)
@@ -288,12 +288,11 @@ def _failed_rank_result(result_path: Path, root_rank: int | None) -> tuple[int, 
     often only the consequence ("connection reset" once the first rank has gone); a root-cause rank that
     wrote nothing (it died outright) gives None, so its own stderr line is used instead."""
     found = []
-    for path in result_path.parent.glob(f"{result_path.name}.rank*"):
-        rank = path.name.rsplit(".rank", 1)[1]
-        if not rank.isdigit() or (root_rank is not None and int(rank) != root_rank):
+    for rank, path in rank_result_files(result_path).items():
+        if root_rank is not None and rank != root_rank:
             continue
         try:
-            found.append((path.stat().st_mtime_ns, int(rank), RunResult.from_json(path.read_text(), where=str(path))))
+            found.append((path.stat().st_mtime_ns, rank, RunResult.from_json(path.read_text(), where=str(path))))
         except (SchemaError, OSError):
             continue
     if not found:

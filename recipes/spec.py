@@ -45,6 +45,16 @@ def rank_result_path(result_path: Path, rank: int) -> Path:
     """Where one rank of a several-process trial leaves the result of its own failure: rank 0 alone writes
     the trial's result, and a rank that fails alone may be stopped (by torchrun) before it could."""
     return result_path.with_name(f"{result_path.name}.rank{rank}")
+
+
+def rank_result_files(result_path: Path) -> dict[int, Path]:
+    """Every rank's own failure result beside ``result_path``, by rank (``rank_result_path``'s names)."""
+    found = {}
+    for path in result_path.parent.glob(f"{result_path.name}.rank*"):
+        rank = path.name.rsplit(".rank", 1)[1]
+        if rank.isdigit():
+            found[int(rank)] = path
+    return found
 """Line a runtime child prints per denoise step (``WANCTL_PROGRESS <done> <total>``) for the progress bar."""
 
 
