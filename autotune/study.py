@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from recipes.errors import BadInput, StudyError
-from recipes.files import atomic_write_text
+from recipes.files import create_exclusive_text
 from recipes.locations import TUNE_OUTPUTS
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,7 @@ def claim_output_dir(out: Path, study: str) -> None:
     """Make ``out`` this study's, or refuse: two studies in one folder share ``trials/NNNN-*`` and the
     baseline's reference frames, so one study's trials would be judged against the other's baseline."""
     marker = out / OUT_MARKER
-    try:
-        held = marker.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        held = ""
-    except (OSError, UnicodeDecodeError):
-        held = "?"
+    held = _study_holding(marker)
     if held and held != study:
         raise BadInput(f"{out} holds the outputs of study {held!r} (its trials, references and recipe); study "
                        f"{study!r} would overwrite them", "pass another --out for this study")
@@ -164,7 +159,21 @@ def claim_output_dir(out: Path, study: str) -> None:
         if theirs:  # not a study's folder, yet it has files a tune writes: the user's own, never replaced
             raise BadInput(f"{out} already holds {', '.join(theirs)} that no wanctl study wrote (it has no "
                            f"{OUT_MARKER}); this tune would replace them", "pass another --out, or move those files")
-        atomic_write_text(marker, study + "\n")
+        if not create_exclusive_text(marker, study + "\n"):  # another study claimed it since the read
+            held = _study_holding(marker)
+            if held != study:
+                raise BadInput(f"{out} was just claimed by study {held!r} (another tune started there at the same "
+                               f"time); study {study!r} would overwrite its outputs", "pass another --out for this study")
+
+
+def _study_holding(marker: Path) -> str:
+    """The study named in an output folder's marker: "" when there is none, "?" when it cannot be read."""
+    try:
+        return marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError):
+        return "?"
 
 
 @contextmanager

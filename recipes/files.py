@@ -39,6 +39,49 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     return p
 
 
+def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
+    """Write ``path`` whole only if nobody has: False when it already exists (it is left untouched).
+
+    Claims (a study's output folder) need "create if absent" as one step: a check then a write lets two
+    processes both find the file absent and the second silently replaces the first's. The text is written
+    to a temp file first and hard-linked into place, so a reader never sees the file half written; where
+    the file system has no hard links, an exclusive create is used instead.
+    """
+    p = Path(path)
+    check_output_file(p)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
+                          "free disk space or choose another output directory") from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, file_mode(0o666))
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            try:
+                out = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode(0o666))
+            except FileExistsError:
+                return False
+            with os.fdopen(out, "wb") as fh:
+                fh.write(text.encode("utf-8"))
+        return True
+    except OSError as exc:
+        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
+                          "free disk space or choose another output directory") from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
 def current_umask() -> int:
     """This process's umask, read without changing it where Linux says it (os.umask can only be read by
     setting it, which races with threads creating files)."""

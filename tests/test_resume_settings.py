@@ -99,3 +99,49 @@ def test_a_folder_with_someone_elses_tune_files_is_not_claimed(tmp_path: Path) -
     (tmp_path / "fresh").mkdir()
     claim_output_dir(tmp_path / "fresh", "A")  # an empty folder is claimed
     assert (tmp_path / "fresh" / ".wanctl-study").read_text().strip() == "A"
+
+
+def test_two_studies_claiming_one_new_folder_at_once_one_is_refused(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both read "no marker"; the other study writes its marker before this one does: this one must not
+    replace it (the check-then-write claim let both go on and share trials/ and the baseline)."""
+    import autotune.study as study_mod
+
+    real = study_mod._study_holding
+    calls = []
+
+    def read_then_lose_the_race(marker: Path) -> str:
+        calls.append(marker)
+        if len(calls) == 1:  # this tuner's read, then the other tuner's claim lands
+            marker.write_text("B\n")
+            return ""
+        return real(marker)
+
+    monkeypatch.setattr(study_mod, "_study_holding", read_then_lose_the_race)
+    with pytest.raises(BadInput, match="just claimed by study 'B'"):
+        claim_output_dir(tmp_path, "A")
+    assert (tmp_path / ".wanctl-study").read_text() == "B\n"
+    assert [p.name for p in tmp_path.iterdir()] == [".wanctl-study"]  # no temp file left behind
+
+
+def test_concurrent_claims_of_one_folder_leave_exactly_one_study(tmp_path: Path) -> None:
+    import threading
+
+    names = [f"S{i}" for i in range(8)]
+    won: list[str] = []
+    start = threading.Barrier(len(names))
+
+    def claim(name: str) -> None:
+        start.wait()
+        try:
+            claim_output_dir(tmp_path, name)
+            won.append(name)
+        except BadInput:
+            pass
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and (tmp_path / ".wanctl-study").read_text().strip() == won[0]
