@@ -74,6 +74,7 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
     tag = model_tag(model)
     found: list[FoundRecipe] = []
     others: set[str] = set()
+    here: set[tuple[str, str]] = set()  # (model, task) tuned on this machine: what --best can be asked for
     unreadable: list[str] = []
     for p in _candidates(dirs):
         try:
@@ -83,6 +84,8 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
             unreadable.append(f"{p} ({exc.message[:120]})")
             continue
         if r.task != task or model_tag(r.model) != tag:
+            if meta.fingerprint == fingerprint:
+                here.add((model_tag(r.model), r.task))
             continue
         if meta.fingerprint != fingerprint:
             others.add(meta.fingerprint or "(none)")
@@ -92,8 +95,12 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
         where = ", ".join(str(d) for d in [*dirs, store_dir()])
         extra = f"; recipes exist for other machines: {', '.join(sorted(others))}" if others else ""
         extra += f"; unreadable: {'; '.join(unreadable[:3])}" if unreadable else ""
-        raise BadInput(f"no tuned recipe for {tag} / {task} on this machine ({fingerprint}) in {where}{extra}",
-                       f"run: wanctl tune --model {model} --task {task}")
+        hint = f"run: wanctl tune --model {model} --task {task}"
+        if here:
+            extra += f"; this machine has recipes for: {', '.join(f'{m} / {t}' for m, t in sorted(here))}"
+            m, t = sorted(here)[0]
+            hint += f", or ask for one it has: wanctl generate --best --model {m} --task {t}"
+        raise BadInput(f"no tuned recipe for {tag} / {task} on this machine ({fingerprint}) in {where}{extra}", hint)
     asked = ("*".join(map(str, parse_size(size))) if size else None, frames or None, steps or None)
 
     def matches(f: FoundRecipe) -> bool:

@@ -66,3 +66,16 @@ def test_best_takes_how_from_the_recipe_and_what_from_the_user(tmp_path: Path) -
     assert p.returncode == 0, p.stderr[-2000:]
     ran = json.loads(p.stdout)["recipe"]
     assert (ran["prompt"], ran["seed"], ran["steps"]) == (Recipe().prompt, Recipe().seed, 2)
+
+
+def test_nothing_for_the_asked_model_names_what_this_machine_has(tmp_path: Path) -> None:
+    """`generate --best` without --model asks for tiny / t2v-A14B; a store holding only a ti2v-5B recipe
+    must say so and how to ask for it, not only "run wanctl tune"."""
+    write_recipe(tmp_path / "a" / "r.toml", Recipe(model="tiny", task="ti2v-5B"),
+                 RecipeMeta(name="five", fingerprint=FP, speedup=1.4))
+    write_recipe(tmp_path / "a" / "elsewhere.toml", Recipe(model="tiny", task="i2v-A14B"),
+                 RecipeMeta(name="other-gpu", fingerprint="h100_x", speedup=2.0))
+    with pytest.raises(BadInput, match="this machine has recipes for: tiny / ti2v-5B") as err:
+        find_best("tiny", "t2v-A14B", [tmp_path / "a"], FP)
+    assert "wanctl generate --best --model tiny --task ti2v-5B" in err.value.hint
+    assert err.value.message.endswith("recipes for: tiny / ti2v-5B")  # another machine's recipe is not offered
