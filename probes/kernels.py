@@ -12,6 +12,7 @@ the reason and the probe goes on.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,10 +111,17 @@ def _parse_doc(stdout: str) -> dict[str, Any]:
 
 
 def _check_from(name: str, raw: Any) -> KernelCheck:
+    unreadable = KernelCheck(name, "fails", f"probe child reported an unreadable result: {str(raw)[:80]}")
     if not isinstance(raw, dict) or raw.get("status") not in STATUSES:
-        return KernelCheck(name, "fails", f"probe child reported an unreadable result: {str(raw)[:80]}")
+        return unreadable
+    try:  # a number the child could not measure must not pass as a check, nor reach --json as Infinity
+        rel_err, seconds = float(raw.get("rel_err", 0.0) or 0.0), float(raw.get("seconds", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        return unreadable
+    if not (math.isfinite(rel_err) and math.isfinite(seconds)):
+        return unreadable
     return KernelCheck(name=name, status=raw["status"], detail=str(raw.get("detail", "")),
-                       rel_err=float(raw.get("rel_err", 0.0) or 0.0), seconds=float(raw.get("seconds", 0.0) or 0.0))
+                       rel_err=rel_err, seconds=seconds)
 
 
 def _why(res: CommandResult, timeout_s: float) -> str:
@@ -164,6 +172,16 @@ def run_kernel_checks(python: str | None = None, timeout_s: float = 180.0, with_
                 found.setdefault(str(name), _check_from(str(name), raw))
             break
         why = _why(res, timeout_s)
+        try:  # the document is printed once, after the last check: a child dying after it died at exit
+            doc = _parse_doc(res.stdout)
+        except ValueError:
+            doc = {}
+        if doc:
+            for name, raw in doc["checks"].items():
+                found.setdefault(str(name), _check_from(str(name), raw))
+            notes.append(f"kernel-check child {why} after reporting every check (at exit, e.g. a CUDA "
+                         "extension's teardown); its results are kept")
+            break
         culprit = _last_started(res.stderr)
         if culprit and culprit not in found:
             found[culprit] = KernelCheck(culprit, "fails", f"probe child {why} during this check")

@@ -208,3 +208,32 @@ def test_children_number_gpus_as_the_probe_does_unless_the_user_chose(tmp_path: 
         report = run_kernel_checks(python=str(py), timeout_s=10, env=env)
         assert report.checks[0].detail.endswith(seen), report.checks[0].detail
     assert child_env()["CUDA_DEVICE_ORDER"] in ("PCI_BUS_ID", __import__("os").environ.get("CUDA_DEVICE_ORDER"))
+
+
+@pytest.mark.parametrize("then", ["kill -SEGV $$", "sleep 30 & wait"])
+def test_a_child_dying_after_its_report_keeps_the_report(tmp_path: Path, then: str) -> None:
+    """Some CUDA extensions crash or hang at interpreter exit, after the document was printed: the checks
+    it reports stand (they were blamed one by one on the last-started check, then all failed)."""
+    doc = {"schema": 1, "torch": "2.11.0+cu130", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
+           "checks": {name: {"status": "ok", "detail": "", "rel_err": 0.001, "seconds": 0.5}
+                      for name in KERNEL_CHECKS}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    py = write_script(tmp_path / "python", f"""echo "{START_MARK}compile" >&2
+cat "{tmp_path / 'doc.json'}"
+{then}
+""")
+    report = run_kernel_checks(python=str(py), timeout_s=1)
+    assert all(c.ok for c in report.checks), [c.summary for c in report.checks if not c.ok]
+    assert len(report.notes) == 1 and "after reporting every check" in report.notes[0]
+
+
+def test_numbers_the_child_could_not_measure_fail_their_check(tmp_path: Path) -> None:
+    doc = {"schema": 1, "checks": {"attention:native": {"status": "ok", "rel_err": "n/a"},
+                                   "attention:flex": {"status": "ok", "rel_err": float("inf")},
+                                   "attention:_native_math": {"status": "ok", "rel_err": 0.001, "seconds": 0.2}}}
+    (tmp_path / "doc.json").write_text(json.dumps(doc))  # json.dumps writes inf as Infinity, as Python reads it
+    py = write_script(tmp_path / "python", f'cat "{tmp_path / "doc.json"}"\n')
+    by = {c.name: c for c in run_kernel_checks(python=str(py), timeout_s=10).checks}
+    assert by["attention:native"].summary.startswith("fails: probe child reported an unreadable result")
+    assert by["attention:flex"].summary.startswith("fails: probe child reported an unreadable result")
+    assert by["attention:_native_math"].ok
