@@ -186,6 +186,14 @@ def memory_estimate_gib(task: str, model: str, *, size: str = "", frames: int = 
 
 
 # ------------------------------------------------------------------------------------------- rules
+def _why_unusable(probe: ProbeResult) -> str:
+    """The kernel child's own reason (the probe's note quoting torch), else where the checks ran."""
+    for note in probe.notes:
+        if "cannot use the GPU (" in note:
+            return note.split("cannot use the GPU (", 1)[1].rsplit("): kernel checks", 1)[0]
+    return f"kernel checks ran on {probe.kernel_device}"
+
+
 def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None = None, *,
                      allow_cpu_compile: bool = False, lightning_available: bool = False,
                      size: str = "", frames: int = 0) -> SearchSpace:
@@ -201,17 +209,24 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     notes: list[str] = []
     fam = probe.family
     have = probe.gpu_count
-    on_gpu = have > 0
+    # GPUs are listed, yet the kernel checks' torch could not use them (a CPU build, a too-old driver): every
+    # trial would run on the CPU, so the space is the CPU's, and the reason is said where a GPU is missed.
+    unusable = have > 0 and bool(probe.kernels) and not probe.kernel_device.startswith("cuda")
+    on_gpu = have > 0 and not unusable
+    no_gpu = (f"torch cannot use this host's {have} GPU(s) ({_why_unusable(probe)})" if unusable
+              else "this host has no GPU")
 
     # --- GPUs and parallelism ---------------------------------------------------------------
     if gpus is not None and gpus < 1:
         raise BadInput(f"gpus={gpus} is not a GPU count", "pass --gpus 1 or more")
     if not on_gpu:
         if gpus is not None and gpus > 1:
-            raise HardwareUnsupported(f"asked for {gpus} GPUs; this machine has none", "drop --gpus on a CPU-only host")
+            raise HardwareUnsupported(f"asked for {gpus} GPUs; {no_gpu}", "drop --gpus on a CPU-only host"
+                                      + ("; run 'wanctl probe' for why torch cannot use the GPUs" if unusable else ""))
         if model != "tiny":
-            raise HardwareUnsupported(f"the full-size {task} model needs a GPU; this host has none",
-                                      "use --model tiny here, or tune on a GPU machine")
+            raise HardwareUnsupported(f"the full-size {task} model needs a GPU; {no_gpu}",
+                                      "install a CUDA build of torch that matches the driver (see 'wanctl probe')"
+                                      if unusable else "use --model tiny here, or tune on a GPU machine")
         n = 1
     else:
         if gpus is not None and gpus > have:
@@ -223,7 +238,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
         if n % d == 0 and heads % d:
             excluded[f"ulysses={d}"] = f"{task} has {heads} attention heads, not divisible by {d}"
     multi = n >= 2
-    why_single = "needs 2 or more GPUs" + ("" if on_gpu else "; this host has no GPU") + (
+    why_single = "needs 2 or more GPUs" + ("" if on_gpu else f"; {no_gpu}") + (
         f"; this run uses {n}" if on_gpu else "")
     if not multi:
         excluded["cfg_parallel=True"] = why_single
@@ -252,21 +267,21 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
                                   "run 'wanctl probe' and read the kernel-check errors")
     if on_gpu and model != "tiny":
         attention = _drop_score_materializing(probe, task, model, size, frames, attention, excluded)
-    if on_gpu and probe.kernels and not probe.kernel_device.startswith("cuda"):
-        notes.append("kernel checks ran on the CPU although this machine has GPUs: GPU kernels are unverified")
+    if unusable:
+        notes.append(f"{no_gpu}: the kernel checks ran on the CPU, and so will every trial")
 
     # --- precision ------------------------------------------------------------------------
     if on_gpu and fam.tf32:
         tf32: tuple[bool, ...] = (False, True)
     else:
         tf32 = (False,)
-        excluded["tf32=True"] = ("TF32 is a GPU tensor-core mode; this host has no GPU" if not on_gpu
+        excluded["tf32=True"] = (f"TF32 is a GPU tensor-core mode; {no_gpu}" if not on_gpu
                                  else f"TF32 needs sm80+; this GPU is {fam.sm}")
     quant = ["none"]
     for q in QUANT[1:]:
         is_fp8 = q in FP8_QUANT
         if is_fp8 and not on_gpu:
-            excluded[f"quant={q}"] = "fp8 needs a GPU with fp8 tensor cores (sm89+); this host has no GPU"
+            excluded[f"quant={q}"] = f"fp8 needs a GPU with fp8 tensor cores (sm89+); {no_gpu}"
         elif is_fp8 and not fam.fp8:
             excluded[f"quant={q}"] = f"fp8 needs sm89+, this GPU is {fam.sm or 'unknown'}"
         elif q == "te_block" and sm_number(fam) < 90:
@@ -309,7 +324,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     fsdp: tuple[bool, ...] = (False, True) if multi else (False,)
     if not on_gpu:
         for o in OFFLOAD[1:]:
-            excluded[f"offload={o}"] = "CPU offload moves weights to a GPU on use; this host has no GPU"
+            excluded[f"offload={o}"] = f"CPU offload moves weights to a GPU on use; {no_gpu}"
     else:
         offload, fsdp = _memory_rules(probe, task, model, n, size, frames, quant, fsdp, excluded, notes)
 

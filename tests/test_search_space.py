@@ -272,3 +272,19 @@ def test_probes_and_search_space_never_import_torch() -> None:
 
 def test_fixture_dir_exists() -> None:
     assert (FIXTURES / "no_gpu" / "kernels.json").exists()
+
+
+def test_gpus_torch_cannot_use_give_the_cpu_space_and_say_why(probes: dict[str, ProbeResult]) -> None:
+    """8 H100s listed, but the kernel child's torch ran on the CPU (too-old driver, CPU build): offering TF32,
+    fp8, Ulysses 8 and autotuning modes would fail every trial; a full-size model is refused with the reason."""
+    cpu_kernels = probes["no_gpu"].kernels
+    why = "CUDA initialization: The NVIDIA driver on your system is too old (found version 12040)."
+    stuck = dataclasses.replace(probes["h100_sxm_8x"], kernels=cpu_kernels, kernel_device="cpu", notes=(
+        f"torch 2.11.0+cu130 cannot use the GPU ({why}): kernel checks ran on the CPU",))
+    with pytest.raises(HardwareUnsupported, match="torch cannot use this host's 8 GPU") as err:
+        search_space_for(stuck, "t2v-A14B", "random")
+    assert why in err.value.message and "CUDA build of torch" in err.value.hint
+    s = search_space_for(stuck, "t2v-A14B", "tiny")
+    assert s.tf32 == (False,) and s.quant == ("none",) and s.parallel == ("single",)
+    assert s.compile_mode == ("default",) and s.attention == ("native", "_native_flash", "_native_math", "flex")
+    assert any("the kernel checks ran on the CPU, and so will every trial" in n for n in s.notes)
