@@ -237,3 +237,44 @@ def test_numbers_the_child_could_not_measure_fail_their_check(tmp_path: Path) ->
     assert by["attention:native"].summary.startswith("fails: probe child reported an unreadable result")
     assert by["attention:flex"].summary.startswith("fails: probe child reported an unreadable result")
     assert by["attention:_native_math"].ok
+
+
+_FAKE_TORCHAO = '''
+import torch
+
+
+class Int8WeightOnlyConfig:
+    pass
+
+
+class AffineQuantizedTensor(torch.Tensor):
+    pass
+
+
+def quantize_(model, config, filter_fn=None):
+    import os
+    if os.environ.get("FAKE_TORCHAO_TAKES") != "1":  # a torchao that warns and leaves the weights alone
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight = torch.nn.Parameter(m.weight.detach().as_subclass(AffineQuantizedTensor), requires_grad=False)
+'''
+
+
+@pytest.mark.parametrize(("takes", "status"), [("0", "fails"), ("1", "ok")])
+def test_torchao_check_fails_when_quantize_leaves_the_weights_plain(tmp_path: Path, takes: str, status: str) -> None:
+    """Its tolerance passes an unquantized Linear: the check must see the weight become torchao's."""
+    pkg = tmp_path / "torchao" / "quantization"
+    pkg.mkdir(parents=True)
+    (tmp_path / "torchao" / "__init__.py").write_text("__version__ = '0.0.fake'\n")
+    (pkg / "__init__.py").write_text(_FAKE_TORCHAO)
+    env = with_source_on_path()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    env["FAKE_TORCHAO_TAKES"] = takes
+    res = run_command([sys.executable, "-m", "wan_runtime.kernel_check", "--cpu", "--only", "quant:int8wo"],
+                      timeout_s=120, env=env, cwd=str(ROOT))
+    assert res.ok, res.stderr[-2000:]
+    check = json.loads(res.stdout)["checks"]["quant:int8wo"]
+    assert check["status"] == status, check
+    if status == "fails":
+        assert "did not take: int8wo: the weight stayed a plain Parameter" in check["detail"]

@@ -39,7 +39,7 @@ def _check(ctx: KnobContext) -> None:
         raise Unsupported(f"{q}: {why}", "use te_delayed/te_current (sm89+) or torchao fp8")
 
 
-def _torchao_config(q: str) -> Any:
+def torchao_config(q: str) -> Any:
     from torchao import quantization as tq
 
     if q == "int8wo":
@@ -53,6 +53,18 @@ def _torchao_config(q: str) -> Any:
 
 #: Weight classes that mean "not quantized" (torchao leaves a linear alone when its shape does not suit).
 _PLAIN = {"Parameter", "Tensor"}
+
+
+def torchao_weight_problem(linear: torch.nn.Linear, q: str) -> str:
+    """Why ``linear`` does not compute as scheme ``q`` after ``quantize_`` ("" when it does): torchao
+    leaves a weight plain when its shape does not suit, and a Float8Tensor without activation quantization
+    multiplies by its dequantized weight, in bf16."""
+    kind = type(linear.weight).__name__
+    if kind in _PLAIN:
+        return f"{q}: the weight stayed a plain {kind}"
+    if q.startswith("fp8") and getattr(linear.weight, "act_quant_kwargs", True) is None:
+        return f"{q}: the weight ({kind}) has no activation quantization, so its matmul runs in bf16"
+    return ""
 
 
 def _apply(ctx: KnobContext) -> None:
@@ -69,7 +81,7 @@ def _apply(ctx: KnobContext) -> None:
             continue
         from torchao.quantization import quantize_
 
-        quantize_(t, _torchao_config(q), filter_fn=_block_linear)
+        quantize_(t, torchao_config(q), filter_fn=_block_linear)
         for name, m in t.named_modules():
             if name.startswith("blocks.") and isinstance(m, torch.nn.Linear):
                 kind = type(m.weight).__name__
@@ -78,10 +90,8 @@ def _apply(ctx: KnobContext) -> None:
                     continue
                 kinds.add(kind)
                 count += 1
-                if q.startswith("fp8") and getattr(m.weight, "act_quant_kwargs", True) is None:
-                    # A Float8Tensor without activation quantization multiplies by its dequantized weight.
-                    ctx.actual["quant_mismatch"] = (f"{q}: {name}'s weight has no activation quantization, "
-                                                    "so its matmul runs in bf16")
+                if why := torchao_weight_problem(m, q):
+                    ctx.actual["quant_mismatch"] = f"{name}: {why}"
     if not count:
         raise Unsupported(f"quantization {q} left every block linear unquantized", "check the torchao version")
     ctx.actual["quant"] = f"{q}: {count} linears as {', '.join(sorted(kinds))}"
