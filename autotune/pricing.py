@@ -61,6 +61,9 @@ def taylorseer_fraction(steps_per_expert: list[int], max_skip: int, retention: f
     return sum(sum(taylorseer_schedule(n, max_skip, retention)) for n in steps_per_expert) / total
 
 
-def predicted_denoise_s(step_s: float, steps: int, fraction: float, skip_cost: float = 0.02) -> float:
-    """Full-schedule denoise time when ``fraction`` of steps compute; a skipped step still costs ~2%."""
-    return step_s * steps * (fraction + (1.0 - fraction) * skip_cost)
+def predicted_denoise_s(step_s: float, steps: int, fraction: float, skipped_s: float = 0.0) -> float:
+    """Full-schedule denoise time when ``fraction`` of steps compute at ``step_s`` each and the rest are
+    skipped at ``skipped_s`` each, as measured; unmeasured, a skipped step is taken as 2% of a step (a
+    residual add where a 40-block A14B forward was; a small model's skips cost relatively more)."""
+    skip = skipped_s if skipped_s > 0 else 0.02 * step_s
+    return steps * (step_s * fraction + skip * (1.0 - fraction))

@@ -780,7 +780,8 @@ class Tuner:
             return rec
         # Price the schedule: a cache computes only part of the steps (MagCache: predicted from its ratios).
         fraction = self._priced_fraction(recipe)
-        rec = dataclasses.replace(rec, predicted_s=predicted_denoise_s(rec.step_median_s, recipe.steps, fraction))
+        rec = dataclasses.replace(rec, predicted_s=predicted_denoise_s(rec.step_median_s, recipe.steps, fraction,
+                                                                       rec.skipped_step_s))
         if rec.denoise_pred_s > self.baseline.denoise_pred_s * (1 + self.tol) * (1.0 if recipe.cache == "none" else 4.0):
             return rec  # hopeless even before quality: no proxy run spent on it
         kind = "full" if tier_of(recipe) == "lossy" else "short"
@@ -799,7 +800,7 @@ class Tuner:
             if recipe.cache == "magcache" and q.result.cache_ratios and not self.magcache_ratios:
                 self.magcache_ratios = q.result.cache_ratios
                 self._save_baseline()
-        pred = predicted_denoise_s(rec.step_median_s, recipe.steps, fraction)
+        pred = predicted_denoise_s(rec.step_median_s, recipe.steps, fraction, rec.skipped_step_s)
         rec = dataclasses.replace(rec, denoise_pred_s=pred, computed_fraction=fraction)
         return self._gate(rec, recipe, q.result)
 
@@ -815,7 +816,8 @@ class Tuner:
             out = self._launch(self._spec(recipe, "measure", cand.number, "a9", measure_steps=self.cfg.measure_steps))
             rec = self._record(cand.number, "confirm", cand.label, recipe, out)
             if rec.outcome == "ok":
-                pred = predicted_denoise_s(rec.step_median_s, recipe.steps, cand.computed_fraction)
+                pred = predicted_denoise_s(rec.step_median_s, recipe.steps, cand.computed_fraction,
+                                           rec.skipped_step_s or cand.skipped_step_s)
                 rec = dataclasses.replace(rec, predicted_s=pred, denoise_pred_s=pred,
                                           computed_fraction=cand.computed_fraction, psnr_min_db=cand.psnr_min_db,
                                           ssim_min=cand.ssim_min, latent_rel_err=cand.latent_rel_err,
@@ -861,7 +863,8 @@ class Tuner:
             per = 2 if recipe.guidance > 1 else 1
             frac = sum(r.step_forwards) / (per * len(r.step_forwards))
         return dataclasses.replace(
-            base, step_median_s=t.step_median_s, denoise_pred_s=t.denoise_pred_s, warmup_s=t.warmup_s,
+            base, step_median_s=t.step_median_s, skipped_step_s=t.skipped_step_s, denoise_pred_s=t.denoise_pred_s,
+            warmup_s=t.warmup_s,
             load_s=t.load_s, text_encode_s=t.text_encode_s, vae_decode_s=t.vae_decode_s,
             peak_mem_gb=r.peak_mem_bytes / 1e9, actual=dict(r.actual), computed_fraction=frac,
             notes=base.notes + list(r.notes),

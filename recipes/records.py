@@ -69,7 +69,9 @@ class TrialRecord:
     phase: str = ""
     """Where a failed run was when it ended (recipes.spec.PHASES)."""
     step_median_s: float = 0.0
-    """Steady-state seconds per denoise step at the target workload (warm-up excluded)."""
+    """Steady-state seconds per fully computed denoise step at the target workload (warm-up excluded)."""
+    skipped_step_s: float = 0.0
+    """Seconds per denoise step a cache skipped, as measured; 0 when the run skipped none."""
     denoise_pred_s: float = 0.0
     """Predicted full-schedule denoise seconds at the target workload."""
     predicted_s: float = 0.0

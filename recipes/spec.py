@@ -128,7 +128,10 @@ class Timings:
     warmup_s: float = 0.0
     """Sum of the warm-up steps (compile and autotune land here)."""
     step_median_s: float = 0.0
-    """Median of the steps after warm-up: the figure speed-ups are computed from."""
+    """Median of the steady steps that computed every pass (a cache's skipped steps left out): a full
+    step's cost, the figure speed-ups are computed from."""
+    skipped_step_s: float = 0.0
+    """Median of the steady steps a cache skipped entirely; 0 when none ran."""
     denoise_s: float = 0.0
     """Wall time of the denoise steps that ran."""
     denoise_pred_s: float = 0.0

@@ -67,6 +67,39 @@ def test_measure_mode_runs_few_steps_and_predicts_schedule(tmp_path: Path) -> No
     assert not res.latent_path  # measure mode keeps no outputs
 
 
+def test_a_caches_skipped_steps_are_not_a_full_steps_cost(tmp_path: Path) -> None:
+    """Measure mode with TaylorSeer (k=2: every other steady step skipped): the median a step costs is
+    taken over steps that computed, and the window runs on until it has as many of those as asked, so the
+    tuner's pricing of the skipping is not applied to a median the skipping already lowered."""
+    from recipes.cache_schedule import taylorseer_schedule
+
+    r = Recipe(task="ti2v-5B", steps=10, cache="taylorseer", magcache_k=2, cache_retention=0.2)
+    res = run_spec(TrialSpec(recipe=r, mode="measure", out_dir=str(tmp_path), warmup_steps=1, measure_steps=4))
+    assert res.outcome == "ok", res.error
+    computed = taylorseer_schedule(10, 2, 0.2)
+    assert res.step_forwards == [2 if c else 0 for c in computed[:res.steps_run]]
+    steady = list(zip(res.timings.step_s[1:], res.step_forwards[1:], strict=True))
+    full = sorted(t for t, n in steady if n == 2)
+    assert len(full) == 3 and any(n == 0 for _, n in steady)  # ran past 4 steps to get 3 computed ones
+    assert res.timings.step_median_s == full[1]
+    assert res.timings.denoise_pred_s == pytest.approx(full[1] * 10)
+    import statistics
+
+    assert res.timings.skipped_step_s == pytest.approx(statistics.median(t for t, n in steady if n == 0))
+
+
+def test_uncounted_cached_steps_are_told_apart_by_time() -> None:
+    """Under compile nothing counts forwards: a cache's skipped steps (a few percent of a step) are left out
+    of a full step's cost by their time; without a cache every steady step counts."""
+    from wan_runtime.run import _full_step_median, _steady_full
+
+    times = [9.0, 1.00, 0.03, 1.02, 0.02, 0.98]  # warm-up (compile), then computed and skipped steps
+    assert _steady_full(times, [], 1, cached=True) == [1.00, 1.02, 0.98]
+    assert _full_step_median(times, [], 1, cached=True) == 1.00
+    assert _full_step_median(times, [], 1, cached=False) == 0.98  # no cache: nothing is skipped
+    assert _full_step_median(times, [2, 2, 0, 1, 0, 2], 1, cached=True) == pytest.approx(0.99)  # counts win
+
+
 def test_observed_attention_kernel_is_recorded(tmp_path: Path) -> None:
     res = _run(tmp_path / "m", attention="_native_math")
     assert res.actual["attention_backend"] == "_native_math"

@@ -62,7 +62,11 @@ def _timed_method(obj: Any, name: str, sink: dict[str, float], key: str, clock: 
 
 
 class _ForwardCounter:
-    """Counts computed transformer forwards (the last block's self-attention ran) per denoise step."""
+    """Counts computed transformer forwards (the last block's self-attention ran) per denoise step.
+
+    Eager only: under torch.compile diffusers' block submodules' hooks do not run (measured: 0 calls
+    counted), and a Python counter inside compiled code is guarded on its value and recompiles every call.
+    """
 
     def __init__(self, transformers: list[Any]) -> None:
         self.count = 0
@@ -272,7 +276,9 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         last["latents"] = lat
         if progress is not None:
             progress(i + 1, steps_to_run)
-        if i + 1 >= steps_to_run:
+        if i + 1 >= steps_to_run and (i + 1 >= recipe.steps or  # a cache's skipped steps do not count
+                                      _full_steps(step_s, forwards, spec.warmup_steps, recipe.cache != "none")
+                                      >= steps_to_run - spec.warmup_steps):
             p._interrupt = True
         return {"latents": lat}
 
@@ -294,12 +300,12 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     frames = to_uint8(np.nan_to_num(frames_f))
 
     warm = spec.warmup_steps if len(step_s) > spec.warmup_steps else 0
-    steady = step_s[warm:] or step_s
-    median = statistics.median(steady) if steady else 0.0
+    median = _full_step_median(step_s, forwards, warm, recipe.cache != "none")
     timings = Timings(
         load_s=load_s, apply_s=apply_s, text_encode_s=sink.get("text_encode_s", 0.0), step_s=step_s,
         warmup_s=sum(step_s[:warm]), step_median_s=median, denoise_s=sum(step_s),
-        denoise_pred_s=_predict(step_s, forwards, warm, recipe.steps, ctx),
+        skipped_step_s=_skipped_step_median(step_s, forwards, warm, recipe.cache != "none"),
+        denoise_pred_s=_predict(step_s, median, warm, recipe.steps),
         vae_decode_s=sink.get("vae_decode_s", 0.0), total_s=0.0,
     )
     res = RunResult(
@@ -337,19 +343,58 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     return dataclasses.replace(res, timings=timings)
 
 
-def _predict(step_s: list[float], forwards: list[int], warm: int, total: int, ctx: KnobContext) -> float:
-    """Full-schedule denoise time from the steps that ran (warm-up steps replaced by the steady median).
+def _steady_full(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> list[float]:
+    """The steady steps that computed every pass they could. A cache's skipped steps cost next to nothing:
+    among the timed steps they would pull the median down, and the tuner, which prices the skipping from
+    the schedule, would count it twice (a 1.9x MagCache recipe claimed 93x).
 
-    When every step ran, that is the measured steady time. When only a few ran (measure mode), the median
-    is scaled to the schedule; a cache's skipping is priced by the tuner from its predicted schedule.
+    Uncounted (compiled) cached steps are told apart by time: a skipped step costs a few percent of a
+    computed one (no block, or the first block only), computed ones are alike, so half the slowest steady
+    step separates them.
     """
-    steady = step_s[warm:] or step_s
-    if not steady:
+    steady = step_s[warm:]
+    if forwards and len(forwards) == len(step_s):
+        most = max(forwards)  # the first steps compute every pass (caches start full)
+        return [t for t, n in zip(steady, forwards[warm:], strict=True) if n == most and most > 0]
+    if cached and steady:
+        return [t for t in steady if t >= 0.5 * max(steady)]
+    return steady
+
+
+def _skipped_step_median(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> float:
+    """A skipped step's cost: the median of the steady steps that computed nothing (0.0 when none ran)."""
+    steady = step_s[warm:]
+    if forwards and len(forwards) == len(step_s):
+        skipped = [t for t, n in zip(steady, forwards[warm:], strict=True) if n == 0]
+    elif cached and steady:
+        skipped = [t for t in steady if t < 0.5 * max(steady)]
+    else:
+        skipped = []
+    return statistics.median(skipped) if skipped else 0.0
+
+
+def _full_steps(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> int:
+    return len(_steady_full(step_s, forwards, warm, cached)) if len(step_s) > warm else 0
+
+
+def _full_step_median(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> float:
+    """A whole step's cost: the median of the steady full steps (every step when nothing is counted)."""
+    full = _steady_full(step_s, forwards, warm, cached) or step_s[warm:] or step_s
+    return statistics.median(full) if full else 0.0
+
+
+def _predict(step_s: list[float], median: float, warm: int, total: int) -> float:
+    """Full-schedule denoise time from the steps that ran (warm-up steps replaced by a full step's cost).
+
+    When every step ran, that is the measured steady time: skipped steps at their real cost. When only a
+    few ran (measure mode), a full step's cost is scaled to the schedule; a cache's skipping is priced by
+    the tuner from its schedule.
+    """
+    if not step_s:
         return 0.0
-    med = statistics.median(steady)
     if len(step_s) >= total:
-        return sum(steady) + med * warm
-    return med * total
+        return sum(step_s[warm:]) + median * warm
+    return median * total
 
 
 def _rss_bytes() -> int:
