@@ -13,7 +13,7 @@ import statistics
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -885,28 +885,14 @@ class Tuner:
                    if RECORD_KEY in t.user_attrs]
         if self.baseline is None:
             raise NothingFeasible("no baseline was measured in this study", "run wanctl tune again with more trials")
-        cands = ranked(records)
-        seen: set[str] = set()
-        best = confirm = None
-        for cand in cands[:3]:
-            h = _hash(cand.recipe)
-            if h in seen:
-                continue
-            seen.add(h)
-            stored = study.user_attrs.get(confirm_key(cand.number))
-            if stored:  # confirmed by an earlier run of this study (--resume): not measured twice
-                rec = TrialRecord.from_attr(stored)
-            else:
-                self.reporter.message(f"confirming trial {cand.number} ({cand.label})")
-                rec = self._confirm(cand)
-                study.set_user_attr(confirm_key(cand.number), rec.to_attr())
-            if confirmed(rec):
-                best, confirm = cand, rec
-                break
-            note = (f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
-                    f"{rec.speedup:.2f}x): not emitted")
-            if note not in self.notes:
-                self.notes.append(note)
+        def confirm_now(cand: TrialRecord) -> TrialRecord:
+            self.reporter.message(f"confirming trial {cand.number} ({cand.label})")
+            rec = self._confirm(cand)
+            study.set_user_attr(confirm_key(cand.number), rec.to_attr())
+            return rec
+
+        best, confirm, failed = choose_confirmed(records, stored_confirmations(study.user_attrs), confirm_now)
+        self.notes += [n for n in failed if n not in self.notes]
         self._flush_attrs()
         attrs = study.user_attrs  # every worker's, as `wanctl report` shows them
         self._adopt_exclusions(attrs)
@@ -949,6 +935,48 @@ def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Candidates for the recipe, fastest first: ran, passed the gate and beat the baseline."""
     return sorted((r for r in records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"
                    and r.speedup > 1.0), key=lambda r: r.denoise_pred_s)
+
+
+CONFIRM_TRIES = 3
+"""Distinct candidates a tune confirms, fastest first, before it settles for what was confirmed earlier."""
+
+
+def stored_confirmations(attrs: dict[str, Any]) -> dict[int, TrialRecord]:
+    """Confirmation runs the study holds, by the number of the trial they confirmed."""
+    return {int(k.removeprefix(CONFIRM_PREFIX)): TrialRecord.from_attr(v) for k, v in attrs.items()
+            if k.startswith(CONFIRM_PREFIX) and k.removeprefix(CONFIRM_PREFIX).isdigit()}
+
+
+def choose_confirmed(records: list[TrialRecord], stored: dict[int, TrialRecord],
+                     confirm: Callable[[TrialRecord], TrialRecord] | None,
+                     ) -> tuple[TrialRecord | None, TrialRecord | None, list[str]]:
+    """The recipe to emit and its confirmation run, the same for ``wanctl tune`` and ``wanctl report``.
+
+    The fastest distinct candidates (a recipe sampled twice is one candidate) are confirmed in turn, up
+    to CONFIRM_TRIES, reusing a stored confirmation (``--resume``) and running ``confirm`` for the rest
+    (None: stored ones only, as ``report`` reads a study). When none of those confirms, a slower candidate
+    confirmed by an earlier run is still better than the baseline. Returns (best, its confirmation, notes
+    on the candidates that failed their confirmation).
+    """
+    distinct: list[TrialRecord] = []
+    seen: set[str] = set()
+    for cand in ranked(records):
+        if (h := _hash(cand.recipe)) not in seen:
+            seen.add(h)
+            distinct.append(cand)
+    notes: list[str] = []
+    for cand in distinct[:CONFIRM_TRIES]:
+        rec = stored.get(cand.number) or (confirm(cand) if confirm is not None else None)
+        if rec is None:
+            continue
+        if confirmed(rec):
+            return cand, rec, notes
+        notes.append(f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
+                     f"{rec.speedup:.2f}x): not emitted")
+    for cand in distinct[CONFIRM_TRIES:]:  # fastest first: the first confirmed earlier is the best left
+        if (rec := stored.get(cand.number)) is not None and confirmed(rec):
+            return cand, rec, notes
+    return None, None, notes
 
 
 def confirm_key(number: int) -> str:
@@ -1023,15 +1051,7 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
         raise NothingFeasible(f"study {name!r} has no measured baseline yet", "run wanctl tune --resume")
     records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.get_trials(deepcopy=False)
                if RECORD_KEY in t.user_attrs]
-    best = confirm = None
-    by_number = {r.number: r for r in records}
-    for key, value in sorted(attrs.items()):
-        if key.startswith(CONFIRM_PREFIX):
-            rec = TrialRecord.from_attr(value)
-            if confirmed(rec):
-                cand = by_number.get(int(key.removeprefix(CONFIRM_PREFIX)))
-                if cand and (best is None or cand.denoise_pred_s < best.denoise_pred_s):
-                    best, confirm = cand, rec
+    best, confirm, _ = choose_confirmed(records, stored_confirmations(attrs), None)
     ex = merged_screened(attrs)
     r0 = cfg.base_recipe().resolved()
     space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,

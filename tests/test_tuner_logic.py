@@ -870,3 +870,49 @@ def test_the_stack_a_memory_fallback_ran_is_not_measured_again(h100: ProbeResult
     ran = len(t.specs)
     again = t._evaluate_trial(61, "sampled", first.recipe_obj())  # the fallback's stack, sampled directly
     assert len(t.specs) == ran and "not run again" in again.reason
+
+
+def _cand(number: int, pred: float, **knobs: object) -> TrialRecord:
+    return TrialRecord(number=number, role="sampled", label=str(knobs), recipe=Recipe(**knobs).to_dict(),  # type: ignore[arg-type]
+                       outcome="ok", gate_passed=True, speedup=10.0 / pred, denoise_pred_s=pred)
+
+
+def _conf(ok: bool) -> TrialRecord:
+    return TrialRecord(role="confirm", outcome="ok" if ok else "crash", reason="" if ok else "boom",
+                       gate_passed=True, speedup=1.3 if ok else 0.0)
+
+
+def test_tune_and_report_choose_the_same_confirmed_recipe() -> None:
+    """Trial 4 was confirmed by an earlier run; this run's three faster candidates fail their confirmation.
+    The tune emitted the baseline while `wanctl report` showed trial 4: both must show trial 4."""
+    from autotune.tuner import choose_confirmed
+
+    records = [_cand(4, 8.0, attention="_native_cudnn"), _cand(5, 6.0, attention="flex"),
+               _cand(6, 6.5, attention="_native_flash"), _cand(7, 7.0, attention="_native_efficient")]
+    stored = {4: _conf(True)}
+    ran: list[int] = []
+
+    def confirm(c: TrialRecord) -> TrialRecord:
+        ran.append(c.number)
+        return _conf(False)
+
+    best, conf, notes = choose_confirmed(records, stored, confirm)
+    assert ran == [5, 6, 7] and best is not None and best.number == 4 and conf is stored[4]
+    assert len(notes) == 3 and notes[0].startswith("trial 5 failed its confirmation run (crash: boom")
+    stored.update({5: _conf(False), 6: _conf(False), 7: _conf(False)})  # what the tune stored
+    report_best, _, _ = choose_confirmed(records, stored, None)
+    assert report_best is not None and report_best.number == 4
+
+
+def test_a_recipe_sampled_three_times_is_one_candidate_to_confirm() -> None:
+    from autotune.tuner import choose_confirmed
+
+    records = [_cand(n, 5.0 + n / 100, attention="flex") for n in (1, 2, 3)] + [_cand(9, 7.0, attention="_native_cudnn")]
+    ran: list[int] = []
+
+    def confirm(c: TrialRecord) -> TrialRecord:
+        ran.append(c.number)
+        return _conf(c.number == 9)
+
+    best, _, _ = choose_confirmed(records, {}, confirm)
+    assert ran == [1, 9] and best is not None and best.number == 9
