@@ -25,7 +25,7 @@ from probes.families import sm_number
 from probes.result import ProbeResult
 from recipes.errors import BadInput, HardwareUnsupported
 from recipes.memory import attention_scores_gib, host_weights_gib, peak_gib, usable_gib
-from recipes.models import model_spec
+from recipes.models import TINY_NUM_HEADS, model_spec
 from recipes.plain import from_plain, load_json_object
 from recipes.recipe import (
     ATTENTION_BACKENDS,
@@ -204,7 +204,10 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     LoRA is on disk. ``size``/``frames``: the workload, for the memory estimate (default: the task's).
     Raises BadInput for an impossible request and HardwareUnsupported when the machine cannot run it.
     """
-    heads = model_spec(task).num_heads  # BadInput naming the tasks when unknown
+    spec = model_spec(task)  # BadInput naming the tasks when unknown
+    heads = TINY_NUM_HEADS if model == "tiny" else spec.num_heads
+    r0 = Recipe(task=task, model=model, size=size, frames=frames).resolved()
+    tokens = spec.tokens(r0.size, r0.frames)
     excluded: dict[str, str] = {}
     notes: list[str] = []
     fam = probe.family
@@ -233,10 +236,12 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
             raise HardwareUnsupported(f"asked for {gpus} GPUs; this machine has {have} ({probe.describe()})",
                                       f"pass --gpus {have} or fewer")
         n = gpus or have
-    ulysses = tuple(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0)
+    ulysses = tuple(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0 and tokens % d == 0)
     for d in range(2, n + 1):
         if n % d == 0 and heads % d:
             excluded[f"ulysses={d}"] = f"{task} has {heads} attention heads, not divisible by {d}"
+        elif n % d == 0 and tokens % d:
+            excluded[f"ulysses={d}"] = f"the {tokens}-token sequence of {r0.size} x {r0.frames} frames is not divisible by {d}"
     multi = n >= 2
     why_single = "needs 2 or more GPUs" + ("" if on_gpu else f"; {no_gpu}") + (
         f"; this run uses {n}" if on_gpu else "")

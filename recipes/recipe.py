@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.errors import RecipeError
-from recipes.models import MODELS, model_spec, parse_size
+from recipes.models import MODELS, TINY_NUM_HEADS, model_spec, parse_size
 
 ATTENTION_BACKENDS = (
     "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
@@ -322,9 +322,18 @@ def validate(recipe: Recipe) -> Recipe:
     # parallelism
     if r.gpus < 1 or r.gpus > 64:
         raise RecipeError("gpus", r.gpus, "1..64")
-    if r.ulysses < 1 or spec.num_heads % r.ulysses:
-        divs = [d for d in range(1, spec.num_heads + 1) if spec.num_heads % d == 0 and d <= 64]
-        raise RecipeError("ulysses", r.ulysses, f"a divisor of the {spec.num_heads} attention heads: {divs}")
+    heads = TINY_NUM_HEADS if r.model == "tiny" else spec.num_heads
+    if r.ulysses < 1 or heads % r.ulysses:
+        divs = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 64]
+        raise RecipeError("ulysses", r.ulysses, f"a divisor of the {heads} attention heads: {divs}")
+    if r.ulysses > 1:  # each rank attends over its share of the tokens: found here, not after a model load
+        rr = r.resolved()
+        tokens = spec.tokens(rr.size, rr.frames)
+        if tokens % r.ulysses:
+            divs = [d for d in range(2, heads + 1) if heads % d == 0 and tokens % d == 0]
+            raise RecipeError("ulysses", r.ulysses, f"a divisor of the {tokens}-token sequence of {rr.size} x "
+                              f"{rr.frames} frames", hint=f"use ulysses {' or '.join(map(str, divs))} here, or "
+                              "another size or frame count" if divs else "use another size or frame count")
     if r.cfg_parallel and r.gpus < 2:
         raise RecipeError("cfg_parallel", r.cfg_parallel, "False on one GPU (needs two GPU groups)")
     if r.fsdp and r.gpus < 2:
@@ -365,8 +374,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("cache", r.cache, "none with Lightning (4 steps leave nothing to skip)")
     if r.lightning and r.steps and r.steps != r.lightning:
         raise RecipeError("steps", r.steps, f"{r.lightning} (the Lightning LoRA's distilled step count) or 0")
-    if r.cfg_parallel and (r.guidance == 1.0 or r.lightning):
-        raise RecipeError("cfg_parallel", r.cfg_parallel, "False when CFG is off (guidance 1 or Lightning)")
+    if r.cfg_parallel and (r.resolved().guidance <= 1.0 or r.lightning):
+        # diffusers runs CFG only for guidance > 1: with one pass per step, a CFG group would wait for the other
+        raise RecipeError("cfg_parallel", r.cfg_parallel, "False when CFG is off (guidance <= 1 or Lightning)",
+                          hint="drop cfg_parallel, or use a guidance above 1")
     return r
 
 

@@ -19,7 +19,7 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
 @pytest.mark.parametrize("changes, field, fragment", [
     ({"frames": 80}, "frames", "4n+1"),
     ({"model": "random", "size": "1000*1000"}, "size", "1280*720"),
-    ({"ulysses": 3, "gpus": 3}, "ulysses", "divisor of the 40"),
+    ({"model": "random", "ulysses": 3, "gpus": 3}, "ulysses", "divisor of the 40"),
     ({"ulysses": 4, "gpus": 2}, "gpus", "ulysses x cfg-parallel = 4"),
     ({"ulysses": 2, "gpus": 4}, "gpus", "ulysses x cfg-parallel = 2"),
     ({"ulysses": 2, "gpus": 2, "attention": "flex"}, "attention", "context parallelism"),
@@ -150,3 +150,28 @@ def test_every_saved_document_checks_its_schema_version_the_same_way(version: st
         with pytest.raises(SchemaError, match=fragment):
             load()
             pytest.fail(f"{name} accepted schema_version {version}")
+
+
+def test_ulysses_must_divide_the_token_count_and_the_tiny_models_heads() -> None:
+    """Found at validation, not by a runtime error after torchrun and a model load (exit 3)."""
+    from recipes.recipe import validate
+
+    with pytest.raises(RecipeError, match="a divisor of the 59136-token sequence of 1024\\*704 x 81 frames"):
+        validate(Recipe(task="t2v-A14B", model="random", size="1024*704", frames=81, gpus=5, ulysses=5))
+    validate(Recipe(task="t2v-A14B", model="random", size="1280*720", frames=81, gpus=8, ulysses=8))  # 75,600 tokens
+    with pytest.raises(RecipeError, match="a divisor of the 4 attention heads"):
+        validate(Recipe(model="tiny", gpus=8, ulysses=8))  # A14B's 40 heads would take 8; tiny has 4
+    with pytest.raises(RecipeError, match="45-token sequence") as err:
+        validate(Recipe(model="tiny", size="80*48", gpus=2, ulysses=2))
+    assert "another size or frame count" in err.value.hint
+
+
+def test_cfg_parallel_needs_guidance_above_one() -> None:
+    """diffusers skips CFG for any guidance <= 1: a CFG group would read a pass nobody computed (NaN)."""
+    from recipes.recipe import validate
+
+    for g in (0.5, 1.0):
+        with pytest.raises(RecipeError, match="guidance <= 1") as err:
+            validate(Recipe(model="tiny", gpus=2, cfg_parallel=True, guidance=g))
+        assert "drop cfg_parallel" in err.value.hint
+    validate(Recipe(model="tiny", gpus=2, cfg_parallel=True))  # the task's default guidance (> 1)

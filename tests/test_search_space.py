@@ -186,7 +186,10 @@ def test_gpu_count_requests(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_8x", gpus=3)
     assert s.ulysses == (1,)
     assert s.excluded["ulysses=3"] == "t2v-A14B has 40 attention heads, not divisible by 3"
-    assert space(probes, "h100_sxm_8x", task="ti2v-5B", gpus=3).ulysses == (1, 3)  # 24 heads
+    five = space(probes, "h100_sxm_8x", task="ti2v-5B", gpus=3)  # 24 heads, but 27,280 tokens at 121 frames
+    assert five.ulysses == (1,) and five.excluded["ulysses=3"] == (
+        "the 27280-token sequence of 1280*704 x 121 frames is not divisible by 3")
+    assert space(probes, "h100_sxm_8x", task="ti2v-5B", gpus=3, frames=117).ulysses == (1, 3)  # 26,400 tokens
     with pytest.raises(HardwareUnsupported, match="asked for 16 GPUs; this machine has 8"):
         space(probes, "h100_sxm_8x", gpus=16)
     with pytest.raises(BadInput, match="gpus=0"):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from recipes.models import TEXT_TOKENS, ModelSpec
+from recipes.models import TEXT_TOKENS, TINY_NUM_HEADS, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Width:
     vae_res_blocks: int
 
 
-TINY = Width(heads=4, head_dim=16, ffn=128, layers=3, text_dim=32, t5_layers=2, t5_heads=4, t5_ff=64, t5_kv=8,
+TINY = Width(heads=TINY_NUM_HEADS, head_dim=16, ffn=128, layers=3, text_dim=32, t5_layers=2, t5_heads=4, t5_ff=64, t5_kv=8,
              vae_base=8, vae_mult=(1, 1, 1, 1), vae_res_blocks=1)
 
 
