@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from recipes.models import model_spec
 from recipes.overrides import to_overrides
 from recipes.recipe import CONTENT_FIELDS, Recipe
 
@@ -30,7 +31,7 @@ if [ -z "${{MODEL_REVISION+x}}" ]; then MODEL_REVISION={model_revision}; fi
 if [ -z "${{LIGHTNING_LORA+x}}" ]; then LIGHTNING_LORA={lightning_lora}; fi
 if [ -z "${{PROMPT+x}}" ]; then PROMPT={prompt}; fi
 if [ -z "${{NEGATIVE_PROMPT+x}}" ]; then NEGATIVE_PROMPT={negative_prompt}; fi
-if [ -z "${{IMAGE+x}}" ]; then IMAGE={image}; fi
+{image_line}
 if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
 PYTHON="${{PYTHON:-python3}}"
@@ -41,9 +42,17 @@ cleanup() {{
   if [ "$rc" -ne 0 ]; then echo "launch.sh: run failed or interrupted (exit $rc)" >&2; fi
 }}
 trap cleanup EXIT
-# Ctrl-C: stop every rank, then leave with 130. TERM is ignored here first, so that signalling our own
-# process group does not end this script before it can say so.
-trap 'trap "" INT TERM; kill -TERM -- -$$ 2>/dev/null || true; exit 130' INT TERM
+# Ctrl-C or a supervisor's TERM: the run (torchrun passes it to every rank) stops cleanly on TERM, and the
+# script waits for it, so no rank is left holding GPU memory; then it leaves with 130 (INT) or 143 (TERM).
+# The run is started in the background and waited for because bash runs a trap only once a foreground
+# command has finished: a kill would otherwise wait for the whole video.
+stop_run() {{
+  trap "" INT TERM
+  if [ -n "${{child:-}}" ]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
+  exit "$1"
+}}
+trap 'stop_run 130' INT
+trap 'stop_run 143' TERM
 
 args=(
 {args}
@@ -62,10 +71,14 @@ args+=("$@")
 # GPU numbers as nvidia-smi and the tuner's probe count them (CUDA's own default puts the fastest first)
 export CUDA_DEVICE_ORDER="${{CUDA_DEVICE_ORDER:-PCI_BUS_ID}}"
 if [ "$NPROC" -gt 1 ] || [ "${{NNODES:-1}}" -gt 1 ]; then
-  "$PYTHON" -m torch.distributed.run {torchrun_flags} --nproc_per_node="$NPROC" -m wan_runtime generate "${{args[@]}}"
+  "$PYTHON" -m torch.distributed.run {torchrun_flags} --nproc_per_node="$NPROC" -m wan_runtime generate "${{args[@]}}" &
 else
-  "$PYTHON" -m wan_runtime generate "${{args[@]}}"
+  "$PYTHON" -m wan_runtime generate "${{args[@]}}" &
 fi
+child=$!
+rc=0
+wait "$child" || rc=$?
+exit "$rc"
 """
 
 MULTINODE = """\
@@ -102,6 +115,11 @@ class LaunchOptions:
     out: str = "video.mp4"
 
 
+def _takes_image(recipe: Recipe) -> bool:
+    spec = model_spec(recipe.task)
+    return spec.needs_image or spec.image_optional
+
+
 def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> str:
     """The bash script that reproduces ``recipe``. Every value passes through ``shlex.quote``."""
     o = opts or LaunchOptions()
@@ -123,7 +141,8 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
         lightning_lora=q(recipe.lightning_lora),
         prompt=q(recipe.prompt),
         negative_prompt=q(recipe.negative_prompt),
-        image=q(recipe.image),
+        image_line=(f'if [ -z "${{IMAGE+x}}" ]; then IMAGE={q(recipe.image)}; fi' if _takes_image(recipe) else
+                    f"IMAGE=''  # {recipe.task} takes no image: an IMAGE set in the environment (CI, containers) is not read"),
         seed=q(str(recipe.seed)),
         out=q(o.out),
         args=args,

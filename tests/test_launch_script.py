@@ -160,3 +160,46 @@ def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path
     assert p.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]
+
+
+def test_a_supervisors_term_stops_the_run_at_once_with_143(tmp_path: Path) -> None:
+    """TERM to launch.sh alone (a supervisor, `kill PID`; not the process group as Ctrl-C in a terminal)
+    must stop the runtime mid-run: bash ran its trap only after the foreground run ended, holding the GPU
+    for the whole video."""
+    import signal
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=400)))
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4"}
+    p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        for line in p.stdout:  # type: ignore[union-attr]
+            if line.startswith("WANCTL_PROGRESS"):
+                break
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)  # the script only
+        _, err = p.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 143, err[-2000:]
+    assert took < 30, took  # 400 steps would take minutes
+    assert "interrupted" in err and "Traceback" not in err
+    leftover = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert leftover == []  # the runtime is gone with the script
+    assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]
+
+
+def test_an_image_in_the_environment_reaches_only_tasks_that_take_one(tmp_path: Path) -> None:
+    """IMAGE is often exported by CI and containers (a Docker image name): a t2v run failed on it."""
+    env = {"IMAGE": "nvcr.io/nvidia/pytorch:25.01-py3"}
+    argv = _run(render_launch_script(Recipe(task="t2v-A14B")), tmp_path, env)
+    assert apply_overrides(Recipe(), _sets(argv)).image == ""
+    argv = _run(render_launch_script(Recipe(task="i2v-A14B", image="/in.png")), tmp_path, {"IMAGE": "/other.png"})
+    assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == "/other.png"

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -67,7 +68,6 @@ def _die_with_launcher() -> None:
     if "LOCAL_RANK" not in os.environ or sys.platform != "linux":
         return
     import ctypes
-    import signal
 
     # The launcher as this rank first sees it; "parent is PID 1" would also be true of a live torchrun that
     # is PID 1 itself (a container's entry point) and kill every rank. A launcher that died before this
@@ -76,6 +76,10 @@ def _die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != launcher:  # the launcher was gone before the call took effect
         os._exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
+    if args.cmd == "generate":  # a supervisor's or launch.sh's TERM ends a video like Ctrl-C: cleanly
+        signal.signal(signal.SIGTERM, _interrupt)
     if spec.fault == "no_result":
         return 0
     if spec.fault == "bad_result":
