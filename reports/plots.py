@@ -7,12 +7,22 @@ from pathlib import Path
 from recipes.records import TrialRecord
 
 
+def _judged(r: TrialRecord) -> bool:
+    """A trial with a speed and a quality figure: one stopped as slower than the baseline before its quality
+    run has no PSNR (0 would plot it as ruined)."""
+    return r.speedup > 0 and bool(r.gate_tier) and r.role != "baseline"
+
+
 def pareto_points(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Trials with a speed and a quality figure, on the frontier (no other is both faster and closer)."""
-    pts = [r for r in records if r.speedup > 0 and r.gate_tier and r.role != "baseline"]
+    """Judged trials on the frontier: no other trial, nor the baseline itself (1.0x, its own output), is both
+    at least as fast and at least as close, and strictly better in one."""
+    pts = [r for r in records if _judged(r)]
+    baseline = (1.0, float("inf"))
     front = []
     for r in pts:
-        if not any(o.speedup > r.speedup and o.psnr_min_db >= r.psnr_min_db for o in pts if o is not r):
+        others = [(o.speedup, o.psnr_min_db) for o in pts if o is not r] + [baseline]
+        if not any(sp >= r.speedup and q >= r.psnr_min_db and (sp > r.speedup or q > r.psnr_min_db)
+                   for sp, q in others):
             front.append(r)
     return sorted(front, key=lambda r: r.speedup)
 
@@ -27,8 +37,9 @@ def pareto_png(records: list[TrialRecord], path: Path, title: str) -> Path:
     ax = fig.subplots()
     colors = {"ok": "tab:green", "quality_fail": "tab:red", "slower_than_baseline": "tab:orange"}
     for outcome, color in colors.items():
-        xs = [r.speedup for r in records if r.outcome == outcome and r.speedup > 0 and r.role != "baseline"]
-        ys = [min(r.psnr_min_db, 60.0) for r in records if r.outcome == outcome and r.speedup > 0 and r.role != "baseline"]
+        shown = [r for r in records if r.outcome == outcome and _judged(r)]
+        xs = [r.speedup for r in shown]
+        ys = [min(r.psnr_min_db, 60.0) for r in shown]
         if xs:
             ax.scatter(xs, ys, c=color, label=outcome, s=28, alpha=0.8)
     front = pareto_points([r for r in records if r.outcome == "ok"])
