@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.errors import BadInput
+from recipes.errors import BadInput, RecipeError, WanctlError
 from recipes.manifest import MANIFEST_NAME, checkpoint_revision
-from recipes.models import lightning_dirname
+from recipes.models import lightning_dirname, model_spec, parse_size
 from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, SYNTHETIC, Recipe, validate
 from recipes.spec import FAULTS
 
@@ -89,6 +89,32 @@ class TuneConfig:
             raise BadInput(f"objective {self.objective!r} is unknown", "latency or pareto")
         parse_quality(self.quality)
         self.injections()
+        self._check_proxy()
+
+    def _check_proxy(self) -> None:
+        """--proxy-size/--proxy-frames are used only once the baseline has been measured: a value no recipe
+        takes ('832x480' spelt with an x, 16 frames) must fail here, not after the baseline's GPU time."""
+        if self.single_run:
+            return
+        try:
+            base = self.base_recipe()
+        except WanctlError:
+            return  # the base recipe's own error is raised where it is built, naming its flag
+        try:
+            validate(self.proxy_recipe(base, short=False))
+        except RecipeError as exc:
+            if exc.field not in ("size", "frames"):
+                raise
+            flag = "--proxy-size" if exc.field == "size" else "--proxy-frames"
+            raise BadInput(f"{flag}: {exc.message}", f"pass another {flag} (the quality runs' "
+                           f"{'size, WIDTH*HEIGHT' if exc.field == 'size' else 'frame count'})") from None
+
+    def proxy_recipe(self, recipe: Recipe, short: bool) -> Recipe:
+        """``recipe`` at the quality runs' workload: --proxy-size (default: the task's smallest size) and
+        --proxy-frames; ``short``: the lossless check's few steps (--lossless-steps)."""
+        spec = model_spec(recipe.task)
+        size = self.proxy_size or min(spec.sizes, key=lambda s: parse_size(s)[0] * parse_size(s)[1])
+        return recipe.replace(size=size, frames=self.proxy_frames, steps=self.lossless_steps if short else recipe.steps)
 
     def storage_url(self) -> str:
         """Where the study lives: --storage, else the journal file in the output folder."""

@@ -44,7 +44,6 @@ from autotune.study import (
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
-from recipes.models import model_spec, parse_size
 from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
@@ -636,10 +635,7 @@ class Tuner:
         return out
 
     def _proxy(self, recipe: Recipe, short: bool) -> Recipe:
-        spec = model_spec(recipe.task)
-        size = self.cfg.proxy_size or min(spec.sizes, key=lambda s: parse_size(s)[0] * parse_size(s)[1])
-        return recipe.replace(size=size, frames=self.cfg.proxy_frames,
-                              steps=self.cfg.lossless_steps if short else recipe.steps)
+        return self.cfg.proxy_recipe(recipe, short)
 
     def _run_baseline(self, number: int, recipe: Recipe) -> TrialRecord:
         """Trial 0: speed and the reference output every other trial is compared with.

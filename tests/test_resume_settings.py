@@ -145,3 +145,17 @@ def test_concurrent_claims_of_one_folder_leave_exactly_one_study(tmp_path: Path)
     for t in threads:
         t.join()
     assert len(won) == 1 and (tmp_path / ".wanctl-study").read_text().strip() == won[0]
+
+
+def test_a_proxy_no_recipe_takes_is_refused_before_the_baseline() -> None:
+    """The proxy is first used after the baseline and a first trial: '832x480' (an x) and 16 frames were
+    accepted, then failed the study as 'the baseline's short reference run failed'."""
+    from autotune.config import TuneConfig
+
+    with pytest.raises(BadInput, match="--proxy-size: recipe field 'size' = '832x480'"):
+        TuneConfig(model="random", task="t2v-A14B", proxy_size="832x480")
+    with pytest.raises(BadInput, match="--proxy-frames: .* 4n\\+1") as err:
+        TuneConfig(model="random", task="t2v-A14B", proxy_frames=16)
+    assert "--proxy-frames" in err.value.hint
+    TuneConfig(model="random", task="t2v-A14B", proxy_size="832*480", proxy_frames=17)
+    TuneConfig(model="tiny", proxy_size="832x480")  # tiny measures speed and quality in one full run: unused
