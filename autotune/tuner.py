@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import optuna
@@ -47,6 +48,7 @@ from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
 from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
+    CHOICES_KEY,
     CONFIG_KEY,
     NOTES_KEY,
     PROBE_KEY,
@@ -136,6 +138,8 @@ class Tuner:
         r0 = cfg.base_recipe().resolved()
         self.space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
                                 lightning_available=bool(cfg.lightning_source()))
+        self.choices: dict[str, tuple[Any, ...]] = sampled_choices(self.space)
+        """What trials are sampled from: this space's, or the study's when it was created elsewhere."""
         self.on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.tol = cfg.slower_tolerance or (0.03 if self.on_gpu else 0.10)
         self.exclusions = Exclusions()
@@ -213,9 +217,11 @@ class Tuner:
         if created or adopt:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
+            study.set_user_attr(CHOICES_KEY, {k: list(v) for k, v in self.choices.items()})
             self._enqueue_plan(study)
             study.set_user_attr(PLAN_KEY, True)
         else:
+            self._adopt_choices(study.user_attrs)
             requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
@@ -226,6 +232,28 @@ class Tuner:
         self._flush_attrs()
         self._loop(study)
         return self._finish(study, name, storage_url)
+
+    def _adopt_choices(self, attrs: dict[str, Any]) -> None:
+        """Sample from the study's choices, not this worker's: a value this machine cannot run is then an
+        'unsupported' trial (why_not), where a changed list made Optuna refuse the parameter and end the tune."""
+        stored = attrs.get(CHOICES_KEY)
+        if stored is None and PROBE_KEY in attrs:  # a study from before choices were stored: its creator's space
+            try:
+                r0 = self.cfg.base_recipe().resolved()
+                stored = sampled_choices(search_space_for(
+                    ProbeResult.from_json(attrs[PROBE_KEY]), self.cfg.task, self.cfg.model, self.cfg.gpus,
+                    size=r0.size, frames=r0.frames, lightning_available=bool(self.cfg.lightning_source())))
+            except WanctlError:
+                return
+        if not stored:
+            return
+        theirs = {k: tuple(v) for k, v in stored.items()}
+        differ = [f"{k}: study {list(theirs[k])}, here {list(v)}" for k, v in self.choices.items()
+                  if k in theirs and tuple(theirs[k]) != v]
+        self.choices = {**self.choices, **theirs}
+        if differ:
+            self.notes.append("this worker's search space differs from the study's (" + "; ".join(differ) +
+                              "): values it cannot run are recorded as unsupported here")
 
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
@@ -358,7 +386,7 @@ class Tuner:
         return out
 
     def _suggest(self, trial: optuna.Trial) -> Recipe:
-        s, base = self.space, self.base_recipe
+        s, base = SimpleNamespace(**self.choices), self.base_recipe
         ch: dict[str, Any] = {
             "attention": trial.suggest_categorical("attention", s.attention),
             "tf32": trial.suggest_categorical("tf32", s.tf32),
@@ -931,6 +959,15 @@ def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Candidates for the recipe, fastest first: ran, passed the gate and beat the baseline."""
     return sorted((r for r in records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"
                    and r.speedup > 1.0), key=lambda r: r.denoise_pred_s)
+
+
+SAMPLED = ("attention", "tf32", "fuse_qkv", "quant", "compile", "offload", "lightning", "cache", "parallel",
+           "compile_mode")
+"""The space's lists the sampler draws from (the layout is one 'parallel' choice)."""
+
+
+def sampled_choices(space: SearchSpace) -> dict[str, tuple[Any, ...]]:
+    return {k: tuple(getattr(space, k)) for k in SAMPLED}
 
 
 CONFIRM_TRIES = 3

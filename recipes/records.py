@@ -17,6 +17,10 @@ RECORD_KEY = "wanctl_record"
 BASELINE_KEY = "wanctl_baseline"
 CONFIG_KEY = "wanctl_config"
 PROBE_KEY = "wanctl_probe"
+CHOICES_KEY = "wanctl_choices"
+"""The categorical choices the study's trials are sampled from, fixed when it is created: Optuna refuses a
+parameter whose choices change, and a resumed or joining worker's probe can differ (a flaky kernel check,
+other GPUs)."""
 SCREENED_KEY = "wanctl_screened"
 NOTES_KEY = "wanctl_notes"
 """Screened exclusions and notes are written per tuner process under ``KEY@<worker>``: several workers on one

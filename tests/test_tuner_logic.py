@@ -916,3 +916,20 @@ def test_a_recipe_sampled_three_times_is_one_candidate_to_confirm() -> None:
 
     best, _, _ = choose_confirmed(records, {}, confirm)
     assert ran == [1, 9] and best is not None and best.number == 9
+
+
+def test_resume_with_a_kernel_check_that_now_fails_samples_the_studys_choices(h100: ProbeResult,
+                                                                               tmp_path: Path) -> None:
+    """The same machine, but this probe's flex check timed out: the space has one attention value fewer.
+    Optuna refuses a categorical whose choices change ('does not support dynamic value space') and the
+    resumed tune died; the study's choices are sampled, and flex is 'unsupported' here."""
+    first = run(h100, tmp_path, trials=8)
+    flaky = dataclasses.replace(h100, kernels=tuple(
+        dataclasses.replace(k, status="fails", detail="timed out") if k.name == "attention:flex" else k
+        for k in h100.kernels))
+    assert flaky.fingerprint() == h100.fingerprint() and "flex" in first.space.attention
+    second = run(flaky, tmp_path, trials=30, resume=True)
+    assert "flex" not in second.space.attention and "flex" in second.choices["attention"]
+    assert any("differs from the study's (attention: study" in n for n in second.result.notes)  # type: ignore[attr-defined]
+    flex = [r for r in second.result.records if r.recipe.get("attention") == "flex" and r.number >= 8]  # type: ignore[attr-defined]
+    assert all(r.outcome in ("unsupported", "duplicate") or "same recipe" in r.reason for r in flex), flex
