@@ -36,3 +36,33 @@ def taylorseer_schedule(steps: int, max_skip: int, retention: float) -> list[boo
     """
     interval, warmup = taylorseer_interval(max_skip), taylorseer_warmup(retention, steps)
     return [i < warmup or (i - warmup - 1) % interval == 0 for i in range(steps)]
+
+
+def magcache_schedule(ratios: list[float], threshold: float, max_skip: int, retention: float,
+                      steps: int) -> list[bool]:
+    """True for each step that is computed (False: skipped), for one expert and one CFG branch.
+
+    Mirrors diffusers' MagCache head hook: after the retention steps, accumulate the ratio product's
+    error; skip while error <= threshold and at most ``max_skip`` consecutive steps, else compute and reset.
+    Ratios are resampled to ``steps`` by nearest index, as diffusers does.
+    """
+    if steps <= 0:
+        return []
+    rs = [ratios[min(len(ratios) - 1, int(i * len(ratios) / steps))] for i in range(steps)] if ratios else [1.0] * steps
+    retention_step = retention_steps(retention, steps)
+    acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+    computed: list[bool] = []
+    have_residual = False
+    for i in range(steps):
+        compute = True
+        if i >= retention_step:
+            acc_ratio *= rs[i]
+            acc_steps += 1
+            acc_err += abs(1.0 - acc_ratio)
+            if have_residual and acc_err <= threshold and acc_steps <= max_skip:
+                compute = False
+            else:
+                acc_ratio, acc_err, acc_steps = 1.0, 0.0, 0
+        computed.append(compute)
+        have_residual = have_residual or compute
+    return computed

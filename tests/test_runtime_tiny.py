@@ -88,16 +88,44 @@ def test_a_caches_skipped_steps_are_not_a_full_steps_cost(tmp_path: Path) -> Non
     assert res.timings.skipped_step_s == pytest.approx(statistics.median(t for t, n in steady if n == 0))
 
 
-def test_uncounted_cached_steps_are_told_apart_by_time() -> None:
-    """Under compile nothing counts forwards: a cache's skipped steps (a few percent of a step) are left out
-    of a full step's cost by their time; without a cache every steady step counts."""
-    from wan_runtime.run import _full_step_median, _steady_full
+def test_under_compile_a_known_schedule_picks_the_computed_steps(tmp_path: Path) -> None:
+    """Compiled, nothing counts forwards; TaylorSeer's schedule is known before the run and says which
+    timed steps computed, and the window runs on until three of them were timed."""
+    import statistics
 
-    times = [9.0, 1.00, 0.03, 1.02, 0.02, 0.98]  # warm-up (compile), then computed and skipped steps
-    assert _steady_full(times, [], 1, cached=True) == [1.00, 1.02, 0.98]
-    assert _full_step_median(times, [], 1, cached=True) == 1.00
-    assert _full_step_median(times, [], 1, cached=False) == 0.98  # no cache: nothing is skipped
-    assert _full_step_median(times, [2, 2, 0, 1, 0, 2], 1, cached=True) == pytest.approx(0.99)  # counts win
+    from recipes.cache_schedule import taylorseer_schedule
+
+    r = Recipe(task="ti2v-5B", steps=10, cache="taylorseer", magcache_k=2, cache_retention=0.2, compile="regional",
+               compile_fullgraph=False)
+    res = run_spec(TrialSpec(recipe=r, mode="measure", out_dir=str(tmp_path), warmup_steps=1, measure_steps=4))
+    assert res.outcome == "ok", res.error
+    assert res.step_forwards == []  # not counted under compile
+    plan = taylorseer_schedule(10, 2, 0.2)
+    steady = list(zip(res.timings.step_s[1:], plan[1:res.steps_run], strict=True))
+    assert sum(c for _, c in steady) == 3 and res.steps_run > 4
+    assert res.timings.step_median_s == statistics.median(t for t, c in steady if c)
+    assert res.timings.skipped_step_s == statistics.median(t for t, c in steady if not c)
+
+
+def test_uncounted_cached_steps_are_told_apart_by_schedule_or_time() -> None:
+    """Under compile nothing counts forwards. The H200 trace below (ms; TaylorSeer k=2 R=0.2, 10 steps,
+    random ti2v-5B at 1280*704 x 17, regional compile) has a 964 ms recompile at the first steady step:
+    half the slowest step took it for the only computed one (a 'full step' of 964 ms, skipped 42 ms)."""
+    from recipes.cache_schedule import taylorseer_schedule
+    from wan_runtime.run import _step_medians
+
+    h200 = [8.027, 0.964, 0.077, 0.172, 0.007, 0.006, 0.173, 0.007, 0.006, 0.173]
+    full, skipped = _step_medians(h200, [], 1, cached=True, schedule=[])  # by time
+    assert (full, skipped) == (0.173, 0.007)
+    known = taylorseer_schedule(10, 2, 0.2)  # what the runtime knows before a TaylorSeer or MagCache run
+    full, skipped = _step_medians(h200, [], 1, cached=True, schedule=known)
+    assert full == 0.173 and skipped == 0.007  # 964 (computed) is one of four; 77 (skipped) one of five
+    no_skips = [9.0, 0.964, 0.172, 0.173]  # a recompile and no skipped step: every step is a computed one
+    assert _step_medians(no_skips, [], 1, cached=True, schedule=[]) == (0.173, 0.0)
+    mostly_skipped = [9.0, 0.180, 0.004, 0.004, 0.004, 0.181, 0.004, 0.004, 0.004]  # FBCache skipping 75%
+    assert _step_medians(mostly_skipped, [], 1, cached=True, schedule=[]) == (pytest.approx(0.1805), 0.004)
+    assert _step_medians([9.0, 1.0, 0.03, 1.02], [], 1, cached=False, schedule=[]) == (1.0, 0.0)  # no cache
+    assert _step_medians([9.0, 1.0, 0.03, 1.02], [2, 2, 0, 2], 1, cached=True, schedule=[]) == (1.01, 0.03)  # counts
 
 
 def test_observed_attention_kernel_is_recorded(tmp_path: Path) -> None:

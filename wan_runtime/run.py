@@ -248,6 +248,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     counter = _ForwardCounter(ctx.transformers) if recipe.compile == "off" else None
     step_s: list[float] = []
     forwards: list[int] = []
+    schedule: list[bool] = ctx.extra.get("cache_schedule") or []
     last = {"t": 0.0, "count": 0, "latents": None}
 
     orig_encode = pipe.encode_prompt
@@ -277,7 +278,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         if progress is not None:
             progress(i + 1, steps_to_run)
         if i + 1 >= steps_to_run and (i + 1 >= recipe.steps or  # a cache's skipped steps do not count
-                                      _full_steps(step_s, forwards, spec.warmup_steps, recipe.cache != "none")
+                                      _full_steps(step_s, forwards, spec.warmup_steps, recipe.cache != "none", schedule)
                                       >= steps_to_run - spec.warmup_steps):
             p._interrupt = True
         return {"latents": lat}
@@ -300,11 +301,11 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     frames = to_uint8(np.nan_to_num(frames_f))
 
     warm = spec.warmup_steps if len(step_s) > spec.warmup_steps else 0
-    median = _full_step_median(step_s, forwards, warm, recipe.cache != "none")
+    median, skipped_median = _step_medians(step_s, forwards, warm, recipe.cache != "none", schedule)
     timings = Timings(
         load_s=load_s, apply_s=apply_s, text_encode_s=sink.get("text_encode_s", 0.0), step_s=step_s,
         warmup_s=sum(step_s[:warm]), step_median_s=median, denoise_s=sum(step_s),
-        skipped_step_s=_skipped_step_median(step_s, forwards, warm, recipe.cache != "none"),
+        skipped_step_s=skipped_median,
         denoise_pred_s=_predict(step_s, median, warm, recipe.steps),
         vae_decode_s=sink.get("vae_decode_s", 0.0), total_s=0.0,
     )
@@ -343,44 +344,43 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     return dataclasses.replace(res, timings=timings)
 
 
-def _steady_full(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> list[float]:
-    """The steady steps that computed every pass they could. A cache's skipped steps cost next to nothing:
+def _computed_flags(step_s: list[float], forwards: list[int], warm: int, cached: bool,
+                    schedule: list[bool]) -> list[bool]:
+    """Which steady steps computed every pass they could. A cache's skipped steps cost next to nothing:
     among the timed steps they would pull the median down, and the tuner, which prices the skipping from
     the schedule, would count it twice (a 1.9x MagCache recipe claimed 93x).
 
-    Uncounted (compiled) cached steps are told apart by time: a skipped step costs a few percent of a
-    computed one (no block, or the first block only), computed ones are alike, so half the slowest steady
-    step separates them.
+    Counted forwards (eager) decide. Under compile nothing counts (diffusers' block submodules' hooks do
+    not run there): a cache whose schedule is known before the run (TaylorSeer; MagCache from its ratios)
+    says it; otherwise the steps' times do: computed are those above half the slowest step but one (the
+    slowest may be a recompile at the hooks' first new branch: 964 ms beside 173 ms computed steps on an
+    H200 at a small workload), a skipped step costing a few percent of a computed one.
     """
     steady = step_s[warm:]
     if forwards and len(forwards) == len(step_s):
         most = max(forwards)  # the first steps compute every pass (caches start full)
-        return [t for t, n in zip(steady, forwards[warm:], strict=True) if n == most and most > 0]
-    if cached and steady:
-        return [t for t in steady if t >= 0.5 * max(steady)]
-    return steady
+        return [n == most and most > 0 for n in forwards[warm:]]
+    if not cached or not steady:
+        return [True] * len(steady)
+    if len(schedule) >= len(step_s):
+        return list(schedule[warm:len(step_s)])
+    ref = (sorted(steady)[:-1] or steady)[-1]  # the slowest but one
+    return [t >= 0.5 * ref for t in steady]
 
 
-def _skipped_step_median(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> float:
-    """A skipped step's cost: the median of the steady steps that computed nothing (0.0 when none ran)."""
+def _full_steps(step_s: list[float], forwards: list[int], warm: int, cached: bool, schedule: list[bool]) -> int:
+    return sum(_computed_flags(step_s, forwards, warm, cached, schedule)) if len(step_s) > warm else 0
+
+
+def _step_medians(step_s: list[float], forwards: list[int], warm: int, cached: bool,
+                  schedule: list[bool]) -> tuple[float, float]:
+    """(a computed step's cost, a skipped step's cost): medians of the steady steps of each kind; every
+    steady step is a computed one when nothing says otherwise, and 0.0 when no skipped step ran."""
     steady = step_s[warm:]
-    if forwards and len(forwards) == len(step_s):
-        skipped = [t for t, n in zip(steady, forwards[warm:], strict=True) if n == 0]
-    elif cached and steady:
-        skipped = [t for t in steady if t < 0.5 * max(steady)]
-    else:
-        skipped = []
-    return statistics.median(skipped) if skipped else 0.0
-
-
-def _full_steps(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> int:
-    return len(_steady_full(step_s, forwards, warm, cached)) if len(step_s) > warm else 0
-
-
-def _full_step_median(step_s: list[float], forwards: list[int], warm: int, cached: bool) -> float:
-    """A whole step's cost: the median of the steady full steps (every step when nothing is counted)."""
-    full = _steady_full(step_s, forwards, warm, cached) or step_s[warm:] or step_s
-    return statistics.median(full) if full else 0.0
+    flags = _computed_flags(step_s, forwards, warm, cached, schedule)
+    full = [t for t, c in zip(steady, flags, strict=True) if c] or steady or step_s
+    skipped = [t for t, c in zip(steady, flags, strict=True) if not c]
+    return (statistics.median(full) if full else 0.0), (statistics.median(skipped) if skipped else 0.0)
 
 
 def _predict(step_s: list[float], median: float, warm: int, total: int) -> float:

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from recipes.cache_schedule import retention_steps, taylorseer_interval, taylorseer_warmup
+from recipes.cache_schedule import (
+    magcache_schedule,
+    retention_steps,
+    taylorseer_interval,
+    taylorseer_schedule,
+    taylorseer_warmup,
+)
 from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -180,6 +186,7 @@ def _enable_taylorseer(ctx: KnobContext) -> None:
                                              taylor_factors_dtype=torch.float32, use_lite_mode=True))
     ctx.actual["cache"] = (f"taylorseer lite order=1 interval={taylorseer_interval(r.magcache_k)} "
                            f"warmup/expert={warmups} steps/expert={steps}")
+    ctx.extra["cache_schedule"] = [c for n in steps for c in taylorseer_schedule(n, r.magcache_k, r.cache_retention)]
 
 
 def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
@@ -198,6 +205,9 @@ def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list
                                       retention_ratio=r.cache_retention, num_inference_steps=n,
                                       mag_ratios=list(rat)))
     ctx.extra["magcache_ratios"] = [list(x) for x in per_expert]
+    ctx.extra["cache_schedule"] = [c for n, rat in zip(steps, per_expert, strict=True)
+                                   for c in magcache_schedule(list(rat), r.cache_threshold, r.magcache_k,
+                                                              r.cache_retention, n)]
     ctx.actual["cache"] = (f"magcache E{r.cache_threshold} K{r.magcache_k} R{r.cache_retention} "
                            f"steps/expert={steps}")
 
