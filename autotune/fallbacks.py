@@ -37,6 +37,16 @@ def memory_fallbacks(recipe: Recipe, offload_values: tuple[str, ...], phase: str
     return out
 
 
+DEPENDENT = {
+    "compile": ("compile_mode", "compile_fullgraph"),
+    "cache": ("cache_threshold", "magcache_k", "cache_retention", "compile_fullgraph"),
+    "quant": ("te_amax_history_len", "te_amax_compute_algo", "compile_fullgraph"),
+    "attention": ("compile_fullgraph",),
+}
+"""Fields that only mean something with a knob's value (a threshold with its cache, a mode with compile),
+taken from the baseline with it: left behind, the recipe runs as the baseline's yet hashes as another."""
+
+
 @dataclass
 class Exclusions:
     """Knob values measured slower than the baseline in a one-knob screen, and what replaces them."""
@@ -52,7 +62,7 @@ class Exclusions:
         for knob, values in self.slower.items():
             v = getattr(recipe, knob)
             if v in values:
-                recipe = recipe.replace(**{knob: getattr(baseline, knob)})
+                recipe = recipe.replace(**{f: getattr(baseline, f) for f in (knob, *DEPENDENT.get(knob, ()))})
                 notes.append(f"{knob}={v} excluded ({values[v]}); using {getattr(baseline, knob)}")
         return recipe, notes
 

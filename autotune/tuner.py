@@ -145,6 +145,8 @@ class Tuner:
         self.exclusions = Exclusions()
         self.injections = cfg.injections()
         self.notes: list[str] = []
+        self._swapped: set[int] = set()
+        """Trials whose sampled stack had an excluded value replaced by the baseline's (told as infeasible)."""
         self._earlier_notes: set[str] = set()
         """Notes earlier runs of this study stored (on --resume): not stored again under this run's key."""
         self.baseline: TrialRecord | None = None
@@ -588,11 +590,17 @@ class Tuner:
 
     def _tell_study(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
         trial.set_user_attr(RECORD_KEY, rec.to_attr())
-        feasible = rec.outcome in ("ok", "slower_than_baseline")
+        swapped = trial.number in self._swapped
+        feasible = rec.outcome in ("ok", "slower_than_baseline") and not swapped
         trial.set_constraint("feasible", 0.0 if feasible else 1.0)
         penalty = (self.baseline.denoise_pred_s if self.baseline else 1e3) * INFEASIBLE_FACTOR
         value = rec.denoise_pred_s if rec.denoise_pred_s > 0 and rec.outcome not in ("oom", "crash", "timeout",
                                                                                       "unsupported", "invalid") else penalty
+        if swapped:
+            # The sampled stack held a value measured slower than the baseline and ran with the baseline's
+            # instead: told as what it asked for, or the sampler takes the swapped stack's time as that
+            # value's and keeps proposing it (the record keeps the measurement for the ranking).
+            value = max(value, penalty)
         if self.cfg.objective == "pareto":
             study.tell(trial, [value, rec.psnr_min_db if rec.gate_passed else 0.0])
         else:
@@ -608,6 +616,9 @@ class Tuner:
         if self.baseline is not None:
             recipe, ex_notes = self.exclusions.apply(recipe, self.base_recipe)
             notes += ex_notes
+            if ex_notes:  # the baseline's compile_fullgraph came back with a swapped value: as the sampler sets it
+                recipe = _traceable(recipe)
+                self._swapped.add(number)
         label = recipe.stack_label(self.base_recipe) if role != "baseline" else "baseline"
         total = self._total_for_display()
         self.reporter.trial_started(number, total, role, label)
