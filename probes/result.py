@@ -31,6 +31,9 @@ as unknown rather than say it is too old."""
 #: so an old recipe is not served as "tuned for this machine". Python and optuna do not change speed.
 FINGERPRINT_LIBRARIES = ("torch", "diffusers", "transformers", "torchao", "transformer_engine", "flash_attn",
                          "flash_attn_3", "sageattention", "triton", "xformers")
+LATER_FINGERPRINT_LIBRARIES = ("flash_attn_4",)
+"""Libraries tracked since after the first stores were written: part of the fingerprint only when installed,
+so a machine without them keeps the fingerprint its stored recipes carry."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ class ProbeResult:
                      + (["mig-slice", g.mig_profile] if g.mig_slice else []) for g in self.gpus],
             "driver": self.driver_version,
             "cuda_driver": self.gpus[0].cuda_driver_version if self.gpus else "",
-            "libraries": {k: getattr(self.software, k) for k in FINGERPRINT_LIBRARIES},
+            "libraries": {k: getattr(self.software, k) for k in FINGERPRINT_LIBRARIES}
+            | {k: v for k in LATER_FINGERPRINT_LIBRARIES if (v := getattr(self.software, k)) != ABSENT},
             "cpu": [self.host.cpu_model, self.host.cpu_cores] if not self.gpus else [],
         }
         digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:8]

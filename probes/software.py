@@ -36,6 +36,8 @@ class SoftwareVersions:
     """FlashAttention-2 (`flash-attn`; recent releases also carry FA4 as `flash_attn.cute`)."""
     flash_attn_3: str = ABSENT
     """FlashAttention-3, the Hopper build imported as `flash_attn_interface`."""
+    flash_attn_4: str = ABSENT
+    """FlashAttention-4 (`flash-attn-4`, CuTe DSL), what torch's FA4 activation (`torch_fa4`) runs."""
     sageattention: str = ABSENT
     triton: str = ABSENT
     xformers: str = ABSENT
@@ -56,6 +58,7 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
                            "transformer_engine_torch", "transformer-engine-cu12"),
     "flash_attn": ("flash-attn", "flash_attn"),
     "flash_attn_3": ("flash_attn_3", "flash-attn-3", "flashattn-hopper"),
+    "flash_attn_4": ("flash-attn-4", "flash_attn_4"),
     "sageattention": ("sageattention",),
     "triton": ("triton", "pytorch-triton"),
     "xformers": ("xformers",),

@@ -70,6 +70,12 @@ def test_fingerprint_changes_with_speed_relevant_versions(tmp_path: Path) -> Non
     assert new_ao.fingerprint() != fp
     assert new_drv.fingerprint() != fp
     assert new_drv.fingerprint().startswith("8xH100-80GB_drv580_torch2.11_")  # same readable part
+    # FA4 (torch_fa4's library) is tracked: another build is another machine for --best...
+    fa4 = [dataclasses.replace(r, software=dataclasses.replace(r.software, flash_attn_4=v)).fingerprint()
+           for v in ("4.0.0b36", "4.0.0b40")]
+    assert fa4[0] != fa4[1] and fp not in fa4
+    # ...but tracking it changed no fingerprint of a machine without it: stored recipes still match.
+    assert fp == "8xH100-80GB_drv580_torch2.11_0b74081e"  # as computed before FA4 was tracked
 
 
 @pytest.mark.parametrize(("name", "short"), [
