@@ -275,6 +275,13 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("te_amax_compute_algo", r.te_amax_compute_algo, TE_AMAX_ALGOS)
     if not r.model:
         raise RecipeError("model", r.model, "tiny, random or a checkpoint directory")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            getattr(r, name).encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal passed that are not UTF-8 (Python keeps them as surrogates)
+            raise RecipeError(name, getattr(r, name), "UTF-8 text (the text encoder's tokenizer takes no raw bytes)",
+                              hint="set a UTF-8 locale (e.g. LANG=C.UTF-8) in the terminal, or write the prompt "
+                                   "into a recipe file") from None
     if r.model_revision:
         if r.model in SYNTHETIC:
             raise RecipeError("model_revision", r.model_revision, f"empty for the {r.model} model (it has no revision)",

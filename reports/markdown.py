@@ -7,6 +7,7 @@ load, text encoding and VAE decode are their own columns.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -107,11 +108,18 @@ def render(inp: ReportInput) -> str:
     if len(inp.runs) > 1:
         lines += [f"The study was built by {len(inp.runs)} runs of `wanctl tune`, in this order "
                   "(each after the previous one stopped):", ""]
-        for i, run in enumerate(inp.runs, 1):
+        for i, run in enumerate(inp.runs, 1):  # fenced: a prompt's backtick or newline would break a code span
             ver = f" (wanctl {run['wanctl']})" if run.get("wanctl") else ""
-            lines.append(f"{i}. `{' '.join(shlex.quote(c) for c in run.get('command', []))}`{ver}")
-        lines.append("")
+            lines += [f"Run {i}{ver}:", "", *_fenced(" ".join(shlex.quote(c) for c in run.get("command", []))), ""]
     else:
-        lines += ["```bash", " ".join(shlex.quote(c) for c in inp.command), "```", ""]
+        lines += [*_fenced(" ".join(shlex.quote(c) for c in inp.command)), ""]
     lines += ["Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
     return "\n".join(lines)
+
+
+def _fenced(command: str) -> list[str]:
+    """A bash code block holding ``command`` verbatim: its fence is longer than any backtick run inside
+    (a prompt may hold three), so nothing in a prompt can end it."""
+    longest = max((len(m) for m in re.findall(r"`+", command)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "bash", command, fence]

@@ -175,3 +175,14 @@ def test_cfg_parallel_needs_guidance_above_one() -> None:
             validate(Recipe(model="tiny", gpus=2, cfg_parallel=True, guidance=g))
         assert "drop cfg_parallel" in err.value.hint
     validate(Recipe(model="tiny", gpus=2, cfg_parallel=True))  # the task's default guidance (> 1)
+
+
+def test_a_prompt_that_is_not_utf8_is_bad_input() -> None:
+    """`--prompt $'caf\\xe9'` in a UTF-8 locale reaches Python as a surrogate: refused at validation (exit 2),
+    not a tokenizer crash after the model load."""
+    from recipes.recipe import validate
+
+    with pytest.raises(RecipeError, match="UTF-8 text") as err:
+        validate(Recipe(prompt=b"caf\xe9".decode("utf-8", "surrogateescape")))
+    assert "LANG=C.UTF-8" in err.value.hint
+    validate(Recipe(prompt="café 🦊"))

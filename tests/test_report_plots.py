@@ -29,3 +29,11 @@ def test_the_plot_renders_with_unjudged_and_no_points(tmp_path: Path) -> None:
     unjudged = [_r(4, 0.71, 0.0, "", outcome="slower_than_baseline")]
     assert pareto_png(unjudged, tmp_path / "a.png", "t").stat().st_size > 0
     assert pareto_png([], tmp_path / "b.png", "t").stat().st_size > 0
+
+
+def test_a_reproduce_command_with_backticks_and_newlines_stays_one_code_block() -> None:
+    from reports.markdown import _fenced
+
+    cmd = "wanctl tune --prompt 'a ```fox``` in\nsnow'"
+    block = _fenced(cmd)
+    assert block[0] == "````bash" and block[-1] == "````" and "\n".join(block[1:-1]) == cmd

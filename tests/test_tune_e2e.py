@@ -105,7 +105,7 @@ def test_existing_study_needs_resume_then_continues(tuned: Path) -> None:
     assert not any("base" in n for n in new), new  # the baseline never runs twice
     # The report names both runs that built the study, in order (the refused one above made nothing).
     report = (tuned / "report.md").read_text()
-    assert "The study was built by 2 runs of `wanctl tune`" in report
+    assert "The study was built by 2 runs of `wanctl tune`" in report and "Run 2 (wanctl " in report
     first, second = report.index("--trials 6"), report.index("--trials 7")
     assert first < second and "--resume" in report[second:second + 200]
 
