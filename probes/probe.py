@@ -8,6 +8,7 @@ including the broken ones, runs without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -96,11 +97,16 @@ def run_probe(
 
 
 def family_of(gpus: tuple[GpuInfo, ...]) -> GpuFamily:
-    """The family of the least capable GPU (lowest compute capability)."""
+    """What every GPU can do: the least capable one's name and sm (an unknown one is the least), with each
+    capability only where all GPUs have it. By sm alone an H100 beside a B200 would be 'Hopper, FA3' and a
+    B200 beside an RTX PRO 6000 'FA4', and a GPU of unknown capability sorted as the most capable."""
     families = [family_for(parse_cc(g.compute_capability), g.name) for g in gpus]
     if not families:
         return NO_GPU
-    return min(families, key=lambda f: (f.sm == "", int(f.sm[2:]) if f.sm[2:].isdigit() else 0))
+    least = min(families, key=lambda f: (f.sm != "", int(f.sm[2:]) if f.sm[2:].isdigit() else 0))
+    flags = {f.name: all(getattr(x, f.name) for x in families)
+             for f in dataclasses.fields(GpuFamily) if isinstance(getattr(least, f.name), bool)}
+    return dataclasses.replace(least, **flags)
 
 
 def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: str | None) -> list[str]:

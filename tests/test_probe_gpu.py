@@ -326,3 +326,21 @@ def test_indices_on_a_mixed_host_say_which_numbering_cuda_uses(tmp_path: Path) -
     assert notes({"CUDA_VISIBLE_DEVICES": "GPU-3090"}) == [] and notes({}) == []  # a UUID names one GPU either way
     same_model = probe_machine("h100_sxm_8x", tmp_path, env={"CUDA_VISIBLE_DEVICES": "2,3"})
     assert not [n for n in same_model.notes if "CUDA_DEVICE_ORDER" in n]
+
+
+def test_mixed_gpus_give_only_what_every_gpu_can_do() -> None:
+    """A recipe must run on every GPU it spans: by sm alone an H100 beside a B200 kept FA3 (sm90), a B200
+    beside an RTX PRO 6000 kept FA4, and a GPU without a known capability counted as the most capable."""
+    from probes.gpu import GpuInfo
+    from probes.probe import family_of
+
+    def gpu(name: str, cc: str) -> GpuInfo:
+        return GpuInfo(name=name, compute_capability=cc)
+
+    hb = family_of((gpu("NVIDIA H100 80GB HBM3", "9.0"), gpu("NVIDIA B200", "10.0")))
+    assert hb.sm == "sm90" and not hb.fa3 and hb.fa4 and hb.fp8
+    bp = family_of((gpu("NVIDIA B200", "10.0"), gpu("NVIDIA RTX PRO 6000 Blackwell Server Edition", "12.0")))
+    assert not bp.fa4 and bp.fp8
+    old = family_of((gpu("Tesla P100-PCIE-16GB", ""), gpu("NVIDIA H100 80GB HBM3", "9.0")))
+    assert old.sm == "" and not (old.fa3 or old.fa4 or old.fp8 or old.bf16)
+    assert family_of((gpu("NVIDIA H100 80GB HBM3", "9.0"),) * 2).fa3  # one model: its own family
