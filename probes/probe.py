@@ -122,15 +122,17 @@ def device_order_notes(gpus: tuple[GpuInfo, ...], visible: str | None, order: st
 
 
 def _read_visible(gpus: tuple[GpuInfo, ...], visible: str) -> tuple[list[GpuInfo], str]:
-    """The GPUs CUDA_VISIBLE_DEVICES names, read as CUDA reads it (each once, up to its first entry that names
-    none), and that entry ('' when every entry named a GPU)."""
+    """The GPUs CUDA_VISIBLE_DEVICES names, read as CUDA reads it (up to its first entry that names none;
+    a GPU named twice leaves none at all, as torch's own parser says), and that entry ('' when every entry
+    named a GPU once)."""
     named: list[GpuInfo] = []
     for item in (v.strip() for v in visible.split(",")):
         match = _named_gpus(gpus, item) if item else []
         if not match:
             return named, item or ","
-        if match[0] not in named:
-            named.append(match[0])
+        if match[0] in named:
+            return [], f"{item} (named twice)"
+        named.append(match[0])
     return named, ""
 
 
@@ -157,6 +159,10 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
     keep = {g.index for g in kept}
     kept_links = tuple(lk for lk in links if lk.a in keep and lk.b in keep)
     note = f"CUDA_VISIBLE_DEVICES={visible}: using {len(kept)} of {len(gpus)} GPUs"
+    if stopped_at.endswith("(named twice)"):
+        note += f" (it names GPU {stopped_at}: CUDA then sees none; list each GPU once)"
+    elif not kept:
+        note += f" (its first entry {stopped_at!r} names no GPU here: CUDA then sees none)"
     return tuple(kept), kept_links, note
 
 

@@ -238,6 +238,17 @@ def test_cuda_visible_devices_by_index_and_uuid(tmp_path: Path) -> None:
     assert r.gpus == () and r.family == NO_GPU
 
 
+def test_cuda_visible_devices_naming_a_gpu_twice_or_none_leaves_no_gpu_and_says_why(tmp_path: Path) -> None:
+    """As CUDA and torch read it: '0,1,0' gives no device (it was read as 2 GPUs), '8' on an 8-GPU host
+    names none (it was described as a CPU machine without a word)."""
+    r = probe_machine("h100_sxm_8x", tmp_path / "a", env={"CUDA_VISIBLE_DEVICES": "0,1,0"})
+    assert r.gpus == ()
+    assert "CUDA_VISIBLE_DEVICES=0,1,0: using 0 of 8 GPUs (it names GPU 0 (named twice): CUDA then sees none; " \
+           "list each GPU once)" in r.notes
+    r = probe_machine("h100_sxm_8x", tmp_path / "b", env={"CUDA_VISIBLE_DEVICES": "8"})
+    assert r.gpus == () and any("its first entry '8' names no GPU here" in n for n in r.notes)
+
+
 def test_mig_enabled_is_noted(tmp_path: Path) -> None:
     data = json.loads((FIXTURES / "h100_pcie_1x" / "nvml.json").read_text())
     data["devices"][0]["mig_mode"] = [1, 1]
