@@ -768,6 +768,13 @@ class Tuner:
             label = recipe.stack_label(self.base_recipe)
             attempt += 1
         rec = dataclasses.replace(rec, fallbacks=fallbacks)
+        if rec.outcome in BROKEN_OUTCOMES:
+            diff = [k for k in recipe.diff(self.base_recipe) if k not in fallback_fields]
+            if len(diff) == 1:  # one knob on the baseline failed: every stack built on it would fail too
+                knob = diff[0]
+                self._exclude(knob, getattr(recipe, knob), f"failed in trial {number}: {rec.outcome}")
+                rec = dataclasses.replace(rec, reason=f"{rec.reason}; {knob}={getattr(recipe, knob)} excluded from "
+                                                      "later trials")
         if rec.outcome != "ok":
             return rec
         base_t = self.baseline.denoise_pred_s
@@ -785,12 +792,15 @@ class Tuner:
                            "costs denoise time too")
             elif len(diff) == 1:
                 knob = diff[0]
-                self.exclusions.exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
-                self._attrs[worker_key(SCREENED_KEY, self._worker)] = self.exclusions.as_dict()
-                self._flush_attrs()
+                self._exclude(knob, getattr(recipe, knob), f"measured {speedup:.2f}x vs baseline in trial {number}")
                 reason += f"; {knob}={getattr(recipe, knob)} excluded from later trials"
             return dataclasses.replace(rec, outcome="slower_than_baseline", reason=reason)
         return rec
+
+    def _exclude(self, knob: str, value: object, evidence: str) -> None:
+        self.exclusions.exclude(knob, value, evidence)
+        self._attrs[worker_key(SCREENED_KEY, self._worker)] = self.exclusions.as_dict()
+        self._flush_attrs()
 
     def _memory_options(self, recipe: Recipe, phase: str) -> list[tuple[MemoryFallback, Recipe]]:
         """The memory fallbacks for an OOM in ``phase`` this search may run, cheapest first, as recipes."""
@@ -939,6 +949,10 @@ class Tuner:
 
 
 CONFIRM_PREFIX = "wanctl_confirm_"
+BROKEN_OUTCOMES = frozenset({"crash", "timeout", "nan", "unsupported", "kernel_mismatch"})
+"""A one-knob trial ending so excludes the knob's value (a kernel that crashes or hangs at the real shape,
+or does not run what it names): the warm starts and later stacks built on it would all end the same way.
+Not an OOM: its memory fallbacks ran, and the value may fit beside a knob that saves memory."""
 DENOISE_NEUTRAL_FALLBACKS = frozenset({"vae_tiling"})
 """Memory fallbacks that change no denoise step (the time a trial is compared on)."""
 

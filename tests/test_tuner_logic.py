@@ -967,3 +967,27 @@ def test_the_sampler_learns_that_excluded_values_lose(h100: ProbeResult, tmp_pat
         rec = TrialRecord.from_attr(tr.user_attrs[RECORD_KEY])
         assert tr.values[0] >= t.baseline.denoise_pred_s * 10 > rec.denoise_pred_s > 0, (tr.number, tr.values)
         assert tr.system_attrs["constraints:feasible"] == 1.0  # infeasible
+
+
+class _CudnnCrashes(SimulatedTuner):
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if spec.recipe.attention == "_native_cudnn":
+            self.specs.append(spec)
+            res = RunResult(outcome="crash", error="CUDNN_STATUS_EXECUTION_FAILED (simulated)")
+            return TrialOutcome("crash", "CUDNN_STATUS_EXECUTION_FAILED (simulated)", res, 1, "", 1.0)
+        return super()._launch(spec)
+
+
+def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, tmp_path: Path) -> None:
+    """The warm starts are built on one attention kernel (here cuDNN, the H100's pick): when its one-knob
+    screen crashes, every warm start on it crashed too (7 processes in the review); it is excluded like a
+    slower one, and the stacks built on it run with the baseline's kernel instead."""
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
+    t = _CudnnCrashes(cfg, h100)
+    res = t.run()
+    assert "failed in trial" in t.exclusions.as_dict()["attention"]["_native_cudnn"]
+    crashed = [r for r in res.records if r.outcome == "crash"]
+    assert len(crashed) == 1 and crashed[0].role == "screen", [(r.number, r.role, r.label) for r in crashed]
+    assert "attention=_native_cudnn excluded from later trials" in crashed[0].reason
+    warm = [r for r in res.records if r.role == "warm_start"]
+    assert warm and all(r.recipe["attention"] != "_native_cudnn" for r in warm)
