@@ -45,7 +45,7 @@ from autotune.study import (
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
-from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, Recipe, graph_break, validate
+from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
     CHOICES_KEY,
@@ -282,9 +282,15 @@ class Tuner:
 
     # ------------------------------------------------------------------ plan
     def _params_of(self, r: Recipe) -> dict[str, Any]:
-        p: dict[str, Any] = {k: getattr(r, k) for k in ("attention", "tf32", "fuse_qkv", "quant", "compile", "cache",
-                                                         "offload")}
-        p["parallel"] = layout_label(r)
+        """``r`` as the parameters ``_suggest`` would have drawn for it (names per layout included)."""
+        multi = r.gpus > 1
+        p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
+                             ("attention_cp" if r.ulysses > 1 else "attention"): r.attention,
+                             ("compile_mgpu" if multi else "compile"): r.compile}
+        if not r.fsdp:
+            p["quant"] = r.quant
+        if not multi:
+            p.update(offload=r.offload, cache=r.cache)
         if r.compile != "off":
             p["compile_mode"] = r.compile_mode
         if r.cache == "magcache":
@@ -295,7 +301,7 @@ class Tuner:
             p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
         elif r.cache == "taylorseer":
             p.update(magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        if len(self.space.lightning) > 1:
+        if len(self.space.lightning) > 1 and not r.cfg_parallel:
             p["lightning"] = r.lightning
         return p
 
@@ -388,20 +394,32 @@ class Tuner:
         return out
 
     def _suggest(self, trial: optuna.Trial) -> Recipe:
+        """One stack. The layout is drawn first and the other knobs from what that layout can run (under
+        their own names where the choices differ, as Optuna needs fixed choices per name): drawn apart, most
+        stacks on several GPUs were ones validation refuses (a cache, offload or compile=full on two GPUs,
+        fp8 with FSDP, a kernel Ulysses cannot split)."""
         s, base = SimpleNamespace(**self.choices), self.base_recipe
-        ch: dict[str, Any] = {
-            "attention": trial.suggest_categorical("attention", s.attention),
-            "tf32": trial.suggest_categorical("tf32", s.tf32),
-            "fuse_qkv": trial.suggest_categorical("fuse_qkv", s.fuse_qkv),
-            "quant": trial.suggest_categorical("quant", s.quant),
-            "compile": trial.suggest_categorical("compile", s.compile),
-            "offload": trial.suggest_categorical("offload", s.offload),
-        }
-        lightning = trial.suggest_categorical("lightning", s.lightning) if len(s.lightning) > 1 else 0
-        # Four distilled steps leave no step to skip: the cache is searched only without Lightning.
-        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning else "none"
         # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
-        ch.update(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
+        ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
+        multi = ch["gpus"] > 1
+        if ch["ulysses"] > 1:
+            ch["attention"] = trial.suggest_categorical(
+                "attention_cp", tuple(a for a in s.attention if a in CP_ATTENTION) or ("native",))
+        else:
+            ch["attention"] = trial.suggest_categorical("attention", s.attention)
+        ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
+        ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
+        ch["quant"] = "none" if ch["fsdp"] else trial.suggest_categorical("quant", s.quant)
+        if multi:
+            ch["compile"] = trial.suggest_categorical("compile_mgpu", tuple(c for c in s.compile if c != "full"))
+            ch["offload"] = "none"
+        else:
+            ch["compile"] = trial.suggest_categorical("compile", s.compile)
+            ch["offload"] = trial.suggest_categorical("offload", s.offload)
+        lightning = (trial.suggest_categorical("lightning", s.lightning)
+                     if len(s.lightning) > 1 and not ch["cfg_parallel"] else 0)  # Lightning runs without CFG
+        # Four distilled steps leave no step to skip; on several GPUs every rank would decide its own skips.
+        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
         if ch["compile"] != "off":
             ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
         if ch["cache"] == "magcache":
@@ -1073,7 +1091,11 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) 
 
 
 def _traceable(r: Recipe) -> Recipe:
-    """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing."""
+    """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing,
+    and regionally where the whole model cannot be compiled (Transformer Engine's modules, group offload's
+    hooks): the stack is still measured, as validation would refuse it otherwise."""
+    if r.compile == "full" and (r.quant in TE_QUANT or r.offload.startswith("group")):
+        r = r.replace(compile="regional")
     if graph_break(r) and r.compile != "off":
         return r.replace(compile_fullgraph=False)
     return r

@@ -991,3 +991,38 @@ def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, 
     assert "attention=_native_cudnn excluded from later trials" in crashed[0].reason
     warm = [r for r in res.records if r.role == "warm_start"]
     assert warm and all(r.recipe["attention"] != "_native_cudnn" for r in warm)
+
+
+@pytest.mark.parametrize(("machine", "task", "gpus"), [("h100_sxm_8x", "ti2v-5B", 2), ("a100_80gb_2x", "t2v-A14B", 2),
+                                                      ("h100_sxm_8x", "t2v-A14B", 8)])
+def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, machine: str, task: str,
+                                                                 gpus: int) -> None:
+    """Drawn knob by knob, 1368 of 2000 random 2xH100 stacks were refused (a cache, offload, compile=full or
+    fp8+FSDP with a multi-GPU layout, a kernel Ulysses cannot split): each an 'invalid' trial."""
+    import optuna
+
+    from recipes.errors import RecipeError
+
+    probe = probe_machine(machine, tmp_path / "m")
+    cfg = TuneConfig(model="random", task=task, trials=1, gpus=gpus, out_dir=str(tmp_path / "o"))
+    t = SimulatedTuner(cfg, probe)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    refused, layouts = [], set()
+    for _ in range(400):
+        trial = study.ask()
+        r = t._suggest(trial)
+        layouts.add(r.gpus > 1)
+        try:
+            validate(r)
+        except RecipeError as exc:
+            refused.append(exc.message)
+        study.tell(trial, 1.0)
+    assert layouts == {True, False} or "single" not in t.space.parallel
+    assert refused == [], refused[:3]
+    base = t.base_recipe
+    for r in t._warm_starts(base):  # the plan's stacks are what _suggest draws for their parameters
+        study.enqueue_trial(t._params_of(r))
+        asked = study.ask()
+        assert t._suggest(asked) == r, r.stack_label(base)
+        study.tell(asked, 1.0)
+
