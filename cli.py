@@ -286,8 +286,17 @@ class LiveReporter:
         err.print(escape(text))
 
 
+def _given(ctx: typer.Context) -> frozenset[str]:
+    """The options the command line (or their environment variables) set, as TuneConfig field names: a
+    value equal to the default is still the user's, and --resume must not replace it by the study's."""
+    renamed = {"output": "out_dir", "trial_timeout": "trial_timeout_s", "budget": "budget_s"}
+    return frozenset(renamed.get(name, name) for name in ctx.params
+                     if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"))
+
+
 @app.command()
 def tune(
+    ctx: typer.Context,
     model: ModelOpt = "tiny",
     task: TaskOpt = "t2v-A14B",
     size: SizeOpt = "",
@@ -359,7 +368,7 @@ def tune(
     probe = _probe_showing_checks(paths=[cfg.out_dir])
     _refuse_unreadable_gpus(probe)
     with _progress() as prog:
-        result = run_tune(cfg, probe, LiveReporter(prog))
+        result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
     paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         _print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),

@@ -63,8 +63,12 @@ def _workload(d: dict[str, Any]) -> tuple[str, int, int] | None:
         return None
 
 
-def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig, list[str]]:
+def settings_for_resume(cfg: TuneConfig, probe: ProbeResult,
+                        given: frozenset[str] = frozenset()) -> tuple[TuneConfig, list[str]]:
     """``cfg`` with the study's settings where the command left them at their defaults, and notes saying so.
+
+    ``given``: the settings the command line set explicitly (the CLI knows; a value equal to the default
+    is then still the user's choice: ``--objective latency`` on a pareto study is refused, not replaced).
 
     Raises BadInput for a setting given another value than the study's, and for a default-named study that
     is not there while others are (a changed --size or --frames names another study: the user meant one of
@@ -89,10 +93,11 @@ def settings_for_resume(cfg: TuneConfig, probe: ProbeResult) -> tuple[TuneConfig
         new, old = getattr(cfg, f), stored[f]
         if new == old or (f in ("size", "frames", "steps") and same_workload):
             continue  # '64*48' given for a study started with the task's default 64*48 is the same study
-        if new == getattr(defaults, f):
+        if new == getattr(defaults, f) and f not in given:
             taken[f] = old
             continue
-        if f in HOST_PATHS or (f == "model" and model_tag(str(new)) == model_tag(str(old))):
+        paths = all(v not in ("", "none") for v in (new, old))  # 'none' (Lightning not searched) is no path
+        if (f in HOST_PATHS and paths) or (f == "model" and model_tag(str(new)) == model_tag(str(old))):
             notes.append(f"--resume: {f} is {new!r} on this host ({old!r} where the study started)")
             continue
         flag = "--" + f.replace("_", "-")

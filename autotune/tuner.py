@@ -1077,11 +1077,13 @@ def _typed(knob: str, text: str) -> Any:
     return parse_value(knob, text)
 
 
-def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> TuneResult:
-    """Run (or resume) the study described by ``cfg`` on the machine described by ``probe``."""
+def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
+         given: frozenset[str] = frozenset()) -> TuneResult:
+    """Run (or resume) the study described by ``cfg`` on the machine described by ``probe``; ``given``:
+    the settings the command line set explicitly (autotune.resume)."""
     notes: list[str] = []
     if cfg.resume:
-        cfg, notes = settings_for_resume(cfg, probe)
+        cfg, notes = settings_for_resume(cfg, probe, given)
     tuner = Tuner(cfg, probe, reporter)
     for note in notes:
         tuner.notes.append(note)

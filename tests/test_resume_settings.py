@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import typer
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from autotune.config import TuneConfig
@@ -159,3 +160,43 @@ def test_a_proxy_no_recipe_takes_is_refused_before_the_baseline() -> None:
     assert "--proxy-frames" in err.value.hint
     TuneConfig(model="random", task="t2v-A14B", proxy_size="832*480", proxy_frames=17)
     TuneConfig(model="tiny", proxy_size="832x480")  # tiny measures speed and quality in one full run: unused
+
+
+def test_a_flag_given_at_its_default_value_is_the_users_not_the_studys(h100: ProbeResult, tmp_path: Path) -> None:
+    """`--objective latency --seed 42` on a pareto study seeded 7 was resumed as pareto/7 with a note."""
+    first = TuneConfig(model="random", task="ti2v-5B", frames=17, objective="pareto", seed=7, out_dir=str(tmp_path))
+    _study(tmp_path, first, h100)
+    again = TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path), resume=True)
+    assert settings_for_resume(again, h100)[0].objective == "pareto"  # not typed: the study's
+    with pytest.raises(BadInput, match="--objective 'latency' differs from study"):
+        settings_for_resume(again, h100, given=frozenset({"objective"}))
+
+
+def test_lightning_none_is_not_a_host_path(h100: ProbeResult, tmp_path: Path) -> None:
+    """'none' (Lightning not searched) against a study that searched a LoRA folder changes the space."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    first = TuneConfig(model="random", task="t2v-A14B", lightning_lora=str(lora), out_dir=str(tmp_path))
+    _study(tmp_path, first, h100)
+    with pytest.raises(BadInput, match="--lightning-lora 'none' differs from study"):
+        settings_for_resume(dataclasses.replace(first, resume=True, lightning_lora="none"), h100)
+    other_host = str(tmp_path / "mounted-elsewhere")
+    cfg, notes = settings_for_resume(dataclasses.replace(first, resume=True, lightning_lora=other_host), h100)
+    assert any("on this host" in n for n in notes)
+
+
+def test_the_cli_tells_which_options_were_typed() -> None:
+    from typer.testing import CliRunner
+
+    import cli
+
+    app = typer.Typer()
+    seen: list[frozenset[str]] = []
+
+    @app.command()
+    def t(ctx: typer.Context, objective: str = typer.Option("latency", "--objective"),
+          seed: int = typer.Option(42, "--seed"), output: str = typer.Option("x", "--out")) -> None:
+        seen.append(cli._given(ctx))
+
+    assert CliRunner().invoke(app, ["--objective", "latency", "--out", "y"]).exit_code == 0
+    assert seen == [frozenset({"objective", "out_dir"})]  # --seed left at its default: not given
