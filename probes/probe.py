@@ -155,7 +155,12 @@ def apply_visible_devices(gpus: tuple[GpuInfo, ...], links: tuple[GpuLink, ...],
         return gpus, links, ""
     kept, stopped_at = _read_visible(gpus, visible)  # CUDA ignores everything after the first invalid entry
     if stopped_at.startswith("MIG-"):
-        return gpus, links, f"CUDA_VISIBLE_DEVICES={visible} names MIG slices: GPU list not filtered"
+        # A CUDA process sees exactly one MIG device; which GPU holds it is unknown without NVML's MIG
+        # list. One device, not every GPU: a tune for 8 whole GPUs would plan layouts that cannot launch.
+        mig = [g for g in gpus if g.mig_mode == "Enabled"] or list(gpus)
+        return (mig[0],), (), (f"CUDA_VISIBLE_DEVICES={visible} names MIG slices NVML could not list: CUDA sees "
+                               f"one MIG device; shown as GPU{mig[0].index} whole, though its slice has less "
+                               "memory (an out-of-memory trial takes the memory fallbacks)")
     keep = {g.index for g in kept}
     kept_links = tuple(lk for lk in links if lk.a in keep and lk.b in keep)
     note = f"CUDA_VISIBLE_DEVICES={visible}: using {len(kept)} of {len(gpus)} GPUs"

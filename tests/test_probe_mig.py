@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from autotune.search_space import search_space_for
-from probes.gpu import probe_gpus
+from probes.gpu import GpuInfo, probe_gpus
 from probes.probe import run_probe
 from probes.render import render_probe
 from probes.result import ProbeResult
@@ -162,7 +162,8 @@ def test_nvml_refusing_the_mig_calls_falls_back_to_the_whole_gpu_with_a_note(bro
     assert "GPU0 has MIG enabled: CUDA sees MIG slices, and their memory, not the whole GPU" in found.notes
     r = probe(data, SLICE_A, nvml=nvml)
     assert [(g.uuid, g.mig_slice, g.memory_total_mib) for g in r.gpus] == [(found.gpus[0].uuid, False, 81559)]
-    assert f"CUDA_VISIBLE_DEVICES={SLICE_A} names MIG slices: GPU list not filtered" in r.notes
+    assert any(n.startswith(f"CUDA_VISIBLE_DEVICES={SLICE_A} names MIG slices NVML could not list: CUDA sees "
+                            "one MIG device; shown as GPU0 whole") for n in r.notes)
 
 
 def test_a_mig_uuid_nvml_did_not_list_keeps_the_whole_gpu_view() -> None:
@@ -268,3 +269,14 @@ def test_a_missing_gpu_index_is_not_blamed_on_a_mig_gpu_without_slices() -> None
     for visible in ("5", "5,0"):  # CUDA stops at 5: GPU0 is never reached
         r = probe(mig_h100(mig_devices=[]), visible)
         assert r.gpus == () and "MIG" not in r.gpu_unreadable, visible
+
+
+def test_mig_slices_nvml_cannot_list_on_eight_gpus_give_one_device() -> None:
+    """8 GPUs, MIG on, NVML refusing the MIG calls: a CUDA process still sees one MIG device, so the
+    probe must not offer layouts over 8 whole GPUs (ulysses8 was in the search space)."""
+    from probes.probe import apply_visible_devices
+
+    gpus = tuple(GpuInfo(index=i, name="NVIDIA H200", uuid=f"GPU-{i}", memory_total_mib=143771,
+                         mig_mode="Enabled") for i in range(8))
+    kept, links, note = apply_visible_devices(gpus, (), "MIG-9a1b2c3d-0000-5b18-c779-ee137ca2c3f0")
+    assert [g.index for g in kept] == [0] and links == () and "CUDA sees one MIG device" in note
