@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from probes.commands import run_command
@@ -405,8 +406,30 @@ def read_topology(nvidia_smi: str, timeout_s: float) -> tuple[tuple[GpuLink, ...
 
 
 # ---------------------------------------------------------------------------------------------- entry
+PCI_DEVICES = "/sys/bus/pci/devices"
+
+
+def nvidia_gpus_on_pci(root: str = PCI_DEVICES) -> int | None:
+    """NVIDIA display or 3D controllers on the PCI bus, read from sysfs without any driver; None when
+    sysfs cannot be read. Tells a host with broken GPUs from one with the driver package and no GPU."""
+    try:
+        entries = list(Path(root).iterdir())
+    except OSError:
+        return None
+    found = 0
+    for dev in entries:
+        try:
+            vendor = (dev / "vendor").read_text().strip().lower()
+            cls = (dev / "class").read_text().strip().lower()
+        except OSError:
+            continue
+        if vendor == "0x10de" and cls[:6] in ("0x0300", "0x0302"):  # VGA / 3D controller (not NVSwitch bridges)
+            found += 1
+    return found
+
+
 def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_s: float = 10.0,
-               use_nvml: bool = True) -> GpuProbe:
+               use_nvml: bool = True, pci_root: str = PCI_DEVICES) -> GpuProbe:
     """GPUs (NVML first, nvidia-smi second) and their links. ``nvml`` injects a recording in tests."""
     notes: list[str] = []
     gpus: tuple[GpuInfo, ...] = ()
@@ -434,6 +457,12 @@ def probe_gpus(nvml: Any | None = None, nvidia_smi: str = "nvidia-smi", timeout_
         nvml_err = [n for n in notes if n.startswith("NVML unavailable (") and "not installed" not in n]
         if failed or (nvml_err and not any("not found" in n for n in notes)):
             unreadable = (failed or nvml_err)[0]
+        driver_absent = any(s in unreadable for s in ("couldn't communicate with the NVIDIA driver", "Driver Not Loaded"))
+        if driver_absent and nvidia_gpus_on_pci(pci_root) == 0:  # not a mismatch: that driver found GPUs at boot
+            # The driver's tools are installed (a cloud image on a CPU instance) but no NVIDIA GPU is on the bus.
+            notes.append(f"an NVIDIA driver is installed but no NVIDIA GPU is on the PCI bus ({unreadable}): "
+                         "a host without GPUs")
+            unreadable = ""
     links: tuple[GpuLink, ...] = ()
     if len(gpus) >= 2:
         links, link_notes = read_topology(nvidia_smi, timeout_s)

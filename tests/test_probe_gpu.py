@@ -173,8 +173,8 @@ def test_garbage_printing_nvidia_smi_is_a_note(tmp_path: Path) -> None:
 def test_driver_error_banner_is_a_note(tmp_path: Path) -> None:
     found, _ = _probe_with_smi(
         "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n", tmp_path)
-    assert found.notes == ("probe failed: nvidia-smi --query-gpu exited with 9: NVIDIA-SMI has failed because it "
-                           "couldn't communicate with the NVIDIA driver.",)
+    assert found.notes[0] == ("probe failed: nvidia-smi --query-gpu exited with 9: NVIDIA-SMI has failed because it "
+                              "couldn't communicate with the NVIDIA driver.")  # (and, without GPUs on the bus, why none)
 
 
 def test_old_driver_without_compute_cap_field(tmp_path: Path) -> None:
@@ -297,12 +297,44 @@ def test_one_lost_gpu_leaves_the_others_listed_and_a_dead_driver_is_not_a_cpu_ho
                        f'case "$1" in --query-gpu*) cat {tmp_path / name}.out; exit {code};; '
                        "topo) exit 1;; *) echo 'CUDA Version: 13.0';; esac\n")
         smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
-        found = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5)
+        found = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5, pci_root=str(_pci(tmp_path, 3)))
         if name == "lost":
             assert [g.index for g in found.gpus] == [0, 2] and not found.unreadable
             assert any("Unable to determine the device handle" in n for n in found.notes)
         else:
             assert found.gpus == () and "Driver/library version mismatch" in found.unreadable
+
+
+def _pci(tmp_path: Path, nvidia_gpus: int) -> Path:
+    """A sysfs PCI device folder: an Intel bridge, an NVSwitch (NVIDIA, bridge class) and the GPUs."""
+    root = tmp_path / f"pci{nvidia_gpus}"
+    if root.exists():
+        return root
+    devs = [("0x8086", "0x060400"), ("0x10de", "0x068000")] + [("0x10de", "0x030200")] * nvidia_gpus
+    for i, (vendor, cls) in enumerate(devs):
+        d = root / f"0000:{i:02x}:00.0"
+        d.mkdir(parents=True)
+        (d / "vendor").write_text(vendor + "\n")
+        (d / "class").write_text(cls + "\n")
+    return root
+
+
+def test_a_driver_without_any_gpu_on_the_bus_is_a_cpu_host(tmp_path: Path) -> None:
+    """A cloud image with the driver on a CPU instance: NVML 'Driver Not Loaded', nvidia-smi exit 9. With
+    no NVIDIA GPU on the PCI bus that is no GPU (a note), not exit 3; with GPUs there, still unreadable."""
+    import stat
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it couldn'\\''t communicate with the NVIDIA "
+                   "driver.'\nexit 9\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    cpu = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5, pci_root=str(_pci(tmp_path, 0)))
+    assert cpu.gpus == () and cpu.unreadable == ""
+    assert any(n.startswith("an NVIDIA driver is installed but no NVIDIA GPU is on the PCI bus") for n in cpu.notes)
+    broken = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5, pci_root=str(_pci(tmp_path, 2)))
+    assert broken.gpus == () and "couldn't communicate" in broken.unreadable
+    unknown = probe_gpus(nvidia_smi=str(smi), use_nvml=False, timeout_s=5, pci_root=str(tmp_path / "no-sysfs"))
+    assert unknown.unreadable  # sysfs unreadable: nothing says the GPUs are not there
 
 
 def test_a_hung_nvml_is_given_up_on_time(tmp_path) -> None:
