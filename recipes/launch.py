@@ -48,7 +48,13 @@ trap cleanup EXIT
 # command has finished: a kill would otherwise wait for the whole video.
 stop_run() {{
   trap "" INT TERM
-  if [ -n "${{child:-}}" ]; then kill -TERM "$child" 2>/dev/null || true; wait "$child" 2>/dev/null || true; fi
+  if [ -n "${{child:-}}" ]; then
+    kill -TERM "$child" 2>/dev/null || true
+    # Up to a minute to clean up (ranks free their GPU memory), then no longer asked.
+    for _ in $(seq 60); do kill -0 "$child" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+  fi
   exit "$1"
 }}
 trap 'stop_run 130' INT
@@ -80,6 +86,14 @@ rc=0
 wait "$child" || rc=$?
 exit "$rc"
 """
+
+IMAGE_LINE = """\
+# IMAGE from the environment is used when it names a file: CI and containers export IMAGE=<docker image>.
+if [ -n "${{IMAGE:-}}" ] && [ ! -f "$IMAGE" ]; then
+  echo "launch.sh: IMAGE=$IMAGE is not a file here; using the recipe's image" >&2
+  unset IMAGE
+fi
+if [ -z "${{IMAGE+x}}" ]; then IMAGE={image}; fi"""
 
 MULTINODE = """\
 # Several hosts: set NNODES, NODE_RANK and RDZV_ENDPOINT (host:port of node 0) on every host; the recipe's
@@ -141,7 +155,7 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
         lightning_lora=q(recipe.lightning_lora),
         prompt=q(recipe.prompt),
         negative_prompt=q(recipe.negative_prompt),
-        image_line=(f'if [ -z "${{IMAGE+x}}" ]; then IMAGE={q(recipe.image)}; fi' if _takes_image(recipe) else
+        image_line=(IMAGE_LINE.format(image=q(recipe.image)) if _takes_image(recipe) else
                     f"IMAGE=''  # {recipe.task} takes no image: an IMAGE set in the environment (CI, containers) is not read"),
         seed=q(str(recipe.seed)),
         out=q(o.out),

@@ -201,5 +201,9 @@ def test_an_image_in_the_environment_reaches_only_tasks_that_take_one(tmp_path: 
     env = {"IMAGE": "nvcr.io/nvidia/pytorch:25.01-py3"}
     argv = _run(render_launch_script(Recipe(task="t2v-A14B")), tmp_path, env)
     assert apply_overrides(Recipe(), _sets(argv)).image == ""
-    argv = _run(render_launch_script(Recipe(task="i2v-A14B", image="/in.png")), tmp_path, {"IMAGE": "/other.png"})
-    assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == "/other.png"
+    other = tmp_path / "other.png"
+    other.write_bytes(b"png")
+    argv = _run(render_launch_script(Recipe(task="i2v-A14B", image="/in.png")), tmp_path, {"IMAGE": str(other)})
+    assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == str(other)
+    argv = _run(render_launch_script(Recipe(task="i2v-A14B", image="/in.png")), tmp_path, env)  # a docker image name
+    assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == "/in.png"
