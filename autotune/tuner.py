@@ -162,6 +162,8 @@ class Tuner:
         """The base recipe before any baseline memory fallback (what the note of one compares with)."""
         self.refs: dict[str, TrialRecord] = {}
         self.ref_paths: dict[str, tuple[str, str]] = {}
+        self.ref_step_s: dict[str, float] = {}
+        """A computed step's seconds in each reference run (the proxy workload's baseline step)."""
         self.magcache_ratios: list[list[float]] = []
         self.expert_steps: list[int] = []  # each expert's share of the schedule, as the baseline's run reported
         self.by_hash: dict[str, TrialRecord] = {}
@@ -270,6 +272,7 @@ class Tuner:
             if self.baseline.fallbacks:  # the stack the baseline ran with after running out of memory
                 self.base_recipe = self.baseline.recipe_obj()
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
+            self.ref_step_s = {k: float(v) for k, v in base.get("ref_step_s", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
         self._adopt_exclusions(study.user_attrs)
@@ -614,10 +617,16 @@ class Tuner:
         penalty = (self.baseline.denoise_pred_s if self.baseline else 1e3) * INFEASIBLE_FACTOR
         value = rec.denoise_pred_s if rec.denoise_pred_s > 0 and rec.outcome not in ("oom", "crash", "timeout",
                                                                                       "unsupported", "invalid") else penalty
+        if swapped and rec.role != "sampled":
+            # A planned stack (warm start, screen) built on a value excluded since it was queued: what ran is
+            # not what the parameters say, and a penalty would teach the sampler that the plan's other knobs
+            # (compile, fp8, a cache) lose. Failed trials teach it nothing.
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
         if swapped:
-            # The sampled stack held a value measured slower than the baseline and ran with the baseline's
-            # instead: told as what it asked for, or the sampler takes the swapped stack's time as that
-            # value's and keeps proposing it (the record keeps the measurement for the ranking).
+            # The sampler's own draw held a value measured slower than the baseline (or broken) and ran with
+            # the baseline's instead: told as what it asked for, or the sampler takes the swapped stack's time
+            # as that value's and keeps proposing it (the record keeps the measurement for the ranking).
             value = max(value, penalty)
         if self.cfg.objective == "pareto":
             study.tell(trial, [value, rec.psnr_min_db if rec.gate_passed else 0.0])
@@ -679,13 +688,17 @@ class Tuner:
 
     def _spec(self, recipe: Recipe, mode: str, number: int, tag: str, ref: str = "", **kw: Any) -> TrialSpec:
         frames_ref, latent_ref = self.ref_paths.get(ref, ("", ""))
+        # A computed step's cost at this run's workload, for telling a compiled cache's skipped steps by time.
+        hint = 0.0
+        if recipe.cache != "none" and self.baseline is not None:
+            hint = self.ref_step_s.get(ref, 0.0) if ref else self.baseline.step_median_s
         fault, fault_rank = self.injections.get(number, ("none", -1)) if tag.endswith("a0") else ("none", -1)
         return TrialSpec(recipe=recipe, mode=mode, out_dir=str(self.out / "trials" / f"{number:04d}-{tag}"),
                          warmup_steps=self.cfg.warmup_steps, reference_frames=frames_ref,
                          reference_latent=latent_ref, write_video=False, fault=fault, fault_rank=fault_rank,
                          trial_number=number,
                          magcache_ratios=self.magcache_ratios if recipe.cache == "magcache" else [],
-                         trust_checkpoint=self.cfg.trust_checkpoint, **kw)
+                         trust_checkpoint=self.cfg.trust_checkpoint, step_hint_s=hint, **kw)
 
     def _launch(self, spec: TrialSpec) -> TrialOutcome:
         out = run_trial(spec, Path(spec.out_dir), timeout_s=self._timeout(), on_progress=self.reporter.progress)
@@ -738,6 +751,7 @@ class Tuner:
             if out.result and out.outcome == "ok":
                 self.ref_paths = {"full": (out.result.frames_path, out.result.latent_path)}
                 self.ref_paths["short"] = self.ref_paths["full"]
+                self.ref_step_s = dict.fromkeys(("full", "short"), out.result.timings.step_median_s)
         else:
             out = self._launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
             rec = self._record(number, "baseline", "baseline", recipe, out)
@@ -745,7 +759,8 @@ class Tuner:
 
     def _save_baseline(self) -> None:
         self._attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
-                                           "refs": self.ref_paths, "magcache_ratios": self.magcache_ratios,
+                                           "refs": self.ref_paths, "ref_step_s": self.ref_step_s,
+                                           "magcache_ratios": self.magcache_ratios,
                                            "expert_steps": self.expert_steps}
         self._flush_attrs()
 
@@ -766,6 +781,7 @@ class Tuner:
             raise NothingFeasible(f"the baseline's {kind} reference run failed: {out.outcome}: {out.reason}",
                                   "lower --proxy-size/--proxy-frames or check the logs under reference/")
         self.ref_paths[kind] = (out.result.frames_path, out.result.latent_path)
+        self.ref_step_s[kind] = out.result.timings.step_median_s
         self._save_baseline()
 
     def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str]) -> TrialRecord:
@@ -786,7 +802,8 @@ class Tuner:
             label = recipe.stack_label(self.base_recipe)
             attempt += 1
         rec = dataclasses.replace(rec, fallbacks=fallbacks)
-        if rec.outcome in BROKEN_OUTCOMES:
+        if rec.outcome in BROKEN_OUTCOMES and not fallback_fields - DENOISE_NEUTRAL_FALLBACKS:
+            # (after an offload fallback the knob is not what ran alone: nothing is blamed, as for slowness)
             diff = [k for k in recipe.diff(self.base_recipe) if k not in fallback_fields]
             if len(diff) == 1:  # one knob on the baseline failed: every stack built on it would fail too
                 knob = diff[0]
@@ -852,6 +869,12 @@ class Tuner:
         q = self._launch(self._spec(self._proxy(recipe, short=kind == "short"), "quality", number, tag + "q", ref=kind))
         if q.outcome != "ok" or q.result is None:
             return dataclasses.replace(rec, outcome=q.outcome, reason=f"quality run: {q.reason}")
+        if recipe.cache != "none" and not q.result.step_forwards and q.result.computed_steps and fraction == 1.0:
+            # Compiled: nothing counted. A schedule not known before the run (FBCache, SeaCache, MagCache before
+            # its ratios) is taken from the whole quality run's steps, told apart by time.
+            fraction = sum(q.result.computed_steps) / len(q.result.computed_steps)
+            rec = dataclasses.replace(rec, notes=[*rec.notes, f"{recipe.cache} under compile: {fraction:.3f} of "
+                                                  "the steps computed, told apart by their time (not counted)"])
         if recipe.cache != "none" and q.result.step_forwards:
             priced = fraction
             fraction = sum(q.result.step_forwards) / (2 * len(q.result.step_forwards) if recipe.guidance > 1 else

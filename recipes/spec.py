@@ -83,6 +83,9 @@ class TrialSpec:
     ratios for real checkpoints, else calibrated in-process."""
     trust_checkpoint: bool = False
     """Load a checkpoint directory that has no wanctl download manifest (the user vouches for it)."""
+    step_hint_s: float = 0.0
+    """A computed step's cost at this workload as measured before (the baseline's), 0 when unknown: under
+    compile nothing counts a cache's forwards, and a step far cheaper than this one was skipped."""
     fault: str = "none"
     """Fault to inject (see FAULTS); none in every real run."""
     fault_step: int = 0
@@ -187,6 +190,9 @@ class RunResult:
     """Transformer forwards that were computed (not skipped by a cache) among the steps that ran."""
     step_forwards: list[int] = field(default_factory=list)
     """Transformer forwards computed in each step that ran (2 with CFG, fewer when a cache skipped)."""
+    computed_steps: list[bool] = field(default_factory=list)
+    """With a cache: whether each step that ran computed, from the counts, else the cache's own schedule,
+    else the step's time (under compile, ``step_forwards`` is empty); empty without a cache."""
     cache_ratios: list[list[float]] = field(default_factory=list)
     """MagCache ratios per expert used by this run (calibrated ones are reused by later trials)."""
     expert_steps: list[int] = field(default_factory=list)

@@ -125,6 +125,14 @@ def test_uncounted_cached_steps_are_told_apart_by_schedule_or_time() -> None:
     mostly_skipped = [9.0, 0.180, 0.004, 0.004, 0.004, 0.181, 0.004, 0.004, 0.004]  # FBCache skipping 75%
     assert _step_medians(mostly_skipped, [], 1, cached=True, schedule=[]) == (pytest.approx(0.1805), 0.004)
     assert _step_medians([9.0, 1.0, 0.03, 1.02], [], 1, cached=False, schedule=[]) == (1.0, 0.0)  # no cache
+    # The review's traps for the time rule alone: one computed step among skipped ones, two slow outliers.
+    # With the baseline's step (hint) a fifth of it separates them whatever the window holds.
+    assert _step_medians([9.0, 0.17, 0.006, 0.006], [], 1, cached=True, schedule=[], hint_s=0.25) == (0.17, 0.006)
+    outliers = [9.0, 0.96, 0.9, 0.17, 0.006, 0.17]  # two recompiles count as computed: too slow, never too fast
+    assert _step_medians(outliers, [], 1, cached=True, schedule=[], hint_s=0.25) == (pytest.approx(0.535), 0.006)
+    # Every steady step skipped: a computed step's cost is the baseline's, not a skipped step's.
+    assert _step_medians([1.0, 0.01, 0.01, 0.01], [2, 0, 0, 0], 1, cached=True, schedule=[], hint_s=0.8) == (0.8, 0.01)
+    assert _step_medians([1.0, 0.01, 0.01, 0.01], [2, 0, 0, 0], 1, cached=True, schedule=[]) == (1.0, 0.01)
     assert _step_medians([9.0, 1.0, 0.03, 1.02], [2, 2, 0, 2], 1, cached=True, schedule=[]) == (1.01, 0.03)  # counts
 
 

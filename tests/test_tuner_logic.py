@@ -105,6 +105,7 @@ class SimulatedTuner(Tuner):
                 Path(spec.out_dir, name).touch()
         res = RunResult(outcome="ok", device="cuda:0", timings=timings, steps_total=r.steps, steps_run=n,
                         step_forwards=forwards if r.cache != "none" else [], quality=q, expert_steps=[r.steps],
+                        computed_steps=[f > 0 for f in forwards][:n] if r.cache != "none" else [],
                         frames_path=str(Path(spec.out_dir) / "frames.npy"),
                         latent_path=str(Path(spec.out_dir) / "latent.pt"),
                         actual={"attention": r.attention, "compile": r.compile, "quant": r.quant})
@@ -965,8 +966,12 @@ def test_the_sampler_learns_that_excluded_values_lose(h100: ProbeResult, tmp_pat
     assert swapped, "the simulated machine makes some attention backends lose their screen"
     for tr in swapped:
         rec = TrialRecord.from_attr(tr.user_attrs[RECORD_KEY])
+        if rec.role != "sampled":  # a planned stack: failed (teaches nothing), not its other knobs punished
+            assert tr.state == optuna.trial.TrialState.FAIL and rec.denoise_pred_s > 0
+            continue
         assert tr.values[0] >= t.baseline.denoise_pred_s * 10 > rec.denoise_pred_s > 0, (tr.number, tr.values)
         assert tr.system_attrs["constraints:feasible"] == 1.0  # infeasible
+    assert any(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).role == "sampled" for tr in swapped)
 
 
 class _CudnnCrashes(SimulatedTuner):
@@ -991,6 +996,14 @@ def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, 
     assert "attention=_native_cudnn excluded from later trials" in crashed[0].reason
     warm = [r for r in res.records if r.role == "warm_start"]
     assert warm and all(r.recipe["attention"] != "_native_cudnn" for r in warm)
+    import optuna
+
+    from autotune.study import open_storage
+
+    study = optuna.load_study(study_name=t.study_name(), storage=open_storage(cfg.storage_url()))
+    swapped_warm = [tr for tr in study.get_trials(deepcopy=False) if tr.user_attrs.get("wanctl_role") == "warm_start"
+                    and tr.params.get("attention") == "_native_cudnn"]
+    assert swapped_warm and all(tr.state == optuna.trial.TrialState.FAIL for tr in swapped_warm)  # not penalised
 
 
 @pytest.mark.parametrize(("machine", "task", "gpus"), [("h100_sxm_8x", "ti2v-5B", 2), ("a100_80gb_2x", "t2v-A14B", 2),
@@ -1026,3 +1039,52 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
         assert t._suggest(asked) == r, r.stack_label(base)
         study.tell(asked, 1.0)
 
+
+
+class _CompiledUncounted(SimulatedTuner):
+    """As the runtime under compile: no forward counts, only which steps computed (by schedule or time)."""
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        out = super()._launch(spec)
+        if out.result is not None and spec.recipe.compile != "off":
+            out = dataclasses.replace(out, result=dataclasses.replace(out.result, step_forwards=[]))
+        return out
+
+
+def test_a_compiled_cache_is_priced_from_the_steps_that_computed(h100: ProbeResult, tmp_path: Path) -> None:
+    """FBCache under compile: nothing counts its forwards and its schedule is not known before the run; it
+    was priced as computing every step (never faster than compile alone). The quality run's steps, told
+    apart by time in the runtime, price it now, and every spec with a cache carries the baseline's step."""
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    t = _CompiledUncounted(cfg, h100)
+    t.run()
+    fb = t.base_recipe.replace(cache="fbcache", cache_threshold=0.1, compile="regional", compile_fullgraph=False)
+    rec = t._evaluate_trial(50, "sampled", fb)
+    assert rec.outcome == "ok", rec
+    frac = computed(fb)  # the simulated runtime's schedule over the quality run's 8 steps
+    ran = [i < 1 or (i * frac) % 1 < frac for i in range(8)]
+    assert rec.computed_fraction == pytest.approx(sum(ran) / 8) and rec.computed_fraction < 1.0
+    assert any("fbcache under compile" in n and "told apart by their time" in n for n in rec.notes)
+    hinted = [s for s in t.specs if s.recipe.cache == "fbcache"]
+    assert hinted and all(s.step_hint_s > 0 for s in hinted)
+
+
+class _OffloadCrashes(SimulatedTuner):
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if spec.recipe.offload != "none":
+            self.specs.append(spec)
+            res = RunResult(outcome="crash", error="offload hook failed (simulated)")
+            return TrialOutcome("crash", "offload hook failed (simulated)", res, 1, "", 1.0)
+        return super()._launch(spec)
+
+
+def test_a_knob_that_failed_only_after_an_offload_fallback_is_not_excluded(h100: ProbeResult, tmp_path: Path) -> None:
+    """fp8 alone ran out of memory, its offload fallback crashed: what failed is not fp8 alone, so fp8 stays
+    in the search (as a slower-than-baseline verdict after offload blames nothing)."""
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    t = _OffloadCrashes(cfg, h100, oom_if={"quant": "fp8_rowwise", "offload": "none"})  # type: ignore[arg-type]
+    t.space = dataclasses.replace(t.space, offload=("none", "model"))  # as on a card it barely fits
+    t.run()
+    rec = t._evaluate_trial(50, "screen", t.base_recipe.replace(quant="fp8_rowwise"))
+    assert rec.outcome == "crash" and rec.fallbacks, rec
+    assert "quant" not in t.exclusions.as_dict()

@@ -275,10 +275,11 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
             step_s[-1] = now - last["t"]
         last["t"] = now
         last["latents"] = lat
-        if progress is not None:
-            progress(i + 1, steps_to_run)
+        if progress is not None:  # a cache's window may run past steps_to_run to time enough computed steps
+            progress(i + 1, max(steps_to_run, i + 1))
         if i + 1 >= steps_to_run and (i + 1 >= recipe.steps or  # a cache's skipped steps do not count
-                                      _full_steps(step_s, forwards, spec.warmup_steps, recipe.cache != "none", schedule)
+                                      _full_steps(step_s, forwards, spec.warmup_steps, recipe.cache != "none", schedule,
+                                                  spec.step_hint_s)
                                       >= steps_to_run - spec.warmup_steps):
             p._interrupt = True
         return {"latents": lat}
@@ -301,7 +302,8 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     frames = to_uint8(np.nan_to_num(frames_f))
 
     warm = spec.warmup_steps if len(step_s) > spec.warmup_steps else 0
-    median, skipped_median = _step_medians(step_s, forwards, warm, recipe.cache != "none", schedule)
+    median, skipped_median = _step_medians(step_s, forwards, warm, recipe.cache != "none", schedule,
+                                           spec.step_hint_s)
     timings = Timings(
         load_s=load_s, apply_s=apply_s, text_encode_s=sink.get("text_encode_s", 0.0), step_s=step_s,
         warmup_s=sum(step_s[:warm]), step_median_s=median, denoise_s=sum(step_s),
@@ -312,7 +314,9 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     res = RunResult(
         outcome="ok", device=device_name(device), gpus=recipe.gpus, versions=versions(), actual=dict(ctx.actual),
         steps_total=recipe.steps, steps_run=len(step_s), steps_computed=sum(forwards) if forwards else -1,
-        step_forwards=forwards, peak_mem_bytes=int(peak), frames=int(frames.shape[0]), notes=list(ctx.notes),
+        step_forwards=forwards, peak_mem_bytes=int(peak),
+        computed_steps=(_computed_flags(step_s, forwards, True, schedule, spec.step_hint_s, warm)
+                        if recipe.cache != "none" else []), frames=int(frames.shape[0]), notes=list(ctx.notes),
         cache_ratios=ctx.extra.get("magcache_ratios") or [], expert_steps=expert_steps(pipe, recipe.steps),
     )
     if wall > 0 and not step_s:
@@ -344,42 +348,53 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     return dataclasses.replace(res, timings=timings)
 
 
-def _computed_flags(step_s: list[float], forwards: list[int], warm: int, cached: bool,
-                    schedule: list[bool]) -> list[bool]:
-    """Which steady steps computed every pass they could. A cache's skipped steps cost next to nothing:
-    among the timed steps they would pull the median down, and the tuner, which prices the skipping from
-    the schedule, would count it twice (a 1.9x MagCache recipe claimed 93x).
+def _computed_flags(step_s: list[float], forwards: list[int], cached: bool, schedule: list[bool],
+                    hint_s: float, warm: int) -> list[bool]:
+    """Whether each step that ran computed every pass it could. A cache's skipped steps cost next to
+    nothing: among the timed steps they would pull a step's cost down, and the tuner, which prices the
+    skipping from the schedule, would count it twice (a 1.9x MagCache recipe claimed 93x).
 
     Counted forwards (eager) decide. Under compile nothing counts (diffusers' block submodules' hooks do
     not run there): a cache whose schedule is known before the run (TaylorSeer; MagCache from its ratios)
-    says it; otherwise the steps' times do: computed are those above half the slowest step but one (the
-    slowest may be a recompile at the hooks' first new branch: 964 ms beside 173 ms computed steps on an
-    H200 at a small workload), a skipped step costing a few percent of a computed one.
+    says it; otherwise the steps' times do. A skipped step costs a few percent of a computed one (no block,
+    or the first block only) and a compiled computed step not less than a third of the baseline's, so with
+    the baseline's step (``hint_s``) a fifth of it separates them; without it, half the slowest steady step
+    but one (the slowest may be a recompile: 964 ms beside 173 ms computed steps on an H200). Warm-up steps
+    count as computed there: caches start by computing.
     """
+    n = len(step_s)
+    if forwards and len(forwards) == n:
+        most = max(forwards)
+        return [f == most and most > 0 for f in forwards]
+    if not cached:
+        return [True] * n
+    if len(schedule) >= n:
+        return list(schedule[:n])
     steady = step_s[warm:]
-    if forwards and len(forwards) == len(step_s):
-        most = max(forwards)  # the first steps compute every pass (caches start full)
-        return [n == most and most > 0 for n in forwards[warm:]]
-    if not cached or not steady:
-        return [True] * len(steady)
-    if len(schedule) >= len(step_s):
-        return list(schedule[warm:len(step_s)])
-    ref = (sorted(steady)[:-1] or steady)[-1]  # the slowest but one
-    return [t >= 0.5 * ref for t in steady]
+    if hint_s > 0:
+        cut = 0.2 * hint_s
+    else:
+        cut = 0.5 * (sorted(steady)[:-1] or steady or [0.0])[-1]
+    return [True] * (n - len(steady)) + [t >= cut for t in steady]
 
 
-def _full_steps(step_s: list[float], forwards: list[int], warm: int, cached: bool, schedule: list[bool]) -> int:
-    return sum(_computed_flags(step_s, forwards, warm, cached, schedule)) if len(step_s) > warm else 0
+def _full_steps(step_s: list[float], forwards: list[int], warm: int, cached: bool, schedule: list[bool],
+                hint_s: float) -> int:
+    flags = _computed_flags(step_s, forwards, cached, schedule, hint_s, warm)
+    return sum(flags[warm:]) if len(step_s) > warm else 0
 
 
-def _step_medians(step_s: list[float], forwards: list[int], warm: int, cached: bool,
-                  schedule: list[bool]) -> tuple[float, float]:
-    """(a computed step's cost, a skipped step's cost): medians of the steady steps of each kind; every
-    steady step is a computed one when nothing says otherwise, and 0.0 when no skipped step ran."""
+def _step_medians(step_s: list[float], forwards: list[int], warm: int, cached: bool, schedule: list[bool],
+                  hint_s: float = 0.0) -> tuple[float, float]:
+    """(a computed step's cost, a skipped step's cost): medians of the steady steps of each kind, 0.0 for a
+    kind none of which ran. With no steady computed step (every one skipped), a computed step's cost is the
+    baseline's where known, else the warm-up's (which holds compile: too high, never too low)."""
+    flags = _computed_flags(step_s, forwards, cached, schedule, hint_s, warm)[warm:]
     steady = step_s[warm:]
-    flags = _computed_flags(step_s, forwards, warm, cached, schedule)
-    full = [t for t, c in zip(steady, flags, strict=True) if c] or steady or step_s
+    full = [t for t, c in zip(steady, flags, strict=True) if c]
     skipped = [t for t, c in zip(steady, flags, strict=True) if not c]
+    if not full:
+        full = [hint_s] if hint_s > 0 else (step_s[:warm] or steady)
     return (statistics.median(full) if full else 0.0), (statistics.median(skipped) if skipped else 0.0)
 
 
