@@ -196,12 +196,13 @@ def _why_unusable(probe: ProbeResult) -> str:
 
 def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None = None, *,
                      allow_cpu_compile: bool = False, lightning_available: bool = False,
-                     size: str = "", frames: int = 0) -> SearchSpace:
+                     size: str = "", frames: int = 0, proxy: tuple[str, int] | None = None) -> SearchSpace:
     """The knob values worth trying for ``task``/``model`` on the probed machine.
 
     ``gpus``: GPUs one run may use (default: every visible GPU). ``allow_cpu_compile``: search
     torch.compile on a CPU-only host (slow on few cores). ``lightning_available``: the Lightning 4-step
     LoRA is on disk. ``size``/``frames``: the workload, for the memory estimate (default: the task's).
+    ``proxy``: (size, frames) of the quality runs, which a Ulysses degree must split too.
     Raises BadInput for an impossible request and HardwareUnsupported when the machine cannot run it.
     """
     spec = model_spec(task)  # BadInput naming the tasks when unknown
@@ -236,12 +237,15 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
             raise HardwareUnsupported(f"asked for {gpus} GPUs; this machine has {have} ({probe.describe()})",
                                       f"pass --gpus {have} or fewer")
         n = gpus or have
-    ulysses = tuple(d for d in range(1, n + 1) if n % d == 0 and heads % d == 0 and tokens % d == 0)
+    # The quality runs (``proxy``: their size and frames) split their own sequence with the same degree.
+    workloads = [(r0.size, r0.frames, tokens)] + ([(proxy[0], proxy[1], spec.tokens(*proxy))] if proxy else [])
+    ulysses = tuple(d for d in range(1, n + 1)
+                    if n % d == 0 and heads % d == 0 and all(t % d == 0 for _, _, t in workloads))
     for d in range(2, n + 1):
         if n % d == 0 and heads % d:
             excluded[f"ulysses={d}"] = f"{task} has {heads} attention heads, not divisible by {d}"
-        elif n % d == 0 and tokens % d:
-            excluded[f"ulysses={d}"] = f"the {tokens}-token sequence of {r0.size} x {r0.frames} frames is not divisible by {d}"
+        elif n % d == 0 and (odd := next(((sz, fr, t) for sz, fr, t in workloads if t % d), None)):
+            excluded[f"ulysses={d}"] = f"the {odd[2]}-token sequence of {odd[0]} x {odd[1]} frames is not divisible by {d}"
     multi = n >= 2
     why_single = "needs 2 or more GPUs" + ("" if on_gpu else f"; {no_gpu}") + (
         f"; this run uses {n}" if on_gpu else "")

@@ -135,9 +135,7 @@ class Tuner:
         self.reporter = reporter or NullReporter()
         self.policy: QualityPolicy = parse_quality(cfg.quality)
         self.out = Path(cfg.out_dir).expanduser().resolve()
-        r0 = cfg.base_recipe().resolved()
-        self.space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
-                                lightning_available=bool(cfg.lightning_source()))
+        self.space = space_for(cfg, probe)
         self.choices: dict[str, tuple[Any, ...]] = sampled_choices(self.space)
         """What trials are sampled from: this space's, or the study's when it was created elsewhere."""
         self.on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
@@ -225,7 +223,7 @@ class Tuner:
             self._enqueue_plan(study)
             study.set_user_attr(PLAN_KEY, True)
         else:
-            self._adopt_choices(study.user_attrs)
+            self._adopt_choices(study.user_attrs, study.get_trials(deepcopy=False))
             requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
@@ -237,18 +235,18 @@ class Tuner:
         self._loop(study)
         return self._finish(study, name, storage_url)
 
-    def _adopt_choices(self, attrs: dict[str, Any]) -> None:
+    def _adopt_choices(self, attrs: dict[str, Any], trials: list[optuna.trial.FrozenTrial]) -> None:
         """Sample from the study's choices, not this worker's: a value this machine cannot run is then an
         'unsupported' trial (why_not), where a changed list made Optuna refuse the parameter and end the tune."""
         stored = attrs.get(CHOICES_KEY)
-        if stored is None and PROBE_KEY in attrs:  # a study from before choices were stored: its creator's space
-            try:
-                r0 = self.cfg.base_recipe().resolved()
-                stored = sampled_choices(search_space_for(
-                    ProbeResult.from_json(attrs[PROBE_KEY]), self.cfg.task, self.cfg.model, self.cfg.gpus,
-                    size=r0.size, frames=r0.frames, lightning_available=bool(self.cfg.lightning_source())))
-            except WanctlError:
-                return
+        if stored is None:  # a study from before choices were stored: those its trials were drawn from, and
+            rebuilt: dict[str, Any] = {}  # its creator's space (rebuilt) for parameters never drawn yet
+            if PROBE_KEY in attrs:
+                try:
+                    rebuilt = sampled_choices(space_for(self.cfg, ProbeResult.from_json(attrs[PROBE_KEY])))
+                except WanctlError:
+                    rebuilt = {}
+            stored = {**rebuilt, **_choices_drawn(trials)} or None
         if not stored:
             return
         theirs = {k: tuple(v) for k, v in stored.items()}
@@ -1036,6 +1034,28 @@ def sampled_choices(space: SearchSpace) -> dict[str, tuple[Any, ...]]:
     return {k: tuple(getattr(space, k)) for k in SAMPLED}
 
 
+def _choices_drawn(trials: list[optuna.trial.FrozenTrial]) -> dict[str, tuple[Any, ...]]:
+    """The choices a study's trials were drawn from, as Optuna stored them: a study from before the choices
+    were kept has them in its trials' distributions (rebuilding them with today's rules could differ)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            if name in SAMPLED and isinstance(dist, optuna.distributions.CategoricalDistribution):
+                out.setdefault(name, tuple(dist.choices))
+    return out
+
+
+def space_for(cfg: TuneConfig, probe: ProbeResult) -> SearchSpace:
+    """The search space of ``cfg``'s study on ``probe``'s machine: the tuner's, and the report's rebuild."""
+    r0 = cfg.base_recipe().resolved()
+    proxy = None
+    if not cfg.single_run:
+        p = cfg.proxy_recipe(r0, short=False)
+        proxy = (p.size, p.frames)
+    return search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
+                            lightning_available=bool(cfg.lightning_source()), proxy=proxy)
+
+
 CONFIRM_TRIES = 3
 """Distinct candidates a tune confirms, fastest first, before it settles for what was confirmed earlier."""
 
@@ -1158,9 +1178,7 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
                if RECORD_KEY in t.user_attrs]
     best, confirm, _ = choose_confirmed(records, stored_confirmations(attrs), None)
     ex = merged_screened(attrs)
-    r0 = cfg.base_recipe().resolved()
-    space = search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
-                             lightning_available=bool(cfg.lightning_source()))
+    space = space_for(cfg, probe)
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
                      records=records, best=best, confirm=confirm, exclusions=ex, space=space,
                      notes=merged_notes(attrs), runs=study_runs(attrs))

@@ -1088,3 +1088,30 @@ def test_a_knob_that_failed_only_after_an_offload_fallback_is_not_excluded(h100:
     rec = t._evaluate_trial(50, "screen", t.base_recipe.replace(quant="fp8_rowwise"))
     assert rec.outcome == "crash" and rec.fallbacks, rec
     assert "quant" not in t.exclusions.as_dict()
+
+
+def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> None:
+    """ti2v-5B at 81 frames has 18,480 tokens (3 divides it) but its quality runs at 1280*704 x 17 have
+    4,400: every ulysses3 trial spent a full measure run, then its quality run was refused."""
+    from autotune.tuner import space_for
+
+    probe = probe_machine("h100_sxm_8x", tmp_path)
+    s = space_for(TuneConfig(model="random", task="ti2v-5B", frames=81, gpus=3, out_dir=str(tmp_path)), probe)
+    assert s.ulysses == (1,)
+    assert s.excluded["ulysses=3"] == "the 4400-token sequence of 1280*704 x 17 frames is not divisible by 3"
+    tiny = space_for(TuneConfig(model="tiny", task="ti2v-5B", gpus=2, out_dir=str(tmp_path)), probe)
+    assert 2 in tiny.ulysses  # tiny measures speed and quality in one run: no proxy to split
+
+
+def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path: Path) -> None:
+    import optuna
+
+    from autotune.tuner import _choices_drawn
+
+    study = optuna.create_study()
+    study.enqueue_trial({"parallel": "ulysses3"})
+    trial = study.ask()
+    trial.suggest_categorical("parallel", ("single", "ulysses3"))
+    trial.suggest_float("not_a_choice", 0.0, 1.0)
+    study.tell(trial, 1.0)
+    assert _choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
