@@ -96,7 +96,7 @@ def settings_for_resume(cfg: TuneConfig, probe: ProbeResult,
         if new == getattr(defaults, f) and f not in given:
             taken[f] = old
             continue
-        paths = all(v not in ("", "none") for v in (new, old))  # 'none' (Lightning not searched) is no path
+        paths = all(v != "none" for v in (new, old))  # 'none' (Lightning not searched) is no path; '' is the default one
         if (f in HOST_PATHS and paths) or (f == "model" and model_tag(str(new)) == model_tag(str(old))):
             notes.append(f"--resume: {f} is {new!r} on this host ({old!r} where the study started)")
             continue

@@ -16,10 +16,10 @@ TI2V_5B_SIZES = ("1280*704", "704*1280")
 
 
 TEXT_TOKENS = 512
-TINY_NUM_HEADS = 4
-"""Attention heads of the tiny test model (wan_runtime.tiny builds it): what a Ulysses degree must divide."""
 """The Wan pipelines' max_sequence_length: the text encoder reads this many tokens (the rest is dropped), and
 cross-attention attends over them."""
+TINY_NUM_HEADS = 4
+"""Attention heads of the tiny test model (wan_runtime.tiny builds it): what a Ulysses degree must divide."""
 
 
 @dataclass(frozen=True)
