@@ -4,9 +4,40 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from recipes.errors import BadInput, WanctlError
+
+
+def _could_not_write(p: Path, exc: OSError) -> WanctlError:
+    return WanctlError(f"could not write {p}: {exc.strerror or exc}", "free disk space or choose another output directory")
+
+
+@contextmanager
+def _written_temp(p: Path, data: bytes, mode: int) -> Iterator[str]:
+    """A temp file beside ``p`` holding ``data``, synced and with its final mode; removed on leaving
+    (after a rename nothing is left to remove). OS errors become a WanctlError naming ``p``."""
+    check_output_file(p)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise _could_not_write(p, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        yield tmp
+    except OSError as exc:
+        raise _could_not_write(p, exc) from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
@@ -16,26 +47,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     so the previous version of ``path`` (if any) stays intact.
     """
     p = Path(path)
-    check_output_file(p)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
-                          "free disk space or choose another output directory") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode if mode is not None else file_mode(0o666))
+    with _written_temp(p, data, mode if mode is not None else file_mode(0o666)) as tmp:
         os.replace(tmp, p)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
-                          "free disk space or choose another output directory") from exc
     return p
 
 
@@ -48,18 +61,7 @@ def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
     the file system has no hard links, an exclusive create is used instead.
     """
     p = Path(path)
-    check_output_file(p)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
-                          "free disk space or choose another output directory") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, file_mode(0o666))
+    with _written_temp(p, text.encode("utf-8"), file_mode(0o666)) as tmp:
         try:
             os.link(tmp, p)
         except FileExistsError:
@@ -72,14 +74,6 @@ def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
             with os.fdopen(out, "wb") as fh:
                 fh.write(text.encode("utf-8"))
         return True
-    except OSError as exc:
-        raise WanctlError(f"could not write {p}: {exc.strerror or exc}",
-                          "free disk space or choose another output directory") from exc
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
 
 
 def current_umask() -> int:
