@@ -276,7 +276,8 @@ class Tuner:
         self._adopt_exclusions(study.user_attrs)
         for t in study.get_trials(deepcopy=False):
             rec = t.user_attrs.get(RECORD_KEY)
-            if rec and t.state == optuna.trial.TrialState.COMPLETE:
+            # Failed ones too: a planned stack swapped off an excluded value is told failed, yet was measured.
+            if rec and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
                 r = TrialRecord.from_attr(rec)
                 if r.outcome not in ("duplicate",):
                     self.by_hash.setdefault(_hash(r.recipe), r)

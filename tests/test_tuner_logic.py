@@ -1115,3 +1115,18 @@ def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path:
     trial.suggest_float("not_a_choice", 0.0, 1.0)
     study.tell(trial, 1.0)
     assert _choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
+
+
+def test_a_resumed_study_does_not_measure_a_failed_swapped_plan_trial_again(h100: ProbeResult, tmp_path: Path) -> None:
+    """Swapped planned stacks are told failed but were measured: a resumed run knows their measurement."""
+    from autotune.tuner import _hash
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=12, out_dir=str(tmp_path))
+    first = _CudnnCrashes(cfg, h100)
+    first.run()
+    swapped = {_hash(r.recipe) for r in first.by_hash.values()
+               if r.role == "warm_start" and any(" excluded (" in n for n in r.notes)}
+    assert swapped
+    again = _CudnnCrashes(dataclasses.replace(cfg, resume=True), h100)
+    again.run()  # nothing left to run: it restores and finishes
+    assert swapped <= set(again.by_hash)
