@@ -102,7 +102,7 @@ def _probe_showing_checks(**kw: Any) -> ProbeResult:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err, disable=not out.is_terminal, transient=False)
+                    TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False)
 
 
 def _print_json(text: str) -> None:
@@ -265,8 +265,8 @@ class LiveReporter:
     def trial_started(self, number: int, total: int | None, role: str, label: str) -> None:
         self.prog.update(self.trial_task, total=total, description=escape(f"trial {number} [{role}] {label[:60]}"))
         self.prog.update(self.step_task, completed=0, visible=True)
-        if not out.is_terminal:
-            err.print(escape(f"trial {number}{'/' + str(total) if total else ''} [{role}] {label}"))
+        if not err.is_terminal:  # no live bar there: a line per trial (soft-wrapped: logs are read whole)
+            err.print(escape(f"trial {number}{'/' + str(total) if total else ''} [{role}] {label}"), soft_wrap=True)
 
     def progress(self, done: int, total: int) -> None:
         self.prog.update(self.step_task, completed=done, total=total)
@@ -377,7 +377,7 @@ def tune(
         return
     t = Table(title=escape(f"wanctl tune: {result.study_name}"))
     t.add_column("what")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")  # paths to copy: folded, never cut
     t.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(_count(result.records).items())))
     if result.best and result.confirm:
         t.add_row("best stack", escape(result.best.label))
@@ -564,7 +564,7 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
         return
     t = Table(title=escape(f"{path} ({r.stack_label()}, hash {r.recipe_hash()[:8]})"))
     t.add_column("field")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")
     t.add_column("meaning", style="dim")
     for k, v in r.to_dict().items():
         t.add_row(k, escape(repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
@@ -591,8 +591,19 @@ def main() -> None:
             _print_json_error(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        _interrupted(json_out)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C inside a command into Exit(130) itself, silently
+            _interrupted(json_out)
+        raise
+
+
+def _interrupted(json_out: bool) -> None:
+    err.print("interrupted")
+    if json_out:
+        _print_json_error("KeyboardInterrupt", "interrupted (Ctrl-C)", "run the same command again to resume "
+                          "where it can (tune --resume, download)", 130)
 
 
 def _print_json_error(kind: str, message: str, hint: str, exit_code: int) -> None:

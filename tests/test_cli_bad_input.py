@@ -205,3 +205,30 @@ def test_probe_json_on_a_host_whose_gpus_cannot_be_read_is_one_document(tmp_path
     doc = json.loads(r.stdout)  # one document, not the probe and then the error
     assert "no GPU could be read" in doc["error"]["message"] and doc["error"]["exit_code"] == 3
     assert json.loads(saved.read_text())["gpu_unreadable"]  # --save keeps the probe's own document
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_ctrl_c_inside_a_command_says_interrupted_and_json_gets_an_error(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         json_flag: list[str]) -> None:
+    """Typer turns a KeyboardInterrupt inside a command into a silent Exit(130): the user saw nothing and a
+    script reading --json got an empty stdout."""
+    import json
+    import sys
+
+    import cli
+
+    def interrupted(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_recipe", interrupted)
+    monkeypatch.setattr(sys, "argv", ["wanctl", "generate", "--model", "tiny", *json_flag])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    captured = capsys.readouterr()
+    assert "interrupted" in captured.err
+    if json_flag:
+        assert json.loads(captured.out)["error"]["exit_code"] == 130
+    else:
+        assert captured.out == ""
