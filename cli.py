@@ -178,10 +178,21 @@ def generate(
     if recipe:
         base = read_recipe(recipe)[0]
     elif best:
-        from autotune.recipe_store import find_best
+        from autotune.config import model_tag
+        from autotune.recipe_store import find_best, tuned_here
         from probes.probe import run_probe
 
         fp = run_probe(with_kernels=False).fingerprint()
+        if out_dir and not (model and task):  # the folders named say which model: not the tiny default
+            here = {(m, t) for m, t in tuned_here(out_dir, fp) if (not model or model_tag(m) == model_tag(model))
+                    and (not task or t == task)}
+            if len(here) > 1:
+                raise BadInput(f"--out-dir holds recipes for several models/tasks on this machine: "
+                               f"{', '.join(f'{model_tag(m)} / {t}' for m, t in sorted(here))}",
+                               "pass --model and --task to pick one")
+            if here:
+                m, t = next(iter(here))
+                model, task = model or m, task or t
         found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp,
                           size=size, frames=frames, steps=steps)
         w_size, w_frames, w_steps = found.recipe.workload()

@@ -63,6 +63,22 @@ def _fastest(pool: list[FoundRecipe]) -> FoundRecipe:
     return min(pool, key=lambda f: (f.meta.confirmed_s if f.meta.confirmed_s > 0 else float("inf"), -f.meta.speedup))
 
 
+def tuned_here(dirs: list[Path], fingerprint: str) -> set[tuple[str, str]]:
+    """(model, task) of the readable recipes for this machine in ``dirs`` (not the store): what
+    ``generate --best --out-dir D`` means when it names no --model/--task."""
+    out: set[tuple[str, str]] = set()
+    for d in dirs:
+        d = Path(d).expanduser()
+        for p in [d] if d.is_file() else sorted(d.glob("*.toml")) if d.is_dir() else []:
+            try:
+                r, meta = read_recipe(p)
+            except WanctlError:
+                continue
+            if meta.fingerprint == fingerprint:
+                out.add((r.model, r.task))
+    return out
+
+
 def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: str | None = None,
               frames: int | None = None, steps: int | None = None) -> FoundRecipe:
     """The fastest stored recipe for this fingerprint, model and task; BadInput with the way out otherwise.
@@ -107,6 +123,13 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
         return all(a is None or a == b for a, b in zip(asked, f.recipe.workload(), strict=True))
 
     same = [f for f in found if matches(f)]
+    if not same and steps:  # a Lightning recipe runs its distilled step count only: not one for other --steps
+        takes = [f for f in found if not f.recipe.lightning or f.recipe.lightning == steps]
+        if not takes:
+            raise BadInput(f"the recipes for {tag} / {task} on this machine are Lightning ones, which run "
+                           f"{found[0].recipe.lightning} steps; --steps {steps} was asked",
+                           f"drop --steps, pass --steps {found[0].recipe.lightning}, or tune at {steps} steps")
+        found = takes
     best = _fastest(same or found)
     if same or not any(a is not None for a in asked):
         return best

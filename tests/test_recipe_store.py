@@ -79,3 +79,41 @@ def test_nothing_for_the_asked_model_names_what_this_machine_has(tmp_path: Path)
         find_best("tiny", "t2v-A14B", [tmp_path / "a"], FP)
     assert "wanctl generate --best --model tiny --task ti2v-5B" in err.value.hint
     assert err.value.message.endswith("recipes for: tiny / ti2v-5B")  # another machine's recipe is not offered
+
+
+def test_asked_steps_skip_lightning_recipes_that_cannot_take_them(tmp_path: Path) -> None:
+    """The fastest recipe at another workload was a 4-step Lightning one: --steps 10 then failed validation
+    on a field the user never set."""
+    write_recipe(tmp_path / "a" / "l.toml", Recipe(model="tiny", lightning=4, steps=4, lightning_lora="tiny"),
+                 RecipeMeta(name="lightning", fingerprint=FP, speedup=3.8, confirmed_s=1.0))
+    write_recipe(tmp_path / "a" / "m.toml", Recipe(model="tiny", cache="magcache", steps=6),
+                 RecipeMeta(name="magcache", fingerprint=FP, speedup=2.4, confirmed_s=2.0))
+    assert find_best("tiny", "t2v-A14B", [tmp_path / "a"], FP, steps=10).meta.name == "magcache"
+    assert find_best("tiny", "t2v-A14B", [tmp_path / "a"], FP, steps=4).meta.name == "lightning"
+    (tmp_path / "a" / "m.toml").unlink()
+    with pytest.raises(BadInput, match="are Lightning ones, which run 4 steps; --steps 10") as err:
+        find_best("tiny", "t2v-A14B", [tmp_path / "a"], FP, steps=10)
+    assert "--steps 4" in err.value.hint
+
+
+def test_best_from_an_out_dir_takes_its_model_and_task(tmp_path: Path) -> None:
+    """`generate --best --out-dir D` without --model/--task used the store's tiny t2v recipe, not D's."""
+    import json
+
+    from probes.probe import run_probe
+    from tests.conftest import run_cli
+
+    fp = run_probe(with_kernels=False).fingerprint()
+    write_recipe(tmp_path / "five" / "recipe.toml", Recipe(model="tiny", task="ti2v-5B", steps=2),
+                 RecipeMeta(name="five", fingerprint=fp, speedup=1.2))
+    env = {"WANCTL_CACHE": str(tmp_path / "cache")}
+    write_recipe(tmp_path / "cache" / "recipes" / "t2v.toml", Recipe(model="tiny", steps=2),
+                 RecipeMeta(name="t2v", fingerprint=fp, speedup=5.0))  # faster, but another task
+    p = run_cli("generate", "--best", "--out-dir", str(tmp_path / "five"), "--out", str(tmp_path / "v.mp4"), "--json",
+                env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["recipe"]["task"] == "ti2v-5B"
+    write_recipe(tmp_path / "five" / "other.toml", Recipe(model="tiny", task="i2v-A14B", image="x.png"),
+                 RecipeMeta(name="i2v", fingerprint=fp, speedup=1.1))
+    p = run_cli("generate", "--best", "--out-dir", str(tmp_path / "five"), "--json", env=env)
+    assert p.returncode == 2 and "several models/tasks" in json.loads(p.stdout)["error"]["message"]
