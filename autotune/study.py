@@ -96,6 +96,11 @@ def open_storage(url: str, create: bool = True) -> Any:
     Readers pass ``create=False``: a mistyped path is then an error, not a new empty journal.
     """
     path = journal_path(url)
+    if path is None and not create and url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        db = Path(url.removeprefix("sqlite:///"))
+        if not db.is_file():  # SQLAlchemy would create an empty database file there
+            raise BadInput(f"no SQLite study database at {db}", "check the path after sqlite:/// (three slashes, "
+                           "then the file; four for an absolute path)")
     if path is None:
         cb = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
         kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}

@@ -80,3 +80,17 @@ def test_a_requeued_trial_counts_once_against_the_budget() -> None:
     lost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # a plain failure still counts
     study.tell(lost, state=TrialState.FAIL)
     assert finished_trials(study) == 3
+
+
+def test_a_reader_of_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> None:
+    """`wanctl report --storage sqlite:////typo.db` left a 114 KB empty database behind."""
+    from autotune.study import open_storage
+    from recipes.errors import BadInput
+
+    url = f"sqlite:///{tmp_path / 'typo.db'}"
+    with pytest.raises(BadInput, match="no SQLite study database at"):
+        open_storage(url, create=False)
+    assert not (tmp_path / "typo.db").exists()
+    open_storage(url)  # a tuner creates it
+    assert (tmp_path / "typo.db").is_file()
+    open_storage(url, create=False)  # and a reader then opens it
