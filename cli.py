@@ -176,7 +176,15 @@ def generate(
         raise BadInput("--best and --recipe both name a recipe", "use one of them")
     base = Recipe()
     if recipe:
-        base = read_recipe(recipe)[0]
+        base, meta = read_recipe(recipe)
+        if meta.fingerprint:  # a recipe is tuned for one machine: elsewhere its kernels may not run, or not win
+            from probes.probe import run_probe
+
+            here = run_probe(with_kernels=False).fingerprint()
+            if meta.fingerprint != here:
+                err.print(f"[yellow]note:[/] {escape(str(recipe))} was tuned on {escape(meta.fingerprint)}; this "
+                          f"machine is {escape(here)} (its knobs may not run or win here: wanctl tune finds this "
+                          "machine's)", soft_wrap=True)
     elif best:
         from autotune.config import model_tag
         from autotune.recipe_store import find_best, tuned_here

@@ -232,3 +232,14 @@ def test_ctrl_c_inside_a_command_says_interrupted_and_json_gets_an_error(monkeyp
         assert json.loads(captured.out)["error"]["exit_code"] == 130
     else:
         assert captured.out == ""
+
+
+def test_a_recipe_from_another_machine_is_named_as_such(tmp_path: Path) -> None:
+    """--recipe with an H100 recipe on this host ran into one missing knob after another with no word that
+    it was tuned elsewhere."""
+    r = tmp_path / "h100.toml"
+    write_recipe(r, Recipe(model="tiny", steps=2), RecipeMeta(name="h100", fingerprint="1xH100-80GB_drv580_x",
+                                                              speedup=1.3))
+    p = run_cli("generate", "--recipe", str(r), "--out", str(tmp_path / "v.mp4"), env={"WANCTL_CACHE": str(tmp_path / "c")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "was tuned on 1xH100-80GB_drv580_x; this machine is " in " ".join(_err(p).split())
