@@ -139,9 +139,16 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     if image and not Path(image).expanduser().is_file():
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    for item in sets or []:  # one value per field: a --set after a flag silently won
+        field = item.split("=", 1)[0].strip()
+        if field in changes and field != "model_revision":
+            raise BadInput(f"--{field.replace('_', '-')} and --set {item} both set {field}", "set it once")
     # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
     # with); paths absolute, as the runtime's own folder and a launch script elsewhere need them.
-    return apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
+    r = apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
+    if not r.prompt.strip():  # --set prompt= (or a recipe file without one) as well as --prompt ""
+        raise BadInput("the prompt is empty", "pass a non-empty --prompt, or drop the empty one for the default")
+    return r
 
 
 @app.command()

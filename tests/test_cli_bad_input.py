@@ -243,3 +243,15 @@ def test_a_recipe_from_another_machine_is_named_as_such(tmp_path: Path) -> None:
     p = run_cli("generate", "--recipe", str(r), "--out", str(tmp_path / "v.mp4"), env={"WANCTL_CACHE": str(tmp_path / "c")})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "was tuned on 1xH100-80GB_drv580_x; this machine is " in " ".join(_err(p).split())
+
+
+def test_a_set_that_repeats_a_flag_or_empties_the_prompt_is_bad_input() -> None:
+    """`--steps 3 --set steps=5` ran 5 steps without a word; `--set prompt=` ran with no prompt."""
+    import cli
+    from recipes.errors import BadInput
+
+    with pytest.raises(BadInput, match="--steps and --set steps=5 both set steps"):
+        cli.build_recipe(Recipe(), steps=3, sets=["steps=5"])
+    with pytest.raises(BadInput, match="the prompt is empty"):
+        cli.build_recipe(Recipe(), sets=["prompt="])
+    assert cli.build_recipe(Recipe(), steps=3, sets=["seed=5"]).steps == 3  # different fields: both taken
