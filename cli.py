@@ -135,8 +135,6 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
                if v is not None}
     if changes.get("model") in SYNTHETIC:  # a random model has no revision for the recipe's pin to check
         changes["model_revision"] = ""
-    if "prompt" in changes and not changes["prompt"].strip():
-        raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     if image and not Path(image).expanduser().is_file():
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
     for item in sets or []:  # one value per field: a --set after a flag silently won
@@ -146,8 +144,8 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
     # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
     # with); paths absolute, as the runtime's own folder and a launch script elsewhere need them.
     r = apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
-    if not r.prompt.strip():  # --set prompt= (or a recipe file without one) as well as --prompt ""
-        raise BadInput("the prompt is empty", "pass a non-empty --prompt, or drop the empty one for the default")
+    if not r.prompt.strip():  # --prompt "", --set prompt= or a recipe file without one
+        raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     return r
 
 
@@ -193,23 +191,13 @@ def generate(
                           f"machine is {escape(here)} (its knobs may not run or win here: wanctl tune finds this "
                           "machine's)", soft_wrap=True)
     elif best:
-        from autotune.config import model_tag
-        from autotune.recipe_store import find_best, tuned_here
+        from autotune.recipe_store import find_best, model_and_task
         from probes.probe import run_probe
 
         fp = run_probe(with_kernels=False).fingerprint()
-        if out_dir and not (model and task):  # the folders named say which model: not the tiny default
-            here = {(m, t) for m, t in tuned_here(out_dir, fp) if (not model or model_tag(m) == model_tag(model))
-                    and (not task or t == task)}
-            if len(here) > 1:
-                raise BadInput(f"--out-dir holds recipes for several models/tasks on this machine: "
-                               f"{', '.join(f'{model_tag(m)} / {t}' for m, t in sorted(here))}",
-                               "pass --model and --task to pick one")
-            if here:
-                m, t = next(iter(here))
-                model, task = model or m, task or t
-        found = find_best(model=model or "tiny", task=task or "t2v-A14B", dirs=out_dir or [], fingerprint=fp,
-                          size=size, frames=frames, steps=steps)
+        model, task = model_and_task(out_dir or [], fp, model, task)
+        found = find_best(model=model, task=task, dirs=out_dir or [], fingerprint=fp, size=size, frames=frames,
+                          steps=steps)
         w_size, w_frames, w_steps = found.recipe.workload()
         err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
                   f"on {escape(found.meta.machine)}; tuned at {w_size}, {w_frames} frames, {w_steps} steps)")

@@ -39,13 +39,13 @@ def save_to_store(recipe: Recipe, meta: RecipeMeta) -> Path:
     return write_recipe(store_dir() / f"{meta.name}.toml", recipe, meta)
 
 
-def _candidates(dirs: list[Path]) -> list[Path]:
+def _candidates(dirs: list[Path], with_store: bool = True) -> list[Path]:
     paths: list[Path] = []
     for d in dirs:
         if not Path(d).expanduser().exists():
             raise BadInput(f"--out-dir {d} does not exist", "pass the --out folder of a wanctl tune run (or omit "
                            "--out-dir: the recipe store is searched anyway)")
-    for d in [*dirs, store_dir()]:
+    for d in [*dirs, store_dir()] if with_store else dirs:
         d = Path(d).expanduser()
         if d.is_file() and d.suffix == ".toml":
             paths.append(d)
@@ -63,20 +63,28 @@ def _fastest(pool: list[FoundRecipe]) -> FoundRecipe:
     return min(pool, key=lambda f: (f.meta.confirmed_s if f.meta.confirmed_s > 0 else float("inf"), -f.meta.speedup))
 
 
-def tuned_here(dirs: list[Path], fingerprint: str) -> set[tuple[str, str]]:
-    """(model, task) of the readable recipes for this machine in ``dirs`` (not the store): what
-    ``generate --best --out-dir D`` means when it names no --model/--task."""
-    out: set[tuple[str, str]] = set()
-    for d in dirs:
-        d = Path(d).expanduser()
-        for p in [d] if d.is_file() else sorted(d.glob("*.toml")) if d.is_dir() else []:
+def model_and_task(dirs: list[Path], fingerprint: str, model: str | None, task: str | None) -> tuple[str, str]:
+    """What ``generate --best --out-dir D`` asks for when it names no --model/--task: the one model and
+    task D's recipes for this machine were tuned for (not the tiny default); BadInput when D holds several.
+    Without folders, or where they hold none, the defaults (tiny, t2v-A14B)."""
+    if dirs and not (model and task):
+        here: set[tuple[str, str]] = set()
+        for p in _candidates(dirs, with_store=False):
             try:
                 r, meta = read_recipe(p)
             except WanctlError:
                 continue
-            if meta.fingerprint == fingerprint:
-                out.add((r.model, r.task))
-    return out
+            if (meta.fingerprint == fingerprint and (not model or model_tag(r.model) == model_tag(model))
+                    and (not task or r.task == task)):
+                here.add((r.model, r.task))
+        if len(here) > 1:
+            raise BadInput(f"--out-dir holds recipes for several models/tasks on this machine: "
+                           f"{', '.join(f'{model_tag(m)} / {t}' for m, t in sorted(here))}",
+                           "pass --model and --task to pick one")
+        if here:
+            m, t = next(iter(here))
+            model, task = model or m, task or t
+    return model or "tiny", task or "t2v-A14B"
 
 
 def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: str | None = None,

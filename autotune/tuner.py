@@ -876,8 +876,7 @@ class Tuner:
                                                   "the steps computed, told apart by their time (not counted)"])
         if recipe.cache != "none" and q.result.step_forwards:
             priced = fraction
-            fraction = sum(q.result.step_forwards) / (2 * len(q.result.step_forwards) if recipe.guidance > 1 else
-                                                      len(q.result.step_forwards))
+            fraction = _forward_fraction(q.result.step_forwards, recipe)
             if recipe.cache == "taylorseer" and abs(fraction - priced) > 1e-9:
                 # The schedule is fixed, so a difference means the hooks did not do what the recipe says.
                 rec = dataclasses.replace(rec, notes=[*rec.notes, f"taylorseer computed {fraction:.3f} of the "
@@ -943,10 +942,7 @@ class Tuner:
             return base
         base = dataclasses.replace(base, phase=r.phase)
         t = r.timings
-        frac = 1.0
-        if r.step_forwards and recipe.cache != "none":
-            per = 2 if recipe.guidance > 1 else 1
-            frac = sum(r.step_forwards) / (per * len(r.step_forwards))
+        frac = _forward_fraction(r.step_forwards, recipe) if r.step_forwards and recipe.cache != "none" else 1.0
         return dataclasses.replace(
             base, step_median_s=t.step_median_s, skipped_step_s=t.skipped_step_s, denoise_pred_s=t.denoise_pred_s,
             warmup_s=t.warmup_s,
@@ -1134,6 +1130,11 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
         tuner.reporter.message(note)
     return tuner.run()
 
+
+
+def _forward_fraction(step_forwards: list[int], recipe: Recipe) -> float:
+    """Fraction of the transformer forwards the counted steps computed (two per step with CFG)."""
+    return sum(step_forwards) / ((2 if recipe.guidance > 1 else 1) * len(step_forwards))
 
 
 def _traceable(r: Recipe) -> Recipe:
