@@ -335,7 +335,8 @@ def tune(
     measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps run to time a trial at the target size, the warm-up "
                                                      "step included (ignored for --model tiny: one full run does both)")] = 4,
     trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
-    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank")] = None,
+    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank "
+                                                      "(a trial that runs no process passes it to the next)")] = None,
     trust_checkpoint: TrustOpt = False,
     lightning_lora: Annotated[str, typer.Option("--lightning-lora", help="Lightning LoRA folder (wanctl download "
                               "--task TASK-lightning) to search the 4-step stack with, or 'none'; default: the "

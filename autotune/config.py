@@ -58,7 +58,8 @@ class TuneConfig:
     sampler_seed: int = 0
     inject: tuple[str, ...] = field(default_factory=tuple)
     """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2') or 'FAULT@TRIAL:RANK' (one rank of a
-    multi-GPU trial, e.g. 'hang@3:1'); see recipes.spec.FAULTS."""
+    multi-GPU trial, e.g. 'hang@3:1'); see recipes.spec.FAULTS. A trial that runs no process (a repeated stack)
+    passes its fault to the next trial that runs one."""
     slower_tolerance: float = 0.0
     """Relative margin under which a trial counts as not slower than the baseline; 0: 3% GPU, 10% CPU."""
     command: tuple[str, ...] = ()

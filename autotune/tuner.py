@@ -142,6 +142,10 @@ class Tuner:
         self.tol = cfg.slower_tolerance or (0.03 if self.on_gpu else 0.10)
         self.exclusions = Exclusions()
         self.injections = cfg.injections()
+        self._injected: set[int] = set()
+        """Trials whose first process this tuner started (an --inject for them has had its chance)."""
+        self._carried: list[tuple[str, int]] = []
+        """Injected faults whose trial ran no process, for the next trial that runs one."""
         self.notes: list[str] = []
         self._swapped: set[int] = set()
         """Trials whose sampled stack had an excluded value replaced by the baseline's (told as infeasible)."""
@@ -534,7 +538,26 @@ class Tuner:
         recipe = self._suggest(trial)
         if self.baseline is None and role != "baseline":
             role, recipe = "baseline", self.base_recipe
-        return self._evaluate_trial(trial.number, role, recipe)
+        rec = self._evaluate_trial(trial.number, role, recipe)
+        self._carry_fault(trial.number, rec)
+        return rec
+
+    def _carry_fault(self, number: int, rec: TrialRecord) -> None:
+        """--inject shows what it injects: a fault whose trial ran no process (a stack measured before, as when
+        an exclusion turned the demo's trial 3 into the baseline; an invalid or unsupported one) goes to the
+        next trial that runs one, said in a note."""
+        if number in self.injections and number not in self._injected:
+            fault, rank = self.injections[number]
+            self._carried.append((fault, rank))
+            self.notes.append(f"--inject {fault}@{number}: trial {number} ran no process ({rec.reason[:120]}); "
+                              "the fault goes to the next trial that runs one")
+
+    def _fault_for(self, number: int) -> tuple[str, int]:
+        """The fault for trial ``number``'s first process: its own --inject, else one a skipped trial carried."""
+        self._injected.add(number)
+        if number in self.injections:
+            return self.injections[number]
+        return self._carried.pop(0) if self._carried else ("none", -1)
 
     def _finished_count(self) -> int:
         if self._study is None:
@@ -691,7 +714,7 @@ class Tuner:
         hint = 0.0
         if recipe.cache != "none" and self.baseline is not None:
             hint = self.ref_step_s.get(ref, 0.0) if ref else self.baseline.step_median_s
-        fault, fault_rank = self.injections.get(number, ("none", -1)) if tag.endswith("a0") else ("none", -1)
+        fault, fault_rank = self._fault_for(number) if tag.endswith("a0") else ("none", -1)
         return TrialSpec(recipe=recipe, mode=mode, out_dir=str(self.out / "trials" / f"{number:04d}-{tag}"),
                          warmup_steps=self.cfg.warmup_steps, reference_frames=frames_ref,
                          reference_latent=latent_ref, write_video=False, fault=fault, fault_rank=fault_rank,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -166,3 +167,21 @@ def test_a_recipe_store_it_cannot_write_does_not_fail_a_finished_tune(tmp_path: 
     assert p.returncode == 0, p.stderr
     assert "not saved to the recipe store" in p.stderr and "WANCTL_CACHE" in p.stderr
     assert (tmp_path / "out" / "recipe.toml").is_file() and (tmp_path / "out" / "launch.sh").is_file()
+
+
+@pytest.mark.slow
+def test_the_demo_shows_the_fallback_its_fault_fires(tmp_path: Path) -> None:
+    """README: `make demo` injects an out-of-memory fault into VAE decode to show a fallback firing. On one
+    clone the report said "Fallbacks that fired: none" (the injected trial had become a repeat of the baseline
+    and ran nothing). The Makefile's own tune command, run up to its injected trial: the report lists it."""
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if "/bin/wanctl tune " in ln)
+    argv = shlex.split(line.replace("$(DEMO_OUT)", str(tmp_path / "demo-out")))[1:]
+    fault, trial = argv[argv.index("--inject") + 1].split("@")
+    assert fault == "oom_decode"
+    argv[argv.index("--trials") + 1] = str(int(trial) + 1)  # the demo's 10 trials cost minutes; these show it
+    p = run_cli(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "cache")}, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (tmp_path / "demo-out" / "report.md").read_text()
+    fired = report.split("## Fallbacks that fired", 1)[1].split("\n## ", 1)[0]
+    assert f"- trial {trial}: oom in vae_decode -> vae_tiling=True" in fired, fired
+    assert "injected fault in VAE decode" in fired

@@ -679,6 +679,26 @@ def test_an_injected_fault_can_target_one_rank(h100: ProbeResult, tmp_path: Path
             TuneConfig(inject=(bad,)).injections()
 
 
+def test_an_injected_fault_whose_trial_runs_nothing_goes_to_the_next_trial_that_runs(h100: ProbeResult,
+                                                                                    tmp_path: Path) -> None:
+    """`make demo`'s oom_decode@3 showed no fallback when timing noise excluded trial 2's cache and so made
+    trial 3 a repeat of the baseline, run by no process: the fault goes to the next trial that runs one."""
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=5, out_dir=str(tmp_path),
+                     inject=("oom_decode@1",))
+    t = SimulatedTuner(cfg, h100)
+    for a in t.space.attention:  # trial 1 screens an attention kernel: excluded, it is the baseline again
+        if a != t.base_recipe.attention:
+            t.exclusions.exclude("attention", a, "excluded by the test")
+    result = t.run()
+    recs = {r.number: r for r in result.records}
+    assert recs[1].reason.startswith("same recipe as trial 0: not run again")
+    ran = sorted({s.trial_number for s in t.specs if s.trial_number > 1})
+    faulted = [(s.trial_number, s.fault) for s in t.specs if s.fault != "none"]
+    assert faulted == [(ran[0], "oom_decode")]
+    assert any(n.startswith("--inject oom_decode@1: trial 1 ran no process (same recipe as trial 0")
+               for n in result.notes)
+
+
 def test_sage_is_compiled_around_not_through(h100: ProbeResult, tmp_path: Path) -> None:
     """SageAttention 2 breaks torch.compile's graph (measured on the H100): a recipe asking for both is bad
     input unless fullgraph is off, and every trial the tuner makes with both has it off."""
