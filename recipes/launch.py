@@ -34,7 +34,19 @@ if [ -z "${{NEGATIVE_PROMPT+x}}" ]; then NEGATIVE_PROMPT={negative_prompt}; fi
 {image_line}
 if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
-PYTHON="${{PYTHON:-python3}}"
+# The interpreter: $PYTHON, else the one that wrote this script (its environment has wanctl's runtime), else
+# python3. One that cannot import the runtime is named here with the fix, not by a traceback from inside it.
+if [ -z "${{PYTHON:-}}" ]; then
+  PYTHON={python}
+  if [ ! -x "$PYTHON" ]; then PYTHON=python3; fi
+fi
+if ! why=$("$PYTHON" -c 'import importlib.util as u, sys, wan_runtime.__main__
+for m in ("torch", "diffusers"):
+    u.find_spec(m) or sys.exit(f"ModuleNotFoundError: No module named {{m!r}}")' 2>&1 | tail -n 1); then
+  fix="activate the environment wanctl is installed in, or set PYTHON=/path/to/its/python (a copied wanctl"
+  echo "launch.sh: $PYTHON cannot run wanctl's runtime ($why): $fix folder: also PYTHONPATH=that folder)" >&2
+  exit 2
+fi
 {nproc}
 cleanup() {{
   local rc=$?
@@ -127,6 +139,8 @@ class LaunchOptions:
     name: str = "recipe"
     version: str = "0"
     out: str = "video.mp4"
+    python: str = ""
+    """The interpreter that wrote the script (``sys.executable``): its default PYTHON while it exists; else python3."""
 
 
 def _takes_image(recipe: Recipe) -> bool:
@@ -159,6 +173,7 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
                     f"IMAGE=''  # {recipe.task} takes no image: an IMAGE set in the environment (CI, containers) is not read"),
         seed=q(str(recipe.seed)),
         out=q(o.out),
+        python=q(o.python),
         args=args,
         torchrun_flags=torchrun,
         nproc=nproc,

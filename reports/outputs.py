@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def write_outputs(out: Path, inp: ReportInput, recipe: Recipe, meta: RecipeMeta,
     plot = pareto_png(inp.records, out / TUNE_OUTPUTS["plot"], inp.title)
     recipe_path = write_recipe(out / TUNE_OUTPUTS["recipe"], recipe, meta)
     launch = atomic_write_text(out / TUNE_OUTPUTS["launch"], render_launch_script(
-        recipe, LaunchOptions(name=meta.name, version=version, out=f"{meta.name}.mp4")))
+        recipe, LaunchOptions(name=meta.name, version=version, out=f"{meta.name}.mp4", python=sys.executable)))
     os.chmod(launch, file_mode(0o755))
     report = atomic_write_text(out / TUNE_OUTPUTS["report"], render(ReportInput(**{**inp.__dict__, "plot": plot.name})))
     inputs = out / "inputs"

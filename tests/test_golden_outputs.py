@@ -67,7 +67,8 @@ def _report() -> str:
 
 OUTPUTS = {
     "recipe.toml": lambda: dumps_recipe(RECIPE, META),
-    "launch.sh": lambda: render_launch_script(RECIPE, LaunchOptions(name=META.name, version="0.1.0", out="video.mp4")),
+    "launch.sh": lambda: render_launch_script(RECIPE, LaunchOptions(name=META.name, version="0.1.0", out="video.mp4",
+                                                                python="/opt/wanctl/.venv/bin/python")),
     "report.md": _report,
 }
 

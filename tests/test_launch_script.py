@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from recipes.launch import LaunchOptions, render_launch_script
 from recipes.overrides import apply_overrides
@@ -207,3 +210,53 @@ def test_an_image_in_the_environment_reaches_only_tasks_that_take_one(tmp_path: 
     assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == str(other)
     argv = _run(render_launch_script(Recipe(task="i2v-A14B", image="/in.png")), tmp_path, env)  # a docker image name
     assert apply_overrides(Recipe(task="i2v-A14B"), _sets(argv)).image == "/in.png"
+
+
+def _bare_shell(home: Path, path: str = "/usr/bin:/bin") -> dict[str, str]:
+    """A login shell's environment without the virtualenv: no VIRTUAL_ENV, no PYTHONPATH, no PYTHON."""
+    return {"PATH": path, "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+def test_the_script_runs_from_a_shell_without_the_virtualenv(tmp_path: Path) -> None:
+    """`bash demo-out/launch.sh` from a shell without the virtualenv activated failed ("No module named
+    wan_runtime"): the script's default interpreter is the one that wrote it, from any folder."""
+    import sys
+
+    env = _bare_shell(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if subprocess.run([sys.executable, "-c", "import wan_runtime, tomli_w"], env=env, cwd=elsewhere,
+                      capture_output=True).returncode:
+        pytest.skip(f"{sys.executable} has no installed wanctl (the tests run it from PYTHONPATH): pip install -e .")
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="tiny"), LaunchOptions(python=sys.executable)))
+    p = subprocess.run(["bash", str(sh), "--help"], env=env, cwd=elsewhere, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("usage: python -m wan_runtime generate")  # the runtime started and answered
+
+
+@pytest.mark.parametrize("where", ["elsewhere", "project"])
+def test_an_interpreter_that_cannot_run_the_runtime_is_named_with_the_fix(tmp_path: Path, where: str) -> None:
+    """The interpreter that wrote the script is gone (a deleted virtualenv): python3 is taken, and where it
+    lacks the runtime (or, in the project folder, its dependencies: a tomli_w traceback) one line says so."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    bare = bin_dir / "python3"  # a python with the standard library only (-S: no site-packages)
+    bare.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S "$@"\n')
+    bare.chmod(0o755)
+    sh = tmp_path / "launch.sh"
+    sh.write_text(render_launch_script(Recipe(model="tiny"), LaunchOptions(python=str(tmp_path / "gone" / "python"))))
+    cwd = ROOT if where == "project" else tmp_path
+    p = subprocess.run(["bash", str(sh)], env=_bare_shell(tmp_path, f"{bin_dir}:/usr/bin:/bin"), cwd=cwd,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    missing = "tomli_w" if where == "project" else "wan_runtime"
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("launch.sh: python3 cannot run wanctl's runtime (ModuleNotFoundError: No module "
+                               f"named '{missing}')"), p.stderr
+    assert "activate the environment wanctl is installed in, or set PYTHON=" in p.stderr

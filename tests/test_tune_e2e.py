@@ -68,6 +68,7 @@ def test_outputs_written_and_consistent(tuned: Path) -> None:
     launch = (tuned / "launch.sh").read_text()
     assert f"--set cache={recipe.cache}" in launch or f"--set 'cache={recipe.cache}'" in launch
     assert os.access(tuned / "launch.sh", os.X_OK)
+    assert f"PYTHON={shlex.quote(sys.executable)}\n" in launch  # the interpreter that wrote it (the CLI's)
     for written in ("launch.sh", "recipe.toml", "report.md"):  # the user's umask, and never world-writable
         assert (tuned / written).stat().st_mode & 0o002 == 0
     for name in ("tune_config.json", "probe.json", "versions.json"):
