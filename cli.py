@@ -483,22 +483,28 @@ def _version() -> str:
 
 @app.command()
 def report(
-    study: Annotated[str, typer.Option("--study", help="study name")],
     storage: Annotated[str, typer.Option("--storage", help="the study's storage (PATH.journal or URL)")],
+    study: Annotated[str, typer.Option("--study", help="study name (default: the storage's only study)")] = "",
     output: Annotated[Path, typer.Option("--out", help="folder to write report.md, recipe.toml, launch.sh")] = Path("wanctl-report"),
+    json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Rebuild the report, recipe and launch script from a study alone."""
     _setup_logging(debug)
     import dataclasses
 
-    from autotune.study import claim_output_dir
+    from autotune.study import claim_output_dir, study_to_read
     from autotune.tuner import result_from_study
 
+    study = study_to_read(storage, study)
     result, cfg, probe = result_from_study(storage, study)
     claim_output_dir(check_output_dir(output), study)
     cfg = dataclasses.replace(cfg, out_dir=str(output.expanduser().resolve()))
     paths = _emit(result, cfg, probe, sys.argv)
+    if json_out:
+        _print_json(json.dumps({"study": study, "report": str(paths.report), "recipe": str(paths.recipe),
+                                "launch": str(paths.launch)}))
+        return
     out.print(escape(f"report: {paths.report}\nrecipe: {paths.recipe}\nlaunch script: {paths.launch}"))
 
 
@@ -507,6 +513,8 @@ def probe(
     json_out: JsonOpt = False,
     save: Annotated[Path | None, typer.Option("--save", help="also write the JSON document here")] = None,
     no_kernels: Annotated[bool, typer.Option("--no-kernels", help="skip the kernel checks (faster)")] = False,
+    with_compile: Annotated[bool, typer.Option("--with-compile", help="also check torch.compile (about 30 s on a "
+                                               "2-core CPU; checked anyway where there is a GPU)")] = False,
     path: Annotated[list[Path] | None, typer.Option("--path", help="folders whose free disk to report")] = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -515,9 +523,12 @@ def probe(
     from probes.render import render_probe
     from recipes.files import atomic_write_text
 
+    if no_kernels and with_compile:
+        raise BadInput("--with-compile is a kernel check, and --no-kernels skips them", "pass one of them")
     if save:
         save = check_output_file(save)  # ~ expanded here and for the write
-    res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
+    res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels,
+                                with_compile=True if with_compile else None)
     if save:
         atomic_write_text(save, res.to_json())
     if json_out:  # one document on stdout: a host that cannot be used gets the error object alone (--save keeps
@@ -571,8 +582,9 @@ def download(
 
 @app.command("recipe")
 def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check and show")],
-               json_out: JsonOpt = False) -> None:
+               json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Validate a recipe file and show its knobs."""
+    _setup_logging(debug)
     r, meta = read_recipe(path)
     if json_out:
         _print_json(json.dumps({"recipe": r.to_dict(), "meta": meta.__dict__}))

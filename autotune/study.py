@@ -147,6 +147,20 @@ def open_storage(url: str, create: bool = True) -> Any:
                          "move it aside and start a new study, or restore it from a backup") from None
 
 
+def study_to_read(url: str, name: str = "") -> str:
+    """``name``, else the one study ``url`` holds: ``wanctl report`` asked for --study even of a tune's own journal,
+    which holds one. Several are listed by name for the user to pick."""
+    if name:
+        return name
+    names = sorted(optuna.study.get_all_study_names(open_storage(url, create=False)))
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise BadInput(f"{url} holds no study", "pass the --storage a wanctl tune wrote to (its --out folder's "
+                       "study.journal, or its --storage URL)")
+    raise BadInput(f"{url} holds {len(names)} studies: {', '.join(names)}", "name one with --study NAME")
+
+
 OUT_MARKER = ".wanctl-study"
 """File in a tune's output folder naming the study whose trials, references and recipe are there."""
 

@@ -54,7 +54,7 @@ def test_real_child_on_cpu(real_child: CommandResult, tmp_path: Path) -> None:
     assert by["attention:_native_cudnn"].summary == "absent: no CUDA device"
     assert by["attention:_native_efficient"].summary == "absent: no CUDA device"
     assert by["fp8_scaled_mm"].summary == "absent: no CUDA device"
-    assert by["compile"].status == "absent" and "--with-compile" in by["compile"].detail
+    assert by["compile"].status == "absent" and "wanctl probe --with-compile" in by["compile"].detail
     assert report.device == "cpu"
     assert report.notes == ()
 

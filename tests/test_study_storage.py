@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotune.study import open_storage, repair_torn_tail
+from autotune.study import open_storage, repair_torn_tail, study_to_read
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -94,3 +94,21 @@ def test_a_reader_of_a_missing_sqlite_file_creates_nothing(tmp_path: Path) -> No
     open_storage(url)  # a tuner creates it
     assert (tmp_path / "typo.db").is_file()
     open_storage(url, create=False)  # and a reader then opens it
+
+
+def test_a_reader_takes_the_only_study_and_lists_several(tmp_path: Path) -> None:
+    """`wanctl report` asked for --study even of a tune's own journal, which holds one study."""
+    from recipes.errors import BadInput
+
+    url = str(tmp_path / "study.journal")
+    open_storage(url)
+    with pytest.raises(BadInput, match="holds no study"):
+        study_to_read(url)
+    optuna.create_study(study_name="tiny_a", storage=open_storage(url))
+    assert study_to_read(url) == "tiny_a" and study_to_read(url, "other") == "other"
+    optuna.create_study(study_name="tiny_b", storage=open_storage(url))
+    with pytest.raises(BadInput, match="holds 2 studies: tiny_a, tiny_b") as e:
+        study_to_read(url)
+    assert e.value.hint == "name one with --study NAME"
+    with pytest.raises(BadInput, match="no study journal"):
+        study_to_read(str(tmp_path / "typo.journal"))

@@ -116,9 +116,12 @@ def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
     from autotune.study import open_storage
 
     (summary,) = optuna.get_all_study_summaries(open_storage(str(tuned / "study.journal")))
-    p = run_cli("report", "--study", summary.study_name, "--storage", str(tuned / "study.journal"),
-                "--out", str(tmp_path / "rep"))
+    # no --study: the tune's journal holds one (report asked for its name all the same)
+    p = run_cli("report", "--storage", str(tuned / "study.journal"), "--out", str(tmp_path / "rep"), "--json")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout) == {"study": summary.study_name, "report": str(tmp_path / "rep" / "report.md"),
+                                    "recipe": str(tmp_path / "rep" / "recipe.toml"),
+                                    "launch": str(tmp_path / "rep" / "launch.sh")}
     rebuilt = (tmp_path / "rep" / "report.md").read_text()
     assert "## Trials" in rebuilt
     # "Reproduce" is the command that made the study, not the rebuild's

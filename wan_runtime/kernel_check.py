@@ -239,7 +239,7 @@ def all_checks(device: torch.device, with_compile: bool) -> list[tuple[str, Call
     if with_compile:
         checks.append(("compile", lambda: check_compile(device)))
     else:
-        checks.append(("compile", lambda: _raise(Absent("not checked (run the kernel check with --with-compile)"))))
+        checks.append(("compile", lambda: _raise(Absent("not checked: wanctl probe --with-compile checks it"))))
     return checks
 
 

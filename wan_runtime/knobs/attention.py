@@ -86,7 +86,7 @@ class AttentionObserver:
         self.registry = _AttentionBackendRegistry
         self.key = AttentionBackendName(backend)
         if self.key not in self.registry._backends:
-            raise Unsupported(f"diffusers has no attention backend {backend!r}", "pick another --attention")
+            raise Unsupported(f"diffusers has no attention backend {backend!r}", "pick another attention (--set attention=NAME)")
         self.original = self.registry._backends[self.key]
         self.calls = 0
         original = self.original
