@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from probes.result import ProbeResult
     from reports.outputs import OutputPaths
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain help (rich_markup_mode=None): Typer's Rich panels print a type after every flag ("--resume <bool>"),
+# its own --help included, and nothing in its public API turns that off.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find and run the fastest quality-preserving Wan2.2 stack for this machine.")
 # Piped or redirected, Rich assumes 80 columns and cuts table cells ("81003…"); a file has no width to keep.
 out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
@@ -49,8 +51,9 @@ err = Console(stderr=True)
 ModelOpt = Annotated[str, typer.Option("--model", help="tiny (embedded), random (full-size random weights) or a checkpoint dir")]
 TaskOpt = Annotated[str, typer.Option("--task", help=f"one of {', '.join(MODELS)}")]
 SizeOpt = Annotated[str, typer.Option("--size", help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's)")]
-FramesOpt = Annotated[int, typer.Option("--frames", help="4n+1 frames (default: the task's)")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="denoising steps (default: the task's)")]
+# An option whose default is decided later (0 or empty: the task's) says so in its help, never "[default: 0]".
+FramesOpt = Annotated[int, typer.Option("--frames", help="4n+1 frames (default: the task's)", show_default=False)]
+StepsOpt = Annotated[int, typer.Option("--steps", help="denoising steps (default: the task's)", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 PromptOpt = Annotated[str, typer.Option("--prompt", help="text prompt")]
 NegOpt = Annotated[str, typer.Option("--negative-prompt", help="negative prompt")]
@@ -162,9 +165,9 @@ def generate(
     seed: SeedOpt = None,  # type: ignore[assignment]
     recipe: Annotated[Path | None, typer.Option("--recipe", help="recipe.toml to run")] = None,
     best: Annotated[bool, typer.Option("--best", help="use the best tuned recipe for this machine and model")] = False,
-    out_dir: Annotated[list[Path] | None, typer.Option("--out-dir", help="where --best looks for tuned recipes (repeatable), besides the store every tune saves to "
+    out_dir: Annotated[list[Path] | None, typer.Option("--out-dir", metavar="DIR", help="where --best looks for tuned recipes (repeatable), besides the store every tune saves to "
                                                           "($WANCTL_CACHE/recipes)")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", metavar="FIELD=VALUE", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
     trust_checkpoint: TrustOpt = False,
     no_adapt: Annotated[bool, typer.Option("--no-adapt", help="plain diffusers even where it will not fit (no VAE "
@@ -322,8 +325,8 @@ def tune(
     seed: SeedOpt = 42,
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs one run may use")] = 1,
     budget: Annotated[str, typer.Option("--budget", help="wall-clock budget, e.g. 30m, 2h, 90s (a bare number: minutes)")] = "",
-    trials: Annotated[int, typer.Option("--trials", help="total trials in the study (baseline included); 0: 20 without --budget, "
-                                              "no limit with one")] = 0,
+    trials: Annotated[int, typer.Option("--trials", help="total trials in the study, baseline included (default: 20; no "
+                                              "limit with --budget)", show_default=False)] = 0,
     quality: Annotated[str, typer.Option("--quality", help="gate overrides, e.g. lossy_psnr=22,lossy_ssim=0.85")] = "",
     objective: Annotated[str, typer.Option("--objective", help="latency or pareto")] = "latency",
     storage: Annotated[str, typer.Option("--storage", help="PATH.journal, sqlite:///F.db or postgresql://...")] = "",
@@ -334,8 +337,9 @@ def tune(
     proxy_frames: Annotated[int, typer.Option("--proxy-frames", help="frames of quality runs")] = 17,
     measure_steps: Annotated[int, typer.Option("--measure-steps", help="denoise steps run to time a trial at the target size, the warm-up "
                                                      "step included (ignored for --model tiny: one full run does both)")] = 4,
-    trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds; 0: derived from the baseline")] = 0.0,
-    inject: Annotated[list[str] | None, typer.Option("--inject", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank "
+    trial_timeout: Annotated[float, typer.Option("--trial-timeout", help="seconds one trial may take (default: derived "
+                                                 "from the baseline)", show_default=False)] = 0.0,
+    inject: Annotated[list[str] | None, typer.Option("--inject", metavar="FAULT@TRIAL", help="fault injection for testing: FAULT@TRIAL, or FAULT@TRIAL:RANK for one rank "
                                                       "(a trial that runs no process passes it to the next)")] = None,
     trust_checkpoint: TrustOpt = False,
     lightning_lora: Annotated[str, typer.Option("--lightning-lora", help="Lightning LoRA folder (wanctl download "
@@ -515,7 +519,7 @@ def probe(
     no_kernels: Annotated[bool, typer.Option("--no-kernels", help="skip the kernel checks (faster)")] = False,
     with_compile: Annotated[bool, typer.Option("--with-compile", help="also check torch.compile (about 30 s on a "
                                                "2-core CPU; checked anyway where there is a GPU)")] = False,
-    path: Annotated[list[Path] | None, typer.Option("--path", help="folders whose free disk to report")] = None,
+    path: Annotated[list[Path] | None, typer.Option("--path", metavar="DIR", help="folders whose free disk to report")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """GPUs, links, drivers, libraries, and which kernels really run here."""

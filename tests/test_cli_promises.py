@@ -239,3 +239,19 @@ def test_debug_shows_the_traceback_on_every_command(name: str, tmp_path: Path) -
     assert plain.returncode == 2 and "error:" in plain.stderr and "Traceback" not in plain.stderr, plain.stderr
     debug = run_cli(*args, "--debug", cwd=tmp_path, env=env)
     assert "Traceback" in debug.stderr, debug.stderr
+
+
+@pytest.mark.parametrize("name", ["", *sorted(GROUP.commands)])
+def test_help_shows_no_python_types_or_stand_in_defaults(name: str) -> None:
+    """`wanctl tune --help` showed `<bool>` after flags and `[default: 0]` where the default is the task's: an
+    option says what its default means, and a flag takes no value."""
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(cli.app, [*([name] if name else []), "--help"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    entries = re.split(r"\n(?=  -)", res.output)  # one per option (continuation lines are indented further)
+    assert len(entries) > 1
+    for entry in entries:
+        assert "<bool>" not in entry and "<list[" not in entry, entry
+        assert not re.search(r"\[default: (0|0\.0|)\]", entry), entry
+        assert not ("(default:" in entry and "[default:" in entry), entry  # two defaults, one of them wrong
