@@ -573,7 +573,7 @@ def download(
                       host_ram_gib=pr.host.ram_total_mib / 1024 if pr.host.ram_total_mib else 0.0)
     kw = dict(target_dir=directory, source=source, revision=revision, offline=offline, machine=machine)
     if dry_run:
-        p = make_plan(task, **kw)
+        p = make_plan(task, expected_without_listing=True, **kw)
         _print_json(to_json(p)) if json_out else render_plan(p, out)
         return
     if directory is not None:

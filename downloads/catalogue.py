@@ -1,7 +1,10 @@
 """What wanctl knows how to deploy: the Wan2.2 diffusers checkpoints and the Lightning LoRAs, as plain data.
 
-Sizes are approximate (from the hubs' file listings, rounded) and only used where no listing is at hand
-(advice, offline planning); a real download prices itself from the live listing. ``revision`` pins a
+Sizes are approximate (from the hubs' file listings, rounded) and only used where no listing is at hand:
+hardware advice, and ``download --dry-run`` offline or with the source unreachable, which marks them
+expected; a real download prices itself from the live listing. They follow from the repos storing weights
+in fp32: a 14B expert is ~57.2 GB, the 5B transformer ~20 GB, the UMT5-XXL encoder ~22.7 GB, and a rank-64
+Lightning LoRA (every linear of 40 blocks) ~1.23 GB. ``revision`` pins a
 commit SHA when set; unpinned entries follow the default branch and the resolved commit is recorded in
 the manifest, so a later run can pin it with ``--revision``.
 """

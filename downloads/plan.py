@@ -97,6 +97,9 @@ class DownloadPlan:
     fits_disk: bool = True
     complete: bool = False
     """The target already holds a verified download of this artifact: nothing to fetch."""
+    expected: bool = False
+    """No listing was at hand (offline, or the source unreachable): one row per component, with the catalogue's
+    expected sizes (approximate). A real download prices every file from the source's listing."""
     advice: HardwareAdvice | None = None
     notes: tuple[str, ...] = ()
 
@@ -232,14 +235,48 @@ def _listing(art: Artifact, source: str, revision: str | None, endpoint: str | N
         return modelscope.list_files(art.ms_repo, art.ms_revision, endpoint=ms_endpoint)
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a source that could not be contacted (itself, or what it was raised from)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, hub.SourceUnreachable):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def expected_plan(art: Artifact, target: Path, why: str, free_disk_bytes: int | None = None,
+                  advice: HardwareAdvice | None = None) -> DownloadPlan:
+    """What a download of ``art`` would fetch, from the catalogue's expected sizes: for a dry run without a
+    listing (offline, or the source unreachable), which could otherwise say nothing about size or disk."""
+    files = tuple(PlannedFile(path=", ".join(c.patterns), component=c.name, size=c.approx_bytes)
+                  for c in art.components)
+    total = art.approx_bytes
+    free = free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target)
+    notes = [f"no file listing ({why}): sizes are the catalogue's expected ones, approximate; the download itself "
+             "prices every file from the source's listing"]
+    if target.is_dir() and any(target.iterdir()):
+        notes.append(f"what {target} already holds is not subtracted (its files are checked against the listing)")
+    short = disk_shortfall(total, free)
+    if short:
+        notes.append(f"would not fit: ~{fmt_bytes(total)} to fetch + headroom, {fmt_bytes(free)} free (short by "
+                     f"~{fmt_bytes(short)})")
+    return DownloadPlan(artifact=art.name, kind=art.kind, task=art.task, source="", repo=art.hf_repo,
+                        revision=art.revision or "", target_dir=str(target), files=files, total_bytes=total,
+                        to_fetch_bytes=total, free_bytes=free, fits_disk=not short, expected=True, advice=advice,
+                        notes=tuple(notes))
+
+
 def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source: str = "auto",
          revision: str | None = None, offline: bool = False, machine: MachineFacts | None = None,
          free_disk_bytes: int | None = None, endpoint: str | None = None, ms_endpoint: str | None = None,
-         token: str | bool | None = None) -> DownloadPlan:
+         token: str | bool | None = None, expected_without_listing: bool = False) -> DownloadPlan:
     """Plan the download of catalogue entry ``task`` into ``target_dir``; fetches nothing.
 
     ``machine`` adds hardware advice (never changes the task); ``free_disk_bytes`` overrides the measured
     free space of the target's file system; ``endpoint``/``ms_endpoint`` override HF_ENDPOINT/ModelScope's.
+    ``expected_without_listing`` (a dry run): offline or with the source unreachable, the catalogue's expected
+    sizes (``expected_plan``) instead of an error.
     """
     art = artifact(task)
     if source not in SOURCES:
@@ -277,6 +314,8 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
                             free_bytes=free_disk_bytes if free_disk_bytes is not None else free_bytes_at(target),
                             notes=(*early_notes, f"{target} already holds a verified {art.name} download "
                                    f"({manifest.source} {manifest.repo}@{manifest.revision[:12]}): nothing to fetch"))
+    if offline_now and expected_without_listing:
+        return expected_plan(art, target, "offline", free_disk_bytes, advice)
     if offline_now:
         raise DownloadError(
             f"offline (--offline or HF_HUB_OFFLINE) and {target} holds no complete {art.name} download: "
@@ -287,7 +326,14 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     notes: list[str] = list(early_notes)
     if existing.kind == "incomplete":
         notes.append(existing.message + "; re-checking against the source")
-    listing = resolved.get("listing") or _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
+    try:
+        listing = resolved.get("listing") or _listing(art, source, revision, endpoint, ms_endpoint, token, notes)
+    except DownloadError as exc:
+        if not (expected_without_listing and _unreachable(exc)):
+            raise
+        log.warning("%s", exc.message)
+        return expected_plan(art, target, f"{art.hf_repo if source != 'modelscope' else art.ms_repo} unreachable",
+                             free_disk_bytes, advice)
     selected = select_files(art, listing)
     check_inside(target, (s.file.path for s in selected))
     files = []

@@ -45,19 +45,24 @@ def _advice_lines(advice: HardwareAdvice | None) -> list[str]:
 
 def render_plan(p: DownloadPlan, console: Console) -> None:
     """Files with sizes and status, then totals, disk and advice."""
-    title = f"{p.artifact}: {p.source or 'local'} {p.repo}@{p.revision[:12]} -> {p.target_dir}"
+    about = "~" if p.expected else ""  # the catalogue's expected sizes: no listing was at hand
+    if p.expected:
+        title = f"{p.artifact}: {p.repo}@{p.revision[:12] or 'its default branch'} -> {p.target_dir} (expected sizes)"
+    else:
+        title = f"{p.artifact}: {p.source or 'local'} {p.repo}@{p.revision[:12]} -> {p.target_dir}"
     table = Table(title=escape(title), title_justify="left")
-    table.add_column("file")
+    table.add_column("files" if p.expected else "file")
     table.add_column("component")
-    table.add_column("size", justify="right")
+    table.add_column("expected size" if p.expected else "size", justify="right")
     table.add_column("status")
     for f in p.files:
         status = "present" if f.present else "fetch"
-        table.add_row(escape(f.path), f.component, fmt_bytes(f.size), status)
+        table.add_row(escape(f.path), f.component, about + fmt_bytes(f.size), status)
     console.print(table)
     fits = "[green]fits[/green]" if p.fits_disk else "[red]does not fit[/red]"
-    console.print(f"total {fmt_bytes(p.total_bytes)} in {len(p.files)} files; to fetch {fmt_bytes(p.to_fetch_bytes)}; "
-                  f"free {fmt_bytes(p.free_bytes)}: {fits}")
+    what = f"{len(p.files)} components" if p.expected else f"{len(p.files)} files"
+    console.print(f"{'expected ' if p.expected else ''}total {about}{fmt_bytes(p.total_bytes)} in {what}; to fetch "
+                  f"{about}{fmt_bytes(p.to_fetch_bytes)}; free {fmt_bytes(p.free_bytes)}: {fits}")
     for line in (*map(escape, p.notes), *_advice_lines(p.advice)):
         console.print(line)
 

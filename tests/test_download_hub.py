@@ -749,3 +749,54 @@ def test_ctrl_c_stops_the_download_at_once_and_says_so(tmp_path: Path, monkeypat
         if child.poll() is None:
             child.kill()
         hub.stop()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("downloads").CATALOGUE))
+def test_dry_run_offline_says_what_it_would_fetch_from_the_catalogue(name: str, tmp_path: Path, guard: SocketGuard,
+                                                                     monkeypatch) -> None:
+    """Offline, `wanctl download --dry-run` could not say how much it would fetch: every catalogue entry's
+    components carry expected sizes, and the dry run says them (marked expected), with the disk check."""
+    from downloads import artifact
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(guard.connects)
+    art = artifact(name)
+    p = plan(name, target_dir=tmp_path / "ckpt", expected_without_listing=True, free_disk_bytes=10**15)
+    assert p.expected and not p.complete and p.fits_disk
+    assert [f.component for f in p.files] == [c.name for c in art.components]
+    assert all(f.size > 0 for f in p.files) and p.total_bytes == p.to_fetch_bytes == art.approx_bytes
+    weights = sum(f.size for f, c in zip(p.files, art.components, strict=True) if c.weights)
+    assert weights > (1e9 if art.kind == "lora" else 10e9)  # GBs of weights, not a placeholder
+    assert "no file listing (offline)" in p.notes[0] and "approximate" in p.notes[0]
+    short = plan(name, target_dir=tmp_path / "ckpt", expected_without_listing=True, free_disk_bytes=10**6)
+    assert not short.fits_disk and any(n.startswith("would not fit: ~") for n in short.notes)
+    with pytest.raises(DownloadError, match="offline"):  # a real download still needs the listing
+        plan(name, target_dir=tmp_path / "ckpt")
+    assert len(guard.connects) == before and not (tmp_path / "ckpt").exists()
+
+
+def test_dry_run_with_the_hub_unreachable_says_the_expected_size(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    p = plan("ti2v-5B", target_dir=tmp_path / "ckpt", source="hf", endpoint=dead, expected_without_listing=True)
+    assert p.expected and p.total_bytes > 30e9
+    assert "Wan-AI/Wan2.2-TI2V-5B-Diffusers unreachable" in p.notes[0]
+    with pytest.raises(DownloadError):
+        plan("ti2v-5B", target_dir=tmp_path / "ckpt", source="hf", endpoint=dead)
+
+
+def test_dry_run_offline_through_the_cli_prints_the_expected_total(tmp_path: Path) -> None:
+    from downloads import artifact
+    from tests.conftest import run_cli
+
+    env = {"HF_HUB_OFFLINE": "1", "WANCTL_CACHE": str(tmp_path / "c"), "COLUMNS": "200"}
+    p = run_cli("download", "--task", "t2v-A14B", "--dry-run", "--dir", str(tmp_path / "ckpt"), env=env)
+    assert p.returncode == 0, p.stderr
+    total = artifact("t2v-A14B").approx_bytes / 2**30
+    assert f"expected total ~{total:.1f} GiB in 7 components" in p.stdout, p.stdout
+    doc = json.loads(run_cli("download", "--task", "t2v-A14B", "--dry-run", "--dir", str(tmp_path / "ckpt"),
+                             "--json", env=env).stdout)
+    assert doc["expected"] is True and doc["total_bytes"] == artifact("t2v-A14B").approx_bytes
