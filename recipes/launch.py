@@ -34,6 +34,7 @@ if [ -z "${{NEGATIVE_PROMPT+x}}" ]; then NEGATIVE_PROMPT={negative_prompt}; fi
 {image_line}
 if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
+{nproc}
 # The interpreter: $PYTHON, else the one that wrote this script (its environment has wanctl's runtime), else
 # python3. One that cannot import the runtime is named here with the fix, not by a traceback from inside it.
 if [ -z "${{PYTHON:-}}" ]; then
@@ -47,7 +48,7 @@ for m in ("torch", "diffusers"):
   echo "launch.sh: $PYTHON cannot run wanctl's runtime ($why): $fix folder: also PYTHONPATH=that folder)" >&2
   exit 2
 fi
-{nproc}
+
 cleanup() {{
   local rc=$?
   # Take the whole process group down on interrupt, so no rank is left holding GPU memory.
