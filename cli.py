@@ -30,7 +30,7 @@ from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.files import check_output_dir, check_output_file
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
-from recipes.recipe import SYNTHETIC, Recipe
+from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
 
 if TYPE_CHECKING:
@@ -142,11 +142,9 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
         if field in changes and field != "model_revision":
             raise BadInput(f"--{field.replace('_', '-')} and --set {item} both set {field}", "set it once")
     # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
-    # with); paths absolute, as the runtime's own folder and a launch script elsewhere need them.
-    r = apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
-    if not r.prompt.strip():  # --prompt "", --set prompt= or a recipe file without one
-        raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
-    return r
+    # with; an empty prompt is refused however it came); paths absolute, as the runtime's own folder and a
+    # launch script elsewhere need them, and checked again so made (a relative path can grow past PATH_MAX).
+    return validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
 
 
 @app.command()
