@@ -126,7 +126,9 @@ def _f(default: Any, doc: str, domain: Domain) -> Any:
 
 _PATH = Domain(max_chars=PATH_MAX_CHARS, path=True)
 _SWITCH = Domain()  # a bool: its annotation says all
-_CFG = Domain(low=0, high=50, zero="the model card's value")
+_CFG = Domain(low=1, high=50, zero="the model card's value",
+              hint="use 0 for the model card's value, 1 for no CFG, or more: diffusers runs CFG only for a scale "
+                   "above 1, so one between 0 and 1 would silently run as 1")
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,9 @@ def validate(recipe: Recipe) -> Recipe:
         raise RecipeError("frames", r.frames, f"{t}n+1 (e.g. {', '.join(str(t * n + 1) for n in (4, 8, 12, 20, 30))})",
                           hint=f"use {below} or {below + t}" if r.frames > 1
                           else "use 1 (an image), 17, 33, 49 or 81; 0 for the task's default")
+    if r.guidance_2 and spec.experts == 1:
+        raise RecipeError("guidance_2", r.guidance_2, f"0 for {r.task} (one transformer: there is no low-noise expert "
+                          "to guide)", hint="drop guidance_2, or set guidance")
     if spec.needs_image and not r.image:
         raise RecipeError("image", r.image, f"a path: {r.task} needs a conditioning image", hint="pass --image IMG.png")
     if r.image and not (spec.needs_image or spec.image_optional):
