@@ -32,6 +32,7 @@ from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
+from recipes.text import clip, clip_repr
 
 if TYPE_CHECKING:
     from autotune.config import TuneConfig
@@ -185,7 +186,7 @@ def generate(
 
             here = run_probe(with_kernels=False).fingerprint()
             if meta.fingerprint != here:
-                err.print(f"[yellow]note:[/] {escape(str(recipe))} was tuned on {escape(meta.fingerprint)}; this "
+                err.print(f"[yellow]note:[/] {escape(str(recipe))} was tuned on {escape(clip(meta.fingerprint))}; this "
                           f"machine is {escape(here)} (its knobs may not run or win here: wanctl tune finds this "
                           "machine's)", soft_wrap=True)
     elif best:
@@ -197,8 +198,9 @@ def generate(
         found = find_best(model=model, task=task, dirs=out_dir or [], fingerprint=fp, size=size, frames=frames,
                           steps=steps)
         w_size, w_frames, w_steps = found.recipe.workload()
-        err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
-                  f"on {escape(found.meta.machine)}; tuned at {w_size}, {w_frames} frames, {w_steps} steps)")
+        err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(clip(found.meta.name))}; "
+                  f"{found.meta.speedup:.2f}x measured on {escape(clip(found.meta.machine))}; tuned at {w_size}, "
+                  f"{w_frames} frames, {w_steps} steps)")
         if found.workload_note:
             err.print(f"[yellow]note:[/] {escape(found.workload_note)}")
         # The recipe says how to run fast; what to make is the user's: the tuning study's prompt, seed and
@@ -578,8 +580,8 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
     t.add_column("field")
     t.add_column("value", overflow="fold")
     t.add_column("meaning", style="dim")
-    for k, v in r.to_dict().items():
-        t.add_row(k, escape(repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
+    for k, v in r.to_dict().items():  # clipped: Rich folding a long value into the cell costs time, not just room
+        t.add_row(k, escape(clip_repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
     out.print(t)
 
 
