@@ -136,8 +136,6 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
                if v is not None}
     if changes.get("model") in SYNTHETIC:  # a random model has no revision for the recipe's pin to check
         changes["model_revision"] = ""
-    if image and not Path(image).expanduser().is_file():
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
     for item in sets or []:  # one value per field: a --set after a flag silently won
         field = item.split("=", 1)[0].strip()
         if field in changes and field != "model_revision":
@@ -145,7 +143,11 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
     # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
     # with; an empty prompt is refused however it came); paths absolute, as the runtime's own folder and a
     # launch script elsewhere need them, and checked again so made (a relative path can grow past PATH_MAX).
-    return validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
+    r = validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
+    # looked up only now, within the field's bounds: a path longer than the OS takes raised OSError here
+    if image and not Path(r.image).is_file():
+        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    return r
 
 
 @app.command()
@@ -353,15 +355,11 @@ def tune(
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
     if prompt is not None and not prompt.strip():
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
-    if image and not Path(image).expanduser().is_file():
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    given_lora = lightning_lora
     if lightning_lora and lightning_lora != "none":
-        if not Path(lightning_lora).expanduser().is_dir():
-            raise BadInput(f"--lightning-lora {lightning_lora} is not a folder",
-                           f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
         lightning_lora = str(Path(lightning_lora).expanduser().resolve())
-    if model not in SYNTHETIC:  # recipe.toml, launch.sh and the store are used from other folders
-        model = str(Path(model).expanduser().resolve())
+    if model and model not in SYNTHETIC:  # recipe.toml, launch.sh and the store are used from other folders
+        model = str(Path(model).expanduser().resolve())  # ('' is refused below, not made the current folder)
     cfg = TuneConfig(model=model, task=task, size=size, frames=frames, steps=steps,
                      prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
                      image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,
@@ -372,6 +370,12 @@ def tune(
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
+    # paths looked up only once within their fields' bounds (a name longer than the OS takes raised OSError)
+    if image and not Path(cfg.image).is_file():
+        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if given_lora and given_lora != "none" and not Path(lightning_lora).is_dir():
+        raise BadInput(f"--lightning-lora {given_lora} is not a folder",
+                       f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
     if model not in SYNTHETIC and not Path(model).expanduser().is_dir():
         raise BadInput(f"--model {model}: no such checkpoint folder",
                        f"wanctl download --task {task}, or --model tiny / random to tune without weights")
