@@ -30,8 +30,9 @@ from recipes.errors import BadInput, HardwareUnsupported, WanctlError
 from recipes.files import check_output_dir, check_output_file
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
-from recipes.recipe import SYNTHETIC, Recipe
+from recipes.recipe import SYNTHETIC, Recipe, validate
 from recipes.serialize import read_recipe
+from recipes.text import clip, clip_repr
 
 if TYPE_CHECKING:
     from autotune.config import TuneConfig
@@ -138,17 +139,17 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
                if v is not None}
     if changes.get("model") in SYNTHETIC:  # a random model has no revision for the recipe's pin to check
         changes["model_revision"] = ""
-    if image and not Path(image).expanduser().is_file():
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
     for item in sets or []:  # one value per field: a --set after a flag silently won
         field = item.split("=", 1)[0].strip()
         if field in changes and field != "model_revision":
             raise BadInput(f"--{field.replace('_', '-')} and --set {item} both set {field}", "set it once")
     # One validation after every change, flags and --set alike (a --set may resolve what a flag conflicts
-    # with); paths absolute, as the runtime's own folder and a launch script elsewhere need them.
-    r = apply_overrides(base.replace(**changes), sets or []).with_absolute_paths()
-    if not r.prompt.strip():  # --prompt "", --set prompt= or a recipe file without one
-        raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
+    # with; an empty prompt is refused however it came); paths absolute, as the runtime's own folder and a
+    # launch script elsewhere need them, and checked again so made (a relative path can grow past PATH_MAX).
+    r = validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
+    # looked up only now, within the field's bounds: a path longer than the OS takes raised OSError here
+    if image and not Path(r.image).is_file():
+        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
     return r
 
 
@@ -190,7 +191,7 @@ def generate(
 
             here = run_probe(with_kernels=False).fingerprint()
             if meta.fingerprint != here:
-                err.print(f"[yellow]note:[/] {escape(str(recipe))} was tuned on {escape(meta.fingerprint)}; this "
+                err.print(f"[yellow]note:[/] {escape(str(recipe))} was tuned on {escape(clip(meta.fingerprint))}; this "
                           f"machine is {escape(here)} (its knobs may not run or win here: wanctl tune finds this "
                           "machine's)", soft_wrap=True)
     elif best:
@@ -202,8 +203,9 @@ def generate(
         found = find_best(model=model, task=task, dirs=out_dir or [], fingerprint=fp, size=size, frames=frames,
                           steps=steps)
         w_size, w_frames, w_steps = found.recipe.workload()
-        err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(found.meta.name)}; {found.meta.speedup:.2f}x measured "
-                  f"on {escape(found.meta.machine)}; tuned at {w_size}, {w_frames} frames, {w_steps} steps)")
+        err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(clip(found.meta.name))}; "
+                  f"{found.meta.speedup:.2f}x measured on {escape(clip(found.meta.machine))}; tuned at {w_size}, "
+                  f"{w_frames} frames, {w_steps} steps)")
         if found.workload_note:
             err.print(f"[yellow]note:[/] {escape(found.workload_note)}")
         # The recipe says how to run fast; what to make is the user's: the tuning study's prompt, seed and
@@ -358,15 +360,11 @@ def tune(
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
     if prompt is not None and not prompt.strip():
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
-    if image and not Path(image).expanduser().is_file():
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    given_lora = lightning_lora
     if lightning_lora and lightning_lora != "none":
-        if not Path(lightning_lora).expanduser().is_dir():
-            raise BadInput(f"--lightning-lora {lightning_lora} is not a folder",
-                           f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
         lightning_lora = str(Path(lightning_lora).expanduser().resolve())
-    if model not in SYNTHETIC:  # recipe.toml, launch.sh and the store are used from other folders
-        model = str(Path(model).expanduser().resolve())
+    if model and model not in SYNTHETIC:  # recipe.toml, launch.sh and the store are used from other folders
+        model = str(Path(model).expanduser().resolve())  # ('' is refused below, not made the current folder)
     cfg = TuneConfig(model=model, task=task, size=size, frames=frames, steps=steps,
                      prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
                      image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,
@@ -377,6 +375,12 @@ def tune(
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
+    # paths looked up only once within their fields' bounds (a name longer than the OS takes raised OSError)
+    if image and not Path(cfg.image).is_file():
+        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if given_lora and given_lora != "none" and not Path(lightning_lora).is_dir():
+        raise BadInput(f"--lightning-lora {given_lora} is not a folder",
+                       f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
     if model not in SYNTHETIC and not Path(model).expanduser().is_dir():
         raise BadInput(f"--model {model}: no such checkpoint folder",
                        f"wanctl download --task {task}, or --model tiny / random to tune without weights")
@@ -597,8 +601,8 @@ def recipe_cmd(path: Annotated[Path, typer.Argument(help="recipe.toml to check a
     t.add_column("field")
     t.add_column("value", overflow="fold")
     t.add_column("meaning", style="dim")
-    for k, v in r.to_dict().items():
-        t.add_row(k, escape(repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
+    for k, v in r.to_dict().items():  # clipped: Rich folding a long value into the cell costs time, not just room
+        t.add_row(k, escape(clip_repr(v) if isinstance(v, str) else str(v)), escape(Recipe.field_doc(k)))
     out.print(t)
 
 

@@ -6,88 +6,100 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from recipes.errors import BadInput, RecipeError, WanctlError
+from recipes.errors import BadInput, FieldError, RecipeError, WanctlError
+from recipes.fields import NAME_MAX_CHARS, PATH_MAX_CHARS, PROMPT_MAX_CHARS, Domain, check_fields, domain
 from recipes.manifest import MANIFEST_NAME, checkpoint_revision
 from recipes.models import lightning_dirname, model_spec, parse_size
-from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, SYNTHETIC, Recipe, validate
+from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, MAX_FRAMES, SYNTHETIC, Recipe, validate
 from recipes.spec import FAULTS
+
+
+def _d(default: Any, domain: Domain) -> Any:
+    """A tuner setting with its domain (recipes.fields), checked like a recipe field wherever a TuneConfig is made:
+    the command line, or a study's saved settings read back by --resume and wanctl report."""
+    return field(default=default, metadata={"domain": domain})
+
+
+def _as_recipe(name: str) -> Domain:
+    """A recipe field's own domain: the setting becomes that field of the base recipe."""
+    return domain(Recipe, name)
+
+
+_SIZE = _as_recipe("size")
+_FRAMES = _as_recipe("frames")
+_STEPS = _as_recipe("steps")
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    model: str = "tiny"
+    model: str = _d("tiny", _as_recipe("model"))
     """tiny, random or a checkpoint directory."""
-    task: str = "t2v-A14B"
-    size: str = ""
-    frames: int = 0
-    steps: int = 0
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = ""
-    image: str = ""
-    seed: int = 42
-    gpus: int = 1
-    budget_s: float = 0.0
+    task: str = _d("t2v-A14B", _as_recipe("task"))
+    size: str = _d("", _SIZE)
+    frames: int = _d(0, _FRAMES)
+    steps: int = _d(0, _STEPS)
+    prompt: str = _d(DEFAULT_PROMPT, _as_recipe("prompt"))
+    negative_prompt: str = _d("", _as_recipe("negative_prompt"))
+    image: str = _d("", _as_recipe("image"))
+    seed: int = _d(42, _as_recipe("seed"))
+    gpus: int = _d(1, _as_recipe("gpus"))
+    budget_s: float = _d(0.0, Domain(low=0, high=30 * 86400, allowed="0..2592000 seconds (30 days); 0: no budget",
+                                     hint="pass --budget as e.g. 30m, 2h or 90s (at most 720h)"))
     """Wall-clock budget for the search; 0: none (then ``trials`` bounds it)."""
-    trials: int = 0
+    trials: int = _d(0, Domain(low=0, high=10_000, allowed="0..10000 (0: 20 without --budget, no limit with one)"))
     """Total trials in the study (baseline included); 0 with no budget: 20."""
-    quality: str = ""
+    quality: str = _d("", Domain(max_chars=NAME_MAX_CHARS))
     """Overrides of the quality bars, e.g. 'lossy_psnr=22,lossy_ssim=0.85'."""
-    objective: str = "latency"
+    objective: str = _d("latency", Domain(choices=("latency", "pareto")))
     """latency (TPE on predicted denoise time) or pareto (NSGA-II on time and worst-frame PSNR)."""
-    storage: str = ""
+    storage: str = _d("", Domain(max_chars=PATH_MAX_CHARS))
     """Optuna storage: PATH.journal (default: OUT/study.journal), sqlite:///..., postgresql://..."""
-    study: str = ""
-    resume: bool = False
-    out_dir: str = "wanctl-out"
-    proxy_size: str = ""
+    study: str = _d("", Domain(max_chars=NAME_MAX_CHARS))
+    resume: bool = _d(False, Domain())
+    out_dir: str = _d("wanctl-out", Domain(max_chars=PATH_MAX_CHARS, path=True, required=True,
+                                           hint="pass another --out folder"))
+    proxy_size: str = _d("", dataclasses.replace(_SIZE, allowed="WIDTH*HEIGHT (e.g. 832*480), or empty for the "
+                                                 "task's smallest size", hint="pass --proxy-size like 832*480"))
     """Size of quality runs (lossy knobs run a full schedule there); empty: the task's smallest size."""
-    proxy_frames: int = 17
-    measure_steps: int = 4
+    proxy_frames: int = _d(17, dataclasses.replace(_FRAMES, zero="", allowed=f"4n+1 frames, 1..{MAX_FRAMES}"))
+    measure_steps: int = _d(4, dataclasses.replace(_STEPS, zero=""))
     """Denoise steps run at the target workload to time a trial (warm-up included)."""
-    warmup_steps: int = 1
-    lossless_steps: int = 2
+    warmup_steps: int = _d(1, Domain(low=0, high=999))
+    lossless_steps: int = _d(2, dataclasses.replace(_STEPS, zero=""))
     """Steps of the short quality run that checks lossless knobs numerically."""
-    trial_timeout_s: float = 0.0
+    trial_timeout_s: float = _d(0.0, Domain(low=0, high=7 * 86400, allowed="0..604800 seconds (a week); 0: derived "
+                                            "from the baseline", hint="pass --trial-timeout SECONDS, or 0"))
     """Hard per-trial limit; 0: derived from the baseline (before it: 20 min on GPU, 5 min on CPU)."""
-    trust_checkpoint: bool = False
+    trust_checkpoint: bool = _d(False, Domain())
     """Load a checkpoint directory without wanctl's download manifest."""
-    lightning_lora: str = ""
+    lightning_lora: str = _d("", Domain(max_chars=PATH_MAX_CHARS, path=True))
     """Lightning LoRA folder to search the 4-step distilled stack with; 'none': never; empty: the tiny/random
     model's own random LoRA, or for a checkpoint the download folder beside it when there."""
-    sampler_seed: int = 0
-    inject: tuple[str, ...] = field(default_factory=tuple)
+    sampler_seed: int = _d(0, Domain(low=0, high=2**32 - 1, allowed="0 .. 2**32-1 (numpy's seed range: Optuna's "
+                                     "samplers seed numpy with it)"))
+    inject: tuple[str, ...] = _d((), Domain(max_chars=64, max_items=100))
     """Fault injection for testing the tuner: 'FAULT@TRIAL' (e.g. 'oom@2') or 'FAULT@TRIAL:RANK' (one rank of a
     multi-GPU trial, e.g. 'hang@3:1'); see recipes.spec.FAULTS. A trial that runs no process (a repeated stack)
     passes its fault to the next trial that runs one."""
-    slower_tolerance: float = 0.0
+    slower_tolerance: float = _d(0.0, Domain(low=0, high=1, high_open=True))
     """Relative margin under which a trial counts as not slower than the baseline; 0: 3% GPU, 10% CPU."""
-    command: tuple[str, ...] = ()
-    """The command line that started the study (the report's "Reproduce"; a rebuild keeps it)."""
-    wanctl_version: str = ""
+    command: tuple[str, ...] = _d((), Domain(max_chars=2 * PROMPT_MAX_CHARS, multiline=True, max_items=1000))
+    """The command line that started the study (the report's "Reproduce"; a rebuild keeps it). An argument holds
+    at most a prompt with its flag, or a path."""
+    wanctl_version: str = _d("", Domain(max_chars=NAME_MAX_CHARS))
     """wanctl's version when the study started."""
 
     def __post_init__(self) -> None:
-        """Numbers a user typed are checked here, before the probe and before a study file exists: a
-        negative trial count would otherwise create the study and then report that nothing was measured."""
-        import math
-
+        """Values a user typed are checked here, before the probe and before a study file exists: a negative
+        trial count would otherwise create the study and then report that nothing was measured."""
         from autotune.quality_gate import parse_quality
 
-        for name, low in (("trials", 0), ("gpus", 1), ("measure_steps", 1), ("warmup_steps", 0),
-                          ("lossless_steps", 1), ("proxy_frames", 1)):
-            if getattr(self, name) < low:
-                raise BadInput(f"{name} = {getattr(self, name)} is below {low}",
-                               f"pass --{name.replace('_', '-')} {low} or more")
-        for name in ("budget_s", "trial_timeout_s", "slower_tolerance"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise BadInput(f"{name} = {v} is not a finite number >= 0", "0 means: decide automatically")
+        check_fields(self, _setting_error)
         if self.warmup_steps >= self.measure_steps:
             raise BadInput(f"warmup_steps ({self.warmup_steps}) leaves no timed step of measure_steps "
                            f"({self.measure_steps})", "measure more steps than the warm-up")
-        if self.objective not in ("latency", "pareto"):
-            raise BadInput(f"objective {self.objective!r} is unknown", "latency or pareto")
         parse_quality(self.quality)
         self.injections()
         self._check_proxy()
@@ -164,6 +176,14 @@ class TuneConfig:
                 raise BadInput(f"--inject fault {m.group(1)!r} is unknown", "one of " + ", ".join(FAULTS[1:]))
             out[int(m.group(2))] = (m.group(1), int(m.group(3)) if m.group(3) else -1)
         return out
+
+
+def _setting_error(name: str, value: Any, allowed: str, hint: str) -> FieldError:
+    """The error for a setting out of its domain: a RecipeError for those that are recipe fields (the same message
+    as on generate), else one naming the tuner's setting."""
+    if name in Recipe.field_names():
+        return RecipeError(name, value, allowed, hint)
+    return FieldError("tune", name, value, allowed, hint)
 
 
 def parse_budget(text: str) -> float:

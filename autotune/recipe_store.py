@@ -18,6 +18,7 @@ from recipes.locations import cache_root
 from recipes.models import parse_size
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, read_recipe, write_recipe
+from recipes.text import clip
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ def find_best(model: str, task: str, dirs: list[Path], fingerprint: str, size: s
             r, meta = read_recipe(p)
         except WanctlError as exc:  # one bad file must not hide the others; it is named, not dropped
             log.warning("skipping %s: %s", p, exc.message)
-            unreadable.append(f"{p} ({exc.message[:120]})")
+            # the file's path once, then what is wrong with it (the loader's messages start with the path too,
+            # and a long path must not push the field's name out of the clipped message)
+            unreadable.append(f"{p} ({clip(exc.message.removeprefix(str(p)).strip(), 200)})")
             continue
         if r.task != task or model_tag(r.model) != tag:
             if meta.fingerprint == fingerprint:

@@ -7,6 +7,8 @@ families to exit codes (see ``exit_code``), so the mapping is defined once, next
 
 from __future__ import annotations
 
+from recipes.text import clip_repr
+
 
 class WanctlError(Exception):
     """Base of every error wanctl raises on purpose."""
@@ -28,14 +30,25 @@ class BadInput(WanctlError):
     exit_code = 2
 
 
-class RecipeError(BadInput):
+class FieldError(BadInput):
+    """A field of a settings document (a recipe, the tuner's settings) holds a value outside what is allowed.
+
+    The value is shown clipped (recipes.text): the message must name the field, not reprint a pasted book.
+    """
+
+    def __init__(self, document: str, field: str, value: object, allowed: str, hint: str = "") -> None:
+        msg = f"{document} field '{field}' = {clip_repr(value)} is not allowed: {allowed}"
+        super().__init__(msg, hint or f"set '{field}' to one of the allowed values")
+        self.document = document
+        self.field = field
+        self.value = value
+
+
+class RecipeError(FieldError):
     """A recipe field holds a value outside what is allowed."""
 
     def __init__(self, field: str, value: object, allowed: str, hint: str = "") -> None:
-        msg = f"recipe field '{field}' = {value!r} is not allowed: {allowed}"
-        super().__init__(msg, hint or f"set '{field}' to one of the allowed values")
-        self.field = field
-        self.value = value
+        super().__init__("recipe", field, value, allowed, hint)
 
 
 class SchemaError(BadInput):

@@ -6,9 +6,8 @@ so a value means the same thing everywhere.
 
 from __future__ import annotations
 
-import typing
-
 from recipes.errors import BadInput
+from recipes.fields import field_types
 from recipes.recipe import Recipe, validate
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -16,7 +15,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def parse_value(name: str, text: str) -> object:
-    hints = typing.get_type_hints(Recipe)
+    hints = field_types(Recipe)
     if name not in hints:
         raise BadInput(f"unknown recipe field {name!r}", f"known fields: {', '.join(Recipe.field_names())}")
     hint = hints[name]

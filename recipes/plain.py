@@ -14,6 +14,7 @@ import typing
 from typing import Any, TypeVar
 
 from recipes.errors import SchemaError
+from recipes.text import clip
 
 T = TypeVar("T")
 
@@ -29,7 +30,7 @@ def from_plain(cls: type[T], data: Any, where: str, hint: str = "") -> T:
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise SchemaError(f"{where}: unknown key(s) {', '.join(unknown)} in {cls.__name__}",
+        raise SchemaError(f"{where}: unknown key(s) {clip(', '.join(unknown))} in {cls.__name__}",
                           f"remove them; known keys are: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _value(v, hints[k], f"{where}.{k}", k, hint) for k, v in data.items()})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.errors import RecipeError
+from recipes.fields import PATH_MAX_CHARS, PROMPT_MAX_CHARS, Domain, check_fields
 from recipes.models import MODELS, TINY_NUM_HEADS, model_spec, parse_size
 
 ATTENTION_BACKENDS = (
@@ -112,8 +113,22 @@ DEFAULT_PROMPT = (
 
 
 
-def _f(default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"doc": doc})
+MAX_FRAMES = 4 * 1023 + 1
+"""Most frames a run takes: the Wan transformers' rotary position table holds 1024 latent frames (diffusers'
+``rope_max_seq_len``), and the VAE folds 4 frames into one after the first. Beyond it the model failed with a
+shape error after loading (exit 1, a work folder left); well before it a real checkpoint runs out of memory."""
+
+
+def _f(default: Any, doc: str, domain: Domain) -> Any:
+    """A recipe field: its default, its one-line doc and its domain (recipes.fields), declared together."""
+    return field(default=default, metadata={"doc": doc, "domain": domain})
+
+
+_PATH = Domain(max_chars=PATH_MAX_CHARS, path=True)
+_SWITCH = Domain()  # a bool: its annotation says all
+_CFG = Domain(low=1, high=50, zero="the model card's value",
+              hint="use 0 for the model card's value, 1 for no CFG, or more: diffusers runs CFG only for a scale "
+                   "above 1, so one between 0 and 1 would silently run as 1")
 
 
 @dataclass(frozen=True)
@@ -121,49 +136,73 @@ class Recipe:
     """Every knob of one run. Keys in ``recipe.toml`` are exactly these field names."""
 
     # --- what to generate ---
-    task: str = _f("t2v-A14B", "Wan2.2 task: t2v-A14B, i2v-A14B or ti2v-5B")
-    model: str = _f("tiny", "tiny (embedded random model), random (full-size random weights) or a checkpoint dir")
+    task: str = _f("t2v-A14B", "Wan2.2 task: t2v-A14B, i2v-A14B or ti2v-5B", Domain(choices=tuple(MODELS)))
+    model: str = _f("tiny", "tiny (embedded random model), random (full-size random weights) or a checkpoint dir",
+                    Domain(max_chars=PATH_MAX_CHARS, path=True, required=True,
+                           allowed="tiny, random or a checkpoint directory"))
     model_revision: str = _f("", "commit SHA (40 hex) the checkpoint must be at, from its wanctl-manifest.json; "
-                                 "a checkpoint at another revision is refused; empty: not pinned")
-    size: str = _f("", "WIDTH*HEIGHT; empty: the task's default (1280*720 for A14B)")
-    frames: int = _f(0, "number of frames, 4n+1; 0: the task's default (81 for A14B)")
-    steps: int = _f(0, "denoising steps; 0: the task's default (40 for A14B)")
-    guidance: float = _f(0.0, "CFG scale (high-noise expert for A14B); 0: the model card's value")
-    guidance_2: float = _f(0.0, "CFG scale of the A14B low-noise expert; 0: the model card's value")
-    shift: float = _f(0.0, "flow-matching shift of the scheduler; 0: the checkpoint's scheduler config (the model card's for tiny/random)")
-    seed: int = _f(42, "random seed of the initial noise")
-    prompt: str = _f(DEFAULT_PROMPT, "text prompt")
-    negative_prompt: str = _f("", "negative prompt; empty: the pipeline's default")
-    image: str = _f("", "conditioning image path (required for i2v-A14B, optional for ti2v-5B)")
-    dtype: str = _f("bfloat16", "dtype of the transformer(s): bfloat16, float16 or float32")
+                                 "a checkpoint at another revision is refused; empty: not pinned",
+                             Domain(max_chars=40, pattern="[0-9a-f]{40}", allowed="a full 40-hex commit SHA, lower case",
+                                    hint="copy 'revision' from the checkpoint's wanctl-manifest.json, or leave it empty"))
+    size: str = _f("", "WIDTH*HEIGHT; empty: the task's default (1280*720 for A14B)",
+                   Domain(max_chars=16, pattern="[0-9]{1,5}[*xX][0-9]{1,5}",
+                          allowed="WIDTH*HEIGHT (e.g. 1280*720), or empty for the task's default",
+                          hint="write it like 1280*720"))
+    frames: int = _f(0, "number of frames, 4n+1; 0: the task's default (81 for A14B)",
+                     Domain(low=1, high=MAX_FRAMES, zero="the task's default",
+                            allowed=f"4n+1 frames, 1..{MAX_FRAMES} (the transformer's position table holds 1024 latent "
+                                    "frames); 0 for the task's default"))
+    steps: int = _f(0, "denoising steps; 0: the task's default (40 for A14B)",
+                    Domain(low=1, high=1000, zero="the task's default"))
+    guidance: float = _f(0.0, "CFG scale (high-noise expert for A14B); 0: the model card's value", _CFG)
+    guidance_2: float = _f(0.0, "CFG scale of the A14B low-noise expert; 0: the model card's value", _CFG)
+    shift: float = _f(0.0, "flow-matching shift of the scheduler; 0: the checkpoint's scheduler config (the model card's for tiny/random)",
+                      Domain(low=0, high=50, zero="the checkpoint's scheduler config"))
+    seed: int = _f(42, "random seed of the initial noise", Domain(low=0, high=2**63 - 1, allowed="0 .. 2**63-1"))
+    prompt: str = _f(DEFAULT_PROMPT, "text prompt",
+                     Domain(max_chars=PROMPT_MAX_CHARS, multiline=True, required=True,
+                            hint=f"pass a prompt of 1 to {PROMPT_MAX_CHARS:,} characters (the text encoder reads its first "
+                                 "512 tokens, about 2,000 characters of English), or omit --prompt for the default one"))
+    negative_prompt: str = _f("", "negative prompt; empty: the pipeline's default",
+                              Domain(max_chars=PROMPT_MAX_CHARS, multiline=True,
+                                     hint=f"pass at most {PROMPT_MAX_CHARS:,} characters (the text encoder reads its first "
+                                          "512 tokens), or leave it empty for the pipeline's default"))
+    image: str = _f("", "conditioning image path (required for i2v-A14B, optional for ti2v-5B)", _PATH)
+    dtype: str = _f("bfloat16", "dtype of the transformer(s): bfloat16, float16 or float32", Domain(choices=DTYPES))
     # --- kernels ---
-    attention: str = _f("native", "diffusers attention backend name")
-    tf32: bool = _f(False, "allow TF32 in cuBLAS/cuDNN fp32 math")
-    fuse_qkv: bool = _f(False, "fuse the Q/K/V projections of each transformer")
-    quant: str = _f("none", "linear-layer quantization of the DiT blocks")
-    te_amax_history_len: int = _f(16, "Transformer Engine DelayedScaling amax history length")
-    te_amax_compute_algo: str = _f("max", "Transformer Engine DelayedScaling amax algorithm: max or most_recent")
-    compile: str = _f("off", "torch.compile: off, regional (repeated blocks) or full (whole transformer)")
-    compile_mode: str = _f("default", "torch.compile mode")
-    compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)")
+    attention: str = _f("native", "diffusers attention backend name", Domain(choices=ATTENTION_BACKENDS))
+    tf32: bool = _f(False, "allow TF32 in cuBLAS/cuDNN fp32 math", _SWITCH)
+    fuse_qkv: bool = _f(False, "fuse the Q/K/V projections of each transformer", _SWITCH)
+    quant: str = _f("none", "linear-layer quantization of the DiT blocks", Domain(choices=QUANT))
+    te_amax_history_len: int = _f(16, "Transformer Engine DelayedScaling amax history length", Domain(low=1, high=1024))
+    te_amax_compute_algo: str = _f("max", "Transformer Engine DelayedScaling amax algorithm: max or most_recent",
+                                   Domain(choices=TE_AMAX_ALGOS))
+    compile: str = _f("off", "torch.compile: off, regional (repeated blocks) or full (whole transformer)",
+                      Domain(choices=COMPILE))
+    compile_mode: str = _f("default", "torch.compile mode", Domain(choices=COMPILE_MODES))
+    compile_fullgraph: bool = _f(True, "torch.compile fullgraph=True (fail on graph breaks)", _SWITCH)
     # --- caches ---
-    cache: str = _f("none", "step cache: none, magcache, fbcache (first-block cache), seacache or taylorseer")
-    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget; TaylorSeer has none)")
-    magcache_k: int = _f(2, "most consecutive skipped steps (MagCache K, SeaCache; TaylorSeer predicts at most this many between computes)")
-    cache_retention: float = _f(0.2, "fraction of each expert's first steps always computed (MagCache R, SeaCache, TaylorSeer warm-up)")
+    cache: str = _f("none", "step cache: none, magcache, fbcache (first-block cache), seacache or taylorseer",
+                    Domain(choices=CACHES))
+    cache_threshold: float = _f(0.12, "cache error threshold (MagCache E, TeaCache l1, FBCache residual diff, SeaCache relative-L1 budget; TaylorSeer has none)",
+                                Domain(low=0, high=1, low_open=True, high_open=True))
+    magcache_k: int = _f(2, "most consecutive skipped steps (MagCache K, SeaCache; TaylorSeer predicts at most this many between computes)",
+                         Domain(low=1, high=10))
+    cache_retention: float = _f(0.2, "fraction of each expert's first steps always computed (MagCache R, SeaCache, TaylorSeer warm-up)",
+                                Domain(low=0, high=1, high_open=True))
     # --- memory ---
-    offload: str = _f("none", "CPU offload: none, model, group_block or group_leaf")
-    vae_tiling: bool = _f(False, "decode the VAE in tiles (less memory, slower)")
-    vae_slicing: bool = _f(False, "decode the batch one video at a time")
+    offload: str = _f("none", "CPU offload: none, model, group_block or group_leaf", Domain(choices=OFFLOAD))
+    vae_tiling: bool = _f(False, "decode the VAE in tiles (less memory, slower)", _SWITCH)
+    vae_slicing: bool = _f(False, "decode the batch one video at a time", _SWITCH)
     # --- parallelism ---
-    gpus: int = _f(1, "GPUs used by one run (torchrun --nproc_per_node)")
-    ulysses: int = _f(1, "Ulysses sequence-parallel degree")
-    cfg_parallel: bool = _f(False, "run the conditional and unconditional passes on two GPU groups")
-    fsdp: bool = _f(False, "shard the DiT and text encoder with FSDP2")
+    gpus: int = _f(1, "GPUs used by one run (torchrun --nproc_per_node)", Domain(low=1, high=64))
+    ulysses: int = _f(1, "Ulysses sequence-parallel degree", Domain(low=1, high=64))
+    cfg_parallel: bool = _f(False, "run the conditional and unconditional passes on two GPU groups", _SWITCH)
+    fsdp: bool = _f(False, "shard the DiT and text encoder with FSDP2", _SWITCH)
     # --- distillation ---
-    lightning: int = _f(0, "Lightning distilled LoRA steps: 0 (off) or 4")
+    lightning: int = _f(0, "Lightning distilled LoRA steps: 0 (off) or 4", Domain(choices=LIGHTNING_STEPS))
     lightning_lora: str = _f("", "folder of the Lightning LoRA pair (wanctl download --task t2v-A14B-lightning); "
-                                 "empty: the model's own random LoRA for tiny/random")
+                                 "empty: the model's own random LoRA for tiny/random", _PATH)
 
     # ----------------------------------------------------------------- derived
     @classmethod
@@ -259,36 +298,17 @@ def _tiny_size(task: str) -> str:
 
 
 def validate(recipe: Recipe) -> Recipe:
-    """Raise a RecipeError naming the field, its value and what is allowed; return the recipe if valid."""
+    """Raise a RecipeError naming the field, its value and what is allowed; return the recipe if valid.
+
+    First every field against its own declared domain (recipes.fields: type, range, choices, text bounds),
+    then the rules that join several fields.
+    """
     r = recipe
-    if r.task not in MODELS:
-        raise RecipeError("task", r.task, f"one of {', '.join(MODELS)}")
+    check_fields(r, RecipeError)
     spec = MODELS[r.task]
-    _choice("attention", r.attention, ATTENTION_BACKENDS)
-    _choice("quant", r.quant, QUANT)
-    _choice("compile", r.compile, COMPILE)
-    _choice("compile_mode", r.compile_mode, COMPILE_MODES)
-    _choice("cache", r.cache, CACHES)
-    _choice("offload", r.offload, OFFLOAD)
-    _choice("dtype", r.dtype, DTYPES)
-    _choice("lightning", r.lightning, LIGHTNING_STEPS)
-    _choice("te_amax_compute_algo", r.te_amax_compute_algo, TE_AMAX_ALGOS)
-    if not r.model:
-        raise RecipeError("model", r.model, "tiny, random or a checkpoint directory")
-    for name in ("prompt", "negative_prompt"):
-        try:
-            getattr(r, name).encode("utf-8")
-        except UnicodeEncodeError:  # bytes the terminal passed that are not UTF-8 (Python keeps them as surrogates)
-            raise RecipeError(name, getattr(r, name), "UTF-8 text (the text encoder's tokenizer takes no raw bytes)",
-                              hint="set a UTF-8 locale (e.g. LANG=C.UTF-8) in the terminal, or write the prompt "
-                                   "into a recipe file") from None
-    if r.model_revision:
-        if r.model in SYNTHETIC:
-            raise RecipeError("model_revision", r.model_revision, f"empty for the {r.model} model (it has no revision)",
-                              hint="drop model_revision, or set model to a downloaded checkpoint directory")
-        if not is_commit_sha(r.model_revision):
-            raise RecipeError("model_revision", r.model_revision, "a full 40-hex commit SHA, lower case",
-                              hint="copy 'revision' from the checkpoint's wanctl-manifest.json, or leave it empty")
+    if r.model_revision and r.model in SYNTHETIC:
+        raise RecipeError("model_revision", r.model_revision, f"empty for the {r.model} model (it has no revision)",
+                          hint="drop model_revision, or set model to a downloaded checkpoint directory")
     if r.size:
         w, h = parse_size(r.size)
         if r.model == "tiny":
@@ -298,19 +318,14 @@ def validate(recipe: Recipe) -> Recipe:
         elif r.size not in spec.sizes:
             raise RecipeError("size", r.size, f"for {r.task}: one of {', '.join(spec.sizes)}")
     t = spec.vae_temporal  # the VAE keeps the first frame and folds each further t frames into one latent frame
-    if r.frames and (r.frames < 1 or (r.frames - 1) % t):
+    if r.frames and (r.frames - 1) % t:
         below = (r.frames - 1) // t * t + 1
         raise RecipeError("frames", r.frames, f"{t}n+1 (e.g. {', '.join(str(t * n + 1) for n in (4, 8, 12, 20, 30))})",
                           hint=f"use {below} or {below + t}" if r.frames > 1
                           else "use 1 (an image), 17, 33, 49 or 81; 0 for the task's default")
-    if r.steps < 0 or r.steps > 1000:
-        raise RecipeError("steps", r.steps, "1..1000 (0 for the task's default)")
-    for name in ("guidance", "guidance_2", "shift"):
-        v = getattr(r, name)
-        if not 0 <= v <= 50:  # written so that NaN fails too (it compares false both ways)
-            raise RecipeError(name, v, "0..50 (0 for the model card's value)")
-    if not 0 <= r.seed < 2**63:
-        raise RecipeError("seed", r.seed, "0 .. 2**63-1")
+    if r.guidance_2 and spec.experts == 1:
+        raise RecipeError("guidance_2", r.guidance_2, f"0 for {r.task} (one transformer: there is no low-noise expert "
+                          "to guide)", hint="drop guidance_2, or set guidance")
     if spec.needs_image and not r.image:
         raise RecipeError("image", r.image, f"a path: {r.task} needs a conditioning image", hint="pass --image IMG.png")
     if r.image and not (spec.needs_image or spec.image_optional):
@@ -318,19 +333,9 @@ def validate(recipe: Recipe) -> Recipe:
     if r.cache == "seacache" and r.task not in SEACACHE_TASKS:
         raise RecipeError("cache", r.cache, f"not seacache for {r.task}: diffusers' SeaCache adapter takes Wan "
                           "transformers whose input and output channels match", hint="use magcache or fbcache")
-    if not 0 < r.cache_threshold < 1:
-        raise RecipeError("cache_threshold", r.cache_threshold, "0 < threshold < 1")
-    if not 1 <= r.magcache_k <= 10:
-        raise RecipeError("magcache_k", r.magcache_k, "1..10")
-    if not 0 <= r.cache_retention < 1:
-        raise RecipeError("cache_retention", r.cache_retention, "0 <= retention < 1")
-    if not 1 <= r.te_amax_history_len <= 1024:
-        raise RecipeError("te_amax_history_len", r.te_amax_history_len, "1..1024")
     # parallelism
-    if r.gpus < 1 or r.gpus > 64:
-        raise RecipeError("gpus", r.gpus, "1..64")
     heads = TINY_NUM_HEADS if r.model == "tiny" else spec.num_heads
-    if r.ulysses < 1 or heads % r.ulysses:
+    if heads % r.ulysses:
         divs = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 64]
         raise RecipeError("ulysses", r.ulysses, f"a divisor of the {heads} attention heads: {divs}")
     if r.ulysses > 1:  # each rank attends over its share of the tokens: found here, not after a model load
@@ -404,8 +409,3 @@ def _check_lightning(r: Recipe) -> None:
     elif not r.lightning_lora or r.lightning_lora in SYNTHETIC:
         raise RecipeError("lightning_lora", r.lightning_lora, "the folder of the Lightning LoRA pair for a checkpoint",
                           hint=f"wanctl download --task {r.task}-lightning, then pass that folder")
-
-
-def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise RecipeError(name, value, "one of " + ", ".join(map(str, allowed)))

@@ -82,12 +82,24 @@ def loads_recipe(text: str, where: str = "recipe") -> tuple[Recipe, RecipeMeta]:
     return recipe, meta
 
 
+RECIPE_MAX_BYTES = 1 << 20
+"""Largest recipe file read. A tuned recipe is a few KB; its longest values, two 10,000-character prompts, need
+at most 120 KB even written as \\u escapes. A larger file is not a recipe, and is refused before it is read
+whole (a file of any size must cost bounded time and memory)."""
+
+
 def read_recipe(path: str | Path) -> tuple[Recipe, RecipeMeta]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(RECIPE_MAX_BYTES + 1)
     except OSError as exc:
         raise BadInput(f"cannot read recipe {p}: {exc.strerror}", "check the path") from None
+    if len(data) > RECIPE_MAX_BYTES:
+        raise BadInput(f"recipe {p} is larger than {RECIPE_MAX_BYTES >> 20} MiB: not a recipe",
+                       "a recipe is a TOML file of a few KB; pass the recipe.toml wanctl tune wrote")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadInput(f"recipe {p} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})",
                        "a recipe is a TOML file; pass the recipe.toml wanctl tune wrote") from None

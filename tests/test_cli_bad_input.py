@@ -119,8 +119,8 @@ def test_a_recipe_that_is_not_text_is_bad_input(tmp_path: Path) -> None:
 
 def test_tune_numbers_are_checked_before_a_study_exists(tmp_path: Path) -> None:
     env = {"WANCTL_CACHE": str(tmp_path / "c")}
-    for args, fragment in ((("--trials", "-1"), "trials = -1 is below 0"),
-                           (("--trial-timeout", "-5"), "trial_timeout_s = -5.0"),
+    for args, fragment in ((("--trials", "-1"), "tune field 'trials' = -1 is not allowed: 0..10000"),
+                           (("--trial-timeout", "-5"), "'trial_timeout_s' = -5.0"),
                            (("--quality", "lossless_ssim=7"), "lossless_ssim is 0..1")):
         p = run_cli("tune", *args, "--out", str(tmp_path / "o"), env=env)
         assert p.returncode == 2 and fragment in _err(p), (args, p.stderr)
@@ -252,6 +252,6 @@ def test_a_set_that_repeats_a_flag_or_empties_the_prompt_is_bad_input() -> None:
 
     with pytest.raises(BadInput, match="--steps and --set steps=5 both set steps"):
         cli.build_recipe(Recipe(), steps=3, sets=["steps=5"])
-    with pytest.raises(BadInput, match="the prompt is empty"):
+    with pytest.raises(BadInput, match="recipe field 'prompt' = '' is not allowed: non-empty text"):
         cli.build_recipe(Recipe(), sets=["prompt="])
     assert cli.build_recipe(Recipe(), steps=3, sets=["seed=5"]).steps == 3  # different fields: both taken
