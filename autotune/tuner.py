@@ -35,6 +35,7 @@ from autotune.study import (
     finished_trials,
     has_heartbeat,
     heartbeat,
+    hold_study,
     journal_path,
     load_or_create,
     open_storage,
@@ -183,7 +184,10 @@ class Tuner:
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             try:
-                return self._run()
+                # Held for the whole run, before the journal is repaired or its running trials recovered:
+                # those are right only when no other tuner is in the study.
+                with hold_study(self.cfg.storage_url(), self.study_name()):
+                    return self._run()
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise

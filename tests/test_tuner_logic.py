@@ -472,6 +472,79 @@ def test_two_tuners_on_one_study_split_the_work(h100: ProbeResult, tmp_path: Pat
     assert len(planned) == len(set(planned))  # every planned stack ran once
 
 
+def test_a_resume_beside_a_live_tuner_is_refused_before_it_touches_the_study(h100: ProbeResult,
+                                                                            tmp_path: Path) -> None:
+    """The refusal comes before the torn-tail repair and the recovery of running trials: the live tuner's
+    running trial is not marked as a killed tuner's, and the journal is not written at all."""
+    import optuna
+
+    from autotune.study import open_storage
+    from recipes.errors import StudyBusy
+    from tests.conftest import study_held_elsewhere
+
+    first = run(h100, tmp_path, trials=2)
+    journal = tmp_path / "study.journal"
+    study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(journal)))
+    live = study.ask()  # the holder's trial, running now
+    before = journal.read_bytes()
+    with study_held_elsewhere(str(journal), first.study_name()) as (holder, _):
+        with pytest.raises(StudyBusy, match=f"pid {holder.pid} on host"):
+            run(h100, tmp_path, trials=4, resume=True)
+    assert journal.read_bytes() == before
+    trial = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(journal))).trials[live.number]
+    assert trial.state == optuna.trial.TrialState.RUNNING and "wanctl_stale" not in trial.user_attrs
+
+
+class _Racer(SimulatedTuner):
+    """A tuner of the two-at-once test: the one that holds the study keeps it until the other has tried."""
+
+    def __init__(self, *a: object, tried: object, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.tried = tried
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if not self.specs:
+            self.tried.wait(timeout=20)  # type: ignore[attr-defined]
+        return super()._launch(spec)
+
+
+def _race(probe: ProbeResult, out: str, go: object, tried: object) -> None:
+    from recipes.errors import StudyBusy
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=out, resume=True,
+                     study="demo")
+    t = _Racer(cfg, probe, tried=tried)
+    go.wait(timeout=60)  # type: ignore[attr-defined]
+    try:
+        t.run()
+    except StudyBusy as exc:
+        tried.set()  # type: ignore[attr-defined]
+        raise SystemExit(exc.exit_code) from None
+
+
+def test_two_tuners_resumed_at_once_on_one_journal_are_one_tuner_and_a_refusal(h100: ProbeResult,
+                                                                               tmp_path: Path) -> None:
+    """Two `make demo` at once: both `tune --resume --out D` ran, `--trials 4` ran 6 trials with two
+    baselines. One tuner now runs the study; the other exits 2 at once."""
+    import optuna
+
+    from autotune.study import finished_trials, open_storage
+
+    ctx = multiprocessing.get_context("fork")
+    go, tried = ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_race, args=(h100, str(tmp_path), go, tried)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(timeout=240)
+    assert sorted(p.exitcode for p in procs) == [0, 2]  # type: ignore[type-var]
+    study = optuna.load_study(study_name="demo", storage=open_storage(str(tmp_path / "study.journal")))
+    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
+    assert [r.role for r in records].count("baseline") == 1 and len(records) == 4 == finished_trials(study)
+    assert not [t.number for t in study.trials if "wanctl_stale" in t.user_attrs]
+
+
 def test_screen_that_needed_a_memory_fallback_still_excludes_its_knob(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=1)
     t.oom_phase = "vae_decode"
