@@ -31,6 +31,7 @@ from autotune.search_space import SearchSpace, layout_fields, layout_label, sear
 from autotune.study import (
     REQUEUED_KEY,
     ask_lock,
+    ask_requeued_first,
     claim_output_dir,
     finished_trials,
     has_heartbeat,
@@ -493,7 +494,7 @@ class Tuner:
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
             with ask_lock(self.cfg.storage):
-                trial = study.ask()
+                trial = ask_requeued_first(study)
             began = time.monotonic()
             try:
                 with heartbeat(study, trial):

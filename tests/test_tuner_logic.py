@@ -397,6 +397,47 @@ def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult
     assert trials[-1].system_attrs["fixed_params"] == trials[2].params  # what --resume will run
 
 
+class _Killed(BaseException):
+    """What SIGKILL does to the tuner, in-process: nothing of it runs after (the trial is left RUNNING)."""
+
+
+class _DiesInTrial(SimulatedTuner):
+    def __init__(self, *a: object, dies_in: int, how: str, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.dies_in, self.how = dies_in, how
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if spec.trial_number == self.dies_in:
+            raise KeyboardInterrupt if self.how == "ctrl_c" else _Killed
+        return super()._launch(spec)
+
+
+@pytest.mark.parametrize("how, dies_in, trials", [("kill", 0, 6), ("kill", 3, 6), ("ctrl_c", 3, 6), ("kill", 14, 15)])
+def test_a_resumed_study_measures_the_stacks_an_uninterrupted_one_does(h100: ProbeResult, tmp_path: Path, how: str,
+                                                                      dies_in: int, trials: int) -> None:
+    """The killed (or interrupted) trial's re-queued copy runs first on --resume: queued behind the plan, it
+    never ran once the budget was spent, and the resumed study measured another set of stacks (the
+    baseline, a screen, a warm start, a sampled trial: each is killed here once)."""
+    import optuna
+
+    from autotune.study import finished_trials, open_storage
+
+    def measured(out: Path, name: str) -> set[str]:
+        study = optuna.load_study(study_name=name, storage=open_storage(str(out / "study.journal")))
+        recs = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
+        assert len(recs) == trials == finished_trials(study)
+        assert [r.role for r in recs].count("baseline") == 1
+        return {json.dumps(r.recipe, sort_keys=True) for r in recs}
+
+    whole = run(h100, tmp_path / "whole", trials=trials)
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path / "cut"))
+    with pytest.raises((_Killed, KeyboardInterrupt)):
+        _DiesInTrial(cfg, h100, dies_in=dies_in, how=how).run()
+    resumed = run(h100, tmp_path / "cut", trials=trials, resume=True)
+    assert resumed.specs[0].trial_number > dies_in  # the copy, first
+    assert measured(tmp_path / "cut", resumed.study_name()) == measured(tmp_path / "whole", whole.study_name())
+
+
 def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100: ProbeResult,
                                                                             tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=12)
