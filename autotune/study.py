@@ -317,7 +317,8 @@ def repair_torn_tail(path: Path) -> str:
     and that record is then lost too. Under the journal's own lock (a writer mid-append holds it), the
     tail after the last complete, parseable line is cut, after copying the file to ``PATH.torn-N``.
     Called by the tuner (the only writer) before it opens the study; readers such as ``wanctl report``
-    leave the file alone (Optuna's reader skips the torn line). Returns a note ("" when the file was whole).
+    leave the file alone and say what Optuna's reader skipped (``open_for_reading``). Returns a note (""
+    when the file was whole).
     """
     if not path.is_file() or path.stat().st_size == 0:
         return ""
@@ -329,16 +330,7 @@ def repair_torn_tail(path: Path) -> str:
         return ""
     try:
         data = path.read_bytes()
-        keep = len(data)
-        if not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-        while keep > 0:  # the last complete line must parse, or it is torn too (a crash mid-write)
-            start = data.rfind(b"\n", 0, keep - 1) + 1
-            try:
-                json.loads(data[start:keep])
-                break
-            except ValueError:
-                keep = start
+        keep = _intact_length(data)
         if keep == len(data):
             return ""
         n = 1
@@ -362,6 +354,61 @@ def repair_torn_tail(path: Path) -> str:
         return note
     finally:
         lock.release()
+
+
+def _intact_length(data: bytes) -> int:
+    """Bytes of a journal up to the end of its last complete, parseable record."""
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    while keep > 0:  # the last complete line must parse, or it is torn too (a crash mid-write)
+        start = data.rfind(b"\n", 0, keep - 1) + 1
+        try:
+            json.loads(data[start:keep])
+            break
+        except ValueError:
+            keep = start
+    return keep
+
+
+TAIL_SETTLE_S = 0.2
+"""A tail that does not parse is looked at again after this long: a live tuner may be mid-append."""
+
+
+def unread_tail(path: Path) -> str:
+    """A note on the torn tail Optuna's reader skips in ``path`` ("" when there is none); reads only.
+
+    Optuna skips a torn last record without a word, so ``wanctl report`` on a journal a tuner was killed
+    writing reported the surviving part as if it were the whole study. Readers leave the file as it is (the
+    next ``tune --resume`` cuts the tail under the journal's lock, keeping a backup); they say what they left
+    out. A tail that changes within TAIL_SETTLE_S was a live writer's append, not a torn one.
+    """
+    for _ in range(3):
+        try:
+            data = path.read_bytes()
+            keep = _intact_length(data)
+            if keep == len(data):
+                return ""
+            time.sleep(TAIL_SETTLE_S)
+            if path.stat().st_size == len(data):
+                return (f"study journal {path} ends in a torn record ({len(data) - keep} bytes: a tuner killed "
+                        "mid-append, or a full disk), left out of what was read here; the file was not changed "
+                        "(the next wanctl tune --resume cuts it, keeping a backup)")
+        except FileNotFoundError:
+            return ""
+    return ""  # still growing: a live tuner's appends, not a torn tail
+
+
+def open_for_reading(url: str) -> tuple[Any, list[str]]:
+    """The storage at ``url`` for a reader (``wanctl report``) and notes on what reading it left out, each also
+    logged as a warning (stderr). Never creates or changes anything."""
+    storage = open_storage(url, create=False)
+    notes = []
+    path = journal_path(url)
+    if path is not None and (note := unread_tail(path)):
+        log.warning("%s", note)
+        notes.append(note)
+    return storage, notes
 
 
 def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool

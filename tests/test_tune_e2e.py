@@ -124,6 +124,22 @@ def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "recipe.toml").is_file()
 
 
+def test_report_on_a_torn_journal_says_so_and_changes_nothing(tuned: Path, tmp_path: Path) -> None:
+    """`wanctl report` on a journal a tuner was killed writing reported the surviving part silently."""
+    from autotune.study import open_storage
+
+    (summary,) = optuna.get_all_study_summaries(open_storage(str(tuned / "study.journal")))
+    journal = tmp_path / "study.journal"
+    torn = (tuned / "study.journal").read_bytes()[:-25]
+    journal.write_bytes(torn)
+    p = run_cli("report", "--study", summary.study_name, "--storage", str(journal), "--out", str(tmp_path / "rep"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    said = " ".join(p.stderr.split())  # Rich's log lines wrap, long paths too
+    assert "WARNING study journal" in said and "ends in a torn record (" in said and "file was not changed" in said
+    assert f"- study journal {journal} ends in a torn record (" in (tmp_path / "rep" / "report.md").read_text()
+    assert journal.read_bytes() == torn and not list(tmp_path.glob("*.torn-*"))
+
+
 def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> None:
     """The killed tuner's lock on the study goes with it (the resume runs), and the resumed study measures
     what an uninterrupted one does."""

@@ -438,6 +438,46 @@ def test_a_resumed_study_measures_the_stacks_an_uninterrupted_one_does(h100: Pro
     assert measured(tmp_path / "cut", resumed.study_name()) == measured(tmp_path / "whole", whole.study_name())
 
 
+def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Trials without a result (a killed tuner's, an interrupted one) were left out of the report's table
+    without a word: the reader says so, and the resumed tuner's report too."""
+    from autotune.tuner import result_from_study
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    with pytest.raises(_Killed):
+        _DiesInTrial(cfg, h100, dies_in=3, how="kill").run()
+    name = SimulatedTuner(cfg, h100).study_name()
+    res, _, _ = result_from_study(cfg.storage_url(), name)
+    assert "not in the trials table, as they hold no result: trial 3 (running when the study was read" in res.notes[-1]
+    assert res.notes[-1] in caplog.text  # on stderr too
+    with pytest.raises(KeyboardInterrupt):
+        _DiesInTrial(dataclasses.replace(cfg, resume=True), h100, dies_in=4, how="ctrl_c").run()
+    res, _, _ = result_from_study(cfg.storage_url(), name)
+    assert res.notes[-1].endswith("trial 3 (its tuner was killed in it; marked failed on --resume; re-queued as "
+                                  "trial 13); trial 4 (interrupted (Ctrl-C); re-queued as trial 14, not run yet)")
+    resumed = run(h100, tmp_path, trials=6, resume=True)
+    assert resumed.result.notes[-1].endswith(  # type: ignore[attr-defined]
+        "trial 3 (its tuner was killed in it; marked failed on --resume; re-queued as trial 13); "
+        "trial 4 (interrupted (Ctrl-C); re-queued as trial 14)")
+
+
+def test_a_report_on_a_torn_journal_says_what_it_left_out_and_changes_nothing(
+        h100: ProbeResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from autotune.tuner import result_from_study
+
+    t = run(h100, tmp_path, trials=3)
+    journal = tmp_path / "study.journal"
+    res, _, _ = result_from_study(str(journal), t.study_name())
+    assert not [n for n in res.notes if "torn" in n] and "torn" not in caplog.text
+    torn = journal.read_bytes()[:-25]
+    journal.write_bytes(torn)
+    res, _, _ = result_from_study(str(journal), t.study_name())
+    note = next(n for n in res.notes if "ends in a torn record" in n)
+    assert "left out of what was read here; the file was not changed" in note and note in caplog.text
+    assert journal.read_bytes() == torn and not list(tmp_path.glob("*.torn-*"))
+
+
 def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100: ProbeResult,
                                                                             tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=12)
