@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from recipes.errors import BadInput, StudyBusy, StudyError
 from recipes.files import create_exclusive_text, file_mode
 from recipes.locations import TUNE_OUTPUTS
+from recipes.records import OUTCOME_KEY
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +481,7 @@ def recover_stale(study: optuna.Study) -> list[int]:
     requeued = []
     for t in stale:
         study._storage.set_trial_user_attr(t._trial_id, "wanctl_stale", "killed tuner; marked failed on resume")
+        study._storage.set_trial_user_attr(t._trial_id, OUTCOME_KEY, "killed")  # noqa: SLF001
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
         if requeue_once(study, t.number, t.params, t.user_attrs):
             requeued.append(t.number)

@@ -54,10 +54,12 @@ from recipes.records import (
     CHOICES_KEY,
     CONFIG_KEY,
     NOTES_KEY,
+    OUTCOME_KEY,
     PROBE_KEY,
     RECORD_KEY,
     RUNS_KEY,
     SCREENED_KEY,
+    SPEEDUP_KEY,
     TrialRecord,
     merged_notes,
     merged_screened,
@@ -505,6 +507,7 @@ class Tuner:
                 raise
             except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
                 trial.set_user_attr("wanctl_error", exc.message[:500])
+                trial.set_user_attr(OUTCOME_KEY, "baseline_failed")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             cost = time.monotonic() - began
@@ -599,6 +602,7 @@ class Tuner:
         """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,
         and queue its parameters again so --resume runs it."""
         trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
+        trial.set_user_attr(OUTCOME_KEY, "interrupted")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         requeue_once(study, trial.number, trial.params, trial.user_attrs)
         log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)
@@ -616,6 +620,9 @@ class Tuner:
 
     def _tell_study(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
         trial.set_user_attr(RECORD_KEY, rec.to_attr())
+        trial.set_user_attr(OUTCOME_KEY, rec.outcome)
+        if rec.speedup:
+            trial.set_user_attr(SPEEDUP_KEY, round(rec.speedup, 4))
         swapped = trial.number in self._swapped
         feasible = rec.outcome in ("ok", "slower_than_baseline") and not swapped
         trial.set_constraint("feasible", 0.0 if feasible else 1.0)

@@ -395,6 +395,7 @@ def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult
     assert trials[-1].state == optuna.trial.TrialState.WAITING
     assert trials[-1].user_attrs["wanctl_requeued"] == 2
     assert trials[-1].system_attrs["fixed_params"] == trials[2].params  # what --resume will run
+    assert trials[2].user_attrs["outcome"] == "interrupted"  # optuna-dashboard's column
 
 
 class _Killed(BaseException):
@@ -624,6 +625,33 @@ def test_two_tuners_resumed_at_once_on_one_journal_are_one_tuner_and_a_refusal(h
     records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
     assert [r.role for r in records].count("baseline") == 1 and len(records) == 4 == finished_trials(study)
     assert not [t.number for t in study.trials if "wanctl_stale" in t.user_attrs]
+
+
+def test_each_trial_shows_its_outcome_and_speedup_to_optuna_dashboard(h100: ProbeResult, tmp_path: Path) -> None:
+    """optuna-dashboard lists user attrs as columns; the outcome and speed-up were only inside the record's
+    JSON. Every trial that ended has an outcome; a measured one its speed-up; the record stays."""
+    import optuna
+
+    from autotune.study import open_storage
+
+    t = run(h100, tmp_path, trials=14, oom_if={"attention": "_native_math"})
+    with pytest.raises(_Killed):  # a killed trial, marked on resume
+        _DiesInTrial(dataclasses.replace(t.cfg, trials=16, resume=True), h100, dies_in=14, how="kill").run()
+    run(h100, tmp_path, trials=16, resume=True)
+    trials = optuna.load_study(study_name=t.study_name(), storage=open_storage(str(tmp_path / "study.journal"))).trials
+    outcomes = set()
+    for tr in trials:
+        if not tr.state.is_finished():
+            continue
+        rec = TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]) if RECORD_KEY in tr.user_attrs else None
+        outcomes.add(tr.user_attrs["outcome"])
+        assert tr.user_attrs["outcome"] == (rec.outcome if rec else "killed")
+        if rec and rec.speedup:
+            assert tr.user_attrs["speedup"] == pytest.approx(rec.speedup, abs=1e-4)
+        else:
+            assert "speedup" not in tr.user_attrs
+    assert {"ok", "slower_than_baseline", "oom", "killed"} <= outcomes
+    assert trials[0].user_attrs["speedup"] == 1.0 and trials[0].user_attrs["wanctl_role"] == "baseline"
 
 
 def test_screen_that_needed_a_memory_fallback_still_excludes_its_knob(h100: ProbeResult, tmp_path: Path) -> None:
@@ -958,6 +986,7 @@ def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult
     assert t._study is not None
     states = {tr.number: tr.state for tr in t._study.get_trials(deepcopy=False)}
     assert states[0] == TrialState.FAIL and TrialState.RUNNING not in states.values()
+    assert t._study.trials[0].user_attrs["outcome"] == "baseline_failed"
 
 
 def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeResult, tmp_path: Path) -> None:
