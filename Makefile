@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@# --resume: a second `make demo` continues (here: re-emits) the first's study instead of refusing it.
+	@# --resume: a later `make demo` continues (here: re-emits) the first's study instead of refusing it (one at a time: two at once, the second is refused).
 	$(VENV)/bin/wanctl tune --model tiny --trials 10 --out $(DEMO_OUT) --inject oom_decode@1 --resume
 	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4
 

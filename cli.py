@@ -333,7 +333,7 @@ def tune(
     objective: Annotated[str, typer.Option("--objective", help="latency or pareto")] = "latency",
     storage: Annotated[str, typer.Option("--storage", help="PATH.journal, sqlite:///F.db or postgresql://...")] = "",
     study: Annotated[str, typer.Option("--study", help="study name (default: MODEL_TASK_WxH_Ff_Ss_FINGERPRINT)")] = "",
-    resume: Annotated[bool, typer.Option("--resume", help="continue an existing study (only one tuner may resume a journal study at a time)")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an existing study (a journal study takes one tuner at a time: a second is refused)")] = False,
     output: Annotated[Path, typer.Option("--out", help="output folder")] = Path("wanctl-out"),
     proxy_size: Annotated[str, typer.Option("--proxy-size", help="size of quality runs (default: the task's smallest; ignored for --model tiny)")] = "",
     proxy_frames: Annotated[int, typer.Option("--proxy-frames", help="frames of quality runs")] = 17,

@@ -1,18 +1,23 @@
 """Optuna storage and study handling: journal file on one host, RDB (SQLite/PostgreSQL) across hosts.
 
-Optuna advises the journal file over SQLite for several workers on one host, and an RDB for several hosts.
 The journal storage has no heartbeat, so a tuner killed mid-trial leaves a RUNNING trial behind: on
-``--resume`` such trials are marked FAIL and their parameters re-queued once. On an RDB storage the
-heartbeat does that (``RetryHeartbeatStaleTrialCallback``).
+``--resume`` such trials are marked FAIL and their parameters re-queued once. That is only right when no
+other tuner is running the study, so a journal study is held by one tuner at a time (``hold_study``). On
+an RDB storage the heartbeat tells a dead tuner's trial from a live one (``RetryHeartbeatStaleTrialCallback``),
+and several tuners share a study.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import inspect
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -24,9 +29,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from recipes.errors import BadInput, StudyError
-from recipes.files import create_exclusive_text
+from recipes.errors import BadInput, StudyBusy, StudyError
+from recipes.files import create_exclusive_text, file_mode
 from recipes.locations import TUNE_OUTPUTS
+from recipes.records import OUTCOME_KEY
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +201,107 @@ def _study_holding(marker: Path) -> str:
         return "?"
 
 
+def study_lock_path(journal: Path, study: str) -> Path:
+    """The lock file of study ``study`` in ``journal``: beside it, one per study (several studies may share a
+    journal file, each with its own tuner). A name that is not plain file-name text is made so, with a digest
+    of the whole name to keep two such studies apart."""
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", study)
+    if slug != study or len(slug) > 100:
+        slug = f"{slug[:80]}-{hashlib.sha256(study.encode()).hexdigest()[:12]}"
+    return journal.with_name(f"{journal.name}.{slug}.lock")
+
+
+HOLDER_READ_S = 1.0
+"""How long a refused tuner waits for the holder to write its pid and host (it locks, then writes)."""
+
+
+@contextmanager
+def hold_study(url: str, study: str) -> Iterator[None]:
+    """Hold a journal study for this tuner's lifetime; refuse (StudyBusy, naming pid and host) if another has it.
+
+    A journal has no heartbeat, so a resuming tuner takes every RUNNING trial for a killed tuner's
+    (``recover_stale``): two ``tune --resume`` started together (two ``make demo``) both ran, the second
+    failed the first's live baseline, measured a second one, ran more trials than asked and compared
+    stacks with two baselines. So the tuner takes this lock before it repairs, recovers or asks anything.
+
+    It is an ``flock`` on a file beside the journal (``study_lock_path``), held by an open descriptor that
+    trial processes do not inherit: the kernel releases it when the tuner dies, however it dies, so a
+    killed tuner never blocks ``--resume``. The file is never deleted (a deleted lock file lets a third
+    tuner lock a new file while the second still holds the old one); it holds the last holder's pid, host
+    and start time, which only mean something while the lock is held.
+
+    On NFS, Linux emulates flock with POSIX record locks (since 2.6.12), which hold across clients; a mount
+    with ``local_lock=flock`` or ``local_lock=all`` keeps them per client, and tuners on two hosts could then
+    both hold one study (a journal is for one host; use PostgreSQL across hosts). A file system with no locks
+    at all is refused. RDB storages are not locked here: several tuners share them by design.
+    """
+    path = journal_path(url)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    lock = study_lock_path(path, study)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode(0o666))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the tuner's disk-full message says what to do
+        raise BadInput(f"cannot create the study's lock file {lock}: {exc.strerror}",
+                       "pass a --storage (or --out) in a folder you can write to") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            raise StudyBusy(f"study {study!r} in {path} is being tuned by {holder}; a journal study takes one "
+                            "tuner at a time (a second one would take the first's running trial for a killed "
+                            "tuner's)", "wait for that tuner to finish, then run this command again (--resume "
+                            "continues the study); or pass another --out (or --study) to tune a separate study; "
+                            "for several tuners on one study, use --storage postgresql://... (or sqlite:///... "
+                            "on one host)", holder=holder) from None
+        except OSError as exc:
+            raise StudyError(f"cannot lock study {study!r} in {path}: {exc.strerror} (this file system has no "
+                             "file locks)", "put the study's journal on a local disk (--storage PATH or --out), "
+                             "or use --storage postgresql://...") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "study": study,
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the holder's line stays until the next holder replaces it
+
+
+def _lock_holder(fd: int) -> str:
+    """'pid N on host H (since T)' from a held lock file. The holder writes it just after locking, so an
+    empty file, or the line of an earlier holder that is dead on this host, is read again for a moment."""
+    deadline = time.monotonic() + HOLDER_READ_S
+    while True:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:
+            info = None
+        if isinstance(info, dict) and isinstance(info.get("pid"), int):
+            pid, host = info["pid"], str(info.get("host", "?"))
+            if host != socket.gethostname() or _alive(pid) or time.monotonic() > deadline:
+                return f"pid {pid} on host {host}" + (f" (since {info['since']})" if info.get("since") else "")
+        elif time.monotonic() > deadline:
+            return "another wanctl tune (its pid and host could not be read from the lock file)"
+        time.sleep(0.05)  # the holder is writing its line
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextmanager
 def ask_lock(url: str) -> Iterator[None]:
     """Hold while taking a trial from a SQLite study shared by several tuners on this host.
@@ -225,7 +332,8 @@ def repair_torn_tail(path: Path) -> str:
     and that record is then lost too. Under the journal's own lock (a writer mid-append holds it), the
     tail after the last complete, parseable line is cut, after copying the file to ``PATH.torn-N``.
     Called by the tuner (the only writer) before it opens the study; readers such as ``wanctl report``
-    leave the file alone (Optuna's reader skips the torn line). Returns a note ("" when the file was whole).
+    leave the file alone and say what Optuna's reader skipped (``open_for_reading``). Returns a note (""
+    when the file was whole).
     """
     if not path.is_file() or path.stat().st_size == 0:
         return ""
@@ -237,16 +345,7 @@ def repair_torn_tail(path: Path) -> str:
         return ""
     try:
         data = path.read_bytes()
-        keep = len(data)
-        if not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-        while keep > 0:  # the last complete line must parse, or it is torn too (a crash mid-write)
-            start = data.rfind(b"\n", 0, keep - 1) + 1
-            try:
-                json.loads(data[start:keep])
-                break
-            except ValueError:
-                keep = start
+        keep = _intact_length(data)
         if keep == len(data):
             return ""
         n = 1
@@ -270,6 +369,61 @@ def repair_torn_tail(path: Path) -> str:
         return note
     finally:
         lock.release()
+
+
+def _intact_length(data: bytes) -> int:
+    """Bytes of a journal up to the end of its last complete, parseable record."""
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    while keep > 0:  # the last complete line must parse, or it is torn too (a crash mid-write)
+        start = data.rfind(b"\n", 0, keep - 1) + 1
+        try:
+            json.loads(data[start:keep])
+            break
+        except ValueError:
+            keep = start
+    return keep
+
+
+TAIL_SETTLE_S = 0.2
+"""A tail that does not parse is looked at again after this long: a live tuner may be mid-append."""
+
+
+def unread_tail(path: Path) -> str:
+    """A note on the torn tail Optuna's reader skips in ``path`` ("" when there is none); reads only.
+
+    Optuna skips a torn last record without a word, so ``wanctl report`` on a journal a tuner was killed
+    writing reported the surviving part as if it were the whole study. Readers leave the file as it is (the
+    next ``tune --resume`` cuts the tail under the journal's lock, keeping a backup); they say what they left
+    out. A tail that changes within TAIL_SETTLE_S was a live writer's append, not a torn one.
+    """
+    for _ in range(3):
+        try:
+            data = path.read_bytes()
+            keep = _intact_length(data)
+            if keep == len(data):
+                return ""
+            time.sleep(TAIL_SETTLE_S)
+            if path.stat().st_size == len(data):
+                return (f"study journal {path} ends in a torn record ({len(data) - keep} bytes: a tuner killed "
+                        "mid-append, or a full disk), left out of what was read here; the file was not changed "
+                        "(the next wanctl tune --resume cuts it, keeping a backup)")
+        except FileNotFoundError:
+            return ""
+    return ""  # still growing: a live tuner's appends, not a torn tail
+
+
+def open_for_reading(url: str) -> tuple[Any, list[str]]:
+    """The storage at ``url`` for a reader (``wanctl report``) and notes on what reading it left out, each also
+    logged as a warning (stderr). Never creates or changes anything."""
+    storage = open_storage(url, create=False)
+    notes = []
+    path = journal_path(url)
+    if path is not None and (note := unread_tail(path)):
+        log.warning("%s", note)
+        notes.append(note)
+    return storage, notes
 
 
 def load_or_create(storage: Any, name: str, directions: list[str], sampler: Any, resume: bool
@@ -304,16 +458,44 @@ def requeue_once(study: optuna.Study, number: int, params: dict[str, Any], user_
     return True
 
 
+def is_requeued(trial: optuna.trial.FrozenTrial) -> bool:
+    """A copy of a trial that did not finish: ours (killed or interrupted tuner) or Optuna's heartbeat retry."""
+    return REQUEUED_KEY in trial.user_attrs or "failed_trial" in trial.system_attrs
+
+
+def ask_requeued_first(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, except that a re-queued copy is taken before the rest of the queue.
+
+    Optuna hands out the oldest waiting trial, and a copy is queued behind the whole plan: after a kill
+    and ``--resume`` the trial budget was spent on the plan's later stacks and the killed stack never ran
+    (an uninterrupted study emitted cache=magcache at 1.98x, the killed and resumed one another stack at
+    1.67x). Taken first, the copy runs where the original would have, and a resumed study measures the
+    stacks an uninterrupted one does. The claim is the one ``ask()`` makes (Optuna has no public call to
+    take a given waiting trial): it succeeds for one worker only, on every storage.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not is_requeued(t):
+            continue
+        try:
+            claimed = study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)  # noqa: SLF001
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker took it and ended it since
+            continue
+        if claimed:
+            return optuna.trial.Trial(study, t._trial_id)  # noqa: SLF001
+    return study.ask()
+
+
 def recover_stale(study: optuna.Study) -> list[int]:
     """Mark trials left RUNNING by a killed tuner as FAIL; re-queue each one's parameters once.
 
     Only safe when no other tuner works on this study right now (journal storage has no heartbeat to tell
-    a live trial from a dead one); the CLI says so in --resume's help.
+    a live trial from a dead one): the tuner holds the study (``hold_study``) before it calls this.
     """
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     requeued = []
     for t in stale:
         study._storage.set_trial_user_attr(t._trial_id, "wanctl_stale", "killed tuner; marked failed on resume")
+        study._storage.set_trial_user_attr(t._trial_id, OUTCOME_KEY, "killed")  # noqa: SLF001
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001 - no public API
         if requeue_once(study, t.number, t.params, t.user_attrs):
             requeued.append(t.number)

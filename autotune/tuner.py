@@ -31,12 +31,15 @@ from autotune.search_space import SearchSpace, layout_fields, layout_label, sear
 from autotune.study import (
     REQUEUED_KEY,
     ask_lock,
+    ask_requeued_first,
     claim_output_dir,
     finished_trials,
     has_heartbeat,
     heartbeat,
+    hold_study,
     journal_path,
     load_or_create,
+    open_for_reading,
     open_storage,
     recover,
     repair_torn_tail,
@@ -51,10 +54,12 @@ from recipes.records import (
     CHOICES_KEY,
     CONFIG_KEY,
     NOTES_KEY,
+    OUTCOME_KEY,
     PROBE_KEY,
     RECORD_KEY,
     RUNS_KEY,
     SCREENED_KEY,
+    SPEEDUP_KEY,
     TrialRecord,
     merged_notes,
     merged_screened,
@@ -187,7 +192,10 @@ class Tuner:
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             try:
-                return self._run()
+                # Held for the whole run, before the journal is repaired or its running trials recovered:
+                # those are right only when no other tuner is in the study.
+                with hold_study(self.cfg.storage_url(), self.study_name()):
+                    return self._run()
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -493,7 +501,7 @@ class Tuner:
             if has_heartbeat(study):
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial, re-queued by the callback
             with ask_lock(self.cfg.storage):
-                trial = study.ask()
+                trial = ask_requeued_first(study)
             began = time.monotonic()
             try:
                 with heartbeat(study, trial):
@@ -503,6 +511,7 @@ class Tuner:
                 raise
             except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
                 trial.set_user_attr("wanctl_error", exc.message[:500])
+                trial.set_user_attr(OUTCOME_KEY, "baseline_failed")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             cost = time.monotonic() - began
@@ -616,6 +625,7 @@ class Tuner:
         """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,
         and queue its parameters again so --resume runs it."""
         trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
+        trial.set_user_attr(OUTCOME_KEY, "interrupted")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         requeue_once(study, trial.number, trial.params, trial.user_attrs)
         log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)
@@ -633,6 +643,9 @@ class Tuner:
 
     def _tell_study(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
         trial.set_user_attr(RECORD_KEY, rec.to_attr())
+        trial.set_user_attr(OUTCOME_KEY, rec.outcome)
+        if rec.speedup:
+            trial.set_user_attr(SPEEDUP_KEY, round(rec.speedup, 4))
         swapped = trial.number in self._swapped
         feasible = rec.outcome in ("ok", "slower_than_baseline") and not swapped
         trial.set_constraint("feasible", 0.0 if feasible else 1.0)
@@ -1002,6 +1015,8 @@ class Tuner:
         self._adopt_exclusions(attrs)
         earlier = merged_notes(attrs)  # every run's, oldest run first; this run's own are among them once flushed
         notes = [*earlier, *(n for n in self.notes if n not in earlier)]
+        if unrecorded := unrecorded_note(study.get_trials(deepcopy=False)):  # of this moment: not stored
+            notes.append(unrecorded)
         return TuneResult(study_name=name, storage=storage_url, baseline=self.baseline, records=records, best=best,
                           confirm=confirm, exclusions=self.exclusions.as_dict(), space=self.space, notes=notes,
                           runs=study_runs(attrs), config=self.cfg)
@@ -1037,6 +1052,44 @@ def study_runs(attrs: dict[str, Any]) -> list[dict[str, Any]]:
         cfg = attrs[CONFIG_KEY]
         runs = [{"command": list(cfg["command"]), "wanctl": cfg.get("wanctl_version", "")}]
     return runs
+
+
+def unrecorded_note(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """A note naming the trials the trials table leaves out (they hold no result) and why ("" when none).
+
+    Without it a report on a study with a killed tuner's running trial, an interrupted trial or a failed
+    baseline showed the other trials as if they were all, with numbers missing and no word why. Queued
+    trials not run yet are not named (the plan is longer than most budgets); a re-queued copy is, with the
+    trial it copies.
+    """
+    copies = {}
+    for t in trials:
+        origin = t.user_attrs.get(REQUEUED_KEY, t.system_attrs.get("failed_trial"))
+        if origin is not None:
+            copies[origin] = t
+    why = []
+    for t in trials:
+        if RECORD_KEY in t.user_attrs or t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            continue
+        if t.state == optuna.trial.TrialState.WAITING:  # a copy is named with the trial it is a copy of
+            continue
+        if t.state == optuna.trial.TrialState.RUNNING:
+            text = "running when the study was read: a live tuner's, or a killed one's that --resume runs again"
+        elif "wanctl_stale" in t.user_attrs:
+            text = "its tuner was killed in it; marked failed on --resume"
+        elif "wanctl_interrupted" in t.user_attrs:
+            text = "interrupted (Ctrl-C)"
+        elif "wanctl_error" in t.user_attrs:
+            text = f"failed: {str(t.user_attrs['wanctl_error'])[:160]}"
+        elif t.number in copies:
+            text = "its worker stopped (heartbeat lapsed)"
+        else:
+            text = "failed without a result"
+        if t.number in copies:
+            copy = copies[t.number]
+            text += f"; re-queued as trial {copy.number}" + (", not run yet" if copy.state.name == "WAITING" else "")
+        why.append(f"trial {t.number} ({text})")
+    return "not in the trials table, as they hold no result: " + "; ".join(why) if why else ""
 
 
 def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
@@ -1172,10 +1225,13 @@ def _traceable(r: Recipe) -> Recipe:
 
 
 def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConfig, ProbeResult]:
-    """Rebuild a TuneResult from the study alone (for ``wanctl report``): no side files needed."""
+    """Rebuild a TuneResult from the study alone (for ``wanctl report``): no side files needed.
+
+    Its notes say what the reading left out (a torn journal tail, trials without a result), as the tuner's do:
+    a report must not present part of a study as the whole of it."""
     from recipes.errors import BadInput
 
-    storage = open_storage(storage_url, create=False)
+    storage, read_notes = open_for_reading(storage_url)
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -1199,12 +1255,16 @@ def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConf
     base = attrs.get(BASELINE_KEY)
     if not base:
         raise NothingFeasible(f"study {name!r} has no measured baseline yet", "run wanctl tune --resume")
-    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.get_trials(deepcopy=False)
-               if RECORD_KEY in t.user_attrs]
+    trials = study.get_trials(deepcopy=False)
+    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in trials if RECORD_KEY in t.user_attrs]
     best, confirm, _ = choose_confirmed(records, stored_confirmations(attrs), None)
     ex = merged_screened(attrs)
     space = space_for(cfg, probe)
+    notes = [*merged_notes(attrs), *read_notes]
+    if unrecorded := unrecorded_note(trials):
+        log.warning("%s", unrecorded)
+        notes.append(unrecorded)
     res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
                      records=records, best=best, confirm=confirm, exclusions=ex, space=space,
-                     notes=merged_notes(attrs), runs=study_runs(attrs))
+                     notes=notes, runs=study_runs(attrs))
     return res, cfg, probe

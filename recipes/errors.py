@@ -102,3 +102,16 @@ class DownloadError(WanctlError):
 
 class StudyError(WanctlError):
     """The Optuna study storage is missing, corrupted or incompatible."""
+
+
+class StudyBusy(BadInput):
+    """Another tuner holds the study (a journal study takes one tuner at a time).
+
+    Bad input, as a second study in one ``--out`` folder is: the command is refused before it changes
+    anything, and the fix is the user's (wait, or name another study or storage). ``holder`` describes the
+    tuner that holds it (pid and host), as read from the lock file.
+    """
+
+    def __init__(self, message: str, hint: str = "", holder: str = "") -> None:
+        super().__init__(message, hint)
+        self.holder = holder

@@ -27,6 +27,12 @@ NOTES_KEY = "wanctl_notes"
 study each wrote the whole ``KEY`` and the last writer's value dropped the others' (a knob one worker measured
 slower was tried again by the next). Read them with ``merged_screened`` / ``merged_notes``, which also take the
 plain ``KEY`` that studies made before this kept."""
+OUTCOME_KEY = "outcome"
+SPEEDUP_KEY = "speedup"
+"""A finished trial's outcome (``TrialRecord.outcome``; ``interrupted``, ``killed`` or ``baseline_failed`` for
+one that ended without a record) and its speed-up over the baseline (only when measured), as user attrs of
+their own beside the record: optuna-dashboard shows user attrs as columns, and a trial's record is one JSON
+blob there."""
 RUNS_KEY = "wanctl_runs"
 """Every tune run of a study, in order ({"command": [...], "wanctl": version}): a resumed study says how it was made."""
 

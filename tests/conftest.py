@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,37 @@ def pids_naming(marker: str | Path) -> list[str]:
             except OSError:
                 continue
     return pids
+
+
+HOLD_STUDY = """
+import subprocess, sys, time
+from autotune.study import hold_study
+with hold_study(sys.argv[1], sys.argv[2]):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def study_held_elsewhere(url: str, study: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Another process holding ``study`` as a live tuner would (autotune.study.hold_study), with a child of
+    its own in another session, as a trial's process is: yields (the holder, its child's pid). The holder
+    is SIGKILLed on leaving, and the child after it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_STUDY, url, study], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.strip().isdigit(), proc.stderr.read() if proc.stderr else line
+        child = int(line)
+        yield proc, child
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 @pytest.fixture()

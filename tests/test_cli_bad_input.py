@@ -255,3 +255,19 @@ def test_a_set_that_repeats_a_flag_or_empties_the_prompt_is_bad_input() -> None:
     with pytest.raises(BadInput, match="recipe field 'prompt' = '' is not allowed: non-empty text"):
         cli.build_recipe(Recipe(), sets=["prompt="])
     assert cli.build_recipe(Recipe(), steps=3, sets=["seed=5"]).steps == 3  # different fields: both taken
+
+
+def test_tune_beside_a_live_tuner_of_its_study_exits_2_naming_that_tuner(tmp_path: Path) -> None:
+    import socket
+
+    from autotune.study import OUT_MARKER
+    from tests.conftest import study_held_elsewhere
+
+    out = tmp_path / "o"
+    with study_held_elsewhere(str(out / "study.journal"), "demo") as (holder, _):
+        p = run_cli("tune", "--model", "tiny", "--study", "demo", "--out", str(out), "--resume",
+                    env={"WANCTL_CACHE": str(tmp_path / "c")})
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"is being tuned by pid {holder.pid} on host {socket.gethostname()}" in _err(p)
+    assert "hint: wait for that tuner to finish" in _err(p)
+    assert not (out / "study.journal").exists() and not (out / OUT_MARKER).exists()

@@ -112,3 +112,50 @@ def test_a_reader_takes_the_only_study_and_lists_several(tmp_path: Path) -> None
     assert e.value.hint == "name one with --study NAME"
     with pytest.raises(BadInput, match="no study journal"):
         study_to_read(str(tmp_path / "typo.journal"))
+
+
+def test_a_study_a_live_tuner_holds_is_refused_naming_its_pid_and_host(tmp_path: Path) -> None:
+    """Two `tune --resume` at once on one journal both ran: the second failed the first's live baseline as
+    a killed tuner's. The second is refused, told who holds the study; a killed holder blocks nothing."""
+    import os
+    import signal
+    import socket
+
+    from autotune.study import hold_study, study_lock_path
+    from recipes.errors import StudyBusy
+    from tests.conftest import study_held_elsewhere
+
+    url = str(tmp_path / "study.journal")
+    with study_held_elsewhere(url, "s") as (holder, trial_child):
+        with pytest.raises(StudyBusy) as refused:
+            with hold_study(url, "s"):
+                pytest.fail("a second tuner held a study another one holds")
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in refused.value.message
+        assert refused.value.exit_code == 2 and "postgresql://" in refused.value.hint
+        with hold_study(url, "other"):  # another study in the same journal has a tuner of its own
+            pass
+        os.kill(holder.pid, signal.SIGKILL)  # a killed tuner; its trial's process lives on for now
+        holder.wait(timeout=30)
+        assert os.path.exists(f"/proc/{trial_child}")
+        with hold_study(url, "s"):  # free at once: the kernel dropped the lock, and no child inherited it
+            assert str(os.getpid()) in study_lock_path(tmp_path / "study.journal", "s").read_text()
+
+
+def test_a_study_name_that_is_no_file_name_gets_a_lock_file_of_its_own(tmp_path: Path) -> None:
+    from autotune.study import hold_study, study_lock_path
+
+    journal = tmp_path / "study.journal"
+    paths = {study_lock_path(journal, name) for name in ("a/b", "a_b", "a?b", "x" * 300)}
+    assert len(paths) == 4 and all(p.parent == tmp_path and len(p.name) < 200 for p in paths)
+    with hold_study(str(journal), "a/b"), hold_study(str(journal), "a_b"):
+        pass
+
+
+def test_rdb_studies_are_not_locked(tmp_path: Path) -> None:
+    """Several tuners share an RDB study (heartbeats tell their running trials apart)."""
+    from autotune.study import hold_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    with hold_study(url, "s"), hold_study(url, "s"):
+        pass
+    assert not list(tmp_path.iterdir())

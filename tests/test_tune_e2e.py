@@ -129,7 +129,25 @@ def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "recipe.toml").is_file()
 
 
+def test_report_on_a_torn_journal_says_so_and_changes_nothing(tuned: Path, tmp_path: Path) -> None:
+    """`wanctl report` on a journal a tuner was killed writing reported the surviving part silently."""
+    from autotune.study import open_storage
+
+    (summary,) = optuna.get_all_study_summaries(open_storage(str(tuned / "study.journal")))
+    journal = tmp_path / "study.journal"
+    torn = (tuned / "study.journal").read_bytes()[:-25]
+    journal.write_bytes(torn)
+    p = run_cli("report", "--study", summary.study_name, "--storage", str(journal), "--out", str(tmp_path / "rep"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    said = " ".join(p.stderr.split())  # Rich's log lines wrap, long paths too
+    assert "WARNING study journal" in said and "ends in a torn record (" in said and "file was not changed" in said
+    assert f"- study journal {journal} ends in a torn record (" in (tmp_path / "rep" / "report.md").read_text()
+    assert journal.read_bytes() == torn and not list(tmp_path.glob("*.torn-*"))
+
+
 def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> None:
+    """The killed tuner's lock on the study goes with it (the resume runs), and the resumed study measures
+    what an uninterrupted one does."""
     out = tmp_path / "k"
     env = {**os.environ, "WANCTL_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-c", "import cli; cli.main()", "tune", "--model", "tiny", "--trials", "3", "--out",
@@ -157,9 +175,14 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     (summary,) = optuna.get_all_study_summaries(st)
     trials = optuna.load_study(study_name=summary.study_name, storage=st).trials
     assert trials[1].state == optuna.trial.TrialState.FAIL and "wanctl_stale" in trials[1].user_attrs
-    assert any(t.user_attrs.get("wanctl_requeued") == 1 for t in trials[2:])
+    (copy,) = [t for t in trials if t.user_attrs.get("wanctl_requeued") == 1]
+    assert copy.state == optuna.trial.TrialState.COMPLETE and RECORD_KEY in copy.user_attrs
     assert trials[0].user_attrs[RECORD_KEY]["role"] == "baseline"
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    # The stacks an uninterrupted --trials 3 study measures, the plan's first three (it is queued in order):
+    # the killed one's copy ran first, rather than wait behind the plan while trial 3 took its place.
+    ran = sorted(json.dumps(t.params, sort_keys=True) for t in trials if RECORD_KEY in t.user_attrs)
+    assert ran == sorted(json.dumps(t.params, sort_keys=True) for t in trials[:3])
 
 
 def test_a_recipe_store_it_cannot_write_does_not_fail_a_finished_tune(tmp_path: Path) -> None:

@@ -395,6 +395,88 @@ def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult
     assert trials[-1].state == optuna.trial.TrialState.WAITING
     assert trials[-1].user_attrs["wanctl_requeued"] == 2
     assert trials[-1].system_attrs["fixed_params"] == trials[2].params  # what --resume will run
+    assert trials[2].user_attrs["outcome"] == "interrupted"  # optuna-dashboard's column
+
+
+class _Killed(BaseException):
+    """What SIGKILL does to the tuner, in-process: nothing of it runs after (the trial is left RUNNING)."""
+
+
+class _DiesInTrial(SimulatedTuner):
+    def __init__(self, *a: object, dies_in: int, how: str, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.dies_in, self.how = dies_in, how
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if spec.trial_number == self.dies_in:
+            raise KeyboardInterrupt if self.how == "ctrl_c" else _Killed
+        return super()._launch(spec)
+
+
+@pytest.mark.parametrize("how, dies_in, trials", [("kill", 0, 6), ("kill", 3, 6), ("ctrl_c", 3, 6), ("kill", 14, 15)])
+def test_a_resumed_study_measures_the_stacks_an_uninterrupted_one_does(h100: ProbeResult, tmp_path: Path, how: str,
+                                                                      dies_in: int, trials: int) -> None:
+    """The killed (or interrupted) trial's re-queued copy runs first on --resume: queued behind the plan, it
+    never ran once the budget was spent, and the resumed study measured another set of stacks (the
+    baseline, a screen, a warm start, a sampled trial: each is killed here once)."""
+    import optuna
+
+    from autotune.study import finished_trials, open_storage
+
+    def measured(out: Path, name: str) -> set[str]:
+        study = optuna.load_study(study_name=name, storage=open_storage(str(out / "study.journal")))
+        recs = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
+        assert len(recs) == trials == finished_trials(study)
+        assert [r.role for r in recs].count("baseline") == 1
+        return {json.dumps(r.recipe, sort_keys=True) for r in recs}
+
+    whole = run(h100, tmp_path / "whole", trials=trials)
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path / "cut"))
+    with pytest.raises((_Killed, KeyboardInterrupt)):
+        _DiesInTrial(cfg, h100, dies_in=dies_in, how=how).run()
+    resumed = run(h100, tmp_path / "cut", trials=trials, resume=True)
+    assert resumed.specs[0].trial_number > dies_in  # the copy, first
+    assert measured(tmp_path / "cut", resumed.study_name()) == measured(tmp_path / "whole", whole.study_name())
+
+
+def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Trials without a result (a killed tuner's, an interrupted one) were left out of the report's table
+    without a word: the reader says so, and the resumed tuner's report too."""
+    from autotune.tuner import result_from_study
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    with pytest.raises(_Killed):
+        _DiesInTrial(cfg, h100, dies_in=3, how="kill").run()
+    name = SimulatedTuner(cfg, h100).study_name()
+    res, _, _ = result_from_study(cfg.storage_url(), name)
+    assert "not in the trials table, as they hold no result: trial 3 (running when the study was read" in res.notes[-1]
+    assert res.notes[-1] in caplog.text  # on stderr too
+    with pytest.raises(KeyboardInterrupt):
+        _DiesInTrial(dataclasses.replace(cfg, resume=True), h100, dies_in=4, how="ctrl_c").run()
+    res, _, _ = result_from_study(cfg.storage_url(), name)
+    assert res.notes[-1].endswith("trial 3 (its tuner was killed in it; marked failed on --resume; re-queued as "
+                                  "trial 13); trial 4 (interrupted (Ctrl-C); re-queued as trial 14, not run yet)")
+    resumed = run(h100, tmp_path, trials=6, resume=True)
+    assert resumed.result.notes[-1].endswith(  # type: ignore[attr-defined]
+        "trial 3 (its tuner was killed in it; marked failed on --resume; re-queued as trial 13); "
+        "trial 4 (interrupted (Ctrl-C); re-queued as trial 14)")
+
+
+def test_a_report_on_a_torn_journal_says_what_it_left_out_and_changes_nothing(
+        h100: ProbeResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from autotune.tuner import result_from_study
+
+    t = run(h100, tmp_path, trials=3)
+    journal = tmp_path / "study.journal"
+    res, _, _ = result_from_study(str(journal), t.study_name())
+    assert not [n for n in res.notes if "torn" in n] and "torn" not in caplog.text
+    torn = journal.read_bytes()[:-25]
+    journal.write_bytes(torn)
+    res, _, _ = result_from_study(str(journal), t.study_name())
+    note = next(n for n in res.notes if "ends in a torn record" in n)
+    assert "left out of what was read here; the file was not changed" in note and note in caplog.text
+    assert journal.read_bytes() == torn and not list(tmp_path.glob("*.torn-*"))
 
 
 def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100: ProbeResult,
@@ -470,6 +552,106 @@ def test_two_tuners_on_one_study_split_the_work(h100: ProbeResult, tmp_path: Pat
     assert [r.role for r in records].count("baseline") == 1  # the second worker waited for it
     planned = [json.dumps(r.recipe, sort_keys=True) for r in records if r.role in ("screen", "warm_start")]
     assert len(planned) == len(set(planned))  # every planned stack ran once
+
+
+def test_a_resume_beside_a_live_tuner_is_refused_before_it_touches_the_study(h100: ProbeResult,
+                                                                            tmp_path: Path) -> None:
+    """The refusal comes before the torn-tail repair and the recovery of running trials: the live tuner's
+    running trial is not marked as a killed tuner's, and the journal is not written at all."""
+    import optuna
+
+    from autotune.study import open_storage
+    from recipes.errors import StudyBusy
+    from tests.conftest import study_held_elsewhere
+
+    first = run(h100, tmp_path, trials=2)
+    journal = tmp_path / "study.journal"
+    study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(journal)))
+    live = study.ask()  # the holder's trial, running now
+    before = journal.read_bytes()
+    with study_held_elsewhere(str(journal), first.study_name()) as (holder, _):
+        with pytest.raises(StudyBusy, match=f"pid {holder.pid} on host"):
+            run(h100, tmp_path, trials=4, resume=True)
+    assert journal.read_bytes() == before
+    trial = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(journal))).trials[live.number]
+    assert trial.state == optuna.trial.TrialState.RUNNING and "wanctl_stale" not in trial.user_attrs
+
+
+class _Racer(SimulatedTuner):
+    """A tuner of the two-at-once test: the one that holds the study keeps it until the other has tried."""
+
+    def __init__(self, *a: object, tried: object, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.tried = tried
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        if not self.specs:
+            self.tried.wait(timeout=20)  # type: ignore[attr-defined]
+        return super()._launch(spec)
+
+
+def _race(probe: ProbeResult, out: str, go: object, tried: object) -> None:
+    from recipes.errors import StudyBusy
+
+    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=out, resume=True,
+                     study="demo")
+    t = _Racer(cfg, probe, tried=tried)
+    go.wait(timeout=60)  # type: ignore[attr-defined]
+    try:
+        t.run()
+    except StudyBusy as exc:
+        tried.set()  # type: ignore[attr-defined]
+        raise SystemExit(exc.exit_code) from None
+
+
+def test_two_tuners_resumed_at_once_on_one_journal_are_one_tuner_and_a_refusal(h100: ProbeResult,
+                                                                               tmp_path: Path) -> None:
+    """Two `make demo` at once: both `tune --resume --out D` ran, `--trials 4` ran 6 trials with two
+    baselines. One tuner now runs the study; the other exits 2 at once."""
+    import optuna
+
+    from autotune.study import finished_trials, open_storage
+
+    ctx = multiprocessing.get_context("fork")
+    go, tried = ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_race, args=(h100, str(tmp_path), go, tried)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(timeout=240)
+    assert sorted(p.exitcode for p in procs) == [0, 2]  # type: ignore[type-var]
+    study = optuna.load_study(study_name="demo", storage=open_storage(str(tmp_path / "study.journal")))
+    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
+    assert [r.role for r in records].count("baseline") == 1 and len(records) == 4 == finished_trials(study)
+    assert not [t.number for t in study.trials if "wanctl_stale" in t.user_attrs]
+
+
+def test_each_trial_shows_its_outcome_and_speedup_to_optuna_dashboard(h100: ProbeResult, tmp_path: Path) -> None:
+    """optuna-dashboard lists user attrs as columns; the outcome and speed-up were only inside the record's
+    JSON. Every trial that ended has an outcome; a measured one its speed-up; the record stays."""
+    import optuna
+
+    from autotune.study import open_storage
+
+    t = run(h100, tmp_path, trials=14, oom_if={"attention": "_native_math"})
+    with pytest.raises(_Killed):  # a killed trial, marked on resume
+        _DiesInTrial(dataclasses.replace(t.cfg, trials=16, resume=True), h100, dies_in=14, how="kill").run()
+    run(h100, tmp_path, trials=16, resume=True)
+    trials = optuna.load_study(study_name=t.study_name(), storage=open_storage(str(tmp_path / "study.journal"))).trials
+    outcomes = set()
+    for tr in trials:
+        if not tr.state.is_finished():
+            continue
+        rec = TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]) if RECORD_KEY in tr.user_attrs else None
+        outcomes.add(tr.user_attrs["outcome"])
+        assert tr.user_attrs["outcome"] == (rec.outcome if rec else "killed")
+        if rec and rec.speedup:
+            assert tr.user_attrs["speedup"] == pytest.approx(rec.speedup, abs=1e-4)
+        else:
+            assert "speedup" not in tr.user_attrs
+    assert {"ok", "slower_than_baseline", "oom", "killed"} <= outcomes
+    assert trials[0].user_attrs["speedup"] == 1.0 and trials[0].user_attrs["wanctl_role"] == "baseline"
 
 
 def test_screen_that_needed_a_memory_fallback_still_excludes_its_knob(h100: ProbeResult, tmp_path: Path) -> None:
@@ -824,6 +1006,7 @@ def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult
     assert t._study is not None
     states = {tr.number: tr.state for tr in t._study.get_trials(deepcopy=False)}
     assert states[0] == TrialState.FAIL and TrialState.RUNNING not in states.values()
+    assert t._study.trials[0].user_attrs["outcome"] == "baseline_failed"
 
 
 def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeResult, tmp_path: Path) -> None:
