@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
+# `make test`: one pytest-xdist worker per core (2 on the 2-core reference machine; at most 4), a test file
+# per worker at a time (its module fixtures are built once), the slowest files first (tests/conftest.py).
+TEST_WORKERS ?= auto
+# What the suite may take on an idle 2-core machine; `make test` prints its wall time against it.
+TEST_BUDGET_S ?= 360
 
 .PHONY: setup demo test lint wheelhouse clean
 
@@ -22,7 +27,15 @@ demo: setup
 	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@start=$$(date +%s); \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder \
+		--durations 10 $(PYTEST_ARGS); rc=$$?; \
+	s=$$(( $$(date +%s) - start )); load=$$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null); \
+	printf 'make test: %dm%02ds wall (budget %dm%02ds on an idle 2-core machine; load average now %s)\n' \
+		$$((s / 60)) $$((s % 60)) $$(($(TEST_BUDGET_S) / 60)) $$(($(TEST_BUDGET_S) % 60)) "$$load"; \
+	if [ $$s -gt $(TEST_BUDGET_S) ]; then \
+		echo 'make test: over budget: if the machine was idle, see the slowest durations above and README "Tests"'; fi; \
+	exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -28,12 +28,23 @@ def _records(storage: Path) -> list[TrialRecord]:
     return [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.trials if RECORD_KEY in t.user_attrs]
 
 
+def _demo_argv(out: Path) -> tuple[list[str], str]:
+    """The Makefile's `make demo` tune line with this test's --out, and its --inject value."""
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if "/bin/wanctl tune " in ln)
+    argv = shlex.split(line.replace("$(DEMO_OUT)", str(out)))[1:]
+    return argv, argv[argv.index("--inject") + 1]
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tune")
     env = {"WANCTL_CACHE": str(out / "cache")}
-    p = run_cli("tune", "--model", "tiny", "--trials", "6", "--out", str(out), "--inject", "oom_decode@1",
-                "--inject", "nan@2", "--json", env=env, timeout=600)
+    # `make demo`'s own tune command (its fault, oom_decode@1, must show a fallback firing), cut to 4 trials: the
+    # baseline, the two injected faults, one more; the resume test below adds a fifth.
+    argv, demo_fault = _demo_argv(out)
+    assert demo_fault == "oom_decode@1", "the assertions below read the demo's fault at trial 1"
+    argv[argv.index("--trials") + 1] = "4"
+    p = run_cli(*argv, "--inject", "nan@2", "--json", env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (out / "stdout.json").write_text(p.stdout)
     return out
@@ -41,7 +52,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_study_records_every_outcome(tuned: Path) -> None:
     recs = {r.number: r for r in _records(tuned / "study.journal")}
-    assert len(recs) == 6
+    assert len(recs) == 4
     assert recs[0].role == "baseline" and recs[0].outcome == "ok" and recs[0].denoise_pred_s > 0
     # oom_decode@1: the memory fallback that fits where it ran out fired, recorded with its evidence
     assert recs[1].fallbacks and recs[1].fallbacks[0].startswith("oom in vae_decode -> vae_tiling=True")
@@ -94,21 +105,29 @@ def test_generate_best_without_recipe_says_how(tmp_path: Path) -> None:
     assert "no tuned recipe" in p.stderr and "wanctl tune" in p.stderr
 
 
-def test_existing_study_needs_resume_then_continues(tuned: Path) -> None:
-    p = run_cli("tune", "--model", "tiny", "--trials", "6", "--out", str(tuned), env={"WANCTL_CACHE": str(tuned / "cache")})
+def test_existing_study_needs_resume_then_continues(tuned: Path, tmp_path: Path) -> None:
+    p = run_cli("tune", "--model", "tiny", "--trials", "4", "--out", str(tuned), env={"WANCTL_CACHE": str(tuned / "cache")})
     assert p.returncode == 2 and "--resume" in p.stderr
     before = sorted(d.name for d in (tuned / "trials").iterdir())
-    p = run_cli("tune", "--model", "tiny", "--trials", "7", "--out", str(tuned), "--resume",
-                env={"WANCTL_CACHE": str(tuned / "cache")}, timeout=600)
+    # The resume also runs with a recipe store it cannot write (one tune serves both): hours of tuning end in
+    # recipe.toml, launch.sh and the report; an unwritable ~/.cache only costs --best.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    for emitted in ("recipe.toml", "launch.sh"):
+        (tuned / emitted).unlink()
+    p = run_cli("tune", "--model", "tiny", "--trials", "5", "--out", str(tuned), "--resume",
+                env={"WANCTL_CACHE": str(blocker / "cache")}, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "not saved to the recipe store" in p.stderr and "WANCTL_CACHE" in p.stderr
+    assert (tuned / "recipe.toml").is_file() and (tuned / "launch.sh").is_file()
     recs = _records(tuned / "study.journal")
-    assert len(recs) == 7
+    assert len(recs) == 5
     new = sorted(set(d.name for d in (tuned / "trials").iterdir()) - set(before))
     assert not any("base" in n for n in new), new  # the baseline never runs twice
     # The report names both runs that built the study, in order (the refused one above made nothing).
     report = (tuned / "report.md").read_text()
     assert "The study was built by 2 runs of `wanctl tune`" in report and "Run 2 (wanctl " in report
-    first, second = report.index("--trials 6"), report.index("--trials 7")
+    first, second = report.index("--trials 4"), report.index("--trials 5")
     assert first < second and "--resume" in report[second:second + 200]
 
 
@@ -125,7 +144,7 @@ def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
     rebuilt = (tmp_path / "rep" / "report.md").read_text()
     assert "## Trials" in rebuilt
     # "Reproduce" is the command that made the study, not the rebuild's
-    assert "wanctl tune --model tiny --trials 6" in rebuilt and "wanctl report" not in rebuilt
+    assert "wanctl tune --model tiny --trials 4" in rebuilt and "wanctl report" not in rebuilt
     assert (tmp_path / "rep" / "recipe.toml").is_file()
 
 
@@ -185,30 +204,14 @@ def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tmp_path: Path) -> 
     assert ran == sorted(json.dumps(t.params, sort_keys=True) for t in trials[:3])
 
 
-def test_a_recipe_store_it_cannot_write_does_not_fail_a_finished_tune(tmp_path: Path) -> None:
-    """Hours of tuning end in recipe.toml, launch.sh and the report; an unwritable ~/.cache only costs --best."""
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    p = run_cli("tune", "--model", "tiny", "--trials", "2", "--out", str(tmp_path / "out"),
-                env={"WANCTL_CACHE": str(blocker / "cache")})
-    assert p.returncode == 0, p.stderr
-    assert "not saved to the recipe store" in p.stderr and "WANCTL_CACHE" in p.stderr
-    assert (tmp_path / "out" / "recipe.toml").is_file() and (tmp_path / "out" / "launch.sh").is_file()
 
-
-@pytest.mark.slow
-def test_the_demo_shows_the_fallback_its_fault_fires(tmp_path: Path) -> None:
+def test_the_demo_shows_the_fallback_its_fault_fires(tuned: Path) -> None:
     """README: `make demo` injects an out-of-memory fault into VAE decode to show a fallback firing. On one
     clone the report said "Fallbacks that fired: none" (the injected trial had become a repeat of the baseline
-    and ran nothing). The Makefile's own tune command, run up to its injected trial: the report lists it."""
-    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if "/bin/wanctl tune " in ln)
-    argv = shlex.split(line.replace("$(DEMO_OUT)", str(tmp_path / "demo-out")))[1:]
-    fault, trial = argv[argv.index("--inject") + 1].split("@")
+    and ran nothing). The shared tune is the Makefile's own tune command (fewer trials): its report lists it."""
+    fault, trial = _demo_argv(tuned)[1].split("@")
     assert fault == "oom_decode"
-    argv[argv.index("--trials") + 1] = str(int(trial) + 1)  # the demo's 10 trials cost minutes; these show it
-    p = run_cli(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "cache")}, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    report = (tmp_path / "demo-out" / "report.md").read_text()
+    report = (tuned / "report.md").read_text()
     fired = report.split("## Fallbacks that fired", 1)[1].split("\n## ", 1)[0]
     assert f"- trial {trial}: oom in vae_decode -> vae_tiling=True" in fired, fired
     assert "injected fault in VAE decode" in fired
