@@ -13,21 +13,21 @@ import statistics
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Protocol
 
 import optuna
 
 from autotune.adapt import adapt_to_machine
+from autotune.choice import choose_confirmed, confirm_key, confirmed, ranked, recipe_hash, stored_confirmations
 from autotune.config import TuneConfig
 from autotune.fallbacks import Exclusions, MemoryFallback, memory_fallbacks
+from autotune.plan import Planner, space_for, traceable
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
+from autotune.results import TuneResult, study_runs, unrecorded_note
 from autotune.resume import default_study_name, settings_for_resume
-from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
+from autotune.search_space import layout_fields
 from autotune.study import (
     REQUEUED_KEY,
     ask_lock,
@@ -39,7 +39,6 @@ from autotune.study import (
     hold_study,
     journal_path,
     load_or_create,
-    open_for_reading,
     open_storage,
     recover,
     repair_torn_tail,
@@ -48,7 +47,7 @@ from autotune.study import (
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
-from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
+from recipes.recipe import Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
     CHOICES_KEY,
@@ -70,21 +69,6 @@ from recipes.units import fmt_seconds
 
 log = logging.getLogger(__name__)
 
-EARLY_SCREENS = ("_flash_3", "torch_fa4", "fa3_fp8", "sage", "_native_cudnn", "flash", "_native_flash")
-"""Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
-fastest somewhere (FA3 on Hopper and its 8-bit form, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users
-try first)."""
-MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
-FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
-SEACACHE_THRESHOLDS = (0.1, 0.25, 0.4)
-"""Around diffusers' default 0.25 (the SeaCache paper's video setting)."""
-MAGCACHE_K = (1, 2, 3)
-RETENTION = (0.1, 0.2, 0.4)
-MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
-"""(threshold, K, retention) the MagCache authors run on Wan2.2 per task: E006K2R02, E006K2R04, E006K2R01
-(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios (from their
-ComfyUI-MagCache node) ship in wan_runtime/data for real checkpoints at the card's steps and shift; any
-other schedule, and the random models, calibrate ratios in-process for the user's model and step count."""
 INFEASIBLE_FACTOR = 10.0
 MAX_MEMORY_FALLBACKS = 2
 BASELINE_POLL_S = 2.0
@@ -115,23 +99,6 @@ class NullReporter:
         log.info("%s", text)
 
 
-@dataclass
-class TuneResult:
-    study_name: str
-    storage: str
-    baseline: TrialRecord
-    records: list[TrialRecord]
-    best: TrialRecord | None
-    confirm: TrialRecord | None
-    exclusions: dict[str, dict[str, str]]
-    space: SearchSpace
-    notes: list[str] = field(default_factory=list)
-    runs: list[dict[str, Any]] = field(default_factory=list)
-    """Each ``wanctl tune`` run of the study, first to last (command line and wanctl version)."""
-    config: TuneConfig | None = None
-    """The settings the study ran with (on --resume: the study's own, not the resuming command's defaults)."""
-
-
 class Tuner:
     def __init__(self, cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat ours
@@ -141,8 +108,7 @@ class Tuner:
         self.policy: QualityPolicy = parse_quality(cfg.quality)
         self.out = Path(cfg.out_dir).expanduser().resolve()
         self.space = space_for(cfg, probe)
-        self.choices: dict[str, tuple[Any, ...]] = sampled_choices(self.space)
-        """What trials are sampled from: this space's, or the study's when it was created elsewhere."""
+        self.planner = Planner(cfg, self.space)
         self.on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.tol = cfg.slower_tolerance or (0.03 if self.on_gpu else 0.10)
         self.exclusions = Exclusions()
@@ -231,11 +197,12 @@ class Tuner:
         if created or adopt:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
-            study.set_user_attr(CHOICES_KEY, {k: list(v) for k, v in self.choices.items()})
-            self._enqueue_plan(study)
+            study.set_user_attr(CHOICES_KEY, {k: list(v) for k, v in self.planner.choices.items()})
+            self.planner.enqueue_plan(study, self.base_recipe)
             study.set_user_attr(PLAN_KEY, True)
         else:
-            self._adopt_choices(study.user_attrs, study.get_trials(deepcopy=False))
+            if differ := self.planner.adopt_choices(study.user_attrs, study.get_trials(deepcopy=False)):
+                self.notes.append(differ)
             requeued = recover(study)
             if requeued:
                 self.notes.append(f"resumed: trials {requeued} were left running by a killed tuner; marked failed "
@@ -246,28 +213,6 @@ class Tuner:
         self._flush_attrs()
         self._loop(study)
         return self._finish(study, name, storage_url)
-
-    def _adopt_choices(self, attrs: dict[str, Any], trials: list[optuna.trial.FrozenTrial]) -> None:
-        """Sample from the study's choices, not this worker's: a value this machine cannot run is then an
-        'unsupported' trial (why_not), where a changed list made Optuna refuse the parameter and end the tune."""
-        stored = attrs.get(CHOICES_KEY)
-        if stored is None:  # a study from before choices were stored: those its trials were drawn from, and
-            rebuilt: dict[str, Any] = {}  # its creator's space (rebuilt) for parameters never drawn yet
-            if PROBE_KEY in attrs:
-                try:
-                    rebuilt = sampled_choices(space_for(self.cfg, ProbeResult.from_json(attrs[PROBE_KEY])))
-                except WanctlError:
-                    rebuilt = {}
-            stored = {**rebuilt, **_choices_drawn(trials)} or None
-        if not stored:
-            return
-        theirs = {k: tuple(v) for k, v in stored.items()}
-        differ = [f"{k}: study {list(theirs[k])}, here {list(v)}" for k, v in self.choices.items()
-                  if k in theirs and tuple(theirs[k]) != v]
-        self.choices = {**self.choices, **theirs}
-        if differ:
-            self.notes.append("this worker's search space differs from the study's (" + "; ".join(differ) +
-                              "): values it cannot run are recorded as unsupported here")
 
     def _restore(self, study: optuna.Study) -> None:
         """Rebuild in-memory state (baseline, references, exclusions, measured recipes) from the study."""
@@ -292,164 +237,7 @@ class Tuner:
             if rec and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
                 r = TrialRecord.from_attr(rec)
                 if r.outcome not in ("duplicate",):
-                    self.by_hash.setdefault(_hash(r.recipe), r)
-
-    # ------------------------------------------------------------------ plan
-    def _params_of(self, r: Recipe) -> dict[str, Any]:
-        """``r`` as the parameters ``_suggest`` would have drawn for it (names per layout included)."""
-        multi = r.gpus > 1
-        p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
-                             ("attention_cp" if r.ulysses > 1 else "attention"): r.attention,
-                             ("compile_mgpu" if multi else "compile"): r.compile}
-        if not r.fsdp:
-            p["quant"] = r.quant
-        if not multi:
-            p.update(offload=r.offload, cache=r.cache)
-        if r.compile != "off":
-            p["compile_mode"] = r.compile_mode
-        if r.cache == "magcache":
-            p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        elif r.cache == "fbcache":
-            p["fbcache_threshold"] = r.cache_threshold
-        elif r.cache == "seacache":
-            p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        elif r.cache == "taylorseer":
-            p.update(magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        if len(self.space.lightning) > 1 and not r.cfg_parallel:
-            p["lightning"] = r.lightning
-        return p
-
-    def _lightning(self, r: Recipe, steps: int) -> Recipe:
-        """``r`` as a Lightning run: the distilled step count, CFG off (as distilled), no cache."""
-        if not steps:
-            return r
-        return r.replace(lightning=steps, steps=steps, guidance=1.0, guidance_2=1.0, cache="none",
-                         lightning_lora=self.cfg.lightning_source())
-
-    def _enqueue_plan(self, study: optuna.Study) -> None:
-        """Trial 0 the baseline; one-knob screens of the attention kernels that can win; the seeds' stacks;
-        then screens of the kernels that rarely win, so a short budget is spent where the field found speed
-        (measured on H100 at 720p: memory-efficient attention 0.41x, one trial as long as 2.4 baselines)."""
-        base = self.base_recipe
-        study.enqueue_trial(self._params_of(base), user_attrs={"wanctl_role": "baseline"})
-        seen = {_hash(base.to_dict())}
-        screens = [a for a in self.space.attention if a != base.attention]
-        early = sorted((a for a in screens if a in EARLY_SCREENS), key=EARLY_SCREENS.index)
-        late = [a for a in screens if a not in EARLY_SCREENS]
-        plan = ([(base.replace(attention=a), "screen") for a in early]
-                + [(r, "warm_start") for r in self._warm_starts(base)]
-                + [(base.replace(attention=a), "screen") for a in late])
-        for r, role in plan:
-            h = _hash(r.to_dict())
-            if h not in seen:
-                seen.add(h)
-                study.enqueue_trial(self._params_of(r), user_attrs={"wanctl_role": role})
-
-    def _warm_starts(self, base: Recipe) -> list[Recipe]:
-        """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped)."""
-        s = self.space
-        best_att = next((a for a in ("_flash_3", "torch_fa4", "_native_cudnn", "native") if a in s.attention),
-                        base.attention)
-        compile_ = "regional" if "regional" in s.compile else "off"
-        tf32 = True in s.tf32
-        stacks = self._parallel_starts(base, best_att, compile_)
-        # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
-        # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
-        if compile_ != "off":
-            stacks.append(base.replace(attention=best_att, compile=compile_))
-        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
-        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
-            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
-        att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
-        if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
-            stacks.append(base.replace(attention=att8, quant=fp8 or "none", compile=compile_))
-        if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
-            stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
-                                       magcache_k=2, cache_retention=0.2, compile=compile_))
-            # The MagCache authors' own Wan2.2 setting for this task, on the plain baseline.
-            threshold, k, retention = MAGCACHE_AUTHORS_WAN22[base.task]
-            stacks.append(base.replace(cache="magcache", cache_threshold=threshold, magcache_k=k,
-                                       cache_retention=retention))
-        if "fbcache" in s.cache:
-            stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
-        if "seacache" in s.cache:  # diffusers' defaults: threshold 0.25, 2 consecutive reuses
-            stacks.append(base.replace(attention=best_att, cache="seacache", cache_threshold=0.25, magcache_k=2,
-                                       cache_retention=0.1))
-        if "taylorseer" in s.cache:  # one prediction between computes, a fifth of each expert computed first
-            stacks.append(base.replace(attention=best_att, cache="taylorseer", magcache_k=1, cache_retention=0.2))
-        if 4 in s.lightning:  # seed 003: Lightning 4-step
-            stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
-        out = []
-        for r in stacks:
-            try:
-                out.append(validate(_traceable(r)))
-            except RecipeError as exc:
-                log.info("warm start %s dropped: %s", r.stack_label(base), exc)
-        return out
-
-    def _parallel_starts(self, base: Recipe, best_att: str, compile_: str) -> list[Recipe]:
-        """On several GPUs the layout is the largest win, so it is measured first: the layouts that use the
-        most GPUs, CFG parallel first (one exchange per step, the anchors' 0.97 target) then pure Ulysses
-        (an all-to-all per attention), each alone, then the best one with compile and fp8 on top."""
-        s = self.space
-        most = max(s.gpus)
-        if most < 2:
-            return []
-        fitting = "single" in s.parallel
-        top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
-        top.sort(key=lambda p: ("cfg" not in p, p))
-        att = best_att if best_att in CP_ATTENTION else "native"
-        out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
-        if out and compile_ != "off":
-            out.append(out[0].replace(compile=compile_))
-            fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
-            if fp8 and not out[0].fsdp:
-                out.append(out[0].replace(compile=compile_, quant=fp8))
-        return out
-
-    def _suggest(self, trial: optuna.Trial) -> Recipe:
-        """One stack. The layout is drawn first and the other knobs from what that layout can run (under
-        their own names where the choices differ, as Optuna needs fixed choices per name): drawn apart, most
-        stacks on several GPUs were ones validation refuses (a cache, offload or compile=full on two GPUs,
-        fp8 with FSDP, a kernel Ulysses cannot split)."""
-        s, base = SimpleNamespace(**self.choices), self.base_recipe
-        # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
-        ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
-        multi = ch["gpus"] > 1
-        if ch["ulysses"] > 1:
-            ch["attention"] = trial.suggest_categorical(
-                "attention_cp", tuple(a for a in s.attention if a in CP_ATTENTION) or ("native",))
-        else:
-            ch["attention"] = trial.suggest_categorical("attention", s.attention)
-        ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
-        ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
-        ch["quant"] = "none" if ch["fsdp"] else trial.suggest_categorical("quant", s.quant)
-        if multi:
-            ch["compile"] = trial.suggest_categorical("compile_mgpu", tuple(c for c in s.compile if c != "full"))
-            ch["offload"] = "none"
-        else:
-            ch["compile"] = trial.suggest_categorical("compile", s.compile)
-            ch["offload"] = trial.suggest_categorical("offload", s.offload)
-        lightning = (trial.suggest_categorical("lightning", s.lightning)
-                     if len(s.lightning) > 1 and not ch["cfg_parallel"] else 0)  # Lightning runs without CFG
-        # Four distilled steps leave no step to skip; on several GPUs every rank would decide its own skips.
-        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
-        if ch["compile"] != "off":
-            ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
-        if ch["cache"] == "magcache":
-            ch["cache_threshold"] = trial.suggest_categorical("magcache_threshold", MAGCACHE_THRESHOLDS)
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
-        elif ch["cache"] == "fbcache":
-            ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
-        elif ch["cache"] == "seacache":
-            ch["cache_threshold"] = trial.suggest_categorical("seacache_threshold", SEACACHE_THRESHOLDS)
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
-        elif ch["cache"] == "taylorseer":  # no threshold: the schedule is fixed by K and the warm-up
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
-        return _traceable(self._lightning(base.replace(**ch), lightning))
+                    self.by_hash.setdefault(recipe_hash(r.recipe), r)
 
     # ------------------------------------------------------------------ loop
     def _total(self, study: optuna.Study) -> int | None:
@@ -544,7 +332,7 @@ class Tuner:
         if self.baseline is not None and role == "baseline":
             role = "sampled"  # a re-queued baseline never runs twice
         self._adopt_exclusions(study.user_attrs)  # what workers beside this one screened out since it started
-        recipe = self._suggest(trial)
+        recipe = self.planner.suggest(trial, self.base_recipe)
         if self.baseline is None and role != "baseline":
             role, recipe = "baseline", self.base_recipe
         rec = self._evaluate_trial(trial.number, role, recipe)
@@ -679,7 +467,7 @@ class Tuner:
             recipe, ex_notes = self.exclusions.apply(recipe, self.base_recipe)
             notes += ex_notes
             if ex_notes:  # the baseline's compile_fullgraph came back with a swapped value: as the sampler sets it
-                recipe = _traceable(recipe)
+                recipe = traceable(recipe)
                 self._swapped.add(number)
         label = recipe.stack_label(self.base_recipe) if role != "baseline" else "baseline"
         total = self._total_for_display()
@@ -695,7 +483,7 @@ class Tuner:
                                reason="; ".join(why), notes=notes)
         if recipe.compile != "off" and not recipe.compile_fullgraph and (breaks := graph_break(recipe)):
             notes.append(f"compiled with fullgraph=False: {breaks}")  # the tuner's change, said where it applies
-        h = _hash(recipe.to_dict())
+        h = recipe_hash(recipe.to_dict())
         if h in self.by_hash:
             prev = self.by_hash[h]
             return dataclasses.replace(prev, number=number, role=role, label=label,
@@ -708,7 +496,7 @@ class Tuner:
             rec = self._run_candidate(number, role, recipe, label, notes)
         self.by_hash[h] = rec
         if rec.fallbacks:  # the stack a memory fallback ran is measured too: a later trial that samples it is not
-            self.by_hash.setdefault(_hash(rec.recipe), rec)  # run again (a resumed run keys records this way)
+            self.by_hash.setdefault(recipe_hash(rec.recipe), rec)  # run again (a resumed run keys records this way)
         return rec
 
     def _total_for_display(self) -> int | None:
@@ -1022,7 +810,6 @@ class Tuner:
                           runs=study_runs(attrs), config=self.cfg)
 
 
-CONFIRM_PREFIX = "wanctl_confirm_"
 BROKEN_OUTCOMES = frozenset({"crash", "timeout", "nan", "unsupported", "kernel_mismatch"})
 """A one-knob trial ending so excludes the knob's value (a kernel that crashes or hangs at the real shape,
 or does not run what it names): the warm starts and later stacks built on it would all end the same way.
@@ -1044,147 +831,6 @@ def _valid_or_none(recipe: Recipe) -> Recipe | None:
     except RecipeError:
         return None
 
-
-def study_runs(attrs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The study's runs; a study from before runs were recorded has only its creating command."""
-    runs = list(attrs.get(RUNS_KEY, []))
-    if not runs and attrs.get(CONFIG_KEY, {}).get("command"):
-        cfg = attrs[CONFIG_KEY]
-        runs = [{"command": list(cfg["command"]), "wanctl": cfg.get("wanctl_version", "")}]
-    return runs
-
-
-def unrecorded_note(trials: list[optuna.trial.FrozenTrial]) -> str:
-    """A note naming the trials the trials table leaves out (they hold no result) and why ("" when none).
-
-    Without it a report on a study with a killed tuner's running trial, an interrupted trial or a failed
-    baseline showed the other trials as if they were all, with numbers missing and no word why. Queued
-    trials not run yet are not named (the plan is longer than most budgets); a re-queued copy is, with the
-    trial it copies.
-    """
-    copies = {}
-    for t in trials:
-        origin = t.user_attrs.get(REQUEUED_KEY, t.system_attrs.get("failed_trial"))
-        if origin is not None:
-            copies[origin] = t
-    why = []
-    for t in trials:
-        if RECORD_KEY in t.user_attrs or t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
-            continue
-        if t.state == optuna.trial.TrialState.WAITING:  # a copy is named with the trial it is a copy of
-            continue
-        if t.state == optuna.trial.TrialState.RUNNING:
-            text = "running when the study was read: a live tuner's, or a killed one's that --resume runs again"
-        elif "wanctl_stale" in t.user_attrs:
-            text = "its tuner was killed in it; marked failed on --resume"
-        elif "wanctl_interrupted" in t.user_attrs:
-            text = "interrupted (Ctrl-C)"
-        elif "wanctl_error" in t.user_attrs:
-            text = f"failed: {str(t.user_attrs['wanctl_error'])[:160]}"
-        elif t.number in copies:
-            text = "its worker stopped (heartbeat lapsed)"
-        else:
-            text = "failed without a result"
-        if t.number in copies:
-            copy = copies[t.number]
-            text += f"; re-queued as trial {copy.number}" + (", not run yet" if copy.state.name == "WAITING" else "")
-        why.append(f"trial {t.number} ({text})")
-    return "not in the trials table, as they hold no result: " + "; ".join(why) if why else ""
-
-
-def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
-    """Candidates for the recipe, fastest first: ran, passed the gate and beat the baseline."""
-    return sorted((r for r in records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"
-                   and r.speedup > 1.0), key=lambda r: r.denoise_pred_s)
-
-
-SAMPLED = ("attention", "tf32", "fuse_qkv", "quant", "compile", "offload", "lightning", "cache", "parallel",
-           "compile_mode")
-"""The space's lists the sampler draws from (the layout is one 'parallel' choice)."""
-
-
-def sampled_choices(space: SearchSpace) -> dict[str, tuple[Any, ...]]:
-    return {k: tuple(getattr(space, k)) for k in SAMPLED}
-
-
-def _choices_drawn(trials: list[optuna.trial.FrozenTrial]) -> dict[str, tuple[Any, ...]]:
-    """The choices a study's trials were drawn from, as Optuna stored them: a study from before the choices
-    were kept has them in its trials' distributions (rebuilding them with today's rules could differ)."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for t in trials:
-        for name, dist in t.distributions.items():
-            if name in SAMPLED and isinstance(dist, optuna.distributions.CategoricalDistribution):
-                out.setdefault(name, tuple(dist.choices))
-    return out
-
-
-def space_for(cfg: TuneConfig, probe: ProbeResult) -> SearchSpace:
-    """The search space of ``cfg``'s study on ``probe``'s machine: the tuner's, and the report's rebuild."""
-    r0 = cfg.base_recipe().resolved()
-    proxy = None
-    if not cfg.single_run:
-        p = cfg.proxy_recipe(r0, short=False)
-        proxy = (p.size, p.frames)
-    return search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
-                            lightning_available=bool(cfg.lightning_source()), proxy=proxy)
-
-
-CONFIRM_TRIES = 3
-"""Distinct candidates a tune confirms, fastest first, before it settles for what was confirmed earlier."""
-
-
-def stored_confirmations(attrs: dict[str, Any]) -> dict[int, TrialRecord]:
-    """Confirmation runs the study holds, by the number of the trial they confirmed."""
-    return {int(k.removeprefix(CONFIRM_PREFIX)): TrialRecord.from_attr(v) for k, v in attrs.items()
-            if k.startswith(CONFIRM_PREFIX) and k.removeprefix(CONFIRM_PREFIX).isdigit()}
-
-
-def choose_confirmed(records: list[TrialRecord], stored: dict[int, TrialRecord],
-                     confirm: Callable[[TrialRecord], TrialRecord] | None,
-                     ) -> tuple[TrialRecord | None, TrialRecord | None, list[str]]:
-    """The recipe to emit and its confirmation run, the same for ``wanctl tune`` and ``wanctl report``.
-
-    The fastest distinct candidates (a recipe sampled twice is one candidate) are confirmed in turn, up
-    to CONFIRM_TRIES, reusing a stored confirmation (``--resume``) and running ``confirm`` for the rest
-    (None: stored ones only, as ``report`` reads a study). When none of those confirms, a slower candidate
-    confirmed by an earlier run is still better than the baseline. Returns (best, its confirmation, notes
-    on the candidates that failed their confirmation).
-    """
-    distinct: list[TrialRecord] = []
-    seen: set[str] = set()
-    for cand in ranked(records):
-        if (h := _hash(cand.recipe)) not in seen:
-            seen.add(h)
-            distinct.append(cand)
-    notes: list[str] = []
-    for cand in distinct[:CONFIRM_TRIES]:
-        rec = stored.get(cand.number) or (confirm(cand) if confirm is not None else None)
-        if rec is None:
-            continue
-        if confirmed(rec):
-            return cand, rec, notes
-        notes.append(f"trial {cand.number} failed its confirmation run ({rec.outcome}: {rec.reason}; "
-                     f"{rec.speedup:.2f}x): not emitted")
-    for cand in distinct[CONFIRM_TRIES:]:  # fastest first: the first confirmed earlier is the best left
-        if (rec := stored.get(cand.number)) is not None and confirmed(rec):
-            return cand, rec, notes
-    return None, None, notes
-
-
-def confirm_key(number: int) -> str:
-    """Study attribute holding the confirmation run of trial ``number``."""
-    return f"{CONFIRM_PREFIX}{number}"
-
-
-def confirmed(rec: TrialRecord) -> bool:
-    """A confirmation run that lets its recipe be emitted: ran, passed the gate, still faster."""
-    return rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0
-
-
-def _hash(recipe_dict: dict[str, Any]) -> str:
-    from recipes.serialize import recipe_from_dict
-
-    return recipe_from_dict(recipe_dict).recipe_hash() if isinstance(recipe_dict, dict) else str(recipe_dict)
 
 
 def _typed(knob: str, text: str) -> Any:
@@ -1211,60 +857,3 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
 def _forward_fraction(step_forwards: list[int], recipe: Recipe) -> float:
     """Fraction of the transformer forwards the counted steps computed (two per step with CFG)."""
     return sum(step_forwards) / ((2 if recipe.guidance > 1 else 1) * len(step_forwards))
-
-
-def _traceable(r: Recipe) -> Recipe:
-    """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing,
-    and regionally where the whole model cannot be compiled (Transformer Engine's modules, group offload's
-    hooks): the stack is still measured, as validation would refuse it otherwise."""
-    if r.compile == "full" and (r.quant in TE_QUANT or r.offload.startswith("group")):
-        r = r.replace(compile="regional")
-    if graph_break(r) and r.compile != "off":
-        return r.replace(compile_fullgraph=False)
-    return r
-
-
-def result_from_study(storage_url: str, name: str) -> tuple[TuneResult, TuneConfig, ProbeResult]:
-    """Rebuild a TuneResult from the study alone (for ``wanctl report``): no side files needed.
-
-    Its notes say what the reading left out (a torn journal tail, trials without a result), as the tuner's do:
-    a report must not present part of a study as the whole of it."""
-    from recipes.errors import BadInput
-
-    storage, read_notes = open_for_reading(storage_url)
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise BadInput(f"no study {name!r} in {storage_url}", f"studies there: {', '.join(names) or 'none'}") from None
-    attrs = study.user_attrs
-    if CONFIG_KEY not in attrs or PROBE_KEY not in attrs:
-        raise NothingFeasible(f"study {name!r} holds no tuner setup yet (its tuner stopped right after creating it)",
-                              "run the same wanctl tune command with --resume")
-    cfg_d = dict(attrs[CONFIG_KEY])
-    unknown = sorted(set(cfg_d) - {f.name for f in dataclasses.fields(TuneConfig)})
-    if unknown:
-        from recipes.errors import SchemaError
-
-        raise SchemaError(f"study {name!r} was written by a newer wanctl (settings {', '.join(unknown)})",
-                          "run wanctl report with the wanctl version that tuned it, or upgrade")
-    cfg_d["inject"] = tuple(cfg_d.get("inject", ()))
-    cfg_d["command"] = tuple(cfg_d.get("command", ()))
-    cfg = TuneConfig(**cfg_d)
-    probe = ProbeResult.from_json(attrs[PROBE_KEY])
-    base = attrs.get(BASELINE_KEY)
-    if not base:
-        raise NothingFeasible(f"study {name!r} has no measured baseline yet", "run wanctl tune --resume")
-    trials = study.get_trials(deepcopy=False)
-    records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in trials if RECORD_KEY in t.user_attrs]
-    best, confirm, _ = choose_confirmed(records, stored_confirmations(attrs), None)
-    ex = merged_screened(attrs)
-    space = space_for(cfg, probe)
-    notes = [*merged_notes(attrs), *read_notes]
-    if unrecorded := unrecorded_note(trials):
-        log.warning("%s", unrecorded)
-        notes.append(unrecorded)
-    res = TuneResult(study_name=name, storage=storage_url, baseline=TrialRecord.from_attr(base["record"]),
-                     records=records, best=best, confirm=confirm, exclusions=ex, space=space,
-                     notes=notes, runs=study_runs(attrs))
-    return res, cfg, probe

@@ -287,7 +287,7 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
                                     optuna.samplers.TPESampler(), False)
     assert created
     study.set_user_attr("wanctl_config", cfg.to_dict())
-    dead._enqueue_plan(study)
+    dead.planner.enqueue_plan(study, dead.base_recipe)
     taken = study.ask()  # the baseline's trial: its worker died, and the heartbeat check failed it
     assert taken.user_attrs["wanctl_role"] == "baseline"
     study.tell(taken, state=optuna.trial.TrialState.FAIL)
@@ -313,7 +313,7 @@ def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waite
     t = SimulatedTuner(cfg, h100)
     study, _ = load_or_create(open_storage(url), t.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
     study.set_user_attr("wanctl_config", cfg.to_dict())
-    t._enqueue_plan(study)
+    t.planner.enqueue_plan(study, t.base_recipe)
     assert study.trials[0].user_attrs["wanctl_role"] == "baseline"
     polls: list[int] = []
     monkeypatch.setattr(tuner_mod, "BASELINE_POLL_S", 0.01)
@@ -349,7 +349,7 @@ def test_a_baseline_finished_between_the_waiters_two_reads_is_not_measured_again
 
     other, waiter = worker("a"), worker("b")
     assert other._study is not None and waiter._study is not None
-    other._enqueue_plan(other._study)
+    other.planner.enqueue_plan(other._study, other.base_recipe)
     base_trial = other._study.ask()  # the other worker took the baseline and is measuring it
     assert base_trial.user_attrs["wanctl_role"] == "baseline"
     mine = waiter._study.ask()
@@ -443,7 +443,7 @@ def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Trials without a result (a killed tuner's, an interrupted one) were left out of the report's table
     without a word: the reader says so, and the resumed tuner's report too."""
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
     with pytest.raises(_Killed):
@@ -465,7 +465,7 @@ def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp
 
 def test_a_report_on_a_torn_journal_says_what_it_left_out_and_changes_nothing(
         h100: ProbeResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
 
     t = run(h100, tmp_path, trials=3)
     journal = tmp_path / "study.journal"
@@ -711,7 +711,7 @@ class _JoinedByAnotherWorker(SimulatedTuner):
 
 
 def test_a_knob_another_worker_screened_out_is_not_tried_here(h100: ProbeResult, tmp_path: Path) -> None:
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
     from recipes.records import SCREENED_KEY
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=30, out_dir=str(tmp_path))
@@ -980,7 +980,7 @@ def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: Prob
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
     t = SimulatedTuner(cfg, probe)
     assert {"fa3_fp8", "sage"} <= set(t.space.attention)
-    starts = t._warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
+    starts = t.planner.warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
     eight_bit = [r for r in starts if r.attention in ("fa3_fp8", "sage")]
     assert eight_bit and eight_bit[0].attention == "fa3_fp8" and eight_bit[0].quant != "none"
 
@@ -1089,7 +1089,7 @@ def _conf(ok: bool) -> TrialRecord:
 def test_tune_and_report_choose_the_same_confirmed_recipe() -> None:
     """Trial 4 was confirmed by an earlier run; this run's three faster candidates fail their confirmation.
     The tune emitted the baseline while `wanctl report` showed trial 4: both must show trial 4."""
-    from autotune.tuner import choose_confirmed
+    from autotune.choice import choose_confirmed
 
     records = [_cand(4, 8.0, attention="_native_cudnn"), _cand(5, 6.0, attention="flex"),
                _cand(6, 6.5, attention="_native_flash"), _cand(7, 7.0, attention="_native_efficient")]
@@ -1109,7 +1109,7 @@ def test_tune_and_report_choose_the_same_confirmed_recipe() -> None:
 
 
 def test_a_recipe_sampled_three_times_is_one_candidate_to_confirm() -> None:
-    from autotune.tuner import choose_confirmed
+    from autotune.choice import choose_confirmed
 
     records = [_cand(n, 5.0 + n / 100, attention="flex") for n in (1, 2, 3)] + [_cand(9, 7.0, attention="_native_cudnn")]
     ran: list[int] = []
@@ -1133,7 +1133,7 @@ def test_resume_with_a_kernel_check_that_now_fails_samples_the_studys_choices(h1
         for k in h100.kernels))
     assert flaky.fingerprint() == h100.fingerprint() and "flex" in first.space.attention
     second = run(flaky, tmp_path, trials=30, resume=True)
-    assert "flex" not in second.space.attention and "flex" in second.choices["attention"]
+    assert "flex" not in second.space.attention and "flex" in second.planner.choices["attention"]
     assert any("differs from the study's (attention: study" in n for n in second.result.notes)  # type: ignore[attr-defined]
     flex = [r for r in second.result.records if r.recipe.get("attention") == "flex" and r.number >= 8]  # type: ignore[attr-defined]
     assert all(r.outcome in ("unsupported", "duplicate") or "same recipe" in r.reason for r in flex), flex
@@ -1226,7 +1226,7 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
     refused, layouts = [], set()
     for _ in range(400):
         trial = study.ask()
-        r = t._suggest(trial)
+        r = t.planner.suggest(trial, t.base_recipe)
         layouts.add(r.gpus > 1)
         try:
             validate(r)
@@ -1236,10 +1236,10 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
     assert layouts == {True, False} or "single" not in t.space.parallel
     assert refused == [], refused[:3]
     base = t.base_recipe
-    for r in t._warm_starts(base):  # the plan's stacks are what _suggest draws for their parameters
-        study.enqueue_trial(t._params_of(r))
+    for r in t.planner.warm_starts(base):  # the plan's stacks are what suggest draws for their parameters
+        study.enqueue_trial(t.planner.params_of(r))
         asked = study.ask()
-        assert t._suggest(asked) == r, r.stack_label(base)
+        assert t.planner.suggest(asked, t.base_recipe) == r, r.stack_label(base)
         study.tell(asked, 1.0)
 
 
@@ -1296,7 +1296,7 @@ def test_a_knob_that_failed_only_after_an_offload_fallback_is_not_excluded(h100:
 def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> None:
     """ti2v-5B at 81 frames has 18,480 tokens (3 divides it) but its quality runs at 1280*704 x 17 have
     4,400: every ulysses3 trial spent a full measure run, then its quality run was refused."""
-    from autotune.tuner import space_for
+    from autotune.plan import space_for
 
     probe = probe_machine("h100_sxm_8x", tmp_path)
     s = space_for(TuneConfig(model="random", task="ti2v-5B", frames=81, gpus=3, out_dir=str(tmp_path)), probe)
@@ -1309,7 +1309,7 @@ def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> Non
 def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path: Path) -> None:
     import optuna
 
-    from autotune.tuner import _choices_drawn
+    from autotune.plan import choices_drawn
 
     study = optuna.create_study()
     study.enqueue_trial({"parallel": "ulysses3"})
@@ -1317,17 +1317,17 @@ def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path:
     trial.suggest_categorical("parallel", ("single", "ulysses3"))
     trial.suggest_float("not_a_choice", 0.0, 1.0)
     study.tell(trial, 1.0)
-    assert _choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
+    assert choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
 
 
 def test_a_resumed_study_does_not_measure_a_failed_swapped_plan_trial_again(h100: ProbeResult, tmp_path: Path) -> None:
     """Swapped planned stacks are told failed but were measured: a resumed run knows their measurement."""
-    from autotune.tuner import _hash
+    from autotune.choice import recipe_hash
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=12, out_dir=str(tmp_path))
     first = _CudnnCrashes(cfg, h100)
     first.run()
-    swapped = {_hash(r.recipe) for r in first.by_hash.values()
+    swapped = {recipe_hash(r.recipe) for r in first.by_hash.values()
                if r.role == "warm_start" and any(" excluded (" in n for n in r.notes)}
     assert swapped
     again = _CudnnCrashes(dataclasses.replace(cfg, resume=True), h100)
