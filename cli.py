@@ -36,7 +36,7 @@ from recipes.text import clip, clip_repr
 
 if TYPE_CHECKING:
     from autotune.config import TuneConfig
-    from autotune.tuner import TuneResult
+    from autotune.results import TuneResult
     from probes.result import ProbeResult
     from reports.outputs import OutputPaths
 
@@ -501,8 +501,8 @@ def report(
     _setup_logging(debug)
     import dataclasses
 
+    from autotune.results import result_from_study
     from autotune.study import claim_output_dir, study_to_read
-    from autotune.tuner import result_from_study
 
     study = study_to_read(storage, study)
     result, cfg, probe = result_from_study(storage, study)

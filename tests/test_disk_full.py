@@ -14,12 +14,13 @@ import pytest
 from autotune.config import TuneConfig
 from autotune.study import open_storage
 from autotune.trial_runner import TrialOutcome
+from autotune.tuner import Tuner
 from probes.result import ProbeResult
 from recipes.errors import StudyError, WanctlError
 from recipes.files import atomic_write_bytes, atomic_write_text
 from recipes.spec import TrialSpec
 from tests.conftest import ROOT
-from tests.test_tuner_logic import SimulatedTuner, h100  # noqa: F401 - h100 is a fixture
+from tests.test_tuner_logic import SimulatedRuntime, h100  # noqa: F401 - h100 is a fixture
 
 
 def test_atomic_write_on_a_full_disk_keeps_the_old_file(small_disk: Path) -> None:
@@ -32,10 +33,10 @@ def test_atomic_write_on_a_full_disk_keeps_the_old_file(small_disk: Path) -> Non
     assert [p.name for p in small_disk.iterdir()] == ["report.md"]  # no temp file left behind
 
 
-class Filling(SimulatedTuner):
+class Filling(SimulatedRuntime):
     """Each trial writes its frames, as the runtime does; on a full disk it fails as the runtime would."""
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         out = Path(spec.out_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -43,22 +44,22 @@ class Filling(SimulatedTuner):
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
             return TrialOutcome("crash", f"OSError: [Errno 28] {exc.strerror}", None, 1, "", 0.1)
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def test_tune_on_a_filling_disk_stops_cleanly_and_resumes(h100: ProbeResult, small_disk: Path) -> None:  # noqa: F811
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=400, out_dir=str(small_disk))
     with pytest.raises(StudyError, match="disk full") as info:
-        Filling(cfg, h100).run()
+        Tuner(cfg, h100, launch=Filling()).run()
     assert "--resume" in info.value.hint
     journal = small_disk / "study.journal"
-    name = Filling(cfg, h100).study_name()
+    name = Tuner(cfg, h100, launch=Filling()).study_name()
     shutil.rmtree(small_disk / "trials")  # the user frees space
     shutil.rmtree(small_disk / "reference", ignore_errors=True)
     before = [t for t in optuna.load_study(study_name=name, storage=open_storage(str(journal))).trials
               if t.state.is_finished()]
     assert len(before) >= 3
-    again = Filling(TuneConfig(**{**cfg.__dict__, "trials": len(before) + 3, "resume": True}), h100)
+    again = Tuner(TuneConfig(**{**cfg.__dict__, "trials": len(before) + 3, "resume": True}), h100, launch=Filling())
     again.run()
     after = optuna.load_study(study_name=name, storage=open_storage(str(journal))).trials
     finished = [t for t in after if t.state.is_finished()]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from autotune.config import TuneConfig
+from autotune.state import StudyState
 from autotune.trial_runner import TrialOutcome
 from autotune.tuner import Tuner
 from probes.result import ProbeResult
@@ -71,17 +72,16 @@ def quality(r: Recipe) -> Quality:
                    latent_rel_err=err, compared=True)
 
 
-class SimulatedTuner(Tuner):
+class SimulatedRuntime:
     """Answers each TrialSpec from the cost model, as the runtime process would, and keeps them all."""
 
-    def __init__(self, *a: object, oom_if: dict[str, object] | None = None, **kw: object) -> None:
-        super().__init__(*a, **kw)  # type: ignore[arg-type]
+    def __init__(self, oom_if: dict[str, object] | None = None) -> None:
         self.specs: list[TrialSpec] = []
         self.oom_if = oom_if or {}
         self.oom_phase = "denoise"
         self.trial_s = 0.0  # simulated duration of one trial process (lets concurrent workers interleave)
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         self.specs.append(spec)
         if self.trial_s:
             time.sleep(self.trial_s)
@@ -117,11 +117,21 @@ def h100(tmp_path_factory: pytest.TempPathFactory) -> ProbeResult:
     return probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m"))
 
 
-def run(h100: ProbeResult, tmp_path: Path, trials: int = 30, **kw: object) -> SimulatedTuner:
+def simulated(cfg: TuneConfig, probe: ProbeResult, runtime: SimulatedRuntime | None = None) -> Tuner:
+    """A tuner whose trial processes ``runtime`` answers (the cost model as it is, by default)."""
+    return Tuner(cfg, probe, launch=runtime or SimulatedRuntime())
+
+
+def runtime(t: Tuner) -> SimulatedRuntime:
+    """The simulated runtime ``t`` launches its trials with: what it was asked to run, and how it fails."""
+    return t.evaluator.launch  # type: ignore[return-value]
+
+
+def run(h100: ProbeResult, tmp_path: Path, trials: int = 30, **kw: object) -> Tuner:
     oom_if = kw.pop("oom_if", None)
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path),
                      **kw)  # type: ignore[arg-type]
-    t = SimulatedTuner(cfg, h100, oom_if=oom_if)  # type: ignore[arg-type]
+    t = simulated(cfg, h100, SimulatedRuntime(oom_if=oom_if))  # type: ignore[arg-type]
     t.result = t.run()  # type: ignore[attr-defined]
     return t
 
@@ -137,7 +147,7 @@ def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult,
             assert slow in res.exclusions.get("attention", {}), res.exclusions
     # ... and never measured again after their screen.
     screens = {r.recipe["attention"]: r.number for r in res.records if r.role == "screen"}
-    for spec in t.specs:
+    for spec in runtime(t).specs:
         att = spec.recipe.attention
         if att in res.exclusions.get("attention", {}) and spec.trial_number > screens[att]:
             pytest.fail(f"trial {spec.trial_number} ran excluded attention={att}")
@@ -145,7 +155,7 @@ def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult,
     base_t = res.baseline.denoise_pred_s
     for r in res.records:
         if r.outcome == "ok" and r.role != "baseline":
-            assert r.denoise_pred_s <= base_t * (1 + t.tol), r
+            assert r.denoise_pred_s <= base_t * (1 + t.evaluator.tol), r
         if r.outcome == "slower_than_baseline":
             assert r.speedup < 1.0 and "vs baseline" in r.reason
     # fp8 tensorwise fails the lossy bar.
@@ -157,7 +167,7 @@ def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult,
     assert res.best.denoise_pred_s == min(r.denoise_pred_s for r in ok)
     assert res.best.denoise_pred_s < res.baseline.denoise_pred_s
     # The confirmation re-measures speed only, in one fresh process; the gate result is the trial's.
-    conf_specs = [s for s in t.specs if s.out_dir.endswith("-a9") or "-a9q" in s.out_dir]
+    conf_specs = [s for s in runtime(t).specs if s.out_dir.endswith("-a9") or "-a9q" in s.out_dir]
     assert [s.mode for s in conf_specs] == ["measure"] and conf_specs[0].trial_number == res.best.number
     assert res.confirm.gate_passed and res.confirm.psnr_min_db == res.best.psnr_min_db
     assert res.confirm.gate_reason.endswith(f"(gated in trial {res.best.number})")
@@ -166,7 +176,7 @@ def test_best_is_fastest_gated_recipe_and_losers_are_excluded(h100: ProbeResult,
 
 def test_gate_tiers_use_the_right_reference(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=20)
-    quality_specs = [s for s in t.specs if s.mode == "quality" and s.reference_frames]
+    quality_specs = [s for s in runtime(t).specs if s.mode == "quality" and s.reference_frames]
     assert quality_specs
     for s in quality_specs:
         lossy = bool(s.recipe.lossy_knobs())
@@ -183,8 +193,8 @@ def test_cache_trial_slower_than_baseline_is_recorded_not_fatal(h100: ProbeResul
     """Regression: a slower trial with FirstBlockCache used to crash the tuner (an Optuna parameter
     name, fbcache_threshold, was read as a Recipe field)."""
     t = run(h100, tmp_path, trials=1)  # the baseline only: nothing screened or excluded yet
-    rec = t._evaluate_trial(99, "sampled", t.base_recipe.replace(attention="_native_flash", cache="fbcache",
-                                                                 cache_threshold=0.03))
+    rec = t.evaluator.evaluate_trial(99, "sampled", t.state.base_recipe.replace(attention="_native_flash",
+                                                                             cache="fbcache", cache_threshold=0.03))
     assert rec.outcome == "slower_than_baseline", rec
     assert "excluded" not in rec.reason  # two knobs changed: nothing single to blame
 
@@ -193,11 +203,11 @@ def test_cache_trial_slower_than_baseline_is_recorded_not_fatal(h100: ProbeResul
 def test_oom_fallback_follows_where_memory_ran_out(h100: ProbeResult, tmp_path: Path, phase: str,
                                                    first: str) -> None:
     t = run(h100, tmp_path, trials=2)
-    t.oom_phase = phase
-    t.space = dataclasses.replace(t.space, offload=("none", "model"))
-    t.oom_if = {"compile": "full", "offload": "none"}  # only offload helps, whatever the phase says
-    r = t.base_recipe.replace(compile="full", compile_fullgraph=False, cache="fbcache", cache_threshold=0.12)
-    rec = t._evaluate_trial(50, "sampled", r)
+    runtime(t).oom_phase = phase
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "model"))
+    runtime(t).oom_if = {"compile": "full", "offload": "none"}  # only offload helps, whatever the phase says
+    r = t.state.base_recipe.replace(compile="full", compile_fullgraph=False, cache="fbcache", cache_threshold=0.12)
+    rec = t.evaluator.evaluate_trial(50, "sampled", r)
     assert rec.fallbacks[0].startswith(f"oom in {phase} -> {first}"), rec.fallbacks
     # Tiling did not help a decode OOM here: the next fallback (offload) is tried before giving up.
     assert rec.recipe["offload"] == "model"
@@ -207,18 +217,19 @@ def test_oom_fallback_follows_where_memory_ran_out(h100: ProbeResult, tmp_path: 
 
 def test_oom_with_nothing_left_to_try_is_recorded(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=2)
-    t.oom_if = {"compile": "full"}
-    t.space = dataclasses.replace(t.space, offload=("none",))
-    rec = t._evaluate_trial(51, "sampled", t.base_recipe.replace(compile="full"))
+    runtime(t).oom_if = {"compile": "full"}
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none",))
+    rec = t.evaluator.evaluate_trial(51, "sampled", t.state.base_recipe.replace(compile="full"))
     assert rec.outcome == "oom" and rec.phase == "denoise" and not rec.fallbacks
 
 
 def test_a_memory_fallback_the_runtime_would_refuse_is_not_tried(h100: ProbeResult, tmp_path: Path) -> None:
     """Group offload cannot run with compile=full: the OOM is recorded, the tuner lives on."""
     t = run(h100, tmp_path, trials=2)
-    t.oom_if = {"compile": "full"}
-    t.space = dataclasses.replace(t.space, offload=("none", "group_block"))
-    rec = t._evaluate_trial(52, "sampled", t.base_recipe.replace(compile="full", compile_fullgraph=False))
+    runtime(t).oom_if = {"compile": "full"}
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "group_block"))
+    r = t.state.base_recipe.replace(compile="full", compile_fullgraph=False)
+    rec = t.evaluator.evaluate_trial(52, "sampled", r)
     assert rec.outcome == "oom" and not rec.fallbacks, rec
 
 
@@ -226,25 +237,25 @@ def test_a_screen_slowed_by_its_offload_fallback_excludes_nothing(h100: ProbeRes
     """cuDNN attention is faster than the baseline here; needing offload to fit made it slower, which is the
     offload's cost, not the backend's."""
     t = run(h100, tmp_path, trials=1)  # the baseline alone: cuDNN not measured yet
-    t.space = dataclasses.replace(t.space, offload=("none", "model"))
-    t.oom_if = {"attention": "_native_cudnn", "offload": "none"}
-    rec = t._evaluate_trial(53, "screen", t.base_recipe.replace(attention="_native_cudnn"))
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "model"))
+    runtime(t).oom_if = {"attention": "_native_cudnn", "offload": "none"}
+    rec = t.evaluator.evaluate_trial(53, "screen", t.state.base_recipe.replace(attention="_native_cudnn"))
     assert rec.fallbacks and rec.recipe["offload"] == "model", rec
     assert rec.outcome == "slower_than_baseline" and "nothing excluded" in rec.reason, rec
-    assert "_native_cudnn" not in t.exclusions.as_dict().get("attention", {})
+    assert "_native_cudnn" not in t.state.exclusions.as_dict().get("attention", {})
 
 
 def test_resume_restores_exclusions_and_skips_measured_recipes(h100: ProbeResult, tmp_path: Path) -> None:
     first = run(h100, tmp_path, trials=12)
-    measured = {s.recipe.recipe_hash() for s in first.specs if s.mode == "measure"}
+    measured = {s.recipe.recipe_hash() for s in runtime(first).specs if s.mode == "measure"}
     second = run(h100, tmp_path, trials=20, resume=True)
     # Every exclusion of the first run comes back with its evidence (naming the first run's trial); the
     # resumed run may add its own from trials 12 and later.
-    restored = second.exclusions.as_dict()
+    restored = second.state.exclusions.as_dict()
     for knob, values in first.result.exclusions.items():  # type: ignore[attr-defined]
         assert values.items() <= restored[knob].items()
     confirm_tag = "-a9"  # the final confirmation re-measures the best on purpose
-    again = [s for s in second.specs if s.mode == "measure" and s.recipe.recipe_hash() in measured
+    again = [s for s in runtime(second).specs if s.mode == "measure" and s.recipe.recipe_hash() in measured
              and s.trial_number < 12 and not s.out_dir.endswith(confirm_tag)]
     assert not again, "trials of the first run were measured again"
     assert len(second.result.records) == 20  # type: ignore[attr-defined]
@@ -269,7 +280,7 @@ def test_rdb_resume_leaves_a_live_workers_trial_alone(h100: ProbeResult, tmp_pat
     trials = optuna.load_study(study_name=first.study_name(), storage=open_storage(url)).trials
     assert trials[live.number].state == optuna.trial.TrialState.RUNNING
     assert sum(t.state.is_finished() for t in trials) == 9
-    assert not [s for s in second.specs if "base" in s.out_dir]  # the baseline never runs twice
+    assert not [s for s in runtime(second).specs if "base" in s.out_dir]  # the baseline never runs twice
 
 
 def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path: Path) -> None:
@@ -282,20 +293,20 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
     url = _sqlite(tmp_path)
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
                      storage=url)
-    dead = SimulatedTuner(cfg, h100)
+    dead = simulated(cfg, h100)
     study, created = load_or_create(open_storage(url), dead.study_name(), ["minimize"],
                                     optuna.samplers.TPESampler(), False)
     assert created
     study.set_user_attr("wanctl_config", cfg.to_dict())
-    dead._enqueue_plan(study)
+    dead.planner.enqueue_plan(study, dead.state.base_recipe)
     taken = study.ask()  # the baseline's trial: its worker died, and the heartbeat check failed it
     assert taken.user_attrs["wanctl_role"] == "baseline"
     study.tell(taken, state=optuna.trial.TrialState.FAIL)
     second = run(h100, tmp_path / "b", trials=4, storage=url, resume=True)
     recs = second.result.records  # type: ignore[attr-defined]
     base = [r for r in recs if r.role == "baseline"]
-    assert len(base) == 1 and base[0].recipe == second.base_recipe.to_dict()
-    assert second.specs[0].recipe == second.base_recipe and "base" in second.specs[0].out_dir
+    assert len(base) == 1 and base[0].recipe == second.state.base_recipe.to_dict()
+    assert runtime(second).specs[0].recipe == second.state.base_recipe and "base" in runtime(second).specs[0].out_dir
 
 
 def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waited_for(
@@ -304,25 +315,26 @@ def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waite
     ago (trials are handed out in order): wait for its record, do not measure a second baseline."""
     import optuna
 
-    import autotune.tuner as tuner_mod
+    import autotune.workers as workers_mod
     from autotune.study import load_or_create, open_storage
+    from autotune.workers import await_baseline
 
     url = _sqlite(tmp_path)
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
                      storage=url)
-    t = SimulatedTuner(cfg, h100)
+    t = simulated(cfg, h100)
     study, _ = load_or_create(open_storage(url), t.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
     study.set_user_attr("wanctl_config", cfg.to_dict())
-    t._enqueue_plan(study)
+    t.planner.enqueue_plan(study, t.state.base_recipe)
     assert study.trials[0].user_attrs["wanctl_role"] == "baseline"
     polls: list[int] = []
-    monkeypatch.setattr(tuner_mod, "BASELINE_POLL_S", 0.01)
-    monkeypatch.setattr(t, "_timeout", lambda: 0.3)
-    monkeypatch.setattr(t, "_restore", lambda s: polls.append(1))
-    t._await_baseline(study, 1)  # trial 0 reads WAITING: counted as taken, polled until the deadline
+    monkeypatch.setattr(workers_mod, "BASELINE_POLL_S", 0.01)
+    monkeypatch.setattr(t.state, "restore", lambda s: polls.append(1))
+    # trial 0 reads WAITING: counted as taken, polled until the deadline (0.3 s)
+    await_baseline(study, 1, t.state, 0.3, t.reporter)
     assert len(polls) > 1
     polls.clear()
-    t._await_baseline(study, 0)  # no earlier baseline trial: nothing to wait for
+    await_baseline(study, 0, t.state, 0.3, t.reporter)  # no earlier baseline trial: nothing to wait for
     assert len(polls) == 1
 
 
@@ -335,57 +347,57 @@ def test_a_baseline_finished_between_the_waiters_two_reads_is_not_measured_again
     other worker finishes right after the waiter first looked for the record and found none."""
     import optuna
 
-    import autotune.tuner as tuner_mod
+    import autotune.workers as workers_mod
     from autotune.study import load_or_create, open_storage
 
     url = _sqlite(tmp_path)
 
-    def worker(name: str) -> SimulatedTuner:
+    def worker(name: str) -> Tuner:
         cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4,
                          out_dir=str(tmp_path / name), storage=url, resume=True, study="shared")
-        t = SimulatedTuner(cfg, h100)
-        t._study, _ = load_or_create(open_storage(url), "shared", ["minimize"], optuna.samplers.TPESampler(), True)
+        t = simulated(cfg, h100)
+        t.state.study, _ = load_or_create(open_storage(url), "shared", ["minimize"], optuna.samplers.TPESampler(), True)
         return t
 
     other, waiter = worker("a"), worker("b")
-    assert other._study is not None and waiter._study is not None
-    other._enqueue_plan(other._study)
-    base_trial = other._study.ask()  # the other worker took the baseline and is measuring it
+    assert other.state.study is not None and waiter.state.study is not None
+    other.planner.enqueue_plan(other.state.study, other.state.base_recipe)
+    base_trial = other.state.study.ask()  # the other worker took the baseline and is measuring it
     assert base_trial.user_attrs["wanctl_role"] == "baseline"
-    mine = waiter._study.ask()
+    mine = waiter.state.study.ask()
     assert mine.number == base_trial.number + 1
 
-    restore = waiter._restore
+    restore = waiter.state.restore
     finished: list[int] = []
 
     def restore_then_other_finishes(study: optuna.Study) -> None:
         restore(study)
-        if waiter.baseline is None and not finished:  # as the other worker's loop does: record, then tell
+        if waiter.state.baseline is None and not finished:  # as the other worker's loop does: record, then tell
             finished.append(base_trial.number)
-            rec = other._run_asked(other._study, base_trial)
-            other._tell(other._study, base_trial, rec)
+            rec = other._run_asked(other.state.study, base_trial)
+            other._tell(other.state.study, base_trial, rec)
 
-    monkeypatch.setattr(waiter, "_restore", restore_then_other_finishes)
-    monkeypatch.setattr(tuner_mod, "BASELINE_POLL_S", 0.01)
-    rec = waiter._run_asked(waiter._study, mine)
+    monkeypatch.setattr(waiter.state, "restore", restore_then_other_finishes)
+    monkeypatch.setattr(workers_mod, "BASELINE_POLL_S", 0.01)
+    rec = waiter._run_asked(waiter.state.study, mine)
     assert finished, "the waiter never looked for the baseline's record"
-    assert [s.trial_number for s in other.specs] == [base_trial.number]
-    assert not [s for s in waiter.specs if Path(s.out_dir).name.endswith("-base-a0")], "a second baseline ran"
+    assert [s.trial_number for s in runtime(other).specs] == [base_trial.number]
+    assert not [s for s in runtime(waiter).specs if Path(s.out_dir).name.endswith("-base-a0")], "a second baseline ran"
     assert rec.role == "screen" and rec.number == mine.number
-    assert waiter.baseline is not None and waiter.baseline.number == base_trial.number
+    assert waiter.state.baseline is not None and waiter.state.baseline.number == base_trial.number
 
 
 def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult, tmp_path: Path) -> None:
     import optuna
 
-    class Interrupted(SimulatedTuner):
-        def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    class Interrupted(SimulatedRuntime):
+        def __call__(self, spec: TrialSpec) -> TrialOutcome:
             if spec.trial_number == 2:
                 raise KeyboardInterrupt
-            return super()._launch(spec)
+            return super().__call__(spec)
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
-    t = Interrupted(cfg, h100)
+    t = simulated(cfg, h100, Interrupted())
     with pytest.raises(KeyboardInterrupt):
         t.run()
     from autotune.study import open_storage
@@ -402,15 +414,15 @@ class _Killed(BaseException):
     """What SIGKILL does to the tuner, in-process: nothing of it runs after (the trial is left RUNNING)."""
 
 
-class _DiesInTrial(SimulatedTuner):
-    def __init__(self, *a: object, dies_in: int, how: str, **kw: object) -> None:
-        super().__init__(*a, **kw)
+class _DiesInTrial(SimulatedRuntime):
+    def __init__(self, dies_in: int, how: str) -> None:
+        super().__init__()
         self.dies_in, self.how = dies_in, how
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         if spec.trial_number == self.dies_in:
             raise KeyboardInterrupt if self.how == "ctrl_c" else _Killed
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 @pytest.mark.parametrize("how, dies_in, trials", [("kill", 0, 6), ("kill", 3, 6), ("ctrl_c", 3, 6), ("kill", 14, 15)])
@@ -433,9 +445,9 @@ def test_a_resumed_study_measures_the_stacks_an_uninterrupted_one_does(h100: Pro
     whole = run(h100, tmp_path / "whole", trials=trials)
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path / "cut"))
     with pytest.raises((_Killed, KeyboardInterrupt)):
-        _DiesInTrial(cfg, h100, dies_in=dies_in, how=how).run()
+        simulated(cfg, h100, _DiesInTrial(dies_in=dies_in, how=how)).run()
     resumed = run(h100, tmp_path / "cut", trials=trials, resume=True)
-    assert resumed.specs[0].trial_number > dies_in  # the copy, first
+    assert runtime(resumed).specs[0].trial_number > dies_in  # the copy, first
     assert measured(tmp_path / "cut", resumed.study_name()) == measured(tmp_path / "whole", whole.study_name())
 
 
@@ -443,17 +455,17 @@ def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Trials without a result (a killed tuner's, an interrupted one) were left out of the report's table
     without a word: the reader says so, and the resumed tuner's report too."""
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
     with pytest.raises(_Killed):
-        _DiesInTrial(cfg, h100, dies_in=3, how="kill").run()
-    name = SimulatedTuner(cfg, h100).study_name()
+        simulated(cfg, h100, _DiesInTrial(dies_in=3, how="kill")).run()
+    name = simulated(cfg, h100).study_name()
     res, _, _ = result_from_study(cfg.storage_url(), name)
     assert "not in the trials table, as they hold no result: trial 3 (running when the study was read" in res.notes[-1]
     assert res.notes[-1] in caplog.text  # on stderr too
     with pytest.raises(KeyboardInterrupt):
-        _DiesInTrial(dataclasses.replace(cfg, resume=True), h100, dies_in=4, how="ctrl_c").run()
+        simulated(dataclasses.replace(cfg, resume=True), h100, _DiesInTrial(dies_in=4, how="ctrl_c")).run()
     res, _, _ = result_from_study(cfg.storage_url(), name)
     assert res.notes[-1].endswith("trial 3 (its tuner was killed in it; marked failed on --resume; re-queued as "
                                   "trial 13); trial 4 (interrupted (Ctrl-C); re-queued as trial 14, not run yet)")
@@ -465,7 +477,7 @@ def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp
 
 def test_a_report_on_a_torn_journal_says_what_it_left_out_and_changes_nothing(
         h100: ProbeResult, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
 
     t = run(h100, tmp_path, trials=3)
     journal = tmp_path / "study.journal"
@@ -491,29 +503,29 @@ def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100:
     assert any(r.quant == "fp8_rowwise" and r.compile == "regional" for r in warm)  # the anchors' best lossy
 
 
-class _Shared(SimulatedTuner):
+class _Shared(SimulatedRuntime):
     """A worker of the two-host test: the first waits, after its baseline, until the second has begun a
     trial (an Event, not a timer), so both really share the study whatever the machine's load."""
 
-    def __init__(self, *a: object, first: bool, joined: object, **kw: object) -> None:
-        super().__init__(*a, **kw)
+    def __init__(self, first: bool, joined: object) -> None:
+        super().__init__()
         self.first, self.joined = first, joined
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         if not self.first:
             self.joined.set()  # type: ignore[attr-defined]
         elif self.specs:  # the baseline is done: do not finish the study alone
             assert self.joined.wait(timeout=120), "the second worker never started a trial"  # type: ignore[attr-defined]
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def _worker(probe: ProbeResult, url: str, out: str, trials: int, first: bool, joined: object) -> None:
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=out, storage=url,
                      resume=True, study="shared")
-    t = _Shared(cfg, probe, first=first, joined=joined)
-    t.trial_s = 0.05
+    t = simulated(cfg, probe, _Shared(first=first, joined=joined))
+    runtime(t).trial_s = 0.05
     t.run()
-    Path(out, "ran.json").write_text(json.dumps(sorted({s.trial_number for s in t.specs})))
+    Path(out, "ran.json").write_text(json.dumps(sorted({s.trial_number for s in runtime(t).specs})))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -577,17 +589,17 @@ def test_a_resume_beside_a_live_tuner_is_refused_before_it_touches_the_study(h10
     assert trial.state == optuna.trial.TrialState.RUNNING and "wanctl_stale" not in trial.user_attrs
 
 
-class _Racer(SimulatedTuner):
+class _Racer(SimulatedRuntime):
     """A tuner of the two-at-once test: the one that holds the study keeps it until the other has tried."""
 
-    def __init__(self, *a: object, tried: object, **kw: object) -> None:
-        super().__init__(*a, **kw)
+    def __init__(self, tried: object) -> None:
+        super().__init__()
         self.tried = tried
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         if not self.specs:
             self.tried.wait(timeout=20)  # type: ignore[attr-defined]
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def _race(probe: ProbeResult, out: str, go: object, tried: object) -> None:
@@ -595,7 +607,7 @@ def _race(probe: ProbeResult, out: str, go: object, tried: object) -> None:
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=out, resume=True,
                      study="demo")
-    t = _Racer(cfg, probe, tried=tried)
+    t = simulated(cfg, probe, _Racer(tried=tried))
     go.wait(timeout=60)  # type: ignore[attr-defined]
     try:
         t.run()
@@ -636,7 +648,8 @@ def test_each_trial_shows_its_outcome_and_speedup_to_optuna_dashboard(h100: Prob
 
     t = run(h100, tmp_path, trials=14, oom_if={"attention": "_native_math"})
     with pytest.raises(_Killed):  # a killed trial, marked on resume
-        _DiesInTrial(dataclasses.replace(t.cfg, trials=16, resume=True), h100, dies_in=14, how="kill").run()
+        simulated(dataclasses.replace(t.cfg, trials=16, resume=True), h100,
+                  _DiesInTrial(dies_in=14, how="kill")).run()
     run(h100, tmp_path, trials=16, resume=True)
     trials = optuna.load_study(study_name=t.study_name(), storage=open_storage(str(tmp_path / "study.journal"))).trials
     outcomes = set()
@@ -656,22 +669,22 @@ def test_each_trial_shows_its_outcome_and_speedup_to_optuna_dashboard(h100: Prob
 
 def test_screen_that_needed_a_memory_fallback_still_excludes_its_knob(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=1)
-    t.oom_phase = "vae_decode"
-    t.oom_if = {"attention": "_native_efficient", "vae_tiling": False}
-    rec = t._evaluate_trial(7, "screen", t.base_recipe.replace(attention="_native_efficient"))
+    runtime(t).oom_phase = "vae_decode"
+    runtime(t).oom_if = {"attention": "_native_efficient", "vae_tiling": False}
+    rec = t.evaluator.evaluate_trial(7, "screen", t.state.base_recipe.replace(attention="_native_efficient"))
     assert rec.fallbacks and rec.recipe["vae_tiling"] is True
     assert rec.outcome == "slower_than_baseline" and "excluded" in rec.reason
-    assert "_native_efficient" in t.exclusions.as_dict()["attention"]
+    assert "_native_efficient" in t.state.exclusions.as_dict()["attention"]
 
 
 def test_a_repeated_recipe_says_which_trial_it_repeats(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=1)
-    r = t.base_recipe.replace(compile="regional")
-    first = t._evaluate_trial(5, "sampled", r)
-    again = t._evaluate_trial(6, "sampled", r)
+    r = t.state.base_recipe.replace(compile="regional")
+    first = t.evaluator.evaluate_trial(5, "sampled", r)
+    again = t.evaluator.evaluate_trial(6, "sampled", r)
     assert again.number == 6 and again.reason.startswith("same recipe as trial 5: not run again")
     assert again.denoise_pred_s == first.denoise_pred_s
-    assert sum(1 for s in t.specs if s.trial_number == 6) == 0  # nothing launched for it
+    assert sum(1 for s in runtime(t).specs if s.trial_number == 6) == 0  # nothing launched for it
 
 
 def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResult, tmp_path: Path) -> None:
@@ -686,7 +699,7 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
     study.set_user_attr(NOTES_KEY, [*study.user_attrs.get(NOTES_KEY, []), "a note of the first run"])
     second = run(h100, tmp_path, trials=12, resume=True)
-    assert not [s for s in second.specs if s.out_dir.endswith("-a9")], "a confirmed trial was confirmed again"
+    assert not [s for s in runtime(second).specs if s.out_dir.endswith("-a9")], "a confirmed trial was confirmed again"
     assert second.result.best.number == best.number  # type: ignore[attr-defined]
     assert "a note of the first run" in second.result.notes  # type: ignore[attr-defined]
     study = optuna.load_study(study_name=first.study_name(), storage=open_storage(str(tmp_path / "study.journal")))
@@ -696,32 +709,39 @@ def test_resume_keeps_confirmations_and_notes_of_the_earlier_run(h100: ProbeResu
     assert len(stored) == len(set(stored)), "a resumed run stored the earlier runs' notes again"
 
 
-class _JoinedByAnotherWorker(SimulatedTuner):
+class _JoinedByAnotherWorker(SimulatedRuntime):
     """After its baseline, another worker on the study screens a knob out and leaves a note (its own keys)."""
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
-        out = super()._launch(spec)
-        if len(self.specs) == 1 and self._study is not None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: StudyState | None = None  # the tuner's, to reach its study
+
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
+        out = super().__call__(spec)
+        study = self.state.study if self.state is not None else None
+        if len(self.specs) == 1 and study is not None:
             from recipes.records import NOTES_KEY, SCREENED_KEY, worker_key
 
-            self._study.set_user_attr(worker_key(SCREENED_KEY, "other"),
-                                      {"attention": {"_native_efficient": "measured 0.50x by the other worker"}})
-            self._study.set_user_attr(worker_key(NOTES_KEY, "other"), ["a note of the other worker"])
+            study.set_user_attr(worker_key(SCREENED_KEY, "other"),
+                                {"attention": {"_native_efficient": "measured 0.50x by the other worker"}})
+            study.set_user_attr(worker_key(NOTES_KEY, "other"), ["a note of the other worker"])
         return out
 
 
 def test_a_knob_another_worker_screened_out_is_not_tried_here(h100: ProbeResult, tmp_path: Path) -> None:
-    from autotune.tuner import result_from_study
+    from autotune.results import result_from_study
     from recipes.records import SCREENED_KEY
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=30, out_dir=str(tmp_path))
-    t = _JoinedByAnotherWorker(cfg, h100)
+    other = _JoinedByAnotherWorker()
+    t = simulated(cfg, h100, other)
+    other.state = t.state
     assert "_native_efficient" in t.space.attention
     res = t.run()
-    assert not [s for s in t.specs[1:] if s.recipe.attention == "_native_efficient"]
+    assert not [s for s in runtime(t).specs[1:] if s.recipe.attention == "_native_efficient"]
     assert res.exclusions["attention"]["_native_efficient"] == "measured 0.50x by the other worker"
     assert "a note of the other worker" in res.notes  # this tuner's report shows the other's notes too
-    attrs = t._study.user_attrs  # type: ignore[union-attr]
+    attrs = t.state.study.user_attrs  # type: ignore[union-attr]
     assert SCREENED_KEY not in attrs and any(k.startswith(SCREENED_KEY + "@") and not k.endswith("@other")
                                              for k in attrs)  # each worker writes its own key, never the shared one
     again, _, _ = result_from_study(cfg.storage_url(), t.study_name())
@@ -746,11 +766,11 @@ def test_workers_on_one_study_keep_each_others_exclusions_and_notes() -> None:
 
 def test_budget_leaves_room_for_the_confirmation_run(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=6)
-    study = t._study
+    study = t.state.study
     assert study is not None
     t.cfg = dataclasses.replace(t.cfg, trials=0, budget_s=10.0)
     # A trial of this run took 4 s in all (speed + quality process); a confirmation is one speed run, the
-    # candidate's own 2.0 s (SimulatedTuner._launch), not the median trial.
+    # candidate's own 2.0 s (SimulatedRuntime), not the median trial.
     t.trial_costs = [4.0, 4.0, 3.0]
     t.started = time.monotonic() - 5.0  # 5 + 4 fits in 10 s; 5 + 4 + 2 does not
     assert t._unconfirmed_candidate(study) is None  # the first run confirmed its best
@@ -769,11 +789,11 @@ def test_resume_on_another_host_makes_missing_references_again(h100: ProbeResult
     import shutil
 
     first = run(h100, tmp_path, trials=8)
-    made = [s for s in first.specs if "reference" in s.out_dir]
+    made = [s for s in runtime(first).specs if "reference" in s.out_dir]
     assert made and len(made) == len({s.out_dir for s in made})  # each reference made once while present
     shutil.rmtree(tmp_path / "reference")
     second = run(h100, tmp_path, trials=12, resume=True)
-    again = [s for s in second.specs if "reference" in s.out_dir]
+    again = [s for s in runtime(second).specs if "reference" in s.out_dir]
     assert again and len(again) == len({s.out_dir for s in again}) <= 2
     assert any("reference output was missing" in n for n in second.result.notes)  # type: ignore[attr-defined]
 
@@ -795,7 +815,7 @@ def test_several_gpus_measure_the_layouts_first_and_keep_the_fastest(tmp_path: P
     eight = probe_machine("h100_sxm_8x", tmp_path / "m")
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=14, out_dir=str(tmp_path / "o"),
                      gpus=4)
-    t = SimulatedTuner(cfg, eight)
+    t = simulated(cfg, eight)
     res = t.run()
     base = res.records[0]
     assert base.role == "baseline" and base.recipe_obj().gpus == 1  # plain diffusers fits one GPU
@@ -804,7 +824,7 @@ def test_several_gpus_measure_the_layouts_first_and_keep_the_fastest(tmp_path: P
     assert [(w.gpus, w.ulysses, w.cfg_parallel) for w in warm[:2]] == [(4, 2, True), (4, 4, False)]
     assert warm[2].ulysses == 2 and warm[2].cfg_parallel and warm[2].compile == "regional"
     # Every trial the runtime was asked to run is a valid recipe launched on the GPUs it names.
-    for spec in t.specs:
+    for spec in runtime(t).specs:
         assert validate(spec.recipe) == spec.recipe
     assert not [r for r in res.records if r.outcome == "invalid" and r.role == "warm_start"]
     best = res.best.recipe_obj()  # type: ignore[union-attr]
@@ -816,18 +836,18 @@ def test_a_model_that_fits_only_sharded_has_a_sharded_baseline(tmp_path: Path) -
     two = dataclasses.replace(two, gpus=tuple(dataclasses.replace(g, memory_total_mib=49152) for g in two.gpus))
     cfg = TuneConfig(model="random", task="t2v-A14B", size="1280*720", frames=81, steps=4, trials=4,
                      out_dir=str(tmp_path / "o"), gpus=2)
-    t = SimulatedTuner(cfg, two)
+    t = simulated(cfg, two)
     res = t.run()
     base = res.records[0].recipe_obj()
     assert (base.gpus, base.fsdp, base.ulysses) == (2, True, 1)
     assert any("baseline sharded as fsdp2" in n for n in res.notes)
-    assert all(s.recipe.fsdp for s in t.specs)
+    assert all(s.recipe.fsdp for s in runtime(t).specs)
 
 
-def _a14b(h100: ProbeResult, tmp_path: Path, **kw: object) -> SimulatedTuner:
+def _a14b(h100: ProbeResult, tmp_path: Path, **kw: object) -> Tuner:
     cfg = TuneConfig(model="random", task="t2v-A14B", frames=17, steps=8, trials=20, out_dir=str(tmp_path),
                      **kw)  # type: ignore[arg-type]
-    t = SimulatedTuner(cfg, h100)
+    t = simulated(cfg, h100)
     t.result = t.run()  # type: ignore[attr-defined]
     return t
 
@@ -846,14 +866,14 @@ def test_lightning_is_tried_as_distilled_and_kept_only_where_the_gate_allows(h10
     best = loose.result.best.recipe_obj()  # type: ignore[attr-defined]
     assert best.lightning == 4 and best.steps == 4  # half the steps of the baseline: the fastest that passes
     off = _a14b(h100, tmp_path / "off", lightning_lora="none")
-    assert not any(s.recipe.lightning for s in off.specs) and off.space.lightning == (0,)
+    assert not any(s.recipe.lightning for s in runtime(off).specs) and off.space.lightning == (0,)
 
 
 def test_an_injected_fault_can_target_one_rank(h100: ProbeResult, tmp_path: Path) -> None:
     from recipes.errors import BadInput
 
     t = run(h100, tmp_path, trials=3, inject=("crash@1:1", "oom@2"))
-    by = {s.trial_number: s for s in t.specs if s.fault != "none"}
+    by = {s.trial_number: s for s in runtime(t).specs if s.fault != "none"}
     assert (by[1].fault, by[1].fault_rank) == ("crash", 1)
     assert (by[2].fault, by[2].fault_rank) == ("oom", -1)  # every rank
     for bad in ("boom@1", "crash@x", "crash@1:"):
@@ -867,15 +887,15 @@ def test_an_injected_fault_whose_trial_runs_nothing_goes_to_the_next_trial_that_
     trial 3 a repeat of the baseline, run by no process: the fault goes to the next trial that runs one."""
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=5, out_dir=str(tmp_path),
                      inject=("oom_decode@1",))
-    t = SimulatedTuner(cfg, h100)
+    t = simulated(cfg, h100)
     for a in t.space.attention:  # trial 1 screens an attention kernel: excluded, it is the baseline again
-        if a != t.base_recipe.attention:
-            t.exclusions.exclude("attention", a, "excluded by the test")
+        if a != t.state.base_recipe.attention:
+            t.state.exclusions.exclude("attention", a, "excluded by the test")
     result = t.run()
     recs = {r.number: r for r in result.records}
     assert recs[1].reason.startswith("same recipe as trial 0: not run again")
-    ran = sorted({s.trial_number for s in t.specs if s.trial_number > 1})
-    faulted = [(s.trial_number, s.fault) for s in t.specs if s.fault != "none"]
+    ran = sorted({s.trial_number for s in runtime(t).specs if s.trial_number > 1})
+    faulted = [(s.trial_number, s.fault) for s in runtime(t).specs if s.fault != "none"]
     assert faulted == [(ran[0], "oom_decode")]
     assert any(n.startswith("--inject oom_decode@1: trial 1 ran no process (same recipe as trial 0")
                for n in result.notes)
@@ -893,9 +913,9 @@ def test_sage_is_compiled_around_not_through(h100: ProbeResult, tmp_path: Path) 
     sage_ok = dataclasses.replace(h100.kernel("attention:native"), name="attention:sage")  # as if Sage 2 were built
     probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels if k.name != "attention:sage") + (sage_ok,))
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, probe)
+    t = simulated(cfg, probe)
     t.run()
-    sage = [s.recipe for s in t.specs if s.recipe.attention == "sage"]
+    sage = [s.recipe for s in runtime(t).specs if s.recipe.attention == "sage"]
     assert any(r.compile != "off" for r in sage), "no compiled Sage trial was tried"
     assert all(not r.compile_fullgraph for r in sage if r.compile != "off")
 
@@ -911,7 +931,7 @@ def test_caches_are_compiled_around_not_through(h100: ProbeResult, tmp_path: Pat
         assert e.value.field == "compile_fullgraph" and f"cache={cache}" in str(e.value)
         validate(Recipe(task="ti2v-5B", cache=cache, compile="regional", compile_fullgraph=False))
     t = run(h100, tmp_path, trials=25)
-    cached = [s.recipe for s in t.specs if s.recipe.cache != "none" and s.recipe.compile != "off"]
+    cached = [s.recipe for s in runtime(t).specs if s.recipe.cache != "none" and s.recipe.compile != "off"]
     assert cached, "no compiled cache trial was tried"
     assert all(not r.compile_fullgraph for r in cached)
     said = [r for r in t.result.records if r.recipe.get("cache", "none") != "none"  # type: ignore[attr-defined]
@@ -919,23 +939,23 @@ def test_caches_are_compiled_around_not_through(h100: ProbeResult, tmp_path: Pat
     assert said and all(any("compiled with fullgraph=False: cache=" in n for n in r.notes) for r in said)
 
 
-class _FirstConfirmationCrashes(SimulatedTuner):
+class _FirstConfirmationCrashes(SimulatedRuntime):
     """The fastest trial's confirmation run crashes (a kernel that fails on a second run, a flaky GPU)."""
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         confirming = spec.out_dir.endswith("-a9")
         if confirming and not any(s.out_dir.endswith("-a9") for s in self.specs):
             self.specs.append(spec)
             res = RunResult(outcome="crash", error="illegal memory access (simulated)")
             return TrialOutcome("crash", "illegal memory access (simulated)", res, 1, "", 1.0)
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def test_a_recipe_that_fails_its_confirmation_is_not_emitted(h100: ProbeResult, tmp_path: Path) -> None:
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
-    t = _FirstConfirmationCrashes(cfg, h100)
+    t = simulated(cfg, h100, _FirstConfirmationCrashes())
     res = t.run()
-    confirms = [s for s in t.specs if s.out_dir.endswith("-a9")]
+    confirms = [s for s in runtime(t).specs if s.out_dir.endswith("-a9")]
     assert len(confirms) >= 2, "no second candidate was confirmed after the first failed"
     failed = confirms[0].trial_number
     assert res.best is not None and res.best.number != failed  # the failed one is not the emitted recipe
@@ -947,7 +967,8 @@ def test_a_recipe_that_fails_its_confirmation_is_not_emitted(h100: ProbeResult, 
     from autotune.study import open_storage
     from recipes.records import NOTES_KEY
 
-    again = _FirstConfirmationCrashes(dataclasses.replace(cfg, resume=True), h100).run()  # makes the note again
+    again = simulated(dataclasses.replace(cfg, resume=True), h100,
+                      _FirstConfirmationCrashes()).run()  # makes the note again
     assert any(f"trial {failed} failed its confirmation run (crash" in n for n in again.notes)
     study = optuna.load_study(study_name=again.study_name, storage=open_storage(str(tmp_path / "study.journal")))
     stored = [n for k, v in study.user_attrs.items() if k == NOTES_KEY or k.startswith(NOTES_KEY + "@") for n in v]
@@ -960,14 +981,14 @@ def test_taylorseer_is_priced_exactly_before_its_quality_run(h100: ProbeResult, 
     from autotune.pricing import taylorseer_fraction
 
     t = run(h100, tmp_path, trials=12)
-    assert t.expert_steps == [8]
+    assert t.state.expert_steps == [8]
     ts = [r for r in t.result.records if r.recipe_obj().cache == "taylorseer"]  # type: ignore[attr-defined]
     assert ts
     for r in ts:
         rec = r.recipe_obj()
         frac = taylorseer_fraction([8], rec.magcache_k, rec.cache_retention)
         assert frac < 1 and r.computed_fraction == pytest.approx(frac)
-        assert r.predicted_s == pytest.approx(t.baseline.step_median_s * 8 * (frac + (1 - frac) * 0.02), rel=0.3)
+        assert r.predicted_s == pytest.approx(t.state.baseline.step_median_s * 8 * (frac + (1 - frac) * 0.02), rel=0.3)
         assert not any("priced" in n for n in r.notes)
 
 
@@ -978,17 +999,17 @@ def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: Prob
     probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels
                                                     if k.name not in ("attention:fa3_fp8", "attention:sage")) + tuple(ok))
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, probe)
+    t = simulated(cfg, probe)
     assert {"fa3_fp8", "sage"} <= set(t.space.attention)
-    starts = t._warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
+    starts = t.planner.warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
     eight_bit = [r for r in starts if r.attention in ("fa3_fp8", "sage")]
     assert eight_bit and eight_bit[0].attention == "fa3_fp8" and eight_bit[0].quant != "none"
 
 
 def test_a_budget_spent_on_the_baseline_says_so(h100: ProbeResult, tmp_path: Path) -> None:
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, budget_s=1.5, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, h100)
-    t.trial_s = 1.0  # the baseline's trial takes >= 1 s: 1.5 s hold no second one
+    t = simulated(cfg, h100)
+    runtime(t).trial_s = 1.0  # the baseline's trial takes >= 1 s: 1.5 s hold no second one
     res = t.run()
     assert [r.role for r in res.records] == ["baseline"]
     assert any("no stack besides the baseline was measured" in n for n in res.notes), res.notes
@@ -1000,13 +1021,13 @@ def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult
     from recipes.errors import NothingFeasible
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, h100, oom_if={"cache": "none"})  # the baseline (and its memory fallbacks) OOM
+    t = simulated(cfg, h100, SimulatedRuntime(oom_if={"cache": "none"}))  # the baseline (and its memory fallbacks) OOM
     with pytest.raises(NothingFeasible, match="baseline"):
         t.run()
-    assert t._study is not None
-    states = {tr.number: tr.state for tr in t._study.get_trials(deepcopy=False)}
+    assert t.state.study is not None
+    states = {tr.number: tr.state for tr in t.state.study.get_trials(deepcopy=False)}
     assert states[0] == TrialState.FAIL and TrialState.RUNNING not in states.values()
-    assert t._study.trials[0].user_attrs["outcome"] == "baseline_failed"
+    assert t.state.study.trials[0].user_attrs["outcome"] == "baseline_failed"
 
 
 def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeResult, tmp_path: Path) -> None:
@@ -1015,10 +1036,10 @@ def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeRe
     from recipes.records import SCREENED_KEY, worker_key
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, h100)  # type: ignore[arg-type]
-    t._adopt_exclusions({worker_key(SCREENED_KEY, "newer"): {"future_knob": {"x": "measured 0.9x"},
+    t = simulated(cfg, h100)  # type: ignore[arg-type]
+    t.state.adopt_exclusions({worker_key(SCREENED_KEY, "newer"): {"future_knob": {"x": "measured 0.9x"},
                                                              "attention": {"flex": "measured 0.8x"}}})
-    assert t.exclusions.as_dict() == {"attention": {"flex": "measured 0.8x"}}
+    assert t.state.exclusions.as_dict() == {"attention": {"flex": "measured 0.8x"}}
 
 
 def test_restoring_from_the_study_keeps_this_runs_own_stored_notes(h100: ProbeResult, tmp_path: Path) -> None:
@@ -1027,12 +1048,12 @@ def test_restoring_from_the_study_keeps_this_runs_own_stored_notes(h100: ProbeRe
     from recipes.records import NOTES_KEY, worker_key
 
     t = run(h100, tmp_path, trials=4)
-    study = t._study  # type: ignore[attr-defined]
-    t.notes.append("a note of this run")  # type: ignore[attr-defined]
-    t._flush_attrs()  # type: ignore[attr-defined]
-    t._restore(study)  # type: ignore[attr-defined]
-    t._flush_attrs()  # type: ignore[attr-defined]
-    assert "a note of this run" in study.user_attrs[worker_key(NOTES_KEY, t._worker)]  # type: ignore[attr-defined]
+    study = t.state.study  # type: ignore[attr-defined]
+    t.state.notes.append("a note of this run")  # type: ignore[attr-defined]
+    t.state.flush_attrs()  # type: ignore[attr-defined]
+    t.state.restore(study)  # type: ignore[attr-defined]
+    t.state.flush_attrs()  # type: ignore[attr-defined]
+    assert "a note of this run" in study.user_attrs[worker_key(NOTES_KEY, t.state.worker)]  # type: ignore[attr-defined]
 
 
 def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult, tmp_path: Path) -> None:
@@ -1041,39 +1062,41 @@ def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult,
     import optuna
 
     t = run(h100, tmp_path, trials=1)
-    study = t._study  # type: ignore[attr-defined]
+    study = t.state.study  # type: ignore[attr-defined]
     trial = study.ask()
     study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the other worker's stale sweep does
-    t._tell(study, trial, t.baseline)  # type: ignore[attr-defined]
-    assert any(f"trial {trial.number} was ended by another worker" in n for n in t.notes)  # type: ignore[attr-defined]
+    t._tell(study, trial, t.state.baseline)  # type: ignore[attr-defined]
+    assert any(f"trial {trial.number} was ended by another worker" in n for n in t.state.notes)
 
 
 def test_a_baseline_that_runs_out_of_memory_takes_a_memory_fallback(h100: ProbeResult, tmp_path: Path) -> None:
     """The machine plan is an estimate: a baseline whose VAE decode OOMs is run again tiled, and every trial is
     built on that (a resumed run too), instead of the tune ending with nothing measured."""
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
-    t = SimulatedTuner(cfg, h100, oom_if={"vae_tiling": False})
-    t.oom_phase = "vae_decode"
+    t = simulated(cfg, h100, SimulatedRuntime(oom_if={"vae_tiling": False}))
+    runtime(t).oom_phase = "vae_decode"
     res = t.run()
     assert res.baseline.fallbacks and res.baseline.fallbacks[0].startswith("oom in vae_decode -> vae_tiling=True")
     assert res.baseline.recipe["vae_tiling"] is True
     assert any("the baseline ran out of memory and ran with vae_tiling=True" in n for n in res.notes), res.notes
-    assert all(s.recipe.vae_tiling for s in t.specs[1:])  # the OOMing attempt was the first spec
+    assert all(s.recipe.vae_tiling for s in runtime(t).specs[1:])  # the OOMing attempt was the first spec
     assert sum(r.outcome == "ok" for r in res.records) > 1
-    again = SimulatedTuner(dataclasses.replace(cfg, resume=True, trials=8), h100, oom_if={"vae_tiling": False})
+    again = simulated(dataclasses.replace(cfg, resume=True, trials=8), h100,
+                      SimulatedRuntime(oom_if={"vae_tiling": False}))
     again.run()
-    assert again.base_recipe.vae_tiling and all(s.recipe.vae_tiling for s in again.specs)
+    assert again.state.base_recipe.vae_tiling and all(s.recipe.vae_tiling for s in runtime(again).specs)
 
 
 def test_the_stack_a_memory_fallback_ran_is_not_measured_again(h100: ProbeResult, tmp_path: Path) -> None:
     t = run(h100, tmp_path, trials=1)
-    t.space = dataclasses.replace(t.space, offload=("none", "model"))
-    t.oom_if = {"compile": "full", "offload": "none"}
-    first = t._evaluate_trial(60, "sampled", t.base_recipe.replace(compile="full", compile_fullgraph=False))
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "model"))
+    runtime(t).oom_if = {"compile": "full", "offload": "none"}
+    r = t.state.base_recipe.replace(compile="full", compile_fullgraph=False)
+    first = t.evaluator.evaluate_trial(60, "sampled", r)
     assert first.fallbacks and first.recipe["offload"] == "model"
-    ran = len(t.specs)
-    again = t._evaluate_trial(61, "sampled", first.recipe_obj())  # the fallback's stack, sampled directly
-    assert len(t.specs) == ran and "not run again" in again.reason
+    ran = len(runtime(t).specs)
+    again = t.evaluator.evaluate_trial(61, "sampled", first.recipe_obj())  # the fallback's stack, sampled directly
+    assert len(runtime(t).specs) == ran and "not run again" in again.reason
 
 
 def _cand(number: int, pred: float, **knobs: object) -> TrialRecord:
@@ -1089,7 +1112,7 @@ def _conf(ok: bool) -> TrialRecord:
 def test_tune_and_report_choose_the_same_confirmed_recipe() -> None:
     """Trial 4 was confirmed by an earlier run; this run's three faster candidates fail their confirmation.
     The tune emitted the baseline while `wanctl report` showed trial 4: both must show trial 4."""
-    from autotune.tuner import choose_confirmed
+    from autotune.choice import choose_confirmed
 
     records = [_cand(4, 8.0, attention="_native_cudnn"), _cand(5, 6.0, attention="flex"),
                _cand(6, 6.5, attention="_native_flash"), _cand(7, 7.0, attention="_native_efficient")]
@@ -1109,7 +1132,7 @@ def test_tune_and_report_choose_the_same_confirmed_recipe() -> None:
 
 
 def test_a_recipe_sampled_three_times_is_one_candidate_to_confirm() -> None:
-    from autotune.tuner import choose_confirmed
+    from autotune.choice import choose_confirmed
 
     records = [_cand(n, 5.0 + n / 100, attention="flex") for n in (1, 2, 3)] + [_cand(9, 7.0, attention="_native_cudnn")]
     ran: list[int] = []
@@ -1133,7 +1156,7 @@ def test_resume_with_a_kernel_check_that_now_fails_samples_the_studys_choices(h1
         for k in h100.kernels))
     assert flaky.fingerprint() == h100.fingerprint() and "flex" in first.space.attention
     second = run(flaky, tmp_path, trials=30, resume=True)
-    assert "flex" not in second.space.attention and "flex" in second.choices["attention"]
+    assert "flex" not in second.space.attention and "flex" in second.planner.choices["attention"]
     assert any("differs from the study's (attention: study" in n for n in second.result.notes)  # type: ignore[attr-defined]
     flex = [r for r in second.result.records if r.recipe.get("attention") == "flex" and r.number >= 8]  # type: ignore[attr-defined]
     assert all(r.outcome in ("unsupported", "duplicate") or "same recipe" in r.reason for r in flex), flex
@@ -1172,18 +1195,18 @@ def test_the_sampler_learns_that_excluded_values_lose(h100: ProbeResult, tmp_pat
         if rec.role != "sampled":  # a planned stack: failed (teaches nothing), not its other knobs punished
             assert tr.state == optuna.trial.TrialState.FAIL and rec.denoise_pred_s > 0
             continue
-        assert tr.values[0] >= t.baseline.denoise_pred_s * 10 > rec.denoise_pred_s > 0, (tr.number, tr.values)
+        assert tr.values[0] >= t.state.baseline.denoise_pred_s * 10 > rec.denoise_pred_s > 0, (tr.number, tr.values)
         assert tr.system_attrs["constraints:feasible"] == 1.0  # infeasible
     assert any(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).role == "sampled" for tr in swapped)
 
 
-class _CudnnCrashes(SimulatedTuner):
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+class _CudnnCrashes(SimulatedRuntime):
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         if spec.recipe.attention == "_native_cudnn":
             self.specs.append(spec)
             res = RunResult(outcome="crash", error="CUDNN_STATUS_EXECUTION_FAILED (simulated)")
             return TrialOutcome("crash", "CUDNN_STATUS_EXECUTION_FAILED (simulated)", res, 1, "", 1.0)
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, tmp_path: Path) -> None:
@@ -1191,9 +1214,9 @@ def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, 
     screen crashes, every warm start on it crashed too (7 processes in the review); it is excluded like a
     slower one, and the stacks built on it run with the baseline's kernel instead."""
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
-    t = _CudnnCrashes(cfg, h100)
+    t = simulated(cfg, h100, _CudnnCrashes())
     res = t.run()
-    assert "failed in trial" in t.exclusions.as_dict()["attention"]["_native_cudnn"]
+    assert "failed in trial" in t.state.exclusions.as_dict()["attention"]["_native_cudnn"]
     crashed = [r for r in res.records if r.outcome == "crash"]
     assert len(crashed) == 1 and crashed[0].role == "screen", [(r.number, r.role, r.label) for r in crashed]
     assert "attention=_native_cudnn excluded from later trials" in crashed[0].reason
@@ -1221,12 +1244,12 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
 
     probe = probe_machine(machine, tmp_path / "m")
     cfg = TuneConfig(model="random", task=task, trials=1, gpus=gpus, out_dir=str(tmp_path / "o"))
-    t = SimulatedTuner(cfg, probe)
+    t = simulated(cfg, probe)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     refused, layouts = [], set()
     for _ in range(400):
         trial = study.ask()
-        r = t._suggest(trial)
+        r = t.planner.suggest(trial, t.state.base_recipe)
         layouts.add(r.gpus > 1)
         try:
             validate(r)
@@ -1235,20 +1258,20 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
         study.tell(trial, 1.0)
     assert layouts == {True, False} or "single" not in t.space.parallel
     assert refused == [], refused[:3]
-    base = t.base_recipe
-    for r in t._warm_starts(base):  # the plan's stacks are what _suggest draws for their parameters
-        study.enqueue_trial(t._params_of(r))
+    base = t.state.base_recipe
+    for r in t.planner.warm_starts(base):  # the plan's stacks are what suggest draws for their parameters
+        study.enqueue_trial(t.planner.params_of(r))
         asked = study.ask()
-        assert t._suggest(asked) == r, r.stack_label(base)
+        assert t.planner.suggest(asked, t.state.base_recipe) == r, r.stack_label(base)
         study.tell(asked, 1.0)
 
 
 
-class _CompiledUncounted(SimulatedTuner):
+class _CompiledUncounted(SimulatedRuntime):
     """As the runtime under compile: no forward counts, only which steps computed (by schedule or time)."""
 
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
-        out = super()._launch(spec)
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
+        out = super().__call__(spec)
         if out.result is not None and spec.recipe.compile != "off":
             out = dataclasses.replace(out, result=dataclasses.replace(out.result, step_forwards=[]))
         return out
@@ -1259,44 +1282,44 @@ def test_a_compiled_cache_is_priced_from_the_steps_that_computed(h100: ProbeResu
     was priced as computing every step (never faster than compile alone). The quality run's steps, told
     apart by time in the runtime, price it now, and every spec with a cache carries the baseline's step."""
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
-    t = _CompiledUncounted(cfg, h100)
+    t = simulated(cfg, h100, _CompiledUncounted())
     t.run()
-    fb = t.base_recipe.replace(cache="fbcache", cache_threshold=0.1, compile="regional", compile_fullgraph=False)
-    rec = t._evaluate_trial(50, "sampled", fb)
+    fb = t.state.base_recipe.replace(cache="fbcache", cache_threshold=0.1, compile="regional", compile_fullgraph=False)
+    rec = t.evaluator.evaluate_trial(50, "sampled", fb)
     assert rec.outcome == "ok", rec
     frac = computed(fb)  # the simulated runtime's schedule over the quality run's 8 steps
     ran = [i < 1 or (i * frac) % 1 < frac for i in range(8)]
     assert rec.computed_fraction == pytest.approx(sum(ran) / 8) and rec.computed_fraction < 1.0
     assert any("fbcache under compile" in n and "told apart by their time" in n for n in rec.notes)
-    hinted = [s for s in t.specs if s.recipe.cache == "fbcache"]
+    hinted = [s for s in runtime(t).specs if s.recipe.cache == "fbcache"]
     assert hinted and all(s.step_hint_s > 0 for s in hinted)
 
 
-class _OffloadCrashes(SimulatedTuner):
-    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+class _OffloadCrashes(SimulatedRuntime):
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
         if spec.recipe.offload != "none":
             self.specs.append(spec)
             res = RunResult(outcome="crash", error="offload hook failed (simulated)")
             return TrialOutcome("crash", "offload hook failed (simulated)", res, 1, "", 1.0)
-        return super()._launch(spec)
+        return super().__call__(spec)
 
 
 def test_a_knob_that_failed_only_after_an_offload_fallback_is_not_excluded(h100: ProbeResult, tmp_path: Path) -> None:
     """fp8 alone ran out of memory, its offload fallback crashed: what failed is not fp8 alone, so fp8 stays
     in the search (as a slower-than-baseline verdict after offload blames nothing)."""
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
-    t = _OffloadCrashes(cfg, h100, oom_if={"quant": "fp8_rowwise", "offload": "none"})  # type: ignore[arg-type]
-    t.space = dataclasses.replace(t.space, offload=("none", "model"))  # as on a card it barely fits
+    t = simulated(cfg, h100, _OffloadCrashes(oom_if={"quant": "fp8_rowwise", "offload": "none"}))
+    t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "model"))  # as on a card it barely fits
     t.run()
-    rec = t._evaluate_trial(50, "screen", t.base_recipe.replace(quant="fp8_rowwise"))
+    rec = t.evaluator.evaluate_trial(50, "screen", t.state.base_recipe.replace(quant="fp8_rowwise"))
     assert rec.outcome == "crash" and rec.fallbacks, rec
-    assert "quant" not in t.exclusions.as_dict()
+    assert "quant" not in t.state.exclusions.as_dict()
 
 
 def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> None:
     """ti2v-5B at 81 frames has 18,480 tokens (3 divides it) but its quality runs at 1280*704 x 17 have
     4,400: every ulysses3 trial spent a full measure run, then its quality run was refused."""
-    from autotune.tuner import space_for
+    from autotune.plan import space_for
 
     probe = probe_machine("h100_sxm_8x", tmp_path)
     s = space_for(TuneConfig(model="random", task="ti2v-5B", frames=81, gpus=3, out_dir=str(tmp_path)), probe)
@@ -1309,7 +1332,7 @@ def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> Non
 def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path: Path) -> None:
     import optuna
 
-    from autotune.tuner import _choices_drawn
+    from autotune.plan import choices_drawn
 
     study = optuna.create_study()
     study.enqueue_trial({"parallel": "ulysses3"})
@@ -1317,19 +1340,19 @@ def test_an_old_studys_choices_come_from_its_trials(h100: ProbeResult, tmp_path:
     trial.suggest_categorical("parallel", ("single", "ulysses3"))
     trial.suggest_float("not_a_choice", 0.0, 1.0)
     study.tell(trial, 1.0)
-    assert _choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
+    assert choices_drawn(study.get_trials(deepcopy=False)) == {"parallel": ("single", "ulysses3")}
 
 
 def test_a_resumed_study_does_not_measure_a_failed_swapped_plan_trial_again(h100: ProbeResult, tmp_path: Path) -> None:
     """Swapped planned stacks are told failed but were measured: a resumed run knows their measurement."""
-    from autotune.tuner import _hash
+    from autotune.choice import recipe_hash
 
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=12, out_dir=str(tmp_path))
-    first = _CudnnCrashes(cfg, h100)
+    first = simulated(cfg, h100, _CudnnCrashes())
     first.run()
-    swapped = {_hash(r.recipe) for r in first.by_hash.values()
+    swapped = {recipe_hash(r.recipe) for r in first.state.by_hash.values()
                if r.role == "warm_start" and any(" excluded (" in n for n in r.notes)}
     assert swapped
-    again = _CudnnCrashes(dataclasses.replace(cfg, resume=True), h100)
+    again = simulated(dataclasses.replace(cfg, resume=True), h100, _CudnnCrashes())
     again.run()  # nothing left to run: it restores and finishes
-    assert swapped <= set(again.by_hash)
+    assert swapped <= set(again.state.by_hash)

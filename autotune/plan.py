@@ -1,0 +1,266 @@
+"""What the study queues and samples: the plan (the baseline, screens of single knobs, the seeds' stacks as
+warm starts) and the sampler's draw of one stack per trial, both as recipes over the search space."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+
+from autotune.choice import recipe_hash
+from autotune.config import TuneConfig
+from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
+from probes.result import ProbeResult
+from recipes.errors import RecipeError, WanctlError
+from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
+from recipes.records import CHOICES_KEY, PROBE_KEY
+
+log = logging.getLogger(__name__)
+
+EARLY_SCREENS = ("_flash_3", "torch_fa4", "fa3_fp8", "sage", "_native_cudnn", "flash", "_native_flash")
+"""Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
+fastest somewhere (FA3 on Hopper and its 8-bit form, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users
+try first)."""
+MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
+FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
+SEACACHE_THRESHOLDS = (0.1, 0.25, 0.4)
+"""Around diffusers' default 0.25 (the SeaCache paper's video setting)."""
+MAGCACHE_K = (1, 2, 3)
+RETENTION = (0.1, 0.2, 0.4)
+MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
+"""(threshold, K, retention) the MagCache authors run on Wan2.2 per task: E006K2R02, E006K2R04, E006K2R01
+(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios (from their
+ComfyUI-MagCache node) ship in wan_runtime/data for real checkpoints at the card's steps and shift; any
+other schedule, and the random models, calibrate ratios in-process for the user's model and step count."""
+
+
+class Planner:
+    """The plan and the draws of one study: over this machine's space, sampling from ``choices`` (the
+    space's own, or the study's when another worker created it)."""
+
+    def __init__(self, cfg: TuneConfig, space: SearchSpace) -> None:
+        self.cfg = cfg
+        self.space = space
+        self.choices: dict[str, tuple[Any, ...]] = sampled_choices(self.space)
+        """What trials are sampled from: this space's, or the study's when it was created elsewhere."""
+
+    def adopt_choices(self, attrs: dict[str, Any], trials: list[optuna.trial.FrozenTrial]) -> str:
+        """Sample from the study's choices, not this worker's: a value this machine cannot run is then an
+        'unsupported' trial (why_not), where a changed list made Optuna refuse the parameter and end the tune.
+        Returns the note saying where the two differ (empty when they do not)."""
+        stored = attrs.get(CHOICES_KEY)
+        if stored is None:  # a study from before choices were stored: those its trials were drawn from, and
+            rebuilt: dict[str, Any] = {}  # its creator's space (rebuilt) for parameters never drawn yet
+            if PROBE_KEY in attrs:
+                try:
+                    rebuilt = sampled_choices(space_for(self.cfg, ProbeResult.from_json(attrs[PROBE_KEY])))
+                except WanctlError:
+                    rebuilt = {}
+            stored = {**rebuilt, **choices_drawn(trials)} or None
+        if not stored:
+            return ""
+        theirs = {k: tuple(v) for k, v in stored.items()}
+        differ = [f"{k}: study {list(theirs[k])}, here {list(v)}" for k, v in self.choices.items()
+                  if k in theirs and tuple(theirs[k]) != v]
+        self.choices = {**self.choices, **theirs}
+        if differ:
+            return ("this worker's search space differs from the study's (" + "; ".join(differ) +
+                    "): values it cannot run are recorded as unsupported here")
+        return ""
+
+    def params_of(self, r: Recipe) -> dict[str, Any]:
+        """``r`` as the parameters ``suggest`` would have drawn for it (names per layout included)."""
+        multi = r.gpus > 1
+        p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
+                             ("attention_cp" if r.ulysses > 1 else "attention"): r.attention,
+                             ("compile_mgpu" if multi else "compile"): r.compile}
+        if not r.fsdp:
+            p["quant"] = r.quant
+        if not multi:
+            p.update(offload=r.offload, cache=r.cache)
+        if r.compile != "off":
+            p["compile_mode"] = r.compile_mode
+        if r.cache == "magcache":
+            p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        elif r.cache == "fbcache":
+            p["fbcache_threshold"] = r.cache_threshold
+        elif r.cache == "seacache":
+            p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        elif r.cache == "taylorseer":
+            p.update(magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        if len(self.space.lightning) > 1 and not r.cfg_parallel:
+            p["lightning"] = r.lightning
+        return p
+
+    def _lightning(self, r: Recipe, steps: int) -> Recipe:
+        """``r`` as a Lightning run: the distilled step count, CFG off (as distilled), no cache."""
+        if not steps:
+            return r
+        return r.replace(lightning=steps, steps=steps, guidance=1.0, guidance_2=1.0, cache="none",
+                         lightning_lora=self.cfg.lightning_source())
+
+    def enqueue_plan(self, study: optuna.Study, base: Recipe) -> None:
+        """Trial 0 the baseline; one-knob screens of the attention kernels that can win; the seeds' stacks;
+        then screens of the kernels that rarely win, so a short budget is spent where the field found speed
+        (measured on H100 at 720p: memory-efficient attention 0.41x, one trial as long as 2.4 baselines)."""
+        study.enqueue_trial(self.params_of(base), user_attrs={"wanctl_role": "baseline"})
+        seen = {recipe_hash(base.to_dict())}
+        screens = [a for a in self.space.attention if a != base.attention]
+        early = sorted((a for a in screens if a in EARLY_SCREENS), key=EARLY_SCREENS.index)
+        late = [a for a in screens if a not in EARLY_SCREENS]
+        plan = ([(base.replace(attention=a), "screen") for a in early]
+                + [(r, "warm_start") for r in self.warm_starts(base)]
+                + [(base.replace(attention=a), "screen") for a in late])
+        for r, role in plan:
+            h = recipe_hash(r.to_dict())
+            if h not in seen:
+                seen.add(h)
+                study.enqueue_trial(self.params_of(r), user_attrs={"wanctl_role": role})
+
+    def warm_starts(self, base: Recipe) -> list[Recipe]:
+        """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped)."""
+        s = self.space
+        best_att = next((a for a in ("_flash_3", "torch_fa4", "_native_cudnn", "native") if a in s.attention),
+                        base.attention)
+        compile_ = "regional" if "regional" in s.compile else "off"
+        tf32 = True in s.tf32
+        stacks = self._parallel_starts(base, best_att, compile_)
+        # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
+        # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
+        if compile_ != "off":
+            stacks.append(base.replace(attention=best_att, compile=compile_))
+        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
+            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
+        att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
+        if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
+            stacks.append(base.replace(attention=att8, quant=fp8 or "none", compile=compile_))
+        if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
+            stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
+                                       magcache_k=2, cache_retention=0.2, compile=compile_))
+            # The MagCache authors' own Wan2.2 setting for this task, on the plain baseline.
+            threshold, k, retention = MAGCACHE_AUTHORS_WAN22[base.task]
+            stacks.append(base.replace(cache="magcache", cache_threshold=threshold, magcache_k=k,
+                                       cache_retention=retention))
+        if "fbcache" in s.cache:
+            stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
+        if "seacache" in s.cache:  # diffusers' defaults: threshold 0.25, 2 consecutive reuses
+            stacks.append(base.replace(attention=best_att, cache="seacache", cache_threshold=0.25, magcache_k=2,
+                                       cache_retention=0.1))
+        if "taylorseer" in s.cache:  # one prediction between computes, a fifth of each expert computed first
+            stacks.append(base.replace(attention=best_att, cache="taylorseer", magcache_k=1, cache_retention=0.2))
+        if 4 in s.lightning:  # seed 003: Lightning 4-step
+            stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
+        out = []
+        for r in stacks:
+            try:
+                out.append(validate(traceable(r)))
+            except RecipeError as exc:
+                log.info("warm start %s dropped: %s", r.stack_label(base), exc)
+        return out
+
+    def _parallel_starts(self, base: Recipe, best_att: str, compile_: str) -> list[Recipe]:
+        """On several GPUs the layout is the largest win, so it is measured first: the layouts that use the
+        most GPUs, CFG parallel first (one exchange per step, the anchors' 0.97 target) then pure Ulysses
+        (an all-to-all per attention), each alone, then the best one with compile and fp8 on top."""
+        s = self.space
+        most = max(s.gpus)
+        if most < 2:
+            return []
+        fitting = "single" in s.parallel
+        top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
+        top.sort(key=lambda p: ("cfg" not in p, p))
+        att = best_att if best_att in CP_ATTENTION else "native"
+        out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
+        if out and compile_ != "off":
+            out.append(out[0].replace(compile=compile_))
+            fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+            if fp8 and not out[0].fsdp:
+                out.append(out[0].replace(compile=compile_, quant=fp8))
+        return out
+
+    def suggest(self, trial: optuna.Trial, base: Recipe) -> Recipe:
+        """One stack. The layout is drawn first and the other knobs from what that layout can run (under
+        their own names where the choices differ, as Optuna needs fixed choices per name): drawn apart, most
+        stacks on several GPUs were ones validation refuses (a cache, offload or compile=full on two GPUs,
+        fp8 with FSDP, a kernel Ulysses cannot split)."""
+        s = SimpleNamespace(**self.choices)
+        # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
+        ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
+        multi = ch["gpus"] > 1
+        if ch["ulysses"] > 1:
+            ch["attention"] = trial.suggest_categorical(
+                "attention_cp", tuple(a for a in s.attention if a in CP_ATTENTION) or ("native",))
+        else:
+            ch["attention"] = trial.suggest_categorical("attention", s.attention)
+        ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
+        ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
+        ch["quant"] = "none" if ch["fsdp"] else trial.suggest_categorical("quant", s.quant)
+        if multi:
+            ch["compile"] = trial.suggest_categorical("compile_mgpu", tuple(c for c in s.compile if c != "full"))
+            ch["offload"] = "none"
+        else:
+            ch["compile"] = trial.suggest_categorical("compile", s.compile)
+            ch["offload"] = trial.suggest_categorical("offload", s.offload)
+        lightning = (trial.suggest_categorical("lightning", s.lightning)
+                     if len(s.lightning) > 1 and not ch["cfg_parallel"] else 0)  # Lightning runs without CFG
+        # Four distilled steps leave no step to skip; on several GPUs every rank would decide its own skips.
+        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
+        if ch["compile"] != "off":
+            ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
+        if ch["cache"] == "magcache":
+            ch["cache_threshold"] = trial.suggest_categorical("magcache_threshold", MAGCACHE_THRESHOLDS)
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        elif ch["cache"] == "fbcache":
+            ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
+        elif ch["cache"] == "seacache":
+            ch["cache_threshold"] = trial.suggest_categorical("seacache_threshold", SEACACHE_THRESHOLDS)
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        elif ch["cache"] == "taylorseer":  # no threshold: the schedule is fixed by K and the warm-up
+            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
+            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        return traceable(self._lightning(base.replace(**ch), lightning))
+
+SAMPLED = ("attention", "tf32", "fuse_qkv", "quant", "compile", "offload", "lightning", "cache", "parallel",
+           "compile_mode")
+"""The space's lists the sampler draws from (the layout is one 'parallel' choice)."""
+
+
+def sampled_choices(space: SearchSpace) -> dict[str, tuple[Any, ...]]:
+    return {k: tuple(getattr(space, k)) for k in SAMPLED}
+
+
+def choices_drawn(trials: list[optuna.trial.FrozenTrial]) -> dict[str, tuple[Any, ...]]:
+    """The choices a study's trials were drawn from, as Optuna stored them: a study from before the choices
+    were kept has them in its trials' distributions (rebuilding them with today's rules could differ)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            if name in SAMPLED and isinstance(dist, optuna.distributions.CategoricalDistribution):
+                out.setdefault(name, tuple(dist.choices))
+    return out
+
+
+def space_for(cfg: TuneConfig, probe: ProbeResult) -> SearchSpace:
+    """The search space of ``cfg``'s study on ``probe``'s machine: the tuner's, and the report's rebuild."""
+    r0 = cfg.base_recipe().resolved()
+    proxy = None
+    if not cfg.single_run:
+        p = cfg.proxy_recipe(r0, short=False)
+        proxy = (p.size, p.frames)
+    return search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
+                            lightning_available=bool(cfg.lightning_source()), proxy=proxy)
+
+def traceable(r: Recipe) -> Recipe:
+    """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing,
+    and regionally where the whole model cannot be compiled (Transformer Engine's modules, group offload's
+    hooks): the stack is still measured, as validation would refuse it otherwise."""
+    if r.compile == "full" and (r.quant in TE_QUANT or r.offload.startswith("group")):
+        r = r.replace(compile="regional")
+    if graph_break(r) and r.compile != "off":
+        return r.replace(compile_fullgraph=False)
+    return r
