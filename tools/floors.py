@@ -22,6 +22,8 @@ _REQ = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<extras>\[[^\]
 # Distributions that install the same import package as a direct dependency. A dependency of a dependency may pull
 # one in unpinned (transformers 5.0 requires typer-slim, which ships the `typer` package too), and its newer files
 # would then replace the floor's. Held at the direct dependency's floor, the package is the floor's either way.
+# typer-slim's last release is 0.24.0: past that floor of typer drop the entry (once transformers requires
+# typer itself, as transformers 5.10.1 does).
 SAME_PACKAGE = {"typer": ("typer-slim",)}
 
 
