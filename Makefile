@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU torch where there is no GPU keeps a fresh 2-core machine's set-up to minutes; override freely.
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 # `make test`: one pytest-xdist worker per core (2 on the 2-core reference machine; at most 4), a test file
@@ -11,7 +11,7 @@ TEST_WORKERS ?= auto
 # What the suite may take on an idle 2-core machine; `make test` prints its wall time against it.
 TEST_BUDGET_S ?= 360
 
-.PHONY: setup demo test lint wheelhouse clean
+.PHONY: setup demo test test-floors lint wheelhouse clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,25 @@ test: setup
 		echo 'make test: over budget: if the machine was idle, see the slowest durations above and README "Tests"'; fi; \
 	exit $$rc
 
+# Every direct dependency (and the dev extra's) at the floor pyproject.toml declares (tools/floors.py reads them),
+# in a throwaway venv made anew each run, then the fast tests: a floor is a version the suite ran with. The one
+# exception is torch: PyPI serves its floor (2.11) only as a multi-GB CUDA build, so this run takes FLOORS_TORCH,
+# the CPU wheel `make test` takes; torch 2.11 is the one the GPU hosts ran the GPU tests with (BENCHMARKS.md).
+# README.md, "The oldest versions", says what this proves and what it does not.
+FLOORS_VENV ?= .venv-floors
+FLOORS_TORCH ?= torch==2.13.0
+FLOORS_MARKERS ?= not slow and not gpu
+
+test-floors:
+	rm -rf $(FLOORS_VENV)
+	python3 -m venv $(FLOORS_VENV)
+	python3 tools/floors.py --extra dev --skip torch > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q --disable-pip-version-check '$(FLOORS_TORCH)' -r $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(FLOORS_VENV)/bin/python -m pip check
+	$(FLOORS_VENV)/bin/python -m pip freeze --exclude-editable > $(FLOORS_VENV)/installed.txt
+	$(FLOORS_VENV)/bin/python -m pytest -q -m '$(FLOORS_MARKERS)' $(PYTEST_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -45,4 +64,4 @@ wheelhouse:
 	bash tools/wheelhouse.sh
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) $(DEMO_OUT) .pytest_cache

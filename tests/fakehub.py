@@ -7,7 +7,9 @@ It implements what huggingface_hub 2.4 calls for ``HfApi.model_info``, ``HfApi.l
 * ``GET  /api/models/{repo}/tree/{rev}``        -> [{type, path, size, oid, lfs}]  (list_repo_tree, one page)
 * ``HEAD|GET /{repo}/resolve/{rev}/{file}``     -> small files: 200 + ETag (git blob id), X-Repo-Commit,
   Content-Length; LFS files: 302 to the "CDN" with X-Linked-Etag (sha256), X-Linked-Size, X-Repo-Commit
-* ``GET /cdn/{sha256}`` on a second server (another origin, as the real CDN is) with ``Range`` -> 206
+* ``GET /cdn/{sha256}`` on a second server with ``Range`` -> 206. It listens on another loopback host,
+  127.0.0.2, as the real CDN is another host: huggingface_hub 1.x follows a HEAD's redirect to the same
+  host (whatever the port) and would read the CDN's headers instead of the hub's
 
 * ``GET /api/agent-harnesses``                 -> empty registry (huggingface_hub fetches it from
   ``constants.ENDPOINT`` once per process to build its User-Agent, whatever ``endpoint=`` says)
@@ -38,6 +40,7 @@ from safetensors.numpy import save as save_safetensors
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".model")
 HOLD_TIMEOUT_S = 30.0
+CDN_HOST = "127.0.0.2"  # loopback too (all of 127/8 is), but another host than the hub's
 
 
 def git_oid(data: bytes) -> str:
@@ -119,9 +122,9 @@ class FakeHub:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> FakeHub:
-        for name in ("hub", "cdn"):
+        for name, host in (("hub", "127.0.0.1"), ("cdn", CDN_HOST)):
             handler = type(f"{name}Handler", (_Handler,), {"hub": self, "server_name": name})
-            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # bound and listening on return
+            server = ThreadingHTTPServer((host, 0), handler)  # bound and listening on return
             server.daemon_threads = True
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
             thread.start()
@@ -144,7 +147,7 @@ class FakeHub:
 
     @property
     def cdn(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return f"http://{CDN_HOST}:{self._servers[1].server_address[1]}"
 
     # ---------------------------------------------------------------- queries
     def record(self, req: Request) -> None:
@@ -422,7 +425,7 @@ def isolate_hf_client(setattr_: Callable[[Any, str, Any], None], delenv: Callabl
 
 
 # -------------------------------------------------------------------------------- socket guard
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+LOOPBACK = {"127.0.0.1", CDN_HOST, "::1", "localhost"}
 
 
 class NetworkBlocked(RuntimeError):

@@ -41,6 +41,7 @@ def test_generate_best_with_only_another_machines_recipe_names_it(tmp_path: Path
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 def test_i2v_with_a_corrupt_image_exits_2_and_writes_no_video(tmp_path: Path) -> None:
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)  # a PNG signature, then garbage
@@ -159,9 +160,10 @@ def test_json_output_carries_a_usage_error_as_json(args: tuple[str, ...], kind: 
     r = run_cli(*args)
     assert r.returncode == 2, r.stderr
     doc = json.loads(r.stdout)["error"]
-    assert doc["type"] == kind and named in doc["message"] and doc["exit_code"] == 2
+    # named as the usage line shows it: 'path', or 'PATH' with older typer (0.18)
+    assert doc["type"] == kind and named.lower() in doc["message"].lower() and doc["exit_code"] == 2
     assert doc["hint"].endswith(f"{args[0]} --help")
-    assert named in r.stderr  # click's own usage text stays on stderr
+    assert named.lower() in r.stderr.lower()  # click's own usage text stays on stderr
     assert run_cli(*(a for a in args if a != "--json")).stdout == ""  # without --json: nothing on stdout
 
 
@@ -234,6 +236,7 @@ def test_ctrl_c_inside_a_command_says_interrupted_and_json_gets_an_error(monkeyp
         assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_a_recipe_from_another_machine_is_named_as_such(tmp_path: Path) -> None:
     """--recipe with an H100 recipe on this host ran into one missing knob after another with no word that
     it was tuned elsewhere."""

@@ -14,6 +14,8 @@ from wan_runtime.knobs import compile as compile_knob
 from wan_runtime.knobs.base import KnobContext
 from wan_runtime.run import run_spec
 
+pytestmark = pytest.mark.slow  # torch.compile on the CPU
+
 
 class _Block(torch.nn.Module):
     def __init__(self, breaks: bool) -> None:

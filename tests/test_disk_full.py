@@ -69,6 +69,7 @@ def test_tune_on_a_filling_disk_stops_cleanly_and_resumes(h100: ProbeResult, sma
         [(t.number, t.state, t.values) for t in before]
 
 
+@pytest.mark.slow
 def test_runtime_on_a_full_disk_reports_it_and_leaves_no_partial_output(small_disk: Path) -> None:
     """The runtime's own writers (arrays, video) on a real ENOSPC: a clear failure, no truncated file."""
     import os

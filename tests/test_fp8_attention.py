@@ -97,6 +97,7 @@ def test_the_wrapper_hands_fa3_e4m3_inputs_with_matching_descales(fake_fa3: list
         fp8_attention.fa3_fp8_attention(q, k, v, attn_mask=torch.ones(1, dtype=torch.bool))
 
 
+@pytest.mark.slow
 def test_the_runtime_entry_compiles_the_quantization_and_keeps_its_meaning(fake_fa3: list[dict]) -> None:
     """Inductor keeps the smoothing's mean in fp32 where eager rounds it to bf16, so the bytes differ; both
     must be e4m3 codes of the keys less a per-channel constant (exact for softmax), within e4m3 rounding."""

@@ -36,6 +36,7 @@ def test_nothing_added_where_it_fits(on_h100: None) -> None:
     assert cli._fit_to_gpu(tiny, []) is tiny
 
 
+@pytest.mark.slow
 def test_a_relative_model_path_names_the_folder_it_was_given_from(tmp_path: Path) -> None:
     """The runtime runs in a folder of its own: `--model checkpoints/X` (as the README writes it) must name
     the user's folder, not one under the run's work folder."""

@@ -45,6 +45,7 @@ def test_every_registered_knob_with_a_cpu_value_is_covered() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CPU_VALUES))
+@pytest.mark.slow
 def test_knob_contract(name: str, baseline: tuple[str, str], tmp_path: Path) -> None:
     fields, lossless = CPU_VALUES[name]
     recipe = Recipe(**BASE, **fields)

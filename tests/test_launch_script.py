@@ -85,6 +85,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_several_hosts_split_the_recipe_and_node_0_writes_the_video(tmp_path: Path) -> None:
     """Two "hosts" (two launch.sh on this machine, one rank each, rendezvous over TCP): the recipe's two
     Ulysses ranks span them, and the video lands on node 0 whichever host starts first."""
@@ -140,6 +141,7 @@ def test_arguments_and_trust_reach_the_runtime_after_the_recipe(tmp_path: Path) 
     assert apply_overrides(Recipe(), _sets(argv)).steps == 30  # the later --set wins
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path) -> None:
     import signal
     import sys
@@ -165,6 +167,7 @@ def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path
     assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]
 
 
+@pytest.mark.slow
 def test_a_supervisors_term_stops_the_run_at_once_with_143(tmp_path: Path) -> None:
     """TERM to launch.sh alone (a supervisor, `kill PID`; not the process group as Ctrl-C in a terminal)
     must stop the runtime mid-run: bash ran its trap only after the foreground run ended, holding the GPU

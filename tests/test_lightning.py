@@ -89,6 +89,7 @@ def test_a_pipeline_that_ran_another_schedule_is_a_mismatch() -> None:
     assert ctx.actual["lightning_mismatch"].startswith("lightning: the scheduler ran timesteps")
 
 
+@pytest.mark.slow
 def test_tiny_lightning_run_is_four_steps_without_cfg(tmp_path: Path) -> None:
     res = run_spec(TrialSpec(recipe=Recipe(lightning=4, **SMALL), mode="quality", out_dir=str(tmp_path)))
     assert res.outcome == "ok", res.error
@@ -116,6 +117,7 @@ def _save_pair(folder: Path, seed_hi: int = 1, seed_lo: int = 2, extra_block: bo
     return files
 
 
+@pytest.mark.slow
 def test_a_downloaded_pair_is_checked_then_gives_the_same_video_as_the_same_weights(tmp_path: Path) -> None:
     from recipes.manifest import write_manifest
 

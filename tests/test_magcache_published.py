@@ -77,6 +77,7 @@ def test_the_authors_setting_skips_steps_of_each_expert_at_their_schedule() -> N
     assert done[0] < 26 and done[1] <= 14
 
 
+@pytest.mark.slow
 def test_runtime_uses_the_published_ratios_for_a_checkpoint_at_the_cards_schedule(tmp_path: Path) -> None:
     from recipes.recipe import Recipe
     from recipes.spec import TrialSpec

@@ -17,6 +17,8 @@ from autotune.trial_runner import run_trial
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 
+pytestmark = pytest.mark.slow  # torchrun with several CPU ranks
+
 
 def _quality(tmp: Path, **kw: object) -> Any:
     r = Recipe(steps=3, **kw)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ def real_child() -> CommandResult:
     return res
 
 
+@pytest.mark.slow
 def test_real_child_prints_exactly_one_json_document(real_child: CommandResult) -> None:
     doc = json.loads(real_child.stdout)  # strict: library chatter went to stderr, not stdout
     assert doc["schema"] == 1
@@ -262,6 +263,7 @@ def quantize_(model, config, filter_fn=None):
 
 
 @pytest.mark.parametrize(("takes", "status"), [("0", "fails"), ("1", "ok")])
+@pytest.mark.slow
 def test_torchao_check_fails_when_quantize_leaves_the_weights_plain(tmp_path: Path, takes: str, status: str) -> None:
     """Its tolerance passes an unquantized Linear: the check must see the weight become torchao's."""
     pkg = tmp_path / "torchao" / "quantization"

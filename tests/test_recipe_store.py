@@ -51,6 +51,7 @@ def test_a_named_folder_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
         find_best("tiny", "t2v-A14B", [tmp_path / "a", tmp_path / "typo"], FP)
 
 
+@pytest.mark.slow
 def test_best_takes_how_from_the_recipe_and_what_from_the_user(tmp_path: Path) -> None:
     """The tuning study's prompt and seed are not this video's: without --prompt the default prompt is used."""
     import json
@@ -96,6 +97,7 @@ def test_asked_steps_skip_lightning_recipes_that_cannot_take_them(tmp_path: Path
     assert "--steps 4" in err.value.hint
 
 
+@pytest.mark.slow
 def test_best_from_an_out_dir_takes_its_model_and_task(tmp_path: Path) -> None:
     """`generate --best --out-dir D` without --model/--task used the store's tiny t2v recipe, not D's."""
     import json

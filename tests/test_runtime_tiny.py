@@ -18,6 +18,7 @@ def _run(tmp: Path, mode: str = "quality", **kw: object) -> object:
     return run_spec(TrialSpec(recipe=r, mode=mode, out_dir=str(tmp)))
 
 
+@pytest.mark.slow
 def test_same_seed_same_latent_and_different_seed_differs(tmp_path: Path) -> None:
     a = _run(tmp_path / "a", seed=7)
     b = _run(tmp_path / "b", seed=7)
@@ -41,6 +42,7 @@ def test_task_shapes(tmp_path: Path, task: str, size: str, frames: int, latent: 
     assert res.steps_run == 3 and len(res.timings.step_s) == 3 and res.step_forwards == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_i2v_takes_an_image(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -56,6 +58,7 @@ def test_missing_image_is_bad_input(tmp_path: Path) -> None:
     assert res.outcome == "bad_input" and "does not exist" in res.error
 
 
+@pytest.mark.slow
 def test_measure_mode_runs_few_steps_and_predicts_schedule(tmp_path: Path) -> None:
     r = Recipe(steps=8)
     res = run_spec(TrialSpec(recipe=r, mode="measure", out_dir=str(tmp_path), warmup_steps=1, measure_steps=3))
@@ -67,6 +70,7 @@ def test_measure_mode_runs_few_steps_and_predicts_schedule(tmp_path: Path) -> No
     assert not res.latent_path  # measure mode keeps no outputs
 
 
+@pytest.mark.slow
 def test_a_caches_skipped_steps_are_not_a_full_steps_cost(tmp_path: Path) -> None:
     """Measure mode with TaylorSeer (k=2: every other steady step skipped): the median a step costs is
     taken over steps that computed, and the window runs on until it has as many of those as asked, so the
@@ -88,6 +92,7 @@ def test_a_caches_skipped_steps_are_not_a_full_steps_cost(tmp_path: Path) -> Non
     assert res.timings.skipped_step_s == pytest.approx(statistics.median(t for t, n in steady if n == 0))
 
 
+@pytest.mark.slow
 def test_under_compile_a_known_schedule_picks_the_computed_steps(tmp_path: Path) -> None:
     """Compiled, nothing counts forwards; TaylorSeer's schedule is known before the run and says which
     timed steps computed, and the window runs on until three of them were timed."""
@@ -156,6 +161,7 @@ def test_oom_reports_where_memory_ran_out(tmp_path: Path, fault: str, step: int,
     assert res.outcome == "oom" and res.phase == phase, (res.outcome, res.phase, res.error)
 
 
+@pytest.mark.slow
 def test_over_long_prompt_is_said_to_be_truncated(tmp_path: Path) -> None:
     res = _run(tmp_path, mode="measure", prompt="a fox in the snow " * 40)  # 720 bytes: 721 tokens here
     assert res.outcome == "ok"
@@ -213,6 +219,7 @@ def test_tuning_a_checkpoint_pins_the_recipe_to_its_commit(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("task, split", [("t2v-A14B", [7, 3]), ("ti2v-5B", [10])])
+@pytest.mark.slow
 def test_seacache_skips_more_with_a_larger_budget_and_restarts_per_expert(tmp_path: Path, task: str,
                                                                          split: list[int]) -> None:
     """diffusers' SeaCache through the recipe: skips are counted, not assumed; each expert starts full."""
@@ -238,6 +245,7 @@ def test_seacache_is_refused_for_i2v_with_the_reason() -> None:
 
 
 @pytest.mark.parametrize("task, split", [("t2v-A14B", [7, 3]), ("ti2v-5B", [10]), ("i2v-A14B", [4, 6])])
+@pytest.mark.slow
 def test_taylorseer_computes_exactly_the_priced_schedule_per_expert(tmp_path: Path, task: str,
                                                                     split: list[int]) -> None:
     """Lite TaylorSeer: the steps counted as computed are those the tuner priced before the run, for each
@@ -266,6 +274,7 @@ def test_taylorseer_computes_exactly_the_priced_schedule_per_expert(tmp_path: Pa
     assert 0 < res.quality.latent_rel_err < 1.0
 
 
+@pytest.mark.slow
 def test_a_cache_runs_under_regional_compile_around_its_hooks(tmp_path: Path) -> None:
     """TaylorSeer's hooks sit on the compiled blocks; with fullgraph=False the graph breaks at the hook's
     decision, and the compiled run gives the uncompiled cached output within bf16 noise."""

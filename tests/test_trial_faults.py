@@ -12,6 +12,8 @@ from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 from tests.conftest import pids_naming
 
+pytestmark = pytest.mark.slow  # a real trial process per fault
+
 
 def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
     return TrialSpec(recipe=Recipe(steps=2), mode="measure", out_dir=str(tmp), fault=fault, fault_step=step,

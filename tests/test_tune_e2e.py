@@ -15,6 +15,8 @@ from recipes.records import RECORD_KEY, TrialRecord
 from recipes.serialize import read_recipe
 from tests.conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # real `wanctl tune` studies, a process per trial
+
 
 def _records(storage: Path) -> list[TrialRecord]:
     from autotune.study import open_storage

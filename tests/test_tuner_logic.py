@@ -265,6 +265,7 @@ def _sqlite(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'study.db'}"
 
 
+@pytest.mark.slow
 def test_rdb_resume_leaves_a_live_workers_trial_alone(h100: ProbeResult, tmp_path: Path) -> None:
     """Across hosts (RDB), a second tuner must not fail the trial another live tuner is running."""
     import optuna
@@ -529,6 +530,7 @@ def _worker(probe: ProbeResult, url: str, out: str, trials: int, first: bool, jo
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.slow
 def test_two_tuners_on_one_study_split_the_work(h100: ProbeResult, tmp_path: Path, backend: str) -> None:
     """Several workers, one study: two processes, each started with --resume (the first creates the study,
     the other joins); nothing lost or run twice. SQLite: one file, two writers (lock contention on every

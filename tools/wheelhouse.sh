@@ -23,7 +23,7 @@ if [ "${FA4:-0}" = 1 ]; then
 fi
 # TE=1 adds Transformer Engine (the te_* quant values): its core wheel for CUDA ${TE_CUDA:-13} (~277 MB, every GPU
 # architecture inside), the metapackage, pydantic, and the torch extension's source in $OUT/src, which PyPI ships
-# only as an sdist: build it on the GPU host with KERNEL=te tools/build_kernel.sh (BENCHMARKS.md, seventh session).
+# only as an sdist: build it on the GPU host with KERNEL=te tools/build_kernel.sh (BENCHMARKS.md, 2026-12-01).
 TE_VERSION="${TE_VERSION:-2.20.2}"
 if [ "${TE:-0}" = 1 ]; then
   # pydantic pins its core exactly and --no-deps checks nothing: the set that ran with TE 2.20.2 on the H200
