@@ -330,9 +330,14 @@ def test_the_recipe_table_shows_long_text_clipped(tmp_path: Path, monkeypatch: p
     (a multi-megabyte prompt kept `wanctl recipe` in Rich's table rendering for over ten minutes)."""
     import time
 
+    from rich.console import Console
+
     from recipes.serialize import write_recipe
 
     path = write_recipe(tmp_path / "recipe.toml", Recipe(prompt="fox " * 2500, negative_prompt="n" * 10_000))
+    # A table 200 columns wide, as on a pipe: the width cli took at import depends on what ran before it (a
+    # narrower one folds the "(10,000 characters)" note itself across lines).
+    monkeypatch.setattr(cli, "out", Console(width=200))
     monkeypatch.setattr(sys, "argv", ["wanctl", "recipe", str(path)])
     monkeypatch.setattr(cli, "app", _command())
     start = time.monotonic()
