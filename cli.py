@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
-from recipes.files import check_output_dir, check_output_file
+from recipes.files import check_output_dir, check_output_file, is_dir, is_file, path_error
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import SYNTHETIC, Recipe
@@ -135,8 +135,11 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
                if v is not None}
     if changes.get("model") in SYNTHETIC:  # a random model has no revision for the recipe's pin to check
         changes["model_revision"] = ""
-    if image and not Path(image).expanduser().is_file():
+    if image and not is_file(image, "read the image"):
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if model and model not in SYNTHETIC and not is_dir(model, "read the checkpoint folder"):
+        raise BadInput(f"--model {model}: no such checkpoint folder",
+                       f"wanctl download --task {task or base.task}, or --model tiny / random to run without weights")
     for item in sets or []:  # one value per field: a --set after a flag silently won
         field = item.split("=", 1)[0].strip()
         if field in changes and field != "model_revision":
@@ -346,17 +349,17 @@ def tune(
     """Search optimization stacks with Optuna; write the fastest quality-passing recipe, launch.sh, report.md."""
     _setup_logging(debug)
     from autotune.config import TuneConfig, parse_budget
-    from autotune.study import check_journal, journal_path
+    from autotune.study import check_storage
     from autotune.tuner import tune as run_tune
 
     if objective not in ("latency", "pareto"):
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
     if prompt is not None and not prompt.strip():
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
-    if image and not Path(image).expanduser().is_file():
+    if image and not is_file(image, "read the image"):
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
     if lightning_lora and lightning_lora != "none":
-        if not Path(lightning_lora).expanduser().is_dir():
+        if not is_dir(lightning_lora, "read the Lightning LoRA folder"):
             raise BadInput(f"--lightning-lora {lightning_lora} is not a folder",
                            f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
         lightning_lora = str(Path(lightning_lora).expanduser().resolve())
@@ -372,12 +375,12 @@ def tune(
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
-    if model not in SYNTHETIC and not Path(model).expanduser().is_dir():
+    if model not in SYNTHETIC and not is_dir(model, "read the checkpoint folder"):
         raise BadInput(f"--model {model}: no such checkpoint folder",
                        f"wanctl download --task {task}, or --model tiny / random to tune without weights")
+    if storage:
+        check_storage(storage)
     check_output_dir(cfg.out_dir)
-    if storage and (journal := journal_path(storage)) is not None:
-        check_journal(journal)
     err.print("probing this machine (GPUs, libraries, kernels)...")
     probe = _probe_showing_checks(paths=[cfg.out_dir])
     _refuse_unreadable_gpus(probe)
@@ -593,17 +596,21 @@ def main() -> None:
             _run_reporting_usage_errors()
         else:
             app()
-    except WanctlError as exc:
+    except (WanctlError, OSError) as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise
+        # an OSError here is a path no command checked where it first used it: still one message, no traceback
+        e = exc if isinstance(exc, WanctlError) else path_error(exc.filename, "use", exc)
         # soft_wrap: Rich would otherwise break a long path or command inside a word ("study.d" / "b"), and
         # hints are meant to be copied
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
-        if exc.hint:
-            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
+        if e.hint:
+            err.print(f"[yellow]hint:[/] {escape(e.hint)}", soft_wrap=True)
         if json_out:
-            _print_json_error(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
-        sys.exit(exc.exit_code)
+            _print_json_error(type(e).__name__, e.message, e.hint, e.exit_code)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _interrupted(json_out)
         sys.exit(130)

@@ -28,6 +28,17 @@ class BadInput(WanctlError):
     exit_code = 2
 
 
+class PathError(BadInput):
+    """A path the user named cannot be used as asked (read, created, written): a name too long, a file where a
+    folder is needed, no permission, a read-only disk. The message names the path and the operation, the hint
+    the fix (recipes.files.path_error picks it from the OS error)."""
+
+    def __init__(self, path: object, operation: str, reason: str, hint: str) -> None:
+        super().__init__(f"cannot {operation} {path}: {reason}", hint)
+        self.path = str(path)
+        self.operation = operation
+
+
 class RecipeError(BadInput):
     """A recipe field holds a value outside what is allowed."""
 

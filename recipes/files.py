@@ -1,38 +1,105 @@
-"""Atomic file writes: a kill mid-write leaves the old file or the new one, never a mix."""
+"""Atomic file writes: a kill mid-write leaves the old file or the new one, never a mix.
+
+Also where a path the user named meets the OS: every OSError on one becomes a typed error naming the path, the
+operation and the fix (``user_path``), never a traceback.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from recipes.errors import BadInput, WanctlError
+from recipes.errors import PathError, WanctlError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _could_not_write(p: Path, exc: OSError) -> WanctlError:
-    return WanctlError(f"could not write {p}: {exc.strerror or exc}", "free disk space or choose another output directory")
+def path_error(path: str | os.PathLike[str], operation: str, exc: OSError) -> WanctlError:
+    """The error to show for ``exc`` raised while doing ``operation`` ("write", "create the output folder") on
+    ``path``: a PathError (bad input, exit 2) with the fix for this kind of failure, or, for a full disk, a
+    plain WanctlError (exit 1): the path was right, the disk is not."""
+    p = Path(path)
+    reason = exc.strerror or str(exc)
+    if exc.errno in _DISK_FULL:
+        return WanctlError(f"cannot {operation} {p}: {reason}", "free disk space or choose another output directory")
+    blocker = _file_in_the_way(p) if exc.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    hints = {
+        errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes on most): "
+                            "use a shorter name",
+        errno.EACCES: "you may not do that there: choose a path you can write to, or fix the folder's permissions",
+        errno.EPERM: "you may not do that there: choose a path you can write to, or fix the folder's permissions",
+        errno.EROFS: "that file system is read-only: choose a path on a writable disk",
+        errno.EISDIR: f"{p} is a folder: pass a file name, e.g. {p / 'out'}",
+        errno.ENOENT: "check the path: it, or a folder on it, does not exist",
+        errno.ELOOP: "a symbolic link in the path loops: check the path",
+    }
+    if blocker is not None:
+        hint = f"{blocker} is a file, not a folder: pass another path, or move that file"
+    else:
+        hint = hints.get(exc.errno or 0, "check the path and its permissions, or pass another one")
+    return PathError(p, operation, reason, hint)
+
+
+def _file_in_the_way(p: Path) -> Path | None:
+    """The nearest part of ``p`` (itself included) that is a file where a folder is needed, if any."""
+    for part in [p, *p.parents]:
+        try:
+            if part.exists():
+                return part if not part.is_dir() else None
+        except OSError:
+            continue
+    return None
+
+
+@contextmanager
+def user_path(path: str | os.PathLike[str], operation: str) -> Iterator[None]:
+    """Any OSError inside becomes ``path_error(path, operation, ...)``.
+
+    Used where a command first touches a path the user named (an --out, a --storage, an --image): an OSError
+    there is the user's path being unusable (ENAMETOOLONG, ENOTDIR, EACCES, EROFS, ENOSPC), and deserves the
+    path, the operation and the fix rather than a traceback. Even a look-up can raise: Path.exists() and
+    is_file() swallow only "not there" errors, not a name too long.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise path_error(path, operation, exc) from exc
+
+
+def is_file(path: str | os.PathLike[str], operation: str = "read") -> bool:
+    """``Path.is_file`` for a path the user named (``~`` expanded): a path that cannot even be looked up is a
+    PathError naming it."""
+    p = Path(path).expanduser()
+    with user_path(p, operation):
+        return p.is_file()
+
+
+def is_dir(path: str | os.PathLike[str], operation: str = "read") -> bool:
+    """``Path.is_dir`` for a path the user named, as ``is_file``."""
+    p = Path(path).expanduser()
+    with user_path(p, operation):
+        return p.is_dir()
 
 
 @contextmanager
 def _written_temp(p: Path, data: bytes, mode: int) -> Iterator[str]:
-    """A temp file beside ``p`` holding ``data``, synced and with its final mode; removed on leaving
-    (after a rename nothing is left to remove). OS errors become a WanctlError naming ``p``."""
+    """A temp file beside ``p`` holding ``data``, synced and with its final mode; removed on leaving (after a
+    rename nothing is left to remove). OS errors become an error naming ``p``."""
     check_output_file(p)
-    try:
+    with user_path(p, "write"):
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise _could_not_write(p, exc) from exc
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+        with user_path(p, "write"):
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
         yield tmp
-    except OSError as exc:
-        raise _could_not_write(p, exc) from exc
     finally:
         try:
             os.unlink(tmp)
@@ -47,7 +114,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     so the previous version of ``path`` (if any) stays intact.
     """
     p = Path(path)
-    with _written_temp(p, data, mode if mode is not None else file_mode(0o666)) as tmp:
+    with _written_temp(p, data, mode if mode is not None else file_mode(0o666)) as tmp, user_path(p, "write"):
         os.replace(tmp, p)
     return p
 
@@ -61,7 +128,8 @@ def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
     the file system has no hard links, an exclusive create is used instead.
     """
     p = Path(path)
-    with _written_temp(p, text.encode("utf-8"), file_mode(0o666)) as tmp:
+    data = text.encode("utf-8")
+    with _written_temp(p, data, file_mode(0o666)) as tmp, user_path(p, "write"):
         try:
             os.link(tmp, p)
         except FileExistsError:
@@ -72,7 +140,7 @@ def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
             except FileExistsError:
                 return False
             with os.fdopen(out, "wb") as fh:
-                fh.write(text.encode("utf-8"))
+                fh.write(data)
         return True
 
 
@@ -103,23 +171,39 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int | None 
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` (a folder wanctl writes into) or say why it cannot be, before any work is spent."""
     p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise BadInput(f"cannot create the output folder {p}: a file of that name is there",
-                       "pass another path, or move the file")
-    try:
+    with user_path(p, "create the output folder"):
+        if p.exists() and not p.is_dir():
+            raise PathError(p, "create the output folder", "a file of that name is there",
+                            "pass another path, or move the file")
         p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create the output folder {p}: {exc.strerror or exc}",
-                       "pass a folder you can write to") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise BadInput(f"output folder {p} is not writable", "pass a folder you can write to")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise PathError(p, "write into the output folder", "it is not writable (no permission, or a read-only "
+                            "file system)", "pass a folder you can write to")
+    return p
+
+
+def check_creatable(path: str | os.PathLike[str], operation: str) -> Path:
+    """Say now, creating nothing, whether ``path`` (a file or folder made later, after minutes of work) can be
+    created: its nearest existing folder must be a folder this process may write into. A ``path`` already
+    there is left to the code that uses it."""
+    p = Path(path).expanduser()
+    with user_path(p, operation):
+        there = next(part for part in [p, *p.parents] if part.exists() or part == part.parent)
+        if there == p:
+            return p
+        if not there.is_dir():
+            raise PathError(p, operation, f"{there} is a file, not a folder", "pass another path, or move that file")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise PathError(p, operation, f"{there} is not writable (no permission, or a read-only file system)",
+                            "pass a path you can write to")
     return p
 
 
 def check_output_file(path: str | os.PathLike[str]) -> Path:
     """Make sure ``path`` can be written as a file (its folder exists or is created, it is no folder)."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        raise BadInput(f"output {p} is a folder", f"pass a file name, e.g. {p / 'out'}")
+    with user_path(p, "write"):
+        if p.is_dir():
+            raise PathError(p, "write", "it is a folder", f"pass a file name, e.g. {p / 'out'}")
     check_output_dir(p.parent)
     return p

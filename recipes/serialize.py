@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from recipes.errors import BadInput, SchemaError
-from recipes.files import atomic_write_text
+from recipes.files import atomic_write_text, path_error
 from recipes.plain import check_schema, from_plain, load_json_object
 from recipes.recipe import Recipe, validate
 
@@ -87,7 +87,7 @@ def read_recipe(path: str | Path) -> tuple[Recipe, RecipeMeta]:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise BadInput(f"cannot read recipe {p}: {exc.strerror}", "check the path") from None
+        raise path_error(p, "read the recipe", exc) from None
     except UnicodeDecodeError as exc:
         raise BadInput(f"recipe {p} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})",
                        "a recipe is a TOML file; pass the recipe.toml wanctl tune wrote") from None
