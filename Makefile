@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@# --resume: a second `make demo` continues (here: re-emits) the first's study instead of refusing it.
+	@# --resume: a second `make demo` continues (here: re-emits) the first's study instead of refusing it;
+	@# --force: it makes best.mp4 again (generate refuses to write over a file otherwise).
 	$(VENV)/bin/wanctl tune --model tiny --trials 10 --out $(DEMO_OUT) --inject oom_decode@3 --resume
-	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4
+	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4 --force
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

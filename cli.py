@@ -56,6 +56,7 @@ PromptOpt = Annotated[str, typer.Option("--prompt", help="text prompt")]
 NegOpt = Annotated[str, typer.Option("--negative-prompt", help="negative prompt")]
 ImageOpt = Annotated[str, typer.Option("--image", help="conditioning image (i2v-A14B; optional for ti2v-5B)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON to stdout instead of tables")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace the output file if it exists")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="load a checkpoint dir that wanctl download did not verify")]
 
@@ -169,6 +170,7 @@ def generate(
                                                           "($WANCTL_CACHE/recipes)")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
+    force: ForceOpt = False,
     trust_checkpoint: TrustOpt = False,
     no_adapt: Annotated[bool, typer.Option("--no-adapt", help="plain diffusers even where it will not fit (no VAE "
                                            "tiling or offload added for this GPU's memory)")] = False,
@@ -215,7 +217,7 @@ def generate(
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     if not (recipe or best or no_adapt):
         r = _fit_to_gpu(r, sets or [])
-    output = check_output_file(output).resolve()
+    output = check_output_file(output, replace=force).resolve()
     work = output.parent / f".{output.stem}.wanctl"
     spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
                      trust_checkpoint=trust_checkpoint)
@@ -351,6 +353,7 @@ def tune(
     from autotune.config import TuneConfig, parse_budget
     from autotune.study import check_storage
     from autotune.tuner import tune as run_tune
+    from recipes.files import output_folder
 
     if objective not in ("latency", "pareto"):
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
@@ -380,13 +383,13 @@ def tune(
                        f"wanctl download --task {task}, or --model tiny / random to tune without weights")
     if storage:
         check_storage(storage)
-    check_output_dir(cfg.out_dir)
-    err.print("probing this machine (GPUs, libraries, kernels)...")
-    probe = _probe_showing_checks(paths=[cfg.out_dir])
-    _refuse_unreadable_gpus(probe)
-    with _progress() as prog:
-        result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
-    paths = _emit(result, result.config or cfg, probe, sys.argv)
+    with output_folder(cfg.out_dir):  # a tune refused past this point (this machine's GPUs) leaves no empty --out
+        err.print("probing this machine (GPUs, libraries, kernels)...")
+        probe = _probe_showing_checks(paths=[cfg.out_dir])
+        _refuse_unreadable_gpus(probe)
+        with _progress() as prog:
+            result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
+        paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         _print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
@@ -510,6 +513,7 @@ def probe(
     save: Annotated[Path | None, typer.Option("--save", help="also write the JSON document here")] = None,
     no_kernels: Annotated[bool, typer.Option("--no-kernels", help="skip the kernel checks (faster)")] = False,
     path: Annotated[list[Path] | None, typer.Option("--path", help="folders whose free disk to report")] = None,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """GPUs, links, drivers, libraries, and which kernels really run here."""
@@ -517,8 +521,8 @@ def probe(
     from probes.render import render_probe
     from recipes.files import atomic_write_text
 
-    if save:
-        save = check_output_file(save)  # ~ expanded here and for the write
+    if save:  # ~ expanded here and for the write; its folder is made only when the probe is written
+        save = check_output_file(save, replace=force, create=False)
     res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels)
     if save:
         atomic_write_text(save, res.to_json())
@@ -554,6 +558,7 @@ def download(
     from downloads import plan as make_plan
     from downloads.render import render_plan, render_report, rich_progress, to_json
     from probes.probe import run_probe
+    from recipes.files import check_creatable
 
     pr = run_probe(with_kernels=False, paths=[str(directory or Path("."))])
     machine = Machine(gpu_count=pr.gpu_count, gpu_mem_gib=pr.min_gpu_memory_mib / 1024,
@@ -563,8 +568,8 @@ def download(
         p = make_plan(task, **kw)
         _print_json(to_json(p)) if json_out else render_plan(p, out)
         return
-    if directory is not None:
-        check_output_dir(directory)  # before the network: a folder that cannot be written is known now
+    if directory is not None:  # before the network: a folder that cannot be made is known now (and not made yet)
+        check_creatable(directory, "create the download folder")
     with _exit_at_once_on_interrupt("download stopped; what was fetched is kept and the same command resumes it"), \
             rich_progress(err) as cb:
         rep = do_download(task, progress=cb, verify=verify, **kw)

@@ -7,13 +7,14 @@ operation and the fix (``user_path``), never a traceback.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from recipes.errors import PathError, WanctlError
+from recipes.errors import BadInput, PathError, WanctlError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -184,12 +185,12 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
 
 def check_creatable(path: str | os.PathLike[str], operation: str) -> Path:
     """Say now, creating nothing, whether ``path`` (a file or folder made later, after minutes of work) can be
-    created: its nearest existing folder must be a folder this process may write into. A ``path`` already
-    there is left to the code that uses it."""
+    made: its nearest existing folder (itself, if it is one) must be a folder this process may write into. A
+    file already there is left to the code that writes it."""
     p = Path(path).expanduser()
     with user_path(p, operation):
         there = next(part for part in [p, *p.parents] if part.exists() or part == part.parent)
-        if there == p:
+        if there == p and not p.is_dir():
             return p
         if not there.is_dir():
             raise PathError(p, operation, f"{there} is a file, not a folder", "pass another path, or move that file")
@@ -199,11 +200,41 @@ def check_creatable(path: str | os.PathLike[str], operation: str) -> Path:
     return p
 
 
-def check_output_file(path: str | os.PathLike[str]) -> Path:
-    """Make sure ``path`` can be written as a file (its folder exists or is created, it is no folder)."""
+def check_output_file(path: str | os.PathLike[str], *, replace: bool = True, create: bool = True) -> Path:
+    """Make sure ``path`` can be written as a file (its folder exists or is created, it is no folder).
+
+    ``replace=False``: a file already there is refused (a command's --out without --force: the user's earlier
+    video is not ours to write over). ``create=False``: a missing folder is only checked, not made, so a run
+    refused or failed later leaves nothing behind; the writer makes it.
+    """
     p = Path(path).expanduser()
     with user_path(p, "write"):
         if p.is_dir():
             raise PathError(p, "write", "it is a folder", f"pass a file name, e.g. {p / 'out'}")
-    check_output_dir(p.parent)
+        if not replace and (p.exists() or p.is_symlink()):
+            raise BadInput(f"{p} already exists", "pass --force to replace it, or another output path")
+    if create:
+        check_output_dir(p.parent)
+    else:
+        check_creatable(p.parent, "create the output folder")
     return p
+
+
+@contextmanager
+def output_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """``check_output_dir`` for the length of one command: if the command fails (a refusal found only after
+    the folder had to exist, Ctrl-C, a crash), the folders it created that are still empty are removed again.
+    Folders that were there before are never touched."""
+    p = Path(path).expanduser()
+    with user_path(p, "create the output folder"):
+        missing = list(itertools.takewhile(lambda part: not (part.exists() or part.is_symlink()), [p, *p.parents]))
+    check_output_dir(p)
+    try:
+        yield p
+    except BaseException:
+        for made in missing:  # deepest first; the first that something was written into stops the walk
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise

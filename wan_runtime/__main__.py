@@ -1,7 +1,7 @@
 """``python -m wan_runtime``: the runtime as its own process (or one rank under torchrun).
 
     python -m wan_runtime trial SPEC.json RESULT.json       # the tuner's entry point
-    python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--result R.json] [--recipe R.toml]
+    python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--force] [--result R.json] [--recipe R.toml]
     python -m wan_runtime save-tiny --task t2v-A14B --dir DIR  # the tiny model as a diffusers checkpoint
 
 Exit codes: 0 ok, 2 bad input, 3 cannot run here (unsupported / nothing feasible), 1 any other failure.
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--result", default="")
     g.add_argument("--out-dir", default="")
     g.add_argument("--trust-checkpoint", action="store_true")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = apply_overrides(recipe, args.sets)
             if not args.out.strip():
                 raise BadInput("--out is empty (OUT= in launch.sh?)", "name the video file, e.g. OUT=fox.mp4")
-            out = check_output_file(args.out)  # before minutes of model loading, not after
+            out = check_output_file(args.out, replace=args.force)  # before minutes of model loading, not after
             if recipe.image and not Path(recipe.image).expanduser().is_file():
                 raise BadInput(f"image {recipe.image} does not exist or is not a file",
                                "set IMAGE=path/to/image.png (launch.sh) or --set image=PATH")
