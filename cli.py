@@ -11,10 +11,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -217,23 +217,29 @@ def generate(
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     if not (recipe or best or no_adapt):
         r = _fit_to_gpu(r, sets or [])
-    output = check_output_file(output, replace=force).resolve()
-    work = output.parent / f".{output.stem}.wanctl"
-    spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
-                     trust_checkpoint=trust_checkpoint)
-    with _progress() as prog:
-        task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
-        res = run_trial(spec, work, timeout_s=None, on_progress=lambda d, t: prog.update(task_id, completed=d, total=t))
+    # the folder is made only for the finished video: a failed run leaves nothing there
+    output = check_output_file(output, replace=force, create=False).resolve()
+    # The run's files (spec, log, raw frames: ~224 MB at 720p) live under $TMPDIR, removed on every way out
+    # (a failure, Ctrl-C), never beside the video.
+    with tempfile.TemporaryDirectory(prefix="wanctl-generate-") as work:
+        spec = TrialSpec(recipe=r, mode="generate", out_dir=work, video_path=str(output),
+                         trust_checkpoint=trust_checkpoint)
+        with _progress() as prog:
+            task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
+            res = run_trial(spec, Path(work), timeout_s=None,
+                            on_progress=lambda d, t: prog.update(task_id, completed=d, total=t))
     if res.outcome == "bad_input":
         raise BadInput(res.reason, "fix the input named above")
     if res.outcome == "unsupported":
         raise HardwareUnsupported(res.reason, "run on hardware that supports it, or change the recipe")
     if res.outcome != "ok":
+        if debug:
+            err.print(f"the runtime's log ends:\n{escape(res.stderr_tail)}", soft_wrap=True)
         raise WanctlError(f"generation failed ({res.outcome}): {res.reason}",
-                          f"see {work / 'stderr.log'}" + (" and rerun with --debug" if not debug else ""))
+                          "the runtime's log ends above" if debug else "rerun with --debug to see the end of the "
+                          "runtime's log")
     rr = res.result
     assert rr is not None
-    shutil.rmtree(work, ignore_errors=True)  # the run's files (raw frames: ~224 MB at 720p) served their turn
     for n in rr.notes:
         err.print(f"[yellow]note:[/] {escape(n)}")
     if json_out:

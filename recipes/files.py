@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from recipes.errors import BadInput, PathError, WanctlError
 
@@ -87,8 +89,8 @@ def is_dir(path: str | os.PathLike[str], operation: str = "read") -> bool:
 
 
 @contextmanager
-def _written_temp(p: Path, data: bytes, mode: int) -> Iterator[str]:
-    """A temp file beside ``p`` holding ``data``, synced and with its final mode; removed on leaving (after a
+def _written_temp(p: Path, write: Callable[[BinaryIO], object], mode: int) -> Iterator[str]:
+    """A temp file beside ``p`` filled by ``write``, synced and with its final mode; removed on leaving (after a
     rename nothing is left to remove). OS errors become an error naming ``p``."""
     check_output_file(p)
     with user_path(p, "write"):
@@ -96,7 +98,7 @@ def _written_temp(p: Path, data: bytes, mode: int) -> Iterator[str]:
     try:
         with user_path(p, "write"):
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, mode)
@@ -115,9 +117,33 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
     so the previous version of ``path`` (if any) stays intact.
     """
     p = Path(path)
-    with _written_temp(p, data, mode if mode is not None else file_mode(0o666)) as tmp, user_path(p, "write"):
+    with _written_temp(p, lambda fh: fh.write(data), mode if mode is not None else file_mode(0o666)) as tmp, \
+            user_path(p, "write"):
         os.replace(tmp, p)
     return p
+
+
+def move_into_place(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Move a finished file (made in a work folder) to ``dst`` in one step, replacing what is there; ``dst``'s
+    folder is made now if missing (a run that fails earlier leaves none behind).
+
+    A rename where both are on one file system; across file systems (a work folder under $TMPDIR) a copy to a
+    temp file beside ``dst``, renamed over it. Either way a kill leaves no half file under ``dst``'s name, and
+    the copy's temp file is removed on any exit Python sees (an error, Ctrl-C, a handled SIGTERM).
+    """
+    s, d = Path(src), Path(dst).expanduser()
+    check_output_dir(d.parent)
+    try:
+        os.replace(s, d)
+        return d
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise path_error(d, "write", exc) from exc
+    with open(s, "rb") as source, _written_temp(d, lambda fh: shutil.copyfileobj(source, fh, 1 << 20),
+                                                file_mode(0o666)) as tmp, user_path(d, "write"):
+        os.replace(tmp, d)
+    s.unlink()
+    return d
 
 
 def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
@@ -130,7 +156,7 @@ def create_exclusive_text(path: str | os.PathLike[str], text: str) -> bool:
     """
     p = Path(path)
     data = text.encode("utf-8")
-    with _written_temp(p, data, file_mode(0o666)) as tmp, user_path(p, "write"):
+    with _written_temp(p, lambda fh: fh.write(data), file_mode(0o666)) as tmp, user_path(p, "write"):
         try:
             os.link(tmp, p)
         except FileExistsError:

@@ -36,18 +36,21 @@ if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
 PYTHON="${{PYTHON:-python3}}"
 {nproc}
+# The run's own files (its result, raw frames) go to a folder under $TMPDIR, removed however the script ends.
+WORK=""
 cleanup() {{
   local rc=$?
-  # Take the whole process group down on interrupt, so no rank is left holding GPU memory.
+  if [ -n "$WORK" ]; then rm -rf "$WORK"; fi
   if [ "$rc" -ne 0 ]; then echo "launch.sh: run failed or interrupted (exit $rc)" >&2; fi
 }}
 trap cleanup EXIT
-# Ctrl-C or a supervisor's TERM: the run (torchrun passes it to every rank) stops cleanly on TERM, and the
-# script waits for it, so no rank is left holding GPU memory; then it leaves with 130 (INT) or 143 (TERM).
+# Ctrl-C, a supervisor's TERM or a closed terminal's HUP: the run (torchrun passes it to every rank) stops
+# cleanly on TERM, and the script waits for it, so no rank is left holding GPU memory; then it leaves with
+# 130 (INT), 143 (TERM) or 129 (HUP).
 # The run is started in the background and waited for because bash runs a trap only once a foreground
 # command has finished: a kill would otherwise wait for the whole video.
 stop_run() {{
-  trap "" INT TERM
+  trap "" INT TERM HUP
   if [ -n "${{child:-}}" ]; then
     kill -TERM "$child" 2>/dev/null || true
     # Up to a minute to clean up (ranks free their GPU memory), then no longer asked.
@@ -59,6 +62,8 @@ stop_run() {{
 }}
 trap 'stop_run 130' INT
 trap 'stop_run 143' TERM
+trap 'stop_run 129' HUP
+WORK="$(mktemp -d "${{TMPDIR:-/tmp}}/wanctl-run.XXXXXX")"
 
 args=(
 {args}
@@ -70,6 +75,7 @@ args=(
   --set "image=$IMAGE"
   --set "seed=$SEED"
   --out "$OUT"
+  --out-dir "$WORK"
 )
 if [ "${{TRUST_CHECKPOINT:-0}}" = 1 ]; then args+=(--trust-checkpoint); fi
 args+=("$@")
