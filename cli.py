@@ -1,7 +1,8 @@
 """``wanctl``: the command line. Thin on purpose: parse, call one function, render.
 
 Data goes to stdout (Rich tables, or JSON with --json); logs, progress and hints go to stderr.
-Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 3 nothing feasible / cannot run here.
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 3 nothing feasible / cannot run here, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM; 129 for SIGHUP).
 Tracebacks only with --debug or WANCTL_DEBUG=1.
 """
 
@@ -26,7 +27,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from recipes.errors import BadInput, HardwareUnsupported, WanctlError
+from recipes.errors import BadInput, HardwareUnsupported, Terminated, WanctlError
 from recipes.files import check_output_dir, check_output_file, is_dir, is_file, path_error
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
@@ -74,20 +75,48 @@ def _setup_logging(debug: bool) -> None:
 
 @contextlib.contextmanager
 def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
-    """Ctrl-C ends the process now, saying so. Python delivers it to the main thread, which then waits for
-    worker threads (huggingface_hub's parallel file transfers) to finish their multi-GB files before it exits;
-    nothing is left to clean up (the in-progress marker stays, the next run resumes), so exit at once."""
+    """Ctrl-C (and TERM, HUP) ends the process now, saying so. Python delivers it to the main thread, which then
+    waits for worker threads (huggingface_hub's parallel file transfers) to finish their multi-GB files before
+    it exits; nothing is left to clean up (the in-progress marker stays, the next run resumes), so exit at once."""
     def stop(signum: int, frame: object) -> None:
         sys.stderr.write("\x1b[?25h" if sys.stderr.isatty() else "")  # the progress bar hid the cursor
-        sys.stderr.write(f"\ninterrupted: {message}\n")
+        sys.stderr.write(f"\n{'interrupted' if signum == signal.SIGINT else 'terminated'}: {message}\n")
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(128 + signum)
 
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, *_caught(_TERMINATING))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a command as Ctrl-C does, cleaning up on the way (exit 128 + the signal: 143, 129)."""
+
+
+def _caught(signals: tuple[signal.Signals, ...]) -> list[signal.Signals]:
+    """Those of ``signals`` this process may handle: one it was started with ignored stays ignored (nohup's HUP)."""
+    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """TERM and HUP raise Terminated in the main thread (Python's default is to die at once, silently, leaving
+    a trial's processes, their GPU memory and the run's temp folder): cleanup runs as for Ctrl-C, and main
+    says "terminated". A second one during that cleanup is ignored rather than cutting it short."""
+    def terminate(signum: int, frame: object) -> None:
+        for sig in _TERMINATING:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in _caught(_TERMINATING)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _probe_showing_checks(**kw: Any) -> ProbeResult:
@@ -220,7 +249,7 @@ def generate(
     # the folder is made only for the finished video: a failed run leaves nothing there
     output = check_output_file(output, replace=force, create=False).resolve()
     # The run's files (spec, log, raw frames: ~224 MB at 720p) live under $TMPDIR, removed on every way out
-    # (a failure, Ctrl-C), never beside the video.
+    # (a failure, Ctrl-C, a SIGTERM or SIGHUP, which main turns into an exception), never beside the video.
     with tempfile.TemporaryDirectory(prefix="wanctl-generate-") as work:
         spec = TrialSpec(recipe=r, mode="generate", out_dir=work, video_path=str(output),
                          trust_checkpoint=trust_checkpoint)
@@ -603,10 +632,11 @@ def main() -> None:
     """Console entry point: maps wanctl's error families to exit codes, with one clean message."""
     json_out = "--json" in sys.argv[1:]  # a script reading stdout gets a failure as JSON, not an empty document
     try:
-        if json_out:
-            _run_reporting_usage_errors()
-        else:
-            app()
+        with _terminate_as_exception():
+            if json_out:
+                _run_reporting_usage_errors()
+            else:
+                app()
     except (WanctlError, OSError) as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
@@ -625,6 +655,12 @@ def main() -> None:
     except KeyboardInterrupt:
         _interrupted(json_out)
         sys.exit(130)
+    except Terminated as exc:
+        err.print(str(exc))
+        if json_out:
+            _print_json_error("Terminated", str(exc), "run the same command again to resume where it can (tune "
+                              "--resume, download)", exc.exit_code)
+        sys.exit(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # Typer turns Ctrl-C inside a command into Exit(130) itself, silently
             _interrupted(json_out)

@@ -44,7 +44,7 @@ from autotune.study import (
 )
 from autotune.trial_runner import TrialOutcome, run_trial
 from probes.result import ProbeResult
-from recipes.errors import NothingFeasible, RecipeError, StudyError, WanctlError
+from recipes.errors import NothingFeasible, RecipeError, StudyError, Terminated, WanctlError
 from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
 from recipes.records import (
     BASELINE_KEY,
@@ -494,8 +494,8 @@ class Tuner:
             try:
                 with heartbeat(study, trial):
                     record = self._run_asked(study, trial)
-            except KeyboardInterrupt:
-                self._interrupted(study, trial)
+            except (KeyboardInterrupt, Terminated) as exc:
+                self._interrupted(study, trial, exc.name if isinstance(exc, Terminated) else "Ctrl-C")
                 raise
             except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
                 trial.set_user_attr("wanctl_error", exc.message[:500])
@@ -589,10 +589,10 @@ class Tuner:
                 optuna.storages.fail_stale_trials(study)
             time.sleep(BASELINE_POLL_S)  # waiting on another host's trial, not on this process
 
-    def _interrupted(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,
-        and queue its parameters again so --resume runs it."""
-        trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
+    def _interrupted(self, study: optuna.Study, trial: optuna.Trial, how: str = "Ctrl-C") -> None:
+        """Ctrl-C or a TERM: the trial's processes are already killed (trial_runner); mark it failed, not left
+        RUNNING, and queue its parameters again so --resume runs it."""
+        trial.set_user_attr("wanctl_interrupted", f"{how} during this trial")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         requeue_once(study, trial.number, trial.params, trial.user_attrs)
         log.warning("trial %d interrupted: marked failed and queued again for --resume", trial.number)

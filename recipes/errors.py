@@ -7,6 +7,31 @@ families to exit codes (see ``exit_code``), so the mapping is defined once, next
 
 from __future__ import annotations
 
+import signal
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a supervisor, ``kill``, a closed terminal), raised in the CLI's main thread.
+
+    As Ctrl-C's KeyboardInterrupt, so every cleanup on the way out runs: a trial's process group is killed
+    (no process left holding a GPU), temp folders are removed, a running trial is queued again for --resume.
+    A BaseException, so no ``except Exception`` swallows it, and not a KeyboardInterrupt, which Typer turns
+    into a silent exit 130.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        try:
+            self.name = signal.Signals(signum).name
+        except ValueError:
+            self.name = f"signal {signum}"
+        super().__init__(f"terminated ({self.name})")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as the shell reports a process the signal killed: 143 TERM, 129 HUP."""
+        return 128 + self.signum
+
 
 class WanctlError(Exception):
     """Base of every error wanctl raises on purpose."""

@@ -171,24 +171,89 @@ def test_a_failed_generate_leaves_nothing(dirs: tuple[Path, Path]) -> None:
     assert _ours(tmp) == []
 
 
-def test_an_interrupted_generate_leaves_nothing_and_no_process(dirs: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                                             (signal.SIGHUP, 129, "terminated")], ids=["INT", "TERM", "HUP"])
+def test_a_stopped_generate_leaves_nothing_and_no_process(sig: int, code: int, said: str,
+                                                         dirs: tuple[Path, Path]) -> None:
     """Ctrl-C (SIGINT to the terminal's foreground group, which the runtime, in a session of its own, is not
-    in) once the runtime is running: wanctl kills it, removes its work folder, exits 130."""
+    in), a supervisor's TERM or a closed terminal's HUP to wanctl alone, once the runtime is running: wanctl
+    kills it, removes its work folder and says so. TERM killed wanctl silently (exit 143, the runtime and the
+    work folder left behind)."""
     cwd, tmp = dirs
     p = _generate(cwd, tmp, "--model", "tiny", "--size", "64*48", "--frames", "5", "--steps", "400", "--out",
                   "v.mp4", start_new_session=True)
     try:
         _wait_for(lambda: pids_naming(tmp))  # the runtime process, named by its spec under $TMPDIR
-        os.killpg(p.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
         _, err = p.communicate(timeout=90)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130, err[-2000:]
-    assert "interrupted" in err and "Traceback" not in err
+    assert p.returncode == code, err[-2000:]
+    assert said in err and "Traceback" not in err
     assert pids_naming(tmp) == []  # the runtime went with it
     assert _files(cwd) == []
     assert _ours(tmp) == []
+
+
+def test_a_terminated_tune_stops_its_trial_and_queues_it_again(dirs: tuple[Path, Path]) -> None:
+    """TERM to a tuner mid-trial: no trial process left (a GPU held by an orphan), the trial marked failed and
+    queued for --resume, as on Ctrl-C (it was left RUNNING)."""
+    import optuna
+
+    from autotune.study import open_storage
+
+    cwd, tmp = dirs
+    p = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "tune", "--model", "tiny", "--size", "64*48",
+                          "--frames", "5", "--steps", "400", "--trials", "3", "--out", "o"], cwd=cwd, env=_env(tmp),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: pids_naming(cwd / "o" / "trials"), timeout=300)  # a trial process is running
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated" in err and "Traceback" not in err
+    assert pids_naming(cwd / "o") == []
+    (study,) = optuna.get_all_study_summaries(open_storage(str(cwd / "o" / "study.journal"), create=False))
+    trials = optuna.load_study(study_name=study.study_name, storage=open_storage(str(cwd / "o" / "study.journal"))).trials
+    stopped = [t for t in trials if "wanctl_interrupted" in t.user_attrs]
+    assert len(stopped) == 1 and stopped[0].state == optuna.trial.TrialState.FAIL
+    assert "SIGTERM" in stopped[0].user_attrs["wanctl_interrupted"]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_term_inside_a_command_says_terminated_and_json_gets_an_error(monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str],
+                                                                        json_flag: list[str]) -> None:
+    """A real SIGTERM to this process, delivered inside a command: exit 143 with a word and, under --json, an
+    error document; the handler is this command's only (the process's own is back afterwards)."""
+    import json
+
+    import cli
+
+    def terminated(*a: object, **k: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "build_recipe", terminated)
+    monkeypatch.setattr(sys, "argv", ["wanctl", "generate", "--model", "tiny", *json_flag])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    captured = capsys.readouterr()
+    assert "terminated (SIGTERM)" in captured.err
+    if json_flag:
+        assert json.loads(captured.out)["error"]["exit_code"] == 143
+    else:
+        assert captured.out == ""
 
 
 # ------------------------------------------------------------------ the video's last step
