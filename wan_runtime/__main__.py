@@ -148,13 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
-    if args.cmd == "generate":  # a supervisor's or launch.sh's TERM, a closed terminal's HUP: cleanly, as Ctrl-C
+    if args.cmd == "generate" or spec.video_path:
+        # A supervisor's or launch.sh's TERM (wanctl generate's, for its trial), a closed terminal's HUP: cleanly,
+        # as Ctrl-C, so a video being copied into place leaves no temp file beside the user's.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored HUP stays ignored
                 signal.signal(sig, _interrupt)
-        if not args.out_dir:  # the run's own files (raw frames: ~224 MB at 720p) go to a temp folder, gone on any exit
-            with tempfile.TemporaryDirectory(prefix="wanctl-run-") as work:
-                return _run(args, dataclasses.replace(spec, out_dir=work), result_path, own_work=True)
+    if args.cmd == "generate" and not args.out_dir:  # the run's own files (raw frames: ~224 MB at 720p) go to a
+        with tempfile.TemporaryDirectory(prefix="wanctl-run-") as work:  # temp folder, removed on any exit
+            return _run(args, dataclasses.replace(spec, out_dir=work), result_path, own_work=True)
     return _run(args, spec, result_path)
 
 
