@@ -22,9 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	@# --resume: a later `make demo` continues (here: re-emits) the first's study instead of refusing it (one at a time: two at once, the second is refused).
+	@# --resume: a later `make demo` continues (here: re-emits) the first's study instead of refusing it (one at a
+	@# time: two at once, the second is refused);
+	@# --force: it makes best.mp4 again (generate refuses to write over a file otherwise).
 	$(VENV)/bin/wanctl tune --model tiny --trials 10 --out $(DEMO_OUT) --inject oom_decode@1 --resume
-	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4
+	$(VENV)/bin/wanctl generate --best --model tiny --out-dir $(DEMO_OUT) --out $(DEMO_OUT)/best.mp4 --force
 
 test: setup
 	@start=$$(date +%s); \

@@ -1,7 +1,8 @@
 """``wanctl``: the command line. Thin on purpose: parse, call one function, render.
 
 Data goes to stdout (Rich tables, or JSON with --json); logs, progress and hints go to stderr.
-Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 3 nothing feasible / cannot run here.
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input, 3 nothing feasible / cannot run here, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM; 129 for SIGHUP).
 Tracebacks only with --debug or WANCTL_DEBUG=1.
 """
 
@@ -11,10 +12,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,8 +27,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from recipes.errors import BadInput, HardwareUnsupported, WanctlError
-from recipes.files import check_output_dir, check_output_file
+from recipes.errors import BadInput, HardwareUnsupported, Terminated, WanctlError
+from recipes.files import check_output_dir, check_output_file, is_dir, is_file, path_error
 from recipes.models import MODELS
 from recipes.overrides import apply_overrides
 from recipes.recipe import SYNTHETIC, Recipe, validate
@@ -60,6 +61,7 @@ PromptOpt = Annotated[str, typer.Option("--prompt", help="text prompt")]
 NegOpt = Annotated[str, typer.Option("--negative-prompt", help="negative prompt")]
 ImageOpt = Annotated[str, typer.Option("--image", help="conditioning image (i2v-A14B; optional for ti2v-5B)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON to stdout instead of tables")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace the output file if it exists")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="load a checkpoint dir that wanctl download did not verify")]
 
@@ -77,20 +79,48 @@ def _setup_logging(debug: bool) -> None:
 
 @contextlib.contextmanager
 def _exit_at_once_on_interrupt(message: str) -> Iterator[None]:
-    """Ctrl-C ends the process now, saying so. Python delivers it to the main thread, which then waits for
-    worker threads (huggingface_hub's parallel file transfers) to finish their multi-GB files before it exits;
-    nothing is left to clean up (the in-progress marker stays, the next run resumes), so exit at once."""
+    """Ctrl-C (and TERM, HUP) ends the process now, saying so. Python delivers it to the main thread, which then
+    waits for worker threads (huggingface_hub's parallel file transfers) to finish their multi-GB files before
+    it exits; nothing is left to clean up (the in-progress marker stays, the next run resumes), so exit at once."""
     def stop(signum: int, frame: object) -> None:
         sys.stderr.write("\x1b[?25h" if sys.stderr.isatty() else "")  # the progress bar hid the cursor
-        sys.stderr.write(f"\ninterrupted: {message}\n")
+        sys.stderr.write(f"\n{'interrupted' if signum == signal.SIGINT else 'terminated'}: {message}\n")
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(128 + signum)
 
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, *_caught(_TERMINATING))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a command as Ctrl-C does, cleaning up on the way (exit 128 + the signal: 143, 129)."""
+
+
+def _caught(signals: tuple[signal.Signals, ...]) -> list[signal.Signals]:
+    """Those of ``signals`` this process may handle: one it was started with ignored stays ignored (nohup's HUP)."""
+    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """TERM and HUP raise Terminated in the main thread (Python's default is to die at once, silently, leaving
+    a trial's processes, their GPU memory and the run's temp folder): cleanup runs as for Ctrl-C, and main
+    says "terminated". A second one during that cleanup is ignored rather than cutting it short."""
+    def terminate(signum: int, frame: object) -> None:
+        for sig in _TERMINATING:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in _caught(_TERMINATING)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _probe_showing_checks(**kw: Any) -> ProbeResult:
@@ -148,8 +178,11 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
     # launch script elsewhere need them, and checked again so made (a relative path can grow past PATH_MAX).
     r = validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
     # looked up only now, within the field's bounds: a path longer than the OS takes raised OSError here
-    if image and not Path(r.image).is_file():
+    if image and not is_file(r.image, "read the image"):
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if model and model not in SYNTHETIC and not is_dir(r.model, "read the checkpoint folder"):
+        raise BadInput(f"--model {model}: no such checkpoint folder",
+                       f"wanctl download --task {task or base.task}, or --model tiny / random to run without weights")
     return r
 
 
@@ -170,6 +203,7 @@ def generate(
                                                           "($WANCTL_CACHE/recipes)")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", metavar="FIELD=VALUE", help="override a recipe field: FIELD=VALUE (repeatable)")] = None,
     output: Annotated[Path, typer.Option("--out", help="output mp4")] = Path("video.mp4"),
+    force: ForceOpt = False,
     trust_checkpoint: TrustOpt = False,
     no_adapt: Annotated[bool, typer.Option("--no-adapt", help="plain diffusers even where it will not fit (no VAE "
                                            "tiling or offload added for this GPU's memory)")] = False,
@@ -217,23 +251,29 @@ def generate(
                      prompt=prompt, negative_prompt=negative_prompt, image=image, sets=sets)
     if not (recipe or best or no_adapt):
         r = _fit_to_gpu(r, sets or [])
-    output = check_output_file(output).resolve()
-    work = output.parent / f".{output.stem}.wanctl"
-    spec = TrialSpec(recipe=r, mode="generate", out_dir=str(work), video_path=str(output),
-                     trust_checkpoint=trust_checkpoint)
-    with _progress() as prog:
-        task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
-        res = run_trial(spec, work, timeout_s=None, on_progress=lambda d, t: prog.update(task_id, completed=d, total=t))
+    # the folder is made only for the finished video: a failed run leaves nothing there
+    output = check_output_file(output, replace=force, create=False).resolve()
+    # The run's files (spec, log, raw frames: ~224 MB at 720p) live under $TMPDIR, removed on every way out
+    # (a failure, Ctrl-C, a SIGTERM or SIGHUP, which main turns into an exception), never beside the video.
+    with tempfile.TemporaryDirectory(prefix="wanctl-generate-") as work:
+        spec = TrialSpec(recipe=r, mode="generate", out_dir=work, video_path=str(output),
+                         trust_checkpoint=trust_checkpoint)
+        with _progress() as prog:
+            task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
+            res = run_trial(spec, Path(work), timeout_s=None,
+                            on_progress=lambda d, t: prog.update(task_id, completed=d, total=t))
     if res.outcome == "bad_input":
         raise BadInput(res.reason, "fix the input named above")
     if res.outcome == "unsupported":
         raise HardwareUnsupported(res.reason, "run on hardware that supports it, or change the recipe")
     if res.outcome != "ok":
+        if debug:
+            err.print(f"the runtime's log ends:\n{escape(res.stderr_tail)}", soft_wrap=True)
         raise WanctlError(f"generation failed ({res.outcome}): {res.reason}",
-                          f"see {work / 'stderr.log'}" + (" and rerun with --debug" if not debug else ""))
+                          "the runtime's log ends above" if debug else "rerun with --debug to see the end of the "
+                          "runtime's log")
     rr = res.result
     assert rr is not None
-    shutil.rmtree(work, ignore_errors=True)  # the run's files (raw frames: ~224 MB at 720p) served their turn
     for n in rr.notes:
         err.print(f"[yellow]note:[/] {escape(n)}")
     if json_out:
@@ -353,8 +393,9 @@ def tune(
     """Search optimization stacks with Optuna; write the fastest quality-passing recipe, launch.sh, report.md."""
     _setup_logging(debug)
     from autotune.config import TuneConfig, parse_budget
-    from autotune.study import check_journal, journal_path
+    from autotune.study import check_storage
     from autotune.tuner import tune as run_tune
+    from recipes.files import output_folder
 
     if objective not in ("latency", "pareto"):
         raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
@@ -376,23 +417,23 @@ def tune(
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
     # paths looked up only once within their fields' bounds (a name longer than the OS takes raised OSError)
-    if image and not Path(cfg.image).is_file():
+    if image and not is_file(cfg.image, "read the image"):
         raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
-    if given_lora and given_lora != "none" and not Path(lightning_lora).is_dir():
+    if given_lora and given_lora != "none" and not is_dir(lightning_lora, "read the Lightning LoRA folder"):
         raise BadInput(f"--lightning-lora {given_lora} is not a folder",
                        f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
-    if model not in SYNTHETIC and not Path(model).expanduser().is_dir():
+    if model not in SYNTHETIC and not is_dir(model, "read the checkpoint folder"):
         raise BadInput(f"--model {model}: no such checkpoint folder",
                        f"wanctl download --task {task}, or --model tiny / random to tune without weights")
-    check_output_dir(cfg.out_dir)
-    if storage and (journal := journal_path(storage)) is not None:
-        check_journal(journal)
-    err.print("probing this machine (GPUs, libraries, kernels)...")
-    probe = _probe_showing_checks(paths=[cfg.out_dir])
-    _refuse_unreadable_gpus(probe)
-    with _progress() as prog:
-        result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
-    paths = _emit(result, result.config or cfg, probe, sys.argv)
+    if storage:
+        check_storage(storage)
+    with output_folder(cfg.out_dir):  # a tune refused past this point (this machine's GPUs) leaves no empty --out
+        err.print("probing this machine (GPUs, libraries, kernels)...")
+        probe = _probe_showing_checks(paths=[cfg.out_dir])
+        _refuse_unreadable_gpus(probe)
+        with _progress() as prog:
+            result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
+        paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         _print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
@@ -524,6 +565,7 @@ def probe(
     with_compile: Annotated[bool, typer.Option("--with-compile", help="also check torch.compile (about 30 s on a "
                                                "2-core CPU; checked anyway where there is a GPU)")] = False,
     path: Annotated[list[Path] | None, typer.Option("--path", metavar="DIR", help="folders whose free disk to report")] = None,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """GPUs, links, drivers, libraries, and which kernels really run here."""
@@ -534,7 +576,8 @@ def probe(
     if no_kernels and with_compile:
         raise BadInput("--with-compile is a kernel check, and --no-kernels skips them", "pass one of them")
     if save:
-        save = check_output_file(save)  # ~ expanded here and for the write
+        # ~ expanded here and for the write; its folder is made only when the probe is written
+        save = check_output_file(save, replace=force, create=False)
     res = _probe_showing_checks(paths=[str(p) for p in (path or [Path(".")])], with_kernels=not no_kernels,
                                 with_compile=True if with_compile else None)
     if save:
@@ -571,6 +614,7 @@ def download(
     from downloads import plan as make_plan
     from downloads.render import render_plan, render_report, rich_progress, to_json
     from probes.probe import run_probe
+    from recipes.files import check_creatable
 
     pr = run_probe(with_kernels=False, paths=[str(directory or Path("."))])
     machine = Machine(gpu_count=pr.gpu_count, gpu_mem_gib=pr.min_gpu_memory_mib / 1024,
@@ -580,8 +624,8 @@ def download(
         p = make_plan(task, expected_without_listing=True, **kw)
         _print_json(to_json(p)) if json_out else render_plan(p, out)
         return
-    if directory is not None:
-        check_output_dir(directory)  # before the network: a folder that cannot be written is known now
+    if directory is not None:  # before the network: a folder that cannot be made is known now (and not made yet)
+        check_creatable(directory, "create the download folder")
     with _exit_at_once_on_interrupt("download stopped; what was fetched is kept and the same command resumes it"), \
             rich_progress(err) as cb:
         rep = do_download(task, progress=cb, verify=verify, **kw)
@@ -610,24 +654,35 @@ def main() -> None:
     """Console entry point: maps wanctl's error families to exit codes, with one clean message."""
     json_out = "--json" in sys.argv[1:]  # a script reading stdout gets a failure as JSON, not an empty document
     try:
-        if json_out:
-            _run_reporting_usage_errors()
-        else:
-            app()
-    except WanctlError as exc:
+        with _terminate_as_exception():
+            if json_out:
+                _run_reporting_usage_errors()
+            else:
+                app()
+    except (WanctlError, OSError) as exc:
         if os.environ.get("WANCTL_DEBUG") == "1" or "--debug" in sys.argv:
             raise
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise
+        # an OSError here is a path no command checked where it first used it: still one message, no traceback
+        e = exc if isinstance(exc, WanctlError) else path_error(exc.filename, "use", exc)
         # soft_wrap: Rich would otherwise break a long path or command inside a word ("study.d" / "b"), and
         # hints are meant to be copied
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
-        if exc.hint:
-            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
+        if e.hint:
+            err.print(f"[yellow]hint:[/] {escape(e.hint)}", soft_wrap=True)
         if json_out:
-            _print_json_error(type(exc).__name__, exc.message, exc.hint, exc.exit_code)
-        sys.exit(exc.exit_code)
+            _print_json_error(type(e).__name__, e.message, e.hint, e.exit_code)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _interrupted(json_out)
         sys.exit(130)
+    except Terminated as exc:
+        err.print(str(exc))
+        if json_out:
+            _print_json_error("Terminated", str(exc), "run the same command again to resume where it can (tune "
+                              "--resume, download)", exc.exit_code)
+        sys.exit(exc.exit_code)
     except SystemExit as exc:
         if exc.code == 130:  # Typer turns Ctrl-C inside a command into Exit(130) itself, silently
             _interrupted(json_out)

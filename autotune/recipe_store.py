@@ -14,6 +14,7 @@ from pathlib import Path
 
 from autotune.config import model_tag
 from recipes.errors import BadInput, WanctlError
+from recipes.files import user_path
 from recipes.locations import cache_root
 from recipes.models import parse_size
 from recipes.recipe import Recipe
@@ -43,15 +44,18 @@ def save_to_store(recipe: Recipe, meta: RecipeMeta) -> Path:
 def _candidates(dirs: list[Path], with_store: bool = True) -> list[Path]:
     paths: list[Path] = []
     for d in dirs:
-        if not Path(d).expanduser().exists():
+        with user_path(d, "read the --out-dir folder"):
+            there = Path(d).expanduser().exists()
+        if not there:
             raise BadInput(f"--out-dir {d} does not exist", "pass the --out folder of a wanctl tune run (or omit "
                            "--out-dir: the recipe store is searched anyway)")
     for d in [*dirs, store_dir()] if with_store else dirs:
         d = Path(d).expanduser()
-        if d.is_file() and d.suffix == ".toml":
-            paths.append(d)
-        elif d.is_dir():
-            paths.extend(sorted(d.glob("*.toml")))
+        with user_path(d, "read the recipes in"):
+            if d.is_file() and d.suffix == ".toml":
+                paths.append(d)
+            elif d.is_dir():
+                paths.extend(sorted(d.glob("*.toml")))
     return paths
 
 

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from recipes.errors import BadInput, StudyBusy, StudyError
-from recipes.files import create_exclusive_text, file_mode
+from recipes.files import check_creatable, create_exclusive_text, file_mode, user_path
 from recipes.locations import TUNE_OUTPUTS
 from recipes.records import OUTCOME_KEY
 
@@ -71,18 +71,36 @@ def journal_path(url: str) -> Path | None:
     return Path(url.removeprefix("journal://")).expanduser()
 
 
+def check_storage(url: str) -> None:
+    """What can be known of a --storage before any work: a journal that is no journal, an SQLite file whose
+    folder cannot hold it (SQLAlchemy only says "unable to open database file")."""
+    path = journal_path(url)
+    if path is not None:
+        check_journal(path)
+        check_creatable(path, "write the study journal")
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        db = Path(url.removeprefix("sqlite:///")).expanduser()
+        with user_path(db, "open the SQLite study database"):
+            if db.is_dir():
+                raise BadInput(f"storage {db} is a directory", f"pass a file, e.g. sqlite:///{db / 'study.db'}")
+            if not db.exists() and not db.parent.is_dir():
+                raise BadInput(f"cannot create the SQLite study database {db}: the folder {db.parent} does not exist "
+                               "or is not a folder", "create the folder first, or pass another path")
+
+
 def check_journal(path: Path) -> None:
     """Refuse a file that is not an Optuna journal before anything writes to it.
 
     The torn-tail repair cuts whatever does not parse, so a notes file or an SQLite database passed as
     ``--storage`` would be rewritten as a journal (its old self only in a ``.torn`` backup).
     """
-    if path.is_dir():
-        raise BadInput(f"storage {path} is a directory", f"pass a file, e.g. {path / 'study.journal'}")
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb") as fh:
-        head = fh.read(65536)
+    with user_path(path, "read the study journal"):
+        if path.is_dir():
+            raise BadInput(f"storage {path} is a directory", f"pass a file, e.g. {path / 'study.journal'}")
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
     if head.startswith(_SQLITE_MAGIC):
         raise BadInput(f"storage {path} is an SQLite database, not a journal file", f"pass sqlite:///{path}")
     first = head.split(b"\n", 1)[0]
@@ -139,11 +157,8 @@ def open_storage(url: str, create: bool = True) -> Any:
     check_journal(path)
     if not create and not path.is_file():
         raise BadInput(f"no study journal at {path}", "pass the --storage (or --out) the tuner wrote to")
-    try:
+    with user_path(path.parent, "create the folder for the study journal"):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create the folder for the study journal {path}: {exc.strerror}",
-                       "pass a writable path") from None
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     try:

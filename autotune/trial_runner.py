@@ -27,7 +27,7 @@ from pathlib import Path
 
 from recipes.errors import SchemaError
 from recipes.locations import with_source_on_path
-from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_files
+from recipes.spec import PROGRESS_ENV, PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_files
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     t0 = time.monotonic()
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=child_env({**(env or {}), TOKEN_VAR: token}), cwd=workdir,
+                                start_new_session=True, cwd=workdir,
+                                env=child_env({**(env or {}), TOKEN_VAR: token, PROGRESS_ENV: "1"}),
                                 preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
         reader.start()
@@ -326,6 +327,8 @@ def _signal_name(num: int) -> str:
 
 
 def _read_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[int, int], None] | None) -> None:
+    """The child's stdout is this channel only (it prints progress lines because run_trial asks, PROGRESS_ENV);
+    anything else a library prints there is dropped, never shown."""
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode(errors="replace").strip()

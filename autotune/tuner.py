@@ -47,7 +47,7 @@ from autotune.study import (
 )
 from autotune.workers import PLAN_KEY, ask, await_baseline, await_plan, interrupted
 from probes.result import ProbeResult
-from recipes.errors import NothingFeasible, StudyError
+from recipes.errors import NothingFeasible, StudyError, Terminated
 from recipes.records import (
     CHOICES_KEY,
     CONFIG_KEY,
@@ -210,8 +210,8 @@ class Tuner:
             try:
                 with heartbeat(study, trial):
                     record = self._run_asked(study, trial)
-            except KeyboardInterrupt:
-                interrupted(study, trial)
+            except (KeyboardInterrupt, Terminated) as exc:
+                interrupted(study, trial, exc.name if isinstance(exc, Terminated) else "Ctrl-C")
                 raise
             except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
                 trial.set_user_attr("wanctl_error", exc.message[:500])

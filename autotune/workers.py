@@ -79,10 +79,10 @@ def await_baseline(study: optuna.Study, number: int, state: StudyState, timeout_
         time.sleep(BASELINE_POLL_S)  # waiting on another host's trial, not on this process
 
 
-def interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Ctrl-C: the trial's processes are already killed (trial_runner); mark it failed, not left RUNNING,
-    and queue its parameters again so --resume runs it."""
-    trial.set_user_attr("wanctl_interrupted", "Ctrl-C during this trial")
+def interrupted(study: optuna.Study, trial: optuna.Trial, how: str = "Ctrl-C") -> None:
+    """Ctrl-C or a TERM: the trial's processes are already killed (trial_runner); mark it failed, not left
+    RUNNING, and queue its parameters again so --resume runs it."""
+    trial.set_user_attr("wanctl_interrupted", f"{how} during this trial")
     trial.set_user_attr(OUTCOME_KEY, "interrupted")
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     requeue_once(study, trial.number, trial.params, trial.user_attrs)

@@ -31,6 +31,7 @@ from downloads.select import (
     select_files,
 )
 from recipes.errors import BadInput, CheckpointError, DownloadError, WanctlError
+from recipes.files import check_creatable, user_path
 from recipes.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_checkpoint_dir
 from recipes.recipe import is_commit_sha
 
@@ -282,8 +283,10 @@ def plan(task: str, *, target_dir: str | os.PathLike[str] | None = None, source:
     if source not in SOURCES:
         raise BadInput(f"unknown source {source!r}", f"use one of: {', '.join(SOURCES)}")
     target = target_path(task, target_dir)
-    if target.exists() and not target.is_dir():
-        raise BadInput(f"{target} exists and is not a directory", "pass --dir with a directory path")
+    with user_path(target, "read the download folder"):
+        if target.exists() and not target.is_dir():
+            raise BadInput(f"{target} exists and is not a directory", "pass --dir with a directory path")
+    check_creatable(target, "create the download folder")  # a plan that could never be carried out is no plan
     advice = None
     if machine is not None and art.kind == "pipeline":
         advice = hardware_advice(art.task, int(machine.gpu_count), float(machine.gpu_mem_gib),

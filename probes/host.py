@@ -77,11 +77,20 @@ def cgroup_limit_mib(memory_max: str, memory_current: str) -> tuple[int, int] | 
     return lim, max(0, lim - cur)
 
 
+def _exists(p: Path) -> bool:
+    """A path that cannot even be looked up (a name too long) counts as absent: the probe only describes, and
+    the command that writes there says what is wrong with it."""
+    try:
+        return p.exists()
+    except OSError:
+        return False
+
+
 def disk_space(path: str | os.PathLike[str]) -> DiskSpace:
     """Free space for ``path``; a path that does not exist yet is measured at its nearest existing parent."""
     p = Path(path).expanduser().absolute()
     probe = p
-    while not probe.exists() and probe != probe.parent:
+    while not _exists(probe) and probe != probe.parent:
         probe = probe.parent
     try:
         usage = shutil.disk_usage(probe)

@@ -7,7 +7,32 @@ families to exit codes (see ``exit_code``), so the mapping is defined once, next
 
 from __future__ import annotations
 
+import signal
+
 from recipes.text import clip_repr
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived (a supervisor, ``kill``, a closed terminal), raised in the CLI's main thread.
+
+    As Ctrl-C's KeyboardInterrupt, so every cleanup on the way out runs: a trial's process group is killed
+    (no process left holding a GPU), temp folders are removed, a running trial is queued again for --resume.
+    A BaseException, so no ``except Exception`` swallows it, and not a KeyboardInterrupt, which Typer turns
+    into a silent exit 130.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        try:
+            self.name = signal.Signals(signum).name
+        except ValueError:
+            self.name = f"signal {signum}"
+        super().__init__(f"terminated ({self.name})")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as the shell reports a process the signal killed: 143 TERM, 129 HUP."""
+        return 128 + self.signum
 
 
 class WanctlError(Exception):
@@ -42,6 +67,17 @@ class FieldError(BadInput):
         self.document = document
         self.field = field
         self.value = value
+
+
+class PathError(BadInput):
+    """A path the user named cannot be used as asked (read, created, written): a name too long, a file where a
+    folder is needed, no permission, a read-only disk. The message names the path and the operation, the hint
+    the fix (recipes.files.path_error picks it from the OS error)."""
+
+    def __init__(self, path: object, operation: str, reason: str, hint: str) -> None:
+        super().__init__(f"cannot {operation} {path}: {reason}", hint)
+        self.path = str(path)
+        self.operation = operation
 
 
 class RecipeError(FieldError):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipes.errors import CheckpointError, SchemaError
-from recipes.files import atomic_write_text
+from recipes.files import atomic_write_text, path_error
 from recipes.models import MODELS, model_spec
 from recipes.plain import load_json_object
 from recipes.recipe import SYNTHETIC, is_commit_sha
@@ -217,8 +217,9 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest | None:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {p}: {exc.strerror or exc}", "check the directory's permissions") from None
+    except OSError as exc:  # a checkpoint's error (callers tell it from others), with the fix for this OS error
+        bad = path_error(p, "read", exc)
+        raise CheckpointError(bad.message, bad.hint) from None
     return Manifest.from_json(text, where=str(p))
 
 

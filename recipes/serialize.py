@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from recipes.errors import BadInput, SchemaError
-from recipes.files import atomic_write_text
+from recipes.files import atomic_write_text, path_error
 from recipes.plain import check_schema, from_plain, load_json_object
 from recipes.recipe import Recipe, validate
 
@@ -94,7 +94,7 @@ def read_recipe(path: str | Path) -> tuple[Recipe, RecipeMeta]:
         with p.open("rb") as f:
             data = f.read(RECIPE_MAX_BYTES + 1)
     except OSError as exc:
-        raise BadInput(f"cannot read recipe {p}: {exc.strerror}", "check the path") from None
+        raise path_error(p, "read the recipe", exc) from None
     if len(data) > RECIPE_MAX_BYTES:
         raise BadInput(f"recipe {p} is larger than {RECIPE_MAX_BYTES >> 20} MiB: not a recipe",
                        "a recipe is a TOML file of a few KB; pass the recipe.toml wanctl tune wrote")

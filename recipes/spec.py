@@ -39,6 +39,10 @@ OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", 
 KERNEL_CHECK_START = "wanctl-kernel-check: start "
 """Line the kernel-check child prints before each check: the parent names the one a crash or hang hit."""
 PROGRESS_PREFIX = "WANCTL_PROGRESS"
+"""Line a runtime child prints per denoise step (``WANCTL_PROGRESS <done> <total>``) for the progress bar."""
+PROGRESS_ENV = "WANCTL_PROGRESS_LINES"
+"""Set to 1 in a runtime child's environment by the parent that reads its PROGRESS_PREFIX lines; without it
+the runtime prints none (launch.sh's stdout is the user's terminal, not a protocol channel)."""
 
 
 def rank_result_path(result_path: Path, rank: int) -> Path:
@@ -55,7 +59,6 @@ def rank_result_files(result_path: Path) -> dict[int, Path]:
         if rank.isdigit():
             found[int(rank)] = path
     return found
-"""Line a runtime child prints per denoise step (``WANCTL_PROGRESS <done> <total>``) for the progress bar."""
 
 
 @dataclass(frozen=True)

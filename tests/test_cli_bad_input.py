@@ -96,7 +96,7 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path: Path) -> 
                            (("generate", "--out", str(tmp_path)), "is a folder"),
                            (("tune", "--out", str(a_file)), "a file of that name is there"),
                            (("probe", "--no-kernels", "--save", str(tmp_path)), "is a folder"),
-                           (("download", "--offline", "--dir", str(a_file / "ckpt")), "cannot create the output folder")):
+                           (("download", "--offline", "--dir", str(a_file / "ckpt")), "cannot create the download folder")):
         p = run_cli(*args, env=env)
         assert p.returncode == 2 and fragment in _err(p) and "Traceback" not in p.stderr, (args, p.stderr)
     assert a_file.read_text() == "keep me"

@@ -728,7 +728,10 @@ def test_partial_files_of_a_killed_run_count_as_free_space(hub: FakeHub, tmp_pat
     assert report.verified and not dead.exists()
 
 
-def test_ctrl_c_stops_the_download_at_once_and_says_so(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["Ctrl-C", "TERM"])
+def test_ctrl_c_stops_the_download_at_once_and_says_so(tmp_path: Path, monkeypatch, sig: int, code: int,
+                                                       said: str) -> None:
     files = pipeline_files()
     hub = serve(monkeypatch, files)
     hold = hub.holds[BIG] = Hold(after=len(files[BIG]) // 2)
@@ -740,9 +743,9 @@ def test_ctrl_c_stops_the_download_at_once_and_says_so(tmp_path: Path, monkeypat
                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert hold.reached.wait(60), child.communicate(timeout=5)[1][-2000:]
-        child.send_signal(signal.SIGINT)  # the held transfer would keep a plain exit waiting for minutes
+        child.send_signal(sig)  # the held transfer would keep a plain exit waiting for minutes
         _, err = child.communicate(timeout=15)
-        assert child.returncode == 130 and "interrupted" in err and "resumes" in err
+        assert child.returncode == code and said in err and "resumes" in err
         assert (target / INCOMPLETE_MARKER).exists() and not (target / MANIFEST_NAME).exists()
     finally:
         hold.release.set()

@@ -101,14 +101,14 @@ def test_several_hosts_split_the_recipe_and_node_0_writes_the_video(tmp_path: Pa
     for node in (1, 0):  # node 1 first: the rank order must not depend on who arrives first
         cwd = tmp_path / f"node{node}"
         cwd.mkdir()
-        hosts.append(subprocess.Popen(["bash", str(sh)], cwd=cwd, env={**env, "NODE_RANK": str(node)},
+        hosts.append(subprocess.Popen(["bash", str(sh), "--result", "r.json"], cwd=cwd, env={**env, "NODE_RANK": str(node)},
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for proc in hosts:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     assert (node0 / "v.mp4").stat().st_size > 0 and not (node1 / "v.mp4").exists()
-    res = json.loads((node0 / ".v.wanctl" / "result.json").read_text())
+    res = json.loads((node0 / "r.json").read_text())
     assert res["outcome"] == "ok" and res["actual"]["ulysses_tokens_per_rank"] == "18 of 36"
 
 
@@ -150,7 +150,8 @@ def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path
 
     sh = tmp_path / "launch.sh"
     sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=200)))
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4"}
+    # the runtime's progress lines (what the test waits for) are asked for, as a parent would
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4", "WANCTL_PROGRESS_LINES": "1"}
     p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)  # its own group, as a terminal job is
     try:
@@ -180,7 +181,8 @@ def test_a_supervisors_term_stops_the_run_at_once_with_143(tmp_path: Path) -> No
 
     sh = tmp_path / "launch.sh"
     sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=400)))
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4"}
+    # the runtime's progress lines (what the test waits for) are asked for, as a parent would
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4", "WANCTL_PROGRESS_LINES": "1"}
     p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:

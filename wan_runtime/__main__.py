@@ -1,35 +1,45 @@
 """``python -m wan_runtime``: the runtime as its own process (or one rank under torchrun).
 
     python -m wan_runtime trial SPEC.json RESULT.json       # the tuner's entry point
-    python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--result R.json] [--recipe R.toml]
+    python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--force] [--result R.json] [--recipe R.toml]
     python -m wan_runtime save-tiny --task t2v-A14B --dir DIR  # the tiny model as a diffusers checkpoint
 
 Exit codes: 0 ok, 2 bad input, 3 cannot run here (unsupported / nothing feasible), 1 any other failure.
-Progress goes to stdout as ``WANCTL_PROGRESS <done> <total>`` lines for the CLI's progress bar.
+Progress goes to stdout as ``WANCTL_PROGRESS <done> <total>`` lines for the parent's progress bar, only when the
+parent asks for them (``WANCTL_PROGRESS_LINES=1``, as the tuner and ``wanctl generate`` do): under launch.sh
+the terminal is the user's, and gets a step counter on stderr instead (when it is a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from recipes.errors import BadInput, WanctlError
-from recipes.files import check_output_file
+from recipes.files import check_output_file, is_file
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
-from recipes.spec import PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_path
+from recipes.spec import PROGRESS_ENV, PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_path
 
 EXIT = {"ok": 0, "bad_input": 2, "unsupported": 3}
 
 
 def _progress(done: int, total: int) -> None:
-    print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
+    """The parent's progress line when it asked for them; else, on a terminal, a counter rewritten in place."""
+    if os.environ.get(PROGRESS_ENV) == "1":
+        print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
+    elif sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(f"\rdenoising: step {done}/{total}" + ("\n" if done >= total else ""))
+        sys.stderr.flush()
 
 
 def _write(result: RunResult, path: str | None) -> None:
@@ -45,7 +55,7 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _leave_failed_rank(result: RunResult, result_path: str | None) -> None:
+def _leave_failed_rank(result: RunResult, result_path: str | None, work: str = "") -> None:
     """One rank's failure under torchrun, without the barrier: its peers may wait in a collective it will
     never join (an OOM on one GPU), and would sit there until NCCL's watchdog or the trial's timeout. The
     result goes to this rank's own file, never the trial's (rank 0 may only be failing because a peer went
@@ -58,6 +68,8 @@ def _leave_failed_rank(result: RunResult, result_path: str | None) -> None:
             result.write(str(rank_result_path(Path(result_path), rank)))
     print(f"error: rank {rank}: {result.outcome}: {result.error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if work:  # os._exit runs no cleanup: this rank's own temp folder goes now
+        shutil.rmtree(work, ignore_errors=True)
     os._exit(EXIT.get(result.outcome, 1))  # no interpreter teardown: it could wait on the process group
 
 
@@ -86,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_launcher()
     logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING").upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Kineto (torch's profiler, which the attention knob runs once to see the kernel) prints "USDT ...
+    # profiler_start/stop" on stderr at every level but this one; under launch.sh that stderr is the user's.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     ap = argparse.ArgumentParser(prog="python -m wan_runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("trial")
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--result", default="")
     g.add_argument("--out-dir", default="")
     g.add_argument("--trust-checkpoint", action="store_true")
+    g.add_argument("--force", action="store_true", help="replace --out if it exists")
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
@@ -117,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             recipe = apply_overrides(recipe, args.sets)
             if not args.out.strip():
                 raise BadInput("--out is empty (OUT= in launch.sh?)", "name the video file, e.g. OUT=fox.mp4")
-            out = check_output_file(args.out)  # before minutes of model loading, not after
-            if recipe.image and not Path(recipe.image).expanduser().is_file():
+            # before minutes of model loading, not after; the folder is made only for the finished video
+            out = check_output_file(args.out, replace=args.force, create=False)
+            if recipe.image and not is_file(recipe.image, "read the image"):
                 raise BadInput(f"image {recipe.image} does not exist or is not a file",
                                "set IMAGE=path/to/image.png (launch.sh) or --set image=PATH")
-            out_dir = Path(args.out_dir) if args.out_dir else out.parent / f".{out.stem}.wanctl"
-            spec = TrialSpec(recipe=recipe, mode="generate", out_dir=str(out_dir), video_path=str(out),
+            spec = TrialSpec(recipe=recipe, mode="generate", out_dir=args.out_dir, video_path=str(out),
                              trust_checkpoint=args.trust_checkpoint)
-            result_path = args.result or str(out_dir / "result.json")
+            result_path = args.result or (str(Path(args.out_dir) / "result.json") if args.out_dir else "")
     except WanctlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -132,8 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
-    if args.cmd == "generate":  # a supervisor's or launch.sh's TERM ends a video like Ctrl-C: cleanly
-        signal.signal(signal.SIGTERM, _interrupt)
+    if args.cmd == "generate" or spec.video_path:
+        # A supervisor's or launch.sh's TERM (wanctl generate's, for its trial), a closed terminal's HUP: cleanly,
+        # as Ctrl-C, so a video being copied into place leaves no temp file beside the user's.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored HUP stays ignored
+                signal.signal(sig, _interrupt)
+    if args.cmd == "generate" and not args.out_dir:  # the run's own files (raw frames: ~224 MB at 720p) go to a
+        with tempfile.TemporaryDirectory(prefix="wanctl-run-") as work:  # temp folder, removed on any exit
+            return _run(args, dataclasses.replace(spec, out_dir=work), result_path, own_work=True)
+    return _run(args, spec, result_path)
+
+
+def _run(args: argparse.Namespace, spec: TrialSpec, result_path: str, own_work: bool = False) -> int:
+    """Run ``spec`` and leave its result where asked; ``own_work``: its out_dir is this process's temp folder."""
     if spec.fault == "no_result":
         return 0
     if spec.fault == "bad_result":
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_spec(spec, stream_progress=_progress)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, nothing half-written left beside the video
-        if args.cmd == "generate":
+        if args.cmd == "generate" and not own_work:  # a temp folder goes whole; a given --out-dir loses its arrays
             for arr in Path(spec.out_dir).glob("*.npy"):
                 arr.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # only when empty: a result.json of an earlier run stays
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         # A failure of this rank's own (OOM, NaN, unsupported, ...). Not a crash: that is also what a rank
         # gets when a peer died ("connection closed"), and such a rank must not race the first one out,
         # or torchrun names it as the root cause.
-        _leave_failed_rank(result, result_path)
+        _leave_failed_rank(result, result_path, spec.out_dir if own_work else "")
     _leave_process_group()
     try:
         _write(result, result_path)
@@ -168,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     if result.outcome != "ok":
         print(f"error: {result.outcome}: {result.error}", file=sys.stderr)
     elif args.cmd == "generate":
-        if not args.out_dir:  # the run folder beside the video keeps result.json; its raw arrays (~224 MB at 720p) go
-            for arr in Path(spec.out_dir).glob("*.npy"):
-                arr.unlink(missing_ok=True)
         if result.video_path:
             print(f"video: {Path(result.video_path).resolve()} ({result.video_frames} frames, "
                   f"{result.timings.total_s:.1f} s in all)", file=sys.stderr)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from recipes.errors import BadInput, HardwareUnsupported, WanctlError
-from recipes.files import atomic_write_bytes
+from recipes.files import atomic_write_bytes, move_into_place
 from recipes.models import TEXT_TOKENS, model_spec, parse_size
 from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
@@ -338,12 +338,16 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         ref_l = np.load(spec.reference_latent) if spec.reference_latent else None
         res = dataclasses.replace(res, quality=compare(frames, ref_f, latent, ref_l))
     if spec.mode == "generate" and spec.write_video and res.outcome == "ok" and rank0:
-        video = write_mp4(out / "video.mp4" if not spec.video_path else spec.video_path, frames, mspec.fps)
+        # Written in the run's own folder and moved into place whole: a kill mid-write (a supervisor's TERM,
+        # the tuner's timeout) leaves nothing beside the user's video, and a short video is never placed.
+        video = write_mp4(out / "video.mp4", frames, mspec.fps)
         got = count_frames(video)
-        res = dataclasses.replace(res, video_path=str(video), video_frames=got)
         if got != frames.shape[0]:
             res = dataclasses.replace(res, outcome="crash",
                                       error=f"video {video} holds {got} frames, expected {frames.shape[0]}")
+        elif spec.video_path:
+            video = move_into_place(video, spec.video_path)
+        res = dataclasses.replace(res, video_path=str(video), video_frames=got)
     timings = dataclasses.replace(timings, total_s=time.perf_counter() - started)
     return dataclasses.replace(res, timings=timings)
 
