@@ -49,11 +49,11 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A finished (simulated) study, for `report --out`: report reads it before it looks at --out."""
     from autotune.config import TuneConfig
     from tests.probe_fakes import probe_machine
-    from tests.test_tuner_logic import SimulatedTuner
+    from tests.test_tuner_logic import simulated
 
     out = tmp_path_factory.mktemp("study")
     cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=3, out_dir=str(out))
-    tuner = SimulatedTuner(cfg, probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m")))
+    tuner = simulated(cfg, probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m")))
     tuner.run()
     return tuner.study_name(), out / "study.journal"
 
