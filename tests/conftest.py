@@ -72,6 +72,16 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
                           capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def as_terminal_job() -> None:
+    """``preexec_fn`` for a process a test stops with Ctrl-C: INT at its default disposition, as a terminal's
+    foreground job has it. A disposition of 'ignored' is inherited through exec, and bash cannot trap a signal
+    it was started with ignored, so a test process that came to ignore INT (seen only in full parallel runs)
+    made the script under test deaf to it, unlike any terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def pids_naming(marker: str | Path) -> list[str]:
     """PIDs whose command line contains ``marker`` (a trial's folder or spec path): what is left of a trial."""
     needle = str(marker).encode()

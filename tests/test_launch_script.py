@@ -146,14 +146,14 @@ def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path
     import signal
     import sys
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, as_terminal_job
 
     sh = tmp_path / "launch.sh"
     sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=200)))
     # the runtime's progress lines (what the test waits for) are asked for, as a parent would
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4", "WANCTL_PROGRESS_LINES": "1"}
     p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)  # its own group, as a terminal job is
+                         text=True, start_new_session=True, preexec_fn=as_terminal_job)  # its own group, as a terminal job is
     try:
         for line in p.stdout:  # type: ignore[union-attr]
             if line.startswith("WANCTL_PROGRESS"):  # denoising: the model is loaded and running

@@ -18,7 +18,7 @@ from recipes.files import move_into_place
 from recipes.launch import render_launch_script
 from recipes.recipe import Recipe
 from recipes.spec import PROGRESS_ENV
-from tests.conftest import ROOT, pids_naming
+from tests.conftest import ROOT, as_terminal_job, pids_naming
 
 TINY = Recipe(model="tiny", size="64*48", frames=5, steps=2)
 
@@ -89,6 +89,16 @@ def test_a_failed_launch_sh_run_leaves_nothing(dirs: tuple[Path, Path]) -> None:
     assert _ours(tmp) == []
 
 
+
+def _stop(p: subprocess.Popen[str], sig: int) -> str:
+    """Ctrl-C as a terminal sends it (INT to the whole foreground group), TERM or HUP to the process alone;
+    the stderr it printed until it ended."""
+    if sig == signal.SIGINT:
+        os.killpg(p.pid, sig)
+    else:
+        p.send_signal(sig)
+    return p.communicate(timeout=90)[1]
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
                          ids=["TERM", "HUP", "INT"])
 def test_a_stopped_launch_sh_run_leaves_nothing_and_no_process(sig: int, code: int, dirs: tuple[Path, Path]) -> None:
@@ -97,16 +107,13 @@ def test_a_stopped_launch_sh_run_leaves_nothing_and_no_process(sig: int, code: i
     cwd, tmp = dirs
     sh = _script(cwd, Recipe(model="tiny", size="64*48", frames=5, steps=400))
     p = subprocess.Popen(["bash", str(sh)], cwd=cwd, env=_env(tmp, OUT="v.mp4", **{PROGRESS_ENV: "1"}),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=as_terminal_job)
     try:
         for line in p.stdout:  # type: ignore[union-attr]
             if line.startswith("WANCTL_PROGRESS"):
                 break
-        if sig == signal.SIGINT:
-            os.killpg(p.pid, sig)
-        else:
-            p.send_signal(sig)
-        _, err = p.communicate(timeout=90)
+        err = _stop(p, sig)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -181,14 +188,10 @@ def test_a_stopped_generate_leaves_nothing_and_no_process(sig: int, code: int, s
     work folder left behind)."""
     cwd, tmp = dirs
     p = _generate(cwd, tmp, "--model", "tiny", "--size", "64*48", "--frames", "5", "--steps", "400", "--out",
-                  "v.mp4", start_new_session=True)
+                  "v.mp4", start_new_session=True, preexec_fn=as_terminal_job)
     try:
         _wait_for(lambda: pids_naming(tmp))  # the runtime process, named by its spec under $TMPDIR
-        if sig == signal.SIGINT:
-            os.killpg(p.pid, sig)
-        else:
-            p.send_signal(sig)
-        _, err = p.communicate(timeout=90)
+        err = _stop(p, sig)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
