@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.search_space import TIERS
 from recipes.errors import BadInput, FieldError, RecipeError, WanctlError
 from recipes.fields import NAME_MAX_CHARS, PATH_MAX_CHARS, PROMPT_MAX_CHARS, Domain, check_fields, domain
 from recipes.manifest import MANIFEST_NAME, checkpoint_revision
@@ -54,6 +55,10 @@ class TuneConfig:
     """Overrides of the quality bars, e.g. 'lossy_psnr=22,lossy_ssim=0.85'."""
     objective: str = _d("latency", Domain(choices=("latency", "pareto")))
     """latency (TPE on predicted denoise time) or pareto (NSGA-II on time and worst-frame PSNR)."""
+    tier: str = _d("any", Domain(choices=TIERS))
+    """Which knobs are searched: any (lossy ones too, each judged by the quality gate against the baseline's
+    output), gated (the same: wanctl never emits a lossy stack its gate did not pass), or lossless (only knobs
+    that keep the baseline's output, checked numerically: no 8-bit attention, quantization, cache or Lightning)."""
     storage: str = _d("", Domain(max_chars=PATH_MAX_CHARS))
     """Optuna storage: PATH.journal (default: OUT/study.journal), sqlite:///..., postgresql://..."""
     study: str = _d("", Domain(max_chars=NAME_MAX_CHARS))

@@ -11,7 +11,7 @@ import optuna
 
 from autotune.choice import recipe_hash
 from autotune.config import TuneConfig
-from autotune.search_space import SearchSpace, layout_fields, layout_label, search_space_for
+from autotune.search_space import SearchSpace, for_tier, layout_fields, layout_label, search_space_for
 from probes.result import ProbeResult
 from recipes.errors import RecipeError, WanctlError
 from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
@@ -252,8 +252,9 @@ def space_for(cfg: TuneConfig, probe: ProbeResult) -> SearchSpace:
     if not cfg.single_run:
         p = cfg.proxy_recipe(r0, short=False)
         proxy = (p.size, p.frames)
-    return search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
-                            lightning_available=bool(cfg.lightning_source()), proxy=proxy)
+    return for_tier(search_space_for(probe, cfg.task, cfg.model, cfg.gpus, size=r0.size, frames=r0.frames,
+                                     lightning_available=bool(cfg.lightning_source()), proxy=proxy), cfg.tier)
+
 
 def traceable(r: Recipe) -> Recipe:
     """Compile around what torch cannot trace whole (Sage's kernels, the caches' hooks) instead of failing,

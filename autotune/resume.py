@@ -20,7 +20,7 @@ from recipes.errors import BadInput, WanctlError
 from recipes.records import CONFIG_KEY
 
 STUDY_FIELDS = ("model", "task", "size", "frames", "steps", "prompt", "negative_prompt", "image", "seed", "gpus",
-                "quality", "objective", "proxy_size", "proxy_frames", "measure_steps", "warmup_steps",
+                "quality", "objective", "tier", "proxy_size", "proxy_frames", "measure_steps", "warmup_steps",
                 "lossless_steps", "lightning_lora", "slower_tolerance", "sampler_seed")
 """Settings that define what a study measures and how it judges: fixed for its life."""
 

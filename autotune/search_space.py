@@ -441,3 +441,26 @@ def _memory_rules(probe: ProbeResult, task: str, model: str, n: int, size: str, 
                                   f"(~{streamed:.0f} GiB of activations, {gpu_gib:.0f} GiB GPU)",
                                   "use a smaller size or fewer frames, or more GPUs")
     return tuple(offload), fsdp
+
+
+TIERS = ("any", "gated", "lossless")
+"""``wanctl tune --tier``: any and gated search every knob (lossy ones judged by the quality gate); lossless
+only those whose output matches the baseline's within numerical noise."""
+
+TIER_KNOBS = ("attention", "quant", "cache", "lightning")
+"""The knobs with lossy values (Recipe.lossy_knobs says which values)."""
+
+
+def for_tier(space: SearchSpace, tier: str) -> SearchSpace:
+    """``space`` with the values ``tier`` does not search moved to ``excluded`` (saying why, as the report
+    shows every exclusion). Lossy is what the gate calls lossy: one definition, Recipe.lossy_knobs."""
+    if tier != "lossless":
+        return space
+    excluded = dict(space.excluded)
+    kept: dict[str, tuple[Any, ...]] = {}
+    for knob in TIER_KNOBS:
+        kept[knob] = tuple(v for v in getattr(space, knob) if not Recipe(**{knob: v}).lossy_knobs())
+        for v in getattr(space, knob):
+            if v not in kept[knob]:
+                excluded[f"{knob}={v}"] = "lossy: --tier lossless searches only knobs that keep the baseline's output"
+    return dataclasses.replace(space, excluded=excluded, **kept)

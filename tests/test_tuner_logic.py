@@ -1358,3 +1358,20 @@ def test_a_resumed_study_does_not_measure_a_failed_swapped_plan_trial_again(h100
     again = simulated(dataclasses.replace(cfg, resume=True), h100, _CudnnCrashes())
     again.run()  # nothing left to run: it restores and finishes
     assert swapped <= set(again.state.by_hash)
+
+
+def test_tier_lossless_searches_and_emits_only_lossless_stacks(h100: ProbeResult, tmp_path: Path) -> None:
+    """--tier lossless: a user who needs the baseline's output gets no 8-bit attention, quantization, cache or
+    Lightning in any trial (planned or sampled), and the space says why each was left out."""
+    t = run(h100, tmp_path, trials=25, tier="lossless")
+    res = t.result  # type: ignore[attr-defined]
+    assert len(res.records) == 25
+    assert all(not r.recipe_obj().lossy_knobs() for r in res.records), [r.label for r in res.records]
+    assert res.best is not None and res.best.gate_tier == "lossless" and res.best.speedup > 1.0
+    assert res.space.excluded["quant=fp8_rowwise"].startswith("lossy: --tier lossless")
+    assert res.space.excluded["cache=magcache"].startswith("lossy: --tier lossless")
+    # the same study on --tier any searches them (this machine runs fp8 and the caches)
+    from autotune.plan import space_for
+
+    anything = space_for(dataclasses.replace(t.cfg, tier="any"), h100)
+    assert "fp8_rowwise" in anything.quant and "magcache" in anything.cache
