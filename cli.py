@@ -177,13 +177,23 @@ def build_recipe(base: Recipe, *, model: str | None = None, task: str | None = N
     # with; an empty prompt is refused however it came); paths absolute, as the runtime's own folder and a
     # launch script elsewhere need them, and checked again so made (a relative path can grow past PATH_MAX).
     r = validate(apply_overrides(base.replace(**changes), sets or []).with_absolute_paths())
-    # looked up only now, within the field's bounds: a path longer than the OS takes raised OSError here
-    if image and not is_file(r.image, "read the image"):
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
-    if model and model not in SYNTHETIC and not is_dir(r.model, "read the checkpoint folder"):
-        raise BadInput(f"--model {model}: no such checkpoint folder",
-                       f"wanctl download --task {task or base.task}, or --model tiny / random to run without weights")
+    _check_given_paths(task or base.task, "run", image=(image, r.image), model=(model, r.model))
     return r
+
+
+def _check_given_paths(task: str, verb: str, *, image: tuple[str | None, str] = (None, ""),
+                       model: tuple[str | None, str] = (None, ""), lora: tuple[str | None, str] = (None, "")) -> None:
+    """The files a command line named exist, each given as (as typed, as resolved): looked up only after their
+    fields were checked, within their bounds (a path longer than the OS takes raised OSError in the lookup)."""
+    (image_given, image_path), (model_given, model_path), (lora_given, lora_path) = image, model, lora
+    if image_given and not is_file(image_path, "read the image"):
+        raise BadInput(f"image {image_given} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
+    if lora_given and lora_given != "none" and not is_dir(lora_path, "read the Lightning LoRA folder"):
+        raise BadInput(f"--lightning-lora {lora_given} is not a folder",
+                       f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
+    if model_given and model_given not in SYNTHETIC and not is_dir(model_path, "read the checkpoint folder"):
+        raise BadInput(f"--model {model_given}: no such checkpoint folder",
+                       f"wanctl download --task {task}, or --model tiny / random to {verb} without weights")
 
 
 @app.command()
@@ -399,8 +409,6 @@ def tune(
     from autotune.tuner import tune as run_tune
     from recipes.files import output_folder
 
-    if objective not in ("latency", "pareto"):
-        raise BadInput(f"--objective {objective!r} is unknown", "use latency or pareto")
     if prompt is not None and not prompt.strip():
         raise BadInput("the prompt is empty", "pass a non-empty --prompt (or omit it for the default prompt)")
     given_lora = lightning_lora
@@ -418,15 +426,7 @@ def tune(
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=_version())
     cfg.base_recipe()  # bad input fails here, before any probing
-    # paths looked up only once within their fields' bounds (a name longer than the OS takes raised OSError)
-    if image and not is_file(cfg.image, "read the image"):
-        raise BadInput(f"image {image} does not exist or is not a file", "pass an existing PNG/JPEG with --image")
-    if given_lora and given_lora != "none" and not is_dir(lightning_lora, "read the Lightning LoRA folder"):
-        raise BadInput(f"--lightning-lora {given_lora} is not a folder",
-                       f"wanctl download --task {task}-lightning, then pass its folder (or 'none')")
-    if model not in SYNTHETIC and not is_dir(model, "read the checkpoint folder"):
-        raise BadInput(f"--model {model}: no such checkpoint folder",
-                       f"wanctl download --task {task}, or --model tiny / random to tune without weights")
+    _check_given_paths(task, "tune", image=(image, cfg.image), lora=(given_lora, lightning_lora), model=(model, model))
     if storage:
         check_storage(storage)
     with output_folder(cfg.out_dir):  # a tune refused past this point (this machine's GPUs) leaves no empty --out
