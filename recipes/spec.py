@@ -19,9 +19,17 @@ from recipes.recipe import Recipe
 
 SPEC_SCHEMA = 1
 
-MODES = ("generate", "measure", "quality")
+MODES = ("generate", "measure", "quality", "slice", "components")
 """generate: full run, video written. measure: time a few denoise steps at the target workload and one
-VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate."""
+VAE decode, no video. quality: full schedule (often at a proxy size), frames saved for the gate.
+The tuner's cheaper rungs (autotune.ladder): slice: one forward of the expert cut to ``slice_blocks`` blocks
+(random weights at the real width and the real token count), the recipe's kernel knobs applied, timed after
+a warm-up that holds compile; components: one call per named component (``components``) at the real shape,
+in milliseconds, each appended to ``components.jsonl`` in out_dir as it finishes."""
+
+COMPONENTS_FILE = "components.jsonl"
+"""Where a components run appends one JSON line per finished component: a worker that dies mid-list leaves
+the ones before it, and the parent reruns the rest in a fresh worker with the culprit recorded."""
 
 FAULTS = ("none", "oom", "oom_decode", "orphan", "hang", "crash", "segfault", "nan", "inf", "slow", "no_result", "bad_result",
           "illegal_memory", "ignore_sigterm", "oom_cuda", "illegal_memory_cuda")
@@ -89,6 +97,13 @@ class TrialSpec:
     step_hint_s: float = 0.0
     """A computed step's cost at this workload as measured before (the baseline's), 0 when unknown: under
     compile nothing counts a cache's forwards, and a step far cheaper than this one was skipped."""
+    slice_blocks: int = 0
+    """slice mode: blocks of the expert kept (0: 2, or all of a model with fewer)."""
+    slice_iters: int = 3
+    """slice mode: timed forwards after the warm-up ones (``warmup_steps`` of them); the median is reported."""
+    components: list[str] = field(default_factory=list)
+    """components mode: what to time, e.g. ``attention:_flash_3`` (one attention call at the workload's
+    shape through that backend) or ``gemm:fp8_rowwise`` (one block's token GEMMs with that quant value)."""
     fault: str = "none"
     """Fault to inject (see FAULTS); none in every real run."""
     fault_step: int = 0
@@ -209,6 +224,19 @@ class RunResult:
     frames: int = 0
     video_frames: int = 0
     """Frames decoded back from the written mp4 (0 when no video was written)."""
+    forward_s: float = 0.0
+    """slice mode: median seconds of one forward of the slice (knobs applied; warm-up in timings.warmup_s)."""
+    blocks: int = 0
+    """slice mode: blocks in the slice."""
+    model_blocks: int = 0
+    """slice mode: blocks in the model's expert (what the slice stands for)."""
+    rel_err: float = 0.0
+    """slice mode: ||out - ref|| / ||ref|| of the slice's output against the same slice before any knob
+    (the model's dtype, diffusers' default attention): a lossless knob keeps it at bf16 rounding."""
+    component_ms: dict[str, float] = field(default_factory=dict)
+    """components mode: milliseconds per component that ran (median of a few calls after one warm-up)."""
+    component_errors: dict[str, str] = field(default_factory=dict)
+    """components mode: why a component did not run (its first error line)."""
     notes: list[str] = field(default_factory=list)
     schema_version: int = SPEC_SCHEMA
 
