@@ -9,15 +9,18 @@ from typing import Any
 
 from recipes.records import TrialRecord
 
+WHOLE_RUNG = 4
+"""The ladder's rung that runs the whole workload (autotune.ladder.RUNGS)."""
 CONFIRM_PREFIX = "wanctl_confirm_"
 CONFIRM_TRIES = 3
 """Distinct candidates a tune confirms, fastest first, before it settles for what was confirmed earlier."""
 
 
 def ranked(records: Iterable[TrialRecord]) -> list[TrialRecord]:
-    """Candidates for the recipe, fastest first: ran, passed the gate and beat the baseline."""
+    """Candidates for the recipe, fastest first: ran the whole workload (a ladder's cheaper rungs only
+    predict), passed the gate and beat the baseline."""
     return sorted((r for r in records if r.outcome == "ok" and r.gate_passed and r.role != "baseline"
-                   and r.speedup > 1.0), key=lambda r: r.denoise_pred_s)
+                   and r.speedup > 1.0 and r.rung >= WHOLE_RUNG), key=lambda r: r.denoise_pred_s)
 
 
 def stored_confirmations(attrs: dict[str, Any]) -> dict[int, TrialRecord]:

@@ -16,6 +16,8 @@ from recipes.models import lightning_dirname, model_spec, parse_size
 from recipes.recipe import DEFAULT_PROMPT, LIGHTNING_TASKS, MAX_FRAMES, SYNTHETIC, Recipe, validate
 from recipes.spec import FAULTS
 
+LADDER_MODES = ("auto", "on", "off")
+
 
 def _d(default: Any, domain: Domain) -> Any:
     """A tuner setting with its domain (recipes.fields), checked like a recipe field wherever a TuneConfig is made:
@@ -59,6 +61,11 @@ class TuneConfig:
     """Which knobs are searched: any (lossy ones too, each judged by the quality gate against the baseline's
     output), gated (the same: wanctl never emits a lossy stack its gate did not pass), or lossless (only knobs
     that keep the baseline's output, checked numerically: no 8-bit attention, quantization, cache or Lightning)."""
+    ladder: str = _d("auto", Domain(choices=LADDER_MODES))
+    """The fidelity ladder (autotune.ladder): on (stacks climb from kernel timings and a transformer slice
+    to the whole workload, which only finalists run), off (every stack runs the whole workload), or auto:
+    on, but off for the tiny model (one whole run there costs less than a slice's process start) and for
+    several GPUs (a slice runs on one)."""
     storage: str = _d("", Domain(max_chars=PATH_MAX_CHARS))
     """Optuna storage: PATH.journal (default: OUT/study.journal), sqlite:///..., postgresql://..."""
     study: str = _d("", Domain(max_chars=NAME_MAX_CHARS))
@@ -162,6 +169,13 @@ class TuneConfig:
         d = dataclasses.asdict(self)
         d["inject"] = list(self.inject)
         return d
+
+    def ladder_on(self, space: Any) -> bool:
+        """Whether this study climbs the ladder on ``space`` (a SearchSpace: its GPU counts)."""
+        if self.ladder == "off":
+            return False
+        one_gpu = max(space.gpus) == 1
+        return one_gpu if self.ladder == "on" else one_gpu and not self.single_run
 
     @property
     def single_run(self) -> bool:

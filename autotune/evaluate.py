@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autotune.choice import recipe_hash
+from autotune.choice import WHOLE_RUNG, recipe_hash
 from autotune.config import TuneConfig
 from autotune.fallbacks import MemoryFallback, memory_fallbacks
+from autotune.ladder import Ladder
 from autotune.plan import traceable
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
@@ -60,6 +61,12 @@ class Evaluator:
         self._carried: list[tuple[str, int]] = []
         """Injected faults whose trial ran no process, for the next trial that runs one."""
         self.launch: Launch = launch or self._run_trial
+        self.ladder: Ladder | None = None
+        if cfg.ladder_on(space):
+            self.ladder = Ladder(cfg, space, state, self.policy, self.tol, self._spec, self._launch)
+
+    def _launch(self, spec: TrialSpec) -> TrialOutcome:
+        return self.launch(spec)  # late-bound: a test may swap ``launch`` after construction
 
     def evaluate_trial(self, number: int, role: str, recipe: Recipe) -> TrialRecord:
         notes: list[str] = []
@@ -84,20 +91,35 @@ class Evaluator:
         if recipe.compile != "off" and not recipe.compile_fullgraph and (breaks := graph_break(recipe)):
             notes.append(f"compiled with fullgraph=False: {breaks}")  # the tuner's change, said where it applies
         h = recipe_hash(recipe.to_dict())
-        if h in self.state.by_hash:
+        climbs = (self.ladder is not None and self.state.baseline is not None and role not in ("baseline", "finalist")
+                  and recipe.gpus == 1 and self.state.ladder.base_forward_s > 0)
+        reaches = 2 if climbs else WHOLE_RUNG
+        if h in self.state.by_hash and self.state.by_hash[h].rung >= min(reaches, 2):
             prev = self.state.by_hash[h]
-            return dataclasses.replace(prev, number=number, role=role, label=label,
-                                       reason=f"same recipe as trial {prev.number}: not run again"
-                                       + (f" ({prev.reason})" if prev.reason else ""),
-                                       notes=notes + [f"same recipe as trial {prev.number}: not run again"])
+            if prev.rung >= reaches or prev.outcome != "ok":  # measured this far already, or stopped below
+                return dataclasses.replace(prev, number=number, role=role, label=label,
+                                           reason=f"same recipe as trial {prev.number}: not run again"
+                                           + (f" ({prev.reason})" if prev.reason else ""),
+                                           notes=notes + [f"same recipe as trial {prev.number}: not run again"])
         if role == "baseline" or self.state.baseline is None:
             rec = self._run_baseline(number, recipe)
+            if self.ladder is not None:
+                for note in self.ladder.measure_base(number):
+                    self.state.notes.append(note)
+                    self.reporter.message(note)
+        elif climbs:
+            assert self.ladder is not None
+            fraction = self._priced_fraction(recipe)
+            rec = self._verdict(number, recipe, self.ladder.climb(number, role, recipe, label, notes, fraction),
+                                set())
         else:
-            rec = self._run_candidate(number, role, recipe, label, notes)
-        self.state.by_hash[h] = rec
+            slice_rec = self.state.by_hash.get(h)
+            rec = self._run_candidate(number, role, recipe, label, notes,
+                                      checked=slice_rec if slice_rec is not None and slice_rec.rung == 2 else None)
+        self.state.remember(rec, h)
         if rec.fallbacks:  # the stack a memory fallback ran is measured too: a later trial that samples it is not
             # run again (a resumed run keys records this way)
-            self.state.by_hash.setdefault(recipe_hash(rec.recipe), rec)
+            self.state.remember(rec)
         return rec
 
     def carry_fault(self, number: int, rec: TrialRecord) -> None:
@@ -219,13 +241,17 @@ class Evaluator:
         self.state.ref_step_s[kind] = out.result.timings.step_median_s
         self.state.save_baseline()
 
-    def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str]) -> TrialRecord:
+    def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str],
+                       checked: TrialRecord | None = None) -> TrialRecord:
+        """The whole workload (rung 4; rung 3's quality run first for a lossy stack). ``checked``: the
+        stack's slice (rung 2), whose prediction this run tests and whose numeric check stands for a
+        lossless stack's quality run."""
         assert self.state.baseline is not None
         fallbacks: list[str] = []
         fallback_fields: set[str] = set()
         attempt = 0
         while True:
-            rec = self._measure(number, role, label, recipe, attempt, notes)
+            rec = self._measure(number, role, label, recipe, attempt, notes, checked)
             if rec.outcome != "oom":
                 break
             options = self._memory_options(recipe, rec.phase)
@@ -237,6 +263,15 @@ class Evaluator:
             label = recipe.stack_label(self.state.base_recipe)
             attempt += 1
         rec = dataclasses.replace(rec, fallbacks=fallbacks)
+        if checked is not None:
+            rec = dataclasses.replace(rec, predicted_s=checked.denoise_pred_s, forward_s=checked.forward_s,
+                                      slice_rel_err=checked.slice_rel_err)
+        return self._verdict(number, recipe, rec, fallback_fields)
+
+    def _verdict(self, number: int, recipe: Recipe, rec: TrialRecord, fallback_fields: set[str]) -> TrialRecord:
+        """A measured stack against the baseline, on any rung: a single knob that broke, or lost, is
+        excluded from later trials (stacks built on it would end the same way)."""
+        assert self.state.baseline is not None
         if rec.outcome in BROKEN_OUTCOMES and not fallback_fields - DENOISE_NEUTRAL_FALLBACKS:
             # (after an offload fallback the knob is not what ran alone: nothing is blamed, as for slowness)
             diff = [k for k in recipe.diff(self.state.base_recipe) if k not in fallback_fields]
@@ -273,7 +308,7 @@ class Evaluator:
                 if (r := _valid_or_none(recipe.replace(**f.changes))) is not None and not self.space.why_not(r)]
 
     def _measure(self, number: int, role: str, label: str, recipe: Recipe, attempt: int,
-                 notes: list[str]) -> TrialRecord:
+                 notes: list[str], checked: TrialRecord | None = None) -> TrialRecord:
         tag = f"a{attempt}"
         if self.cfg.single_run:
             out = self.launch(self._spec(recipe, "quality", number, tag, ref="full"))
@@ -284,6 +319,8 @@ class Evaluator:
             if rec.outcome == "ok" and out.result is not None:
                 rec = self._gate(rec, recipe, out.result)
             return rec
+        if checked is not None and tier_of(recipe) == "lossy":
+            return self._quality_first(number, role, label, recipe, tag, notes, checked)
         out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
         rec = self._record(number, role, label, recipe, out, notes)
         if rec.outcome != "ok" or out.result is None:
@@ -296,29 +333,58 @@ class Evaluator:
                                  * (1.0 if recipe.cache == "none" else 4.0)):
             return rec  # hopeless even before quality: no proxy run spent on it
         kind = "full" if tier_of(recipe) == "lossy" else "short"
+        if kind == "short" and checked is not None and checked.gate_passed and checked.gate_tier == "lossless":
+            # rung 2 checked the lossless knobs numerically on the slice: no quality run on the real model
+            return dataclasses.replace(rec, gate_passed=True, gate_tier="lossless",
+                                       gate_reason=f"{checked.gate_reason} (rung 2, trial {checked.number})")
         self._reference(kind)
         q = self.launch(self._spec(self._proxy(recipe, short=kind == "short"), "quality", number, tag + "q", ref=kind))
         if q.outcome != "ok" or q.result is None:
             return dataclasses.replace(rec, outcome=q.outcome, reason=f"quality run: {q.reason}")
-        if recipe.cache != "none" and not q.result.step_forwards and q.result.computed_steps and fraction == 1.0:
+        return self._gate(self._counted(rec, recipe, fraction, q.result)[0], recipe, q.result)
+
+    def _quality_first(self, number: int, role: str, label: str, recipe: Recipe, tag: str, notes: list[str],
+                       checked: TrialRecord) -> TrialRecord:
+        """A lossy finalist: rung 3 (its quality on the real model at the proxy) before rung 4 (the whole
+        workload), which it reaches only when the gate passes."""
+        self._reference("full")
+        q = self.launch(self._spec(self._proxy(recipe, short=False), "quality", number, tag + "q", ref="full"))
+        rung3 = TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), rung=3, notes=list(notes),
+                            outcome=q.outcome, reason=f"quality run: {q.reason}" if q.reason else "",
+                            predicted_s=checked.denoise_pred_s, wall_s=q.wall_s, stderr_tail=q.stderr_tail[-1500:])
+        if q.outcome != "ok" or q.result is None:
+            return rung3
+        judged = self._gate(rung3, recipe, q.result)
+        if not judged.gate_passed:
+            return judged
+        out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
+        rec = self._record(number, role, label, recipe, out, notes)
+        if rec.outcome != "ok" or out.result is None:
+            return rec
+        rec, _ = self._counted(rec, recipe, self._priced_fraction(recipe), q.result)
+        return self._gate(rec, recipe, q.result)
+
+    def _counted(self, rec: TrialRecord, recipe: Recipe, fraction: float, q: RunResult) -> tuple[TrialRecord, float]:
+        """``rec`` priced with the forwards a cache really computed in the quality run (its whole schedule),
+        where the schedule could not be known before; returns the record and the fraction used."""
+        if recipe.cache != "none" and not q.step_forwards and q.computed_steps and fraction == 1.0:
             # Compiled: nothing counted. A schedule not known before the run (FBCache, SeaCache, MagCache before
             # its ratios) is taken from the whole quality run's steps, told apart by time.
-            fraction = sum(q.result.computed_steps) / len(q.result.computed_steps)
+            fraction = sum(q.computed_steps) / len(q.computed_steps)
             rec = dataclasses.replace(rec, notes=[*rec.notes, f"{recipe.cache} under compile: {fraction:.3f} of "
                                                   "the steps computed, told apart by their time (not counted)"])
-        if recipe.cache != "none" and q.result.step_forwards:
+        if recipe.cache != "none" and q.step_forwards:
             priced = fraction
-            fraction = _forward_fraction(q.result.step_forwards, recipe)
+            fraction = _forward_fraction(q.step_forwards, recipe)
             if recipe.cache == "taylorseer" and abs(fraction - priced) > 1e-9:
                 # The schedule is fixed, so a difference means the hooks did not do what the recipe says.
                 rec = dataclasses.replace(rec, notes=[*rec.notes, f"taylorseer computed {fraction:.3f} of the "
                                                       f"forwards, priced {priced:.3f}: the measured count is used"])
-            if recipe.cache == "magcache" and q.result.cache_ratios and not self.state.magcache_ratios:
-                self.state.magcache_ratios = q.result.cache_ratios
+            if recipe.cache == "magcache" and q.cache_ratios and not self.state.magcache_ratios:
+                self.state.magcache_ratios = q.cache_ratios
                 self.state.save_baseline()
         pred = predicted_denoise_s(rec.step_median_s, recipe.steps, fraction, rec.skipped_step_s)
-        rec = dataclasses.replace(rec, denoise_pred_s=pred, computed_fraction=fraction)
-        return self._gate(rec, recipe, q.result)
+        return dataclasses.replace(rec, denoise_pred_s=pred, computed_fraction=fraction), fraction
 
     def confirm(self, cand: TrialRecord) -> TrialRecord:
         """Re-measure the candidate's speed in a fresh process: speed is what varies between runs (clocks,

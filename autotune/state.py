@@ -6,6 +6,7 @@ on --resume (restore) or while waiting for another tuner's baseline."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,6 +32,26 @@ from recipes.records import (
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class LadderState:
+    """What the ladder learned beside the baseline, kept in the study's baseline attribute."""
+
+    base_forward_s: float = 0.0
+    base_warmup_s: float = 0.0
+    blocks: int = 0
+    model_blocks: int = 0
+    component_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    component_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_attr(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_attr(cls, data: dict[str, Any] | None) -> LadderState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
 class StudyState:
     """Changed as trials run and written to the study under this worker's own keys (flush_attrs), so
     tuners beside it on the same storage never overwrite each other's."""
@@ -53,6 +74,11 @@ class StudyState:
         self.magcache_ratios: list[list[float]] = []
         self.expert_steps: list[int] = []  # each expert's share of the schedule, as the baseline's run reported
         self.by_hash: dict[str, TrialRecord] = {}
+        """The highest-rung record of each recipe measured (autotune.ladder: a finalist's whole-workload
+        record replaces its slice's)."""
+        self.ladder = LadderState()
+        self.slices: dict[str, TrialRecord] = {}
+        """Rung-2 records by the hash of the forward they timed (autotune.ladder.slice_recipe)."""
         self.attrs: dict[str, Any] = {}
         """This worker's study attributes (its baseline, its exclusions), set again on every flush."""
         # this process's name in per-worker study attrs (worker_key): start time first, so keys sort by run
@@ -75,6 +101,7 @@ class StudyState:
             self.ref_step_s = {k: float(v) for k, v in base.get("ref_step_s", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
+            self.ladder = LadderState.from_attr(base.get("ladder"))
         self.adopt_exclusions(study.user_attrs)
         for t in study.get_trials(deepcopy=False):
             rec = t.user_attrs.get(RECORD_KEY)
@@ -82,7 +109,19 @@ class StudyState:
             if rec and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
                 r = TrialRecord.from_attr(rec)
                 if r.outcome not in ("duplicate",):
-                    self.by_hash.setdefault(recipe_hash(r.recipe), r)
+                    self.remember(r)
+
+    def remember(self, rec: TrialRecord, key: str = "") -> None:
+        """Keep ``rec`` as its recipe's record unless one of a higher rung is kept already; a slice is also
+        kept by the forward it timed, for stacks that differ only in a cache or Lightning."""
+        from autotune.ladder import slice_recipe
+
+        key = key or recipe_hash(rec.recipe)
+        kept = self.by_hash.get(key)
+        if kept is None or kept.rung <= rec.rung:
+            self.by_hash[key] = rec
+        if rec.rung == 2 and rec.forward_s > 0:
+            self.slices.setdefault(recipe_hash(slice_recipe(rec.recipe_obj(), self.base_recipe).to_dict()), rec)
 
     def adopt_exclusions(self, attrs: dict[str, Any]) -> None:
         """Every worker's screened exclusions (recipes.records.merged_screened) join this one's; its own
@@ -106,7 +145,7 @@ class StudyState:
         self.attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
                                     "refs": self.ref_paths, "ref_step_s": self.ref_step_s,
                                     "magcache_ratios": self.magcache_ratios,
-                                    "expert_steps": self.expert_steps}
+                                    "expert_steps": self.expert_steps, "ladder": self.ladder.to_attr()}
         self.flush_attrs()
 
     def flush_attrs(self) -> None:

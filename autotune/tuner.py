@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 
 from autotune.adapt import adapt_to_machine
-from autotune.choice import choose_confirmed, confirm_key, confirmed, ranked, stored_confirmations
+from autotune.choice import choose_confirmed, confirm_key, confirmed, ranked, recipe_hash, stored_confirmations
 from autotune.config import TuneConfig
 from autotune.evaluate import Evaluator, Launch
 from autotune.plan import Planner, space_for
@@ -175,6 +175,8 @@ class Tuner:
             # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
             pending = self._unconfirmed_candidate(study)
             confirm = pending.wall_s if pending else 0.0
+            if self.evaluator.ladder is not None:  # the finalist's whole workload and its confirmation come after
+                confirm = max(confirm, self.evaluator.ladder.reserve_s())
             if time.monotonic() - self.started + est + confirm > self.cfg.budget_s:
                 self._budget_note(est)
                 return True
@@ -205,25 +207,44 @@ class Tuner:
 
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
-            trial = ask(study, self.cfg.storage)
-            began = time.monotonic()
-            try:
-                with heartbeat(study, trial):
-                    record = self._run_asked(study, trial)
-            except (KeyboardInterrupt, Terminated) as exc:
-                interrupted(study, trial, exc.name if isinstance(exc, Terminated) else "Ctrl-C")
-                raise
-            except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
-                trial.set_user_attr("wanctl_error", exc.message[:500])
-                trial.set_user_attr(OUTCOME_KEY, "baseline_failed")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            cost = time.monotonic() - began
-            self.trial_costs.append(cost)
-            record = dataclasses.replace(record, cost_s=cost)
-            self._tell(study, trial, record)
-            best = self._best_so_far()
-            self.reporter.trial_finished(record, best)
+            self._one_trial(study)
+        ladder = self.evaluator.ladder
+        promoted: set[str] = set()
+        while ladder is not None and (finalist := ladder.next_finalist()) is not None:
+            key = recipe_hash(finalist.recipe)
+            if key in promoted:  # its whole run left no whole-workload record (a repeat): nothing more to learn
+                break
+            # The first finalist runs whatever the budget says: without one no recipe is emitted; a second
+            # only when its run and its confirmation still fit.
+            if promoted and self.cfg.budget_s and (time.monotonic() - self.started + ladder.reserve_s()
+                                                   > self.cfg.budget_s):
+                break
+            study.enqueue_trial(self.planner.params_of(finalist.recipe_obj()),
+                                user_attrs={"wanctl_role": "finalist", "wanctl_from_trial": finalist.number})
+            self._one_trial(study)
+            promoted.add(key)
+
+    def _one_trial(self, study: optuna.Study) -> None:
+        """Ask, evaluate, tell: one trial, whatever rung it reaches."""
+        trial = ask(study, self.cfg.storage)
+        began = time.monotonic()
+        try:
+            with heartbeat(study, trial):
+                record = self._run_asked(study, trial)
+        except (KeyboardInterrupt, Terminated) as exc:
+            interrupted(study, trial, exc.name if isinstance(exc, Terminated) else "Ctrl-C")
+            raise
+        except NothingFeasible as exc:  # the baseline failed: the trial ends FAIL, not left RUNNING
+            trial.set_user_attr("wanctl_error", exc.message[:500])
+            trial.set_user_attr(OUTCOME_KEY, "baseline_failed")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        cost = time.monotonic() - began
+        self.trial_costs.append(cost)
+        record = dataclasses.replace(record, cost_s=cost)
+        self._tell(study, trial, record)
+        best = self._best_so_far()
+        self.reporter.trial_finished(record, best)
 
     def _run_asked(self, study: optuna.Study, trial: optuna.Trial) -> TrialRecord:
         role = trial.user_attrs.get("wanctl_role") or ("requeued" if REQUEUED_KEY in trial.user_attrs

@@ -108,6 +108,15 @@ class TrialRecord:
     """Wall-clock seconds of the whole trial: speed run, quality run, any reference it needed (what the
     budget pays per trial; 0 in records written before it was kept)."""
     stderr_tail: str = ""
+    rung: int = 4
+    """The highest rung of the fidelity ladder this record measured (autotune.ladder.RUNGS): 1 components
+    (a prediction composed from kernel timings, the stack not run), 2 a transformer slice (the denoise time
+    predicted from it), 4 the whole workload (measured; the only rung a recipe is emitted from). Records
+    from before the ladder are whole-workload ones."""
+    forward_s: float = 0.0
+    """Rung 2: seconds of one forward of the slice, knobs applied (warm-up apart, in ``warmup_s``)."""
+    slice_rel_err: float = 0.0
+    """Rung 2: the slice's output against the same slice before any knob (lossless knobs stay at rounding)."""
 
     def to_attr(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

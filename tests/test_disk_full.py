@@ -48,7 +48,7 @@ class Filling(SimulatedRuntime):
 
 
 def test_tune_on_a_filling_disk_stops_cleanly_and_resumes(h100: ProbeResult, small_disk: Path) -> None:  # noqa: F811
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=400, out_dir=str(small_disk))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=400, out_dir=str(small_disk))
     with pytest.raises(StudyError, match="disk full") as info:
         Tuner(cfg, h100, launch=Filling()).run()
     assert "--resume" in info.value.hint

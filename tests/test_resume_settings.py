@@ -34,10 +34,10 @@ def _study(out: Path, cfg: TuneConfig, probe: ProbeResult) -> str:
 
 
 def test_settings_left_at_their_defaults_come_from_the_study(h100: ProbeResult, tmp_path: Path) -> None:
-    first = TuneConfig(model="random", task="ti2v-5B", frames=17, prompt="a blue whale", seed=7,
+    first = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, prompt="a blue whale", seed=7,
                        quality="lossy_psnr=22", out_dir=str(tmp_path), trials=4)
     _study(tmp_path, first, h100)
-    again = TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path), trials=9, resume=True)
+    again = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, out_dir=str(tmp_path), trials=9, resume=True)
     cfg, notes = settings_for_resume(again, h100)
     assert (cfg.prompt, cfg.seed, cfg.quality, cfg.trials) == ("a blue whale", 7, "lossy_psnr=22", 9)
     assert any("the study's own" in n and "prompt='a blue whale'" in n for n in notes)
@@ -48,7 +48,7 @@ def test_settings_left_at_their_defaults_come_from_the_study(h100: ProbeResult, 
                                           ({"prompt": "a red fox"}, "--prompt")])
 def test_a_setting_given_another_value_is_refused_by_name(h100: ProbeResult, tmp_path: Path, change: dict,
                                                           flag: str) -> None:
-    first = TuneConfig(model="random", task="ti2v-5B", frames=17, prompt="a blue whale", out_dir=str(tmp_path))
+    first = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, prompt="a blue whale", out_dir=str(tmp_path))
     _study(tmp_path, first, h100)
     with pytest.raises(BadInput, match=f"{flag} .* differs from study") as err:
         settings_for_resume(dataclasses.replace(first, resume=True, **change), h100)
@@ -56,12 +56,12 @@ def test_a_setting_given_another_value_is_refused_by_name(h100: ProbeResult, tmp
 
 
 def test_a_resume_that_names_no_study_while_others_are_there_says_which(h100: ProbeResult, tmp_path: Path) -> None:
-    name = _study(tmp_path, TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path)), h100)
-    other_frames = TuneConfig(model="random", task="ti2v-5B", frames=33, out_dir=str(tmp_path), resume=True)
+    name = _study(tmp_path, TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, out_dir=str(tmp_path)), h100)
+    other_frames = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=33, out_dir=str(tmp_path), resume=True)
     with pytest.raises(BadInput, match="it holds: " + name) as err:
         settings_for_resume(other_frames, h100)
     assert f"--study {name}" in err.value.hint
-    fresh = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path / "new"), resume=True)
+    fresh = TuneConfig(model="random", ladder="off", task="ti2v-5B", out_dir=str(tmp_path / "new"), resume=True)
     assert settings_for_resume(fresh, h100) == (fresh, [])  # nothing there yet: --resume starts it
 
 
@@ -73,7 +73,7 @@ def test_one_output_folder_holds_one_study(tmp_path: Path) -> None:
 
 
 def test_typing_the_workload_the_study_resolved_to_is_the_same_study(h100: ProbeResult, tmp_path: Path) -> None:
-    first = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path))  # size/frames/steps: defaults
+    first = TuneConfig(model="random", ladder="off", task="ti2v-5B", out_dir=str(tmp_path))  # size/frames/steps: defaults
     _study(tmp_path, first, h100)
     r = first.base_recipe().resolved()
     spelled = dataclasses.replace(first, resume=True, size=r.size, frames=r.frames, steps=r.steps)
@@ -82,7 +82,7 @@ def test_typing_the_workload_the_study_resolved_to_is_the_same_study(h100: Probe
 
 
 def test_a_study_whose_creator_died_before_its_setup_can_be_resumed(h100: ProbeResult, tmp_path: Path) -> None:
-    cfg = TuneConfig(model="random", task="ti2v-5B", out_dir=str(tmp_path), resume=True)
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", out_dir=str(tmp_path), resume=True)
     tmp_path.mkdir(exist_ok=True)
     optuna.create_study(study_name=default_study_name(cfg, h100),
                         storage=JournalStorage(JournalFileBackend(str(tmp_path / "study.journal"))))
@@ -154,19 +154,19 @@ def test_a_proxy_no_recipe_takes_is_refused_before_the_baseline() -> None:
     from autotune.config import TuneConfig
 
     with pytest.raises(BadInput, match="--proxy-size: recipe field 'size' = '832x480'"):
-        TuneConfig(model="random", task="t2v-A14B", proxy_size="832x480")
+        TuneConfig(model="random", ladder="off", task="t2v-A14B", proxy_size="832x480")
     with pytest.raises(BadInput, match="--proxy-frames: .* 4n\\+1") as err:
-        TuneConfig(model="random", task="t2v-A14B", proxy_frames=16)
+        TuneConfig(model="random", ladder="off", task="t2v-A14B", proxy_frames=16)
     assert "--proxy-frames" in err.value.hint
-    TuneConfig(model="random", task="t2v-A14B", proxy_size="832*480", proxy_frames=17)
+    TuneConfig(model="random", ladder="off", task="t2v-A14B", proxy_size="832*480", proxy_frames=17)
     TuneConfig(model="tiny", proxy_size="832x480")  # tiny measures speed and quality in one full run: unused
 
 
 def test_a_flag_given_at_its_default_value_is_the_users_not_the_studys(h100: ProbeResult, tmp_path: Path) -> None:
     """`--objective latency --seed 42` on a pareto study seeded 7 was resumed as pareto/7 with a note."""
-    first = TuneConfig(model="random", task="ti2v-5B", frames=17, objective="pareto", seed=7, out_dir=str(tmp_path))
+    first = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, objective="pareto", seed=7, out_dir=str(tmp_path))
     _study(tmp_path, first, h100)
-    again = TuneConfig(model="random", task="ti2v-5B", frames=17, out_dir=str(tmp_path), resume=True)
+    again = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, out_dir=str(tmp_path), resume=True)
     assert settings_for_resume(again, h100)[0].objective == "pareto"  # not typed: the study's
     with pytest.raises(BadInput, match="--objective 'latency' differs from study"):
         settings_for_resume(again, h100, given=frozenset({"objective"}))
@@ -176,7 +176,7 @@ def test_lightning_none_is_not_a_host_path(h100: ProbeResult, tmp_path: Path) ->
     """'none' (Lightning not searched) against a study that searched a LoRA folder changes the space."""
     lora = tmp_path / "lora"
     lora.mkdir()
-    first = TuneConfig(model="random", task="t2v-A14B", lightning_lora=str(lora), out_dir=str(tmp_path))
+    first = TuneConfig(model="random", ladder="off", task="t2v-A14B", lightning_lora=str(lora), out_dir=str(tmp_path))
     _study(tmp_path, first, h100)
     with pytest.raises(BadInput, match="--lightning-lora 'none' differs from study"):
         settings_for_resume(dataclasses.replace(first, resume=True, lightning_lora="none"), h100)

@@ -2,7 +2,9 @@
 
 The real process boundary is covered by test_tune_e2e and test_trial_faults; here many trials run in
 a second so the study's rules (exclusions, fallbacks, gate tiers, confirmation, best choice) are checked
-over a realistic search space (the recorded H100 probe) and with timings that make knobs lose.
+over a realistic search space (the recorded H100 probe) and with timings that make knobs lose. These studies
+run with the ladder off (every stack on the whole workload): the rules they pin hold on rung 4 as they did;
+tests/test_ladder.py covers the ladder's own.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def runtime(t: Tuner) -> SimulatedRuntime:
 
 def run(h100: ProbeResult, tmp_path: Path, trials: int = 30, **kw: object) -> Tuner:
     oom_if = kw.pop("oom_if", None)
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path),
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path),
                      **kw)  # type: ignore[arg-type]
     t = simulated(cfg, h100, SimulatedRuntime(oom_if=oom_if))  # type: ignore[arg-type]
     t.result = t.run()  # type: ignore[attr-defined]
@@ -292,7 +294,7 @@ def test_worker_without_a_baseline_measures_it_first(h100: ProbeResult, tmp_path
     from autotune.study import load_or_create, open_storage
 
     url = _sqlite(tmp_path)
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
                      storage=url)
     dead = simulated(cfg, h100)
     study, created = load_or_create(open_storage(url), dead.study_name(), ["minimize"],
@@ -321,7 +323,7 @@ def test_a_baseline_trial_taken_by_another_tuner_but_still_read_waiting_is_waite
     from autotune.workers import await_baseline
 
     url = _sqlite(tmp_path)
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path / "a"),
                      storage=url)
     t = simulated(cfg, h100)
     study, _ = load_or_create(open_storage(url), t.study_name(), ["minimize"], optuna.samplers.TPESampler(), False)
@@ -354,7 +356,7 @@ def test_a_baseline_finished_between_the_waiters_two_reads_is_not_measured_again
     url = _sqlite(tmp_path)
 
     def worker(name: str) -> Tuner:
-        cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4,
+        cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=4,
                          out_dir=str(tmp_path / name), storage=url, resume=True, study="shared")
         t = simulated(cfg, h100)
         t.state.study, _ = load_or_create(open_storage(url), "shared", ["minimize"], optuna.samplers.TPESampler(), True)
@@ -397,7 +399,7 @@ def test_ctrl_c_marks_the_running_trial_failed_and_requeues_it(h100: ProbeResult
                 raise KeyboardInterrupt
             return super().__call__(spec)
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
     t = simulated(cfg, h100, Interrupted())
     with pytest.raises(KeyboardInterrupt):
         t.run()
@@ -444,7 +446,7 @@ def test_a_resumed_study_measures_the_stacks_an_uninterrupted_one_does(h100: Pro
         return {json.dumps(r.recipe, sort_keys=True) for r in recs}
 
     whole = run(h100, tmp_path / "whole", trials=trials)
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path / "cut"))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(tmp_path / "cut"))
     with pytest.raises((_Killed, KeyboardInterrupt)):
         simulated(cfg, h100, _DiesInTrial(dies_in=dies_in, how=how)).run()
     resumed = run(h100, tmp_path / "cut", trials=trials, resume=True)
@@ -458,7 +460,7 @@ def test_a_report_says_which_trials_it_leaves_out_and_why(h100: ProbeResult, tmp
     without a word: the reader says so, and the resumed tuner's report too."""
     from autotune.results import result_from_study
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
     with pytest.raises(_Killed):
         simulated(cfg, h100, _DiesInTrial(dies_in=3, how="kill")).run()
     name = simulated(cfg, h100).study_name()
@@ -521,7 +523,7 @@ class _Shared(SimulatedRuntime):
 
 
 def _worker(probe: ProbeResult, url: str, out: str, trials: int, first: bool, joined: object) -> None:
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=out, storage=url,
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=out, storage=url,
                      resume=True, study="shared")
     t = simulated(cfg, probe, _Shared(first=first, joined=joined))
     runtime(t).trial_s = 0.05
@@ -607,7 +609,7 @@ class _Racer(SimulatedRuntime):
 def _race(probe: ProbeResult, out: str, go: object, tried: object) -> None:
     from recipes.errors import StudyBusy
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=out, resume=True,
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=out, resume=True,
                      study="demo")
     t = simulated(cfg, probe, _Racer(tried=tried))
     go.wait(timeout=60)  # type: ignore[attr-defined]
@@ -734,7 +736,7 @@ def test_a_knob_another_worker_screened_out_is_not_tried_here(h100: ProbeResult,
     from autotune.results import result_from_study
     from recipes.records import SCREENED_KEY
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=30, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=30, out_dir=str(tmp_path))
     other = _JoinedByAnotherWorker()
     t = simulated(cfg, h100, other)
     other.state = t.state
@@ -815,7 +817,7 @@ def test_kernels_that_rarely_win_are_screened_after_the_warm_starts(h100: ProbeR
 
 def test_several_gpus_measure_the_layouts_first_and_keep_the_fastest(tmp_path: Path) -> None:
     eight = probe_machine("h100_sxm_8x", tmp_path / "m")
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=14, out_dir=str(tmp_path / "o"),
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=14, out_dir=str(tmp_path / "o"),
                      gpus=4)
     t = simulated(cfg, eight)
     res = t.run()
@@ -836,7 +838,7 @@ def test_several_gpus_measure_the_layouts_first_and_keep_the_fastest(tmp_path: P
 def test_a_model_that_fits_only_sharded_has_a_sharded_baseline(tmp_path: Path) -> None:
     two = probe_machine("a100_80gb_2x", tmp_path / "m")
     two = dataclasses.replace(two, gpus=tuple(dataclasses.replace(g, memory_total_mib=49152) for g in two.gpus))
-    cfg = TuneConfig(model="random", task="t2v-A14B", size="1280*720", frames=81, steps=4, trials=4,
+    cfg = TuneConfig(model="random", ladder="off", task="t2v-A14B", size="1280*720", frames=81, steps=4, trials=4,
                      out_dir=str(tmp_path / "o"), gpus=2)
     t = simulated(cfg, two)
     res = t.run()
@@ -847,7 +849,7 @@ def test_a_model_that_fits_only_sharded_has_a_sharded_baseline(tmp_path: Path) -
 
 
 def _a14b(h100: ProbeResult, tmp_path: Path, **kw: object) -> Tuner:
-    cfg = TuneConfig(model="random", task="t2v-A14B", frames=17, steps=8, trials=20, out_dir=str(tmp_path),
+    cfg = TuneConfig(model="random", ladder="off", task="t2v-A14B", frames=17, steps=8, trials=20, out_dir=str(tmp_path),
                      **kw)  # type: ignore[arg-type]
     t = simulated(cfg, h100)
     t.result = t.run()  # type: ignore[attr-defined]
@@ -887,7 +889,7 @@ def test_an_injected_fault_whose_trial_runs_nothing_goes_to_the_next_trial_that_
                                                                                     tmp_path: Path) -> None:
     """`make demo`'s oom_decode@3 showed no fallback when timing noise excluded trial 2's cache and so made
     trial 3 a repeat of the baseline, run by no process: the fault goes to the next trial that runs one."""
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=5, out_dir=str(tmp_path),
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=5, out_dir=str(tmp_path),
                      inject=("oom_decode@1",))
     t = simulated(cfg, h100)
     for a in t.space.attention:  # trial 1 screens an attention kernel: excluded, it is the baseline again
@@ -914,7 +916,7 @@ def test_sage_is_compiled_around_not_through(h100: ProbeResult, tmp_path: Path) 
     validate(Recipe(attention="sage", compile="regional", compile_fullgraph=False))
     sage_ok = dataclasses.replace(h100.kernel("attention:native"), name="attention:sage")  # as if Sage 2 were built
     probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels if k.name != "attention:sage") + (sage_ok,))
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
     t = simulated(cfg, probe)
     t.run()
     sage = [s.recipe for s in runtime(t).specs if s.recipe.attention == "sage"]
@@ -954,7 +956,7 @@ class _FirstConfirmationCrashes(SimulatedRuntime):
 
 
 def test_a_recipe_that_fails_its_confirmation_is_not_emitted(h100: ProbeResult, tmp_path: Path) -> None:
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
     t = simulated(cfg, h100, _FirstConfirmationCrashes())
     res = t.run()
     confirms = [s for s in runtime(t).specs if s.out_dir.endswith("-a9")]
@@ -1000,7 +1002,7 @@ def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: Prob
     ok = [dataclasses.replace(h100.kernel("attention:native"), name=f"attention:{a}") for a in ("fa3_fp8", "sage")]
     probe = dataclasses.replace(h100, kernels=tuple(k for k in h100.kernels
                                                     if k.name not in ("attention:fa3_fp8", "attention:sage")) + tuple(ok))
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=25, out_dir=str(tmp_path))
     t = simulated(cfg, probe)
     assert {"fa3_fp8", "sage"} <= set(t.space.attention)
     starts = t.planner.warm_starts(Recipe(model="random", task="ti2v-5B", frames=17, steps=8))
@@ -1009,7 +1011,7 @@ def test_search_space_and_tuner_prefer_fa3_fp8_as_the_8_bit_attention(h100: Prob
 
 
 def test_a_budget_spent_on_the_baseline_says_so(h100: ProbeResult, tmp_path: Path) -> None:
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, budget_s=1.5, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, budget_s=1.5, out_dir=str(tmp_path))
     t = simulated(cfg, h100)
     runtime(t).trial_s = 1.0  # the baseline's trial takes >= 1 s: 1.5 s hold no second one
     res = t.run()
@@ -1022,7 +1024,7 @@ def test_a_failed_baseline_leaves_its_trial_failed_not_running(h100: ProbeResult
 
     from recipes.errors import NothingFeasible
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=4, out_dir=str(tmp_path))
     t = simulated(cfg, h100, SimulatedRuntime(oom_if={"cache": "none"}))  # the baseline (and its memory fallbacks) OOM
     with pytest.raises(NothingFeasible, match="baseline"):
         t.run()
@@ -1037,7 +1039,7 @@ def test_an_exclusion_this_wanctl_cannot_read_is_skipped_not_fatal(h100: ProbeRe
     not end the run (the trial already taken would be left RUNNING)."""
     from recipes.records import SCREENED_KEY, worker_key
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
     t = simulated(cfg, h100)  # type: ignore[arg-type]
     t.state.adopt_exclusions({worker_key(SCREENED_KEY, "newer"): {"future_knob": {"x": "measured 0.9x"},
                                                              "attention": {"flex": "measured 0.8x"}}})
@@ -1074,7 +1076,7 @@ def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult,
 def test_a_baseline_that_runs_out_of_memory_takes_a_memory_fallback(h100: ProbeResult, tmp_path: Path) -> None:
     """The machine plan is an estimate: a baseline whose VAE decode OOMs is run again tiled, and every trial is
     built on that (a resumed run too), instead of the tune ending with nothing measured."""
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=6, out_dir=str(tmp_path))
     t = simulated(cfg, h100, SimulatedRuntime(oom_if={"vae_tiling": False}))
     runtime(t).oom_phase = "vae_decode"
     res = t.run()
@@ -1215,7 +1217,7 @@ def test_a_kernel_whose_screen_crashes_is_not_built_on_again(h100: ProbeResult, 
     """The warm starts are built on one attention kernel (here cuDNN, the H100's pick): when its one-knob
     screen crashes, every warm start on it crashed too (7 processes in the review); it is excluded like a
     slower one, and the stacks built on it run with the baseline's kernel instead."""
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=20, out_dir=str(tmp_path))
     t = simulated(cfg, h100, _CudnnCrashes())
     res = t.run()
     assert "failed in trial" in t.state.exclusions.as_dict()["attention"]["_native_cudnn"]
@@ -1245,7 +1247,7 @@ def test_stacks_drawn_on_several_gpus_are_ones_validation_takes(tmp_path: Path, 
     from recipes.errors import RecipeError
 
     probe = probe_machine(machine, tmp_path / "m")
-    cfg = TuneConfig(model="random", task=task, trials=1, gpus=gpus, out_dir=str(tmp_path / "o"))
+    cfg = TuneConfig(model="random", ladder="off", task=task, trials=1, gpus=gpus, out_dir=str(tmp_path / "o"))
     t = simulated(cfg, probe)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     refused, layouts = [], set()
@@ -1283,7 +1285,7 @@ def test_a_compiled_cache_is_priced_from_the_steps_that_computed(h100: ProbeResu
     """FBCache under compile: nothing counts its forwards and its schedule is not known before the run; it
     was priced as computing every step (never faster than compile alone). The quality run's steps, told
     apart by time in the runtime, price it now, and every spec with a cache carries the baseline's step."""
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
     t = simulated(cfg, h100, _CompiledUncounted())
     t.run()
     fb = t.state.base_recipe.replace(cache="fbcache", cache_threshold=0.1, compile="regional", compile_fullgraph=False)
@@ -1309,7 +1311,7 @@ class _OffloadCrashes(SimulatedRuntime):
 def test_a_knob_that_failed_only_after_an_offload_fallback_is_not_excluded(h100: ProbeResult, tmp_path: Path) -> None:
     """fp8 alone ran out of memory, its offload fallback crashed: what failed is not fp8 alone, so fp8 stays
     in the search (as a slower-than-baseline verdict after offload blames nothing)."""
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=1, out_dir=str(tmp_path))
     t = simulated(cfg, h100, _OffloadCrashes(oom_if={"quant": "fp8_rowwise", "offload": "none"}))
     t.evaluator.space = dataclasses.replace(t.evaluator.space, offload=("none", "model"))  # as on a card it barely fits
     t.run()
@@ -1324,7 +1326,7 @@ def test_ulysses_must_split_the_quality_runs_sequence_too(tmp_path: Path) -> Non
     from autotune.plan import space_for
 
     probe = probe_machine("h100_sxm_8x", tmp_path)
-    s = space_for(TuneConfig(model="random", task="ti2v-5B", frames=81, gpus=3, out_dir=str(tmp_path)), probe)
+    s = space_for(TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=81, gpus=3, out_dir=str(tmp_path)), probe)
     assert s.ulysses == (1,)
     assert s.excluded["ulysses=3"] == "the 4400-token sequence of 1280*704 x 17 frames is not divisible by 3"
     tiny = space_for(TuneConfig(model="tiny", task="ti2v-5B", gpus=2, out_dir=str(tmp_path)), probe)
@@ -1349,7 +1351,7 @@ def test_a_resumed_study_does_not_measure_a_failed_swapped_plan_trial_again(h100
     """Swapped planned stacks are told failed but were measured: a resumed run knows their measurement."""
     from autotune.choice import recipe_hash
 
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=12, out_dir=str(tmp_path))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=12, out_dir=str(tmp_path))
     first = simulated(cfg, h100, _CudnnCrashes())
     first.run()
     swapped = {recipe_hash(r.recipe) for r in first.state.by_hash.values()

@@ -52,7 +52,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     from tests.test_tuner_logic import simulated
 
     out = tmp_path_factory.mktemp("study")
-    cfg = TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=3, out_dir=str(out))
+    cfg = TuneConfig(model="random", ladder="off", task="ti2v-5B", frames=17, steps=8, trials=3, out_dir=str(out))
     tuner = simulated(cfg, probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m")))
     tuner.run()
     return tuner.study_name(), out / "study.journal"

@@ -1,0 +1,191 @@
+"""The fidelity ladder's decisions on a simulated H100 (autotune.ladder): stacks climb from component timings
+and a transformer slice to the whole workload, which only finalists run.
+
+The simulated machine is tests/test_tuner_logic's cost model, answering the cheaper rungs too: a slice's
+forward is the stack's step cost over its forwards, components are the model's attention and GEMM factors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotune.choice import recipe_hash
+from autotune.config import TuneConfig
+from autotune.ladder import slice_recipe
+from autotune.quality_gate import QualityPolicy, judge
+from autotune.trial_runner import TrialOutcome
+from autotune.tuner import Tuner
+from probes.result import ProbeResult
+from recipes.recipe import Recipe
+from recipes.records import RECORD_KEY, TrialRecord
+from recipes.spec import COMPONENTS_FILE, RunResult, Timings, TrialSpec
+from tests.probe_fakes import probe_machine
+from tests.test_tuner_logic import ATTENTION, QUANT, SimulatedRuntime, computed, quality, step_s
+
+MODEL_BLOCKS = 30
+
+
+class LadderRuntime(SimulatedRuntime):
+    """SimulatedRuntime that also answers slice and components specs, and can die on one component or in
+    one trial (``stop_in``: the exception the tuner sees, as a kill or Ctrl-C would make it)."""
+
+    def __init__(self, die_on: str = "", stop_in: int = -1, slice_error: float = 0.0) -> None:
+        super().__init__()
+        self.die_on = die_on
+        self.stop_in = stop_in
+        self.slice_error = slice_error
+
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
+        if spec.trial_number == self.stop_in and spec.mode == "slice":
+            raise KeyboardInterrupt
+        if spec.mode == "slice":
+            self.specs.append(spec)
+            r = spec.recipe
+            forward = step_s(r) / MODEL_BLOCKS * (1 + (self.slice_error if r.compile != "off" else 0.0))
+            lossy = bool(r.lossy_knobs())
+            res = RunResult(outcome="ok", device="cuda:0", forward_s=forward, blocks=2, model_blocks=MODEL_BLOCKS,
+                            rel_err=0.08 if lossy else 0.004,
+                            timings=Timings(warmup_s=3.0 if r.compile != "off" else 0.1, load_s=1.0),
+                            actual={"attention": r.attention, "quant": r.quant, "compile": r.compile})
+            return TrialOutcome("ok", "", res, 0, "", 4.0)
+        if spec.mode == "components":
+            self.specs.append(spec)
+            out = Path(spec.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / COMPONENTS_FILE).open("a") as f:
+                for name in spec.components:
+                    if name == self.die_on:
+                        return TrialOutcome("crash", "killed by signal 11 (SIGSEGV)", None, -11, "", 1.0)
+                    kind, value = name.split(":", 1)
+                    ms = 10.0 * (ATTENTION.get(value, 1.0) if kind == "attention" else QUANT.get(value, 1.0))
+                    f.write(json.dumps({"name": name, "status": "ok", "ms": ms, "detail": ""}) + "\n")
+            return TrialOutcome("ok", "", RunResult(outcome="ok"), 0, "", 2.0)
+        return super().__call__(spec)
+
+
+@pytest.fixture(scope="module")
+def h100(tmp_path_factory: pytest.TempPathFactory) -> ProbeResult:
+    return probe_machine("h100_sxm_1x", tmp_path_factory.mktemp("m"))
+
+
+def ladder_cfg(out: Path, trials: int, **kw: object) -> TuneConfig:
+    return TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, trials=trials, out_dir=str(out),
+                      ladder="on", **kw)  # type: ignore[arg-type]
+
+
+def records(t: Tuner) -> list[TrialRecord]:
+    assert t.state.study is not None
+    return [TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]) for tr in t.state.study.trials
+            if RECORD_KEY in tr.user_attrs]
+
+
+def true_denoise_s(r: Recipe) -> float:
+    """The simulated machine's whole-workload denoise time of ``r`` (what rung 4 would measure)."""
+    r = r.resolved()
+    return step_s(r) * r.steps * (computed(r) + 0.02 * (1 - computed(r)))
+
+
+def passes(r: Recipe) -> bool:
+    return judge(r, quality(r), QualityPolicy()).passed
+
+
+def test_the_best_of_50_stacks_is_found_with_at_most_3_whole_workload_runs(h100: ProbeResult, tmp_path: Path) -> None:
+    """Fifty stacks measured on the cheap rungs, three whole-workload speed runs in all (the baseline, one
+    finalist, its confirmation), and the emitted stack is as fast as the fastest cache-free stack measured
+    that passes the gate (a cache's schedule is priced before a whole run only where it is known: MagCache
+    with ratios, TaylorSeer)."""
+    rt = LadderRuntime()
+    t = Tuner(ladder_cfg(tmp_path, 50), h100, launch=rt)
+    res = t.run()
+    recs = records(t)
+    assert len(recs) >= 50
+    assert {r.rung for r in recs} >= {2, 4}
+    whole_runs = [s for s in rt.specs if s.mode == "measure"]
+    assert len(whole_runs) <= 3, [(s.trial_number, s.recipe.stack_label()) for s in whole_runs]
+    assert res.best is not None and res.confirm is not None and res.best.rung == 4
+    measured = {recipe_hash(r.recipe): r.recipe_obj() for r in recs if r.rung >= 2 and r.outcome != "invalid"}
+    plain = [true_denoise_s(r) for r in measured.values() if r.cache == "none" and passes(r)]
+    assert true_denoise_s(res.best.recipe_obj()) <= min(plain) * 1.0001
+    # one slice per distinct forward: stacks differing only by a cache or Lightning share it
+    forwards = [recipe_hash(s.recipe.to_dict()) for s in rt.specs if s.mode == "slice"]
+    assert len(forwards) == len(set(forwards))
+
+
+def test_the_slice_prediction_is_checked_against_the_whole_workload(h100: ProbeResult, tmp_path: Path) -> None:
+    """Slices that are 10% optimistic about compiled stacks: the finalist's record carries both figures, so
+    the report can say the prediction's error, and the emitted speed-up is the measured one."""
+    t = Tuner(ladder_cfg(tmp_path, 12), h100, launch=LadderRuntime(slice_error=-0.1))
+    res = t.run()
+    finalists = [r for r in records(t) if r.role == "finalist" and r.outcome == "ok"]
+    assert finalists
+    for r in finalists:
+        assert r.rung == 4 and r.predicted_s > 0 and r.forward_s > 0
+        expected = -0.1 if r.recipe["compile"] != "off" else 0.0
+        assert r.predicted_s / r.denoise_pred_s - 1 == pytest.approx(expected, abs=1e-6)
+    assert res.best is not None
+    assert res.best.speedup == pytest.approx(t.state.baseline.denoise_pred_s / res.best.denoise_pred_s)
+
+
+def test_a_components_worker_that_dies_on_one_kernel_loses_only_that_kernel(h100: ProbeResult,
+                                                                            tmp_path: Path) -> None:
+    rt = LadderRuntime(die_on="attention:_native_efficient")
+    t = Tuner(ladder_cfg(tmp_path, 3), h100, launch=rt)
+    t.run()
+    lad = t.state.ladder
+    assert set(lad.component_errors) == {"attention:_native_efficient"}
+    assert "died on it" in lad.component_errors["attention:_native_efficient"]
+    workers = [s for s in rt.specs if s.mode == "components"]
+    assert len(workers) == 2
+    assert "attention:_native_efficient" not in workers[1].components  # the rest, in a fresh worker
+    every = set(workers[0].components)
+    assert set(lad.component_ms) == every - {"attention:_native_efficient"}
+    why = t.state.exclusions.as_dict()["attention"]["_native_efficient"]
+    assert "rung 1" in why and "died" in why
+    # the slower-than-baseline kernels are excluded on rung 1 too, never run as a slice
+    assert "_native_math" in t.state.exclusions.as_dict()["attention"]
+    assert not [s for s in rt.specs if s.mode == "slice" and s.recipe.attention == "_native_math"]
+
+
+def test_a_resumed_ladder_loses_at_most_the_rung_in_flight(h100: ProbeResult, tmp_path: Path) -> None:
+    cut = LadderRuntime(stop_in=5)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(ladder_cfg(tmp_path, 10), h100, launch=cut).run()
+    before = {recipe_hash(s.recipe.to_dict()) for s in cut.specs if s.mode == "slice" and s.trial_number != 5}
+    again = LadderRuntime()
+    t = Tuner(ladder_cfg(tmp_path, 10, resume=True), h100, launch=again)
+    res = t.run()
+    assert not [s for s in again.specs if s.mode in ("components",) or s.recipe.stack_label() == "baseline"
+                and s.mode == "measure" and s.trial_number == 0]
+    assert not [s for s in again.specs if s.trial_number == 0]  # the baseline, its slice and components: kept
+    redone = [s for s in again.specs if s.mode == "slice" and recipe_hash(s.recipe.to_dict()) in before]
+    assert not redone, [s.trial_number for s in redone]
+    assert again.specs[0].trial_number > 5 and again.specs[0].mode == "slice"  # the re-queued copy, first
+    assert res.best is not None
+
+
+def test_the_ladder_records_its_rungs_in_the_study(h100: ProbeResult, tmp_path: Path) -> None:
+    """Every rung's measurement is a trial with its rung: --resume, a second worker and the report see it."""
+    t = Tuner(ladder_cfg(tmp_path, 8), h100, launch=LadderRuntime())
+    t.run()
+    study = optuna.load_study(study_name=t.study_name(), storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))))
+    rungs = {tr.number: TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).rung for tr in study.trials
+             if RECORD_KEY in tr.user_attrs}
+    roles = {tr.number: tr.user_attrs.get("wanctl_role") for tr in study.trials}
+    assert rungs[0] == 4 and roles[0] == "baseline"
+    finalists = [n for n, role in roles.items() if role == "finalist"]
+    assert finalists and all(rungs[n] == 4 for n in finalists)
+    reasons = {tr.number: TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).reason for tr in study.trials
+               if RECORD_KEY in tr.user_attrs}
+    assert all(rungs[n] in (1, 2) or reasons[n].startswith("same recipe as trial") for n in rungs
+               if n not in finalists and n != 0)
+    assert sum(rungs[n] == 2 for n in rungs) >= 3
+    base = study.user_attrs["wanctl_baseline"]["ladder"]
+    assert base["base_forward_s"] > 0 and base["component_ms"]
+    slices = {recipe_hash(slice_recipe(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).recipe_obj(),
+                                       t.state.base_recipe).to_dict()) for tr in study.trials if RECORD_KEY in tr.user_attrs}
+    assert slices
