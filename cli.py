@@ -383,6 +383,9 @@ def tune(
     objective: Annotated[str, typer.Option("--objective", help="latency or pareto")] = "latency",
     tier: Annotated[str, typer.Option("--tier", help="knobs searched: any or gated (lossy ones too, each judged by the "
                                       "quality gate) or lossless (only those that keep the baseline's output)")] = "any",
+    ladder: Annotated[str, typer.Option("--ladder", help="fidelity ladder: on (stacks are timed on kernels and a "
+                                        "2-block slice, only finalists run the whole workload), off (every stack "
+                                        "runs it), auto (on, but off for --model tiny and several GPUs)")] = "auto",
     storage: Annotated[str, typer.Option("--storage", help="PATH.journal, sqlite:///F.db or postgresql://...")] = "",
     study: Annotated[str, typer.Option("--study", help="study name (default: MODEL_TASK_WxH_Ff_Ss_FINGERPRINT)")] = "",
     resume: Annotated[bool, typer.Option("--resume", help="continue an existing study (a journal study takes one tuner at a time: a second is refused)")] = False,
@@ -420,7 +423,7 @@ def tune(
                      prompt=prompt if prompt is not None else Recipe().prompt, negative_prompt=negative_prompt,
                      image=str(Path(image).expanduser().resolve()) if image else "", seed=seed, gpus=gpus,
                      budget_s=parse_budget(budget) if budget else 0.0, trials=trials, quality=quality,
-                     objective=objective, tier=tier, storage=storage, study=study, resume=resume,
+                     objective=objective, tier=tier, ladder=ladder, storage=storage, study=study, resume=resume,
                      out_dir=str(output.expanduser().resolve()), proxy_size=proxy_size, proxy_frames=proxy_frames,
                      measure_steps=measure_steps, trial_timeout_s=trial_timeout, inject=tuple(inject or ()),
                      trust_checkpoint=trust_checkpoint, lightning_lora=lightning_lora,

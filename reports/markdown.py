@@ -7,6 +7,7 @@ load, text encoding and VAE decode are their own columns.
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections import Counter
@@ -72,6 +73,13 @@ def render(inp: ReportInput) -> str:
         lines.append(f"| {name} | {_s(getattr(b, attr))} | {_s(getattr(best, attr)) if best else '-'} |")
     if best and conf:
         lines.append(f"| confirmation run: denoise (s) | | {_s(conf.denoise_pred_s)} (predicted {_s(best.denoise_pred_s)}) |")
+    extra = best.warmup_s - best.step_median_s if best else 0.0  # the warm-up step beyond a steady step's cost
+    if best and conf and extra > 0 and b.denoise_pred_s > best.denoise_pred_s:
+        saved = b.denoise_pred_s - best.denoise_pred_s
+        lines += ["", f"Warm-up: the best stack's warm-up step took {_s(best.warmup_s)} s against "
+                  f"{_s(best.step_median_s)} s for a steady one (compile, autotune): {_s(extra)} s paid on every "
+                  f"start. It saves {_s(saved)} s of denoising per video, so a process pays the warm-up back within "
+                  f"its first {math.ceil(extra / saved)} video(s)."]
     lines += ["", "What actually ran in the best trial: "
               + (", ".join(f"{k}={v}" for k, v in (best or b).actual.items()) or "-"), ""]
     if inp.plot:
@@ -83,8 +91,9 @@ def render(inp: ReportInput) -> str:
         lines += [f"Trial time: {sum(costs) / 60:.1f} min over {len(costs)} trials run, median "
                   f"{costs[len(costs) // 2]:.0f} s per trial (speed run, quality run and references; "
                   "the 'trial s' column).", ""]
-    lines += ["| # | role | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += _ladder(inp.records)
+    lines += ["| # | role | rung | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
         reason = (r.reason or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
@@ -92,7 +101,7 @@ def render(inp: ReportInput) -> str:
         psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
         ssim = f"{r.ssim_min:.3f}" if judged else "-"
         cost = f"{r.cost_s:.0f}" if r.cost_s else "-"
-        lines.append(f"| {r.number} | {r.role} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | "
+        lines.append(f"| {r.number} | {r.role} | {r.rung} | {r.label.replace('|', '/')} | {r.outcome} | {_s(r.denoise_pred_s)} | "
                      f"{speed} | {psnr} | {ssim} | {cost} | {reason} |")
     fb = [(r.number, f) for r in inp.records for f in r.fallbacks]
     lines += ["", "## Fallbacks that fired", ""]
@@ -115,6 +124,35 @@ def render(inp: ReportInput) -> str:
         lines += [*_fenced(" ".join(shlex.quote(c) for c in inp.command)), ""]
     lines += ["Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
     return "\n".join(lines)
+
+
+RUNG_NAMES = {1: "components", 2: "slice", 3: "quality", 4: "whole workload"}
+"""autotune.ladder.RUNGS, less rung 0 (priced, no process): the report reads records, not the tuner."""
+
+
+def _ladder(records: list[TrialRecord]) -> list[str]:
+    """Where the stacks stopped on the fidelity ladder, what each rung cost, and how well each rung predicted
+    the next: rung 1's composed forward against the slice, the slice against the whole workload."""
+    if all(r.rung >= 4 for r in records):
+        return []
+    lines = ["### Fidelity ladder", "", "| rung | stacks that stopped there | trial s (sum, median) | "
+             "prediction error against the rung above (median, worst) |", "| --- | --- | --- | --- |"]
+    measured = [r for r in records if not r.reason.startswith("same recipe as trial")]
+    for rung, name in RUNG_NAMES.items():
+        here = [r for r in measured if r.rung == rung and r.role != "baseline"]
+        costs = sorted(r.cost_s for r in here if r.cost_s)
+        cost = f"{sum(costs):.0f}, {costs[len(costs) // 2]:.0f}" if costs else "-"
+        pairs = [(r.predicted_s, r.denoise_pred_s) for r in here
+                 if r.outcome in ("ok", "slower_than_baseline", "quality_fail") and r.predicted_s > 0
+                 and r.denoise_pred_s > 0 and rung in (2, 4)]
+        errs = sorted(p / m - 1 for p, m in pairs)
+        what = ("rung 1 composed vs slice" if rung == 2 else "slice vs whole workload") if errs else ""
+        err = (f"{what}: {errs[len(errs) // 2]:+.1%}, {max(errs, key=abs):+.1%} over {len(errs)}" if errs else "-")
+        lines.append(f"| {rung} {name} | {len(here)} | {cost} | {err} |")
+    return lines + ["", "A stack climbs while its predicted denoise time can still beat the best one: rung 1 times "
+                    "kernels at the workload's shape, rung 2 one forward of a 2-block slice of the expert (random "
+                    "weights, the real width and token count), rung 3 the quality run of a lossy finalist, rung 4 "
+                    "the whole workload. The 'rung' column says how far each trial got.", ""]
 
 
 def _fenced(command: str) -> list[str]:

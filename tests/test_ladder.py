@@ -189,3 +189,20 @@ def test_the_ladder_records_its_rungs_in_the_study(h100: ProbeResult, tmp_path: 
     slices = {recipe_hash(slice_recipe(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).recipe_obj(),
                                        t.state.base_recipe).to_dict()) for tr in study.trials if RECORD_KEY in tr.user_attrs}
     assert slices
+
+
+def test_the_report_shows_the_ladder_and_each_rungs_prediction_error(h100: ProbeResult, tmp_path: Path) -> None:
+    from reports.markdown import ReportInput, render
+
+    t = Tuner(ladder_cfg(tmp_path, 12), h100, launch=LadderRuntime(slice_error=-0.1))
+    res = t.run()
+    text = render(ReportInput(title="t", machine="m", fingerprint="f", versions={}, study=res.study_name,
+                              storage=res.storage, command=["wanctl", "tune"], baseline=res.baseline,
+                              records=res.records, best=res.best, confirm=res.confirm, recipe=None, gate="g"))
+    section = text.split("### Fidelity ladder", 1)[1].split("| # | role | rung |", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert "slice vs whole workload: -10.0%" in rows["4 whole workload"] or \
+        "slice vs whole workload: +0.0%" in rows["4 whole workload"]
+    assert "rung 1 composed vs slice" in rows["2 slice"]
+    finalist = next(r for r in res.records if r.role == "finalist")
+    assert f"| {finalist.number} | finalist | 4 |" in text
