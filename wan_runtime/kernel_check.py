@@ -8,7 +8,9 @@ installed proves nothing; a kernel that ran on a tiny input and matched a float3
 Check names are ``<recipe field>:<value>`` where a check gates one recipe value (``attention:sage``,
 ``quant:int8wo``), so the search space maps knob values to checks without a translation table.
 Each check reports ``ok``, ``absent`` (library or device missing: nothing to fix by retrying) or
-``fails`` (present but broken, with the first line of the error).
+``fails`` (present but broken, with the first line of the error). How each kernel is set up to run
+(``wan_runtime.kernel_setup``) is shared with the components rung, which times the same kernels at a
+workload's real shape: what the probe passed is what gets timed.
 
 Everything a library prints goes to stderr (file descriptor 1 is redirected there while checks run), so
 stdout holds exactly the JSON document. Before each check a ``wanctl-kernel-check: start <name>`` line
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -31,54 +32,25 @@ from typing import Any
 
 import torch
 
-from recipes.recipe import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION, TE_QUANT, TORCHAO_QUANT, dispatch_backend
+from recipes.recipe import ATTENTION_BACKENDS, TE_QUANT, TORCHAO_QUANT
 from recipes.spec import KERNEL_CHECK_START
 from wan_runtime.env import share_torch_cudnn
-from wan_runtime.knobs import flash_impl, fp8_attention
-from wan_runtime.knobs.base import Unsupported
+from wan_runtime.kernel_setup import Absent, attention_backend, first_line, need_cc, need_cuda, te_ready, torchao_ready
 
 SCHEMA = 1
 START_MARK = KERNEL_CHECK_START
 
-_ATTENTION_MODULE = {"sage": "sageattention", "flash": "flash_attn", "_flash_3": "flash_attn_interface"}
-"""fa3_fp8's library (FA3) is checked by fp8_attention.require with the rest of what it needs."""
 _ATTENTION_TOL = {"sage": 6e-2, "fa3_fp8": 1e-1}
 """Relative error allowed against the float32 reference; bf16 kernels land near 4e-3, 8-bit ones higher (on
 random inputs the e4m3 rounding of V alone, ~2^-4, shows through nearly unattenuated: 5.4e-2 on the H100)."""
 _DEFAULT_TOL = 2e-2
 
 
-class Absent(Exception):
-    """The check cannot run here (no CUDA device, library not installed): not a failure of the kernel."""
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    return f"{type(exc).__name__}: {line}"[:300] if line else type(exc).__name__
-
-
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out = out.detach().float()
     ref = ref.detach().float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-
-
-def _need_cuda(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise Absent("no CUDA device")
-
-
-def _need_module(module: str, dist: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise Absent(f"{dist} not installed")
-
-
-def _need_cc(device: torch.device, cc: tuple[int, int], what: str) -> None:
-    have = torch.cuda.get_device_capability(device)
-    if have < cc:
-        raise Absent(f"{what} needs sm{cc[0]}{cc[1]}+, this GPU is sm{have[0]}{have[1]}")
 
 
 def _check_close(err: float, tol: float) -> float:
@@ -90,56 +62,23 @@ def _check_close(err: float, tol: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- attention
-def check_attention(backend: str, device: torch.device, tol_of: str = "") -> float:
+def check_attention(backend: str, device: torch.device) -> float:
     """One tiny (B, S, H, D) attention through diffusers' dispatcher, against float32 math."""
-    if backend in CUDA_ONLY_ATTENTION:
-        _need_cuda(device)
-    if backend in _ATTENTION_MODULE:
-        mod = _ATTENTION_MODULE[backend]
-        _need_module(mod, {"sageattention": "sageattention", "flash_attn": "flash-attn",
-                           "flash_attn_interface": "flash_attn_interface (FA3)"}[mod])
-    if backend == "fa3_fp8":
-        try:
-            fp8_attention.require(device, {64})  # the head dim this check runs at
-        except Unsupported as exc:
-            raise Absent(str(exc)) from None
-        installed = fp8_attention.Installed()
-        try:
-            return check_attention(dispatch_backend(backend), device, tol_of=backend)
-        finally:
-            installed.finish()
-    impl = flash_impl.impl_of(backend)
-    if impl:
-        try:
-            flash_impl.require(impl)
-        except Unsupported as exc:
-            raise Absent(str(exc)) from None
-        flash_impl.activate(impl)
-        try:
-            return check_attention(dispatch_backend(backend), device, tol_of=backend)
-        finally:
-            flash_impl.restore()
-    from diffusers.models import attention_dispatch as ad
-
-    requirements = getattr(ad, "_check_attention_backend_requirements", None)
-    if requirements is not None:
-        try:
-            requirements(ad.AttentionBackendName(backend))
-        except RuntimeError as exc:
-            # The module is there (checked above) but diffusers refuses it: too old, or it fails to import.
-            raise RuntimeError(f"diffusers cannot use it: {_first_line(exc)}") from exc
-    g = torch.Generator(device="cpu").manual_seed(0)
     b, s, h, d = 1, 128, 2, 64
-    q, k, v = (torch.randn(b, s, h, d, generator=g).to(device) for _ in range(3))
-    dtype = torch.bfloat16
-    out = ad.dispatch_attention_fn(q.to(dtype), k.to(dtype), v.to(dtype), backend=backend)
+    with attention_backend(backend, device, head_dim=d) as name:
+        from diffusers.models import attention_dispatch as ad
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, generator=g).to(device) for _ in range(3))
+        dtype = torch.bfloat16
+        out = ad.dispatch_attention_fn(q.to(dtype), k.to(dtype), v.to(dtype), backend=name)
     if isinstance(out, tuple):  # some backends can return (out, lse)
         out = out[0]
     if tuple(out.shape) != (b, s, h, d):
         raise RuntimeError(f"output shape {tuple(out.shape)}, expected {(b, s, h, d)}")
     qt, kt, vt = (x.float().transpose(1, 2) for x in (q.to(dtype), k.to(dtype), v.to(dtype)))
     ref = (torch.softmax(qt @ kt.transpose(-1, -2) / math.sqrt(d), dim=-1) @ vt).transpose(1, 2)
-    return _check_close(_rel_err(out, ref), _ATTENTION_TOL.get(tol_of or backend, _DEFAULT_TOL))
+    return _check_close(_rel_err(out, ref), _ATTENTION_TOL.get(backend, _DEFAULT_TOL))
 
 
 # ------------------------------------------------------------------------------------------- matmuls
@@ -151,8 +90,8 @@ def _inputs(device: torch.device, m: int = 32, n: int = 64, k: int = 64) -> tupl
 
 def check_fp8_scaled_mm(device: torch.device) -> float:
     """A tensorwise-scaled e4m3 matmul: the primitive under torchao fp8 and most fp8 recipes."""
-    _need_cuda(device)
-    _need_cc(device, (8, 9), "fp8")
+    need_cuda(device)
+    need_cc(device, (8, 9), "fp8")
     x, w = _inputs(device)
     f8 = torch.float8_e4m3fn
     sx = x.float().abs().max() / torch.finfo(f8).max
@@ -172,10 +111,7 @@ def _linear(device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.
 
 def check_torchao(config_name: str, device: torch.device) -> float:
     """torchao ``quantize_`` of a tiny Linear with the config a recipe's ``quant`` value selects."""
-    if config_name != "int8wo":
-        _need_cuda(device)
-        _need_cc(device, (8, 9), "fp8")
-    _need_module("torchao", "torchao")
+    torchao_ready(config_name, device)
     from torchao.quantization import quantize_
 
     from wan_runtime.knobs.quant import torchao_config, torchao_weight_problem
@@ -193,17 +129,9 @@ def check_transformer_engine(recipe_name: str, device: torch.device) -> float:
     """A Transformer Engine Linear under fp8 autocast with the scaling recipe a ``te_*`` value selects, in
     inference mode as trials run it. Its tolerance would pass a bf16 GEMM too, so the module must also say
     its forward ran in fp8."""
-    _need_cuda(device)
-    _need_cc(device, (8, 9), "Transformer Engine fp8")
-    _need_module("transformer_engine", "transformer-engine")
-    import transformer_engine.pytorch as te
+    te = te_ready(recipe_name, device)
+    from wan_runtime.knobs.quant import te_autocast, te_ran_fp8, te_recipe
 
-    from wan_runtime.knobs.quant import te_autocast, te_ran_fp8, te_recipe, te_supported
-
-    if recipe_name == "te_block":
-        _need_cc(device, (9, 0), "Transformer Engine fp8 block scaling")
-    if why := te_supported(te, recipe_name):
-        raise Absent(f"{recipe_name}: {why}")
     x, w = _inputs(device)
     lin = te.Linear(w.shape[1], w.shape[0], bias=False, params_dtype=torch.bfloat16, device=device)
     with torch.no_grad():
@@ -261,7 +189,7 @@ def run_check(name: str, thunk: Callable[[], float | None]) -> dict[str, Any]:
     except Absent as exc:
         result = {"status": "absent", "detail": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a broken kernel library can raise anything; it is the finding
-        result = {"status": "fails", "detail": _first_line(exc)}
+        result = {"status": "fails", "detail": first_line(exc)}
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 

@@ -27,11 +27,14 @@ from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
+from wan_runtime.components import run_components
 from wan_runtime.env import device_name, mixed_cudnn_hint, pick_device, require_safe_torch, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache, expert_steps
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
+from wan_runtime.phase import Phase
 from wan_runtime.quality import compare
+from wan_runtime.slice import run_slice
 from wan_runtime.video import count_frames, to_uint8, write_mp4
 
 log = logging.getLogger(__name__)
@@ -84,11 +87,15 @@ def run_spec(spec: TrialSpec, stream_progress: Any = None) -> RunResult:
     """Run ``spec`` and return its result; expected failures become outcomes, not exceptions."""
     started = time.perf_counter()
     device = torch.device("cpu")
-    where = _Phase()
+    where = Phase()
     try:
         require_safe_torch()
         device = pick_device()
         init_from_env(device)  # one rank of several under torchrun (no-op for a single process)
+        if spec.mode == "slice":  # the tuner's cheaper rungs: no pipeline, no video
+            return run_slice(spec, device, started, where)
+        if spec.mode == "components":
+            return run_components(spec, device, started, where)
         return _run(spec, device, started, stream_progress, where)
     except torch.OutOfMemoryError as exc:
         return _failed(spec, "oom", exc, device, started, where)
@@ -137,29 +144,8 @@ def _nonfinite_counts(latent: np.ndarray | None, frames: np.ndarray) -> str:
     return " and ".join(parts)
 
 
-class _Phase:
-    """Where the run is (recipes.spec.PHASES): a failure reports it, so the tuner picks the right fallback."""
-
-    def __init__(self) -> None:
-        self.name = "start"
-
-    def wrap(self, obj: Any, name: str, phase: str, then: str, before: Any = None) -> None:
-        """Mark ``phase`` while ``obj.name`` runs (and ``then`` after it returns)."""
-        original = getattr(obj, name)
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.name = phase
-            if before is not None:
-                before()
-            res = original(*args, **kwargs)
-            self.name = then
-            return res
-
-        setattr(obj, name, wrapper)
-
-
 def _failed(spec: TrialSpec, outcome: str, exc: BaseException, device: torch.device, started: float,
-            where: _Phase) -> RunResult:
+            where: Phase) -> RunResult:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     hint = mixed_cudnn_hint(text) or getattr(exc, "hint", "")  # a generic hint ('pip install ...') would mislead
@@ -185,7 +171,7 @@ def _truncation_notes(pipe: Any, recipe: Any) -> list[str]:
     return notes
 
 
-def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: _Phase) -> RunResult:
+def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: Phase) -> RunResult:
     recipe = validate(spec.recipe).resolved()
     mspec = model_spec(recipe.task)
     out = Path(spec.out_dir)

@@ -105,9 +105,24 @@ def build_vae(spec: ModelSpec, width: Width, seed: int = 0, device: str | torch.
         torch.set_default_dtype(previous)
 
 
+def wan_transformer(spec: ModelSpec, width: Width, layers: int) -> Any:
+    """One Wan expert of ``spec`` at ``width`` with ``layers`` blocks, its random weights drawn from torch's
+    current seed, in the current default dtype and device context: the caller sets both, so a 14B expert is
+    born where and as it will run (built in fp32 on the host first, it would need 57 GB before the cast).
+    The slice rung builds the same expert cut to a few blocks."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=spec.patch_size, num_attention_heads=width.heads, attention_head_dim=width.head_dim,
+        in_channels=spec.in_channels, out_channels=spec.out_channels, text_dim=width.text_dim,
+        freq_dim=256, ffn_dim=width.ffn, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    )
+
+
 def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device, dtype: torch.dtype,
            shift: float, tokenizer: Any, park: bool) -> dict[str, Any]:
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler
     from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.device(device):
@@ -123,12 +138,7 @@ def _build(spec: ModelSpec, width: Width, seed: int, device: str | torch.device,
 
         def transformer(k: int) -> Any:
             torch.manual_seed(seed + 10 + k)
-            return WanTransformer3DModel(
-                patch_size=spec.patch_size, num_attention_heads=width.heads, attention_head_dim=width.head_dim,
-                in_channels=spec.in_channels, out_channels=spec.out_channels, text_dim=width.text_dim,
-                freq_dim=256, ffn_dim=width.ffn, num_layers=width.layers, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-            ).to(dtype).eval()
+            return wan_transformer(spec, width, width.layers).to(dtype).eval()
 
         transformer_1 = _parked(transformer(0), park)
         transformer_2 = _parked(transformer(1), park) if spec.experts == 2 else None
