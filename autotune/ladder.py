@@ -235,7 +235,12 @@ class Ladder:
                                        reason=f"rung 1: composed {fmt_seconds(composed_t)} s cannot beat the best "
                                               f"{fmt_seconds(best)} s (x{PRUNE_MARGIN:g} margin)")
         seen = self.slice_of(recipe)
-        if seen is not None and seen.forward_s > 0:
+        lad = self.state.ladder
+        base = self.state.base_recipe
+        if slice_recipe(recipe, base) == slice_recipe(base, base):  # the baseline's own forward (a cache alone)
+            forward, warm, err, wall = lad.base_forward_s, lad.base_warmup_s, 0.0, 0.0
+            rec = dataclasses.replace(rec, notes=[*rec.notes, "the baseline's slice (same forward)"])
+        elif seen is not None and seen.forward_s > 0:
             forward, warm, err, wall = seen.forward_s, seen.warmup_s, seen.slice_rel_err, 0.0
             rec = dataclasses.replace(rec, notes=[*rec.notes, f"slice of trial {seen.number} reused (same forward)"],
                                       actual=dict(seen.actual), peak_mem_gb=seen.peak_mem_gb)

@@ -206,3 +206,21 @@ def test_the_report_shows_the_ladder_and_each_rungs_prediction_error(h100: Probe
     assert "rung 1 composed vs slice" in rows["2 slice"]
     finalist = next(r for r in res.records if r.role == "finalist")
     assert f"| {finalist.number} | finalist | 4 |" in text
+
+
+def test_a_stack_on_the_baselines_kernels_reuses_the_baselines_slice(h100: ProbeResult, tmp_path: Path) -> None:
+    """A cache alone runs the baseline's forward: its slice is the baseline's (a second measurement of the same
+    forward would price noise as speed), and its prediction is the baseline's time x its priced schedule."""
+    rt = LadderRuntime()
+    t = Tuner(ladder_cfg(tmp_path, 14), h100, launch=rt)
+    t.run()
+    base_key = recipe_hash(slice_recipe(t.state.base_recipe, t.state.base_recipe).to_dict())
+    assert [recipe_hash(s.recipe.to_dict()) for s in rt.specs if s.mode == "slice"].count(base_key) == 1
+    cached = [r for r in records(t) if r.rung in (1, 2) and r.recipe["cache"] != "none"
+              and slice_recipe(r.recipe_obj(), t.state.base_recipe) == slice_recipe(t.state.base_recipe,
+                                                                                    t.state.base_recipe)]
+    assert cached
+    for r in cached:
+        assert r.rung == 1 or r.forward_s == t.state.ladder.base_forward_s
+        assert r.denoise_pred_s == pytest.approx(t.state.baseline.denoise_pred_s * (
+            r.computed_fraction + 0.02 * (1 - r.computed_fraction)))
