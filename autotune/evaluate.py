@@ -78,6 +78,8 @@ class Evaluator:
                 self.state.swapped.add(number)
         label = recipe.stack_label(self.state.base_recipe) if role != "baseline" else "baseline"
         total = self._total_for_display()
+        if role == "finalist" or (total is not None and number >= total):
+            total = None  # a ladder's finalists come after the stacks --trials counts: no "trial 10/8"
         self.reporter.trial_started(number, total, role, label)
         try:
             recipe = validate(recipe)
