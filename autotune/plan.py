@@ -1,5 +1,9 @@
 """What the study queues and samples: the plan (the baseline, screens of single knobs, the seeds' stacks as
-warm starts) and the sampler's draw of one stack per trial, both as recipes over the search space."""
+warm starts) and the sampler's draw of one stack per trial, both as recipes over the search space.
+
+The parameter names, the caches' grids and settings, and the values the warm starts prefer are the knob
+catalogue's (recipes.catalogue); what is here is how they combine: the layout drawn first and the other knobs
+from what it can run, and which stacks the plan measures first."""
 
 from __future__ import annotations
 
@@ -11,10 +15,22 @@ import optuna
 
 from autotune.choice import recipe_hash
 from autotune.config import TuneConfig
-from autotune.search_space import SearchSpace, for_tier, layout_fields, layout_label, search_space_for
+from autotune.search_space import SearchSpace, for_tier, search_space_for
 from probes.result import ProbeResult
+from recipes.catalogue import (
+    CACHE_KINDS,
+    CACHE_PARAMS,
+    CATALOGUE,
+    CP_ATTENTION,
+    EIGHT_BIT_ATTENTION,
+    MAGCACHE_AUTHORS_WAN22,
+    cache_params,
+    entry,
+    layout_fields,
+    layout_label,
+)
 from recipes.errors import RecipeError, WanctlError
-from recipes.recipe import CP_ATTENTION, EIGHT_BIT_ATTENTION, TE_QUANT, Recipe, graph_break, validate
+from recipes.recipe import TE_QUANT, Recipe, graph_break, validate
 from recipes.records import CHOICES_KEY, PROBE_KEY
 
 log = logging.getLogger(__name__)
@@ -23,17 +39,6 @@ EARLY_SCREENS = ("_flash_3", "torch_fa4", "fa3_fp8", "sage", "_native_cudnn", "f
 """Attention kernels screened before the warm starts, in this order: the ones the seeds and anchors found
 fastest somewhere (FA3 on Hopper and its 8-bit form, Sage, cuDNN; FA2 lost to SDPA on A100 but is what users
 try first)."""
-MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.18, 0.24)
-FBCACHE_THRESHOLDS = (0.03, 0.05, 0.08, 0.12)
-SEACACHE_THRESHOLDS = (0.1, 0.25, 0.4)
-"""Around diffusers' default 0.25 (the SeaCache paper's video setting)."""
-MAGCACHE_K = (1, 2, 3)
-RETENTION = (0.1, 0.2, 0.4)
-MAGCACHE_AUTHORS_WAN22 = {"ti2v-5B": (0.06, 2, 0.2), "t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1)}
-"""(threshold, K, retention) the MagCache authors run on Wan2.2 per task: E006K2R02, E006K2R04, E006K2R01
-(github.com/Zehong-Ma/MagCache, MagCache4Wan2.2/README.md at 5255574). Their Wan2.2 ratios (from their
-ComfyUI-MagCache node) ship in wan_runtime/data for real checkpoints at the card's steps and shift; any
-other schedule, and the random models, calibrate ratios in-process for the user's model and step count."""
 
 
 class Planner:
@@ -82,14 +87,8 @@ class Planner:
             p.update(offload=r.offload, cache=r.cache)
         if r.compile != "off":
             p["compile_mode"] = r.compile_mode
-        if r.cache == "magcache":
-            p.update(magcache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        elif r.cache == "fbcache":
-            p["fbcache_threshold"] = r.cache_threshold
-        elif r.cache == "seacache":
-            p.update(seacache_threshold=r.cache_threshold, magcache_k=r.magcache_k, cache_retention=r.cache_retention)
-        elif r.cache == "taylorseer":
-            p.update(magcache_k=r.magcache_k, cache_retention=r.cache_retention)
+        if (settings := cache_params(r)) is not None:
+            p.update(settings.sampler_params())
         if len(self.space.lightning) > 1 and not r.cfg_parallel:
             p["lightning"] = r.lightning
         return p
@@ -120,39 +119,36 @@ class Planner:
                 study.enqueue_trial(self.params_of(r), user_attrs={"wanctl_role": role})
 
     def warm_starts(self, base: Recipe) -> list[Recipe]:
-        """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped)."""
+        """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped); each
+        knob's preferred values and each cache's settings are the catalogue's seeds."""
         s = self.space
-        best_att = next((a for a in ("_flash_3", "torch_fa4", "_native_cudnn", "native") if a in s.attention),
-                        base.attention)
-        compile_ = "regional" if "regional" in s.compile else "off"
-        tf32 = True in s.tf32
+        best_att = _seed(s, "attention", base.attention)
+        compile_ = _seed(s, "compile", "off")
+        tf32 = _seed(s, "tf32", False)
         stacks = self._parallel_starts(base, best_att, compile_)
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
         # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
         if compile_ != "off":
             stacks.append(base.replace(attention=best_att, compile=compile_))
-        fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+        fp8 = _seed(s, "quant", None)
         if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
             stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
         att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
         if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
             stacks.append(base.replace(attention=att8, quant=fp8 or "none", compile=compile_))
-        if "magcache" in s.cache:  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
-            stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", cache_threshold=0.12,
-                                       magcache_k=2, cache_retention=0.2, compile=compile_))
-            # The MagCache authors' own Wan2.2 setting for this task, on the plain baseline.
-            threshold, k, retention = MAGCACHE_AUTHORS_WAN22[base.task]
-            stacks.append(base.replace(cache="magcache", cache_threshold=threshold, magcache_k=k,
-                                       cache_retention=retention))
-        if "fbcache" in s.cache:
-            stacks.append(base.replace(attention=best_att, cache="fbcache", cache_threshold=0.05))
-        if "seacache" in s.cache:  # diffusers' defaults: threshold 0.25, 2 consecutive reuses
-            stacks.append(base.replace(attention=best_att, cache="seacache", cache_threshold=0.25, magcache_k=2,
-                                       cache_retention=0.1))
-        if "taylorseer" in s.cache:  # one prediction between computes, a fifth of each expert computed first
-            stacks.append(base.replace(attention=best_att, cache="taylorseer", magcache_k=1, cache_retention=0.2))
-        if 4 in s.lightning:  # seed 003: Lightning 4-step
-            stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), 4))
+        for kind in CACHE_KINDS:  # each cache with its catalogue seed, in the catalogue's order
+            if kind.value not in s.cache:
+                continue
+            if kind.value == "magcache":  # seed 000: FA3 + TF32 + MagCache E012K2R20 + compile
+                stacks.append(base.replace(attention=best_att, tf32=tf32, cache="magcache", compile=compile_,
+                                           **kind.seed.recipe_fields()))
+                # The MagCache authors' own Wan2.2 setting for this task, on the plain baseline.
+                stacks.append(base.replace(cache="magcache", **MAGCACHE_AUTHORS_WAN22[base.task].recipe_fields()))
+            else:
+                stacks.append(base.replace(attention=best_att, cache=kind.value, **kind.seed.recipe_fields()))
+        lightning = _seed(s, "lightning", 0)
+        if lightning:  # seed 003: Lightning 4-step
+            stacks.append(self._lightning(base.replace(attention=best_att, compile=compile_), lightning))
         out = []
         for r in stacks:
             try:
@@ -176,7 +172,7 @@ class Planner:
         out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
         if out and compile_ != "off":
             out.append(out[0].replace(compile=compile_))
-            fp8 = next((q for q in ("te_delayed", "fp8_rowwise") if q in s.quant), None)
+            fp8 = _seed(s, "quant", None)
             if fp8 and not out[0].fsdp:
                 out.append(out[0].replace(compile=compile_, quant=fp8))
         return out
@@ -210,24 +206,18 @@ class Planner:
         ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
         if ch["compile"] != "off":
             ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
-        if ch["cache"] == "magcache":
-            ch["cache_threshold"] = trial.suggest_categorical("magcache_threshold", MAGCACHE_THRESHOLDS)
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
-        elif ch["cache"] == "fbcache":
-            ch["cache_threshold"] = trial.suggest_categorical("fbcache_threshold", FBCACHE_THRESHOLDS)
-        elif ch["cache"] == "seacache":
-            ch["cache_threshold"] = trial.suggest_categorical("seacache_threshold", SEACACHE_THRESHOLDS)
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
-        elif ch["cache"] == "taylorseer":  # no threshold: the schedule is fixed by K and the warm-up
-            ch["magcache_k"] = trial.suggest_categorical("magcache_k", MAGCACHE_K)
-            ch["cache_retention"] = trial.suggest_categorical("cache_retention", RETENTION)
+        if ch["cache"] in CACHE_PARAMS:  # the cache's own settings, from its grids (TaylorSeer has no threshold)
+            ch.update(CACHE_PARAMS[ch["cache"]].draw(trial.suggest_categorical).recipe_fields())
         return traceable(self._lightning(base.replace(**ch), lightning))
 
-SAMPLED = ("attention", "tf32", "fuse_qkv", "quant", "compile", "offload", "lightning", "cache", "parallel",
-           "compile_mode")
-"""The space's lists the sampler draws from (the layout is one 'parallel' choice)."""
+
+def _seed(space: SearchSpace, knob: str, otherwise: Any) -> Any:
+    """The first of the knob's catalogue seeds that ``space`` holds, else ``otherwise``."""
+    return next((v for v in entry(knob).seeds if v in getattr(space, knob)), otherwise)
+
+
+SAMPLED = tuple(e.name for e in CATALOGUE)
+"""The space's lists the sampler draws from, one per catalogue entry (the layout is one 'parallel' choice)."""
 
 
 def sampled_choices(space: SearchSpace) -> dict[str, tuple[Any, ...]]:

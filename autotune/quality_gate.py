@@ -2,7 +2,8 @@
 
 Two tiers. Lossless knobs (attention backend, compile, TF32, fusion, offload, parallelism) must stay
 within numerical noise of the baseline; lossy knobs (caches, int8/fp8, 8-bit attention, Lightning) get the
-looser bar. Where the defaults come from (measured bf16 noise for the lossless bar; a policy for the lossy
+looser bar. Which value is which is the knob catalogue's tier per value (recipes.catalogue), the rule
+``--tier lossless`` reads too. Where the defaults come from (measured bf16 noise for the lossless bar; a policy for the lossy
 bar, documented as such) is in docs/quality.md.
 Every bar applies to the *worst* frame, not the mean: a cache that ruins the last second of a video must
 not pass because the first seconds are fine.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from recipes.catalogue import LOSSLESS, LOSSY
 from recipes.errors import BadInput
 from recipes.recipe import Recipe
 from recipes.spec import Quality
@@ -74,7 +76,8 @@ def parse_quality(text: str, base: QualityPolicy | None = None) -> QualityPolicy
 
 
 def tier_of(recipe: Recipe) -> str:
-    return "lossy" if recipe.lossy_knobs() else "lossless"
+    """A stack is as lossy as its lossiest value (recipes.catalogue says each value's tier)."""
+    return LOSSY if recipe.lossy_knobs() else LOSSLESS
 
 
 def judge(recipe: Recipe, q: Quality, policy: QualityPolicy, baseline_defects: tuple[int, int] | None = None

@@ -11,6 +11,10 @@ Ulysses only with a context-parallel attention backend, ...) stays ``recipes.val
 per trial. The parallel knobs are the exception: ulysses x cfg_parallel x fsdp x gpus only make sense
 together, so the space lists whole *layouts* (``parallel``), each a valid set of the four, and a trial
 picks one of them rather than four values that mostly do not fit.
+
+What a knob is (its fields, values, tiers, what is never searched) is the knob catalogue's (recipes.catalogue):
+this module holds only the rules that depend on the machine, task and workload, each under the heading of the
+catalogue entry it belongs to.
 """
 
 from __future__ import annotations
@@ -23,25 +27,28 @@ from typing import Any
 
 from probes.families import sm_number
 from probes.result import ProbeResult
+from recipes.catalogue import (
+    ATTENTION_BACKENDS,
+    CACHES,
+    CATALOGUE,
+    COMPILE,
+    COMPILE_MODES,
+    LOSSLESS,
+    OFFLOAD,
+    QUANT,
+    entry,
+    layout_fields,
+    layout_label,
+)
 from recipes.errors import BadInput, HardwareUnsupported
 from recipes.memory import attention_scores_gib, host_weights_gib, peak_gib, usable_gib
 from recipes.models import TINY_NUM_HEADS, model_spec
 from recipes.plain import from_plain, load_json_object
-from recipes.recipe import (
-    ATTENTION_BACKENDS,
-    CACHES,
-    COMPILE,
-    COMPILE_MODES,
-    FP8_QUANT,
-    OFFLOAD,
-    QUANT,
-    SEACACHE_TASKS,
-    Recipe,
-)
+from recipes.recipe import FP8_QUANT, SEACACHE_TASKS, Recipe
 
-KNOBS = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "offload", "ulysses",
-         "cfg_parallel", "fsdp", "lightning", "gpus")
-"""Searched recipe fields, in the order trials vary them."""
+KNOBS = tuple(f for e in CATALOGUE for f in e.fields)
+"""Searched recipe fields the space lists values for, in the catalogue's order (a cache's own settings are
+drawn from the catalogue's grids, not listed here)."""
 
 EIGHT_BIT_QUANT = QUANT[1:]
 """Quant values that store block weights in 8 bits (halving the DiT's weight memory)."""
@@ -108,38 +115,7 @@ class SearchSpace:
 
 
 # ------------------------------------------------------------------------------------------- layouts
-LAYOUT_FIELDS = ("gpus", "ulysses", "cfg_parallel", "fsdp")
-
-
-def layout_label(recipe: Recipe) -> str:
-    """'single', or the parallel parts joined by '+': 'ulysses2', 'cfg', 'ulysses2+cfg', 'fsdp2', 'ulysses2+fsdp'."""
-    parts = []
-    if recipe.ulysses > 1:
-        parts.append(f"ulysses{recipe.ulysses}")
-    if recipe.cfg_parallel:
-        parts.append("cfg")
-    if recipe.fsdp:
-        parts.append("fsdp" if len(parts) else f"fsdp{recipe.gpus}")
-    return "+".join(parts) or "single"
-
-
-def layout_fields(label: str) -> dict[str, Any]:
-    """The recipe fields ``label`` stands for (inverse of ``layout_label``)."""
-    ulysses, cfg, fsdp, fsdp_gpus = 1, False, False, 0
-    for part in label.split("+"):
-        if part.startswith("ulysses") and part[7:].isdigit():
-            ulysses = int(part[7:])
-        elif part == "cfg":
-            cfg = True
-        elif part == "fsdp" or (part.startswith("fsdp") and part[4:].isdigit()):
-            fsdp, fsdp_gpus = True, int(part[4:] or 0)
-        elif part != "single":
-            raise BadInput(f"parallel layout {label!r} is not understood",
-                           "use e.g. single, ulysses2, cfg, ulysses2+cfg, fsdp2 or ulysses2+fsdp")
-    groups = ulysses * (2 if cfg else 1)
-    return {"gpus": groups if groups > 1 else (fsdp_gpus or 1), "ulysses": ulysses, "cfg_parallel": cfg, "fsdp": fsdp}
-
-
+# The parallel entry's layouts on this machine (its labels and their fields: recipes.catalogue.layout_label).
 def _layouts(n: int, ulysses: tuple[int, ...], cfg: tuple[bool, ...], fsdp: tuple[bool, ...],
              need_gib: Any, gpu_gib: float, excluded: dict[str, str]) -> tuple[str, ...]:
     """Every valid layout on up to ``n`` GPUs from the allowed values; ``need_gib(k)`` is the per-GPU peak
@@ -220,7 +196,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     no_gpu = (f"torch cannot use this host's {have} GPU(s) ({_why_unusable(probe)})" if unusable
               else "this host has no GPU")
 
-    # --- GPUs and parallelism ---------------------------------------------------------------
+    # --- GPUs and parallelism (catalogue entry: parallel) -------------------------------------
     if gpus is not None and gpus < 1:
         raise BadInput(f"gpus={gpus} is not a GPU count", "pass --gpus 1 or more")
     if not on_gpu:
@@ -253,7 +229,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
         excluded["cfg_parallel=True"] = why_single
         excluded["fsdp=True"] = why_single
 
-    # --- attention: only backends that ran and matched the reference here -------------------
+    # --- attention (catalogue entry: attention): only backends that ran and matched the reference here
     attention: list[str] = []
     if not probe.kernels:
         attention = ["native"]
@@ -279,7 +255,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     if unusable:
         notes.append(f"{no_gpu}: the kernel checks ran on the CPU, and so will every trial")
 
-    # --- precision ------------------------------------------------------------------------
+    # --- precision (catalogue entries: tf32, quant) -------------------------------------------
     if on_gpu and fam.tf32:
         tf32: tuple[bool, ...] = (False, True)
     else:
@@ -300,7 +276,7 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
         else:
             quant.append(q)
 
-    # --- compile --------------------------------------------------------------------------
+    # --- compile (catalogue entries: compile, compile_mode) -----------------------------------
     compile_modes: tuple[str, ...] = ("default",)
     if not on_gpu and not allow_cpu_compile:
         compile_values: tuple[str, ...] = ("off",)
@@ -320,15 +296,15 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
             excluded.setdefault(f"compile_mode={m}", "compile is not searched here" if compile_values == ("off",)
                                 else "autotuning modes need a GPU (they benchmark Triton kernels)")
 
-    # --- caches -----------------------------------------------------------------------------
+    # --- caches (catalogue entry: cache) --------------------------------------------------------
     cache = CACHES
-    excluded["cache=teacache"] = ("not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache "
-                                  "cover the same step skipping")
+    for value, why in entry("cache").never:
+        excluded[f"cache={value}"] = why
     if task not in SEACACHE_TASKS:
         cache = tuple(c for c in cache if c != "seacache")
         excluded["cache=seacache"] = f"diffusers' SeaCache adapter does not take {task} (input != output channels)"
 
-    # --- memory: offload and FSDP ------------------------------------------------------------
+    # --- memory (catalogue entries: offload, parallel's fsdp) -----------------------------------
     offload: tuple[str, ...] = ("none",)
     fsdp: tuple[bool, ...] = (False, True) if multi else (False,)
     if not on_gpu:
@@ -337,14 +313,14 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     else:
         offload, fsdp = _memory_rules(probe, task, model, n, size, frames, quant, fsdp, excluded, notes)
 
-    # --- distillation -------------------------------------------------------------------------
+    # --- distillation (catalogue entry: lightning) -----------------------------------------------
     if lightning_available:
         lightning: tuple[int, ...] = (0, 4)
     else:
         lightning = (0,)
         excluded["lightning=4"] = "the Lightning 4-step LoRA is not available (download it to search it)"
 
-    # --- parallel layouts ----------------------------------------------------------------------
+    # --- parallel layouts (catalogue entry: parallel) -------------------------------------------
     cfg_values = (False, True) if multi else (False,)
     parallel: tuple[str, ...] = ("single",)
     if multi:
@@ -447,20 +423,18 @@ TIERS = ("any", "gated", "lossless")
 """``wanctl tune --tier``: any and gated search every knob (lossy ones judged by the quality gate); lossless
 only those whose output matches the baseline's within numerical noise."""
 
-TIER_KNOBS = ("attention", "quant", "cache", "lightning")
-"""The knobs with lossy values (Recipe.lossy_knobs says which values)."""
-
-
 def for_tier(space: SearchSpace, tier: str) -> SearchSpace:
     """``space`` with the values ``tier`` does not search moved to ``excluded`` (saying why, as the report
-    shows every exclusion). Lossy is what the gate calls lossy: one definition, Recipe.lossy_knobs."""
+    shows every exclusion). Lossy is what the gate calls lossy: one definition, the catalogue's tier per value
+    (which Recipe.lossy_knobs reads too)."""
     if tier != "lossless":
         return space
     excluded = dict(space.excluded)
     kept: dict[str, tuple[Any, ...]] = {}
-    for knob in TIER_KNOBS:
-        kept[knob] = tuple(v for v in getattr(space, knob) if not Recipe(**{knob: v}).lossy_knobs())
-        for v in getattr(space, knob):
-            if v not in kept[knob]:
-                excluded[f"{knob}={v}"] = "lossy: --tier lossless searches only knobs that keep the baseline's output"
+    for knob in (e for e in CATALOGUE if e.lossy):
+        kept[knob.name] = tuple(v for v in getattr(space, knob.name) if knob.tier(v) == LOSSLESS)
+        for v in getattr(space, knob.name):
+            if v not in kept[knob.name]:
+                excluded[f"{knob.name}={v}"] = ("lossy: --tier lossless searches only knobs that keep the baseline's "
+                                                "output")
     return dataclasses.replace(space, excluded=excluded, **kept)

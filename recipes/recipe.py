@@ -3,6 +3,10 @@
 A recipe is flat and frozen so it can be hashed, diffed, printed and round-tripped through TOML
 without surprises. Filling defaults (``Recipe.for_task``) and validating (``validate``) are separate
 steps: a recipe read from disk is validated exactly as written.
+
+The searched knobs' values and tiers are the knob catalogue's (recipes.catalogue, imported here so that
+``from recipes.recipe import QUANT`` keeps working); this module keeps the fields, the rules that join several
+of them (``validate``) and the value groups the runtime and the probe read (CUDA-only, graph-breaking, TE).
 """
 
 from __future__ import annotations
@@ -15,24 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipes.catalogue import (
+    ATTENTION_BACKENDS,
+    CACHES,
+    COMPILE,
+    COMPILE_MODES,
+    CP_ATTENTION,
+    LIGHTNING_STEPS,
+    OFFLOAD,
+    QUANT,
+    lossy_settings,
+)
 from recipes.errors import RecipeError
 from recipes.fields import PATH_MAX_CHARS, PROMPT_MAX_CHARS, Domain, check_fields
 from recipes.models import MODELS, TINY_NUM_HEADS, model_spec, parse_size
 
-ATTENTION_BACKENDS = (
-    "native", "_native_cudnn", "_native_flash", "_native_efficient", "_native_math",
-    "flex", "sage", "flash", "_flash_3", "torch_fa4", "torch_fa3", "fa3_fp8",
-)
-"""diffusers attention-dispatch names (``set_attention_backend``; ``native`` is diffusers' default), plus
-``torch_fa4`` / ``torch_fa3``: diffusers' ``_native_flash`` with torch's flash kernel replaced by FA4 / FA3,
-and ``fa3_fp8``: diffusers' ``_flash_3`` running FA3's e4m3 kernel on per-head-scaled fp8 inputs."""
-
 CUDA_ONLY_ATTENTION = ("_native_cudnn", "_native_efficient", "flash", "_flash_3", "sage", "torch_fa4", "torch_fa3",
                        "fa3_fp8")
 """Attention values with no CPU kernel at all (torch's flash backend does have one)."""
-
-EIGHT_BIT_ATTENTION = ("fa3_fp8", "sage")
-"""Attention values that quantize Q/K/V to 8 bits (lossy), fastest first as measured on the H100."""
 
 GRAPH_BREAKING_ATTENTION = ("sage",)
 """Backends torch.compile cannot trace whole (SageAttention 2.2 on torch 2.11, measured on the H100):
@@ -76,26 +80,14 @@ def dispatch_backend(attention: str) -> str:
     return "_native_flash" if attention in TORCH_FLASH_IMPLS else attention
 
 
-CP_ATTENTION = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
-"""Backends diffusers' context parallelism (Ulysses) can split: the others have no parallel path there."""
-
-QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
-"""none; torchao int8 weight-only; torchao fp8 dynamic rowwise/tensorwise; Transformer Engine fp8 recipes."""
-
 TE_QUANT = ("te_delayed", "te_current", "te_block")
 TORCHAO_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise")
 FP8_QUANT = ("fp8_rowwise", "fp8_tensorwise", *TE_QUANT)
 """Quant values that run fp8 GEMMs: they need fp8 tensor cores (sm89+)."""
-COMPILE = ("off", "regional", "full")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
-CACHES = ("none", "magcache", "fbcache", "seacache", "taylorseer")
-"""TeaCache is not among them: MagCache (published Wan2.2 ratios) and SeaCache cover its step skipping."""
 SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
 """Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
 36 -> 16 do not)."""
-OFFLOAD = ("none", "model", "group_block", "group_leaf")
 DTYPES = ("bfloat16", "float16", "float32")
-LIGHTNING_STEPS = (0, 4)
 LIGHTNING_TASKS = ("t2v-A14B", "i2v-A14B")
 """Tasks lightx2v publishes Lightning LoRAs for (downloads.catalogue lists them)."""
 SYNTHETIC = ("tiny", "random")
@@ -262,17 +254,9 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def lossy_knobs(self) -> list[str]:
-        """Knobs that change the output beyond numerical noise (the gate's loose tier)."""
-        out = []
-        if self.quant != "none":
-            out.append(f"quant={self.quant}")
-        if self.cache != "none":
-            out.append(f"cache={self.cache}")
-        if self.lightning:
-            out.append(f"lightning={self.lightning}")
-        if self.attention in EIGHT_BIT_ATTENTION:
-            out.append(f"attention={self.attention}")
-        return out
+        """Knobs that change the output beyond numerical noise (the gate's loose tier), e.g. 'cache=fbcache':
+        each value's tier is the knob catalogue's (recipes.catalogue), the one rule the gate and --tier read."""
+        return lossy_settings(self)
 
     def diff(self, other: Recipe) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: (self's, other's)."""

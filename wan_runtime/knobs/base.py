@@ -2,9 +2,9 @@
 
 Mirrors diffusers' hooks/ (one config, one entry point): each knob module defines a ``Knob`` with its
 requirement check beside its apply function. ``apply`` records what it *observed* about what will run (e.g.
-the quant kernel class actually installed), never what was asked. Whether a value is lossless is the
-recipe's to say (``Recipe.lossy_knobs``: attention is lossless for most backends, not for 8-bit ones), so the
-quality gate reads one rule.
+the quant kernel class actually installed), never what was asked. What a knob is apart from running it (its
+values, whether each is lossless: attention is for most backends, not for 8-bit ones; how the tuner samples
+it) is its entry in the knob catalogue (recipes.catalogue), so the quality gate and the search read one rule.
 """
 
 from __future__ import annotations

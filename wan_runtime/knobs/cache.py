@@ -5,6 +5,9 @@ state and breaks when the experts switch or under FSDP). MagCache needs magnitud
 the authors' published Wan2.2 ones (wan_runtime/data/magcache_ratios.json) for a real checkpoint at the
 model card's steps and shift, otherwise measured by a calibration pass of our own
 (residual-norm ratio of consecutive steps, measured over the whole block stack) before the timed run.
+
+Each cache reads its settings through its typed view (recipes.catalogue: ``MagCacheParams`` ...), which says
+what the recipe's flat ``cache_threshold`` / ``magcache_k`` / ``cache_retention`` mean for that cache.
 """
 
 from __future__ import annotations
@@ -16,13 +19,8 @@ from typing import Any
 
 import torch
 
-from recipes.cache_schedule import (
-    magcache_schedule,
-    retention_steps,
-    taylorseer_interval,
-    taylorseer_schedule,
-    taylorseer_warmup,
-)
+from recipes.cache_schedule import magcache_schedule, retention_steps, taylorseer_schedule, taylorseer_warmup
+from recipes.catalogue import FBCacheParams, MagCacheParams, SeaCacheParams, TaylorSeerParams
 from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
 
@@ -123,9 +121,10 @@ def _apply(ctx: KnobContext) -> None:
     if r.cache == "fbcache":
         from diffusers.hooks import FirstBlockCacheConfig
 
+        fb = FBCacheParams.from_recipe(r)
         for t in ctx.transformers:
-            t.enable_cache(FirstBlockCacheConfig(threshold=r.cache_threshold))
-        ctx.actual["cache"] = f"fbcache threshold={r.cache_threshold} per-expert state x{len(ctx.transformers)}"
+            t.enable_cache(FirstBlockCacheConfig(threshold=fb.threshold))
+        ctx.actual["cache"] = f"fbcache threshold={fb.threshold} per-expert state x{len(ctx.transformers)}"
         return
     if r.cache == "seacache":
         _enable_seacache(ctx)
@@ -155,12 +154,13 @@ def _enable_seacache(ctx: KnobContext) -> None:
     from diffusers.hooks import SeaCacheConfig
 
     r = ctx.recipe
+    p = SeaCacheParams.from_recipe(r)
     steps = expert_steps(ctx.pipe, r.steps)
     for t, n in zip(ctx.transformers, steps, strict=True):
-        t.enable_cache(SeaCacheConfig(threshold=r.cache_threshold, max_consecutive_cached=r.magcache_k,
-                                      retention_steps=max(1, retention_steps(r.cache_retention, n))))
-    ctx.actual["cache"] = (f"seacache threshold={r.cache_threshold} max_consecutive={r.magcache_k} "
-                           f"retention={r.cache_retention} steps/expert={steps}")
+        t.enable_cache(SeaCacheConfig(threshold=p.threshold, max_consecutive_cached=p.max_consecutive,
+                                      retention_steps=max(1, retention_steps(p.retention, n))))
+    ctx.actual["cache"] = (f"seacache threshold={p.threshold} max_consecutive={p.max_consecutive} "
+                           f"retention={p.retention} steps/expert={steps}")
 
 
 def _enable_taylorseer(ctx: KnobContext) -> None:
@@ -176,23 +176,25 @@ def _enable_taylorseer(ctx: KnobContext) -> None:
     from diffusers.hooks import TaylorSeerCacheConfig
 
     r = ctx.recipe
+    p = TaylorSeerParams.from_recipe(r)
     steps = expert_steps(ctx.pipe, r.steps)
     warmups = []
     for t, n in zip(ctx.transformers, steps, strict=True):
-        warmup = taylorseer_warmup(r.cache_retention, n)
+        warmup = taylorseer_warmup(p.warmup_fraction, n)
         warmups.append(warmup)
-        t.enable_cache(TaylorSeerCacheConfig(cache_interval=taylorseer_interval(r.magcache_k),
-                                             disable_cache_before_step=warmup, max_order=1,
-                                             taylor_factors_dtype=torch.float32, use_lite_mode=True))
-    ctx.actual["cache"] = (f"taylorseer lite order=1 interval={taylorseer_interval(r.magcache_k)} "
+        t.enable_cache(TaylorSeerCacheConfig(cache_interval=p.interval, disable_cache_before_step=warmup,
+                                             max_order=1, taylor_factors_dtype=torch.float32, use_lite_mode=True))
+    ctx.actual["cache"] = (f"taylorseer lite order=1 interval={p.interval} "
                            f"warmup/expert={warmups} steps/expert={steps}")
-    ctx.extra["cache_schedule"] = [c for n in steps for c in taylorseer_schedule(n, r.magcache_k, r.cache_retention)]
+    ctx.extra["cache_schedule"] = [c for n in steps
+                                   for c in taylorseer_schedule(n, p.max_predicted, p.warmup_fraction)]
 
 
 def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
     from diffusers.hooks import MagCacheConfig
 
     r = ctx.recipe
+    p = MagCacheParams.from_recipe(r)
     per_expert = list(ratios.values()) if isinstance(ratios, dict) else list(ratios)
     steps = expert_steps(ctx.pipe, r.steps)
     if len(per_expert) != len(ctx.transformers):
@@ -201,15 +203,13 @@ def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list
     for t, n, rat in zip(ctx.transformers, steps, per_expert, strict=True):
         if n == 0:
             continue
-        t.enable_cache(MagCacheConfig(threshold=r.cache_threshold, max_skip_steps=r.magcache_k,
-                                      retention_ratio=r.cache_retention, num_inference_steps=n,
+        t.enable_cache(MagCacheConfig(threshold=p.threshold, max_skip_steps=p.max_skip,
+                                      retention_ratio=p.retention, num_inference_steps=n,
                                       mag_ratios=list(rat)))
     ctx.extra["magcache_ratios"] = [list(x) for x in per_expert]
     ctx.extra["cache_schedule"] = [c for n, rat in zip(steps, per_expert, strict=True)
-                                   for c in magcache_schedule(list(rat), r.cache_threshold, r.magcache_k,
-                                                              r.cache_retention, n)]
-    ctx.actual["cache"] = (f"magcache E{r.cache_threshold} K{r.magcache_k} R{r.cache_retention} "
-                           f"steps/expert={steps}")
+                                   for c in magcache_schedule(list(rat), p.threshold, p.max_skip, p.retention, n)]
+    ctx.actual["cache"] = f"magcache E{p.threshold} K{p.max_skip} R{p.retention} steps/expert={steps}"
 
 
 KNOB = Knob(name="cache", active=lambda r: r.cache != "none", check=_check, apply=_apply)
