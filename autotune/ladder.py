@@ -35,6 +35,7 @@ from autotune.quality_gate import QualityPolicy, tier_of
 from autotune.search_space import SearchSpace
 from autotune.state import StudyState
 from autotune.trial_runner import TrialOutcome
+from recipes.catalogue import CATALOGUE, forward_fields
 from recipes.recipe import Recipe
 from recipes.records import TrialRecord
 from recipes.spec import COMPONENTS_FILE, TrialSpec
@@ -46,10 +47,10 @@ RUNGS = {0: "priced", 1: "components", 2: "slice", 3: "quality", WHOLE_RUNG: "wh
 SLICE_BLOCKS = 2
 """Blocks in a rung-2 slice: the blocks are identical, so two time a block's kernels (and a regional
 compile's one block graph) at a fraction of the expert's memory and build time."""
-SLICE_FIELDS = ("attention", "tf32", "fuse_qkv", "quant", "te_amax_history_len", "te_amax_compute_algo",
-                "compile", "compile_mode", "compile_fullgraph", "dtype")
-"""The knobs that change one transformer forward: what a slice measures. Caches, Lightning and offload
-change how many forwards run or where weights live, priced on rung 0 or measured on rung 4."""
+SLICE_FIELDS = (*forward_fields(), "te_amax_history_len", "te_amax_compute_algo", "compile_fullgraph", "dtype")
+"""The fields that change one transformer forward, what a slice measures: the catalogue's slice-rung knobs and
+the settings that ride with them. Caches and Lightning change how many forwards run (priced on rung 0),
+offload and layouts where the weights and work live (rung 4 only)."""
 PRUNE_MARGIN = 1.25
 """A stack is stopped on rung 1 when its composed prediction exceeds the best slice-based one by this
 much: composing eager kernel timings misses what compile fuses, so only a clear loser stops there."""
@@ -70,9 +71,9 @@ def forwards_per_step(recipe: Recipe) -> int:
 
 
 def component_names(space: SearchSpace) -> list[str]:
-    """What rung 1 times: each attention kernel and quant value this space searches, plain ones first (a
-    worker that dies on an exotic kernel has measured those already)."""
-    return [f"attention:{a}" for a in space.attention] + [f"gemm:{q}" for q in space.quant]
+    """What rung 1 times: each value this space searches of the knobs a single kernel stands for (the
+    catalogue's ``component``), attention first (a worker that dies on an exotic GEMM has timed those)."""
+    return [f"{e.component}:{v}" for e in CATALOGUE if e.component for v in getattr(space, e.name)]
 
 
 class Ladder:

@@ -231,6 +231,14 @@ class KnobEntry:
     """Values with settings of their own (each cache): their parameter dataclass and warm start."""
     never: tuple[tuple[str, str], ...] = ()
     """(value, why) for what is never searched on any machine, reported among the space's exclusions."""
+    rung: str = "slice"
+    """Where the fidelity ladder (autotune.ladder) first sees this knob's effect: ``slice`` (it changes one
+    transformer forward: timed on a slice of the expert), ``priced`` (it changes how many forwards run: a
+    cache's schedule, Lightning's steps, priced on top of the slice) or ``whole`` (only the whole workload
+    shows it: offload moves weights, a layout spreads the work over GPUs)."""
+    component: str = ""
+    """Rung 1's component kind timing this knob's values alone (``attention:VALUE``, ``gemm:VALUE``); empty
+    when no single kernel stands for it."""
 
     def tier(self, value: Any) -> str:
         return LOSSY if value in self.lossy else LOSSLESS
@@ -260,7 +268,7 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         name="attention", fields=("attention",), values=ATTENTION_BACKENDS, lossy=EIGHT_BIT_ATTENTION,
         params=(Param("attention", "no Ulysses"),
                 Param("attention_cp", "ulysses > 1: the space's backends that CP_ATTENTION holds (native if none)")),
-        seeds=("_flash_3", "torch_fa4", "_native_cudnn", "native"),
+        seeds=("_flash_3", "torch_fa4", "_native_cudnn", "native"), component="attention",
         doc="diffusers' attention backend; searched only where the probe's kernel check ran it (search_space)"),
     KnobEntry(
         name="tf32", fields=("tf32",), values=SWITCH, params=(Param("tf32", "always"),), seeds=(True,),
@@ -271,7 +279,7 @@ CATALOGUE: tuple[KnobEntry, ...] = (
     KnobEntry(
         name="quant", fields=("quant",), values=QUANT, lossy=QUANT[1:],
         params=(Param("quant", "without FSDP (wanctl does not shard quantized weights: none with FSDP)"),),
-        seeds=("te_delayed", "fp8_rowwise"),
+        seeds=("te_delayed", "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(
         name="compile", fields=("compile",), values=COMPILE,
@@ -288,24 +296,24 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         name="cache", fields=("cache",), values=CACHES, lossy=CACHES[1:],
         params=(Param("cache", "one GPU without Lightning (every rank would decide its own skips; 4 steps leave "
                                "none to skip); then the cache's own settings, each from its grid"),),
-        kinds=CACHE_KINDS,
+        kinds=CACHE_KINDS, rung="priced",
         never=(("teacache", "not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache cover "
                             "the same step skipping"),),
         doc="a step cache; SeaCache only for the tasks of SEACACHE_TASKS (search_space)"),
     KnobEntry(
         name="offload", fields=("offload",), values=OFFLOAD,
-        params=(Param("offload", "one GPU (on several, FSDP shards the weights instead)"),),
+        params=(Param("offload", "one GPU (on several, FSDP shards the weights instead)"),), rung="whole",
         doc="CPU offload; only where the model does not fit the GPU (search_space)"),
     KnobEntry(
         name="lightning", fields=("lightning",), values=LIGHTNING_STEPS, lossy=LIGHTNING_STEPS[1:],
         params=(Param("lightning", "the LoRA is on disk (two values) and no CFG parallel (Lightning runs "
                                    "without CFG)"),),
-        seeds=(4,),
+        seeds=(4,), rung="priced",
         doc="the Lightning distilled LoRA, at its step count"),
     KnobEntry(
         name="parallel", fields=LAYOUT_FIELDS, values=(),
         params=(Param("parallel", "always, first: one whole layout (layout_label); the other knobs are drawn "
-                                  "from what it can run"),),
+                                  "from what it can run"),), rung="whole",
         doc="Ulysses, CFG parallel and FSDP over several GPUs, valid only together: whole layouts, from the GPU "
             "and head counts and the memory estimate (search_space)"),
 )
@@ -317,6 +325,11 @@ _BY_NAME = {e.name: e for e in CATALOGUE}
 def entry(name: str) -> KnobEntry:
     """The entry of knob ``name``; KeyError when there is none."""
     return _BY_NAME[name]
+
+
+def forward_fields() -> tuple[str, ...]:
+    """The searched Recipe fields that change one transformer forward (``rung == "slice"``)."""
+    return tuple(f for e in CATALOGUE if e.rung == "slice" for f in e.fields)
 
 
 def searched_fields() -> tuple[str, ...]:

@@ -224,3 +224,19 @@ def test_a_stack_on_the_baselines_kernels_reuses_the_baselines_slice(h100: Probe
         assert r.rung == 1 or r.forward_s == t.state.ladder.base_forward_s
         assert r.denoise_pred_s == pytest.approx(t.state.baseline.denoise_pred_s * (
             r.computed_fraction + 0.02 * (1 - r.computed_fraction)))
+
+
+def test_a_slice_stands_for_the_knobs_the_catalogue_puts_on_the_slice_rung() -> None:
+    """A knob's rung is said once, in its catalogue entry: the slice keeps those knobs and drops the others."""
+    from recipes.catalogue import CATALOGUE
+
+    base = Recipe(model="random", task="t2v-A14B")
+    rungs = {e.name: e.rung for e in CATALOGUE}
+    assert set(rungs.values()) == {"slice", "priced", "whole"}
+    stack = base.replace(attention="_flash_3", fuse_qkv=True, quant="fp8_rowwise", compile="regional",
+                         cache="magcache", offload="model", lightning=4, lightning_lora="random", steps=4)
+    cut = slice_recipe(stack, base)
+    for e in CATALOGUE:
+        for f in e.fields:
+            kept = getattr(cut, f) == getattr(stack, f)
+            assert kept == (e.rung == "slice") or getattr(stack, f) == getattr(base, f), (e.name, f)
