@@ -95,7 +95,7 @@ def render(inp: ReportInput) -> str:
     lines += ["| # | role | rung | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
-        reason = (r.reason or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
+        reason = (r.reason or _stopped(r, inp.records) or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
         judged = r.gate_tier and r.gate_tier != "reference"
         psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
@@ -124,6 +124,20 @@ def render(inp: ReportInput) -> str:
         lines += [*_fenced(" ".join(shlex.quote(c) for c in inp.command)), ""]
     lines += ["Run the chosen recipe: `./launch.sh` (or `wanctl generate --best`).", ""]
     return "\n".join(lines)
+
+
+def _stopped(r: TrialRecord, records: list[TrialRecord]) -> str:
+    """Why a stack measured on a slice went no higher: the finalists' whole-workload times, read back."""
+    if r.rung != 2 or r.outcome != "ok":
+        return ""
+    whole = [f for f in records if f.role == "finalist" and f.outcome == "ok" and f.denoise_pred_s > 0]
+    if any(f.recipe == r.recipe for f in records if f.role == "finalist"):
+        return "taken to the whole workload as a finalist"
+    if whole and r.denoise_pred_s >= min(f.denoise_pred_s for f in whole):
+        f = min(whole, key=lambda f: f.denoise_pred_s)
+        return (f"stopped on rung 2: predicted {fmt_seconds(r.denoise_pred_s)} s cannot beat finalist trial "
+                f"{f.number}'s {fmt_seconds(f.denoise_pred_s)} s on the whole workload")
+    return "stopped on rung 2: not among the finalists"
 
 
 RUNG_NAMES = {1: "components", 2: "slice", 3: "quality", 4: "whole workload"}

@@ -206,6 +206,8 @@ def test_the_report_shows_the_ladder_and_each_rungs_prediction_error(h100: Probe
     assert "rung 1 composed vs slice" in rows["2 slice"]
     finalist = next(r for r in res.records if r.role == "finalist")
     assert f"| {finalist.number} | finalist | 4 |" in text
+    stopped = [line for line in text.splitlines() if "| 2 |" in line and "stopped on rung 2" in line]
+    assert stopped  # each slice-only stack says why it went no higher
 
 
 def test_a_stack_on_the_baselines_kernels_reuses_the_baselines_slice(h100: ProbeResult, tmp_path: Path) -> None:
