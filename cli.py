@@ -228,8 +228,10 @@ def generate(
     if best and recipe:
         raise BadInput("--best and --recipe both name a recipe", "use one of them")
     base = Recipe()
+    recipe_file: Path | None = None  # where the recipe came from: its compile cache is beside it
     if recipe:
         base, meta = read_recipe(recipe)
+        recipe_file = recipe
         if meta.fingerprint:  # a recipe is tuned for one machine: elsewhere its kernels may not run, or not win
             from probes.probe import run_probe
 
@@ -246,6 +248,7 @@ def generate(
         model, task = model_and_task(out_dir or [], fp, model, task)
         found = find_best(model=model, task=task, dirs=out_dir or [], fingerprint=fp, size=size, frames=frames,
                           steps=steps)
+        recipe_file = found.path
         w_size, w_frames, w_steps = found.recipe.workload()
         err.print(f"using recipe [bold]{escape(str(found.path))}[/] ({escape(clip(found.meta.name))}; "
                   f"{found.meta.speedup:.2f}x measured on {escape(clip(found.meta.machine))}; tuned at {w_size}, "
@@ -263,11 +266,12 @@ def generate(
         r = _fit_to_gpu(r, sets or [])
     # the folder is made only for the finished video: a failed run leaves nothing there
     output = check_output_file(output, replace=force, create=False).resolve()
+    cache = _compile_cache_for(recipe_file, r)
     # The run's files (spec, log, raw frames: ~224 MB at 720p) live under $TMPDIR, removed on every way out
     # (a failure, Ctrl-C, a SIGTERM or SIGHUP, which main turns into an exception), never beside the video.
     with tempfile.TemporaryDirectory(prefix="wanctl-generate-") as work:
         spec = TrialSpec(recipe=r, mode="generate", out_dir=work, video_path=str(output),
-                         trust_checkpoint=trust_checkpoint)
+                         trust_checkpoint=trust_checkpoint, compile_cache=cache)
         with _progress() as prog:
             task_id = prog.add_task(f"{r.task} {r.resolved().size} x{r.resolved().frames}", total=r.resolved().steps)
             res = run_trial(spec, Path(work), timeout_s=None,
@@ -288,20 +292,33 @@ def generate(
         err.print(f"[yellow]note:[/] {escape(n)}")
     if json_out:
         _print_json(json.dumps({"video": rr.video_path, "frames": rr.video_frames, "timings": rr.timings.__dict__,
-                                   "actual": rr.actual, "device": rr.device,
+                                   "actual": rr.actual, "device": rr.device, "compile_start": rr.compile_start,
                                    "peak_mem_gb": rr.peak_mem_bytes / 1e9, "recipe": r.resolved().to_dict()}))
         return
     t = Table(title=escape(str(rr.video_path)), show_header=True)
     t.add_column("part")
     t.add_column("seconds", justify="right")
     tm = rr.timings
+    warm_up = [(f"  warm-up ({rr.compile_start} start{', compile' if rr.compile_start == 'cold' else ''})",
+                tm.warmup_s)] if rr.compile_start else []
     for name, val in (("model load", tm.load_s), ("knobs", tm.apply_s), ("text encode", tm.text_encode_s),
-                      (f"denoise ({rr.steps_run} steps)", tm.denoise_s), ("  median step", tm.step_median_s),
+                      (f"denoise ({rr.steps_run} steps)", tm.denoise_s), *warm_up, ("  median step", tm.step_median_s),
                       ("VAE decode", tm.vae_decode_s), ("process total", tm.total_s)):
         t.add_row(name, f"{val:.3f}")
     out.print(t)
     out.print(escape(f"frames in video: {rr.video_frames}; device: {rr.device}; peak memory {rr.peak_mem_bytes / 1e9:.1f} GB; "
                      "ran: " + ", ".join(f"{k}={v}" for k, v in rr.actual.items())))
+
+
+def _compile_cache_for(recipe_file: Path | None, r: Recipe) -> str:
+    """The compile cache beside a tuned recipe (what its confirmation run compiled), for a run that compiles;
+    '' when there is none. Written there only by a run that could not load it (another torch, a damaged file)."""
+    from recipes.locations import compile_cache_beside
+
+    if recipe_file is None or r.compile == "off":
+        return ""
+    cache = compile_cache_beside(recipe_file.expanduser())
+    return str(cache.resolve()) if is_file(cache, "read the compile cache") else ""
 
 
 def _fit_to_gpu(r: Recipe, sets: list[str]) -> Recipe:
@@ -441,6 +458,7 @@ def tune(
         paths = _emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         _print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),
+                                   "compile_cache": str(paths.compile_cache) if paths.compile_cache else "",
                                    "speedup": result.confirm.speedup if result.confirm else 1.0,
                                    "trials": len(result.records)}))
         return
@@ -457,8 +475,10 @@ def tune(
         t.add_row("best stack", "baseline (no other stack was measured: see the notes above)")
     else:
         t.add_row("best stack", "baseline (nothing faster passed the gate)")
-    for name, pth in (("recipe", paths.recipe), ("launch script", paths.launch), ("report", paths.report)):
-        t.add_row(name, escape(str(pth)))
+    for name, pth in (("recipe", paths.recipe), ("launch script", paths.launch), ("report", paths.report),
+                      ("compile cache", paths.compile_cache)):
+        if pth is not None:
+            t.add_row(name, escape(str(pth)))
     out.print(t)
 
 
@@ -489,10 +509,18 @@ def _emit(result: TuneResult, cfg: TuneConfig, probe: ProbeResult, argv: list[st
     versions = {"wanctl": cfg.wanctl_version or _version(),
                 **{k: v for k, v in vars(probe.software).items() if isinstance(v, str)}}
     notes = list(result.notes) + [n for r in ([chosen] if chosen else []) for n in r.notes]
+    # A compiled recipe carries the cache its confirmation run wrote (cold, into an empty inductor cache): its
+    # warm-up is the cold start, and launch.sh / generate hand the file to the runtime for a warm one.
+    compiled = recipe.compile != "off" and conf is not None
+    cache = Path(conf.compile_cache) if compiled and conf.compile_cache else None
+    if cache is not None and not cache.is_file():  # a study rebuilt elsewhere (wanctl report): its trials are gone
+        notes.append(f"the confirmation run's compile cache {cache} is gone: the recipe goes without one")
+        cache = None
     meta = RecipeMeta(
         name=name, fingerprint=fp, machine=probe.describe(), speedup=conf.speedup if conf else 1.0,
         baseline_s=result.baseline.denoise_pred_s, recipe_s=chosen.denoise_pred_s,
         confirmed_s=conf.denoise_pred_s if conf else result.baseline.denoise_pred_s,
+        cold_start_s=conf.warmup_s if compiled and conf.compile_start == "cold" else 0.0,
         psnr_db=chosen.psnr_min_db, ssim=chosen.ssim_min, latent_rel_err=chosen.latent_rel_err,
         gate=f"{chosen.gate_tier}: {gate}", versions=versions, notes=notes, study=result.study_name,
     )
@@ -503,9 +531,10 @@ def _emit(result: TuneResult, cfg: TuneConfig, probe: ProbeResult, argv: list[st
         confirm=result.confirm, recipe=recipe, gate=gate, exclusions=result.exclusions,
         excluded_space=dict(result.space.excluded), notes=notes, runs=result.runs,
     )
-    paths = write_outputs(Path(cfg.out_dir), inp, recipe, meta, probe.to_json(), cfg.to_dict(), _version())
+    paths = write_outputs(Path(cfg.out_dir), inp, recipe, meta, probe.to_json(), cfg.to_dict(), _version(),
+                          compile_cache=cache)
     try:
-        save_to_store(recipe, meta)
+        save_to_store(recipe, meta, paths.compile_cache)
     except WanctlError as exc:  # the tune's own outputs are written: a store it cannot write costs only --best
         err.print(f"[yellow]warning:[/] the recipe was not saved to the recipe store: {escape(exc.message)}",
                   soft_wrap=True)

@@ -25,6 +25,7 @@ from autotune.search_space import SearchSpace
 from autotune.state import StudyState
 from autotune.trial_runner import TrialOutcome, run_trial
 from recipes.errors import NothingFeasible, RecipeError
+from recipes.locations import TUNE_OUTPUTS
 from recipes.recipe import Recipe, graph_break, validate
 from recipes.records import TrialRecord
 from recipes.spec import RunResult, TrialSpec
@@ -35,6 +36,7 @@ BROKEN_OUTCOMES = frozenset({"crash", "timeout", "nan", "unsupported", "kernel_m
 """A one-knob trial ending so excludes the knob's value (a kernel that crashes or hangs at the real shape,
 or does not run what it names): the warm starts and later stacks built on it would all end the same way.
 Not an OOM: its memory fallbacks ran, and the value may fit beside a knob that saves memory."""
+COMPILE_CACHE_FILE = TUNE_OUTPUTS["compile_cache"]
 DENOISE_NEUTRAL_FALLBACKS = frozenset({"vae_tiling"})
 """Memory fallbacks that change no denoise step (the time a trial is compared on)."""
 
@@ -310,10 +312,11 @@ class Evaluator:
                 if (r := _valid_or_none(recipe.replace(**f.changes))) is not None and not self.space.why_not(r)]
 
     def _measure(self, number: int, role: str, label: str, recipe: Recipe, attempt: int,
-                 notes: list[str], checked: TrialRecord | None = None) -> TrialRecord:
+                 notes: list[str], checked: TrialRecord | None = None,
+                 spec_kw: dict[str, Any] | None = None) -> TrialRecord:
         tag = f"a{attempt}"
         if self.cfg.single_run:
-            out = self.launch(self._spec(recipe, "quality", number, tag, ref="full"))
+            out = self.launch(self._spec(recipe, "quality", number, tag, ref="full", **(spec_kw or {})))
             rec = self._record(number, role, label, recipe, out, notes)
             if self.state.baseline is not None:
                 rec = dataclasses.replace(rec, predicted_s=predicted_denoise_s(
@@ -394,10 +397,12 @@ class Evaluator:
         for again: an fp8 + compile stack's quality run costs as much as its speed run (~4 min at 720p A14B
         on an H100), which made the confirmation twice the price of the trial."""
         recipe = cand.recipe_obj()
+        cache = self._compile_cache(recipe, cand.number, "a9")
         if self.cfg.single_run:  # one process measures both: nothing cheaper to re-run
-            rec = self._measure(cand.number, "confirm", cand.label, recipe, 9, [])
+            rec = self._measure(cand.number, "confirm", cand.label, recipe, 9, [], spec_kw=cache)
         else:
-            out = self.launch(self._spec(recipe, "measure", cand.number, "a9", measure_steps=self.cfg.measure_steps))
+            out = self.launch(self._spec(recipe, "measure", cand.number, "a9", measure_steps=self.cfg.measure_steps,
+                                         **cache))
             rec = self._record(cand.number, "confirm", cand.label, recipe, out)
             if rec.outcome == "ok":
                 pred = predicted_denoise_s(rec.step_median_s, recipe.steps, cand.computed_fraction,
@@ -409,6 +414,17 @@ class Evaluator:
                                           gate_reason=f"{cand.gate_reason} (gated in trial {cand.number})")
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
         return dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
+
+    def _compile_cache(self, recipe: Recipe, number: int, tag: str) -> dict[str, Any]:
+        """A compiled stack's confirmation run compiles cold, into an empty inductor cache of its own (the
+        search's trials of the same stack filled this host's), and writes the compile cache the emitted recipe
+        carries into its trial folder. The runtime writes it: the tuner only names the file, and removes one a
+        killed earlier confirmation left, which the run would otherwise load and start warm from."""
+        if recipe.compile == "off":
+            return {}
+        path = self.out / "trials" / f"{number:04d}-{tag}" / COMPILE_CACHE_FILE
+        path.unlink(missing_ok=True)
+        return {"compile_cache": str(path), "compile_cold": True}
 
     def _priced_fraction(self, recipe: Recipe) -> float:
         """Computed fraction of a cache's schedule, where it can be known before the run: MagCache's from
@@ -448,7 +464,7 @@ class Evaluator:
             warmup_s=t.warmup_s,
             load_s=t.load_s, text_encode_s=t.text_encode_s, vae_decode_s=t.vae_decode_s,
             peak_mem_gb=r.peak_mem_bytes / 1e9, actual=dict(r.actual), computed_fraction=frac,
-            notes=base.notes + list(r.notes),
+            notes=base.notes + list(r.notes), compile_start=r.compile_start, compile_cache=r.compile_cache_written,
         )
 
 

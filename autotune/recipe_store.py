@@ -14,8 +14,8 @@ from pathlib import Path
 
 from autotune.config import model_tag
 from recipes.errors import BadInput, WanctlError
-from recipes.files import user_path
-from recipes.locations import cache_root
+from recipes.files import atomic_write_bytes, user_path
+from recipes.locations import cache_root, compile_cache_beside
 from recipes.models import parse_size
 from recipes.recipe import Recipe
 from recipes.serialize import RecipeMeta, read_recipe, write_recipe
@@ -37,8 +37,15 @@ def store_dir() -> Path:
     return cache_root() / "recipes"
 
 
-def save_to_store(recipe: Recipe, meta: RecipeMeta) -> Path:
-    return write_recipe(store_dir() / f"{meta.name}.toml", recipe, meta)
+def save_to_store(recipe: Recipe, meta: RecipeMeta, compile_cache: Path | None = None) -> Path:
+    """The recipe as ``<name>.toml`` in the store, and its compile cache beside it when there is one (a name is
+    one recipe on one machine: a cache kept from an earlier tune of it stays good, and is kept)."""
+    path = write_recipe(store_dir() / f"{meta.name}.toml", recipe, meta)
+    if compile_cache is not None:
+        with user_path(compile_cache, "read the compile cache"):
+            data = compile_cache.read_bytes()
+        atomic_write_bytes(compile_cache_beside(path), data)
+    return path
 
 
 def _candidates(dirs: list[Path], with_store: bool = True) -> list[Path]:

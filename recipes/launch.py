@@ -4,6 +4,7 @@ The script reproduces a run without wanctl's tuner: it calls ``python -m wan_run
 ``torchrun`` for several GPUs) with one ``--set field=value`` per recipe field, so the mapping from recipe
 to runtime flags is this one loop, not a hand-kept list. Content (model dir and its pinned revision, Lightning
 LoRA folder, prompt, image, seed, output) comes from overridable variables so the same script serves other prompts.
+A compiled recipe's script also hands the runtime the compile cache beside it (``compile-cache.bin``), when there.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from recipes.locations import TUNE_OUTPUTS
 from recipes.models import model_spec
 from recipes.overrides import to_overrides
 from recipes.recipe import CONTENT_FIELDS, Recipe
@@ -34,7 +36,7 @@ if [ -z "${{NEGATIVE_PROMPT+x}}" ]; then NEGATIVE_PROMPT={negative_prompt}; fi
 {image_line}
 if [ -z "${{SEED+x}}" ]; then SEED={seed}; fi
 if [ -z "${{OUT+x}}" ]; then OUT={out}; fi
-{nproc}
+{compile_cache}{nproc}
 # The interpreter: $PYTHON, else the one that wrote this script (its environment has wanctl's runtime), else
 # python3. One that cannot import the runtime is named here with the fix, not by a traceback from inside it.
 if [ -z "${{PYTHON:-}}" ]; then
@@ -91,7 +93,7 @@ args=(
   --out-dir "$WORK"
 )
 if [ "${{TRUST_CHECKPOINT:-0}}" = 1 ]; then args+=(--trust-checkpoint); fi
-args+=("$@")
+{compile_cache_arg}args+=("$@")
 
 # GPU numbers as nvidia-smi and the tuner's probe count them (CUDA's own default puts the fastest first)
 export CUDA_DEVICE_ORDER="${{CUDA_DEVICE_ORDER:-PCI_BUS_ID}}"
@@ -104,6 +106,19 @@ child=$!
 rc=0
 wait "$child" || rc=$?
 exit "$rc"
+"""
+
+COMPILE_CACHE = """\
+# The compile cache the tune wrote beside this script (torch.compile's compiled graphs and kernels): loaded, the
+# run starts warm instead of compiling again. COMPILE_CACHE= (empty) runs without it; a run that cannot load it
+# (another torch, a damaged file) compiles and writes it again.
+if [ -z "${{COMPILE_CACHE+x}}" ]; then
+  COMPILE_CACHE="$(CDPATH='' cd -- "$(dirname -- "${{BASH_SOURCE[0]}}")" && pwd)/{name}"
+fi
+"""
+
+COMPILE_CACHE_ARG = """\
+if [ -n "$COMPILE_CACHE" ] && [ -f "$COMPILE_CACHE" ]; then args+=(--compile-cache "$COMPILE_CACHE"); fi
 """
 
 IMAGE_LINE = """\
@@ -160,6 +175,7 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
     o = opts or LaunchOptions()
     q = shlex.quote
     args = "\n".join(f"  --set {q(f'{k}={v}')}" for k, v in to_overrides(recipe, skip=CONTENT_FIELDS))
+    compiled = recipe.compile != "off"  # only a compiled recipe has a compile cache to pass
     if recipe.gpus > 1:
         torchrun = ('$( [ "$NNODES" -gt 1 ] && echo --nnodes="$NNODES" --node_rank="$NODE_RANK" '
                     '--rdzv_backend=static --rdzv_endpoint="$RDZV_ENDPOINT" || echo --standalone )')
@@ -184,4 +200,6 @@ def render_launch_script(recipe: Recipe, opts: LaunchOptions | None = None) -> s
         args=args,
         torchrun_flags=torchrun,
         nproc=nproc,
+        compile_cache=COMPILE_CACHE.format(name=TUNE_OUTPUTS["compile_cache"]) if compiled else "",
+        compile_cache_arg=COMPILE_CACHE_ARG if compiled else "",
     )

@@ -11,9 +11,20 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-TUNE_OUTPUTS = {"recipe": "recipe.toml", "launch": "launch.sh", "report": "report.md", "plot": "pareto.png"}
+TUNE_OUTPUTS = {"recipe": "recipe.toml", "launch": "launch.sh", "report": "report.md", "plot": "pareto.png",
+                "compile_cache": "compile-cache.bin"}
 """The files a tune writes at the top of its output folder (reports.outputs writes them; autotune refuses to
-claim a folder where someone else's already are)."""
+claim a folder where someone else's already are). The compile cache only for a recipe that compiles."""
+
+
+def compile_cache_beside(recipe_path: str | os.PathLike[str]) -> Path:
+    """The compile cache that goes with a recipe file: ``compile-cache.bin`` beside a tune's ``recipe.toml``
+    (where its launch.sh looks too), ``<name>.compile-cache.bin`` beside any other ``<name>.toml`` (the recipe
+    store keeps many recipes in one folder)."""
+    p = Path(recipe_path)
+    if p.name == TUNE_OUTPUTS["recipe"]:
+        return p.with_name(TUNE_OUTPUTS["compile_cache"])
+    return p.with_name(f"{p.stem}.{TUNE_OUTPUTS['compile_cache']}")
 
 
 def source_root() -> Path:

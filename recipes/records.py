@@ -117,6 +117,11 @@ class TrialRecord:
     """Rung 2: seconds of one forward of the slice, knobs applied (warm-up apart, in ``warmup_s``)."""
     slice_rel_err: float = 0.0
     """Rung 2: the slice's output against the same slice before any knob (lossless knobs stay at rounding)."""
+    compile_start: str = ""
+    """Under compile: cold (inductor compiled graphs: ``warmup_s`` holds that compile) or warm (every graph came
+    from a cache); empty without compile, and in records from before it was kept."""
+    compile_cache: str = ""
+    """The compile cache file this run wrote (a confirmation run of a compiled stack); empty: none."""
 
     def to_attr(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,6 +42,10 @@ class RecipeMeta:
     """Predicted full-schedule denoise time of this recipe (seconds)."""
     confirmed_s: float = 0.0
     """Measured denoise time of the confirmation run, scaled to the full schedule (seconds)."""
+    cold_start_s: float = 0.0
+    """A compiled recipe's warm-up with nothing compiled yet (the confirmation run's first denoise step, compile
+    included, from an empty inductor cache): what a process pays on start without the compile cache; 0 without
+    compile or when not measured."""
     psnr_db: float = 0.0
     ssim: float = 0.0
     latent_rel_err: float = 0.0

@@ -43,6 +43,9 @@ OUTCOMES = ("ok", "oom", "timeout", "crash", "nan", "unsupported", "bad_input", 
             "slower_than_baseline", "kernel_mismatch")
 """What a RunResult's ``outcome`` may say."""
 
+COMPILE_STARTS = ("cold", "warm")
+"""What a compiled run's ``compile_start`` may say: cold (inductor compiled graphs), warm (all from a cache)."""
+
 
 KERNEL_CHECK_START = "wanctl-kernel-check: start "
 """Line the kernel-check child prints before each check: the parent names the one a crash or hang hit."""
@@ -104,6 +107,14 @@ class TrialSpec:
     components: list[str] = field(default_factory=list)
     """components mode: what to time, e.g. ``attention:_flash_3`` (one attention call at the workload's
     shape through that backend) or ``gemm:fp8_rowwise`` (one block's token GEMMs with that quant value)."""
+    compile_cache: str = ""
+    """A compiled recipe's persistent compile cache (torch's portable cache artifacts, the "mega-cache"): loaded
+    before the model runs when the file is there; written after the denoise loop when it was not there or could
+    not be loaded (another torch, a damaged file). Empty: none; ignored when the recipe does not compile."""
+    compile_cold: bool = False
+    """Compile into an empty inductor cache of the run's own (under out_dir, removed after): the warm-up is then
+    what a machine with no compiled artifacts pays (the confirmation run's cold start), not what this host's
+    cache, filled by the search's trials of the same stack, leaves of it. Ignored without compile."""
     fault: str = "none"
     """Fault to inject (see FAULTS); none in every real run."""
     fault_step: int = 0
@@ -141,7 +152,8 @@ class Timings:
     load_s: float = 0.0
     """Building the pipeline and moving it to the device (checkpoint read or random init)."""
     apply_s: float = 0.0
-    """Applying the recipe's knobs (quantization, LoRA fuse, cache hooks); compile itself is lazy."""
+    """Applying the recipe's knobs (quantization, LoRA fuse, cache hooks) and loading a compile cache; compile
+    itself is lazy (in the warm-up)."""
     text_encode_s: float = 0.0
     """UMT5 encoding of prompt and negative prompt."""
     step_s: list[float] = field(default_factory=list)
@@ -237,11 +249,19 @@ class RunResult:
     """components mode: milliseconds per component that ran (median of a few calls after one warm-up)."""
     component_errors: dict[str, str] = field(default_factory=dict)
     """components mode: why a component did not run (its first error line)."""
+    compile_start: str = ""
+    """Under compile: "warm" when every graph the run compiled came from a compile cache (the spec's file, or
+    this host's own inductor cache), "cold" when inductor compiled at least one itself (its cost is in the
+    warm-up); empty without compile. See COMPILE_STARTS."""
+    compile_cache_written: str = ""
+    """Where this run wrote its compile cache (TrialSpec.compile_cache); empty when it wrote none."""
     notes: list[str] = field(default_factory=list)
     schema_version: int = SPEC_SCHEMA
 
     def __post_init__(self) -> None:
         _one_of("run result", "outcome", self.outcome, OUTCOMES)
+        if self.compile_start:
+            _one_of("run result", "compile_start", self.compile_start, COMPILE_STARTS)
         if self.phase:  # empty in a run that finished: a failure says where it was
             _one_of("run result", "phase", self.phase, PHASES)
 

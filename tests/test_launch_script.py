@@ -141,6 +141,38 @@ def test_arguments_and_trust_reach_the_runtime_after_the_recipe(tmp_path: Path) 
     assert apply_overrides(Recipe(), _sets(argv)).steps == 30  # the later --set wins
 
 
+def test_a_compiled_recipe_hands_the_runtime_the_cache_beside_the_script(tmp_path: Path) -> None:
+    """compile-cache.bin beside launch.sh (as a tune writes it) goes to the runtime, from whatever folder the
+    script is run; without the file, with COMPILE_CACHE= or for a recipe that does not compile, nothing does."""
+    tuned, elsewhere = tmp_path / "tuned dir", tmp_path / "elsewhere"
+    tuned.mkdir()
+    elsewhere.mkdir()
+    stub = tmp_path / "python3"
+    stub.write_text(RECORDER)
+    stub.chmod(0o755)
+    rec = tmp_path / "argv.json"
+
+    def argv(recipe: Recipe, **env: str) -> list[str]:
+        sh = tuned / "launch.sh"
+        sh.write_text(render_launch_script(recipe))
+        e = {**{k: v for k, v in os.environ.items() if k != "COMPILE_CACHE"}, "PYTHON": str(stub),
+             "RECORD": str(rec), **env}
+        subprocess.run(["bash", str(sh)], check=True, env=e, cwd=elsewhere, timeout=30)
+        return json.loads(rec.read_text())
+
+    compiled = Recipe(compile="regional")
+    assert "--compile-cache" not in argv(compiled)  # no cache written (yet): none passed
+    (tuned / "compile-cache.bin").write_bytes(b"x")
+    got = argv(compiled)
+    assert got[got.index("--compile-cache") + 1] == str(tuned / "compile-cache.bin")
+    assert "--compile-cache" not in argv(compiled, COMPILE_CACHE="")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"y")
+    got = argv(compiled, COMPILE_CACHE=str(other))
+    assert got[got.index("--compile-cache") + 1] == str(other)
+    assert "--compile-cache" not in argv(Recipe())  # nothing compiled: no cache to load
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path) -> None:
     import signal

@@ -2,6 +2,7 @@
 
     python -m wan_runtime trial SPEC.json RESULT.json       # the tuner's entry point
     python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--force] [--result R.json] [--recipe R.toml]
+                                   [--compile-cache FILE]  # a compiled recipe's cache: loaded, or written when absent
     python -m wan_runtime save-tiny --task t2v-A14B --dir DIR  # the tiny model as a diffusers checkpoint
 
 Exit codes: 0 ok, 2 bad input, 3 cannot run here (unsupported / nothing feasible), 1 any other failure.
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out-dir", default="")
     g.add_argument("--trust-checkpoint", action="store_true")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g.add_argument("--compile-cache", default="", metavar="FILE",
+                   help="torch.compile cache of a compiled recipe: loaded when there, written after the run when not")
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadInput(f"image {recipe.image} does not exist or is not a file",
                                "set IMAGE=path/to/image.png (launch.sh) or --set image=PATH")
             spec = TrialSpec(recipe=recipe, mode="generate", out_dir=args.out_dir, video_path=str(out),
-                             trust_checkpoint=args.trust_checkpoint)
+                             trust_checkpoint=args.trust_checkpoint, compile_cache=args.compile_cache)
             result_path = args.result or (str(Path(args.out_dir) / "result.json") if args.out_dir else "")
     except WanctlError as exc:
         print(f"error: {exc}", file=sys.stderr)

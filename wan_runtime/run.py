@@ -27,6 +27,7 @@ from recipes.recipe import validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
+from wan_runtime.compile_cache import CompileCache, cold_dir, cold_inductor
 from wan_runtime.components import run_components
 from wan_runtime.env import device_name, mixed_cudnn_hint, pick_device, require_safe_torch, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
@@ -172,6 +173,12 @@ def _truncation_notes(pipe: Any, recipe: Any) -> list[str]:
 
 
 def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: Phase) -> RunResult:
+    """The pipeline run, in an empty inductor cache of its own when the spec asks for a cold compile."""
+    with cold_inductor(cold_dir(spec.out_dir), spec.compile_cold and spec.recipe.compile != "off"):
+        return _run_pipeline(spec, device, started, progress, where)
+
+
+def _run_pipeline(spec: TrialSpec, device: torch.device, started: float, progress: Any, where: Phase) -> RunResult:
     recipe = validate(spec.recipe).resolved()
     mspec = model_spec(recipe.task)
     out = Path(spec.out_dir)
@@ -197,7 +204,10 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     if spec.magcache_ratios:
         ctx.extra["magcache_ratios"] = [list(r) for r in spec.magcache_ratios]
     t0 = clock.now()
-    where.name = "apply"
+    where.name = "apply"  # (loading a compile cache is part of it: a start-up cost, as the knobs are)
+    # Loaded before the knobs: compile is lazy, but MagCache's in-process calibration already runs the model.
+    # Every rank loads (each compiles); rank 0 alone writes.
+    cache = CompileCache.open(spec.compile_cache) if recipe.compile != "off" else None
     apply_all(ctx)
     w, h = parse_size(recipe.size)
     call: dict[str, Any] = dict(
@@ -281,6 +291,13 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
     wall = clock.now() - t_denoise0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()
     finish_observers(ctx)
+    compile_start, cache_written = "", ""
+    if cache is not None:
+        # After the denoise loop: every graph of the run is compiled by now (a second expert's too), and a
+        # failure in decode still leaves the cache the next run starts from.
+        compile_start = cache.start()
+        cache_written = cache.save() if is_rank0() else ""
+        ctx.notes.extend(cache.notes)
 
     frames_f = np.asarray(result.frames[0])  # T,H,W,C in [0,1]
     latent = last["latents"].float().cpu().numpy() if last["latents"] is not None else None
@@ -304,6 +321,7 @@ def _run(spec: TrialSpec, device: torch.device, started: float, progress: Any, w
         computed_steps=(_computed_flags(step_s, forwards, True, schedule, spec.step_hint_s, warm)
                         if recipe.cache != "none" else []), frames=int(frames.shape[0]), notes=list(ctx.notes),
         cache_ratios=ctx.extra.get("magcache_ratios") or [], expert_steps=expert_steps(pipe, recipe.steps),
+        compile_start=compile_start, compile_cache_written=cache_written,
     )
     if wall > 0 and not step_s:
         res = dataclasses.replace(res, notes=res.notes + ["no denoise step ran"])
