@@ -116,10 +116,12 @@ class Evaluator:
             fraction = self._priced_fraction(recipe)
             rec = self._verdict(number, recipe, self.ladder.climb(number, role, recipe, label, notes, fraction),
                                 set())
+            if self.ladder.worth_quality(rec, recipe):
+                rec = self._quality_rung(number, recipe, rec)
         else:
-            slice_rec = self.state.by_hash.get(h)
+            below = self.state.by_hash.get(h)
             rec = self._run_candidate(number, role, recipe, label, notes,
-                                      checked=slice_rec if slice_rec is not None and slice_rec.rung == 2 else None)
+                                      checked=below if below is not None and below.rung in (2, 3) else None)
         self.state.remember(rec, h)
         if rec.fallbacks:  # the stack a memory fallback ran is measured too: a later trial that samples it is not
             # run again (a resumed run keys records this way)
@@ -324,7 +326,7 @@ class Evaluator:
             if rec.outcome == "ok" and out.result is not None:
                 rec = self._gate(rec, recipe, out.result)
             return rec
-        if checked is not None and tier_of(recipe) == "lossy":
+        if checked is not None and tier_of(recipe) == "lossy" and not (checked.rung == 3 and checked.gate_passed):
             return self._quality_first(number, role, label, recipe, tag, notes, checked)
         out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
         rec = self._record(number, role, label, recipe, out, notes)
@@ -338,6 +340,14 @@ class Evaluator:
                                  * (1.0 if recipe.cache == "none" else 4.0)):
             return rec  # hopeless even before quality: no proxy run spent on it
         kind = "full" if tier_of(recipe) == "lossy" else "short"
+        if checked is not None and checked.rung == 3 and checked.gate_passed:
+            # rung 3 ran its quality at the proxy (and counted a cache's schedule there): this run is speed only
+            pred = predicted_denoise_s(rec.step_median_s, recipe.steps, checked.computed_fraction, rec.skipped_step_s)
+            return dataclasses.replace(rec, denoise_pred_s=pred, computed_fraction=checked.computed_fraction,
+                                       psnr_min_db=checked.psnr_min_db, ssim_min=checked.ssim_min,
+                                       latent_rel_err=checked.latent_rel_err, gate_passed=True,
+                                       gate_tier=checked.gate_tier,
+                                       gate_reason=f"{checked.gate_reason} (rung 3, trial {checked.number})")
         if kind == "short" and checked is not None and checked.gate_passed and checked.gate_tier == "lossless":
             # rung 2 checked the lossless knobs numerically on the slice: no quality run on the real model
             return dataclasses.replace(rec, gate_passed=True, gate_tier="lossless",
@@ -347,6 +357,20 @@ class Evaluator:
         if q.outcome != "ok" or q.result is None:
             return dataclasses.replace(rec, outcome=q.outcome, reason=f"quality run: {q.reason}")
         return self._gate(self._counted(rec, recipe, fraction, q.result)[0], recipe, q.result)
+
+    def _quality_rung(self, number: int, recipe: Recipe, rec: TrialRecord) -> TrialRecord:
+        """Rung 3 for a lossy stack that can still win: its quality on the real model at the proxy, which also
+        counts the steps a cache really skips there (its schedule is then priced, not guessed)."""
+        self._reference("full")
+        q = self.launch(self._spec(self._proxy(recipe, short=False), "quality", number, "a0q", ref="full"))
+        rec = dataclasses.replace(rec, rung=3, wall_s=rec.wall_s + q.wall_s)
+        if q.outcome != "ok" or q.result is None:
+            return dataclasses.replace(rec, outcome=q.outcome, reason=f"rung 3 (quality run): {q.reason}",
+                                       stderr_tail=q.stderr_tail[-1500:])
+        rec, _ = self._counted(rec, recipe, rec.computed_fraction, q.result)
+        base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
+        rec = dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
+        return self._gate(rec, recipe, q.result)
 
     def _quality_first(self, number: int, role: str, label: str, recipe: Recipe, tag: str, notes: list[str],
                        checked: TrialRecord) -> TrialRecord:

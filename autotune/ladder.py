@@ -65,6 +65,18 @@ def slice_recipe(recipe: Recipe, base: Recipe) -> Recipe:
                         lightning=0, lightning_lora="", vae_tiling=False, vae_slicing=False)
 
 
+def fraction_floor(recipe: Recipe, priced: float) -> float:
+    """The least fraction of forwards a cache can compute: its priced schedule where one is known (TaylorSeer;
+    MagCache with ratios), else the best its settings allow (a kept warm-up share, then at most K skipped
+    steps per computed one; FBCache, which has neither, a quarter), for deciding whether it can still win."""
+    if recipe.cache == "none" or priced < 1.0 or recipe.cache == "taylorseer":
+        return priced
+    if recipe.cache == "fbcache":
+        return 0.25
+    keep = recipe.cache_retention
+    return keep + (1 - keep) / (recipe.magcache_k + 1)
+
+
 def forwards_per_step(recipe: Recipe) -> int:
     """Transformer forwards in a computed step: two with CFG (diffusers runs it for a scale above 1)."""
     return 2 if recipe.resolved().guidance > 1.0 else 1
@@ -103,7 +115,7 @@ class Ladder:
                              "to the whole workload without the ladder's cheaper rungs")
                 return notes
             r = out.result
-            lad.base_forward_s, lad.base_warmup_s = r.forward_s, r.timings.warmup_s
+            lad.base_forward_s, lad.base_warmup_s, lad.slice_wall_s = r.forward_s, r.timings.warmup_s, out.wall_s
             lad.blocks, lad.model_blocks = r.blocks, r.model_blocks
         if not lad.component_ms and not lad.component_errors:
             ms, errors = self.run_components(number, component_names(self.space))
@@ -195,18 +207,31 @@ class Ladder:
             per_block += (ms[now] - ms[was]) / 1e3
         return max(per_block, 0.0) * lad.blocks
 
-    def predicted_denoise_s(self, recipe: Recipe, forward_s: float, fraction: float) -> float:
-        """The whole workload's denoise time from a slice's forward: the baseline's measured step, scaled by
-        the slice's forward over the baseline's slice, by forwards per step (Lightning runs without CFG) and
-        by the steps a cache computes (a skipped step at 2% of one, as autotune.pricing takes it)."""
-        from autotune.pricing import predicted_denoise_s
-
+    def predicted_step_s(self, recipe: Recipe, forward_s: float) -> float:
+        """A computed denoise step of the whole workload from a slice's forward: the baseline's measured step,
+        scaled by the slice's forward over the baseline's slice and by forwards per step (Lightning runs
+        without CFG)."""
         base = self.state.baseline
         lad = self.state.ladder
         assert base is not None and lad.base_forward_s > 0
-        step = (base.step_median_s * forward_s / lad.base_forward_s
+        return (base.step_median_s * forward_s / lad.base_forward_s
                 * forwards_per_step(recipe) / forwards_per_step(self.state.base_recipe))
-        return predicted_denoise_s(step, recipe.resolved().steps, fraction)
+
+    def predicted_denoise_s(self, recipe: Recipe, forward_s: float, fraction: float) -> float:
+        """The whole workload's denoise time: the predicted step times the steps a cache computes (a skipped
+        step at 2% of one, as autotune.pricing takes it)."""
+        from autotune.pricing import predicted_denoise_s
+
+        return predicted_denoise_s(self.predicted_step_s(recipe, forward_s), recipe.resolved().steps, fraction)
+
+    def best_passed_s(self) -> float:
+        """The fastest denoise time of a stack whose quality is known to pass: a lossless stack checked on its
+        slice, a lossy one through rung 3, or one measured on the whole workload. A lossy stack climbs to rung
+        3 only while it can still beat this."""
+        times = [r.denoise_pred_s for r in self.state.by_hash.values()
+                 if r.outcome == "ok" and r.gate_passed and r.denoise_pred_s > 0 and r.role != "baseline"
+                 and r.rung >= 2]
+        return min(times, default=0.0)
 
     def best_predicted_s(self) -> float:
         """The fastest denoise time on record, rung 2's predictions and rung 4's measurements alike."""
@@ -229,11 +254,12 @@ class Ladder:
         composed_t = self.predicted_denoise_s(recipe, composed, fraction) if composed else 0.0
         rec = dataclasses.replace(rec, predicted_s=composed_t)
         best = self.best_predicted_s()
-        if composed_t and best and composed_t > best * PRUNE_MARGIN and recipe.compile == "off":
+        hopeful = self.predicted_denoise_s(recipe, composed, fraction_floor(recipe, fraction)) if composed else 0.0
+        if hopeful and best and hopeful > best * PRUNE_MARGIN and recipe.compile == "off":
             # (a compiled stack is never stopped here: eager kernel timings cannot see what compile fuses)
             return dataclasses.replace(rec, rung=1, outcome="pruned", denoise_pred_s=composed_t,
                                        speedup=base_t / composed_t if composed_t else 0.0,
-                                       reason=f"rung 1: composed {fmt_seconds(composed_t)} s cannot beat the best "
+                                       reason=f"rung 1: composed {fmt_seconds(hopeful)} s at best cannot beat the best "
                                               f"{fmt_seconds(best)} s (x{PRUNE_MARGIN:g} margin)")
         seen = self.slice_of(recipe)
         lad = self.state.ladder
@@ -260,7 +286,7 @@ class Ladder:
         pred = self.predicted_denoise_s(recipe, forward, fraction)
         rec = dataclasses.replace(rec, rung=2, outcome="ok", forward_s=forward, warmup_s=warm, slice_rel_err=err,
                                   denoise_pred_s=pred, speedup=base_t / pred if pred else 0.0, wall_s=wall,
-                                  step_median_s=pred / max(recipe.resolved().steps, 1))
+                                  step_median_s=self.predicted_step_s(recipe, forward))
         if tier_of(recipe) == "lossless":
             bar = self.policy.lossless.latent_rel_err_max
             if err > bar:
@@ -270,6 +296,17 @@ class Ladder:
             rec = dataclasses.replace(rec, gate_passed=True, gate_tier="lossless",
                                       gate_reason=f"slice output within {err:.2g} of the bf16 reference (bar {bar:g})")
         return rec
+
+    def worth_quality(self, rec: TrialRecord, recipe: Recipe) -> bool:
+        """Whether a lossy stack measured on its slice climbs to rung 3 (its quality on the real model at the
+        proxy): only while, at the best its schedule allows, it beats the baseline and every stack whose
+        quality is known to pass."""
+        if rec.rung != 2 or rec.outcome != "ok" or tier_of(recipe) != "lossy" or rec.forward_s <= 0:
+            return False
+        best_case = self.predicted_denoise_s(recipe, rec.forward_s, fraction_floor(recipe, rec.computed_fraction))
+        base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
+        passed = self.best_passed_s()
+        return best_case < base_t and (not passed or best_case < passed)
 
     def _slice_spec(self, recipe: Recipe, number: int, tag: str) -> TrialSpec:
         return dataclasses.replace(self.spec_for(recipe, "slice", number, tag), slice_blocks=SLICE_BLOCKS,
@@ -286,8 +323,9 @@ class Ladder:
         best_whole = min((r.denoise_pred_s for r in whole if r.outcome == "ok" and r.gate_passed), default=0.0)
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
         for r in sorted(self.state.by_hash.values(), key=lambda r: r.denoise_pred_s):
-            if r.rung != 2 or r.outcome != "ok" or r.denoise_pred_s <= 0 or recipe_hash(r.recipe) in done:
-                continue
+            if (r.rung not in (2, 3) or r.outcome != "ok" or not r.gate_passed or r.denoise_pred_s <= 0
+                    or recipe_hash(r.recipe) in done):
+                continue  # (a lossy stack is a finalist only once rung 3 passed its quality)
             if base_t and r.denoise_pred_s > base_t * (1 + self.tol):
                 return None  # sorted: none after it beats the baseline either
             if best_whole and r.denoise_pred_s >= best_whole:
@@ -297,19 +335,26 @@ class Ladder:
 
     def reserve_s(self) -> float:
         """Seconds the finalist and its confirmation will take: what the sampling phase leaves free. Both are
-        whole-workload speed runs like the baseline's (plus the compile warm-up its slice measured, twice),
-        and a lossy finalist adds a quality run at the proxy (priced as one more baseline run)."""
+        whole-workload speed runs like the baseline's (plus the compile warm-up its slice measured, twice); a
+        finalist's quality is known before it is one (its slice's check, or rung 3)."""
         base = self.state.baseline
         if base is None:
             return 0.0
         top = self.next_finalist()
         run = base.wall_s or base.cost_s
         warm = top.warmup_s if top is not None else 0.0
-        lossy = top is not None and tier_of(top.recipe_obj()) == "lossy"
-        return 2 * (run + warm) + (run if lossy else 0.0)
+        return 2 * (run + warm)
 
-    def slice_cost_s(self, costs: list[float]) -> float:
-        return statistics.median(costs) if costs else 0.0
+    def next_trial_s(self, costs: list[float]) -> float:
+        """What the next trial may cost, for the budget: the dearest one so far, and at least a slice plus a
+        rung-3 quality run (and the reference it needs, if not made yet, each priced as a baseline speed run)
+        while lossy stacks are searched: a trial's price differs by the rung it reaches."""
+        base = self.state.baseline
+        run = (base.wall_s or base.cost_s) if base is not None else 0.0
+        slice_s = statistics.median(costs) if costs else (self.state.ladder.slice_wall_s or run)
+        lossy = self.cfg.tier != "lossless"
+        rung3 = run + (0.0 if "full" in self.state.ref_paths else run) if lossy else 0.0
+        return max(max(costs, default=0.0), slice_s + rung3)
 
     def summary(self) -> str:
         lad = self.state.ladder

@@ -38,6 +38,8 @@ class LadderState:
 
     base_forward_s: float = 0.0
     base_warmup_s: float = 0.0
+    slice_wall_s: float = 0.0
+    """The baseline's slice process, start to end: what a slice costs before any stack's was run."""
     blocks: int = 0
     model_blocks: int = 0
     component_ms: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -120,7 +122,7 @@ class StudyState:
         kept = self.by_hash.get(key)
         if kept is None or kept.rung <= rec.rung:
             self.by_hash[key] = rec
-        if rec.rung == 2 and rec.forward_s > 0:
+        if rec.rung in (2, 3) and rec.forward_s > 0:
             self.slices.setdefault(recipe_hash(slice_recipe(rec.recipe_obj(), self.base_recipe).to_dict()), rec)
 
     def adopt_exclusions(self, attrs: dict[str, Any]) -> None:

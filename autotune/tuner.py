@@ -169,9 +169,12 @@ class Tuner:
         if self.cfg.budget_s:
             # A trial costs its speed run, its quality run and any fallback: the whole of it, as timed in
             # this run, else as its record kept it (older records kept only the speed run: a lower bound).
-            costs = self.trial_costs or [r.cost_s or r.wall_s for r in self.state.by_hash.values()
-                                         if r.cost_s or r.wall_s]
+            # (trials that ran no process, a repeated stack or one stopped on rung 1, cost nothing: not a trial's price)
+            costs = [c for c in self.trial_costs if c > 1.0] or [r.cost_s or r.wall_s for r in
+                                                                 self.state.by_hash.values() if r.cost_s or r.wall_s]
             est = statistics.median(costs) if costs else 0.0
+            if self.evaluator.ladder is not None:
+                est = self.evaluator.ladder.next_trial_s(costs[1:])
             # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
             pending = self._unconfirmed_candidate(study)
             confirm = pending.wall_s if pending else 0.0
