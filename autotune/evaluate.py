@@ -362,7 +362,9 @@ class Evaluator:
         """Rung 3 for a lossy stack that can still win: its quality on the real model at the proxy, which also
         counts the steps a cache really skips there (its schedule is then priced, not guessed)."""
         self._reference("full")
-        q = self.launch(self._spec(self._proxy(recipe, short=False), "quality", number, "a0q", ref="full"))
+        # (the tiny model has no proxy size: its quality runs are its whole workload, as the baseline's was)
+        proxy = recipe if self.cfg.single_run else self._proxy(recipe, short=False)
+        q = self.launch(self._spec(proxy, "quality", number, "a0q", ref="full"))
         rec = dataclasses.replace(rec, rung=3, wall_s=rec.wall_s + q.wall_s)
         if q.outcome != "ok" or q.result is None:
             return dataclasses.replace(rec, outcome=q.outcome, reason=f"rung 3 (quality run): {q.reason}",
