@@ -219,11 +219,12 @@ def test_ctrl_c_inside_a_command_says_interrupted_and_json_gets_an_error(monkeyp
     import sys
 
     import cli
+    import commands.generate
 
     def interrupted(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "build_recipe", interrupted)
+    monkeypatch.setattr(commands.generate, "build_recipe", interrupted)
     monkeypatch.setattr(sys, "argv", ["wanctl", "generate", "--model", "tiny", *json_flag])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
@@ -250,14 +251,14 @@ def test_a_recipe_from_another_machine_is_named_as_such(tmp_path: Path) -> None:
 
 def test_a_set_that_repeats_a_flag_or_empties_the_prompt_is_bad_input() -> None:
     """`--steps 3 --set steps=5` ran 5 steps without a word; `--set prompt=` ran with no prompt."""
-    import cli
+    from commands.inputs import build_recipe
     from recipes.errors import BadInput
 
     with pytest.raises(BadInput, match="--steps and --set steps=5 both set steps"):
-        cli.build_recipe(Recipe(), steps=3, sets=["steps=5"])
+        build_recipe(Recipe(), steps=3, sets=["steps=5"])
     with pytest.raises(BadInput, match="recipe field 'prompt' = '' is not allowed: non-empty text"):
-        cli.build_recipe(Recipe(), sets=["prompt="])
-    assert cli.build_recipe(Recipe(), steps=3, sets=["seed=5"]).steps == 3  # different fields: both taken
+        build_recipe(Recipe(), sets=["prompt="])
+    assert build_recipe(Recipe(), steps=3, sets=["seed=5"]).steps == 3  # different fields: both taken
 
 
 def test_tune_beside_a_live_tuner_of_its_study_exits_2_naming_that_tuner(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import cli
 from tests.conftest import ROOT
 
 GROUP = typer.main.get_command(cli.app)
-PACKAGES = ("autotune", "downloads", "probes", "recipes", "reports", "wan_runtime")
+PACKAGES = ("autotune", "commands", "downloads", "probes", "recipes", "reports", "wan_runtime")
 SOURCES = [ROOT / "cli.py", *sorted(p for d in PACKAGES for p in (ROOT / d).rglob("*.py"))]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLACEHOLDER = "\x00"

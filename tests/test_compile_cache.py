@@ -166,7 +166,7 @@ def _tune(probe: ProbeResult, out: Path, **kw: object):  # type: ignore[no-untyp
 
 def test_the_tune_folder_holds_the_confirmation_runs_cache_only_for_a_compiled_recipe(
         h100: ProbeResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    import cli
+    from commands.outputs import emit
 
     monkeypatch.setenv("WANCTL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -177,7 +177,7 @@ def test_the_tune_folder_holds_the_confirmation_runs_cache_only_for_a_compiled_r
     assert not any(s.compile_cache or s.compile_cold for s in rt.specs if s is not confirm_spec)
     assert result.confirm is not None and result.confirm.compile_start == "cold"
 
-    paths = cli._emit(result, cfg, h100, ["wanctl", "tune"])
+    paths = emit(result, cfg, h100, ["wanctl", "tune"])
     assert paths.compile_cache == out / "compile-cache.bin"
     assert paths.compile_cache.read_bytes() == b"artifacts of " + result.best.recipe_obj().compile.encode()
     _, meta = read_recipe(paths.recipe)
@@ -190,7 +190,7 @@ def test_the_tune_folder_holds_the_confirmation_runs_cache_only_for_a_compiled_r
 
     # The same folder emitted again with a recipe that does not compile: the earlier cache goes with it
     plain = dataclasses.replace(result.best, recipe={**result.best.recipe, "compile": "off"})
-    paths = cli._emit(dataclasses.replace(result, best=plain, confirm=dataclasses.replace(result.confirm,
+    paths = emit(dataclasses.replace(result, best=plain, confirm=dataclasses.replace(result.confirm,
                                           recipe=plain.recipe, compile_start="", compile_cache="")),
                       cfg, h100, ["wanctl", "tune"])
     assert paths.compile_cache is None and not (out / "compile-cache.bin").exists()
@@ -198,13 +198,13 @@ def test_the_tune_folder_holds_the_confirmation_runs_cache_only_for_a_compiled_r
 
 
 def test_generate_hands_the_runtime_the_cache_beside_its_recipe(tmp_path: Path) -> None:
-    import cli
+    from commands.run_recipe import compile_cache_for
 
     folder = tmp_path / "tuned"
     folder.mkdir()
     recipe = folder / "recipe.toml"
-    assert cli._compile_cache_for(recipe, COMPILED) == ""  # none there yet: nothing passed
+    assert compile_cache_for(recipe, COMPILED) == ""  # none there yet: nothing passed
     (folder / "compile-cache.bin").write_bytes(b"x")
-    assert cli._compile_cache_for(recipe, COMPILED) == str(folder / "compile-cache.bin")
-    assert cli._compile_cache_for(recipe, COMPILED.replace(compile="off")) == ""  # a --set compile=off run
-    assert cli._compile_cache_for(None, COMPILED) == ""  # plain settings: no recipe, no cache
+    assert compile_cache_for(recipe, COMPILED) == str(folder / "compile-cache.bin")
+    assert compile_cache_for(recipe, COMPILED.replace(compile="off")) == ""  # a --set compile=off run
+    assert compile_cache_for(None, COMPILED) == ""  # plain settings: no recipe, no cache

@@ -24,6 +24,7 @@ import tomli_w
 import typer
 
 import cli
+import commands.recipe
 from autotune.config import TuneConfig
 from recipes.errors import FieldError, RecipeError
 from recipes.fields import Domain, domains, field_problem, field_types
@@ -335,9 +336,9 @@ def test_the_recipe_table_shows_long_text_clipped(tmp_path: Path, monkeypatch: p
     from recipes.serialize import write_recipe
 
     path = write_recipe(tmp_path / "recipe.toml", Recipe(prompt="fox " * 2500, negative_prompt="n" * 10_000))
-    # A table 200 columns wide, as on a pipe: the width cli took at import depends on what ran before it (a
-    # narrower one folds the "(10,000 characters)" note itself across lines).
-    monkeypatch.setattr(cli, "out", Console(width=200))
+    # A table 200 columns wide, as on a pipe: the width commands.console took at import depends on what ran
+    # before it (a narrower one folds the "(10,000 characters)" note itself across lines).
+    monkeypatch.setattr(commands.recipe, "out", Console(width=200))
     monkeypatch.setattr(sys, "argv", ["wanctl", "recipe", str(path)])
     monkeypatch.setattr(cli, "app", _command())
     start = time.monotonic()

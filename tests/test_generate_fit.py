@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 import cli
+from commands.inputs import build_recipe
+from commands.run_recipe import fit_to_gpu
 from recipes.recipe import Recipe
 from tests.probe_fakes import probe_machine
 
@@ -19,21 +21,21 @@ def on_h100(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_a14b_720p_gets_vae_tiling_and_a_note(on_h100: None, capsys: pytest.CaptureFixture[str]) -> None:
     r = Recipe.for_task("t2v-A14B", model="random")
-    got = cli._fit_to_gpu(r, [])
+    got = fit_to_gpu(r, [])
     assert got.vae_tiling and got.offload == "none"
     assert "memory plan: vae_tiling=True" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_users_own_memory_choice_is_kept(on_h100: None) -> None:
     r = Recipe.for_task("t2v-A14B", model="random", offload="model")
-    assert cli._fit_to_gpu(r, ["offload=model"]) is r
+    assert fit_to_gpu(r, ["offload=model"]) is r
 
 
 def test_nothing_added_where_it_fits(on_h100: None) -> None:
     r = Recipe.for_task("ti2v-5B", model="random")
-    assert cli._fit_to_gpu(r, []) is r
+    assert fit_to_gpu(r, []) is r
     tiny = Recipe()
-    assert cli._fit_to_gpu(tiny, []) is tiny
+    assert fit_to_gpu(tiny, []) is tiny
 
 
 @pytest.mark.slow
@@ -55,4 +57,4 @@ def test_recipe_paths_are_made_absolute_and_flags_and_sets_are_validated_togethe
     assert Recipe(model="tiny").with_absolute_paths(tmp_path).model == "tiny"
     # a --set can resolve what a flag alone conflicts with (Lightning's 4 steps vs --steps 8)
     lightning = Recipe(lightning=4, steps=4, guidance=1.0, guidance_2=1.0)
-    assert cli.build_recipe(lightning, steps=8, sets=["lightning=0"]).steps == 8
+    assert build_recipe(lightning, steps=8, sets=["lightning=0"]).steps == 8

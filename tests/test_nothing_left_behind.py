@@ -240,12 +240,13 @@ def test_a_term_inside_a_command_says_terminated_and_json_gets_an_error(monkeypa
     import json
 
     import cli
+    import commands.generate
 
     def terminated(*a: object, **k: object) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "build_recipe", terminated)
+    monkeypatch.setattr(commands.generate, "build_recipe", terminated)
     monkeypatch.setattr(sys, "argv", ["wanctl", "generate", "--model", "tiny", *json_flag])
     with pytest.raises(SystemExit) as exit_:
         cli.main()

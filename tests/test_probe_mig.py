@@ -250,11 +250,11 @@ def test_search_space_plans_on_the_slice_memory() -> None:
 
 
 def test_a_host_whose_only_gpu_has_mig_on_and_no_slices_is_told_to_make_one() -> None:
-    from cli import _refuse_unreadable_gpus
+    from commands.probing import refuse_unreadable_gpus
     from recipes.errors import HardwareUnsupported
 
     with pytest.raises(HardwareUnsupported) as exc:
-        _refuse_unreadable_gpus(probe(mig_h100(mig_devices=[])))
+        refuse_unreadable_gpus(probe(mig_h100(mig_devices=[])))
     assert "nvidia-smi mig -cgi" in exc.value.hint and "fix the driver" not in exc.value.hint
     assert exc.value.exit_code == 3
 

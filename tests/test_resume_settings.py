@@ -188,7 +188,7 @@ def test_lightning_none_is_not_a_host_path(h100: ProbeResult, tmp_path: Path) ->
 def test_the_cli_tells_which_options_were_typed() -> None:
     from typer.testing import CliRunner
 
-    import cli
+    from commands.tune import _given
 
     app = typer.Typer()
     seen: list[frozenset[str]] = []
@@ -196,7 +196,7 @@ def test_the_cli_tells_which_options_were_typed() -> None:
     @app.command()
     def t(ctx: typer.Context, objective: str = typer.Option("latency", "--objective"),
           seed: int = typer.Option(42, "--seed"), output: str = typer.Option("x", "--out")) -> None:
-        seen.append(cli._given(ctx))
+        seen.append(_given(ctx))
 
     assert CliRunner().invoke(app, ["--objective", "latency", "--out", "y"]).exit_code == 0
     assert seen == [frozenset({"objective", "out_dir"})]  # --seed left at its default: not given

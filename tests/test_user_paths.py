@@ -117,11 +117,12 @@ def test_an_oserror_no_command_checked_still_names_its_path(monkeypatch: pytest.
     import sys
 
     import cli
+    import commands.generate
 
     def fails(*a: object, **k: object) -> None:
         raise OSError(36, "File name too long", "/some/where")
 
-    monkeypatch.setattr(cli, "build_recipe", fails)
+    monkeypatch.setattr(commands.generate, "build_recipe", fails)
     monkeypatch.setattr(sys, "argv", ["wanctl", "generate", "--model", "tiny"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
