@@ -16,7 +16,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from commands import download, generate, probe, recipe, report, tune
+from commands import deploy, download, generate, probe, recipe, report, serve, tune
 from commands.console import err, print_json
 from commands.signals import terminate_as_exception
 from recipes.errors import Terminated, WanctlError
@@ -34,6 +34,8 @@ app.command()(report.report)
 app.command()(probe.probe)
 app.command()(download.download)
 app.command()(recipe.recipe)
+app.command()(serve.serve)
+app.command()(deploy.deploy)
 
 
 def main() -> None:

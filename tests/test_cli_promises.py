@@ -226,6 +226,8 @@ BAD_INPUT = {  # one cheap bad-input command line per command (refused before an
     "recipe": ("recipe", "missing.toml"),
     "report": ("report", "--storage", "missing.journal"),
     "tune": ("tune", "--prompt", " "),
+    "serve": ("serve", "--recipe", "missing.toml"),
+    "deploy": ("deploy", "--task", "nope"),
 }
 
 
