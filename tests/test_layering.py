@@ -57,3 +57,20 @@ def test_the_commands_import_neither_torch_nor_the_runtime_even_inside_a_command
     wrong = [f"{f.relative_to(ROOT)}:{line}: import {module}" for f in files for line, module in _imported(f)
              if module.split(".")[0] in RUNTIME_ONLY]
     assert not wrong, "\n".join(wrong)
+
+
+HTTP_SIDE = """
+import sys
+for name in ("torch", "diffusers", "transformers"):
+    sys.modules[name] = None
+from wan_runtime.serve import api, config, main, metrics, request, store, worker  # noqa: F401
+import wan_runtime.__main__  # noqa: F401
+print("ok")
+"""
+
+
+def test_the_servers_http_side_never_imports_torch() -> None:
+    """The handlers answer status and metrics while a step runs: only the worker thread may load torch."""
+    p = subprocess.run([sys.executable, "-c", HTTP_SIDE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("ok")

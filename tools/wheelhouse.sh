@@ -11,8 +11,11 @@ OUT="${OUT:-.wheelhouse}"
 PY="${PY:-python3}"
 # What a typical CUDA+torch image lacks (imageio-ffmpeg is 68 MB: add it with PKGS=... when the host has no
 # OpenCV; without either, wanctl writes no mp4 and says so). Pinned to versions tested on the H100 (see BENCHMARKS.md).
+# The server (python -m wan_runtime serve): starlette and uvicorn, and what they need beyond the standard library
+# (anyio 4.16 wants typing-extensions >= 4.16, newer than some torch images carry).
 PKGS=(${PKGS:-diffusers==0.42.1 optuna==5.0.0 alembic sqlalchemy mako colorlog tomli-w ftfy wcwidth
-      torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet peft==0.21.2 accelerate})
+      torchao==0.18.0 sageattention==1.0.6 nvidia-ml-py greenlet peft==0.21.2 accelerate
+      starlette==1.10.0 uvicorn==0.55.0 h11==0.16.0 click==8.5.1 anyio==4.16.0 idna typing-extensions==4.16.0})
 # FA4=1 adds flash-attn-4 and its CuTe DSL runtime for CUDA 13 (~110 MB; torch >= 2.11 plugs it in as the
 # torch_fa4 attention). pip --target does not run .pth files: on the GPU host also put
 # /opt/wanctl-site/nvidia_cutlass_dsl/dsl_packages on PYTHONPATH. Tested on the H100: BENCHMARKS.md.

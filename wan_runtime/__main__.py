@@ -3,6 +3,10 @@
     python -m wan_runtime trial SPEC.json RESULT.json       # the tuner's entry point
     python -m wan_runtime generate --set FIELD=VALUE ... --out video.mp4 [--force] [--result R.json] [--recipe R.toml]
                                    [--compile-cache FILE]  # a compiled recipe's cache: loaded, or written when absent
+    python -m wan_runtime generate --prompts FILE.jsonl --out-dir DIR [--recipe R.toml] [--set ...] [--force]
+                                   # a batch: one model load, one video per line, DIR/results.jsonl as each ends
+    python -m wan_runtime serve --recipe R.toml [--compile-cache F] [--host 127.0.0.1] [--port 8000]
+                                [--token-file F] [--jobs-dir DIR] [--max-queue N]  # the HTTP server (wan_runtime.serve)
     python -m wan_runtime save-tiny --task t2v-A14B --dir DIR  # the tiny model as a diffusers checkpoint
 
 Exit codes: 0 ok, 2 bad input, 3 cannot run here (unsupported / nothing feasible), 1 any other failure.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from recipes.errors import BadInput, WanctlError
 from recipes.files import check_output_file, is_file
+from recipes.jobs import RESULTS_FILE, Job, read_jobs
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
@@ -95,13 +100,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    _die_with_launcher()
-    logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING").upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    # Kineto (torch's profiler, which the attention knob runs once to see the kernel) prints "USDT ...
-    # profiler_start/stop" on stderr at every level but this one; under launch.sh that stderr is the user's.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+def parser() -> argparse.ArgumentParser:
+    """The runtime's command line (its options are the ones its messages may name)."""
     ap = argparse.ArgumentParser(prog="python -m wan_runtime")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("trial")
@@ -110,17 +110,43 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate")
     g.add_argument("--recipe", default="")
     g.add_argument("--set", action="append", default=[], dest="sets")
-    g.add_argument("--out", default="video.mp4")
+    g.add_argument("--out", default=None, help="the video (default video.mp4); not with --prompts")
     g.add_argument("--result", default="")
     g.add_argument("--out-dir", default="")
+    g.add_argument("--prompts", default="", metavar="FILE.jsonl",
+                   help="a batch: one JSON object a line (prompt, negative_prompt, seed, image, out); videos and "
+                        "results.jsonl go to --out-dir")
     g.add_argument("--trust-checkpoint", action="store_true")
     g.add_argument("--force", action="store_true", help="replace --out if it exists")
     g.add_argument("--compile-cache", default="", metavar="FILE",
                    help="torch.compile cache of a compiled recipe: loaded when there, written after the run when not")
+    v = sub.add_parser("serve", help="serve the recipe over HTTP (wan_runtime.serve)")
+    v.add_argument("--recipe", required=True)
+    v.add_argument("--set", action="append", default=[], dest="sets")
+    v.add_argument("--compile-cache", default="", metavar="FILE")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    v.add_argument("--token-file", default="", help="a file holding the bearer token every route but /healthz needs")
+    v.add_argument("--jobs-dir", default="wanctl-jobs", help="the job database and the videos (one server each)")
+    v.add_argument("--max-queue", type=int, default=16, help="queued jobs beyond which a request gets 429")
+    v.add_argument("--trust-checkpoint", action="store_true")
+    v.add_argument("--fault", default="none", help=argparse.SUPPRESS)  # fault injection, as a trial's (tests)
+    v.add_argument("--fault-step", type=int, default=0, help=argparse.SUPPRESS)
+    v.add_argument("--fault-arg", type=float, default=0.0, help=argparse.SUPPRESS)
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    _die_with_launcher()
+    logging.basicConfig(level=os.environ.get("WANCTL_LOG", "WARNING").upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Kineto (torch's profiler, which the attention knob runs once to see the kernel) prints "USDT ...
+    # profiler_start/stop" on stderr at every level but this one; under launch.sh that stderr is the user's.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    args = parser().parse_args(argv)
 
     try:
         if args.cmd == "save-tiny":
@@ -128,12 +154,19 @@ def main(argv: list[str] | None = None) -> int:
 
             save_tiny(args.task, Path(args.dir))
             return 0
-        if args.cmd == "trial":
+        if args.cmd == "serve":
+            from wan_runtime.serve.config import ServeConfig
+
+            config = ServeConfig.from_args(args)
+        elif args.cmd == "trial":
             spec = TrialSpec.from_json(Path(args.spec).read_text(), where=args.spec)
             result_path = args.result
+        elif args.prompts:
+            batch = _batch_plan(args)
         else:
             recipe = read_recipe(args.recipe)[0] if args.recipe else Recipe()
             recipe = apply_overrides(recipe, args.sets)
+            args.out = "video.mp4" if args.out is None else args.out
             if not args.out.strip():
                 raise BadInput("--out is empty (OUT= in launch.sh?)", "name the video file, e.g. OUT=fox.mp4")
             # before minutes of model loading, not after; the folder is made only for the finished video
@@ -151,16 +184,80 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
 
+    if args.cmd == "serve":
+        from wan_runtime.serve.main import serve
+
+        try:
+            return serve(config)
+        except WanctlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:  # uvicorn raises the INT again once it has shut down
+            return 130
     if args.cmd == "generate" or spec.video_path:
         # A supervisor's or launch.sh's TERM (wanctl generate's, for its trial), a closed terminal's HUP: cleanly,
         # as Ctrl-C, so a video being copied into place leaves no temp file beside the user's.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored HUP stays ignored
                 signal.signal(sig, _interrupt)
+    if args.cmd == "generate" and args.prompts:
+        return _run_batch(args, *batch)
     if args.cmd == "generate" and not args.out_dir:  # the run's own files (raw frames: ~224 MB at 720p) go to a
         with tempfile.TemporaryDirectory(prefix="wanctl-run-") as work:  # temp folder, removed on any exit
             return _run(args, dataclasses.replace(spec, out_dir=work), result_path, own_work=True)
     return _run(args, spec, result_path)
+
+
+def _batch_plan(args: argparse.Namespace) -> tuple[Recipe, list[tuple[int, Job]]]:
+    """The batch's recipe and jobs, every line and output checked before any model loads."""
+    recipe = apply_overrides(read_recipe(args.recipe)[0] if args.recipe else Recipe(), args.sets)
+    if args.out is not None or args.result:
+        raise BadInput("--out and --result name one run's files; with --prompts each line names its video ('out') "
+                       f"and the results go to --out-dir/{RESULTS_FILE}", "drop --out / --result")
+    if not args.out_dir.strip():
+        raise BadInput("--prompts needs --out-dir: the folder for the videos and results.jsonl",
+                       "pass e.g. --out-dir videos")
+    if recipe.gpus > 1:
+        raise BadInput(f"a batch runs in one process, on one GPU; this recipe uses {recipe.gpus}",
+                       "run generate once per video under torchrun, or use a one-GPU recipe")
+    jobs = read_jobs(args.prompts, recipe)
+    out_dir = Path(args.out_dir).expanduser()
+    for _, job in jobs:
+        check_output_file(out_dir / job.out, replace=args.force, create=False)
+    check_output_file(out_dir / RESULTS_FILE, replace=args.force, create=False)
+    return recipe, jobs
+
+
+def _run_batch(args: argparse.Namespace, recipe: Recipe, jobs: list[tuple[int, Job]]) -> int:
+    """Exit 0 when every video was made, 1 when one failed; a pipeline that cannot be built, as a one-shot run."""
+    from recipes.files import output_folder
+
+    def said(record: dict[str, object]) -> None:
+        if record["status"] == "done":
+            print(f"line {record['line']}: {record['video']} ({record['frames']} frames)", file=sys.stderr)
+        else:
+            print(f"line {record['line']}: {record['outcome']}: {record['error']}", file=sys.stderr)
+
+    try:
+        from wan_runtime.env import share_torch_cudnn  # torch's import takes seconds: Ctrl-C there is handled too
+
+        share_torch_cudnn()
+        from wan_runtime.batch import run_batch
+        from wan_runtime.failure import outcome_of, reason
+
+        try:
+            with output_folder(args.out_dir) as out_dir:  # a folder it made is removed again if no job ran
+                failed = run_batch(recipe, jobs, out_dir, trust_checkpoint=args.trust_checkpoint,
+                                   compile_cache=args.compile_cache, progress=_progress, report=said)
+        except Exception as exc:  # no job ran: the pipeline could not be built (a job's failure is its line)
+            print(f"error: {outcome_of(exc)}: {reason(exc)}", file=sys.stderr)
+            return EXIT.get(outcome_of(exc), 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"{len(jobs) - failed} of {len(jobs)} videos made; results: {Path(args.out_dir) / RESULTS_FILE}",
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run(args: argparse.Namespace, spec: TrialSpec, result_path: str, own_work: bool = False) -> int:

@@ -88,3 +88,29 @@ def _count_cv2(p: Path) -> int:
 
 def _even(frames: np.ndarray) -> bool:
     return frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
+
+
+class ShortVideo(WanctlError):
+    """The written mp4 decodes to fewer (or more) frames than were encoded: it is not moved into place."""
+
+    def __init__(self, path: Path, got: int, expected: int) -> None:
+        super().__init__(f"video {path} holds {got} frames, expected {expected}",
+                         "check the disk and the mp4 writer (imageio-ffmpeg); run again")
+        self.path = path
+        self.got = got
+
+
+def finished_video(frames: np.ndarray, fps: int, work: Path, dest: str | os.PathLike[str] = "") -> Path:
+    """Write ``frames`` as ``work``/video.mp4, count its frames back, and move it whole to ``dest`` ('' : leave it).
+
+    Written in the run's own folder and moved into place only when complete and counted: a kill mid-write (a
+    supervisor's TERM, a tuner's timeout, a server's SIGKILL) leaves nothing under ``dest``'s name, and a short
+    video is never placed. One way for the one-shot run, the batch and the server.
+    """
+    from recipes.files import move_into_place
+
+    video = write_mp4(work / "video.mp4", frames, fps)
+    got = count_frames(video)
+    if got != frames.shape[0]:
+        raise ShortVideo(video, got, int(frames.shape[0]))
+    return move_into_place(video, dest) if dest else video

@@ -1,0 +1,60 @@
+"""What a failed run or job was: one mapping from an exception to an outcome (recipes.spec.OUTCOMES) and a reason.
+
+One place for the one-shot run (its RunResult), the batch (a results line) and the server (a job's error): an
+OOM is "oom" wherever it happens, and the reason carries the error's fix hint the same way in all three.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import torch
+
+from recipes.errors import BadInput, HardwareUnsupported, WanctlError
+from wan_runtime.env import mixed_cudnn_hint
+
+
+class NonFinite(WanctlError):
+    """A job's latent or frames hold NaN or Inf: no video is made of them."""
+
+
+def outcome_of(exc: BaseException) -> str:
+    """oom, nan, unsupported, bad_input or crash."""
+    if isinstance(exc, NonFinite):
+        return "nan"
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, HardwareUnsupported):
+        return "unsupported"
+    if isinstance(exc, BadInput):
+        return "bad_input"
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return "oom"
+    return "crash"
+
+
+def expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure the runtime knows (its message says all); any other is a library's own
+    error, whose traceback goes to the log for whoever debugs it."""
+    return isinstance(exc, WanctlError | RuntimeError | OSError)
+
+
+def as_reported(exc: BaseException) -> BaseException:
+    """An OS error on an output as the error to report: which file and why, with the fix (an OSError without an
+    errno is a library's own, e.g. a shared object that failed to load, and is reported as it is)."""
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return exc
+    what = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    if exc.errno == errno.ENOSPC:
+        return WanctlError(f"disk full while writing {what}", "free disk space or point --out / --out-dir at a "
+                           "larger disk; measured trials are kept, rerun with --resume")
+    return WanctlError(f"cannot write {what}", "check the output directory's permissions and free space")
+
+
+def reason(exc: BaseException) -> str:
+    """The error's first line and its fix: ``message (hint: ...)``."""
+    exc = as_reported(exc)
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    hint = mixed_cudnn_hint(text) or getattr(exc, "hint", "")  # a generic hint ('pip install ...') would mislead
+    return first + (f" (hint: {hint})" if hint else "")
