@@ -116,7 +116,8 @@ def _foreground(argv: list[str], json_out: bool) -> int:
                     print_json(json.dumps({"url": line[len(URL_LINE):].strip()}))
                 else:
                     sys.stderr.write(line)
-        return proc.wait()
+        code = proc.wait()
+        return 128 - code if code < 0 else code  # ended by a signal (one passed on): the shell's 128+N, as wanctl's own
     finally:
         for sig, handler in passed.items():
             signal.signal(sig, handler)
