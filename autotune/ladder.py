@@ -168,6 +168,11 @@ class Ladder:
         base_att = f"attention:{self.state.base_recipe.attention}"
         base_ms = lad.component_ms.get(base_att, 0.0)
         notes = []
+        if not base_ms:  # the baseline's own kernel did not run here: rung 1 itself is broken, not each kernel
+            why = lad.component_errors.get(base_att, "not measured")[:160]
+            notes.append(f"rung 1 could not time the baseline's attention ({why}): nothing is excluded on its "
+                         "word, every kernel goes to the slice rung")
+            return notes
         for a in self.space.attention:
             name = f"attention:{a}"
             if a == self.state.base_recipe.attention:
@@ -180,7 +185,7 @@ class Ladder:
                                    f"{self.state.base_recipe.attention}")
         for q in self.space.quant:
             name = f"gemm:{q}"
-            if q != "none" and name in lad.component_errors:
+            if q != "none" and name in lad.component_errors and "gemm:none" in lad.component_ms:
                 self.state.exclude("quant", q, f"rung 1: {lad.component_errors[name]}")
         if lad.component_errors:
             notes.append("rung 1 components that did not run: " + "; ".join(

@@ -309,3 +309,16 @@ def test_the_ladder_on_the_tiny_model_end_to_end(tmp_path: Path) -> None:
         assert res.best.rung == 4 and res.confirm is not None
     slices = list((tmp_path / "o" / "trials").glob("*slice*/result.json"))
     assert slices and all(json.loads(p.read_text())["forward_s"] > 0 for p in slices)
+
+
+def test_a_components_worker_that_cannot_time_the_baselines_kernel_excludes_nothing(h100: ProbeResult,
+                                                                                  tmp_path: Path) -> None:
+    """A rung-1 worker broken as a whole (it dies on the first component, the baseline's own attention) says
+    nothing about each kernel: none is excluded on its word, and the stacks still climb to their slices."""
+    rt = LadderRuntime(die_on="attention:native")
+    t = Tuner(ladder_cfg(tmp_path, 6), h100, launch=rt)
+    t.run()
+    assert "attention:native" in t.state.ladder.component_errors
+    assert not any("rung 1" in why for why in t.state.exclusions.as_dict().get("attention", {}).values())
+    assert any("rung 1 could not time the baseline's attention" in n for n in t.state.notes)
+    assert [s for s in rt.specs if s.mode == "slice" and s.trial_number > 0]
