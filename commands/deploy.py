@@ -34,6 +34,8 @@ def deploy(
     budget: Annotated[str, typer.Option("--budget", help="the tune's wall-clock budget, e.g. 30m")] = "30m",
     trials: Annotated[int, typer.Option("--trials", help="the tune's trials (default: as many as the budget holds)",
                                         show_default=False)] = 0,
+    ladder: Annotated[str, typer.Option("--ladder", help="the tune's fidelity ladder: auto, on or off (wanctl tune "
+                                        "--help)")] = "auto",
     output: Annotated[Path, typer.Option("--out", help="folder for the checkpoint, the study and the jobs")] = Path("wanctl-deploy"),
     host: Annotated[str, typer.Option("--host", help="interface the server binds")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="the server's port (0: a free one)")] = 8000,
@@ -53,7 +55,7 @@ def deploy(
     check_creatable(out, "create the deploy folder")
     out.mkdir(parents=True, exist_ok=True)
     cfg = TuneConfig(model=model or "tiny", task=task, budget_s=parse_budget(budget) if budget else 0.0, trials=trials,
-                     out_dir=str(out / "tune"), resume=True, trust_checkpoint=trust_checkpoint,
+                     out_dir=str(out / "tune"), resume=True, trust_checkpoint=trust_checkpoint, ladder=ladder,
                      command=("wanctl", *sys.argv[1:]), wanctl_version=wanctl_version())  # bad input: before any stage
     err.print("[bold]1/4 probe[/]: this machine's GPUs, libraries and kernels")
     probe = probe_showing_checks(paths=[str(out)])
@@ -68,7 +70,7 @@ def deploy(
     cfg = TuneConfig(**{**cfg.__dict__, "model": model})
     err.print(f"[bold]3/4 tune[/]: {escape(task)} on {escape(model)}, budget {budget or 'none'} (a rerun continues the "
               f"study in {escape(str(out / 'tune'))})")
-    given = frozenset({"model", "task", "budget_s", "trials", "out_dir", "trust_checkpoint"})
+    given = frozenset({"model", "task", "budget_s", "trials", "out_dir", "trust_checkpoint", "ladder"})
     with progress() as prog:
         result = run_tune(cfg, probe, LiveReporter(prog), given=given)
     paths = emit(result, result.config or cfg, probe, sys.argv)

@@ -34,8 +34,8 @@ SLOW_FILES = {
     "test_tune_e2e.py": 150, "test_tune_kill_e2e.py": 90, "test_parallel.py": 60, "test_runtime_tiny.py": 40, "test_tuner_logic.py": 40,
     "test_knob_contract.py": 30, "test_compile_cache.py": 28, "test_launch_script.py": 25, "test_trial_faults.py": 20,
     "test_probe_kernels.py": 15, "test_recipe_store.py": 14, "test_generate_fit.py": 12, "test_compile_observer.py": 10,
-    "test_cli_bad_input.py": 10, "test_ladder.py": 60, "test_runtime_rungs.py": 10, "test_serve.py": 25,
-    "test_batch.py": 15, "test_deploy.py": 30,
+    "test_cli_bad_input.py": 10, "test_ladder.py": 8, "test_runtime_rungs.py": 10, "test_serve.py": 25,
+    "test_batch.py": 15, "test_deploy.py": 90,
 }
 
 

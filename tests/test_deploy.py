@@ -83,31 +83,37 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         raise
 
 
-def test_deploy_tunes_then_serves_the_tuned_recipe(tmp_path: Path) -> None:
-    proc, url, log = _start(["deploy", "--model", "tiny", "--task", "t2v-A14B", "--trials", "2", "--budget", "0",
-                             "--port", "0", "--out", str(tmp_path / "d")], tmp_path)
+def test_deploy_tunes_on_the_ladder_then_serves_the_tuned_recipe(tmp_path: Path) -> None:
+    """The stages as a user runs them (`--json`: the URL as the one JSON line on stdout), the tune on the fidelity
+    ladder with the real runtime on every rung (components, slices, a finalist's whole run and its
+    confirmation), then one video from the server it started, and a TERM that stops both."""
+    from autotune.results import result_from_study
+
+    out = tmp_path / "d"
+    proc, url, log = _start(["deploy", "--model", "tiny", "--task", "t2v-A14B", "--trials", "3", "--budget", "0",
+                             "--ladder", "on", "--port", "0", "--json", "--out", str(out)], tmp_path)
     try:
+        assert url.startswith("http://127.0.0.1:")
         assert _one_video(url, tmp_path) == 9  # the tiny model's default frames
         text = log.read_text()
         for stage in ("1/4 probe", "2/4 download", "3/4 tune", "4/4 serve"):
             assert stage in text, text
-        assert (tmp_path / "d" / "tune" / "recipe.toml").is_file()
-        assert (tmp_path / "d" / "jobs" / "served-recipe.toml").is_file()
+        assert (out / "tune" / "recipe.toml").is_file()
+        assert (out / "jobs" / "served-recipe.toml").is_file()
     finally:
         _stop(proc)
     assert proc.returncode in (0, 143), log.read_text()[-2000:]
+    import optuna
 
+    from autotune.study import open_for_reading
 
-def test_serve_with_json_says_its_url_as_json_and_serves_a_recipe_file(tmp_path: Path) -> None:
-    from recipes.recipe import Recipe
-    from recipes.serialize import write_recipe
-
-    write_recipe(tmp_path / "r.toml", Recipe(steps=3))
-    proc, url, log = _start(["serve", "--recipe", str(tmp_path / "r.toml"), "--port", "0", "--json",
-                             "--jobs-dir", str(tmp_path / "jobs")], tmp_path)
-    try:
-        assert url.startswith("http://127.0.0.1:")
-        assert _one_video(url, tmp_path) == 9
-    finally:
-        _stop(proc)
-    assert proc.returncode in (0, 143), log.read_text()[-2000:]
+    storage, _ = open_for_reading(str(out / "tune" / "study.journal"))
+    name = optuna.get_all_study_names(storage)[0]
+    res, _, _ = result_from_study(str(out / "tune" / "study.journal"), name)
+    rungs = {r.rung for r in res.records}
+    assert 2 in rungs or 3 in rungs, [(r.number, r.rung, r.outcome) for r in res.records]
+    finalists = [r for r in res.records if r.role == "finalist"]
+    assert finalists and all(r.rung == 4 and r.predicted_s > 0 for r in finalists)
+    slices = list((out / "tune" / "trials").glob("*slice*/result.json"))
+    assert slices and all(json.loads(p.read_text())["forward_s"] > 0 for p in slices)
+    assert "Fidelity ladder" in (out / "tune" / "report.md").read_text()
