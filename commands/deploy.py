@@ -34,8 +34,8 @@ def deploy(
     budget: Annotated[str, typer.Option("--budget", help="the tune's wall-clock budget, e.g. 30m")] = "30m",
     trials: Annotated[int, typer.Option("--trials", help="the tune's trials (default: as many as the budget holds)",
                                         show_default=False)] = 0,
-    ladder: Annotated[str, typer.Option("--ladder", help="the tune's fidelity ladder: auto, on or off (wanctl tune "
-                                        "--help)")] = "auto",
+    ladder: Annotated[str, typer.Option("--ladder", help="the tune's fidelity ladder: auto, on or off (as "
+                                        "wanctl tune takes it)")] = "auto",
     output: Annotated[Path, typer.Option("--out", help="folder for the checkpoint, the study and the jobs")] = Path("wanctl-deploy"),
     host: Annotated[str, typer.Option("--host", help="interface the server binds")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="the server's port (0: a free one)")] = 8000,
