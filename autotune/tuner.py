@@ -7,8 +7,10 @@ This module is the loop, in the manner of Optuna's study/_optimize.py: open the 
 restore what the study holds), then ask -> evaluate -> tell until the trials or the budget are spent, and
 finish with the confirmed recipe. What the loop calls lives in modules named for it: autotune.plan (what is
 queued and sampled), autotune.evaluate (one trial's processes -> its record), autotune.state (what this
-tuner knows of the study), autotune.workers (tuners sharing one storage), autotune.choice (the recipe
-emitted) and autotune.results (the result, and report's rebuild of it).
+tuner knows of the study), autotune.tell (what a record tells the study), autotune.budget (whether the
+next trial still fits), autotune.ladder (which stacks climb to the whole workload), autotune.workers (tuners
+sharing one storage), autotune.choice (the recipe emitted) and autotune.results (the result, and report's
+rebuild of it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +25,8 @@ from pathlib import Path
 import optuna
 
 from autotune.adapt import adapt_to_machine
-from autotune.choice import choose_confirmed, confirm_key, confirmed, ranked, recipe_hash, stored_confirmations
+from autotune.budget import Budget
+from autotune.choice import choose_confirmed, confirm_key, ranked, recipe_hash, stored_confirmations
 from autotune.config import TuneConfig
 from autotune.evaluate import Evaluator, Launch
 from autotune.plan import Planner, space_for
@@ -45,6 +47,7 @@ from autotune.study import (
     recover,
     repair_torn_tail,
 )
+from autotune.tell import tell
 from autotune.workers import PLAN_KEY, ask, await_baseline, await_plan, interrupted
 from probes.result import ProbeResult
 from recipes.errors import NothingFeasible, StudyError, Terminated
@@ -55,15 +58,11 @@ from recipes.records import (
     PROBE_KEY,
     RECORD_KEY,
     RUNS_KEY,
-    SPEEDUP_KEY,
     TrialRecord,
     merged_notes,
 )
-from recipes.units import fmt_seconds
 
 log = logging.getLogger(__name__)
-
-INFEASIBLE_FACTOR = 10.0
 
 
 class Tuner:
@@ -87,8 +86,7 @@ class Tuner:
         self.state = StudyState(base, notes + adapt_notes)
         on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.evaluator = Evaluator(cfg, self.space, self.state, self.reporter, on_gpu, launch)
-        self.trial_costs: list[float] = []  # seconds each trial of this run took, all its processes
-        self.started = time.monotonic()
+        self.budget = Budget(cfg, self.state, self.reporter, self.evaluator.ladder)
 
     # ------------------------------------------------------------------ study
     def study_name(self) -> str:
@@ -162,51 +160,8 @@ class Tuner:
         return self.cfg.total_trials()
 
     def _should_stop(self, study: optuna.Study) -> bool:
-        done = finished_trials(study)
         total = self._total(study)
-        if total is not None and done >= total:
-            return True
-        if self.cfg.budget_s:
-            # A trial costs its speed run, its quality run and any fallback: the whole of it, as timed in
-            # this run, else as its record kept it (older records kept only the speed run: a lower bound).
-            # (trials that ran no process, a repeated stack or one stopped on rung 1, cost nothing: not a trial's price)
-            costs = [c for c in self.trial_costs if c > 1.0] or [r.cost_s or r.wall_s for r in
-                                                                 self.state.by_hash.values() if r.cost_s or r.wall_s]
-            est = statistics.median(costs) if costs else 0.0
-            if self.evaluator.ladder is not None:
-                est = self.evaluator.ladder.next_trial_s(costs[1:])
-            # The winner's confirmation (one speed run) comes after the last trial, inside the budget too.
-            pending = self._unconfirmed_candidate(study)
-            confirm = pending.wall_s if pending else 0.0
-            if self.evaluator.ladder is not None:  # the finalist's whole workload and its confirmation come after
-                confirm = max(confirm, self.evaluator.ladder.reserve_s())
-            if time.monotonic() - self.started + est + confirm > self.cfg.budget_s:
-                self._budget_note(est)
-                return True
-        return False
-
-    def _budget_note(self, per_trial_s: float) -> None:
-        """Say that the budget, not the search, ended the run, and what a useful budget would be."""
-        measured = sum(1 for r in self.state.by_hash.values() if r.role != "baseline")
-        note = (f"--budget {fmt_seconds(self.cfg.budget_s)} s reached after {len(self.trial_costs)} trial(s) in this run "
-                f"(~{fmt_seconds(per_trial_s)} s per trial here)")
-        if not measured:
-            note += (f"; no stack besides the baseline was measured: give at least "
-                     f"{fmt_seconds(max(per_trial_s * 6, 60.0))} s for a few candidates")
-        if note not in self.state.notes:
-            self.state.notes.append(note)
-            self.reporter.message(note)
-
-    def _unconfirmed_candidate(self, study: optuna.Study) -> TrialRecord | None:
-        """The candidate finishing now would have to confirm, if any: walks the candidates as ``_finish``
-        does, past those whose stored confirmation failed, to the first that holds or lacks one."""
-        for r in ranked(self.state.by_hash.values())[:3]:
-            stored = study.user_attrs.get(confirm_key(r.number))
-            if not stored:
-                return r
-            if confirmed(TrialRecord.from_attr(stored)):
-                return None
-        return None
+        return (total is not None and finished_trials(study) >= total) or self.budget.spent(study)
 
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
@@ -219,8 +174,7 @@ class Tuner:
                 break
             # The first finalist runs whatever the budget says: without one no recipe is emitted; a second
             # only when its run and its confirmation still fit.
-            if promoted and self.cfg.budget_s and (time.monotonic() - self.started + ladder.reserve_s()
-                                                   > self.cfg.budget_s):
+            if promoted and not self.budget.room_for(ladder.reserve_s()):
                 break
             study.enqueue_trial(self.planner.params_of(finalist.recipe_obj()),
                                 user_attrs={"wanctl_role": "finalist", "wanctl_from_trial": finalist.number})
@@ -243,9 +197,9 @@ class Tuner:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         cost = time.monotonic() - began
-        self.trial_costs.append(cost)
+        self.budget.trial_costs.append(cost)
         record = dataclasses.replace(record, cost_s=cost)
-        self._tell(study, trial, record)
+        tell(study, trial, record, self.state, self.cfg.objective)
         best = self._best_so_far()
         self.reporter.trial_finished(record, best)
 
@@ -273,44 +227,6 @@ class Tuner:
             return finished_trials(self.state.study)
         except Exception:  # the storage itself may be what failed
             return 0
-
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
-        try:
-            self._tell_study(study, trial, rec)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another worker failed it as stale (this worker's heartbeat lapsed: storage unreachable for
-            # minutes) and re-queued it: the study keeps that copy, which measures the stack again.
-            note = (f"trial {trial.number} was ended by another worker while it ran (its heartbeat lapsed): "
-                    "its result could not be stored; the re-queued copy measures it again")
-            log.warning("%s", note)
-            self.state.notes.append(note)
-
-    def _tell_study(self, study: optuna.Study, trial: optuna.Trial, rec: TrialRecord) -> None:
-        trial.set_user_attr(RECORD_KEY, rec.to_attr())
-        trial.set_user_attr(OUTCOME_KEY, rec.outcome)
-        if rec.speedup:
-            trial.set_user_attr(SPEEDUP_KEY, round(rec.speedup, 4))
-        swapped = trial.number in self.state.swapped
-        feasible = rec.outcome in ("ok", "slower_than_baseline") and not swapped
-        trial.set_constraint("feasible", 0.0 if feasible else 1.0)
-        penalty = (self.state.baseline.denoise_pred_s if self.state.baseline else 1e3) * INFEASIBLE_FACTOR
-        value = rec.denoise_pred_s if rec.denoise_pred_s > 0 and rec.outcome not in ("oom", "crash", "timeout",
-                                                                                      "unsupported", "invalid") else penalty
-        if swapped and rec.role != "sampled":
-            # A planned stack (warm start, screen) built on a value excluded since it was queued: what ran is
-            # not what the parameters say, and a penalty would teach the sampler that the plan's other knobs
-            # (compile, fp8, a cache) lose. Failed trials teach it nothing.
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
-        if swapped:
-            # The sampler's own draw held a value measured slower than the baseline (or broken) and ran with
-            # the baseline's instead: told as what it asked for, or the sampler takes the swapped stack's time
-            # as that value's and keeps proposing it (the record keeps the measurement for the ranking).
-            value = max(value, penalty)
-        if self.cfg.objective == "pareto":
-            study.tell(trial, [value, rec.psnr_min_db if rec.gate_passed else 0.0])
-        else:
-            study.tell(trial, value)
 
     def _best_so_far(self) -> TrialRecord | None:
         cands = ranked(self.state.by_hash.values())

@@ -19,6 +19,7 @@ import pytest
 
 from autotune.config import TuneConfig
 from autotune.state import StudyState
+from autotune.tell import tell
 from autotune.trial_runner import TrialOutcome
 from autotune.tuner import Tuner
 from probes.result import ProbeResult
@@ -378,7 +379,7 @@ def test_a_baseline_finished_between_the_waiters_two_reads_is_not_measured_again
         if waiter.state.baseline is None and not finished:  # as the other worker's loop does: record, then tell
             finished.append(base_trial.number)
             rec = other._run_asked(other.state.study, base_trial)
-            other._tell(other.state.study, base_trial, rec)
+            tell(other.state.study, base_trial, rec, other.state, other.cfg.objective)
 
     monkeypatch.setattr(waiter.state, "restore", restore_then_other_finishes)
     monkeypatch.setattr(workers_mod, "BASELINE_POLL_S", 0.01)
@@ -772,20 +773,20 @@ def test_budget_leaves_room_for_the_confirmation_run(h100: ProbeResult, tmp_path
     t = run(h100, tmp_path, trials=6)
     study = t.state.study
     assert study is not None
-    t.cfg = dataclasses.replace(t.cfg, trials=0, budget_s=10.0)
+    t.cfg = t.budget.cfg = dataclasses.replace(t.cfg, trials=0, budget_s=10.0)
     # A trial of this run took 4 s in all (speed + quality process); a confirmation is one speed run, the
     # candidate's own 2.0 s (SimulatedRuntime), not the median trial.
-    t.trial_costs = [4.0, 4.0, 3.0]
-    t.started = time.monotonic() - 5.0  # 5 + 4 fits in 10 s; 5 + 4 + 2 does not
-    assert t._unconfirmed_candidate(study) is None  # the first run confirmed its best
+    t.budget.trial_costs = [4.0, 4.0, 3.0]
+    t.budget.started = time.monotonic() - 5.0  # 5 + 4 fits in 10 s; 5 + 4 + 2 does not
+    assert t.budget.unconfirmed_candidate(study) is None  # the first run confirmed its best
     assert not t._should_stop(study)
     # Forget the confirmations (Optuna keeps attribute keys; an empty value reads as "not confirmed").
     for k in [k for k in study.user_attrs if k.startswith("wanctl_confirm_")]:
         study.set_user_attr(k, None)
-    pending = t._unconfirmed_candidate(study)
+    pending = t.budget.unconfirmed_candidate(study)
     assert pending is not None and pending.number == t.result.best.number  # type: ignore[attr-defined]
     assert t._should_stop(study)
-    t.started = time.monotonic() - 3.5  # 3.5 + 4 + 2 fits: the reserve is one speed run, not a whole trial
+    t.budget.started = time.monotonic() - 3.5  # 3.5 + 4 + 2 fits: the reserve is one speed run, not a whole trial
     assert not t._should_stop(study)
 
 
@@ -1069,7 +1070,7 @@ def test_a_trial_another_worker_ended_does_not_end_this_tuner(h100: ProbeResult,
     study = t.state.study  # type: ignore[attr-defined]
     trial = study.ask()
     study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what the other worker's stale sweep does
-    t._tell(study, trial, t.state.baseline)  # type: ignore[attr-defined]
+    tell(study, trial, t.state.baseline, t.state, t.cfg.objective)  # type: ignore[arg-type]
     assert any(f"trial {trial.number} was ended by another worker" in n for n in t.state.notes)
 
 
