@@ -249,9 +249,9 @@ class Evaluator:
 
     def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str],
                        checked: TrialRecord | None = None) -> TrialRecord:
-        """The whole workload (rung 4; rung 3's quality run first for a lossy stack). ``checked``: the
-        stack's slice (rung 2), whose prediction this run tests and whose numeric check stands for a
-        lossless stack's quality run."""
+        """The whole workload (rung 4). ``checked``: the stack's record from the ladder below (its slice, and
+        for a lossy stack its rung-3 quality run), whose prediction this run tests and whose quality verdict
+        stands for this run's quality run."""
         assert self.state.baseline is not None
         fallbacks: list[str] = []
         fallback_fields: set[str] = set()
@@ -326,8 +326,6 @@ class Evaluator:
             if rec.outcome == "ok" and out.result is not None:
                 rec = self._gate(rec, recipe, out.result)
             return rec
-        if checked is not None and tier_of(recipe) == "lossy" and not (checked.rung == 3 and checked.gate_passed):
-            return self._quality_first(number, role, label, recipe, tag, notes, checked)
         out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
         rec = self._record(number, role, label, recipe, out, notes)
         if rec.outcome != "ok" or out.result is None:
@@ -372,27 +370,6 @@ class Evaluator:
         rec, _ = self._counted(rec, recipe, rec.computed_fraction, q.result)
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
         rec = dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
-        return self._gate(rec, recipe, q.result)
-
-    def _quality_first(self, number: int, role: str, label: str, recipe: Recipe, tag: str, notes: list[str],
-                       checked: TrialRecord) -> TrialRecord:
-        """A lossy finalist: rung 3 (its quality on the real model at the proxy) before rung 4 (the whole
-        workload), which it reaches only when the gate passes."""
-        self._reference("full")
-        q = self.launch(self._spec(self._proxy(recipe, short=False), "quality", number, tag + "q", ref="full"))
-        rung3 = TrialRecord(number=number, role=role, label=label, recipe=recipe.to_dict(), rung=3, notes=list(notes),
-                            outcome=q.outcome, reason=f"quality run: {q.reason}" if q.reason else "",
-                            predicted_s=checked.denoise_pred_s, wall_s=q.wall_s, stderr_tail=q.stderr_tail[-1500:])
-        if q.outcome != "ok" or q.result is None:
-            return rung3
-        judged = self._gate(rung3, recipe, q.result)
-        if not judged.gate_passed:
-            return judged
-        out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
-        rec = self._record(number, role, label, recipe, out, notes)
-        if rec.outcome != "ok" or out.result is None:
-            return rec
-        rec, _ = self._counted(rec, recipe, self._priced_fraction(recipe), q.result)
         return self._gate(rec, recipe, q.result)
 
     def _counted(self, rec: TrialRecord, recipe: Recipe, fraction: float, q: RunResult) -> tuple[TrialRecord, float]:

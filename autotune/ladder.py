@@ -35,7 +35,7 @@ from autotune.quality_gate import QualityPolicy, tier_of
 from autotune.search_space import SearchSpace
 from autotune.state import StudyState
 from autotune.trial_runner import TrialOutcome
-from recipes.catalogue import CATALOGUE, forward_fields
+from recipes.catalogue import CATALOGUE, forward_recipe
 from recipes.recipe import Recipe
 from recipes.records import TrialRecord
 from recipes.spec import COMPONENTS_FILE, TrialSpec
@@ -47,22 +47,12 @@ RUNGS = {0: "priced", 1: "components", 2: "slice", 3: "quality", WHOLE_RUNG: "wh
 SLICE_BLOCKS = 2
 """Blocks in a rung-2 slice: the blocks are identical, so two time a block's kernels (and a regional
 compile's one block graph) at a fraction of the expert's memory and build time."""
-SLICE_FIELDS = (*forward_fields(), "te_amax_history_len", "te_amax_compute_algo", "compile_fullgraph", "dtype")
-"""The fields that change one transformer forward, what a slice measures: the catalogue's slice-rung knobs and
-the settings that ride with them. Caches and Lightning change how many forwards run (priced on rung 0),
-offload and layouts where the weights and work live (rung 4 only)."""
 PRUNE_MARGIN = 1.25
 """A stack is stopped on rung 1 when its composed prediction exceeds the best slice-based one by this
 much: composing eager kernel timings misses what compile fuses, so only a clear loser stops there."""
 FINALISTS = 2
 """Stacks a run takes to the whole workload; the second only when the first did not hold its prediction."""
 COMPONENT_ITERS_NOTE = "median of 3 calls after 1 warm-up"
-
-
-def slice_recipe(recipe: Recipe, base: Recipe) -> Recipe:
-    """The forward ``recipe`` runs: its kernel knobs on the baseline's workload, nothing else."""
-    return base.replace(**{k: getattr(recipe, k) for k in SLICE_FIELDS}, cache="none", offload="none",
-                        lightning=0, lightning_lora="", vae_tiling=False, vae_slicing=False)
 
 
 def fraction_floor(recipe: Recipe, priced: float) -> float:
@@ -108,7 +98,7 @@ class Ladder:
         notes: list[str] = []
         lad = self.state.ladder
         if not lad.base_forward_s:
-            base = slice_recipe(self.state.base_recipe, self.state.base_recipe)
+            base = forward_recipe(self.state.base_recipe, self.state.base_recipe)
             out = self.launch(self._slice_spec(base, number, "base-slice"))
             if out.outcome != "ok" or out.result is None or out.result.forward_s <= 0:
                 notes.append(f"the baseline's slice failed ({out.outcome}: {out.reason[:200]}): stacks go "
@@ -246,7 +236,7 @@ class Ladder:
 
     def slice_of(self, recipe: Recipe) -> TrialRecord | None:
         """A slice measured before for the same forward (a cache or Lightning on the same kernels)."""
-        key = recipe_hash(slice_recipe(recipe, self.state.base_recipe).to_dict())
+        key = recipe_hash(forward_recipe(recipe, self.state.base_recipe).to_dict())
         return self.state.slices.get(key)
 
     def climb(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str],
@@ -269,7 +259,7 @@ class Ladder:
         seen = self.slice_of(recipe)
         lad = self.state.ladder
         base = self.state.base_recipe
-        if slice_recipe(recipe, base) == slice_recipe(base, base):  # the baseline's own forward (a cache alone)
+        if forward_recipe(recipe, base) == forward_recipe(base, base):  # the baseline's own forward (a cache alone)
             forward, warm, err, wall = lad.base_forward_s, lad.base_warmup_s, 0.0, 0.0
             rec = dataclasses.replace(rec, notes=[*rec.notes, "the baseline's slice (same forward)"])
         elif seen is not None and seen.forward_s > 0:
@@ -277,7 +267,7 @@ class Ladder:
             rec = dataclasses.replace(rec, notes=[*rec.notes, f"slice of trial {seen.number} reused (same forward)"],
                                       actual=dict(seen.actual), peak_mem_gb=seen.peak_mem_gb)
         else:
-            sr = slice_recipe(recipe, self.state.base_recipe)
+            sr = forward_recipe(recipe, self.state.base_recipe)
             out = self.launch(self._slice_spec(sr, number, "a0-slice"))
             wall = out.wall_s
             r = out.result

@@ -16,6 +16,7 @@ import optuna
 
 from autotune.choice import recipe_hash
 from autotune.fallbacks import Exclusions
+from recipes.catalogue import forward_recipe
 from recipes.errors import WanctlError
 from recipes.recipe import Recipe
 from recipes.records import (
@@ -80,7 +81,7 @@ class StudyState:
         record replaces its slice's)."""
         self.ladder = LadderState()
         self.slices: dict[str, TrialRecord] = {}
-        """Rung-2 records by the hash of the forward they timed (autotune.ladder.slice_recipe)."""
+        """Rung-2 records by the hash of the forward they timed (recipes.catalogue.forward_recipe)."""
         self.attrs: dict[str, Any] = {}
         """This worker's study attributes (its baseline, its exclusions), set again on every flush."""
         # this process's name in per-worker study attrs (worker_key): start time first, so keys sort by run
@@ -116,14 +117,12 @@ class StudyState:
     def remember(self, rec: TrialRecord, key: str = "") -> None:
         """Keep ``rec`` as its recipe's record unless one of a higher rung is kept already; a slice is also
         kept by the forward it timed, for stacks that differ only in a cache or Lightning."""
-        from autotune.ladder import slice_recipe
-
         key = key or recipe_hash(rec.recipe)
         kept = self.by_hash.get(key)
         if kept is None or kept.rung <= rec.rung:
             self.by_hash[key] = rec
         if rec.rung in (2, 3) and rec.forward_s > 0:
-            self.slices.setdefault(recipe_hash(slice_recipe(rec.recipe_obj(), self.base_recipe).to_dict()), rec)
+            self.slices.setdefault(recipe_hash(forward_recipe(rec.recipe_obj(), self.base_recipe).to_dict()), rec)
 
     def adopt_exclusions(self, attrs: dict[str, Any]) -> None:
         """Every worker's screened exclusions (recipes.records.merged_screened) join this one's; its own

@@ -332,6 +332,21 @@ def forward_fields() -> tuple[str, ...]:
     return tuple(f for e in CATALOGUE if e.rung == "slice" for f in e.fields)
 
 
+FORWARD_SETTINGS = ("te_amax_history_len", "te_amax_compute_algo", "compile_fullgraph", "dtype")
+"""Unsearched fields that ride with the slice-rung knobs: they change the same forward's kernels."""
+
+
+def forward_recipe(recipe: Recipe, base: Recipe | None = None) -> Recipe:
+    """The transformer forward ``recipe`` runs, as a recipe: its slice-rung knobs and their settings on
+    ``base``'s workload (its own when None), and none of the knobs that change how many forwards run or where
+    (a cache, Lightning, offload, VAE tiling or slicing, a parallel layout). What a ladder's slice measures: two
+    stacks with the same forward share one slice, and the runtime applies only these knobs to it."""
+    base = recipe if base is None else base
+    kept = {k: getattr(recipe, k) for k in (*forward_fields(), *FORWARD_SETTINGS)}
+    return base.replace(**kept, cache="none", offload="none", lightning=0, lightning_lora="", vae_tiling=False,
+                        vae_slicing=False, gpus=1, ulysses=1, cfg_parallel=False, fsdp=False)
+
+
 def searched_fields() -> tuple[str, ...]:
     """Every Recipe field a trial's draw sets: the knobs' own, then the caches' settings."""
     return tuple(f for e in CATALOGUE for f in (*e.fields, *e.settings_fields()))

@@ -16,11 +16,11 @@ import pytest
 
 from autotune.choice import recipe_hash
 from autotune.config import TuneConfig
-from autotune.ladder import slice_recipe
 from autotune.quality_gate import QualityPolicy, judge
 from autotune.trial_runner import TrialOutcome
 from autotune.tuner import Tuner
 from probes.result import ProbeResult
+from recipes.catalogue import forward_recipe
 from recipes.recipe import Recipe
 from recipes.records import RECORD_KEY, TrialRecord
 from recipes.spec import COMPONENTS_FILE, RunResult, Timings, TrialSpec
@@ -187,7 +187,7 @@ def test_the_ladder_records_its_rungs_in_the_study(h100: ProbeResult, tmp_path: 
     assert sum(rungs[n] == 2 for n in rungs) >= 3
     base = study.user_attrs["wanctl_baseline"]["ladder"]
     assert base["base_forward_s"] > 0 and base["component_ms"]
-    slices = {recipe_hash(slice_recipe(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).recipe_obj(),
+    slices = {recipe_hash(forward_recipe(TrialRecord.from_attr(tr.user_attrs[RECORD_KEY]).recipe_obj(),
                                        t.state.base_recipe).to_dict()) for tr in study.trials if RECORD_KEY in tr.user_attrs}
     assert slices
 
@@ -217,10 +217,10 @@ def test_a_stack_on_the_baselines_kernels_reuses_the_baselines_slice(h100: Probe
     rt = LadderRuntime()
     t = Tuner(ladder_cfg(tmp_path, 14), h100, launch=rt)
     t.run()
-    base_key = recipe_hash(slice_recipe(t.state.base_recipe, t.state.base_recipe).to_dict())
+    base_key = recipe_hash(forward_recipe(t.state.base_recipe, t.state.base_recipe).to_dict())
     assert [recipe_hash(s.recipe.to_dict()) for s in rt.specs if s.mode == "slice"].count(base_key) == 1
     cached = [r for r in records(t) if r.rung in (1, 2) and r.recipe["cache"] != "none"
-              and slice_recipe(r.recipe_obj(), t.state.base_recipe) == slice_recipe(t.state.base_recipe,
+              and forward_recipe(r.recipe_obj(), t.state.base_recipe) == forward_recipe(t.state.base_recipe,
                                                                                     t.state.base_recipe)]
     assert cached
     for r in cached:
@@ -238,7 +238,7 @@ def test_a_slice_stands_for_the_knobs_the_catalogue_puts_on_the_slice_rung() -> 
     assert set(rungs.values()) == {"slice", "priced", "whole"}
     stack = base.replace(attention="_flash_3", fuse_qkv=True, quant="fp8_rowwise", compile="regional",
                          cache="magcache", offload="model", lightning=4, lightning_lora="random", steps=4)
-    cut = slice_recipe(stack, base)
+    cut = forward_recipe(stack, base)
     for e in CATALOGUE:
         for f in e.fields:
             kept = getattr(cut, f) == getattr(stack, f)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from recipes.catalogue import forward_recipe
 from recipes.errors import BadInput
 from recipes.models import TEXT_TOKENS, ModelSpec, model_spec
 from recipes.recipe import Recipe, validate
@@ -80,7 +81,7 @@ def run_slice(spec: TrialSpec, device: torch.device, started: float, where: Phas
         ref = _forward(model, inputs).float()
 
     where.name = "apply"
-    ctx = KnobContext(pipe=SimpleNamespace(transformer=model, transformer_2=None), recipe=kernel_recipe(recipe),
+    ctx = KnobContext(pipe=SimpleNamespace(transformer=model, transformer_2=None), recipe=forward_recipe(recipe),
                       device=device)
     t0 = _now(device)
     apply_all(ctx)
@@ -135,13 +136,6 @@ def refuse_unsliceable(recipe: Recipe) -> None:
     if why:
         raise BadInput("a slice cannot stand for " + "; ".join(why),
                        "time this recipe in measure mode, or slice it with cache=none, offload=none and gpus=1")
-
-
-def kernel_recipe(recipe: Recipe) -> Recipe:
-    """The recipe a slice's knobs are applied from: its kernel knobs (attention, quantization, QKV fusion,
-    TF32, compile), nothing that needs a pipeline (VAE, text encoder, scheduler) or several GPUs."""
-    return recipe.replace(lightning=0, lightning_lora="", cache="none", offload="none", vae_tiling=False,
-                          vae_slicing=False, gpus=1, ulysses=1, cfg_parallel=False, fsdp=False)
 
 
 def build_slice(mspec: ModelSpec, width: Width, blocks: int, dtype: torch.dtype, device: torch.device,
