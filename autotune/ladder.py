@@ -219,19 +219,13 @@ class Ladder:
 
         return predicted_denoise_s(self.predicted_step_s(recipe, forward_s), recipe.resolved().steps, fraction)
 
-    def best_passed_s(self) -> float:
-        """The fastest denoise time of a stack whose quality is known to pass: a lossless stack checked on its
-        slice, a lossy one through rung 3, or one measured on the whole workload. A lossy stack climbs to rung
-        3 only while it can still beat this."""
+    def best_s(self, passed: bool = False) -> float:
+        """The fastest denoise time on record, rung 2's predictions and rung 4's measurements alike; ``passed``:
+        only stacks whose quality is known to pass (a lossless stack checked on its slice, a lossy one through
+        rung 3, one measured on the whole workload), which a lossy stack must still beat to climb to rung 3."""
         times = [r.denoise_pred_s for r in self.state.by_hash.values()
-                 if r.outcome == "ok" and r.gate_passed and r.denoise_pred_s > 0 and r.role != "baseline"
-                 and r.rung >= 2]
-        return min(times, default=0.0)
-
-    def best_predicted_s(self) -> float:
-        """The fastest denoise time on record, rung 2's predictions and rung 4's measurements alike."""
-        times = [r.denoise_pred_s for r in self.state.by_hash.values()
-                 if r.outcome == "ok" and r.denoise_pred_s > 0 and r.role != "baseline" and r.rung >= 2]
+                 if r.outcome == "ok" and r.denoise_pred_s > 0 and r.role != "baseline" and r.rung >= 2
+                 and (r.gate_passed or not passed)]
         return min(times, default=0.0)
 
     def slice_of(self, recipe: Recipe) -> TrialRecord | None:
@@ -248,7 +242,7 @@ class Ladder:
         composed = self.composed_forward_s(recipe)
         composed_t = self.predicted_denoise_s(recipe, composed, fraction) if composed else 0.0
         rec = dataclasses.replace(rec, predicted_s=composed_t)
-        best = self.best_predicted_s()
+        best = self.best_s()
         hopeful = self.predicted_denoise_s(recipe, composed, fraction_floor(recipe, fraction)) if composed else 0.0
         if hopeful and best and hopeful > best * PRUNE_MARGIN and recipe.compile == "off":
             # (a compiled stack is never stopped here: eager kernel timings cannot see what compile fuses)
@@ -300,7 +294,7 @@ class Ladder:
             return False
         best_case = self.predicted_denoise_s(recipe, rec.forward_s, fraction_floor(recipe, rec.computed_fraction))
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
-        passed = self.best_passed_s()
+        passed = self.best_s(passed=True)
         return best_case < base_t and (not passed or best_case < passed)
 
     def _slice_spec(self, recipe: Recipe, number: int, tag: str) -> TrialSpec:

@@ -9,9 +9,10 @@ per stage on stderr; the server's first line on stdout is its URL.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -19,11 +20,14 @@ from rich.markup import escape
 from commands.console import err, progress, setup_logging
 from commands.options import DebugOpt, JsonOpt, TaskOpt, TrustOpt
 from commands.outputs import emit
-from commands.probing import probe_showing_checks, refuse_unreadable_gpus
+from commands.probing import machine_facts, probe_showing_checks, refuse_unreadable_gpus
 from commands.serve import run_server
 from commands.tune import LiveReporter
 from commands.version import wanctl_version
 from recipes.recipe import SYNTHETIC
+
+if TYPE_CHECKING:
+    from probes.result import ProbeResult
 
 
 def deploy(
@@ -67,7 +71,7 @@ def deploy(
         err.print(f"[bold]2/4 download[/]: skipped (--model {escape(model)})")
         if model not in SYNTHETIC:
             model = str(Path(model).expanduser().resolve())
-    cfg = TuneConfig(**{**cfg.__dict__, "model": model})
+    cfg = dataclasses.replace(cfg, model=model)
     err.print(f"[bold]3/4 tune[/]: {escape(task)} on {escape(model)}, budget {budget or 'none'} (a rerun continues the "
               f"study in {escape(str(out / 'tune'))})")
     given = frozenset({"model", "task", "budget_s", "trials", "out_dir", "trust_checkpoint", "ladder"})
@@ -85,17 +89,13 @@ def deploy(
         raise typer.Exit(code)
 
 
-def _download(task: str, source: str, folder: Path, probe: object) -> str:
+def _download(task: str, source: str, folder: Path, probe: ProbeResult) -> str:
     """The task's checkpoint under ``folder`` (fetched, or resumed and verified when partly there)."""
-    from downloads import Machine
     from downloads import download as do_download
     from downloads.render import rich_progress
 
     err.print(f"[bold]2/4 download[/]: {escape(task)} from {escape(source)} into {escape(str(folder))}")
-    pr = probe
-    machine = Machine(gpu_count=pr.gpu_count, gpu_mem_gib=pr.min_gpu_memory_mib / 1024,  # type: ignore[attr-defined]
-                      host_ram_gib=pr.host.ram_total_mib / 1024 if pr.host.ram_total_mib else 0.0)  # type: ignore[attr-defined]
     with rich_progress(err) as cb:
-        rep = do_download(task, progress=cb, target_dir=folder / task, source=source, machine=machine)
+        rep = do_download(task, progress=cb, target_dir=folder / task, source=source, machine=machine_facts(probe))
     err.print(f"      {escape(rep.path)}")
     return rep.path

@@ -9,6 +9,7 @@ import typer
 
 from commands.console import err, out, print_json, setup_logging
 from commands.options import DebugOpt, JsonOpt
+from commands.probing import machine_facts
 from commands.signals import exit_at_once_on_interrupt
 
 
@@ -28,16 +29,13 @@ def download(
 ) -> None:
     """Fetch the checkpoints a task needs (safetensors only), verify them and write a manifest."""
     setup_logging(debug)
-    from downloads import Machine
     from downloads import download as do_download
     from downloads import plan as make_plan
     from downloads.render import render_plan, render_report, rich_progress, to_json
     from probes.probe import run_probe
     from recipes.files import check_creatable
 
-    pr = run_probe(with_kernels=False, paths=[str(directory or Path("."))])
-    machine = Machine(gpu_count=pr.gpu_count, gpu_mem_gib=pr.min_gpu_memory_mib / 1024,
-                      host_ram_gib=pr.host.ram_total_mib / 1024 if pr.host.ram_total_mib else 0.0)
+    machine = machine_facts(run_probe(with_kernels=False, paths=[str(directory or Path("."))]))
     kw = dict(target_dir=directory, source=source, revision=revision, offline=offline, machine=machine)
     if dry_run:
         p = make_plan(task, expected_without_listing=True, **kw)

@@ -11,6 +11,7 @@ from commands.console import err
 from recipes.errors import HardwareUnsupported
 
 if TYPE_CHECKING:
+    from downloads import Machine
     from probes.result import ProbeResult
 
 
@@ -37,3 +38,11 @@ def refuse_unreadable_gpus(probe: object) -> None:
         raise HardwareUnsupported(f"the NVIDIA driver is installed but no GPU could be read: {why}",
                                   "fix the driver (nvidia-smi must list the GPUs; a lost GPU may need a reset or a "
                                   "reboot), then run wanctl probe again")
+
+
+def machine_facts(probe: ProbeResult) -> Machine:
+    """What a download's plan advises on (GPU count and memory, host RAM), from a probe."""
+    from downloads import Machine
+
+    return Machine(gpu_count=probe.gpu_count, gpu_mem_gib=probe.min_gpu_memory_mib / 1024,
+                   host_ram_gib=probe.host.ram_total_mib / 1024 if probe.host.ram_total_mib else 0.0)
