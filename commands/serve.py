@@ -22,6 +22,7 @@ from commands.console import err, print_json, setup_logging
 from commands.inputs import build_recipe
 from commands.options import DebugOpt, JsonOpt, ModelOpt, TaskOpt, TrustOpt
 from commands.run_recipe import base_recipe, compile_cache_for, fit_to_gpu
+from commands.signals import TERMINATING, catchable
 from recipes.errors import BadInput
 from recipes.files import check_creatable, is_file
 from recipes.locations import with_source_on_path
@@ -106,7 +107,7 @@ def _foreground(argv: list[str], json_out: bool) -> int:
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, *catchable(TERMINATING)):  # (nohup's ignored HUP stays ignored)
         passed[sig] = signal.signal(sig, pass_on)
     try:
         if json_out:

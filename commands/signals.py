@@ -14,7 +14,7 @@ TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 """Signals that end a command as Ctrl-C does, cleaning up on the way (exit 128 + the signal: 143, 129)."""
 
 
-def _caught(signals: tuple[signal.Signals, ...]) -> list[signal.Signals]:
+def catchable(signals: tuple[signal.Signals, ...]) -> list[signal.Signals]:
     """Those of ``signals`` this process may handle: one it was started with ignored stays ignored (nohup's HUP)."""
     return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
 
@@ -30,7 +30,7 @@ def exit_at_once_on_interrupt(message: str) -> Iterator[None]:
         sys.stderr.flush()
         os._exit(128 + signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, *_caught(TERMINATING))}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, *catchable(TERMINATING))}
     try:
         yield
     finally:
@@ -48,7 +48,7 @@ def terminate_as_exception() -> Iterator[None]:
             signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, terminate) for sig in _caught(TERMINATING)}
+    previous = {sig: signal.signal(sig, terminate) for sig in catchable(TERMINATING)}
     try:
         yield
     finally:
