@@ -30,7 +30,15 @@ class Budget:
         self.reporter = reporter
         self.ladder = ladder
         self.trial_costs: list[float] = []
+        self.searched_costs: list[float] = []  # the sampled trials' alone: a ladder prices the whole runs apart
         self.started = time.monotonic()
+
+    def add(self, cost: float, role: str) -> None:
+        """What one trial of this run cost, and whether it was a search trial (not the baseline's or a
+        finalist's whole-workload run, which a ladder prices from the baseline instead)."""
+        self.trial_costs.append(cost)
+        if role not in ("baseline", "finalist"):
+            self.searched_costs.append(cost)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -49,7 +57,9 @@ class Budget:
         pending = self.unconfirmed_candidate(study)
         after = pending.wall_s if pending else 0.0
         if self.ladder is not None:  # a ladder's trials differ in price; a finalist and its confirmation follow
-            est = self.ladder.next_trial_s(costs[1:])
+            searched = [c for c in self.searched_costs if c > 1.0] or [
+                r.cost_s for r in self.state.by_hash.values() if r.cost_s and r.role not in ("baseline", "finalist")]
+            est = self.ladder.next_trial_s(searched)
             after = max(after, self.ladder.reserve_s())
         if self.elapsed() + est + after > self.cfg.budget_s:
             self._note(est)

@@ -197,7 +197,7 @@ class Tuner:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
         cost = time.monotonic() - began
-        self.budget.trial_costs.append(cost)
+        self.budget.add(cost, record.role)
         record = dataclasses.replace(record, cost_s=cost)
         tell(study, trial, record, self.state, self.cfg.objective)
         best = self._best_so_far()

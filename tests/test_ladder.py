@@ -302,3 +302,31 @@ def test_a_components_worker_that_cannot_time_the_baselines_kernel_excludes_noth
     assert not any("rung 1" in why for why in t.state.exclusions.as_dict().get("attention", {}).values())
     assert any("rung 1 could not time the baseline's attention" in n for n in t.state.notes)
     assert [s for s in rt.specs if s.mode == "slice" and s.trial_number > 0]
+
+
+def test_a_resumed_ladder_prices_its_next_trial_from_search_trials_only() -> None:
+    """On --resume the baseline's whole run is not among this run's costs: the ladder's next-trial price
+    comes from the search trials alone (not "every cost but the first"), and a finalist's whole run, priced
+    apart by the reserve, does not inflate it either."""
+    from autotune.budget import Budget
+    from autotune.state import StudyState
+
+    class Ladder:
+        seen: list[list[float]] = []
+
+        def next_trial_s(self, costs: list[float]) -> float:
+            self.seen.append(list(costs))
+            return max(costs, default=0.0)
+
+        def reserve_s(self) -> float:
+            return 0.0
+
+    ladder = Ladder()
+    budget = Budget(TuneConfig(budget_s=1e6), StudyState(Recipe(), []), None, ladder)  # type: ignore[arg-type]
+    for cost, role in [(30.0, "sampled"), (12.0, "sampled"), (200.0, "finalist")]:  # a resumed run: no baseline
+        budget.add(cost, role)
+    assert not budget.spent(optuna.create_study())
+    assert ladder.seen[-1] == [30.0, 12.0]
+    budget.add(150.0, "baseline")
+    budget.spent(optuna.create_study())
+    assert ladder.seen[-1] == [30.0, 12.0]
