@@ -5,6 +5,7 @@ recipe (only a compiled one), and `wanctl generate` / launch.sh hand it back to 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,20 @@ def test_generate_hands_the_runtime_the_cache_beside_its_recipe(tmp_path: Path) 
     assert compile_cache_for(recipe, COMPILED) == str(folder / "compile-cache.bin")
     assert compile_cache_for(recipe, COMPILED.replace(compile="off")) == ""  # a --set compile=off run
     assert compile_cache_for(None, COMPILED) == ""  # plain settings: no recipe, no cache
+
+
+def test_the_runtime_process_keeps_inductors_kernels_under_wanctls_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """Set on entry, before anything imports torch (which fixes its folder the first time it is asked); a
+    folder the user chose is kept."""
+    from wan_runtime.__main__ import main
+
+    monkeypatch.setenv("WANCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -31,6 +31,7 @@ from pathlib import Path
 from recipes.errors import BadInput, WanctlError
 from recipes.files import check_output_file, is_file
 from recipes.jobs import RESULTS_FILE, Job, read_jobs
+from recipes.locations import cache_root
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
@@ -146,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     # Kineto (torch's profiler, which the attention knob runs once to see the kernel) prints "USDT ...
     # profiler_start/stop" on stderr at every level but this one; under launch.sh that stderr is the user's.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    # Inductor's compiled kernels live under wanctl's cache (WANCTL_CACHE), set before torch is imported: torch
+    # fixes its cache folder in the environment the first time anything asks for it, which diffusers' import
+    # did before the compile knob's own setting could take effect. A folder the user set is kept.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     args = parser().parse_args(argv)
 
     try:

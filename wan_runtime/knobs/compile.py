@@ -13,16 +13,9 @@ on-disk caches keep a repeat cheap. The observer then counts what dynamo really 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-from recipes.locations import cache_root
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
-
-
-def cache_dir() -> Path:
-    return cache_root() / "inductor"
 
 
 def _check(ctx: KnobContext) -> None:
@@ -36,7 +29,6 @@ def _check(ctx: KnobContext) -> None:
 
 def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
     import torch._dynamo
 
     # Regional compile compiles one block class used by every block of both experts (80 instances for
