@@ -21,9 +21,9 @@ from recipes.catalogue import (
     CACHE_KINDS,
     CACHE_PARAMS,
     CATALOGUE,
-    CP_ATTENTION,
     EIGHT_BIT_ATTENTION,
     MAGCACHE_AUTHORS_WAN22,
+    RING_ATTENTION,
     cache_params,
     entry,
     layout_fields,
@@ -79,7 +79,7 @@ class Planner:
         """``r`` as the parameters ``suggest`` would have drawn for it (names per layout included)."""
         multi = r.gpus > 1
         p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
-                             ("attention_cp" if r.ulysses > 1 else "attention"): r.attention,
+                             ("attention_ring" if r.ring > 1 else "attention"): r.attention,
                              ("compile_mgpu" if multi else "compile"): r.compile}
         if not r.fsdp:
             p["quant"] = r.quant
@@ -168,8 +168,8 @@ class Planner:
         fitting = "single" in s.parallel
         top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
         top.sort(key=lambda p: ("cfg" not in p, p))
-        att = best_att if best_att in CP_ATTENTION else "native"
-        out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
+        out = [base.replace(attention=_ring_kernel(s, best_att) if "ring" in p else best_att, **layout_fields(p))
+               for p in top[:2]]
         if out and compile_ != "off":
             out.append(out[0].replace(compile=compile_))
             fp8 = _seed(s, "quant", None)
@@ -186,10 +186,9 @@ class Planner:
         # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
         ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
         multi = ch["gpus"] > 1
-        if ch["ulysses"] > 1:
-            ch["attention"] = trial.suggest_categorical(
-                "attention_cp", tuple(a for a in s.attention if a in CP_ATTENTION) or ("native",))
-        else:
+        if ch["ring"] > 1:  # a ring merges by the kernels' log-sum-exp: diffusers rings only RING_ATTENTION's
+            ch["attention"] = trial.suggest_categorical("attention_ring", ring_kernels(s.attention))
+        else:  # Ulysses runs every kernel: diffusers' all-to-all, or wanctl's around the others
             ch["attention"] = trial.suggest_categorical("attention", s.attention)
         ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
         ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
@@ -209,6 +208,19 @@ class Planner:
         if ch["cache"] in CACHE_PARAMS:  # the cache's own settings, from its grids (TaylorSeer has no threshold)
             ch.update(CACHE_PARAMS[ch["cache"]].draw(trial.suggest_categorical).recipe_fields())
         return traceable(self._lightning(base.replace(**ch), lightning))
+
+
+def ring_kernels(attention: tuple[str, ...]) -> tuple[str, ...]:
+    """The kernels of ``attention`` a ring layout draws from. The space holds no ring layout without one; a study
+    created elsewhere may, and its ring trials then ask for the first kernel diffusers rings (unsupported here if
+    it did not run in this machine's probe)."""
+    return tuple(a for a in attention if a in RING_ATTENTION) or RING_ATTENTION[:1]
+
+
+def _ring_kernel(space: SearchSpace, best: str) -> str:
+    """``best`` where diffusers can ring it, else the ring kernel the attention seeds prefer."""
+    kernels = ring_kernels(space.attention)
+    return best if best in kernels else next((a for a in entry("attention").seeds if a in kernels), kernels[0])
 
 
 def _seed(space: SearchSpace, knob: str, otherwise: Any) -> Any:

@@ -71,6 +71,8 @@ class SearchSpace:
     cache: tuple[str, ...] = ("none",)
     offload: tuple[str, ...] = ("none",)
     ulysses: tuple[int, ...] = (1,)
+    ring: tuple[int, ...] = (1,)
+    """Ring-attention degrees the layouts use (diffusers' ring; only with a kernel it can ring)."""
     cfg_parallel: tuple[bool, ...] = (False,)
     fsdp: tuple[bool, ...] = (False,)
     lightning: tuple[int, ...] = (0,)
