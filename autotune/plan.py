@@ -125,7 +125,7 @@ class Planner:
         best_att = _seed(s, "attention", base.attention)
         compile_ = _seed(s, "compile", "off")
         tf32 = _seed(s, "tf32", False)
-        stacks = self._parallel_starts(base, best_att, compile_)
+        stacks = self._parallel_starts(base, best_att, compile_) + self._seed_000(base, best_att, tf32, compile_)
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
         # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
         if compile_ != "off":
@@ -167,7 +167,7 @@ class Planner:
             return []
         fitting = "single" in s.parallel
         top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
-        top.sort(key=lambda p: ("cfg" not in p, p))
+        top.sort(key=lambda p: ("ring" in p, "cfg" not in p, p))  # a ring only where Ulysses cannot do as well
         out = [base.replace(attention=_ring_kernel(s, best_att) if "ring" in p else best_att, **layout_fields(p))
                for p in top[:2]]
         if out and compile_ != "off":
@@ -176,6 +176,34 @@ class Planner:
             if fp8 and not out[0].fsdp:
                 out.append(out[0].replace(compile=compile_, quant=fp8))
         return out
+
+    def _seed_000(self, base: Recipe, best_att: str, tf32: bool, compile_: str) -> list[Recipe]:
+        """Seed 000's stack on 8x H100 (FA3 + TF32 + MagCache E012K2R20 + compile, Ulysses over every GPU with
+        FSDP, no CFG parallel) where this machine can lay it out: Ulysses as wide as the heads allow over the
+        most GPUs, with FSDP; the probe's best kernel (FA3 on Hopper, which Ulysses runs through wanctl's
+        all-to-all). Its MagCache is kept where a cache may run on several GPUs: where validation takes it and the
+        sampler draws one for the layout (params_of names it), else the stack goes without it and the log says."""
+        s = self.space
+        most = max(s.gpus)
+        layouts = [p for p in s.parallel if "fsdp" in p and "cfg" not in p and "ring" not in p
+                   and layout_fields(p)["gpus"] == most and layout_fields(p)["ulysses"] > 1]
+        if not layouts:
+            return []
+        layout = max(layouts, key=lambda p: layout_fields(p)["ulysses"])
+        stack = base.replace(attention=best_att, tf32=tf32, compile=compile_, **layout_fields(layout))
+        if "magcache" not in s.cache:
+            return [stack]
+        magcache = next(k for k in CACHE_KINDS if k.value == "magcache")
+        cached = stack.replace(cache="magcache", **magcache.seed.recipe_fields())
+        try:
+            validate(traceable(cached))
+        except RecipeError as exc:
+            log.info("seed 000's stack on %s runs without its MagCache: %s", layout, exc)
+            return [stack]
+        if "cache" not in self.params_of(cached):
+            log.info("seed 000's stack on %s runs without its MagCache: the sampler draws no cache there", layout)
+            return [stack]
+        return [cached]
 
     def suggest(self, trial: optuna.Trial, base: Recipe) -> Recipe:
         """One stack. The layout is drawn first and the other knobs from what that layout can run (under
