@@ -21,9 +21,9 @@ from recipes.catalogue import (
     CACHE_KINDS,
     CACHE_PARAMS,
     CATALOGUE,
-    CP_ATTENTION,
     EIGHT_BIT_ATTENTION,
     MAGCACHE_AUTHORS_WAN22,
+    RING_ATTENTION,
     cache_params,
     entry,
     layout_fields,
@@ -79,7 +79,7 @@ class Planner:
         """``r`` as the parameters ``suggest`` would have drawn for it (names per layout included)."""
         multi = r.gpus > 1
         p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
-                             ("attention_cp" if r.ulysses > 1 else "attention"): r.attention,
+                             ("attention_ring" if r.ring > 1 else "attention"): r.attention,
                              ("compile_mgpu" if multi else "compile"): r.compile}
         if not r.fsdp:
             p["quant"] = r.quant
@@ -125,7 +125,7 @@ class Planner:
         best_att = _seed(s, "attention", base.attention)
         compile_ = _seed(s, "compile", "off")
         tf32 = _seed(s, "tf32", False)
-        stacks = self._parallel_starts(base, best_att, compile_)
+        stacks = self._parallel_starts(base, best_att, compile_) + self._seed_000(base, best_att, tf32, compile_)
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
         # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
         if compile_ != "off":
@@ -167,15 +167,43 @@ class Planner:
             return []
         fitting = "single" in s.parallel
         top = [p for p in s.parallel if layout_fields(p)["gpus"] == most and (not fitting or "fsdp" not in p)]
-        top.sort(key=lambda p: ("cfg" not in p, p))
-        att = best_att if best_att in CP_ATTENTION else "native"
-        out = [base.replace(attention=att, **layout_fields(p)) for p in top[:2]]
+        top.sort(key=lambda p: ("ring" in p, "cfg" not in p, p))  # a ring only where Ulysses cannot do as well
+        out = [base.replace(attention=_ring_kernel(s, best_att) if "ring" in p else best_att, **layout_fields(p))
+               for p in top[:2]]
         if out and compile_ != "off":
             out.append(out[0].replace(compile=compile_))
             fp8 = _seed(s, "quant", None)
             if fp8 and not out[0].fsdp:
                 out.append(out[0].replace(compile=compile_, quant=fp8))
         return out
+
+    def _seed_000(self, base: Recipe, best_att: str, tf32: bool, compile_: str) -> list[Recipe]:
+        """Seed 000's stack on 8x H100 (FA3 + TF32 + MagCache E012K2R20 + compile, Ulysses over every GPU with
+        FSDP, no CFG parallel) where this machine can lay it out: Ulysses as wide as the heads allow over the
+        most GPUs, with FSDP; the probe's best kernel (FA3 on Hopper, which Ulysses runs through wanctl's
+        all-to-all). Its MagCache is kept where a cache may run on several GPUs: where validation takes it and the
+        sampler draws one for the layout (params_of names it), else the stack goes without it and the log says."""
+        s = self.space
+        most = max(s.gpus)
+        layouts = [p for p in s.parallel if "fsdp" in p and "cfg" not in p and "ring" not in p
+                   and layout_fields(p)["gpus"] == most and layout_fields(p)["ulysses"] > 1]
+        if not layouts:
+            return []
+        layout = max(layouts, key=lambda p: layout_fields(p)["ulysses"])
+        stack = base.replace(attention=best_att, tf32=tf32, compile=compile_, **layout_fields(layout))
+        if "magcache" not in s.cache:
+            return [stack]
+        magcache = next(k for k in CACHE_KINDS if k.value == "magcache")
+        cached = stack.replace(cache="magcache", **magcache.seed.recipe_fields())
+        try:
+            validate(traceable(cached))
+        except RecipeError as exc:
+            log.info("seed 000's stack on %s runs without its MagCache: %s", layout, exc)
+            return [stack]
+        if "cache" not in self.params_of(cached):
+            log.info("seed 000's stack on %s runs without its MagCache: the sampler draws no cache there", layout)
+            return [stack]
+        return [cached]
 
     def suggest(self, trial: optuna.Trial, base: Recipe) -> Recipe:
         """One stack. The layout is drawn first and the other knobs from what that layout can run (under
@@ -186,10 +214,9 @@ class Planner:
         # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
         ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
         multi = ch["gpus"] > 1
-        if ch["ulysses"] > 1:
-            ch["attention"] = trial.suggest_categorical(
-                "attention_cp", tuple(a for a in s.attention if a in CP_ATTENTION) or ("native",))
-        else:
+        if ch["ring"] > 1:  # a ring merges by the kernels' log-sum-exp: diffusers rings only RING_ATTENTION's
+            ch["attention"] = trial.suggest_categorical("attention_ring", ring_kernels(s.attention))
+        else:  # Ulysses runs every kernel: diffusers' all-to-all, or wanctl's around the others
             ch["attention"] = trial.suggest_categorical("attention", s.attention)
         ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
         ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
@@ -209,6 +236,19 @@ class Planner:
         if ch["cache"] in CACHE_PARAMS:  # the cache's own settings, from its grids (TaylorSeer has no threshold)
             ch.update(CACHE_PARAMS[ch["cache"]].draw(trial.suggest_categorical).recipe_fields())
         return traceable(self._lightning(base.replace(**ch), lightning))
+
+
+def ring_kernels(attention: tuple[str, ...]) -> tuple[str, ...]:
+    """The kernels of ``attention`` a ring layout draws from. The space holds no ring layout without one; a study
+    created elsewhere may, and its ring trials then ask for the first kernel diffusers rings (unsupported here if
+    it did not run in this machine's probe)."""
+    return tuple(a for a in attention if a in RING_ATTENTION) or RING_ATTENTION[:1]
+
+
+def _ring_kernel(space: SearchSpace, best: str) -> str:
+    """``best`` where diffusers can ring it, else the ring kernel the attention seeds prefer."""
+    kernels = ring_kernels(space.attention)
+    return best if best in kernels else next((a for a in entry("attention").seeds if a in kernels), kernels[0])
 
 
 def _seed(space: SearchSpace, knob: str, otherwise: Any) -> Any:

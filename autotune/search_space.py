@@ -2,13 +2,13 @@
 
 Computed from a ProbeResult alone (no torch, no GPU): hardware rules (fp8 needs sm89+, FA3 needs Hopper,
 TF32 needs a GPU), the kernel checks (a backend is searched only if it ran and matched the reference
-here), parallelism arithmetic (Ulysses degrees divide both the GPU count and the head count) and a rough
-memory estimate (offload only when the model does not fit). Every value left out is recorded in
+here), parallelism arithmetic (Ulysses degrees divide both the GPU count and the head count; ring degrees
+need a kernel diffusers can ring) and a rough memory estimate (offload only when the model does not fit). Every value left out is recorded in
 ``excluded`` with the reason, so nothing is pruned silently and a report can say "fp8 not tried: sm80".
 
 The space lists allowed values per knob; whether a *combination* is valid (no offload with several GPUs,
 Ulysses only with a context-parallel attention backend, ...) stays ``recipes.validate``'s job, checked
-per trial. The parallel knobs are the exception: ulysses x cfg_parallel x fsdp x gpus only make sense
+per trial. The parallel knobs are the exception: ulysses x ring x cfg_parallel x fsdp x gpus only make sense
 together, so the space lists whole *layouts* (``parallel``), each a valid set of the four, and a trial
 picks one of them rather than four values that mostly do not fit.
 
@@ -36,6 +36,7 @@ from recipes.catalogue import (
     LOSSLESS,
     OFFLOAD,
     QUANT,
+    RING_ATTENTION,
     entry,
     layout_fields,
     layout_label,
@@ -71,12 +72,14 @@ class SearchSpace:
     cache: tuple[str, ...] = ("none",)
     offload: tuple[str, ...] = ("none",)
     ulysses: tuple[int, ...] = (1,)
+    ring: tuple[int, ...] = (1,)
+    """Ring-attention degrees the layouts use (diffusers' ring; only with a kernel it can ring)."""
     cfg_parallel: tuple[bool, ...] = (False,)
     fsdp: tuple[bool, ...] = (False,)
     lightning: tuple[int, ...] = (0,)
     gpus: tuple[int, ...] = (1,)
     parallel: tuple[str, ...] = ("single",)
-    """Parallel layouts a trial may take (``layout_label``): one GPU, or Ulysses / CFG / FSDP on several."""
+    """Parallel layouts a trial may take (``layout_label``): one GPU, or Ulysses / ring / CFG / FSDP on several."""
     excluded: dict[str, str] = field(default_factory=dict)
     """'knob=value' -> why it is not searched here, e.g. 'quant=fp8_rowwise': 'fp8 needs sm89+, this GPU is sm80'."""
     notes: tuple[str, ...] = ()
@@ -116,40 +119,56 @@ class SearchSpace:
 
 # ------------------------------------------------------------------------------------------- layouts
 # The parallel entry's layouts on this machine (its labels and their fields: recipes.catalogue.layout_label).
-def _layouts(n: int, ulysses: tuple[int, ...], cfg: tuple[bool, ...], fsdp: tuple[bool, ...],
-             need_gib: Any, gpu_gib: float, excluded: dict[str, str]) -> tuple[str, ...]:
-    """Every valid layout on up to ``n`` GPUs from the allowed values; ``need_gib(k)`` is the per-GPU peak
-    with the weights sharded over k GPUs (k=1: unsharded). Fewer GPUs than ``n`` are allowed: on 4 GPUs a
-    2-GPU Ulysses run can be the fastest per GPU, and a trial says what it used."""
+def _layouts(n: int, ulysses: tuple[int, ...], ring: tuple[int, ...], cfg: tuple[bool, ...], fsdp: tuple[bool, ...],
+             split_ok: Any, need_gib: Any, gpu_gib: float, excluded: dict[str, str]) -> tuple[str, ...]:
+    """Every valid layout on up to ``n`` GPUs from the allowed values; ``split_ok(k)`` says why the workloads'
+    sequences do not split over k ranks ("" when they do); ``need_gib(k)`` is the per-GPU peak with the weights
+    sharded over k GPUs (k=1: unsharded). Fewer GPUs than ``n`` are allowed: on 4 GPUs a 2-GPU Ulysses run can be
+    the fastest per GPU, and a trial says what it used. A ring layout uses all ``n``: the ring is the alternative
+    to a higher Ulysses degree, or the way past a head count Ulysses cannot split, at the size that needs one."""
     out = []
-    for u in ulysses:
+    for rg, u in [(rg, u) for rg in ring for u in ulysses]:  # ring-free layouts first, in the order they always had
         for c in cfg:
-            groups = u * (2 if c else 1)
-            if groups > n:
+            split = u * rg
+            groups = split * (2 if c else 1)
+            if groups > n or (rg > 1 and groups != n):
                 continue
-            for f in fsdp:
-                if f and groups == 1:
-                    gpus, shards = n, n
-                elif f and u == 1:
-                    continue  # FSDP shards inside a CFG group: one GPU each here
-                else:
-                    gpus, shards = groups, (u if f else 1)
-                if f and gpus == 1:
-                    continue
-                fields = {"gpus": gpus, "ulysses": u, "cfg_parallel": c, "fsdp": f}
-                label = layout_label(Recipe(**fields))
-                if f and groups == 1 and need_gib(1) <= gpu_gib:
-                    excluded[f"parallel={label}"] = ("FSDP alone computes the whole video on every GPU: only worth it "
-                                                     "when the model does not fit one GPU, and it fits here")
-                    continue
-                need = need_gib(shards)
-                if need > gpu_gib:
-                    whole = f"sharded over {shards} GPUs" if shards > 1 else "whole on each GPU"
-                    excluded[f"parallel={label}"] = (f"does not fit: ~{need:.0f} GiB per GPU with the weights {whole}, "
-                                                     f"{gpu_gib:.0f} GiB usable")
-                    continue
-                out.append(label)
+            if rg > 1 and (why := split_ok(split)):
+                excluded[f"parallel={layout_label(Recipe(gpus=groups, ulysses=u, ring=rg, cfg_parallel=c))}"] = why
+                continue
+            out += _fsdp_layouts(n, u, rg, c, fsdp, need_gib, gpu_gib, excluded)
     return tuple(out)
+
+
+def _fsdp_layouts(n: int, u: int, rg: int, c: bool, fsdp: tuple[bool, ...], need_gib: Any, gpu_gib: float,
+                  excluded: dict[str, str]) -> list[str]:
+    """The layouts of one Ulysses x ring x CFG split, with and without FSDP, that fit."""
+    out = []
+    split = u * rg
+    groups = split * (2 if c else 1)
+    for f in fsdp:
+        if f and groups == 1:
+            gpus, shards = n, n
+        elif f and split == 1:
+            continue  # FSDP shards inside a CFG group: one GPU each here
+        else:
+            gpus, shards = groups, (split if f else 1)
+        if f and gpus == 1:
+            continue
+        fields = {"gpus": gpus, "ulysses": u, "ring": rg, "cfg_parallel": c, "fsdp": f}
+        label = layout_label(Recipe(**fields))
+        if f and groups == 1 and need_gib(1) <= gpu_gib:
+            excluded[f"parallel={label}"] = ("FSDP alone computes the whole video on every GPU: only worth it "
+                                             "when the model does not fit one GPU, and it fits here")
+            continue
+        need = need_gib(shards)
+        if need > gpu_gib:
+            whole = f"sharded over {shards} GPUs" if shards > 1 else "whole on each GPU"
+            excluded[f"parallel={label}"] = (f"does not fit: ~{need:.0f} GiB per GPU with the weights {whole}, "
+                                             f"{gpu_gib:.0f} GiB usable")
+            continue
+        out.append(label)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -323,18 +342,32 @@ def search_space_for(probe: ProbeResult, task: str, model: str, gpus: int | None
     # --- parallel layouts (catalogue entry: parallel) -------------------------------------------
     cfg_values = (False, True) if multi else (False,)
     parallel: tuple[str, ...] = ("single",)
+    ring: tuple[int, ...] = (1,)
     if multi:
         gpu_gib = usable_gib(probe.min_gpu_memory_mib / 1024)
 
         def need_gib(k: int) -> float:
             return memory_estimate_gib(task, model, size=size, frames=frames, shards=k)
-        parallel = _layouts(n, ulysses, cfg_values, fsdp, need_gib, gpu_gib, excluded)
+
+        def split_ok(k: int) -> str:
+            odd = next(((sz, fr, t) for sz, fr, t in workloads if t % k), None)
+            return f"the {odd[2]}-token sequence of {odd[0]} x {odd[1]} frames is not divisible by ulysses x ring = " \
+                   f"{k}" if odd else ""
+        degrees = tuple(d for d in range(2, n + 1) if n % d == 0)
+        ringable = [a for a in attention if a in RING_ATTENTION]
+        if not ringable:
+            for d in degrees:
+                excluded[f"ring={d}"] = (f"ring attention needs a kernel diffusers can ring ({', '.join(RING_ATTENTION)});"
+                                         f" none of this machine's searched ones ({', '.join(attention)}) is")
+        parallel = _layouts(n, ulysses, (1, *degrees) if ringable else (1,), cfg_values, fsdp, split_ok, need_gib,
+                            gpu_gib, excluded)
+        ring = tuple(sorted({layout_fields(p)["ring"] for p in parallel})) or (1,)
         if not probe.all_nvlink:
             notes.append("the GPUs are not all joined by NVLink: Ulysses' all-to-all crosses PCIe in every layer "
                          "and may not pay off; CFG parallel exchanges one prediction per step")
     return SearchSpace(
         task=task, model=model, attention=tuple(attention), tf32=tf32, fuse_qkv=(False, True), quant=tuple(quant),
-        compile=compile_values, compile_mode=compile_modes, cache=cache, offload=offload, ulysses=ulysses,
+        compile=compile_values, compile_mode=compile_modes, cache=cache, offload=offload, ulysses=ulysses, ring=ring,
         cfg_parallel=cfg_values, fsdp=fsdp, lightning=lightning,
         gpus=tuple(sorted({layout_fields(p)["gpus"] for p in parallel})), parallel=parallel,
         excluded=excluded, notes=tuple(notes),

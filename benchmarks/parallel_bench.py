@@ -102,7 +102,7 @@ def main() -> None:
     share_torch_cudnn()  # before diffusers (through peft) imports Transformer Engine
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", default="ulysses2,cfg", help="labels as in the study: single, cfg, ulysses2, "
-                    "ulysses2+cfg, ulysses2+fsdp, ...; those not using every process are skipped")
+                    "ring2, ulysses2+ring2, ulysses2+cfg, ulysses2+fsdp, ...; those not using every process are skipped")
     ap.add_argument("--attention", default="native")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--size", default="1280*720")

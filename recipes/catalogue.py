@@ -49,8 +49,15 @@ and ``fa3_fp8``: diffusers' ``_flash_3`` running FA3's e4m3 kernel on per-head-s
 EIGHT_BIT_ATTENTION = ("fa3_fp8", "sage")
 """Attention values that quantize Q/K/V to 8 bits (lossy), fastest first as measured on the H100."""
 
-CP_ATTENTION = ("native", "_native_cudnn", "_native_flash", "flash", "sage")
-"""Backends diffusers' context parallelism (Ulysses) can split: the others have no parallel path there."""
+CP_ATTENTION = ("native", "_native_cudnn", "_native_flash", "flash", "sage", "torch_fa4", "torch_fa3")
+"""Attention values diffusers' context parallelism splits itself (its Ulysses and ring; ``torch_fa4``/``torch_fa3``
+run through its ``_native_flash``). Ulysses runs around every other value too: wanctl's all-to-all wraps the local
+kernel where diffusers has no parallel path for it (wan_runtime.knobs.context_parallel)."""
+
+RING_ATTENTION = ("_native_cudnn", "_native_flash", "flash", "sage", "torch_fa4", "torch_fa3")
+"""Attention values diffusers can ring: its ring merges each rank's partial attention by the log-sum-exp, which
+these backends' context-parallel kernels return (``native``'s does not; FA3, fa3_fp8, math, efficient and flex
+have no context-parallel path in diffusers at all)."""
 
 QUANT = ("none", "int8wo", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
 """none; torchao int8 weight-only; torchao fp8 dynamic rowwise/tensorwise; Transformer Engine fp8 recipes."""
@@ -62,7 +69,7 @@ OFFLOAD = ("none", "model", "group_block", "group_leaf")
 LIGHTNING_STEPS = (0, 4)
 SWITCH = (False, True)
 
-LAYOUT_FIELDS = ("ulysses", "cfg_parallel", "fsdp", "gpus")
+LAYOUT_FIELDS = ("ulysses", "ring", "cfg_parallel", "fsdp", "gpus")
 """The Recipe fields one parallel layout sets together."""
 
 
@@ -266,8 +273,10 @@ class KnobEntry:
 CATALOGUE: tuple[KnobEntry, ...] = (
     KnobEntry(
         name="attention", fields=("attention",), values=ATTENTION_BACKENDS, lossy=EIGHT_BIT_ATTENTION,
-        params=(Param("attention", "no Ulysses"),
-                Param("attention_cp", "ulysses > 1: the space's backends that CP_ATTENTION holds (native if none)")),
+        params=(Param("attention", "a layout without ring attention: every kernel of the space, under Ulysses too "
+                                   "(diffusers' all-to-all, or wanctl's around the kernels diffusers cannot split)"),
+                Param("attention_ring", "ring > 1: the space's kernels that RING_ATTENTION holds (the space holds no "
+                                        "ring layout without one)")),
         seeds=("_flash_3", "torch_fa4", "_native_cudnn", "native"), component="attention",
         doc="diffusers' attention backend; searched only where the probe's kernel check ran it (search_space)"),
     KnobEntry(
@@ -314,8 +323,8 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         name="parallel", fields=LAYOUT_FIELDS, values=(),
         params=(Param("parallel", "always, first: one whole layout (layout_label); the other knobs are drawn "
                                   "from what it can run"),), rung="whole",
-        doc="Ulysses, CFG parallel and FSDP over several GPUs, valid only together: whole layouts, from the GPU "
-            "and head counts and the memory estimate (search_space)"),
+        doc="Ulysses, ring attention, CFG parallel and FSDP over several GPUs, valid only together: whole layouts, "
+            "from the GPU, head and token counts, the kernels that can ring and the memory estimate (search_space)"),
 )
 """Every searched knob, in the order the search space lists them."""
 
@@ -344,7 +353,7 @@ def forward_recipe(recipe: Recipe, base: Recipe | None = None) -> Recipe:
     base = recipe if base is None else base
     kept = {k: getattr(recipe, k) for k in (*forward_fields(), *FORWARD_SETTINGS)}
     return base.replace(**kept, cache="none", offload="none", lightning=0, lightning_lora="", vae_tiling=False,
-                        vae_slicing=False, gpus=1, ulysses=1, cfg_parallel=False, fsdp=False)
+                        vae_slicing=False, gpus=1, ulysses=1, ring=1, cfg_parallel=False, fsdp=False)
 
 
 def searched_fields() -> tuple[str, ...]:
@@ -362,12 +371,15 @@ def lossy_settings(recipe: Recipe) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- layouts
 def layout_label(recipe: Any) -> str:
-    """'single', or the parallel parts joined by '+': 'ulysses2', 'cfg', 'ulysses2+cfg', 'fsdp2', 'ulysses2+fsdp'.
+    """'single', or the parallel parts joined by '+': 'ulysses2', 'ring2', 'ulysses2+ring2', 'cfg', 'ulysses2+cfg',
+    'fsdp2', 'ulysses2+fsdp'.
 
     The ``parallel`` parameter's value: ``recipe`` is anything with the layout fields (a Recipe)."""
     parts = []
     if recipe.ulysses > 1:
         parts.append(f"ulysses{recipe.ulysses}")
+    if recipe.ring > 1:
+        parts.append(f"ring{recipe.ring}")
     if recipe.cfg_parallel:
         parts.append("cfg")
     if recipe.fsdp:
@@ -377,16 +389,19 @@ def layout_label(recipe: Any) -> str:
 
 def layout_fields(label: str) -> dict[str, Any]:
     """The recipe fields ``label`` stands for (inverse of ``layout_label``)."""
-    ulysses, cfg, fsdp, fsdp_gpus = 1, False, False, 0
+    ulysses, ring, cfg, fsdp, fsdp_gpus = 1, 1, False, False, 0
     for part in label.split("+"):
         if part.startswith("ulysses") and part[7:].isdigit():
             ulysses = int(part[7:])
+        elif part.startswith("ring") and part[4:].isdigit():
+            ring = int(part[4:])
         elif part == "cfg":
             cfg = True
         elif part == "fsdp" or (part.startswith("fsdp") and part[4:].isdigit()):
             fsdp, fsdp_gpus = True, int(part[4:] or 0)
         elif part != "single":
             raise BadInput(f"parallel layout {label!r} is not understood",
-                           "use e.g. single, ulysses2, cfg, ulysses2+cfg, fsdp2 or ulysses2+fsdp")
-    groups = ulysses * (2 if cfg else 1)
-    return {"gpus": groups if groups > 1 else (fsdp_gpus or 1), "ulysses": ulysses, "cfg_parallel": cfg, "fsdp": fsdp}
+                           "use e.g. single, ulysses2, ring2, ulysses2+ring2, cfg, ulysses2+cfg, fsdp2 or ulysses2+fsdp")
+    groups = ulysses * ring * (2 if cfg else 1)
+    return {"gpus": groups if groups > 1 else (fsdp_gpus or 1), "ulysses": ulysses, "ring": ring, "cfg_parallel": cfg,
+            "fsdp": fsdp}

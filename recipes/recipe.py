@@ -24,10 +24,10 @@ from recipes.catalogue import (
     CACHES,
     COMPILE,
     COMPILE_MODES,
-    CP_ATTENTION,
     LIGHTNING_STEPS,
     OFFLOAD,
     QUANT,
+    RING_ATTENTION,
     lossy_settings,
 )
 from recipes.errors import RecipeError
@@ -189,6 +189,8 @@ class Recipe:
     # --- parallelism ---
     gpus: int = _f(1, "GPUs used by one run (torchrun --nproc_per_node)", Domain(low=1, high=64))
     ulysses: int = _f(1, "Ulysses sequence-parallel degree", Domain(low=1, high=64))
+    ring: int = _f(1, "ring-attention degree (diffusers' ring: each rank's K/V go round the others); with ulysses, "
+                      "ulysses x ring ranks split the sequence", Domain(low=1, high=64))
     cfg_parallel: bool = _f(False, "run the conditional and unconditional passes on two GPU groups", _SWITCH)
     fsdp: bool = _f(False, "shard the DiT and text encoder with FSDP2", _SWITCH)
     # --- distillation ---
@@ -267,7 +269,7 @@ class Recipe:
         """Short human label of the optimization stack, e.g. 'attention=_native_cudnn+compile=regional'."""
         base = baseline or Recipe(task=self.task, model=self.model)
         keep = ("attention", "tf32", "fuse_qkv", "quant", "compile", "compile_mode", "cache", "cache_threshold",
-                "magcache_k", "offload", "vae_tiling", "ulysses", "cfg_parallel", "fsdp", "lightning")
+                "magcache_k", "offload", "vae_tiling", "ulysses", "ring", "cfg_parallel", "fsdp", "lightning")
         parts = [f"{k}={v[0]}" for k, v in self.diff(base).items() if k in keep]
         return "+".join(parts) or "baseline"
 
@@ -321,31 +323,44 @@ def validate(recipe: Recipe) -> Recipe:
     heads = TINY_NUM_HEADS if r.model == "tiny" else spec.num_heads
     if heads % r.ulysses:
         divs = [d for d in range(1, heads + 1) if heads % d == 0 and d <= 64]
-        raise RecipeError("ulysses", r.ulysses, f"a divisor of the {heads} attention heads: {divs}")
-    if r.ulysses > 1:  # each rank attends over its share of the tokens: found here, not after a model load
+        raise RecipeError("ulysses", r.ulysses, f"a divisor of the {heads} attention heads: {divs}",
+                          hint="ring attention splits the sequence without splitting heads: e.g. a smaller ulysses "
+                               "degree times a ring degree")
+    split = r.ulysses * r.ring  # each rank attends for its share of the tokens: found here, not after a model load
+    if split > 1:
         rr = r.resolved()
         tokens = spec.tokens(rr.size, rr.frames)
-        if tokens % r.ulysses:
+        if tokens % split and r.ring == 1:
             divs = [d for d in range(2, heads + 1) if heads % d == 0 and tokens % d == 0]
             raise RecipeError("ulysses", r.ulysses, f"a divisor of the {tokens}-token sequence of {rr.size} x "
                               f"{rr.frames} frames", hint=f"use ulysses {' or '.join(map(str, divs))} here, or "
                               "another size or frame count" if divs else "use another size or frame count")
+        if tokens % split:
+            divs = [d for d in range(2, 65) if tokens % d == 0]
+            raise RecipeError("ring", r.ring, f"a ring degree whose product with ulysses {r.ulysses} divides the "
+                              f"{tokens}-token sequence of {rr.size} x {rr.frames} frames",
+                              hint=f"ulysses x ring may be {', '.join(map(str, divs))} here, or use another size or "
+                              "frame count" if divs else "use another size or frame count")
     if r.cfg_parallel and r.gpus < 2:
         raise RecipeError("cfg_parallel", r.cfg_parallel, "False on one GPU (needs two GPU groups)")
     if r.fsdp and r.gpus < 2:
         raise RecipeError("fsdp", r.fsdp, "False on one GPU")
-    groups = r.ulysses * (2 if r.cfg_parallel else 1)
+    groups = split * (2 if r.cfg_parallel else 1)
     if r.gpus > 1 and groups == 1 and not r.fsdp:
-        raise RecipeError("gpus", r.gpus, "1 unless ulysses > 1, cfg_parallel or fsdp uses the extra GPUs")
+        raise RecipeError("gpus", r.gpus, "1 unless ulysses > 1, ring > 1, cfg_parallel or fsdp uses the extra GPUs")
     if r.gpus != groups and groups > 1:
         # Spare GPUs would only repeat a group's work: one run is one set of groups.
-        raise RecipeError("gpus", r.gpus, f"ulysses x cfg-parallel = {groups}",
-                          hint=f"use --gpus {groups}, or a ulysses degree of {r.gpus // (2 if r.cfg_parallel else 1)}")
-    if r.ulysses > 1 and r.attention not in CP_ATTENTION:
-        raise RecipeError("attention", r.attention, f"one of {', '.join(CP_ATTENTION)} with ulysses > 1 "
-                          "(diffusers' context parallelism supports only these)")
-    if r.fsdp and r.cfg_parallel and r.ulysses == 1:
-        raise RecipeError("fsdp", r.fsdp, "False with cfg_parallel and ulysses 1 (FSDP shards within a CFG "
+        per_group = r.gpus // (2 if r.cfg_parallel else 1)
+        raise RecipeError("gpus", r.gpus, f"ulysses x ring x cfg-parallel = {groups}",
+                          hint=f"use --gpus {groups}, or ulysses x ring = {per_group}")
+    if r.ring > 1 and r.attention not in RING_ATTENTION:
+        # Ulysses runs any kernel (diffusers' all-to-all, or wanctl's around the kernels diffusers cannot split);
+        # a ring needs each kernel's log-sum-exp to merge the partial results, and diffusers' ring to pass K/V.
+        raise RecipeError("attention", r.attention, f"one of {', '.join(RING_ATTENTION)} with ring > 1 (diffusers "
+                          "rings only these: its ring merges the partial results by their log-sum-exp)",
+                          hint="use ring 1 (Ulysses runs every kernel), or one of these kernels")
+    if r.fsdp and r.cfg_parallel and split == 1:
+        raise RecipeError("fsdp", r.fsdp, "False with cfg_parallel and ulysses x ring 1 (FSDP shards within a CFG "
                           "group, one GPU each here)", hint="add ulysses 2 or more, or drop fsdp")
     if r.fsdp and r.quant != "none":
         raise RecipeError("quant", r.quant, "none with fsdp (quantized weights are not sharded by wanctl)")

@@ -48,7 +48,8 @@ LOSSY_VALUES = {"attention": {"sage", "fa3_fp8"}, "quant": set(QUANT) - {"none"}
                 "lightning": {4}}
 """What the quality gate has always called lossy, written out (the gate's bars are in docs/quality.md)."""
 
-LAYOUTS = ("single", "cfg", "ulysses2", "ulysses2+cfg", "fsdp2", "ulysses2+fsdp", "ulysses4+cfg+fsdp")
+LAYOUTS = ("single", "cfg", "ulysses2", "ulysses2+cfg", "fsdp2", "ulysses2+fsdp", "ulysses4+cfg+fsdp", "ring2",
+           "ulysses2+ring2", "ring4+cfg+fsdp", "ulysses4+ring2+fsdp")
 
 
 def _problem(name: str, value: Any) -> Any:
@@ -56,12 +57,12 @@ def _problem(name: str, value: Any) -> Any:
 
 
 def full_space() -> SearchSpace:
-    """A space holding every kind of draw: one GPU and several (Ulysses, CFG, FSDP), Lightning, every cache."""
+    """A space holding every kind of draw: one GPU and several (Ulysses, ring, CFG, FSDP), Lightning, every cache."""
     return SearchSpace(task="t2v-A14B", model="tiny", attention=("native", "flex", "sage", "_native_math"),
                        tf32=(False, True), fuse_qkv=(False, True), quant=("none", "int8wo"), compile=COMPILE,
-                       compile_mode=COMPILE_MODES, cache=CACHES, offload=OFFLOAD, ulysses=(1, 2),
-                       cfg_parallel=(False, True), fsdp=(False, True), lightning=(0, 4), gpus=(1, 2),
-                       parallel=("single", "ulysses2", "cfg", "fsdp2"))
+                       compile_mode=COMPILE_MODES, cache=CACHES, offload=OFFLOAD, ulysses=(1, 2), ring=(1, 2),
+                       cfg_parallel=(False, True), fsdp=(False, True), lightning=(0, 4), gpus=(1, 2, 4),
+                       parallel=("single", "ulysses2", "cfg", "fsdp2", "ring2", "ulysses2+ring2"))
 
 
 def test_every_searched_field_has_exactly_one_entry() -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from recipes.catalogue import ATTENTION_BACKENDS, RING_ATTENTION
 from recipes.errors import RecipeError, SchemaError
 from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe, validate
@@ -20,9 +21,13 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"frames": 80}, "frames", "4n+1"),
     ({"model": "random", "size": "1000*1000"}, "size", "1280*720"),
     ({"model": "random", "ulysses": 3, "gpus": 3}, "ulysses", "divisor of the 40"),
-    ({"ulysses": 4, "gpus": 2}, "gpus", "ulysses x cfg-parallel = 4"),
-    ({"ulysses": 2, "gpus": 4}, "gpus", "ulysses x cfg-parallel = 2"),
-    ({"ulysses": 2, "gpus": 2, "attention": "flex"}, "attention", "context parallelism"),
+    ({"ulysses": 4, "gpus": 2}, "gpus", "ulysses x ring x cfg-parallel = 4"),
+    ({"ulysses": 2, "gpus": 4}, "gpus", "ulysses x ring x cfg-parallel = 2"),
+    ({"ulysses": 2, "ring": 2, "gpus": 8}, "gpus", "ulysses x ring x cfg-parallel = 4"),
+    ({"ring": 2, "gpus": 2}, "attention", "with ring > 1 (diffusers rings only these"),
+    ({"ring": 2, "gpus": 2, "attention": "_flash_3"}, "attention", "_native_cudnn, _native_flash, flash, sage"),
+    ({"ring": 2, "ulysses": 2, "gpus": 4, "attention": "fa3_fp8"}, "attention", "log-sum-exp"),
+    ({"ring": 2, "cfg_parallel": True, "gpus": 2, "attention": "_native_cudnn"}, "gpus", "= 4"),
     ({"fsdp": True, "cfg_parallel": True, "gpus": 2}, "fsdp", "FSDP shards within a CFG group"),
     ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "not sharded"),
     ({"ulysses": 2, "gpus": 2, "cache": "fbcache"}, "cache", "same skip decision"),
@@ -108,11 +113,50 @@ def test_one_strict_loader_for_every_document() -> None:
 
 
 def test_the_parallel_layouts_a_run_can_take_are_valid() -> None:
-    # Ulysses alone, CFG alone, both on 4, and FSDP alone or inside a Ulysses group.
+    # Ulysses alone, CFG alone, both on 4, and FSDP alone or inside a Ulysses group; ring alone, under Ulysses,
+    # with CFG and with FSDP.
     for kw in ({"ulysses": 2, "gpus": 2}, {"cfg_parallel": True, "gpus": 2}, {"ulysses": 2, "cfg_parallel": True, "gpus": 4},
                {"fsdp": True, "gpus": 2}, {"ulysses": 2, "fsdp": True, "gpus": 2, "attention": "_native_cudnn"},
-               {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "compile": "regional"}):
+               {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "compile": "regional"},
+               {"ring": 2, "gpus": 2, "attention": "_native_flash"},
+               {"ulysses": 2, "ring": 2, "gpus": 4, "attention": "_native_cudnn"},
+               {"ring": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "attention": "torch_fa4"}):
         validate(Recipe(**kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("attention", ATTENTION_BACKENDS)
+def test_ulysses_takes_every_attention_and_ring_only_what_diffusers_can_ring(attention: str) -> None:
+    """Ulysses runs around any kernel (diffusers' all-to-all, or wanctl's where diffusers has no parallel path:
+    FA3, fa3_fp8, math, efficient, flex); a ring merges partial results by their log-sum-exp, which only the
+    kernels of diffusers' ring return."""
+    assert validate(Recipe(ulysses=2, gpus=2, attention=attention)).attention == attention
+    assert validate(Recipe(ulysses=2, cfg_parallel=True, fsdp=True, gpus=4, attention=attention))
+    ring = Recipe(ulysses=2, ring=2, gpus=4, attention=attention)
+    if attention in RING_ATTENTION:
+        validate(ring)
+        return
+    with pytest.raises(RecipeError) as err:
+        validate(ring)
+    assert (err.value.field, err.value.value) == ("attention", attention)
+    assert "ring 1 (Ulysses runs every kernel)" in err.value.hint
+
+
+def test_ring_splits_the_sequence_where_ulysses_cannot_split_the_heads() -> None:
+    """The tiny model has 4 heads: 8 ranks are ulysses 4 x ring 2 or pure ring, never ulysses 8. A14B's 40 heads
+    on 16 ranks: ulysses 8 x ring 2. The sequence must still divide over every rank of a group."""
+    with pytest.raises(RecipeError, match="a divisor of the 4 attention heads") as err:
+        validate(Recipe(ulysses=8, gpus=8, attention="_native_cudnn"))
+    assert "ring degree" in err.value.hint
+    validate(Recipe(ulysses=4, ring=2, gpus=8, attention="_native_cudnn", size="64*64"))  # 48 tokens
+    validate(Recipe(ring=4, gpus=4, attention="_native_flash"))  # 36 tokens, no head split at all
+    validate(Recipe(task="t2v-A14B", model="random", gpus=16, ulysses=8, ring=2, attention="_native_cudnn"))
+    with pytest.raises(RecipeError) as err:  # 36 tokens over 8 ranks
+        validate(Recipe(ulysses=4, ring=2, gpus=8, attention="_native_cudnn"))
+    assert (err.value.field, err.value.value) == ("ring", 2)
+    assert "product with ulysses 4 divides the 36-token sequence of 64*48 x 9 frames" in str(err.value)
+    assert err.value.hint.startswith("ulysses x ring may be 2, 3, 4, 6, 9, 12, 18, 36 here")
+    with pytest.raises(RecipeError, match="ulysses x ring 1"):
+        validate(Recipe(cfg_parallel=True, fsdp=True, gpus=2))
 
 
 @pytest.mark.parametrize("model, revision, ok", [

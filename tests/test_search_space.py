@@ -36,8 +36,14 @@ def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     assert s.ulysses == (1, 2, 4, 8)
     assert s.cfg_parallel == (False, True) and s.fsdp == (False, True)
     # Whole layouts, each valid; FSDP alone (every GPU computing the whole video) only when it must.
-    assert s.parallel == ("single", "cfg", "ulysses2", "ulysses2+fsdp", "ulysses2+cfg", "ulysses2+cfg+fsdp", "ulysses4",
-                          "ulysses4+fsdp", "ulysses4+cfg", "ulysses4+cfg+fsdp", "ulysses8", "ulysses8+fsdp")
+    assert s.parallel[:12] == ("single", "cfg", "ulysses2", "ulysses2+fsdp", "ulysses2+cfg", "ulysses2+cfg+fsdp",
+                               "ulysses4", "ulysses4+fsdp", "ulysses4+cfg", "ulysses4+cfg+fsdp", "ulysses8", "ulysses8+fsdp")
+    # Ring degrees (diffusers' ring: cuDNN, torch flash, FA2 and Sage ran here) on every GPU, alone, under Ulysses
+    # and inside CFG groups, after the layouts without a ring.
+    assert s.ring == (1, 2, 4, 8)
+    assert s.parallel[12:] == ("ulysses2+ring2+cfg", "ulysses2+ring2+cfg+fsdp", "ulysses4+ring2", "ulysses4+ring2+fsdp",
+                               "ring4+cfg", "ring4+cfg+fsdp", "ulysses2+ring4", "ulysses2+ring4+fsdp", "ring8",
+                               "ring8+fsdp")
     assert "only worth it when the model does not fit" in s.excluded["parallel=fsdp8"]
     # At 720p x81 the two score-materializing backends are priced out (their scores alone are 852 GiB).
     assert s.attention == ("native", "_native_cudnn", "_native_flash", "_native_efficient", "sage", "flash", "_flash_3")
@@ -118,6 +124,26 @@ def test_2x_a100_parallelism(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "a100_80gb_2x")
     assert s.ulysses == (1, 2) and s.cfg_parallel == (False, True) and s.fsdp == (False, True)
     assert {"sage", "flash"} <= set(s.attention)
+    assert s.ring == (1, 2) and s.parallel == ("single", "cfg", "ulysses2", "ulysses2+fsdp", "ring2", "ring2+fsdp")
+
+
+def test_ring_layouts_need_a_kernel_diffusers_can_ring(probes: dict[str, ProbeResult]) -> None:
+    """Ulysses runs every kernel the probe saw run (FA3 through wanctl's all-to-all); a ring only the kernels
+    diffusers rings. A machine whose checks passed none of those has no ring layout, and says why."""
+    h100 = probes["h100_sxm_8x"]
+    ringable = ("attention:_native_cudnn", "attention:_native_flash", "attention:flash", "attention:sage")
+    checks = tuple(c for c in h100.kernels if c.name not in ringable)
+    s = search_space_for(dataclasses.replace(h100, kernels=checks), "t2v-A14B", "random")
+    assert s.attention == ("native", "_native_efficient", "_flash_3")
+    assert s.ring == (1,) and not [p for p in s.parallel if "ring" in p]
+    assert "ulysses8+fsdp" in s.parallel  # FA3 under Ulysses is still there
+    assert s.excluded["ring=2"] == ("ring attention needs a kernel diffusers can ring (_native_cudnn, _native_flash, "
+                                    "flash, sage, torch_fa4, torch_fa3); none of this machine's searched ones "
+                                    "(native, _native_efficient, _flash_3) is")
+    # A sequence that does not divide over the ring's ranks is said per layout.
+    tiny = space(probes, "h100_sxm_8x", model="tiny")
+    assert tiny.excluded["parallel=ring8"] == "the 36-token sequence of 64*48 x 9 frames is not divisible by ulysses x ring = 8"
+    assert "ring4+cfg" in tiny.parallel
 
 
 def test_a100_40gb_compile_failure_and_offload(probes: dict[str, ProbeResult]) -> None:
@@ -186,6 +212,8 @@ def test_gpu_count_requests(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_8x", gpus=3)
     assert s.ulysses == (1,)
     assert s.excluded["ulysses=3"] == "t2v-A14B has 40 attention heads, not divisible by 3"
+    # The ring splits the sequence without splitting heads: the three GPUs still work on one video.
+    assert s.ring == (1, 3) and s.parallel == ("single", "cfg", "ring3", "ring3+fsdp")
     five = space(probes, "h100_sxm_8x", task="ti2v-5B", gpus=3)  # 24 heads, but 27,280 tokens at 121 frames
     assert five.ulysses == (1,) and five.excluded["ulysses=3"] == (
         "the 27280-token sequence of 1280*704 x 121 frames is not divisible by 3")
@@ -204,7 +232,7 @@ def test_fsdp_forced_when_weights_only_fit_sharded(probes: dict[str, ProbeResult
     s = search_space_for(small, "t2v-A14B", "random")
     assert s.fsdp == (True,) and s.offload == ("none",)
     assert s.excluded["fsdp=False"] == "does not fit without sharding: ~73 GiB needed, 46 GiB usable per GPU"
-    assert s.parallel == ("fsdp2", "ulysses2+fsdp") and s.gpus == (2,)
+    assert s.parallel == ("fsdp2", "ulysses2+fsdp", "ring2+fsdp") and s.gpus == (2,)
     assert s.why_not(Recipe(task="t2v-A14B", model="random", gpus=2, cfg_parallel=True))[0].startswith("fsdp=False")
 
 

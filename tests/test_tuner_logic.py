@@ -24,6 +24,7 @@ from autotune.trial_runner import TrialOutcome
 from autotune.tuner import Tuner
 from probes.result import ProbeResult
 from recipes.cache_schedule import taylorseer_schedule
+from recipes.catalogue import layout_label
 from recipes.recipe import Recipe, validate
 from recipes.records import RECORD_KEY, TrialRecord
 from recipes.spec import Quality, RunResult, Timings, TrialSpec
@@ -834,6 +835,56 @@ def test_several_gpus_measure_the_layouts_first_and_keep_the_fastest(tmp_path: P
     assert not [r for r in res.records if r.outcome == "invalid" and r.role == "warm_start"]
     best = res.best.recipe_obj()  # type: ignore[union-attr]
     assert best.gpus == 4 and best.ulysses * (2 if best.cfg_parallel else 1) == 4
+
+
+@pytest.mark.parametrize(("machine", "attention", "layout"), [("h100_sxm_8x", "_flash_3", "ulysses8+fsdp"),
+                                                            ("b200_8x", "_native_cudnn", "ulysses8+fsdp"),
+                                                            ("a100_80gb_2x", "_native_cudnn", "ulysses2+fsdp")])
+def test_warm_starts_hold_seed_000s_stack_where_the_hardware_allows_it(tmp_path: Path, machine: str, attention: str,
+                                                                      layout: str) -> None:
+    """Seed 000 on 8x H100: FA3 + TF32 + Ulysses over every GPU + FSDP + MagCache E012K2R20 + compile. On each
+    multi-GPU machine the plan holds its attention (FA3 where the probe ran it, else the probe's best kernel, which
+    Ulysses now runs whatever it is), its Ulysses-over-every-GPU-with-FSDP layout, TF32 and compile. Its MagCache
+    is not asserted here: whether a cache may run on several GPUs is the cache rule's (recipes.validate and the
+    sampler), and the stack takes it wherever that rule does."""
+    probe = probe_machine(machine, tmp_path / "m")
+    cfg = TuneConfig(model="random", ladder="off", task="t2v-A14B", trials=1, out_dir=str(tmp_path / "o"),
+                     gpus=probe.gpu_count)
+    t = simulated(cfg, probe)
+    warm = t.planner.warm_starts(t.state.base_recipe)
+    seed = [w for w in warm if layout_label(w) == layout and w.tf32 and w.compile == "regional"]
+    assert [(w.attention, w.ulysses, w.gpus, w.fsdp, w.cfg_parallel) for w in seed] == [
+        (attention, int(layout[7]), int(layout[7]), True, False)], [w.stack_label() for w in warm]
+    assert seed[0].cache in ("none", "magcache") and validate(seed[0]) == seed[0]
+    if seed[0].cache == "magcache":
+        assert (seed[0].cache_threshold, seed[0].magcache_k, seed[0].cache_retention) == (0.12, 2, 0.2)
+
+
+def test_the_sampler_offers_fa3_under_ulysses_and_ring_degrees_on_8x_h100(tmp_path: Path) -> None:
+    """FA3 (the probe's best kernel there) is drawn under every Ulysses layout: wanctl's all-to-all runs it. A ring
+    layout draws from the kernels diffusers rings, under its own parameter name."""
+    import optuna
+
+    from recipes.catalogue import RING_ATTENTION
+
+    probe = probe_machine("h100_sxm_8x", tmp_path / "m")
+    cfg = TuneConfig(model="random", ladder="off", task="t2v-A14B", trials=1, out_dir=str(tmp_path / "o"), gpus=8)
+    t = simulated(cfg, probe)
+    assert "_flash_3" in t.space.attention and {2, 4, 8} <= set(t.space.ring)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"parallel": "ulysses8+fsdp", "attention": "_flash_3"})
+    r = t.planner.suggest(study.ask(), t.state.base_recipe)
+    assert (r.attention, r.ulysses, r.fsdp, r.gpus) == ("_flash_3", 8, True, 8) and validate(r) == r
+    rings = []
+    for _ in range(60):
+        trial = study.ask()
+        r = t.planner.suggest(trial, t.state.base_recipe)
+        if r.ring > 1:
+            rings.append(r)
+            assert "attention_ring" in trial.params and "attention" not in trial.params
+        study.tell(trial, 1.0)
+    assert rings and all(r.attention in RING_ATTENTION and validate(r) == r for r in rings)
+    assert {r.ring for r in rings} <= {2, 4, 8}
 
 
 def test_a_model_that_fits_only_sharded_has_a_sharded_baseline(tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
-"""Several GPUs under torchrun: Ulysses sequence parallel, CFG parallel and FSDP, alone or combined.
+"""Several GPUs under torchrun: Ulysses and ring sequence parallel, CFG parallel and FSDP, alone or combined.
 
-The ranks form a mesh ``(cfg, ring, ulysses)`` with the CFG dimension outermost: rank ``g * U + u`` is
-member ``u`` of CFG group ``g``. Inside a CFG group the ranks run every transformer call together:
+The ranks form a mesh ``(cfg, ring, ulysses)`` with the CFG dimension outermost: rank ``g * R * U + r * U + u``
+is member ``r * U + u`` of CFG group ``g``. Inside a CFG group the ranks run every transformer call together:
 
-- Ulysses is diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``
-  on the group's ``ring x ulysses`` sub-mesh): the sequence is split across the group and the attention
-  heads are exchanged all-to-all, so each rank attends over the whole sequence for its share of heads.
+- Ulysses and ring are diffusers' context parallelism (``enable_parallelism`` with a ``ContextParallelConfig``
+  on the group's ``ring x ulysses`` sub-mesh): the sequence is split across the group; Ulysses exchanges the
+  attention heads all-to-all, so each rank attends over its ring's share of the sequence for its share of heads,
+  and the ring passes K/V round its ranks. For attention backends diffusers cannot split, Ulysses runs wanctl's
+  wrapper around the local kernel (knobs.context_parallel); ring needs a backend diffusers rings.
 - CFG parallel has no diffusers implementation: group 0 computes the conditional pass and group 1 the
   unconditional one, and the two predictions are exchanged over the ``cfg`` dimension before the
   pipeline combines them, so every rank steps the scheduler with the same numbers.
@@ -27,7 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from recipes.recipe import dispatch_backend
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported
+from wan_runtime.knobs.context_parallel import CpAttention, diffusers_splits, require_ring
+from wan_runtime.knobs.flash_impl import CpuFlash
 
 
 def init_from_env(device: torch.device) -> bool:
@@ -51,6 +56,7 @@ class Layout:
     rank: int
     cfg: int
     ulysses: int
+    ring: int = 1
 
     @property
     def per_group(self) -> int:
@@ -69,7 +75,7 @@ def _layout(ctx: KnobContext) -> Layout:
     r = ctx.recipe
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Layout(world=world, rank=rank, cfg=2 if r.cfg_parallel else 1, ulysses=r.ulysses)
+    return Layout(world=world, rank=rank, cfg=2 if r.cfg_parallel else 1, ulysses=r.ulysses, ring=r.ring)
 
 
 def _tokens(ctx: KnobContext) -> int:
@@ -89,11 +95,15 @@ def _check(ctx: KnobContext) -> None:
         heads = ctx.transformers[0].config.num_attention_heads if ctx.transformers else 0
         if heads % r.ulysses:
             raise Unsupported(f"ulysses={r.ulysses} does not divide this model's {heads} attention heads",
-                              "pick a degree that divides the head count")
+                              "pick a degree that divides the head count, and a ring degree for the rest")
+    split = r.ulysses * r.ring
+    if split > 1:
         tokens = _tokens(ctx)
-        if tokens % r.ulysses:
-            raise Unsupported(f"ulysses={r.ulysses} does not divide the {tokens}-token sequence of "
-                              f"{r.size} x {r.frames} frames", "pick another degree, size or frame count")
+        if tokens % split:
+            raise Unsupported(f"ulysses={r.ulysses} x ring={r.ring} does not divide the {tokens}-token sequence of "
+                              f"{r.size} x {r.frames} frames", "pick other degrees, size or frame count")
+    if r.ring > 1:
+        require_ring(r.attention)
 
 
 @contextlib.contextmanager
@@ -156,13 +166,15 @@ class CfgSplit:
 
 
 class ShardObserver:
-    """Records the sequence length each self-attention call saw on this rank: under Ulysses the DiT's
-    blocks hold 1/degree of the tokens (the all-to-all happens inside attention). A run whose blocks saw
+    """Records the sequence length each self-attention call saw on this rank: under Ulysses and ring the DiT's
+    blocks hold 1/(ulysses x ring) of the tokens (the exchanges happen inside attention). A run whose blocks saw
     the whole sequence did not run sequence-parallel, whatever was configured."""
 
-    def __init__(self, transformers: list[Any], expected: int, full: int) -> None:
+    def __init__(self, transformers: list[Any], expected: int, full: int, degrees: str = "") -> None:
         self.expected = expected
         self.full = full
+        self.degrees = degrees
+        """How the recipe splits the sequence, as the mismatch names it (``ulysses=2``, ``ulysses=2 x ring=2``)."""
         self.seen: set[int] = set()
         self.handles = [t.blocks[0].attn1.register_forward_pre_hook(self._hook, with_kwargs=True)
                         for t in transformers]
@@ -178,28 +190,55 @@ class ShardObserver:
         got = ",".join(map(str, sorted(self.seen))) or "none"
         ctx.actual["ulysses_tokens_per_rank"] = f"{got} of {self.full}"
         if self.seen and self.seen != {self.expected}:
-            ctx.actual["parallel_mismatch"] = (f"ulysses={ctx.recipe.ulysses} should leave {self.expected} of "
-                                               f"{self.full} tokens per rank; attention saw {got}")
+            degrees = self.degrees or f"ulysses={ctx.recipe.ulysses}"
+            ctx.actual["parallel_mismatch"] = (f"{degrees} should leave {self.expected} of {self.full} tokens per "
+                                               f"rank; attention saw {got}")
 
 
 def _mesh(ctx: KnobContext, lay: Layout) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(ctx.device.type, (lay.cfg, 1, lay.per_group), mesh_dim_names=("cfg", "ring", "ulysses"))
+    # The ulysses dimension is the rest of the group: with FSDP alone (ulysses and ring 1) it is the FSDP group.
+    shape = (lay.cfg, lay.ring, lay.per_group // lay.ring)
+    return init_device_mesh(ctx.device.type, shape, mesh_dim_names=("cfg", "ring", "ulysses"))
 
 
-def _enable_ulysses(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
+def _group_mesh(mesh: Any, lay: Layout) -> Any:
+    """The ranks that call each DiT together (one CFG group) as one dimension: FSDP shards over them."""
+    return mesh["ring", "ulysses"]._flatten() if lay.ring > 1 else mesh["ulysses"]
+
+
+def _enable_context_parallel(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
     from diffusers import ContextParallelConfig
 
+    r = ctx.recipe
+    full = _tokens(ctx)
+    heads = ctx.transformers[0].config.num_attention_heads if ctx.transformers else 0
+    backend = dispatch_backend(r.attention)
+    if ctx.device.type == "cpu" and backend == "_native_flash" and diffusers_splits(backend):
+        ctx.observers.append(CpuFlash())
+        ctx.actual["flash_impl"] = ("torch's CPU flash kernel behind aten::_scaled_dot_product_flash_attention, "
+                                    "which diffusers' context-parallel path calls (torch has it for CUDA only)")
+    # Before enable_parallelism: its check must find the backend's context-parallel path (wanctl's wrapper's).
+    attention = CpAttention(r.attention, lay.ulysses, lay.ring, tokens=full // lay.ring, heads=heads,
+                            compiled=r.compile != "off")
+    ctx.observers.append(attention)
     for t in ctx.transformers:
-        config = ContextParallelConfig(ulysses_degree=lay.ulysses, mesh=mesh["ring", "ulysses"])
+        config = ContextParallelConfig(ulysses_degree=lay.ulysses, ring_degree=lay.ring, mesh=mesh["ring", "ulysses"])
         with _cpu_device_count(ctx.device):
             t.enable_parallelism(config=config)
-    full = _tokens(ctx)
-    if ctx.recipe.compile == "off":
-        ctx.observers.append(ShardObserver(ctx.transformers, full // lay.ulysses, full))
-    ctx.actual["ulysses"] = (f"degree {lay.ulysses}: rank {lay.rank} holds sequence shard {lay.member} of "
-                             f"{lay.ulysses} (diffusers context parallel, {ctx.recipe.attention} attention)")
+    split = lay.ulysses * lay.ring
+    degrees = f"ulysses={lay.ulysses}" + (f" x ring={lay.ring}" if lay.ring > 1 else "")
+    if r.compile == "off":
+        ctx.observers.append(ShardObserver(ctx.transformers, full // split, full, degrees))
+    path = (f"wanctl's all-to-all around {r.attention}" if attention.own
+            else f"diffusers context parallel, {r.attention} attention")
+    if lay.ulysses > 1:
+        ctx.actual["ulysses"] = (f"degree {lay.ulysses}: rank {lay.rank} holds sequence shard {lay.member} of "
+                                 f"{split} ({path})")
+    if lay.ring > 1:
+        ctx.actual["ring"] = (f"degree {lay.ring}: rank {lay.rank} is member {lay.member // lay.ulysses} of its "
+                              f"ring and holds sequence shard {lay.member} of {split} ({path})")
 
 
 def _shard(module: Any, blocks: Any, mesh: Any, device: torch.device) -> int:
@@ -217,7 +256,7 @@ def _enable_fsdp(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    group_mesh = mesh["ulysses"]  # the ranks that call each DiT together
+    group_mesh = _group_mesh(mesh, lay)
     for t in ctx.transformers:
         _shard(t, t.blocks, group_mesh, ctx.device)
     te = getattr(ctx.pipe, "text_encoder", None)
@@ -240,8 +279,8 @@ def _apply(ctx: KnobContext) -> None:
     mesh = _mesh(ctx, lay)
     if r.fsdp:
         _enable_fsdp(ctx, lay, mesh)
-    if r.ulysses > 1:
-        _enable_ulysses(ctx, lay, mesh)
+    if r.ulysses > 1 or r.ring > 1:
+        _enable_context_parallel(ctx, lay, mesh)
     if r.cfg_parallel:
         split = CfgSplit(lay.group, mesh.get_group("cfg"))
         for t in ctx.transformers:
@@ -252,5 +291,5 @@ def _apply(ctx: KnobContext) -> None:
 
 
 PARALLEL = Knob(name="parallel",
-                active=lambda r: r.gpus > 1 or r.ulysses > 1 or r.cfg_parallel or r.fsdp,
+                active=lambda r: r.gpus > 1 or r.ulysses > 1 or r.ring > 1 or r.cfg_parallel or r.fsdp,
                 check=_check, apply=_apply)

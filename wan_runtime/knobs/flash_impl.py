@@ -107,3 +107,34 @@ class Restore:
 
     def finish(self, ctx: Any) -> None:
         restore()
+
+
+def _cpu_flash(query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False,
+               return_debug_mask: bool = False, *, scale: float | None = None) -> tuple[Any, ...]:
+    """``aten::_scaled_dot_product_flash_attention`` on a CPU: torch's CPU flash kernel (the one SDPA runs there),
+    its (out, logsumexp) in the op's nine outputs; the rest are the CUDA kernel's bookkeeping, unused on a CPU."""
+    import torch
+
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                          scale=scale)
+    none = torch.empty(0, dtype=torch.int64)
+    return out, lse, none, none, query.shape[2], key.shape[2], none, none, torch.empty(0, dtype=query.dtype)
+
+
+class CpuFlash:
+    """torch's CPU flash kernel behind ``aten::_scaled_dot_product_flash_attention`` for the run; an observer.
+
+    Why: diffusers' context-parallel path for ``_native_flash`` (its Ulysses and its ring) calls that op for the
+    log-sum-exp a ring merges by, and torch registers it for CUDA only, so CPU ranks (gloo: the test suite) failed
+    with NotImplementedError. SDPA on a CPU runs this same kernel as ``_scaled_dot_product_flash_attention_for_cpu``;
+    it is plugged in with torch.library, the way torch plugs FA4 into the CUDA op. GPU runs never install it.
+    """
+
+    def __init__(self) -> None:
+        from torch.library import Library
+
+        self._lib = Library("aten", "IMPL", "CPU")
+        self._lib.impl("_scaled_dot_product_flash_attention", _cpu_flash)
+
+    def finish(self, ctx: Any = None) -> None:
+        self._lib._destroy()

@@ -67,7 +67,8 @@ def fa3_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if attn_mask is not None:
         raise Unsupported("fa3_fp8 attention takes no attention mask", "use _flash_3 or _native_cudnn here")
     if _parallel_config is not None:
-        raise Unsupported("fa3_fp8 attention has no context-parallel path", "use ulysses=1, or a CP backend")
+        raise Unsupported("fa3_fp8 attention has no context-parallel path of diffusers' (its ring)",
+                          "use ring 1: Ulysses runs fa3_fp8 through wanctl's all-to-all (knobs.context_parallel)")
     from flash_attn_interface import flash_attn_func
 
     q, q_descale = quantize(query)
