@@ -251,8 +251,12 @@ class Recipe:
         return {k: v for k, v in self.to_dict().items() if k not in CONTENT_FIELDS}
 
     def recipe_hash(self) -> str:
-        """Stable hash of the knobs: names output folders, never a timestamp or a random number."""
-        blob = json.dumps(self.resolved().knob_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable hash of the knobs: names output folders, never a timestamp or a random number. Fields at their
+        default are left out, so a field added later (its default: the behaviour before it existed) leaves every
+        earlier recipe's hash, its stored studies and folders as they were."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        knobs = {k: v for k, v in self.resolved().knob_dict().items() if v != defaults.get(k, dataclasses.MISSING)}
+        blob = json.dumps(knobs, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def lossy_knobs(self) -> list[str]:

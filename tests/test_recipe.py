@@ -78,6 +78,13 @@ def test_hash_ignores_content_but_not_knobs() -> None:
     assert Recipe(model="random").recipe_hash() == Recipe(model="random", size="1280*720", frames=81).recipe_hash()
 
 
+def test_a_field_added_at_its_default_leaves_every_hash_as_it_was() -> None:
+    """Stored studies and folders are named by these hashes: pinned, so a new field (whose default is the
+    behaviour before it) cannot rename them. Changing a pin means every user's study starts over."""
+    assert Recipe().recipe_hash() == "b0bd05be3d0426c0"
+    assert Recipe(model="random", attention="_flash_3", compile="regional").recipe_hash() == "f0ce1b3111d70492"
+
+
 def test_overrides_parse_types_and_reject_unknown() -> None:
     r = apply_overrides(Recipe(), ["tf32=true", "cache_threshold=0.2", "magcache_k=3", "attention=_native_math"])
     assert (r.tf32, r.cache_threshold, r.magcache_k, r.attention) == (True, 0.2, 3, "_native_math")
