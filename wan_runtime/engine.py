@@ -360,7 +360,11 @@ class Engine:
         """``job``'s mp4 at ``dest``, written in ``work`` and moved there whole: the batch's and the server's unit
         of work (the one-shot run keeps the frames and the latent too, and writes through the same
         video.finished_video). Raises ``Cancelled``, ``NonFinite`` (no video of NaN frames) or the job's failure."""
-        res = self.run_job(job, progress=progress, cancelled=cancelled)
+        return self.write_video(self.run_job(job, progress=progress, cancelled=cancelled), dest, work)
+
+    def write_video(self, res: JobResult, dest: str | Path, work: Path) -> Video:
+        """``res``'s mp4 at ``dest`` (``make_video``'s second half). Apart because a server on several ranks runs
+        the job on every rank and writes it on rank 0 alone, once every rank has said how its run ended."""
         if res.nonfinite:
             raise NonFinite(f"non-finite values in {res.nonfinite}", "the recipe's stack is numerically unstable "
                             "here: check it with wanctl generate, or use the baseline recipe")
