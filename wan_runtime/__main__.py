@@ -133,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--fault", default="none", help=argparse.SUPPRESS)  # fault injection, as a trial's (tests)
     v.add_argument("--fault-step", type=int, default=0, help=argparse.SUPPRESS)
     v.add_argument("--fault-arg", type=float, default=0.0, help=argparse.SUPPRESS)
+    v.add_argument("--fault-rank", type=int, default=-1, help=argparse.SUPPRESS)
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)

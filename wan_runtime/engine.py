@@ -312,7 +312,9 @@ class Engine:
                 # With CFG parallel each rank computes one of the step's two passes: count what the step did.
                 forwards.append((counter.count - step.count) * self.ctx.extra.get("forwards_per_computed", 1))
                 step.count = counter.count
-            if fault.fault == "slow":
+            if fault.fault == "slow" and faults.this_rank(fault):
+                # On several ranks name one (fault_rank): each rank's step already holds its peers' sleep (they
+                # wait for each other in the step's collectives), so a sleep on every rank compounds step on step.
                 time.sleep(step_s[-1] * max(fault.fault_arg, 1.0))  # injected slowness, part of the step's cost
                 now = clock.now()
                 step_s[-1] = now - step.t
