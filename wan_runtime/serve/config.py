@@ -48,9 +48,6 @@ class ServeConfig:
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         """The settings of the ``serve`` command line, or BadInput naming the flag."""
         recipe = apply_overrides(read_recipe(args.recipe)[0], args.sets).resolved()
-        if recipe.gpus > 1:
-            raise BadInput(f"the server runs one GPU; this recipe uses {recipe.gpus} (multi-GPU serving is not "
-                           "there yet)", "serve a one-GPU recipe")
         if recipe.image and not is_file(recipe.image, "read the image"):
             raise BadInput(f"the recipe's image {recipe.image} does not exist or is not a file",
                            "the warm-up runs the recipe's own job: fix 'image' in the recipe, or --set image=PATH")
