@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recipes.jobs import Job
+from recipes.jobs import Job, takes_image
 from recipes.recipe import Recipe
 from recipes.serialize import write_recipe
 from tests.conftest import ROOT
@@ -50,10 +50,14 @@ def _png(shade: int = 120, size: tuple[int, int] = (64, 64)) -> str:
 class Server:
     """A server process and a client for it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, recipe: Recipe | None = None, slow: float = 5, args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.jobs = root / "jobs"
-        self.recipe = Recipe(task="ti2v-5B", steps=STEPS, image=str(root / "first.png"), seed=3)
+        self.recipe = recipe or Recipe(task="ti2v-5B", steps=STEPS, image=str(root / "first.png"), seed=3)
+        self.slow = slow
+        """The ``slow`` fault's factor: each step takes 1 + slow times its time."""
+        self.args = args
+        """More of the server's arguments."""
         Image.open(io.BytesIO(base64.b64decode(_png(90)))).save(root / "first.png")
         write_recipe(root / "recipe.toml", self.recipe)
         (root / "token").write_text(TOKEN + "\n")
@@ -68,7 +72,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wan_runtime", "serve", "--recipe", str(self.root / "recipe.toml"), "--port", "0",
              "--jobs-dir", str(self.jobs), "--token-file", str(self.root / "token"), "--max-queue", str(MAX_QUEUE),
-             "--fault", "slow", "--fault-arg", "5"],
+             "--fault", "slow", "--fault-arg", str(self.slow), *self.args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=open(self.root / f"stderr{self.starts}.log", "w"),
             text=True)
         assert self.proc.stdout is not None
@@ -121,8 +125,8 @@ class Server:
         raise AssertionError(f"not ready in {WAIT_S} s: {self.stderr()}")
 
     def submit(self, seed: int = 1, **extra: Any) -> str:
-        status, got = self.json("POST", "/v1/videos", {"prompt": "a fox in the snow", "seed": seed,
-                                                       "image": _png(30 + seed), **extra})
+        image = {"image": _png(30 + seed)} if takes_image(self.recipe) else {}
+        status, got = self.json("POST", "/v1/videos", {"prompt": "a fox in the snow", "seed": seed, **image, **extra})
         assert status == 202 and got["status"] == "queued", got
         return got["id"]
 

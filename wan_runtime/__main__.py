@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recipes.errors import BadInput, WanctlError
 from recipes.files import check_output_file, is_file
@@ -36,6 +37,9 @@ from recipes.overrides import apply_overrides
 from recipes.recipe import Recipe
 from recipes.serialize import read_recipe
 from recipes.spec import PROGRESS_ENV, PROGRESS_PREFIX, RunResult, TrialSpec, rank_result_path
+
+if TYPE_CHECKING:
+    from wan_runtime.serve.config import ServeConfig
 
 EXIT = {"ok": 0, "bad_input": 2, "unsupported": 3}
 
@@ -134,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--fault", default="none", help=argparse.SUPPRESS)  # fault injection, as a trial's (tests)
     v.add_argument("--fault-step", type=int, default=0, help=argparse.SUPPRESS)
     v.add_argument("--fault-arg", type=float, default=0.0, help=argparse.SUPPRESS)
+    v.add_argument("--fault-rank", type=int, default=-1, help=argparse.SUPPRESS)
     s = sub.add_parser("save-tiny")
     s.add_argument("--task", default="t2v-A14B")
     s.add_argument("--dir", required=True)
@@ -190,10 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.cmd == "serve":
-        from wan_runtime.serve.main import serve
-
         try:
-            return serve(config)
+            return _serve(config, sys.argv[1:] if argv is None else argv)
         except WanctlError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
@@ -211,6 +214,26 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="wanctl-run-") as work:  # temp folder, removed on any exit
             return _run(args, dataclasses.replace(spec, out_dir=work), result_path, own_work=True)
     return _run(args, spec, result_path)
+
+
+def _serve(config: ServeConfig, argv: list[str]) -> int:
+    """One process serves a one-GPU recipe; several GPUs: this process starts torchrun, whose rank 0 serves and
+    whose other ranks follow it (wan_runtime.serve.torchrun, wan_runtime.serve.ranks)."""
+    if config.recipe.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        from wan_runtime.serve.torchrun import launch
+
+        return launch(config, argv)
+    if "LOCAL_RANK" in os.environ:
+        from wan_runtime.serve.torchrun import check_world
+
+        check_world(config)
+        if int(os.environ.get("RANK", "0")) != 0:
+            from wan_runtime.serve.ranks import follow
+
+            return follow(config)
+    from wan_runtime.serve.main import serve
+
+    return serve(config)
 
 
 def _batch_plan(args: argparse.Namespace) -> tuple[Recipe, list[tuple[int, Job]]]:

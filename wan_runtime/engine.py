@@ -312,7 +312,9 @@ class Engine:
                 # With CFG parallel each rank computes one of the step's two passes: count what the step did.
                 forwards.append((counter.count - step.count) * self.ctx.extra.get("forwards_per_computed", 1))
                 step.count = counter.count
-            if fault.fault == "slow":
+            if fault.fault == "slow" and faults.this_rank(fault):
+                # On several ranks name one (fault_rank): each rank's step already holds its peers' sleep (they
+                # wait for each other in the step's collectives), so a sleep on every rank compounds step on step.
                 time.sleep(step_s[-1] * max(fault.fault_arg, 1.0))  # injected slowness, part of the step's cost
                 now = clock.now()
                 step_s[-1] = now - step.t
@@ -360,7 +362,11 @@ class Engine:
         """``job``'s mp4 at ``dest``, written in ``work`` and moved there whole: the batch's and the server's unit
         of work (the one-shot run keeps the frames and the latent too, and writes through the same
         video.finished_video). Raises ``Cancelled``, ``NonFinite`` (no video of NaN frames) or the job's failure."""
-        res = self.run_job(job, progress=progress, cancelled=cancelled)
+        return self.write_video(self.run_job(job, progress=progress, cancelled=cancelled), dest, work)
+
+    def write_video(self, res: JobResult, dest: str | Path, work: Path) -> Video:
+        """``res``'s mp4 at ``dest`` (``make_video``'s second half). Apart because a server on several ranks runs
+        the job on every rank and writes it on rank 0 alone, once every rank has said how its run ended."""
         if res.nonfinite:
             raise NonFinite(f"non-finite values in {res.nonfinite}", "the recipe's stack is numerically unstable "
                             "here: check it with wanctl generate, or use the baseline recipe")

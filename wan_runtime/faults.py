@@ -18,7 +18,7 @@ from recipes.spec import TrialSpec
 
 def fire(spec: TrialSpec, step: int) -> None:
     """Fire the spec's fault if it is due at ``step`` (-1: before the pipeline is built)."""
-    if spec.fault in ("none", "nan", "inf", "slow", "oom_decode") or step != spec.fault_step or not _this_rank(spec):
+    if spec.fault in ("none", "nan", "inf", "slow", "oom_decode") or step != spec.fault_step or not this_rank(spec):
         return
     f = spec.fault
     if f in ("oom_cuda", "illegal_memory_cuda"):
@@ -55,7 +55,8 @@ def fire(spec: TrialSpec, step: int) -> None:
         os._exit(1)
 
 
-def _this_rank(spec: TrialSpec) -> bool:
+def this_rank(spec: TrialSpec) -> bool:
+    """Whether the fault hits this process (every rank, or the one ``fault_rank`` names)."""
     return spec.fault_rank < 0 or int(os.environ.get("RANK", "0")) == spec.fault_rank
 
 

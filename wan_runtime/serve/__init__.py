@@ -13,4 +13,7 @@ time. Jobs are kept in SQLite under --jobs-dir (store), so a server killed and s
     api      the routes and the token check                     request  a POST body as a job
     worker   the thread that owns the pipeline                  store    the jobs in SQLite
     metrics  /metrics in Prometheus' text format
+
+A recipe on several GPUs is served by torchrun's ranks, started by this command itself (torchrun): rank 0 is the
+server above, the others follow its word in lockstep (ranks).
 """

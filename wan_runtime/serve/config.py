@@ -41,14 +41,13 @@ class ServeConfig:
     """Fault injection as a trial's (recipes.spec.FAULTS): how the tests make a job slow enough to cancel."""
     fault_step: int = 0
     fault_arg: float = 0.0
+    fault_rank: int = -1
+    """Several ranks: the one the fault hits (-1: every rank), as a trial's."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeConfig:
         """The settings of the ``serve`` command line, or BadInput naming the flag."""
         recipe = apply_overrides(read_recipe(args.recipe)[0], args.sets).resolved()
-        if recipe.gpus > 1:
-            raise BadInput(f"the server runs one GPU; this recipe uses {recipe.gpus} (multi-GPU serving is not "
-                           "there yet)", "serve a one-GPU recipe")
         if recipe.image and not is_file(recipe.image, "read the image"):
             raise BadInput(f"the recipe's image {recipe.image} does not exist or is not a file",
                            "the warm-up runs the recipe's own job: fix 'image' in the recipe, or --set image=PATH")
@@ -63,12 +62,12 @@ class ServeConfig:
         return cls(recipe=recipe, recipe_path=args.recipe, compile_cache=args.compile_cache, host=args.host,
                    port=args.port, token=_read_token(args.token_file) if args.token_file else "",
                    jobs_dir=args.jobs_dir, max_queue=args.max_queue, trust_checkpoint=args.trust_checkpoint,
-                   fault=args.fault, fault_step=args.fault_step, fault_arg=args.fault_arg)
+                   fault=args.fault, fault_step=args.fault_step, fault_arg=args.fault_arg, fault_rank=args.fault_rank)
 
     def fault_spec(self) -> TrialSpec:
         """The spec the engine reads its fault from."""
         return TrialSpec(recipe=self.recipe, out_dir=self.jobs_dir, fault=self.fault, fault_step=self.fault_step,
-                         fault_arg=self.fault_arg)
+                         fault_arg=self.fault_arg, fault_rank=self.fault_rank)
 
 
 def _read_token(path: str) -> str:

@@ -61,7 +61,8 @@ def serve(config: ServeConfig) -> int:
         exc = worker.error
         from wan_runtime.failure import outcome_of, reason
 
-        print(f"error: the pipeline could not start: {outcome_of(exc)}: {reason(exc)}", file=sys.stderr)
+        what = "the server stopped" if worker.ready.is_set() else "the pipeline could not start"
+        print(f"error: {what}: {outcome_of(exc)}: {reason(exc)}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, WanctlError) else 1
     return 0
 

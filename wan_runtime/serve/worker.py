@@ -6,6 +6,10 @@ the HTTP handlers, which never touch torch, stay free to answer status and metri
 
 Why a warm-up job at the recipe's own workload: compile (and cuDNN / autotune choices) lands in the first job's
 first steps; run before /healthz says ready, the first user's job gets the tuned speed, not the compile.
+
+On several ranks (wan_runtime.serve.ranks) this thread is rank 0's: it hands each job to the other ranks, asks
+them nothing but to follow its cancel flag at each step boundary, and writes the video once every rank finished.
+With one process the same calls go to a channel with nothing behind it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Worker:
         self._stopping = threading.Event()
         self._cancels: set[str] = set()
         self._lock = threading.Lock()
+        self._channel: Any = None
         self._thread = threading.Thread(target=self._main, name="wanctl-worker", daemon=True)
         self._on_fatal: Callable[[], None] = lambda: None
 
@@ -90,14 +95,21 @@ class Worker:
                 rec = self.store.claim_next()
                 if rec is None:
                     self._wake.wait(1.0)
+                    self._channel.idle()  # the other ranks' control collective waits for a word at most so long
                     continue
                 self.running = rec.id
                 try:
                     self._run(engine, rec)
                 finally:
                     self.running = ""
-        except BaseException as exc:  # noqa: BLE001 - a bug outside a job: stop serving rather than spin
-            log.exception("the worker stopped")
+            self._channel.stop()
+        except BaseException as exc:  # noqa: BLE001 - a bug outside a job, or a rank lost: stop serving, not spin
+            from wan_runtime.failure import expected, reason
+
+            if expected(exc):
+                log.error("the worker stopped: %s", reason(exc))
+            else:
+                log.exception("the worker stopped")
             self.error = exc
             self._on_fatal()
         finally:
@@ -107,25 +119,26 @@ class Worker:
         from wan_runtime.env import share_torch_cudnn
 
         share_torch_cudnn()  # before diffusers' import of peft imports Transformer Engine
-        from wan_runtime.engine import Engine
-        from wan_runtime.env import pick_device, require_safe_torch
+        from wan_runtime.engine import Cancelled
+        from wan_runtime.env import pick_device
+        from wan_runtime.serve.ranks import Channel
 
-        require_safe_torch()
         cfg = self.config
-        engine = Engine.build(cfg.recipe, pick_device(), trust_checkpoint=cfg.trust_checkpoint,
-                              compile_cache=cfg.compile_cache, fault=cfg.fault_spec())
+        device = pick_device()
+        channel = self._channel = Channel.open(device)
+        engine = build_engine(cfg, device)
         self._phase = engine.phase
         self.metrics.started("load", engine.load_s)
         self.metrics.started("apply", engine.apply_s)
         log.info("pipeline built (load %.1f s, knobs %.1f s); warming up", engine.load_s, engine.apply_s)
         t0 = time.perf_counter()
-        res = engine.run_job(Job.of(cfg.recipe), cancelled=self._stopping.is_set)
+        try:
+            res = warm_up(engine, cfg, cancelled=lambda: channel.flag(self._stopping.is_set()))
+        except Cancelled:
+            channel.stop()  # every rank stopped at the same step; the others now wait for this
+            raise
+        channel.roll_call("")  # every rank warmed up: only now is the server ready
         self.metrics.started("warmup", time.perf_counter() - t0)
-        if res.nonfinite:
-            from recipes.errors import WanctlError
-
-            raise WanctlError(f"the warm-up job made non-finite values ({res.nonfinite})",
-                              "this recipe does not run cleanly here: check it with wanctl generate")
         if res.compile_start:
             log.info("compile: %s start", res.compile_start)
         return engine
@@ -133,39 +146,85 @@ class Worker:
     def _run(self, engine: Any, rec: JobRecord) -> None:
         from wan_runtime.engine import Cancelled
         from wan_runtime.failure import expected, outcome_of, reason
+        from wan_runtime.serve.ranks import CANCELLED, first_failure
 
         folder = self.store.job_dir(rec.id)
         work = folder / "work"
         shutil.rmtree(work, ignore_errors=True)  # a killed run's
         timings: dict[str, float] = {"queue_s": max(0.0, rec.started - rec.created)}
         t0 = time.perf_counter()
+        channel = self._channel
 
         def progress(done: int, total: int) -> None:
             self.store.progress(rec.id, done, total)
 
         def cancelled() -> bool:
-            return rec.id in self._cancels or self._stopping.is_set()
+            return channel.flag(rec.id in self._cancels or self._stopping.is_set())
+
+        def failed(error: str) -> None:
+            timings["total_s"] = time.perf_counter() - t0
+            self.store.end(rec.id, "failed", error=error, timings=timings)
 
         try:
-            work.mkdir(parents=True)
-            video = engine.make_video(rec.job, folder / VIDEO_FILE, work, progress=progress, cancelled=cancelled)
-            timings.update(video.timings, total_s=time.perf_counter() - t0)
-            self.store.end(rec.id, "done", video=str(video.path), frames=video.frames, timings=timings,
-                           notes=video.notes)
-        except Cancelled:
-            timings["total_s"] = time.perf_counter() - t0
-            if rec.id not in self._cancels:  # the server is stopping: the job runs at the next start, uncounted
-                self.store.requeue(rec.id)
-                return
-            self.store.end(rec.id, "cancelled", timings=timings)
-        except Exception as exc:  # a job's failure is its status; the server goes on with the next
-            if not expected(exc):
-                log.exception("job %s: unexpected error in phase %s", rec.id, engine.phase.name)
-            timings["total_s"] = time.perf_counter() - t0
-            self.store.end(rec.id, "failed", error=f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}",
-                           timings=timings)
+            channel.job(rec.id, rec.job)
+            res, outcome = None, ""
+            try:
+                res = engine.run_job(rec.job, progress=progress, cancelled=cancelled)
+            except Cancelled:
+                outcome = CANCELLED
+            except Exception as exc:  # a job's failure is its status; the server goes on with the next
+                if not expected(exc):
+                    log.exception("job %s: unexpected error in phase %s", rec.id, engine.phase.name)
+                outcome = f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}"
+            # Every rank says how its run ended (one process: this one alone). A rank that never answers raises
+            # here, and the server stops: the job then runs again at the next start, as after a kill.
+            outcomes = channel.roll_call(outcome)
+            if outcome == CANCELLED:
+                timings["total_s"] = time.perf_counter() - t0
+                if rec.id not in self._cancels:  # the server is stopping: the job runs at the next start, uncounted
+                    self.store.requeue(rec.id)
+                    return
+                self.store.end(rec.id, "cancelled", timings=timings)
+            elif outcome:
+                failed(outcome)
+            elif peer := first_failure(outcomes):
+                failed(peer)
+            else:
+                assert res is not None
+                try:
+                    work.mkdir(parents=True)
+                    video = engine.write_video(res, folder / VIDEO_FILE, work)
+                except Exception as exc:  # a NaN video, a full disk: this job's failure
+                    if not expected(exc):
+                        log.exception("job %s: unexpected error writing the video", rec.id)
+                    failed(f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}")
+                else:
+                    timings.update(video.timings, total_s=time.perf_counter() - t0)
+                    self.store.end(rec.id, "done", video=str(video.path), frames=video.frames, timings=timings,
+                                   notes=video.notes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with self._lock:
                 self._cancels.discard(rec.id)
         self.metrics.job(timings, engine.memory())
+
+
+def build_engine(config: ServeConfig, device: Any) -> Any:
+    """The recipe's engine on ``device``, as every rank builds it."""
+    from wan_runtime.engine import Engine
+    from wan_runtime.env import require_safe_torch
+
+    require_safe_torch()
+    return Engine.build(config.recipe, device, trust_checkpoint=config.trust_checkpoint,
+                        compile_cache=config.compile_cache, fault=config.fault_spec())
+
+
+def warm_up(engine: Any, config: ServeConfig, cancelled: Callable[[], bool]) -> Any:
+    """The recipe's own job, as every rank runs it before the server says ready; its JobResult."""
+    res = engine.run_job(Job.of(config.recipe), cancelled=cancelled)
+    if res.nonfinite:
+        from recipes.errors import WanctlError
+
+        raise WanctlError(f"the warm-up job made non-finite values ({res.nonfinite})",
+                          "this recipe does not run cleanly here: check it with wanctl generate")
+    return res
