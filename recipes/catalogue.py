@@ -294,8 +294,9 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="torch.compile's mode; the autotuning ones only on a GPU (search_space)"),
     KnobEntry(
         name="cache", fields=("cache",), values=CACHES, lossy=CACHES[1:],
-        params=(Param("cache", "one GPU without Lightning (every rank would decide its own skips; 4 steps leave "
-                               "none to skip); then the cache's own settings, each from its grid"),),
+        params=(Param("cache", "one GPU without Lightning (4 steps leave none to skip; caches run on several GPUs, "
+                               "but the multi-GPU search does not draw them yet); then the cache's own settings, "
+                               "each from its grid"),),
         kinds=CACHE_KINDS, rung="priced",
         never=(("teacache", "not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache cover "
                             "the same step skipping"),),

@@ -84,6 +84,11 @@ TE_QUANT = ("te_delayed", "te_current", "te_block")
 TORCHAO_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise")
 FP8_QUANT = ("fp8_rowwise", "fp8_tensorwise", *TE_QUANT)
 """Quant values that run fp8 GEMMs: they need fp8 tensor cores (sm89+)."""
+FSDP_REFUSED_CACHE = {
+    "seacache": "diffusers 0.42's SeaCache runs every step in full on blocks whose parameters FSDP shards, so it "
+                "would skip nothing (its leader hook 'fails open' when _is_parameter_sharded, read from its source)",
+}
+"""Caches that do not skip under FSDP, and why."""
 SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
 """Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
 36 -> 16 do not)."""
@@ -349,9 +354,9 @@ def validate(recipe: Recipe) -> Recipe:
                           "group, one GPU each here)", hint="add ulysses 2 or more, or drop fsdp")
     if r.fsdp and r.quant != "none":
         raise RecipeError("quant", r.quant, "none with fsdp (quantized weights are not sharded by wanctl)")
-    if r.gpus > 1 and r.cache != "none":
-        raise RecipeError("cache", r.cache, "none with several GPUs (every rank must take the same skip "
-                          "decision; the caches decide on what their own rank sees)")
+    if r.fsdp and r.cache in FSDP_REFUSED_CACHE:
+        raise RecipeError("cache", r.cache, f"not {r.cache} with fsdp ({FSDP_REFUSED_CACHE[r.cache]})",
+                          hint="use magcache, fbcache or taylorseer with fsdp, or drop fsdp")
     if r.gpus > 1 and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with several GPUs (the parallel exchanges "
                           "sit in the whole model's forward)")

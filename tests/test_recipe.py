@@ -25,7 +25,7 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"ulysses": 2, "gpus": 2, "attention": "flex"}, "attention", "context parallelism"),
     ({"fsdp": True, "cfg_parallel": True, "gpus": 2}, "fsdp", "FSDP shards within a CFG group"),
     ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "not sharded"),
-    ({"ulysses": 2, "gpus": 2, "cache": "fbcache"}, "cache", "same skip decision"),
+    ({"fsdp": True, "gpus": 2, "cache": "seacache"}, "cache", "_is_parameter_sharded"),
     ({"ulysses": 2, "gpus": 2, "compile": "full"}, "compile", "parallel exchanges"),
     ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
     ({"quant": "te_current", "compile": "regional"}, "compile_fullgraph", "dynamo.disable"),
@@ -113,6 +113,21 @@ def test_the_parallel_layouts_a_run_can_take_are_valid() -> None:
                {"fsdp": True, "gpus": 2}, {"ulysses": 2, "fsdp": True, "gpus": 2, "attention": "_native_cudnn"},
                {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4, "compile": "regional"}):
         validate(Recipe(**kw))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", [{"ulysses": 2, "gpus": 2}, {"cfg_parallel": True, "gpus": 2},
+                                    {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4},
+                                    {"fsdp": True, "gpus": 2}])
+def test_caches_run_on_several_gpus_but_seacache_not_under_fsdp(layout: dict) -> None:
+    """Each rank's skip decision is agreed with its CFG group (wan_runtime/knobs/cache_lockstep.py); diffusers'
+    SeaCache alone skips nothing on FSDP-sharded blocks."""
+    for cache in ("magcache", "fbcache", "taylorseer", "seacache"):
+        r = Recipe(cache=cache, **layout)
+        if cache == "seacache" and r.fsdp:
+            with pytest.raises(RecipeError, match="fails open"):
+                validate(r)
+        else:
+            validate(r)
 
 
 @pytest.mark.parametrize("model, revision, ok", [

@@ -245,7 +245,8 @@ class Engine:
     def _calibrate(self) -> None:
         """MagCache's ratios measured on this model and step count (the recipe's own prompt), before any job."""
         ctx = self.ctx
-        calib = RatioCalibrator(ctx.transformers, cfg=self.recipe.guidance > 1.0)
+        calib = RatioCalibrator(ctx.transformers, cfg=self.recipe.guidance > 1.0, groups=ctx.extra.get("cache_groups"),
+                                device=self.device)
         try:
             with torch.inference_mode():
                 self.pipe(**{**self._call(Job.of(self.recipe)), "output_type": "latent"},
@@ -298,6 +299,7 @@ class Engine:
         call = self._call(job)
         steps_to_run = steps_to_run or r.steps
         counter = self._counter
+        exchange = self.ctx.extra.get("step_exchange")  # several ranks: what they settle each step
         self._sink.clear()
         step.t, step.count, step.latents = clock.now(), counter.count if counter else 0, None
         step_s: list[float] = []
@@ -308,9 +310,8 @@ class Engine:
             lat = faults.corrupt_latents(fault, i, kw["latents"])
             now = clock.now()
             step_s.append(now - step.t)
+            done = counter.count - step.count if counter is not None else 0
             if counter is not None:
-                # With CFG parallel each rank computes one of the step's two passes: count what the step did.
-                forwards.append((counter.count - step.count) * self.ctx.extra.get("forwards_per_computed", 1))
                 step.count = counter.count
             if fault.fault == "slow":
                 time.sleep(step_s[-1] * max(fault.fault_arg, 1.0))  # injected slowness, part of the step's cost
@@ -320,10 +321,20 @@ class Engine:
             step.latents = lat
             if progress is not None:  # a cache's window may run past steps_to_run to time enough computed steps
                 progress(i + 1, max(steps_to_run, i + 1))
+            if counter is not None:
+                # With CFG parallel each rank computes one of the step's two passes: count what the step did (after
+                # the progress report: a peer that died in this step leaves this rank waiting here).
+                forwards.append(exchange.forwards(done) if exchange is not None else done)
             if cancelled is not None and i + 1 < r.steps and cancelled():
                 raise Cancelled
-            if i + 1 >= steps_to_run and (i + 1 >= r.steps or enough is None or enough(step_s, forwards)):
-                p._interrupt = True
+            if i + 1 >= steps_to_run:
+                stop = i + 1 >= r.steps or enough is None
+                if not stop:
+                    stop = enough(step_s, forwards)
+                    if exchange is not None:  # every rank stops where rank 0 does
+                        stop = exchange.agree(stop)
+                if stop:
+                    p._interrupt = True
             return {"latents": lat}
 
         if self.device.type == "cuda":
