@@ -278,7 +278,8 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="one fused Q/K/V projection per attention"),
     KnobEntry(
         name="quant", fields=("quant",), values=QUANT, lossy=QUANT[1:],
-        params=(Param("quant", "without FSDP (wanctl does not shard quantized weights: none with FSDP)"),),
+        params=(Param("quant", "without FSDP (the fp8 values shard under FSDP, int8wo does not, but the multi-GPU "
+                               "search does not draw a quant with FSDP yet: none there)"),),
         seeds=("te_delayed", "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(

@@ -24,7 +24,7 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"ulysses": 2, "gpus": 4}, "gpus", "ulysses x cfg-parallel = 2"),
     ({"ulysses": 2, "gpus": 2, "attention": "flex"}, "attention", "context parallelism"),
     ({"fsdp": True, "cfg_parallel": True, "gpus": 2}, "fsdp", "FSDP shards within a CFG group"),
-    ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "not sharded"),
+    ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "Int8Tensor implements neither aten.split"),
     ({"fsdp": True, "gpus": 2, "cache": "seacache"}, "cache", "_is_parameter_sharded"),
     ({"ulysses": 2, "gpus": 2, "compile": "full"}, "compile", "parallel exchanges"),
     ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
@@ -128,6 +128,16 @@ def test_caches_run_on_several_gpus_but_seacache_not_under_fsdp(layout: dict) ->
                 validate(r)
         else:
             validate(r)
+
+
+def test_fp8_quant_shards_under_fsdp_and_int8_weight_only_does_not() -> None:
+    for quant in ("fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block"):
+        validate(Recipe(quant=quant, fsdp=True, gpus=2))
+        validate(Recipe(quant=quant, ulysses=2, cfg_parallel=True, fsdp=True, gpus=4))
+    with pytest.raises(RecipeError) as e:
+        validate(Recipe(quant="int8wo", fsdp=True, gpus=2))
+    assert e.value.field == "quant" and "torchao 0.18" in str(e.value)
+    assert "fp8_rowwise" in (e.value.hint or "") and "int8wo" not in (e.value.hint or "")
 
 
 @pytest.mark.parametrize("model, revision, ok", [

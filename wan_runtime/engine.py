@@ -248,7 +248,7 @@ class Engine:
         calib = RatioCalibrator(ctx.transformers, cfg=self.recipe.guidance > 1.0, groups=ctx.extra.get("cache_groups"),
                                 device=self.device)
         try:
-            with torch.inference_mode():
+            with self._no_grad():
                 self.pipe(**{**self._call(Job.of(self.recipe)), "output_type": "latent"},
                           generator=torch.Generator("cpu").manual_seed(self.recipe.seed))
         finally:
@@ -257,6 +257,10 @@ class Engine:
         for obs in ctx.observers:
             obs.calls = 0  # count only the jobs' dispatches
         ctx.notes.append("magcache: ratios calibrated in-process for this model and step count")
+
+    def _no_grad(self) -> Any:
+        """Inference mode, unless a knob asked for plain no_grad (torchao.float8 under FSDP2 fails in it)."""
+        return torch.inference_mode() if self.ctx.extra.get("inference_mode", True) else torch.no_grad()
 
     def _instrument(self) -> None:
         """Timers and phase marks on the pipeline's text encoder and VAE decode, installed once for every job."""
@@ -341,7 +345,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = clock.now()
         try:
-            with torch.inference_mode():
+            with self._no_grad():
                 result = pipe(**call, generator=torch.Generator("cpu").manual_seed(job.seed),
                               callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
         except BaseException:
