@@ -43,6 +43,7 @@ def _probe(quant: str, device: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a process of its own: about 10 s on 2 cores
 @needs_torchao
 @pytest.mark.parametrize("quant, weights", [("fp8_tensorwise", "WeightWithDynamicFloat8CastTensor"),
                                             ("fp8_rowwise", "Tensor")])
