@@ -229,7 +229,8 @@ class Planner:
             ch["offload"] = trial.suggest_categorical("offload", s.offload)
         lightning = (trial.suggest_categorical("lightning", s.lightning)
                      if len(s.lightning) > 1 and not ch["cfg_parallel"] else 0)  # Lightning runs without CFG
-        # Four distilled steps leave no step to skip; on several GPUs every rank would decide its own skips.
+        # Four distilled steps leave no step to skip. Caches run on several GPUs (their ranks agree on each skip,
+        # wan_runtime/knobs/cache_lockstep.py) but the multi-GPU search does not draw them yet.
         ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
         if ch["compile"] != "off":
             ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)

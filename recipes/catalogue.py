@@ -287,7 +287,8 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="one fused Q/K/V projection per attention"),
     KnobEntry(
         name="quant", fields=("quant",), values=QUANT, lossy=QUANT[1:],
-        params=(Param("quant", "without FSDP (wanctl does not shard quantized weights: none with FSDP)"),),
+        params=(Param("quant", "without FSDP (the fp8 values shard under FSDP, int8wo does not, but the multi-GPU "
+                               "search does not draw a quant with FSDP yet: none there)"),),
         seeds=("te_delayed", "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(
@@ -303,8 +304,9 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="torch.compile's mode; the autotuning ones only on a GPU (search_space)"),
     KnobEntry(
         name="cache", fields=("cache",), values=CACHES, lossy=CACHES[1:],
-        params=(Param("cache", "one GPU without Lightning (every rank would decide its own skips; 4 steps leave "
-                               "none to skip); then the cache's own settings, each from its grid"),),
+        params=(Param("cache", "one GPU without Lightning (4 steps leave none to skip; caches run on several GPUs, "
+                               "but the multi-GPU search does not draw them yet); then the cache's own settings, "
+                               "each from its grid"),),
         kinds=CACHE_KINDS, rung="priced",
         never=(("teacache", "not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache cover "
                             "the same step skipping"),),

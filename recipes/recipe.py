@@ -84,6 +84,18 @@ TE_QUANT = ("te_delayed", "te_current", "te_block")
 TORCHAO_QUANT = ("int8wo", "fp8_rowwise", "fp8_tensorwise")
 FP8_QUANT = ("fp8_rowwise", "fp8_tensorwise", *TE_QUANT)
 """Quant values that run fp8 GEMMs: they need fp8 tensor cores (sm89+)."""
+FSDP_REFUSED_QUANT = {
+    "int8wo": "torchao 0.18's Int8Tensor implements neither aten.split, which FSDP2's fully_shard splits a "
+              "parameter with, nor fsdp_pre_all_gather; seen on the CPU with gloo",
+}
+"""Quant values FSDP2 cannot shard, and the library limit why. The fp8 ones shard: torchao's float8 linears
+(torchao.float8, whose weights FSDP2 all-gathers) and Transformer Engine's Linear (plain weights, cast per
+forward) under fully_shard (wan_runtime/knobs/quant.py)."""
+FSDP_REFUSED_CACHE = {
+    "seacache": "diffusers 0.42's SeaCache runs every step in full on blocks whose parameters FSDP shards, so it "
+                "would skip nothing (its leader hook 'fails open' when _is_parameter_sharded, read from its source)",
+}
+"""Caches that do not skip under FSDP, and why."""
 SEACACHE_TASKS = ("t2v-A14B", "ti2v-5B")
 """Tasks diffusers' SeaCache adapter takes: a Wan transformer whose input and output channels match (I2V's
 36 -> 16 do not)."""
@@ -366,11 +378,13 @@ def validate(recipe: Recipe) -> Recipe:
     if r.fsdp and r.cfg_parallel and split == 1:
         raise RecipeError("fsdp", r.fsdp, "False with cfg_parallel and ulysses x ring 1 (FSDP shards within a CFG "
                           "group, one GPU each here)", hint="add ulysses 2 or more, or drop fsdp")
-    if r.fsdp and r.quant != "none":
-        raise RecipeError("quant", r.quant, "none with fsdp (quantized weights are not sharded by wanctl)")
-    if r.gpus > 1 and r.cache != "none":
-        raise RecipeError("cache", r.cache, "none with several GPUs (every rank must take the same skip "
-                          "decision; the caches decide on what their own rank sees)")
+    if r.fsdp and r.quant in FSDP_REFUSED_QUANT:
+        raise RecipeError("quant", r.quant, f"not {r.quant} with fsdp ({FSDP_REFUSED_QUANT[r.quant]})",
+                          hint=f"use one of {', '.join(q for q in QUANT if q not in FSDP_REFUSED_QUANT)} with fsdp, "
+                               "or drop fsdp")
+    if r.fsdp and r.cache in FSDP_REFUSED_CACHE:
+        raise RecipeError("cache", r.cache, f"not {r.cache} with fsdp ({FSDP_REFUSED_CACHE[r.cache]})",
+                          hint="use magcache, fbcache or taylorseer with fsdp, or drop fsdp")
     if r.gpus > 1 and r.compile == "full":
         raise RecipeError("compile", r.compile, "off or regional with several GPUs (the parallel exchanges "
                           "sit in the whole model's forward)")

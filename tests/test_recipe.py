@@ -29,8 +29,8 @@ def test_defaults_are_plain_diffusers_and_valid() -> None:
     ({"ring": 2, "ulysses": 2, "gpus": 4, "attention": "fa3_fp8"}, "attention", "log-sum-exp"),
     ({"ring": 2, "cfg_parallel": True, "gpus": 2, "attention": "_native_cudnn"}, "gpus", "= 4"),
     ({"fsdp": True, "cfg_parallel": True, "gpus": 2}, "fsdp", "FSDP shards within a CFG group"),
-    ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "not sharded"),
-    ({"ulysses": 2, "gpus": 2, "cache": "fbcache"}, "cache", "same skip decision"),
+    ({"fsdp": True, "gpus": 2, "quant": "int8wo"}, "quant", "Int8Tensor implements neither aten.split"),
+    ({"fsdp": True, "gpus": 2, "cache": "seacache"}, "cache", "_is_parameter_sharded"),
     ({"ulysses": 2, "gpus": 2, "compile": "full"}, "compile", "parallel exchanges"),
     ({"quant": "te_delayed", "compile": "full"}, "compile", "Transformer Engine"),
     ({"quant": "te_current", "compile": "regional"}, "compile_fullgraph", "dynamo.disable"),
@@ -164,6 +164,31 @@ def test_ring_splits_the_sequence_where_ulysses_cannot_split_the_heads() -> None
     assert err.value.hint.startswith("ulysses x ring may be 2, 3, 4, 6, 9, 12, 18, 36 here")
     with pytest.raises(RecipeError, match="ulysses x ring 1"):
         validate(Recipe(cfg_parallel=True, fsdp=True, gpus=2))
+
+
+@pytest.mark.parametrize("layout", [{"ulysses": 2, "gpus": 2}, {"cfg_parallel": True, "gpus": 2},
+                                    {"ulysses": 2, "cfg_parallel": True, "fsdp": True, "gpus": 4},
+                                    {"fsdp": True, "gpus": 2}])
+def test_caches_run_on_several_gpus_but_seacache_not_under_fsdp(layout: dict) -> None:
+    """Each rank's skip decision is agreed with its CFG group (wan_runtime/knobs/cache_lockstep.py); diffusers'
+    SeaCache alone skips nothing on FSDP-sharded blocks."""
+    for cache in ("magcache", "fbcache", "taylorseer", "seacache"):
+        r = Recipe(cache=cache, **layout)
+        if cache == "seacache" and r.fsdp:
+            with pytest.raises(RecipeError, match="fails open"):
+                validate(r)
+        else:
+            validate(r)
+
+
+def test_fp8_quant_shards_under_fsdp_and_int8_weight_only_does_not() -> None:
+    for quant in ("fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block"):
+        validate(Recipe(quant=quant, fsdp=True, gpus=2))
+        validate(Recipe(quant=quant, ulysses=2, cfg_parallel=True, fsdp=True, gpus=4))
+    with pytest.raises(RecipeError) as e:
+        validate(Recipe(quant="int8wo", fsdp=True, gpus=2))
+    assert e.value.field == "quant" and "torchao 0.18" in str(e.value)
+    assert "fp8_rowwise" in (e.value.hint or "") and "int8wo" not in (e.value.hint or "")
 
 
 @pytest.mark.parametrize("model, revision, ok", [

@@ -245,9 +245,10 @@ class Engine:
     def _calibrate(self) -> None:
         """MagCache's ratios measured on this model and step count (the recipe's own prompt), before any job."""
         ctx = self.ctx
-        calib = RatioCalibrator(ctx.transformers, cfg=self.recipe.guidance > 1.0)
+        calib = RatioCalibrator(ctx.transformers, cfg=self.recipe.guidance > 1.0, groups=ctx.extra.get("cache_groups"),
+                                device=self.device)
         try:
-            with torch.inference_mode():
+            with self._no_grad():
                 self.pipe(**{**self._call(Job.of(self.recipe)), "output_type": "latent"},
                           generator=torch.Generator("cpu").manual_seed(self.recipe.seed))
         finally:
@@ -256,6 +257,10 @@ class Engine:
         for obs in ctx.observers:
             obs.calls = 0  # count only the jobs' dispatches
         ctx.notes.append("magcache: ratios calibrated in-process for this model and step count")
+
+    def _no_grad(self) -> Any:
+        """Inference mode, unless a knob asked for plain no_grad (torchao.float8 under FSDP2 fails in it)."""
+        return torch.inference_mode() if self.ctx.extra.get("inference_mode", True) else torch.no_grad()
 
     def _instrument(self) -> None:
         """Timers and phase marks on the pipeline's text encoder and VAE decode, installed once for every job."""
@@ -298,6 +303,7 @@ class Engine:
         call = self._call(job)
         steps_to_run = steps_to_run or r.steps
         counter = self._counter
+        exchange = self.ctx.extra.get("step_exchange")  # several ranks: what they settle each step
         self._sink.clear()
         step.t, step.count, step.latents = clock.now(), counter.count if counter else 0, None
         step_s: list[float] = []
@@ -308,9 +314,8 @@ class Engine:
             lat = faults.corrupt_latents(fault, i, kw["latents"])
             now = clock.now()
             step_s.append(now - step.t)
+            done = counter.count - step.count if counter is not None else 0
             if counter is not None:
-                # With CFG parallel each rank computes one of the step's two passes: count what the step did.
-                forwards.append((counter.count - step.count) * self.ctx.extra.get("forwards_per_computed", 1))
                 step.count = counter.count
             if fault.fault == "slow" and faults.this_rank(fault):
                 # On several ranks name one (fault_rank): each rank's step already holds its peers' sleep (they
@@ -322,17 +327,27 @@ class Engine:
             step.latents = lat
             if progress is not None:  # a cache's window may run past steps_to_run to time enough computed steps
                 progress(i + 1, max(steps_to_run, i + 1))
+            if counter is not None:
+                # With CFG parallel each rank computes one of the step's two passes: count what the step did (after
+                # the progress report: a peer that died in this step leaves this rank waiting here).
+                forwards.append(exchange.forwards(done) if exchange is not None else done)
             if cancelled is not None and i + 1 < r.steps and cancelled():
                 raise Cancelled
-            if i + 1 >= steps_to_run and (i + 1 >= r.steps or enough is None or enough(step_s, forwards)):
-                p._interrupt = True
+            if i + 1 >= steps_to_run:
+                stop = i + 1 >= r.steps or enough is None
+                if not stop:
+                    stop = enough(step_s, forwards)
+                    if exchange is not None:  # every rank stops where rank 0 does
+                        stop = exchange.agree(stop)
+                if stop:
+                    p._interrupt = True
             return {"latents": lat}
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = clock.now()
         try:
-            with torch.inference_mode():
+            with self._no_grad():
                 result = pipe(**call, generator=torch.Generator("cpu").manual_seed(job.seed),
                               callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"])
         except BaseException:

@@ -23,6 +23,8 @@ from recipes.cache_schedule import magcache_schedule, retention_steps, taylorsee
 from recipes.catalogue import FBCacheParams, MagCacheParams, SeaCacheParams, TaylorSeerParams
 from recipes.recipe import SYNTHETIC
 from wan_runtime.knobs.base import Knob, KnobContext, Unsupported, mark_applied
+from wan_runtime.knobs.cache_lockstep import RatioReducer, SkipRecorder, fbcache_lockstep
+from wan_runtime.knobs.distributed import CallGroups, call_groups, keep_sequence_split_outermost
 
 log = logging.getLogger(__name__)
 
@@ -69,43 +71,80 @@ def published_ratios(task: str, steps: int, shift: float, split: list[int]) -> t
 
 
 class RatioCalibrator:
-    """Measures MagCache ratios: mean ||residual_t|| / ||residual_{t-1}|| per step, per expert, per CFG branch."""
+    """Measures MagCache ratios: mean ||residual_t|| / ||residual_{t-1}|| over tokens per step, per expert,
+    per CFG branch (diffusers applies one schedule to both branches: the conditional one's).
 
-    def __init__(self, transformers: list[Any], cfg: bool) -> None:
+    Its hooks are diffusers hooks kept inside Ulysses' sequence split (distributed.keep_sequence_split_outermost),
+    so each rank measures the residual of its own share of the tokens; the per-token sums are reduced over
+    the ranks that run each call (cache_lockstep.RatioReducer), so every rank gets the one-process ratios.
+    Under CFG parallel a rank runs one pass only: its calls are all that pass's.
+    """
+
+    def __init__(self, transformers: list[Any], cfg: bool, groups: CallGroups | None = None,
+                 device: torch.device | None = None) -> None:
+        from diffusers.hooks import HookRegistry
+
         self.cfg = cfg
-        self.handles: list[Any] = []
-        self.ratios: list[dict[str, list[float]]] = [{} for _ in transformers]
+        self.groups = groups
+        self.transformers = transformers
+        self.reducer = RatioReducer(len(transformers), groups, device or torch.device("cpu"))
         self.prev: list[dict[str, torch.Tensor]] = [{} for _ in transformers]
         self.calls: list[int] = [0 for _ in transformers]
-        for k, t in enumerate(transformers):
-            blocks = t.blocks
-            self.handles.append(blocks[0].register_forward_pre_hook(self._pre(k), with_kwargs=True))
-            self.handles.append(blocks[-1].register_forward_hook(self._post(k), with_kwargs=True))
         self.inputs: dict[int, torch.Tensor] = {}
+        for k, t in enumerate(transformers):
+            first, last = _calibration_hooks(self, k)
+            HookRegistry.check_if_exists_or_initialize(t.blocks[0]).register_hook(first, _CALIB_IN)
+            HookRegistry.check_if_exists_or_initialize(t.blocks[-1]).register_hook(last, _CALIB_OUT)
+        keep_sequence_split_outermost(transformers)
 
-    def _pre(self, k: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            hs = kwargs.get("hidden_states", args[0] if args else None)
-            self.inputs[k] = hs.detach()
-        return hook
+    def _branch(self, k: int) -> str:
+        if self.groups is not None and self.groups.branch is not None:
+            return "cond" if self.groups.branch == 0 else "uncond"
+        return "cond" if not self.cfg or self.calls[k] % 2 == 0 else "uncond"
 
-    def _post(self, k: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            residual = (out - self.inputs[k]).float()
-            branch = "cond" if not self.cfg or self.calls[k] % 2 == 0 else "uncond"
-            self.calls[k] += 1
-            prev = self.prev[k].get(branch)
-            r = 1.0 if prev is None else float((residual.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)).mean())
-            self.ratios[k].setdefault(branch, []).append(r)
-            self.prev[k][branch] = residual
-        return hook
+    def record(self, k: int, out: torch.Tensor) -> None:
+        residual = (out - self.inputs[k]).float()
+        branch = self._branch(k)
+        self.calls[k] += 1
+        prev = self.prev[k].get(branch)
+        if prev is None:
+            self.reducer.add(k, branch, 1.0, 1)  # the first call's ratio is 1.0 on every rank
+        else:
+            per_token = residual.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)
+            self.reducer.add(k, branch, float(per_token.sum()), per_token.numel())
+        self.prev[k][branch] = residual
 
     def close(self) -> list[list[float]]:
-        for h in self.handles:
-            h.remove()
-        # One list per expert: the cond branch's ratios (diffusers applies one schedule to both branches).
-        return [d.get("cond", []) for d in self.ratios]
+        """Remove the hooks; one list per expert (collective on several ranks: every rank calls it)."""
+        for t in self.transformers:
+            t.blocks[0]._diffusers_hook.remove_hook(_CALIB_IN, recurse=False)
+            t.blocks[-1]._diffusers_hook.remove_hook(_CALIB_OUT, recurse=False)
+        return self.reducer.ratios()
+
+
+_CALIB_IN, _CALIB_OUT = "wanctl_magcache_calibration_in", "wanctl_magcache_calibration_out"
+
+
+def _calibration_hooks(calib: RatioCalibrator, expert: int) -> tuple[Any, Any]:
+    """The first block's hook (keeps its input: this rank's share of the tokens under Ulysses) and the last
+    block's (measures the whole stack's residual). diffusers hooks, not torch ones: only those can sit
+    inside the sequence split."""
+    from diffusers.hooks import ModelHook
+
+    class BlockInput(ModelHook):
+        @torch.compiler.disable
+        def pre_forward(self, module: Any, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            calib.inputs[expert] = hs.detach()
+            return args, kwargs
+
+    class BlockOutput(ModelHook):
+        @torch.compiler.disable
+        def post_forward(self, module: Any, output: Any) -> Any:
+            calib.record(expert, output[0] if isinstance(output, tuple) else output)
+            return output
+
+    return BlockInput(), BlockOutput()
 
 
 def _check(ctx: KnobContext) -> None:
@@ -118,13 +157,21 @@ def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
     for t in ctx.transformers:
         mark_applied(t, "cache")
+    # Several ranks: the groups each skip decision is agreed over (wan_runtime/knobs/cache_lockstep.py).
+    groups = ctx.extra["cache_groups"] = call_groups(ctx)
+    if r.compile == "off":  # compiled blocks run no Python hooks: nothing to record there
+        ctx.observers.append(SkipRecorder(ctx.transformers, groups))
+    else:
+        ctx.actual["cache_decisions"] = "not recorded (compiled blocks run no Python hooks)"
     if r.cache == "fbcache":
         from diffusers.hooks import FirstBlockCacheConfig
 
         fb = FBCacheParams.from_recipe(r)
         for t in ctx.transformers:
             t.enable_cache(FirstBlockCacheConfig(threshold=fb.threshold))
-        ctx.actual["cache"] = f"fbcache threshold={fb.threshold} per-expert state x{len(ctx.transformers)}"
+            fbcache_lockstep(t, groups)
+        ctx.actual["cache"] = (f"fbcache threshold={fb.threshold} per-expert state x{len(ctx.transformers)}"
+                               + (f", metric summed over the {groups.per_group} ranks of each call" if groups else ""))
         return
     if r.cache == "seacache":
         _enable_seacache(ctx)
@@ -138,6 +185,7 @@ def _apply(ctx: KnobContext) -> None:
     if not ratios and r.model not in SYNTHETIC:  # random weights have no published ratios
         ratios, source = published_ratios(r.task, r.steps, r.shift, expert_steps(ctx.pipe, r.steps))
     if not ratios:
+        _install_magcache(ctx, None)  # hooks now, before the parallel knob; ratios after the calibration pass
         ctx.extra["magcache_needs_calibration"] = True
         ctx.actual["cache"] = "magcache (ratios calibrated in-process)"
         return
@@ -190,8 +238,37 @@ def _enable_taylorseer(ctx: KnobContext) -> None:
                                    for c in taylorseer_schedule(n, p.max_predicted, p.warmup_fraction)]
 
 
-def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
+def _install_magcache(ctx: KnobContext, ratios: list[list[float]] | None) -> None:
+    """diffusers' MagCache hooks on each expert (one state each), with ``ratios`` or, when None, with
+    placeholders that skip nothing until ``enable_magcache`` fills in the calibrated ratios.
+
+    Why install before calibrating: the hooks must be in place before the parallel knob. FSDP2 changes each
+    block's class (diffusers' block registry then no longer knows it: enabling MagCache after fully_shard
+    fails with "Model class FSDPWanTransformerBlock not registered") and Ulysses splits the sequence in a
+    hook on the first block, which a cache's head hook must sit inside. The configs are kept in ``ctx.extra``
+    (this run's, per expert); a threshold below zero skips nothing, as the accumulated error is never negative.
+    """
     from diffusers.hooks import MagCacheConfig
+
+    p = MagCacheParams.from_recipe(ctx.recipe)
+    steps = expert_steps(ctx.pipe, ctx.recipe.steps)
+    configs: list[Any] = []
+    for k, (t, n) in enumerate(zip(ctx.transformers, steps, strict=True)):
+        if n == 0:
+            configs.append(None)
+            continue
+        config = MagCacheConfig(threshold=p.threshold if ratios else -1.0, max_skip_steps=p.max_skip,
+                                retention_ratio=p.retention, num_inference_steps=n,
+                                mag_ratios=list(ratios[k]) if ratios else [1.0] * n)
+        t.enable_cache(config)
+        configs.append(config)
+    ctx.extra["magcache_configs"] = configs
+
+
+def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list[float]]) -> None:
+    """MagCache with ``ratios`` per expert: installed now, or filled into the hooks installed before a
+    calibration pass (``_install_magcache``)."""
+    from diffusers.hooks.mag_cache import nearest_interp
 
     r = ctx.recipe
     p = MagCacheParams.from_recipe(r)
@@ -200,12 +277,16 @@ def enable_magcache(ctx: KnobContext, ratios: list[list[float]] | dict[str, list
     if len(per_expert) != len(ctx.transformers):
         raise Unsupported(f"magcache ratios for {len(per_expert)} experts, model has {len(ctx.transformers)}",
                           "recalibrate for this model")
-    for t, n, rat in zip(ctx.transformers, steps, per_expert, strict=True):
-        if n == 0:
-            continue
-        t.enable_cache(MagCacheConfig(threshold=p.threshold, max_skip_steps=p.max_skip,
-                                      retention_ratio=p.retention, num_inference_steps=n,
-                                      mag_ratios=list(rat)))
+    configs = ctx.extra.get("magcache_configs")
+    if configs is None:
+        _install_magcache(ctx, per_expert)
+    else:
+        for config, n, rat in zip(configs, steps, per_expert, strict=True):
+            if config is None:
+                continue
+            table = torch.tensor([float(v) for v in rat])
+            config.mag_ratios = table if len(table) == n else nearest_interp(table, n)
+            config.threshold = p.threshold
     ctx.extra["magcache_ratios"] = [list(x) for x in per_expert]
     ctx.extra["cache_schedule"] = [c for n, rat in zip(steps, per_expert, strict=True)
                                    for c in magcache_schedule(list(rat), p.threshold, p.max_skip, p.retention, n)]

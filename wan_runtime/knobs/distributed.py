@@ -16,6 +16,11 @@ is member ``r * U + u`` of CFG group ``g``. Inside a CFG group the ranks run eve
 
 Nothing is claimed that did not run: the sequence length each rank's attention saw and the parameter
 type FSDP left behind are observed, and a run where they are not what the recipe asked for fails.
+
+What every rank must agree on, beyond the exchanges themselves: whether a step cache skips a call (the cache
+knob reduces its metric over ``CallGroups.call``, wan_runtime/knobs/cache_lockstep.py), how many passes a
+step computed (summed over the CFG groups) and the step at which a measure run stops (rank 0's choice): a
+rank that stops or skips alone leaves its peers waiting in a collective it never joins.
 """
 
 from __future__ import annotations
@@ -195,12 +200,93 @@ class ShardObserver:
                                                f"rank; attention saw {got}")
 
 
-def _mesh(ctx: KnobContext, lay: Layout) -> Any:
-    from torch.distributed.device_mesh import init_device_mesh
+def device_mesh(ctx: KnobContext) -> Any:
+    """The run's ``(cfg, ring, ulysses)`` mesh, made once and kept in ``ctx``: the cache knob, applied before
+    this one, reduces its skip metric over the same groups this knob splits the work over."""
+    mesh = ctx.extra.get("device_mesh")
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
 
-    # The ulysses dimension is the rest of the group: with FSDP alone (ulysses and ring 1) it is the FSDP group.
-    shape = (lay.cfg, lay.ring, lay.per_group // lay.ring)
-    return init_device_mesh(ctx.device.type, shape, mesh_dim_names=("cfg", "ring", "ulysses"))
+        lay = _layout(ctx)
+        # The ulysses dimension is the rest of the group: with FSDP alone (ulysses and ring 1) it is the FSDP group.
+        shape = (lay.cfg, lay.ring, lay.per_group // lay.ring)
+        mesh = init_device_mesh(ctx.device.type, shape, mesh_dim_names=("cfg", "ring", "ulysses"))
+        ctx.extra["device_mesh"] = mesh
+    return mesh
+
+
+@dataclass(frozen=True)
+class CallGroups:
+    """The process groups a step cache on this rank must agree with."""
+
+    call: Any
+    """The ranks that run each transformer call together (this rank's CFG group): one skip decision for all."""
+    cfg: Any | None
+    """This rank and its peer in the other CFG group (cfg_parallel), else None."""
+    branch: int | None
+    """The CFG pass this rank computes under cfg_parallel (0 conditional, 1 unconditional), else None."""
+    per_group: int
+    """Ranks in a CFG group: rank ``r`` is in group ``r // per_group``."""
+
+
+def call_groups(ctx: KnobContext) -> CallGroups | None:
+    """This rank's groups, or None for a single process (and for a world the recipe did not ask for, which
+    the parallel knob's check refuses)."""
+    if not dist.is_initialized() or dist.get_world_size() != ctx.recipe.gpus or ctx.recipe.gpus < 2:
+        return None
+    lay = _layout(ctx)
+    mesh = device_mesh(ctx)
+    cfg = lay.cfg > 1
+    return CallGroups(call=_group_mesh(mesh, lay).get_group(), cfg=mesh.get_group("cfg") if cfg else None,
+                      branch=lay.group if cfg else None, per_group=lay.per_group)
+
+
+class StepExchange:
+    """What the denoise loop settles across ranks once per step (wan_runtime.engine reads it).
+
+    ``forwards``: the passes a step computed, summed over the CFG groups. Under CFG parallel a rank computes
+    one of the two passes; a step cache may skip one pass and compute the other (FBCache decides each pass
+    from its own first block), so a rank's own count is no longer half the step's.
+    ``agree``: rank 0's answer to "has the measure window seen enough computed steps?". That answer reads
+    step times where passes are not counted (compile), and times differ per rank: a rank that stopped the
+    loop alone would leave the others waiting in the next exchange.
+    """
+
+    def __init__(self, device: Any, cfg_group: Any | None) -> None:
+        self.device, self.cfg_group = device, cfg_group
+
+    def forwards(self, count: int) -> int:
+        if self.cfg_group is None:
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, group=self.cfg_group)
+        return int(t.item())
+
+    def agree(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+
+def keep_sequence_split_outermost(transformers: list[Any]) -> None:
+    """Put diffusers' sequence split back outside every other hook on each expert's first block.
+
+    diffusers' hooks wrap in the order they are registered, the last outermost, and Ulysses splits the
+    hidden states in a hook on ``blocks[0]``. A hook registered there after the split (MagCache's head hook
+    and the ratio calibrator, both installed after a calibration pass, which needs the parallel layout to
+    run) would wrap it: it would see the whole sequence while the blocks after it see this rank's share,
+    and a skipped call would hand the whole sequence on. No-op without Ulysses.
+    """
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    for t in transformers:
+        registry = getattr(t.blocks[0], "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name, hook in list(registry.hooks.items()):
+            if isinstance(hook, ContextParallelSplitHook):
+                registry.remove_hook(name, recurse=False)
+                registry.register_hook(hook, name)
 
 
 def _group_mesh(mesh: Any, lay: Layout) -> Any:
@@ -276,7 +362,8 @@ def _enable_fsdp(ctx: KnobContext, lay: Layout, mesh: Any) -> None:
 def _apply(ctx: KnobContext) -> None:
     r = ctx.recipe
     lay = _layout(ctx)
-    mesh = _mesh(ctx, lay)
+    mesh = device_mesh(ctx)
+    ctx.extra["step_exchange"] = StepExchange(ctx.device, mesh.get_group("cfg") if r.cfg_parallel else None)
     if r.fsdp:
         _enable_fsdp(ctx, lay, mesh)
     if r.ulysses > 1 or r.ring > 1:
@@ -285,7 +372,6 @@ def _apply(ctx: KnobContext) -> None:
         split = CfgSplit(lay.group, mesh.get_group("cfg"))
         for t in ctx.transformers:
             split.wrap(t)
-        ctx.extra["forwards_per_computed"] = 2  # each rank computes one of every two passes
         ctx.actual["cfg_parallel"] = (f"rank {lay.rank} of {lay.world} computes the "
                                       f"{'conditional' if lay.group == 0 else 'unconditional'} pass")
 

@@ -2,6 +2,13 @@
 
 Only ``blocks.*`` linears are touched: patch/text/time embeddings, norms and the head stay in high
 precision (they are a small share of FLOPs and the most sensitive to error).
+
+With FSDP2 the weights must survive ``fully_shard`` (applied after this knob): torchao's inference tensors
+(``quantize_``) do not (torchao 0.18's Float8Tensor and Int8Tensor implement no ``aten.split`` nor
+``fsdp_pre_all_gather``), so the fp8 values run through torchao.float8's ``Float8Linear`` instead, the
+float8 path torchao keeps for FSDP2: tensorwise weights are all-gathered in fp8 (half the bytes), rowwise
+ones in bf16 and cast after. int8wo with FSDP is refused by recipe validation. Transformer Engine's Linear
+keeps plain weights that it casts in every forward, which FSDP2 shards like any other.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ def _check(ctx: KnobContext) -> None:
     if q in TE_QUANT:
         require_gpu(ctx, "Transformer Engine fp8")
         te = _te_module()
+    elif ctx.recipe.fsdp:
+        require_module("torchao.float8", "quant")  # Float8Linear: torch._scaled_mm, which has a CPU kernel too
     else:
         require_module("torchao.quantization", "quant")
         if q.startswith("fp8"):
@@ -79,6 +88,10 @@ def _apply(ctx: KnobContext) -> None:
             count = len(swapped)
             kinds.add("transformer_engine.Linear")
             continue
+        if ctx.recipe.fsdp:
+            count += float8_linears(t, q)
+            kinds.add("torchao.float8.Float8Linear")
+            continue
         from torchao.quantization import quantize_
 
         quantize_(t, torchao_config(q), filter_fn=_block_linear)
@@ -97,8 +110,77 @@ def _apply(ctx: KnobContext) -> None:
     ctx.actual["quant"] = f"{q}: {count} linears as {', '.join(sorted(kinds))}"
     if swapped:
         ctx.observers.append(TEObserver(swapped, q))
+    if ctx.recipe.fsdp:
+        ctx.observers.append(ShardedQuantObserver(ctx.transformers, q))
+        # FSDP2's lazy init fails on float8 weight wrappers in inference mode ("Cannot set version_counter for
+        # inference tensor") and torchao 0.18 refuses to reshape rowwise-scaled inputs there: no_grad instead.
+        ctx.extra["inference_mode"] = False
     if plain:
         ctx.actual["quant"] += f"; {plain} left in bf16 (shapes the kernel does not take)"
+
+
+# ------------------------------------------------------------------ fp8 with FSDP2
+def float8_config(q: str) -> Any:
+    """torchao.float8's config for ``q`` under FSDP2: its named recipes, tensorwise with the fp8 all-gather
+    (only tensorwise scaling can gather in fp8: a rowwise scale needs the whole row)."""
+    import dataclasses
+
+    from torchao.float8 import Float8LinearConfig
+
+    if q == "fp8_tensorwise":
+        return dataclasses.replace(Float8LinearConfig.from_recipe_name("tensorwise"), enable_fsdp_float8_all_gather=True)
+    if q == "fp8_rowwise":
+        return Float8LinearConfig.from_recipe_name("rowwise")
+    raise Unsupported(f"{q} has no torchao.float8 form for FSDP2", "use fp8_tensorwise or fp8_rowwise with fsdp")
+
+
+def float8_linears(transformer: torch.nn.Module, q: str) -> int:
+    """Swap the blocks' linears for torchao.float8 ``Float8Linear`` (dynamic fp8 casts of input and weight in
+    every forward, fp8 GEMM); returns how many. Shapes the fp8 GEMM does not take (not multiples of 16)
+    stay in high precision, as torchao's own filter leaves them."""
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    def take(module: torch.nn.Module, fqn: str) -> bool:
+        return (_block_linear(module, fqn) and module.in_features % 16 == 0  # type: ignore[operator]
+                and module.out_features % 16 == 0)  # type: ignore[operator]
+
+    convert_to_float8_training(transformer, config=float8_config(q), module_filter_fn=take)
+    return sum(isinstance(m, Float8Linear) for m in transformer.modules())
+
+
+class ShardedQuantObserver:
+    """After the run: the quantized block linears' weights are FSDP2 shards of the kind the value needs
+    (tensorwise: torchao's fp8-gathering weight wrapper; rowwise and TE: plain high-precision shards), and
+    torchao's linears ran real fp8 GEMMs (not its emulation). A weight left whole means FSDP did not shard
+    what this knob made, whatever the recipe says."""
+
+    def __init__(self, transformers: list[Any], q: str) -> None:
+        self.transformers, self.q = transformers, q
+
+    def finish(self, ctx: KnobContext) -> None:
+        from torch.distributed.tensor import DTensor
+
+        weights, emulated = [], 0
+        for t in self.transformers:
+            for m in t.modules():
+                if isinstance(m, _PaddedTELinear):
+                    weights.append(m.inner.weight)
+                elif type(m).__name__ == "Float8Linear":
+                    weights.append(m.weight)
+                    emulated += bool(getattr(getattr(m, "config", None), "emulate", False))
+        if not weights:
+            return
+        local = sorted({type(w.to_local() if isinstance(w, DTensor) else w).__name__ for w in weights})
+        whole = sum(not isinstance(w, DTensor) for w in weights)
+        ctx.actual["quant"] += f"; FSDP2 shards of {', '.join(local)} ({len(weights) - whole}/{len(weights)} sharded)"
+        if whole:
+            ctx.actual["quant_mismatch"] = f"{self.q}: {whole} of {len(weights)} quantized linears' weights were not sharded"
+        elif self.q == "fp8_tensorwise" and local != ["WeightWithDynamicFloat8CastTensor"]:
+            ctx.actual["quant_mismatch"] = (f"{self.q}: FSDP2 should gather torchao's fp8 weight wrapper, the shards "
+                                            f"hold {', '.join(local)}")
+        elif emulated:
+            ctx.actual["quant_mismatch"] = f"{self.q}: {emulated} torchao.float8 linears emulate fp8 in high precision"
 
 
 # ------------------------------------------------------------------ Transformer Engine
