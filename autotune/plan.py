@@ -15,7 +15,7 @@ import optuna
 
 from autotune.choice import recipe_hash
 from autotune.config import TuneConfig
-from autotune.search_space import SearchSpace, for_tier, search_space_for
+from autotune.search_space import SearchSpace, for_tier, offered, search_space_for
 from probes.result import ProbeResult
 from recipes.catalogue import (
     CACHE_KINDS,
@@ -80,11 +80,12 @@ class Planner:
         multi = r.gpus > 1
         p: dict[str, Any] = {"parallel": layout_label(r), "tf32": r.tf32, "fuse_qkv": r.fuse_qkv,
                              ("attention_ring" if r.ring > 1 else "attention"): r.attention,
+                             ("quant_fsdp" if r.fsdp else "quant"): r.quant,
                              ("compile_mgpu" if multi else "compile"): r.compile}
-        if not r.fsdp:
-            p["quant"] = r.quant
         if not multi:
-            p.update(offload=r.offload, cache=r.cache)
+            p["offload"] = r.offload
+        if not r.lightning:
+            p["cache_fsdp" if r.fsdp else "cache"] = r.cache
         if r.compile != "off":
             p["compile_mode"] = r.compile_mode
         if (settings := cache_params(r)) is not None:
@@ -173,7 +174,7 @@ class Planner:
         if out and compile_ != "off":
             out.append(out[0].replace(compile=compile_))
             fp8 = _seed(s, "quant", None)
-            if fp8 and not out[0].fsdp:
+            if fp8 and fp8 in s.offers(layout_label(out[0]))["quant"]:
                 out.append(out[0].replace(compile=compile_, quant=fp8))
         return out
 
@@ -182,7 +183,7 @@ class Planner:
         FSDP, no CFG parallel) where this machine can lay it out: Ulysses as wide as the heads allow over the
         most GPUs, with FSDP; the probe's best kernel (FA3 on Hopper, which Ulysses runs through wanctl's
         all-to-all). Its MagCache is kept where a cache may run on several GPUs: where validation takes it and the
-        sampler draws one for the layout (params_of names it), else the stack goes without it and the log says."""
+        sampler draws one for the layout (SearchSpace.offers), else the stack goes without it and the log says."""
         s = self.space
         most = max(s.gpus)
         layouts = [p for p in s.parallel if "fsdp" in p and "cfg" not in p and "ring" not in p
@@ -191,7 +192,8 @@ class Planner:
             return []
         layout = max(layouts, key=lambda p: layout_fields(p)["ulysses"])
         stack = base.replace(attention=best_att, tf32=tf32, compile=compile_, **layout_fields(layout))
-        if "magcache" not in s.cache:
+        if "magcache" not in s.offers(layout)["cache"]:
+            log.info("seed 000's stack on %s runs without its MagCache: the sampler draws none there", layout)
             return [stack]
         magcache = next(k for k in CACHE_KINDS if k.value == "magcache")
         cached = stack.replace(cache="magcache", **magcache.seed.recipe_fields())
@@ -200,38 +202,40 @@ class Planner:
         except RecipeError as exc:
             log.info("seed 000's stack on %s runs without its MagCache: %s", layout, exc)
             return [stack]
-        if "cache" not in self.params_of(cached):
-            log.info("seed 000's stack on %s runs without its MagCache: the sampler draws no cache there", layout)
-            return [stack]
         return [cached]
 
     def suggest(self, trial: optuna.Trial, base: Recipe) -> Recipe:
-        """One stack. The layout is drawn first and the other knobs from what that layout can run (under
-        their own names where the choices differ, as Optuna needs fixed choices per name): drawn apart, most
-        stacks on several GPUs were ones validation refuses (a cache, offload or compile=full on two GPUs,
-        fp8 with FSDP, a kernel Ulysses cannot split)."""
-        s = SimpleNamespace(**self.choices)
+        """One stack. The layout is drawn first and the other knobs from what that layout offers
+        (search_space.offered: the values validation refuses there left out), under their own names where the
+        choices differ, as Optuna needs fixed choices per name: drawn apart, most stacks on several GPUs were
+        ones validation refuses (offload or compile=full on two GPUs, int8wo or SeaCache with FSDP, a kernel a
+        ring cannot merge)."""
         # One categorical over whole layouts: ulysses, cfg_parallel, fsdp and gpus only make sense together.
-        ch: dict[str, Any] = dict(layout_fields(trial.suggest_categorical("parallel", s.parallel)))
-        multi = ch["gpus"] > 1
+        layout = trial.suggest_categorical("parallel", self.choices["parallel"])
+        s = SimpleNamespace(**offered(self.choices, layout))
+        ch: dict[str, Any] = dict(layout_fields(layout))
+        multi, fsdp = ch["gpus"] > 1, ch["fsdp"]
         if ch["ring"] > 1:  # a ring merges by the kernels' log-sum-exp: diffusers rings only RING_ATTENTION's
-            ch["attention"] = trial.suggest_categorical("attention_ring", ring_kernels(s.attention))
+            # The space holds no ring layout without one; a study created elsewhere may, and its ring trials then
+            # ask for the first kernel diffusers rings (unsupported here if this machine's probe did not run it).
+            ch["attention"] = trial.suggest_categorical("attention_ring", s.attention or RING_ATTENTION[:1])
         else:  # Ulysses runs every kernel: diffusers' all-to-all, or wanctl's around the others
             ch["attention"] = trial.suggest_categorical("attention", s.attention)
         ch["tf32"] = trial.suggest_categorical("tf32", s.tf32)
         ch["fuse_qkv"] = trial.suggest_categorical("fuse_qkv", s.fuse_qkv)
-        ch["quant"] = "none" if ch["fsdp"] else trial.suggest_categorical("quant", s.quant)
+        # FSDP2 shards the fp8 linears (torchao.float8, TE) but not int8wo's tensors: its own name, its own list.
+        ch["quant"] = trial.suggest_categorical("quant_fsdp" if fsdp else "quant", s.quant)
         if multi:
-            ch["compile"] = trial.suggest_categorical("compile_mgpu", tuple(c for c in s.compile if c != "full"))
+            ch["compile"] = trial.suggest_categorical("compile_mgpu", s.compile)
             ch["offload"] = "none"
         else:
             ch["compile"] = trial.suggest_categorical("compile", s.compile)
             ch["offload"] = trial.suggest_categorical("offload", s.offload)
-        lightning = (trial.suggest_categorical("lightning", s.lightning)
-                     if len(s.lightning) > 1 and not ch["cfg_parallel"] else 0)  # Lightning runs without CFG
-        # Four distilled steps leave no step to skip. Caches run on several GPUs (their ranks agree on each skip,
-        # wan_runtime/knobs/cache_lockstep.py) but the multi-GPU search does not draw them yet.
-        ch["cache"] = trial.suggest_categorical("cache", s.cache) if not lightning and not multi else "none"
+        # Lightning runs without CFG: a CFG-parallel layout offers none (search_space.layout_refusals).
+        lightning = trial.suggest_categorical("lightning", s.lightning) if len(s.lightning) > 1 else 0
+        # Four distilled steps leave no step to skip. On several GPUs a cache's ranks agree on each skip
+        # (wan_runtime/knobs/cache_lockstep.py); under FSDP SeaCache would skip nothing, hence a name of its own.
+        ch["cache"] = trial.suggest_categorical("cache_fsdp" if fsdp else "cache", s.cache) if not lightning else "none"
         if ch["compile"] != "off":
             ch["compile_mode"] = trial.suggest_categorical("compile_mode", s.compile_mode)
         if ch["cache"] in CACHE_PARAMS:  # the cache's own settings, from its grids (TaylorSeer has no threshold)
@@ -239,16 +243,9 @@ class Planner:
         return traceable(self._lightning(base.replace(**ch), lightning))
 
 
-def ring_kernels(attention: tuple[str, ...]) -> tuple[str, ...]:
-    """The kernels of ``attention`` a ring layout draws from. The space holds no ring layout without one; a study
-    created elsewhere may, and its ring trials then ask for the first kernel diffusers rings (unsupported here if
-    it did not run in this machine's probe)."""
-    return tuple(a for a in attention if a in RING_ATTENTION) or RING_ATTENTION[:1]
-
-
 def _ring_kernel(space: SearchSpace, best: str) -> str:
     """``best`` where diffusers can ring it, else the ring kernel the attention seeds prefer."""
-    kernels = ring_kernels(space.attention)
+    kernels = tuple(a for a in space.attention if a in RING_ATTENTION) or RING_ATTENTION[:1]
     return best if best in kernels else next((a for a in entry("attention").seeds if a in kernels), kernels[0])
 
 

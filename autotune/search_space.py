@@ -10,7 +10,9 @@ The space lists allowed values per knob; whether a *combination* is valid (no of
 Ulysses only with a context-parallel attention backend, ...) stays ``recipes.validate``'s job, checked
 per trial. The parallel knobs are the exception: ulysses x ring x cfg_parallel x fsdp x gpus only make sense
 together, so the space lists whole *layouts* (``parallel``), each a valid set of the four, and a trial
-picks one of them rather than four values that mostly do not fit.
+picks one of them rather than four values that mostly do not fit. What a layout then offers of the other
+knobs (``SearchSpace.offers``: the space's values but those validation refuses on it, e.g. int8wo or SeaCache
+with FSDP) is ``layout_refusals``' one table, which the sampler draws from too.
 
 What a knob is (its fields, values, tiers, what is never searched) is the knob catalogue's (recipes.catalogue):
 this module holds only the rules that depend on the machine, task and workload, each under the heading of the
@@ -33,6 +35,7 @@ from recipes.catalogue import (
     CATALOGUE,
     COMPILE,
     COMPILE_MODES,
+    LIGHTNING_STEPS,
     LOSSLESS,
     OFFLOAD,
     QUANT,
@@ -45,7 +48,7 @@ from recipes.errors import BadInput, HardwareUnsupported
 from recipes.memory import attention_scores_gib, host_weights_gib, peak_gib, usable_gib
 from recipes.models import TINY_NUM_HEADS, model_spec
 from recipes.plain import from_plain, load_json_object
-from recipes.recipe import FP8_QUANT, SEACACHE_TASKS, Recipe
+from recipes.recipe import FP8_QUANT, FSDP_REFUSED_CACHE, FSDP_REFUSED_QUANT, SEACACHE_TASKS, Recipe
 
 KNOBS = tuple(f for e in CATALOGUE for f in e.fields)
 """Searched recipe fields the space lists values for, in the catalogue's order (a cache's own settings are
@@ -108,6 +111,17 @@ class SearchSpace:
                 f"parallel={label}", f"not in the search space (allowed: {', '.join(self.parallel)})"))
         return out
 
+    def offers(self, layout: str) -> dict[str, tuple[Any, ...]]:
+        """Knob -> the values a trial on ``layout`` (one of ``parallel``) is drawn from: this space's, but those
+        validation refuses on that layout (``layout_refusals``)."""
+        return offered(self.values(), layout)
+
+    def not_offered(self, layout: str) -> dict[str, str]:
+        """'knob=value' -> why, for each value this space holds that a trial on ``layout`` does not draw."""
+        refused = layout_refusals(layout)
+        return {f"{k}={v}": refused[k][v] for k, values in self.values().items() if k in refused
+                for v in values if v in refused[k]}
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
@@ -118,6 +132,35 @@ class SearchSpace:
 
 
 # ------------------------------------------------------------------------------------------- layouts
+def layout_refusals(layout: str) -> dict[str, dict[Any, str]]:
+    """Knob -> {value: why} for the values ``recipes.validate`` refuses on ``layout`` whatever else the stack
+    holds: what the sampler does not draw there, so that no drawn stack is an 'invalid' trial. A cache and an fp8
+    quant are drawn on every layout (caches agree on each skip over a CFG group's ranks; fp8 linears shard under
+    FSDP2); only the values below are not."""
+    f = layout_fields(layout)
+    out: dict[str, dict[Any, str]] = {}
+    if f["ring"] > 1:
+        out["attention"] = {a: "diffusers rings only the kernels whose context-parallel path returns a log-sum-exp "
+                               f"({', '.join(RING_ATTENTION)})" for a in ATTENTION_BACKENDS if a not in RING_ATTENTION}
+    if f["gpus"] > 1:
+        out["compile"] = {"full": "the parallel exchanges sit in the whole model's forward: regional on several GPUs"}
+        out["offload"] = {o: "CPU offload runs one GPU; with several GPUs FSDP shards the weights instead"
+                          for o in OFFLOAD[1:]}
+    if f["fsdp"]:
+        out["quant"] = dict(FSDP_REFUSED_QUANT)
+        out["cache"] = dict(FSDP_REFUSED_CACHE)
+    if f["cfg_parallel"]:
+        out["lightning"] = {s: "Lightning runs without CFG: a CFG group would have nothing to compute"
+                            for s in LIGHTNING_STEPS[1:]}
+    return out
+
+
+def offered(values: dict[str, tuple[Any, ...]], layout: str) -> dict[str, tuple[Any, ...]]:
+    """``values`` (a space's lists, or the choices a study stored) less what ``layout`` refuses, in their order."""
+    refused = layout_refusals(layout)
+    return {k: tuple(v for v in vals if v not in refused.get(k, {})) for k, vals in values.items()}
+
+
 # The parallel entry's layouts on this machine (its labels and their fields: recipes.catalogue.layout_label).
 def _layouts(n: int, ulysses: tuple[int, ...], ring: tuple[int, ...], cfg: tuple[bool, ...], fsdp: tuple[bool, ...],
              split_ok: Any, need_gib: Any, gpu_gib: float, excluded: dict[str, str]) -> tuple[str, ...]:

@@ -6,8 +6,8 @@ search space its knob order and tiers (``autotune.search_space``), the planner i
 grids and seeds (``autotune.plan``), and the runtime the caches' typed parameters (``wan_runtime.knobs.cache``).
 What stays elsewhere, and why: rules that depend on the machine (which kernels ran in the probe, fp8 needs sm89,
 memory) in ``autotune.search_space``, each under the entry it belongs to; rules that join several knobs (no cache
-with Lightning or on several GPUs, ...) in ``recipes.recipe.validate``, which every trial passes; applying a knob
-in ``wan_runtime.knobs``.
+with Lightning, no int8wo or SeaCache with FSDP, ...) in ``recipes.recipe.validate``, which every trial passes;
+applying a knob in ``wan_runtime.knobs``.
 
 A cache's settings live in three flat Recipe fields whose meaning depends on the cache (``magcache_k`` is
 MagCache's K, SeaCache's most consecutive cached steps and TaylorSeer's predicted steps between computes). The
@@ -287,8 +287,9 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="one fused Q/K/V projection per attention"),
     KnobEntry(
         name="quant", fields=("quant",), values=QUANT, lossy=QUANT[1:],
-        params=(Param("quant", "without FSDP (the fp8 values shard under FSDP, int8wo does not, but the multi-GPU "
-                               "search does not draw a quant with FSDP yet: none there)"),),
+        params=(Param("quant", "a layout without FSDP: every value of the space"),
+                Param("quant_fsdp", "an FSDP layout: the space's values but those FSDP2 cannot shard (int8wo; the fp8 "
+                                    "ones shard: recipes.recipe.FSDP_REFUSED_QUANT)")),
         seeds=("te_delayed", "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(
@@ -304,9 +305,11 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         doc="torch.compile's mode; the autotuning ones only on a GPU (search_space)"),
     KnobEntry(
         name="cache", fields=("cache",), values=CACHES, lossy=CACHES[1:],
-        params=(Param("cache", "one GPU without Lightning (4 steps leave none to skip; caches run on several GPUs, "
-                               "but the multi-GPU search does not draw them yet); then the cache's own settings, "
-                               "each from its grid"),),
+        params=(Param("cache", "without Lightning (4 steps leave none to skip) on a layout without FSDP, one GPU "
+                               "or several (a CFG group's ranks agree on each skip); then the cache's own "
+                               "settings, each from its grid"),
+                Param("cache_fsdp", "the same on an FSDP layout, from the space's caches but those that skip nothing "
+                                    "there (SeaCache: recipes.recipe.FSDP_REFUSED_CACHE)")),
         kinds=CACHE_KINDS, rung="priced",
         never=(("teacache", "not implemented: MagCache (published Wan2.2 ratios) and diffusers' SeaCache cover "
                             "the same step skipping"),),

@@ -57,6 +57,21 @@ def test_8x_h100(probes: dict[str, ProbeResult]) -> None:
     assert s.lightning == (0,)
 
 
+def test_each_layout_says_what_it_offers(probes: dict[str, ProbeResult]) -> None:
+    """What a trial on one layout is drawn from: one GPU everything; several GPUs every cache and quant but no
+    whole-model compile or offload; FSDP no int8wo and no SeaCache (validation's reasons); a ring only the kernels
+    diffusers rings. The sampler reads the same table (autotune.plan.Planner.suggest)."""
+    s = space(probes, "h100_sxm_8x")
+    assert s.offers("single") == s.values() and s.not_offered("single") == {}
+    assert s.offers("ulysses8")["cache"] == s.cache and s.offers("ulysses8")["quant"] == s.quant
+    fsdp = s.offers("ulysses8+fsdp")
+    assert fsdp["quant"] == ("none", "fp8_rowwise", "fp8_tensorwise", "te_delayed", "te_current", "te_block")
+    assert fsdp["cache"] == ("none", "magcache", "fbcache", "taylorseer") and fsdp["compile"] == ("off", "regional")
+    assert set(s.not_offered("ulysses8+fsdp")) == {"quant=int8wo", "cache=seacache", "compile=full"}
+    assert s.not_offered("ulysses8+fsdp")["quant=int8wo"].startswith("torchao 0.18's Int8Tensor implements neither")
+    assert s.offers("ring8")["attention"] == ("_native_cudnn", "_native_flash", "sage", "flash")
+
+
 def test_seacache_only_where_diffusers_adapter_takes_the_model(probes: dict[str, ProbeResult]) -> None:
     s = space(probes, "h100_sxm_1x", task="i2v-A14B")
     assert "seacache" not in s.cache and "input != output channels" in s.excluded["cache=seacache"]

@@ -844,20 +844,19 @@ def test_warm_starts_hold_seed_000s_stack_where_the_hardware_allows_it(tmp_path:
                                                                       layout: str) -> None:
     """Seed 000 on 8x H100: FA3 + TF32 + Ulysses over every GPU + FSDP + MagCache E012K2R20 + compile. On each
     multi-GPU machine the plan holds its attention (FA3 where the probe ran it, else the probe's best kernel, which
-    Ulysses now runs whatever it is), its Ulysses-over-every-GPU-with-FSDP layout, TF32 and compile. Its MagCache
-    is not asserted here: whether a cache may run on several GPUs is the cache rule's (recipes.validate and the
-    sampler), and the stack takes it wherever that rule does."""
+    Ulysses now runs whatever it is), its Ulysses-over-every-GPU-with-FSDP layout, TF32, compile and its MagCache
+    (a cache runs on several GPUs, and under FSDP, and the sampler draws one there)."""
     probe = probe_machine(machine, tmp_path / "m")
     cfg = TuneConfig(model="random", ladder="off", task="t2v-A14B", trials=1, out_dir=str(tmp_path / "o"),
                      gpus=probe.gpu_count)
     t = simulated(cfg, probe)
     warm = t.planner.warm_starts(t.state.base_recipe)
-    seed = [w for w in warm if layout_label(w) == layout and w.tf32 and w.compile == "regional"]
+    seed = [w for w in warm if layout_label(w) == layout and w.tf32 and w.compile == "regional" and w.quant == "none"]
     assert [(w.attention, w.ulysses, w.gpus, w.fsdp, w.cfg_parallel) for w in seed] == [
         (attention, int(layout[7]), int(layout[7]), True, False)], [w.stack_label() for w in warm]
-    assert seed[0].cache in ("none", "magcache") and validate(seed[0]) == seed[0]
-    if seed[0].cache == "magcache":
-        assert (seed[0].cache_threshold, seed[0].magcache_k, seed[0].cache_retention) == (0.12, 2, 0.2)
+    assert validate(seed[0]) == seed[0] and not seed[0].compile_fullgraph  # the seed's fullgraph=False
+    assert (seed[0].cache, seed[0].cache_threshold, seed[0].magcache_k, seed[0].cache_retention) == (
+        "magcache", 0.12, 2, 0.2)
 
 
 def test_the_sampler_offers_fa3_under_ulysses_and_ring_degrees_on_8x_h100(tmp_path: Path) -> None:
