@@ -24,6 +24,7 @@ from recipes.catalogue import (
     EIGHT_BIT_ATTENTION,
     MAGCACHE_AUTHORS_WAN22,
     RING_ATTENTION,
+    SEED_002_QUANT,
     cache_params,
     entry,
     layout_fields,
@@ -122,17 +123,27 @@ class Planner:
     def warm_starts(self, base: Recipe) -> list[Recipe]:
         """The seeds' hand-tuned stacks, mapped onto what this machine can run (values it lacks dropped); each
         knob's preferred values and each cache's settings are the catalogue's seeds."""
+        return self._warm_starts(base)[0]
+
+    def plan_notes(self, base: Recipe) -> list[str]:
+        """Why a seed's multi-GPU stack is not among the warm starts here, or runs without part of itself (seed
+        002 without Transformer Engine, seed 000 without its MagCache): the study's notes, which the report shows.
+        Empty on one GPU, where the seeds' knobs are warm starts of their own and no layout is left out."""
+        return self._warm_starts(base)[1]
+
+    def _warm_starts(self, base: Recipe) -> tuple[list[Recipe], list[str]]:
         s = self.space
         best_att = _seed(s, "attention", base.attention)
         compile_ = _seed(s, "compile", "off")
         tf32 = _seed(s, "tf32", False)
-        stacks = self._parallel_starts(base, best_att, compile_) + self._seed_000(base, best_att, tf32, compile_)
+        seeds, notes = self._seed_stacks(base, best_att, tf32, compile_)
+        stacks = self._parallel_starts(base, best_att, compile_) + seeds
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
         # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
         if compile_ != "off":
             stacks.append(base.replace(attention=best_att, compile=compile_))
         fp8 = _seed(s, "quant", None)
-        if fp8:  # seed 002: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
+        if fp8:  # seed 002 on one GPU: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
             stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
         att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
         if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
@@ -156,7 +167,7 @@ class Planner:
                 out.append(validate(traceable(r)))
             except RecipeError as exc:
                 log.info("warm start %s dropped: %s", r.stack_label(base), exc)
-        return out
+        return out, notes
 
     def _parallel_starts(self, base: Recipe, best_att: str, compile_: str) -> list[Recipe]:
         """On several GPUs the layout is the largest win, so it is measured first: the layouts that use the
@@ -178,31 +189,46 @@ class Planner:
                 out.append(out[0].replace(compile=compile_, quant=fp8))
         return out
 
-    def _seed_000(self, base: Recipe, best_att: str, tf32: bool, compile_: str) -> list[Recipe]:
+    def _seed_stacks(self, base: Recipe, best_att: str, tf32: bool, compile_: str) -> tuple[list[Recipe], list[str]]:
         """Seed 000's stack on 8x H100 (FA3 + TF32 + MagCache E012K2R20 + compile, Ulysses over every GPU with
-        FSDP, no CFG parallel) where this machine can lay it out: Ulysses as wide as the heads allow over the
-        most GPUs, with FSDP; the probe's best kernel (FA3 on Hopper, which Ulysses runs through wanctl's
-        all-to-all). Its MagCache is kept where a cache may run on several GPUs: where validation takes it and the
-        sampler draws one for the layout (SearchSpace.offers), else the stack goes without it and the log says."""
+        FSDP, no CFG parallel) and seed 002's (the same with Transformer Engine fp8, DelayedScaling, under FSDP2:
+        its 2.55x row), where this machine can lay them out: Ulysses as wide as the heads allow over the most
+        GPUs, with FSDP; the probe's best kernel (FA3 on Hopper, which Ulysses runs through wanctl's all-to-all).
+        Returns the stacks and a note for each part left out and why (the space's reason, or validation's)."""
         s = self.space
         most = max(s.gpus)
+        if most < 2:
+            return [], []
         layouts = [p for p in s.parallel if "fsdp" in p and "cfg" not in p and "ring" not in p
                    and layout_fields(p)["gpus"] == most and layout_fields(p)["ulysses"] > 1]
         if not layouts:
-            return []
+            return [], [f"seed 000's and seed 002's stacks are not among the warm starts: they run Ulysses over every "
+                        f"GPU with FSDP, and this search space holds no such layout over {most} GPUs "
+                        f"(layouts: {', '.join(s.parallel)})"]
         layout = max(layouts, key=lambda p: layout_fields(p)["ulysses"])
+        offers, refused = s.offers(layout), s.not_offered(layout)
+
+        def why_not(knob: str, value: Any) -> str:
+            key = f"{knob}={value}"
+            return (s.excluded.get(key) or refused.get(key)
+                    or f"not in the search space ({', '.join(map(str, offers[knob]))})")
+
         stack = base.replace(attention=best_att, tf32=tf32, compile=compile_, **layout_fields(layout))
-        if "magcache" not in s.offers(layout)["cache"]:
-            log.info("seed 000's stack on %s runs without its MagCache: the sampler draws none there", layout)
-            return [stack]
         magcache = next(k for k in CACHE_KINDS if k.value == "magcache")
         cached = stack.replace(cache="magcache", **magcache.seed.recipe_fields())
-        try:
-            validate(traceable(cached))
-        except RecipeError as exc:
-            log.info("seed 000's stack on %s runs without its MagCache: %s", layout, exc)
-            return [stack]
-        return [cached]
+        no_cache = why_not("cache", "magcache") if "magcache" not in offers["cache"] else _refusal(cached)
+        stack = stack if no_cache else cached
+        te = stack.replace(quant=SEED_002_QUANT)
+        no_te = (f"quant={SEED_002_QUANT}: {why_not('quant', SEED_002_QUANT)}"
+                 if SEED_002_QUANT not in offers["quant"] else _refusal(te))
+        notes = []
+        if no_cache:
+            which = "seed 000's stack runs" if no_te else "seed 000's and seed 002's stacks run"
+            notes.append(f"{which} on {layout} without MagCache E012K2R20: {no_cache}")
+        if no_te:
+            notes.append(f"seed 002's stack (Transformer Engine fp8 DelayedScaling with FSDP2, on {layout}) is not "
+                         f"among the warm starts: {no_te}")
+        return ([stack] if no_te else [stack, te]), notes
 
     def suggest(self, trial: optuna.Trial, base: Recipe) -> Recipe:
         """One stack. The layout is drawn first and the other knobs from what that layout offers
@@ -247,6 +273,15 @@ def _ring_kernel(space: SearchSpace, best: str) -> str:
     """``best`` where diffusers can ring it, else the ring kernel the attention seeds prefer."""
     kernels = tuple(a for a in space.attention if a in RING_ATTENTION) or RING_ATTENTION[:1]
     return best if best in kernels else next((a for a in entry("attention").seeds if a in kernels), kernels[0])
+
+
+def _refusal(r: Recipe) -> str:
+    """Why validation refuses ``r`` as the plan would run it ("" when it takes it)."""
+    try:
+        validate(traceable(r))
+    except RecipeError as exc:
+        return str(exc)
+    return ""
 
 
 def _seed(space: SearchSpace, knob: str, otherwise: Any) -> Any:

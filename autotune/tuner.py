@@ -140,6 +140,7 @@ class Tuner:
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
             study.set_user_attr(CHOICES_KEY, {k: list(v) for k, v in self.planner.choices.items()})
             self.planner.enqueue_plan(study, self.state.base_recipe)
+            self.state.notes += self.planner.plan_notes(self.state.base_recipe)
             study.set_user_attr(PLAN_KEY, True)
         else:
             if differ := self.planner.adopt_choices(study.user_attrs, study.get_trials(deepcopy=False)):

@@ -190,6 +190,10 @@ CACHE_KINDS = (
 
 CACHE_PARAMS: dict[str, type[CacheParams]] = {k.value: k.params for k in CACHE_KINDS}
 
+SEED_002_QUANT = "te_delayed"
+"""Seed 002's fp8: Transformer Engine DelayedScaling, amax history 16, 'max' (the Recipe's te_amax_* defaults),
+which its stack runs with FSDP2 (autotune.plan); the quant entry's first seed."""
+
 MAGCACHE_AUTHORS_WAN22 = {
     "ti2v-5B": MagCacheParams(threshold=0.06, max_skip=2, retention=0.2),
     "t2v-A14B": MagCacheParams(threshold=0.06, max_skip=2, retention=0.4),
@@ -290,7 +294,7 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         params=(Param("quant", "a layout without FSDP: every value of the space"),
                 Param("quant_fsdp", "an FSDP layout: the space's values but those FSDP2 cannot shard (int8wo; the fp8 "
                                     "ones shard: recipes.recipe.FSDP_REFUSED_QUANT)")),
-        seeds=("te_delayed", "fp8_rowwise"), component="gemm",
+        seeds=(SEED_002_QUANT, "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(
         name="compile", fields=("compile",), values=COMPILE,

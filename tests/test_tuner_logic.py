@@ -857,6 +857,7 @@ def test_warm_starts_hold_seed_000s_stack_where_the_hardware_allows_it(tmp_path:
     assert validate(seed[0]) == seed[0] and not seed[0].compile_fullgraph  # the seed's fullgraph=False
     assert (seed[0].cache, seed[0].cache_threshold, seed[0].magcache_k, seed[0].cache_retention) == (
         "magcache", 0.12, 2, 0.2)
+    assert not [n for n in t.planner.plan_notes(t.state.base_recipe) if "MagCache" in n]
 
 
 def test_the_sampler_offers_fa3_under_ulysses_and_ring_degrees_on_8x_h100(tmp_path: Path) -> None:
