@@ -1,6 +1,6 @@
 """The seeds' multi-GPU stacks in the search space and the plan (issue 27, item 5).
 
-Seed 000 (/work/shared/seeds/000_*: 8x H100, I2V-A14B 720p): FA3 + TF32 + MagCache E012K2R20 + torch.compile
+Seed 000 (../shared/seeds/000_*: 8x H100, I2V-A14B 720p): FA3 + TF32 + MagCache E012K2R20 + torch.compile
 (fullgraph=False), Ulysses 8 with the DiT and T5 under FSDP, 2.28x. Seed 002 (002_*: the same machine and
 layout, FSDP2): the same stack with Transformer Engine fp8, DelayedScaling (amax history 16, 'max'), 2.55x; 2.80x
 at E024K2R10. wanctl expresses each as one Recipe: compile is regional (a whole-model compile is refused on several
