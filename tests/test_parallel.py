@@ -5,8 +5,11 @@ attention saw, the path its attention took and the shapes wanctl's Ulysses wrapp
 of parameters FSDP left on a rank, which CFG pass a rank computed), and the latent matches one process's, run
 with the same attention kernel and dtype, to float tolerance.
 
-``native`` runs diffusers' own Ulysses; ``_native_math`` has no context-parallel path in diffusers, so its
-Ulysses is wanctl's all-to-all wrapper (test_context_parallel.py: ring, and the wrapper over four ranks).
+Each launch checks a layout once (a torchrun launch costs 10-30 s of CPU on 2 cores): CFG parallel here, with the
+rank faults; Ulysses with FSDP (two ranks, wanctl's all-to-all wrapper around ``_native_math``, which has no
+context-parallel path in diffusers) and Ulysses x CFG parallel x FSDP (four ranks, diffusers' own Ulysses) in
+test_parallel_cache.py, each under a step cache; the wrapper over four ranks and Ulysses x ring with FSDP in
+test_context_parallel.py.
 """
 
 from __future__ import annotations
@@ -30,20 +33,19 @@ def _quality(tmp: Path, **kw: object) -> Any:
 
 
 def _one(tmp_path_factory: pytest.TempPathFactory, **kw: object) -> Any:
-    out = _quality(tmp_path_factory.mktemp("one"), **kw)
-    assert out.outcome == "ok", out.reason
-    return out.result
+    """One process's run, in this test process (torch is imported here already: a launch would cost its import)."""
+    from wan_runtime.run import run_spec
+
+    tmp = tmp_path_factory.mktemp("one")
+    res = run_spec(TrialSpec(recipe=Recipe(steps=3, **kw), mode="quality", out_dir=str(tmp),  # type: ignore[arg-type]
+                             write_video=False))
+    assert res.outcome == "ok", res.error
+    return res
 
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return _one(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def one_math(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One process with the kernel the Ulysses wrapper tests run."""
-    return _one(tmp_path_factory, attention="_native_math")
 
 
 def _same_latent(out: Any, one: Any) -> Any:
@@ -60,26 +62,6 @@ def test_cfg_parallel_on_two_ranks_gives_the_one_process_latent(tmp_path: Path, 
 
 
 WRAPPER = "wanctl's Ulysses all-to-all around _native_math (diffusers has no context-parallel path for it)"
-
-
-def test_ulysses_with_fsdp_on_two_ranks_gives_the_one_process_latent(tmp_path: Path, one_math: Any) -> None:
-    res = _same_latent(_quality(tmp_path, gpus=2, ulysses=2, fsdp=True, attention="_native_math"), one_math)
-    # The tiny model at its default size has 36 tokens: each rank's attention input held half of them.
-    assert res.actual["ulysses_tokens_per_rank"] == "18 of 36"
-    assert res.actual["ulysses"].startswith("degree 2: rank 0 holds sequence shard 0 of 2")
-    assert res.actual["fsdp"] == "DiT sharded over 2 ranks (this rank holds 50% of its parameters), text encoder over 2"
-    # wanctl's wrapper ran the all-to-all: the math kernel saw the whole sequence for half of the 4 heads, in each
-    # of the 18 self-attention calls (3 steps x 2 CFG passes x 3 blocks); the kernel is still the one asked for.
-    assert res.actual["context_parallel"] == (f"{WRAPPER}, ulysses 2 x ring 1: 18 self-attention calls; the kernel "
-                                              "saw 36 tokens x 2 heads")
-    assert (res.actual["attention_backend"], res.actual["attention_kernel"]) == ("_native_math", "math")
-
-
-def test_ulysses_by_cfg_parallel_with_fsdp_on_four_ranks(tmp_path: Path, one: Any) -> None:
-    res = _same_latent(_quality(tmp_path, gpus=4, ulysses=2, cfg_parallel=True, fsdp=True), one)
-    assert res.actual["ulysses_tokens_per_rank"] == "18 of 36"
-    assert res.actual["cfg_parallel"] == "rank 0 of 4 computes the conditional pass"
-    assert res.actual["fsdp"].startswith("DiT sharded over 2 ranks (this rank holds 50%")  # within a CFG group
 
 
 def test_attention_that_saw_the_whole_sequence_is_a_parallel_mismatch() -> None:

@@ -1,7 +1,8 @@
 """Step caches on several processes (torchrun, gloo on the CPU): every rank of a CFG group takes the same
 skip decision at every step, the decisions are the one-process run's, and so is the latent.
 
-Each launch checks several things at once (a torchrun launch costs 10-30 s on 2 cores): the decisions every
+Each launch checks several things at once (a torchrun launch costs 10-30 s on 2 cores), the layout's own
+checks among them (test_parallel.py says which launch covers which layout): the decisions every
 rank recorded (``cache_decisions``, gathered on rank 0), that the cache really skipped (else the test would
 prove nothing), the forwards each step computed and the latent against one process's. The cheap checks of
 the same machinery (the metric FBCache is decided on, the hook order, the mismatch rule) need no launch.
@@ -55,16 +56,28 @@ def _same_latent(res: Any, one: Any) -> None:
 
 
 @pytest.mark.slow
-def test_magcache_under_ulysses_on_two_ranks_decides_as_one_process(tmp_path: Path) -> None:
-    """MagCache calibrated in-process under Ulysses: each rank measures the residuals of its half of the
+def test_magcache_under_ulysses_with_fsdp_on_two_ranks_decides_as_one_process(tmp_path: Path) -> None:
+    """MagCache calibrated in-process under Ulysses with FSDP: each rank measures the residuals of its half of the
     tokens (inside the sequence split), the per-token sums are reduced, so both ranks get the one-process
-    ratios and the one-process schedule."""
-    one = _one_process(tmp_path / "one", **MAGCACHE)
-    res = _several(tmp_path / "two", gpus=2, ulysses=2, **MAGCACHE)
+    ratios and the one-process schedule. The layout's own checks ride along: ``_native_math`` has no
+    context-parallel path in diffusers, so wanctl's all-to-all wrapper runs the Ulysses exchange, and FSDP shards
+    the DiT over both ranks (enabling MagCache after calibration once failed on FSDP's block class)."""
+    from tests.test_parallel import WRAPPER
+
+    one = _one_process(tmp_path / "one", attention="_native_math", **MAGCACHE)
+    res = _several(tmp_path / "two", gpus=2, ulysses=2, fsdp=True, attention="_native_math", **MAGCACHE)
     ranks, alone = _ranks(res), _ranks(one)[0]
     assert ranks[0] == ranks[1] == alone, res.actual["cache_decisions"]
     assert "S" in alone["cond"] and "S" in alone["uncond"]  # it skipped: the comparison means something
-    assert res.actual["ulysses_tokens_per_rank"] == "18 of 36"  # each rank saw half of the sequence
+    # The tiny model at its default size has 36 tokens: each rank's attention input held half of them.
+    assert res.actual["ulysses_tokens_per_rank"] == "18 of 36"
+    assert res.actual["ulysses"].startswith("degree 2: rank 0 holds sequence shard 0 of 2")
+    assert res.actual["fsdp"] == "DiT sharded over 2 ranks (this rank holds 50% of its parameters), text encoder over 2"
+    # wanctl's wrapper ran the all-to-all: the math kernel saw the whole sequence for half of the 4 heads in every
+    # self-attention call the cache let through; the kernel is still the one asked for.
+    assert res.actual["context_parallel"].startswith(f"{WRAPPER}, ulysses 2 x ring 1: ")
+    assert res.actual["context_parallel"].endswith("self-attention calls; the kernel saw 36 tokens x 2 heads")
+    assert (res.actual["attention_backend"], res.actual["attention_kernel"]) == ("_native_math", "math")
     for mine, theirs in zip(res.cache_ratios, one.cache_ratios, strict=True):
         np.testing.assert_allclose(mine, theirs, rtol=1e-6)
     assert res.step_forwards == one.step_forwards
@@ -84,7 +97,9 @@ def test_fbcache_under_ulysses_by_cfg_parallel_with_fsdp_on_four_ranks(tmp_path:
     assert ranks[2] == ranks[3] == {"uncond": alone["uncond"]}, res.actual["cache_decisions"]
     assert alone["cond"] != alone["uncond"] and "S" in alone["cond"]  # per pass, and it skipped
     assert 1 in one.step_forwards and res.step_forwards == one.step_forwards
-    assert res.actual["fsdp"].startswith("DiT sharded over 2 ranks")
+    assert res.actual["ulysses_tokens_per_rank"] == "18 of 36"
+    assert res.actual["cfg_parallel"] == "rank 0 of 4 computes the conditional pass"
+    assert res.actual["fsdp"].startswith("DiT sharded over 2 ranks (this rank holds 50%")  # within a CFG group
     assert "metric summed over the 2 ranks of each call" in res.actual["cache"]
     _same_latent(res, one)
 
