@@ -32,7 +32,7 @@ COMPONENTS_FILE = "components.jsonl"
 the ones before it, and the parent reruns the rest in a fresh worker with the culprit recorded."""
 
 FAULTS = ("none", "oom", "oom_decode", "orphan", "hang", "crash", "segfault", "nan", "inf", "slow", "no_result", "bad_result",
-          "illegal_memory", "ignore_sigterm", "oom_cuda", "illegal_memory_cuda")
+          "illegal_memory", "ignore_sigterm", "oom_cuda", "illegal_memory_cuda", "device_error")
 """Fault injection of the runtime: how the tuner's failure paths are tested end to end, not mocked. The
 ``_cuda`` ones are the real failure on a GPU (an allocation larger than the card; a kernel's out-of-bounds
 store), the others imitate how a failure reaches the tuner (exception, exit code, signal, stderr line)."""

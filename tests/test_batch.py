@@ -85,3 +85,34 @@ def test_a_batch_takes_no_out_and_needs_an_out_dir(tmp_path: Path, capsys: pytes
     (tmp_path / "o" / "0001.mp4").write_bytes(b"mine")
     assert main(["generate", "--prompts", str(prompts), "--out-dir", str(tmp_path / "o")]) == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "o" / "0001.mp4").read_bytes() == b"mine"
+
+
+def test_after_an_error_that_leaves_the_gpu_unusable_the_rest_are_recorded_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sticky CUDA error fails every later kernel launch in the process: the lines after it are recorded as not
+    run, with the line to start again from, instead of each failing with the same error."""
+    import torch
+
+    from recipes.jobs import Job
+    from recipes.recipe import Recipe
+    from wan_runtime.batch import run_batch
+    from wan_runtime.engine import Engine
+
+    real = Engine.run_job
+    calls = []
+
+    def run_job(self: Engine, job: Job, **kw: object) -> object:
+        calls.append(job.seed)
+        if len(calls) == 2:  # what torch raises after a kernel's illegal access
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return real(self, job, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Engine, "run_job", run_job)
+    jobs = [(n, Job(prompt="a fox", seed=n, out=f"{n}.mp4")) for n in (1, 2, 3)]
+    (tmp_path / "out").mkdir()
+    failed = run_batch(Recipe(steps=2, frames=5), jobs, tmp_path / "out")
+    records = [json.loads(ln) for ln in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert failed == 2 and calls == [1, 2]  # line 3 never reached the GPU
+    assert [r["status"] for r in records] == ["done", "failed", "failed"]
+    assert "illegal memory access" in records[1]["error"]
+    assert records[2]["error"].startswith("not run: the GPU was unusable after line 2's error")

@@ -327,6 +327,30 @@ def test_a_killed_server_loses_no_job_and_serves_no_partial_video(server: Server
     assert not list(server.jobs.glob("*/work"))  # no work folder, no half-written file left
 
 
+def test_a_job_that_leaves_the_gpu_unusable_fails_and_the_server_stops_for_its_supervisor(tmp_path: Path) -> None:
+    """After a sticky CUDA error (an illegal memory access) every later kernel launch in the process fails: the
+    server fails that job with the reason, not queued again (it would take the next server down too), and
+    exits 1 so that systemd or docker starts it afresh; the jobs behind it stay queued for that start."""
+    server = Server(tmp_path, slow=0, args=("--fault", "device_error", "--fault-step", "1"))
+    server.start()
+    try:
+        server.wait_ready()  # the warm-up job ran clean: the fault is armed for served jobs only
+        first = server.submit(40)
+        second = server.submit(41)
+        assert server.proc is not None
+        assert server.proc.wait(timeout=WAIT_S) == 1, server.stderr()
+    finally:
+        server.stop()
+    assert "the server stopped: crash: the GPU is unusable after job" in server.stderr()
+    assert "docker --restart" in server.stderr()
+    db = sqlite3.connect(server.jobs / "jobs.sqlite")
+    rows = {i: (st, err) for i, st, err in db.execute("SELECT id, status, error FROM jobs WHERE id IN (?, ?)",
+                                                         (first, second)).fetchall()}
+    db.close()
+    assert rows[first][0] == "failed" and "illegal memory access" in rows[first][1], rows
+    assert rows[second] == ("queued", ""), rows
+
+
 # ------------------------------------------------------------------------------------------ the store alone
 def test_a_job_a_dead_server_left_running_runs_once_more_then_fails_with_the_reason(tmp_path: Path) -> None:
     from wan_runtime.serve.store import JobStore

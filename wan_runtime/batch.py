@@ -23,7 +23,7 @@ from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 from wan_runtime.engine import Engine, Progress
 from wan_runtime.env import pick_device, require_safe_torch
-from wan_runtime.failure import expected, outcome_of, reason
+from wan_runtime.failure import expected, outcome_of, poisons_device, reason
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,17 @@ def run_batch(recipe: Recipe, jobs: list[tuple[int, Job]], out_dir: Path, *, tru
                           fault=TrialSpec(recipe=recipe, out_dir=str(out_dir)))
     log.info("pipeline built: load %.1f s, knobs %.1f s", engine.load_s, engine.apply_s)
     failed = 0
+    lost = 0  # the line whose error left the GPU unusable: every kernel launch after it fails, so nothing more runs
     with open(out_dir / RESULTS_FILE, "w", encoding="utf-8") as results, \
             tempfile.TemporaryDirectory(prefix="wanctl-batch-") as work:
         for line, job in jobs:
-            record = _one(engine, line, job, out_dir, Path(work), progress)
+            if lost:
+                record = _record(line, job)
+                record.update(outcome="crash", error=f"not run: the GPU was unusable after line {lost}'s error "
+                              "(hint: run this line and those after it again, in a fresh process)")
+            else:
+                record, exc = _one(engine, line, job, out_dir, Path(work), progress)
+                lost = line if exc is not None and poisons_device(exc) else 0
             failed += record["status"] != "done"
             results.write(json.dumps(record, sort_keys=True) + "\n")
             results.flush()
@@ -53,9 +60,17 @@ def run_batch(recipe: Recipe, jobs: list[tuple[int, Job]], out_dir: Path, *, tru
     return failed
 
 
-def _one(engine: Engine, line: int, job: Job, out_dir: Path, work: Path, progress: Progress | None) -> dict[str, Any]:
-    record: dict[str, Any] = {"line": line, "out": job.out, "seed": job.seed, "status": "failed", "outcome": "",
-                              "error": "", "video": "", "frames": 0, "timings": {}, "notes": []}
+def _record(line: int, job: Job) -> dict[str, Any]:
+    """A results line for ``job`` that has not succeeded (yet)."""
+    return {"line": line, "out": job.out, "seed": job.seed, "status": "failed", "outcome": "", "error": "", "video": "",
+            "frames": 0, "timings": {}, "notes": []}
+
+
+def _one(engine: Engine, line: int, job: Job, out_dir: Path, work: Path,
+         progress: Progress | None) -> tuple[dict[str, Any], Exception | None]:
+    """The job's results line, and its error if it failed."""
+    record = _record(line, job)
+    error: Exception | None = None
     started = time.perf_counter()
     try:
         video = engine.make_video(job, out_dir / job.out, work, progress=progress)
@@ -67,5 +82,6 @@ def _one(engine: Engine, line: int, job: Job, out_dir: Path, work: Path, progres
         if not expected(exc):
             log.exception("line %d: unexpected error in phase %s", line, engine.phase.name)
         record.update(outcome=outcome_of(exc), error=reason(exc), phase=engine.phase.name)
+        error = exc
     record["timings"]["total_s"] = time.perf_counter() - started
-    return record
+    return record, error

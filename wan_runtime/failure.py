@@ -18,6 +18,23 @@ class NonFinite(WanctlError):
     """A job's latent or frames hold NaN or Inf: no video is made of them."""
 
 
+class DeviceLost(WanctlError):
+    """The GPU's context is unusable after a job's error: a long-lived process must stop, not fail every job after."""
+
+
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                      "misaligned address", "illegal instruction", "uncorrectable ECC error", "CUBLAS_STATUS_EXECUTION_FAILED",
+                      "hardware stack error", "launch timed out")
+"""CUDA errors that stay with the context once raised (CUDA's "sticky" errors): every later kernel launch in the
+process fails with them, whatever the job."""
+
+
+def poisons_device(exc: BaseException) -> bool:
+    """Whether ``exc`` left this process's GPU unusable (an out-of-memory error or a bad input does not)."""
+    text = str(exc)
+    return any(s in text for s in STICKY_CUDA_ERRORS)
+
+
 def outcome_of(exc: BaseException) -> str:
     """oom, nan, unsupported, bad_input or crash."""
     if isinstance(exc, NonFinite):

@@ -48,6 +48,9 @@ def fire(spec: TrialSpec, step: int) -> None:
     if f == "segfault":
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGSEGV)
+    if f == "device_error":  # what torch raises in the process after a kernel's illegal access, without a GPU
+        raise getattr(torch, "AcceleratorError", RuntimeError)(
+            "CUDA error: an illegal memory access was encountered (injected fault)")
     if f == "illegal_memory":
         sys.stderr.write("torch.AcceleratorError: CUDA error: an illegal memory access was encountered\n"
                          "CUDA kernel errors might be asynchronously reported at some other API call\n")

@@ -64,9 +64,11 @@ class ServeConfig:
                    jobs_dir=args.jobs_dir, max_queue=args.max_queue, trust_checkpoint=args.trust_checkpoint,
                    fault=args.fault, fault_step=args.fault_step, fault_arg=args.fault_arg, fault_rank=args.fault_rank)
 
-    def fault_spec(self) -> TrialSpec:
-        """The spec the engine reads its fault from."""
-        return TrialSpec(recipe=self.recipe, out_dir=self.jobs_dir, fault=self.fault, fault_step=self.fault_step,
+    def fault_spec(self, warm_up: bool = False) -> TrialSpec:
+        """The spec the engine reads its fault from; ``warm_up``: the warm-up job's, where a fault that a served
+        job must meet (``device_error``: the server must fail that job and stop) is not armed yet."""
+        fault = "none" if warm_up and self.fault == "device_error" else self.fault
+        return TrialSpec(recipe=self.recipe, out_dir=self.jobs_dir, fault=fault, fault_step=self.fault_step,
                          fault_arg=self.fault_arg, fault_rank=self.fault_rank)
 
 

@@ -138,6 +138,7 @@ class Worker:
             channel.stop()  # every rank stopped at the same step; the others now wait for this
             raise
         channel.roll_call("")  # every rank warmed up: only now is the server ready
+        engine.fault = cfg.fault_spec()
         self.metrics.started("warmup", time.perf_counter() - t0)
         if res.compile_start:
             log.info("compile: %s start", res.compile_start)
@@ -145,7 +146,7 @@ class Worker:
 
     def _run(self, engine: Any, rec: JobRecord) -> None:
         from wan_runtime.engine import Cancelled
-        from wan_runtime.failure import expected, outcome_of, reason
+        from wan_runtime.failure import DeviceLost, expected, outcome_of, poisons_device, reason
         from wan_runtime.serve.ranks import CANCELLED, first_failure
 
         folder = self.store.job_dir(rec.id)
@@ -165,6 +166,7 @@ class Worker:
             timings["total_s"] = time.perf_counter() - t0
             self.store.end(rec.id, "failed", error=error, timings=timings)
 
+        lost: BaseException | None = None
         try:
             channel.job(rec.id, rec.job)
             res, outcome = None, ""
@@ -176,6 +178,7 @@ class Worker:
                 if not expected(exc):
                     log.exception("job %s: unexpected error in phase %s", rec.id, engine.phase.name)
                 outcome = f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}"
+                lost = exc if poisons_device(exc) else None
             # Every rank says how its run ended (one process: this one alone). A rank that never answers raises
             # here, and the server stops: the job then runs again at the next start, as after a kill.
             outcomes = channel.roll_call(outcome)
@@ -187,6 +190,10 @@ class Worker:
                 self.store.end(rec.id, "cancelled", timings=timings)
             elif outcome:
                 failed(outcome)
+                if lost is not None:  # the job is failed, not queued again: it would kill the next server too
+                    raise DeviceLost(f"the GPU is unusable after job {rec.id}'s error ({reason(lost)})",
+                                     "the server stops so that its supervisor starts it again on a fresh CUDA "
+                                     "context (systemd Restart=on-failure, docker --restart on-failure)") from lost
             elif peer := first_failure(outcomes):
                 failed(peer)
             else:
@@ -216,7 +223,7 @@ def build_engine(config: ServeConfig, device: Any) -> Any:
 
     require_safe_torch()
     return Engine.build(config.recipe, device, trust_checkpoint=config.trust_checkpoint,
-                        compile_cache=config.compile_cache, fault=config.fault_spec())
+                        compile_cache=config.compile_cache, fault=config.fault_spec(warm_up=True))
 
 
 def warm_up(engine: Any, config: ServeConfig, cancelled: Callable[[], bool]) -> Any:
