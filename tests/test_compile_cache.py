@@ -222,3 +222,17 @@ def test_the_runtime_process_keeps_inductors_kernels_under_wanctls_cache(monkeyp
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_an_unwritable_cache_leaves_inductor_its_default_folder(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """A $WANCTL_CACHE that cannot be made (here: under a file, which no user, root included, can write into)
+    costs the kept kernels, not the run: torch fails its import on a cache folder it cannot make."""
+    from wan_runtime.__main__ import main
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("WANCTL_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ

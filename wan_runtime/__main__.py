@@ -155,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     # Inductor's compiled kernels live under wanctl's cache (WANCTL_CACHE), set before torch is imported: torch
     # fixes its cache folder in the environment the first time anything asks for it, which diffusers' import
     # did before the compile knob's own setting could take effect. A folder the user set is kept.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    # An unwritable cache costs the kept kernels (torch's own default folder serves), never the run.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        inductor = cache_root() / "inductor"
+        try:
+            inductor.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
+        except OSError as exc:
+            logging.getLogger(__name__).info("compiled kernels stay in torch's default folder: %s", exc)
     args = parser().parse_args(argv)
 
     try:
