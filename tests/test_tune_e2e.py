@@ -141,8 +141,10 @@ def resumed(tuned: Path, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
                             start_new_session=True)
     spec = tuned / "trials" / f"{KILLED_TRIAL:04d}-a0" / "spec.json"
     deadline = time.monotonic() + 240
+    while not spec.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a condition (the trial asked, its spec written), bounded
     while not pids_naming(spec) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling a condition (the trial's process started), bounded
+        time.sleep(0.05)  # polling a condition (its process started: a moment after the spec), bounded
     assert pids_naming(spec), f"trial {KILLED_TRIAL} never started (tuner exit code {proc.poll()})"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
