@@ -1,11 +1,17 @@
-"""`wanctl tune` end to end on the tiny model: a real study, injected failures, outputs, resume, --best."""
+"""`wanctl tune` end to end on the tiny model: a real study, injected failures, outputs, resume (after a tuner
+killed mid-trial), --best. One study serves every test: each tune here is a process per trial."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -13,7 +19,7 @@ import pytest
 
 from recipes.records import RECORD_KEY, TrialRecord
 from recipes.serialize import read_recipe
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, pids_naming, run_cli
 
 pytestmark = pytest.mark.slow  # real `wanctl tune` studies, a process per trial
 
@@ -39,7 +45,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tune")
     env = {"WANCTL_CACHE": str(out / "cache")}
     # `make demo`'s own tune command (its fault, oom_decode@1, must show a fallback firing), cut to 4 trials: the
-    # baseline, the two injected faults, one more; the resume test below adds a fifth.
+    # baseline, the two injected faults, one more; the resume below (after a tuner killed in it) adds a fifth.
     argv, demo_fault = _demo_argv(out)
     assert demo_fault == "oom_decode@1", "the assertions below read the demo's fault at trial 1"
     argv[argv.index("--trials") + 1] = "4"
@@ -104,30 +110,104 @@ def test_generate_best_without_recipe_says_how(tmp_path: Path) -> None:
     assert "no tuned recipe" in p.stderr and "wanctl tune" in p.stderr
 
 
-def test_existing_study_needs_resume_then_continues(tuned: Path, tmp_path: Path) -> None:
-    p = run_cli("tune", "--model", "tiny", "--trials", "4", "--out", str(tuned), env={"WANCTL_CACHE": str(tuned / "cache")})
-    assert p.returncode == 2 and "--resume" in p.stderr
+@dataclass
+class Resumed:
+    """The commands the resume tests run on the shared study, in this order: a second tune without --resume
+    (refused), a resumed tuner SIGKILLed mid-trial, then the resume that finishes the study (built once for
+    both tests: each is a tuner process and its trials)."""
+
+    refused: subprocess.CompletedProcess[str]
+    trials_before: list[str]
+    """The study's trial folders before the killed run."""
+    left_running: list[str]
+    """PIDs still naming that trial once the tuner was dead (none: the trial died with it)."""
+    resumed: subprocess.CompletedProcess[str]
+
+
+KILLED_TRIAL = 4
+"""The trial the killed tuner is in: the first the shared tune (4 trials) left for a resume."""
+
+
+@pytest.fixture(scope="module")
+def resumed(tuned: Path, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
+    env = {"WANCTL_CACHE": str(tuned / "cache")}
+    refused = run_cli("tune", "--model", "tiny", "--trials", "4", "--out", str(tuned), env=env)
     before = sorted(d.name for d in (tuned / "trials").iterdir())
+    # A resumed tuner killed mid-trial (the trial hangs, so it is still running when the kill lands): SIGKILL to
+    # the tuner's process group as soon as the trial's own process is there (that process is what must die too).
+    proc = subprocess.Popen([sys.executable, "-c", "import cli; cli.main()", "tune", "--model", "tiny", "--trials",
+                             str(KILLED_TRIAL + 1), "--out", str(tuned), "--resume", "--inject", f"hang@{KILLED_TRIAL}"],
+                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    spec = tuned / "trials" / f"{KILLED_TRIAL:04d}-a0" / "spec.json"
+    deadline = time.monotonic() + 240
+    while not spec.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a condition (the trial asked, its spec written), bounded
+    while not pids_naming(spec) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a condition (its process started: a moment after the spec), bounded
+    assert pids_naming(spec), f"trial {KILLED_TRIAL} never started (tuner exit code {proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    # The trial runs in its own session; it must die with the tuner, not keep a GPU busy forever.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and pids_naming(spec):
+        time.sleep(0.1)  # polling a condition (the kernel delivering the death signal), bounded
+    left = pids_naming(spec)
+    for pid in left:  # (the test below fails on them; they hang forever otherwise)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
     # The resume also runs with a recipe store it cannot write (one tune serves both): hours of tuning end in
     # recipe.toml, launch.sh and the report; an unwritable ~/.cache only costs --best.
-    blocker = tmp_path / "not-a-folder"
+    blocker = tmp_path_factory.mktemp("resume") / "not-a-folder"
     blocker.write_text("")
     for emitted in ("recipe.toml", "launch.sh"):
         (tuned / emitted).unlink()
-    p = run_cli("tune", "--model", "tiny", "--trials", "5", "--out", str(tuned), "--resume",
+    p = run_cli("tune", "--model", "tiny", "--trials", str(KILLED_TRIAL + 1), "--out", str(tuned), "--resume",
                 env={"WANCTL_CACHE": str(blocker / "cache")}, timeout=600)
+    return Resumed(refused=refused, trials_before=before, left_running=left, resumed=p)
+
+
+def test_existing_study_needs_resume_then_continues(tuned: Path, resumed: Resumed) -> None:
+    p = resumed.refused
+    assert p.returncode == 2 and "--resume" in p.stderr
+    p = resumed.resumed
     assert p.returncode == 0, p.stderr[-2000:]
     assert "not saved to the recipe store" in p.stderr and "WANCTL_CACHE" in p.stderr
     assert (tuned / "recipe.toml").is_file() and (tuned / "launch.sh").is_file()
     recs = _records(tuned / "study.journal")
     assert len(recs) == 5
-    new = sorted(set(d.name for d in (tuned / "trials").iterdir()) - set(before))
-    assert not any("base" in n for n in new), new  # the baseline never runs twice
-    # The report names both runs that built the study, in order (the refused one above made nothing).
+    new = sorted(set(d.name for d in (tuned / "trials").iterdir()) - set(resumed.trials_before))
+    assert new and not any("base" in n for n in new), new  # the baseline never runs twice
+    # The report names every run that built the study, in order (the refused one made nothing; the killed one
+    # is a run all the same).
     report = (tuned / "report.md").read_text()
-    assert "The study was built by 2 runs of `wanctl tune`" in report and "Run 2 (wanctl " in report
-    first, second = report.index("--trials 4"), report.index("--trials 5")
-    assert first < second and "--resume" in report[second:second + 200]
+    assert "The study was built by 3 runs of `wanctl tune`" in report and "Run 3 (wanctl " in report
+    first, killed = report.index("--trials 4"), report.index(f"--inject hang@{KILLED_TRIAL}")
+    second = report.index("--trials 5", killed + 1)
+    assert first < killed < second and "--resume" in report[second:second + 200]
+
+
+def test_sigkill_mid_trial_then_resume_loses_only_that_trial(tuned: Path, resumed: Resumed) -> None:
+    """The killed tuner's lock on the study goes with it (the resume runs), its trial dies with it, and the
+    resumed study measures the stacks an uninterrupted one does. (The resume is the one above, with its unwritable
+    cache: the copy ends as the uninterrupted trial would there; which stack it ran is what is checked.)"""
+    from autotune.study import open_storage
+
+    assert not resumed.left_running, "the trial outlived the killed tuner"
+    assert resumed.resumed.returncode == 0, resumed.resumed.stderr[-2000:]
+    st = open_storage(str(tuned / "study.journal"))
+    (summary,) = optuna.get_all_study_summaries(st)
+    trials = optuna.load_study(study_name=summary.study_name, storage=st).trials
+    killed = trials[KILLED_TRIAL]
+    assert killed.state == optuna.trial.TrialState.FAIL and "wanctl_stale" in killed.user_attrs
+    (copy,) = [t for t in trials if t.user_attrs.get("wanctl_requeued") == KILLED_TRIAL]
+    assert copy.state == optuna.trial.TrialState.COMPLETE and RECORD_KEY in copy.user_attrs
+    assert trials[0].user_attrs[RECORD_KEY]["role"] == "baseline"
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+    # The stacks an uninterrupted --trials 5 study measures, the plan's first five (it is queued in order): the
+    # killed one's copy ran first, rather than wait behind the plan while trial 5 took its place.
+    ran = sorted(json.dumps(t.params, sort_keys=True) for t in trials if RECORD_KEY in t.user_attrs)
+    assert ran == sorted(json.dumps(t.params, sort_keys=True) for t in trials[:KILLED_TRIAL + 1])
 
 
 def test_report_rebuilt_from_study_alone(tuned: Path, tmp_path: Path) -> None:
