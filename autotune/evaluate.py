@@ -117,7 +117,12 @@ class Evaluator:
             rec = self._verdict(number, recipe, self.ladder.climb(number, role, recipe, label, notes, fraction),
                                 set())
             if self.ladder.worth_quality(rec, recipe):
-                rec = self._quality_rung(number, recipe, rec)
+                if self.ladder.quality_fits():
+                    rec = self._quality_rung(number, recipe, rec)
+                else:
+                    why = (f"its quality (rung 3: ~{self.ladder.quality_s():.0f} s of whole runs at the proxy) did "
+                           "not fit the budget left beside the finalist's")
+                    rec = dataclasses.replace(rec, reason=f"{rec.reason}; {why}" if rec.reason else why)
         else:
             below = self.state.by_hash.get(h)
             rec = self._run_candidate(number, role, recipe, label, notes,

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ class Ladder:
         self.spec_for = spec_for
         """(recipe, mode, number, tag, **fields) -> TrialSpec: the evaluator's, so faults and folders agree."""
         self.launch = launch
+        self.room_for: Callable[[float], bool] = lambda seconds: True
+        """(seconds) -> whether they still fit this run's budget: the tuner's budget sets it (no budget: always)."""
 
     # ------------------------------------------------------------------ beside the baseline
     def measure_base(self, number: int) -> list[str]:
@@ -335,15 +338,25 @@ class Ladder:
         return 2 * (run + warm)
 
     def next_trial_s(self, costs: list[float]) -> float:
-        """What the next trial may cost, for the budget: the dearest one so far, and at least a slice plus a
-        rung-3 quality run (and the reference it needs, if not made yet, each priced as a baseline speed run)
-        while lossy stacks are searched: a trial's price differs by the rung it reaches."""
+        """What the next trial may cost, for the budget: a typical search trial of this run (most stop on their
+        slice), else the baseline's slice. A rung-3 quality run is dearer (whole runs at the proxy) and is
+        admitted on its own, when a stack earns it and it still fits (``quality_fits``): priced into every
+        trial, it left no room for slices at all (on the H100, A14B 720p: ~240 s per whole run, so a 440 s
+        budget stopped after the baseline)."""
         base = self.state.baseline
         run = (base.wall_s or base.cost_s) if base is not None else 0.0
-        slice_s = statistics.median(costs) if costs else (self.state.ladder.slice_wall_s or run)
-        lossy = self.cfg.tier != "lossless"
-        rung3 = run + (0.0 if "full" in self.state.ref_paths else run) if lossy else 0.0
-        return max(max(costs, default=0.0), slice_s + rung3)
+        return statistics.median(costs) if costs else (self.state.ladder.slice_wall_s or run)
+
+    def quality_s(self) -> float:
+        """What a rung-3 quality run costs: a whole run at the proxy, and the reference it compares with if that
+        is not made yet, each priced as the baseline's speed run."""
+        base = self.state.baseline
+        run = (base.wall_s or base.cost_s) if base is not None else 0.0
+        return run + (0.0 if "full" in self.state.ref_paths else run)
+
+    def quality_fits(self) -> bool:
+        """Whether a rung-3 run still fits the budget beside the finalist's reserve."""
+        return self.room_for(self.quality_s() + self.reserve_s())
 
     def summary(self) -> str:
         lad = self.state.ladder

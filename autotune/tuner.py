@@ -87,6 +87,8 @@ class Tuner:
         on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.evaluator = Evaluator(cfg, self.space, self.state, self.reporter, on_gpu, launch)
         self.budget = Budget(cfg, self.state, self.reporter, self.evaluator.ladder)
+        if self.evaluator.ladder is not None:
+            self.evaluator.ladder.room_for = self.budget.room_for
 
     # ------------------------------------------------------------------ study
     def study_name(self) -> str:
