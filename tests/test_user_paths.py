@@ -137,6 +137,7 @@ def test_an_oserror_no_command_checked_still_names_its_path(monkeypatch: pytest.
     (lambda d: check_output_dir(d / LONG), "create the output folder"),
     (lambda d: check_output_file(d / LONG), "write"),
     (lambda d: check_output_file(d / "a_file" / "v.mp4"), "create the output folder"),
+    (lambda d: check_output_file(d / "a_file" / "v.mp4", create=False), "create the output folder"),
     (lambda d: atomic_write_text(d / "a_file" / "r.toml", "x"), "create the output folder"),
     (lambda d: is_file(d / LONG), "read"),
     (lambda d: check_creatable(d / "a_file" / "s.journal", "write the study journal"), "write the study journal"),
