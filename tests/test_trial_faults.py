@@ -1,4 +1,8 @@
-"""Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner."""
+"""Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner.
+
+A trial process costs seconds of CPU (torch's import): the one trial that finishes (a child left behind in its
+group, which the runner reaps) also shows that the runner asks for progress lines and gets them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune.trial_runner import run_trial
+from autotune.trial_runner import TrialOutcome, run_trial
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 from tests.conftest import pids_naming
@@ -46,11 +50,31 @@ def test_a_single_inf_without_nan_is_detected(tmp_path: Path) -> None:
     assert "the latent (0 NaN, 1 Inf)" in out.reason
 
 
-def test_processes_left_behind_by_a_finished_trial_are_killed(tmp_path: Path) -> None:
-    out = run_trial(_spec(tmp_path, "orphan"), tmp_path, timeout_s=120)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrialOutcome, list[tuple[int, int]]]:
+    """A trial that runs to its end, leaving a child behind in its process group (the ``orphan`` fault), run with
+    a progress callback: (its folder, its outcome, the (done, total) pairs the callback was given)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    seen: list[tuple[int, int]] = []
+    out = run_trial(_spec(tmp, "orphan"), tmp, timeout_s=120, on_progress=lambda d, t: seen.append((d, t)))
+    return tmp, out, seen
+
+
+def test_processes_left_behind_by_a_finished_trial_are_killed(
+        finished: tuple[Path, TrialOutcome, list[tuple[int, int]]]) -> None:
+    tmp, out, _ = finished
     assert out.outcome == "ok", out.reason
     assert "reaped" in out.evidence
-    assert pids_naming(tmp_path) == []
+    assert pids_naming(tmp) == []
+
+
+def test_the_trial_runner_asks_for_progress_and_gets_it(
+        finished: tuple[Path, TrialOutcome, list[tuple[int, int]]]) -> None:
+    """The runtime prints progress lines only for a parent that asks (tests/test_nothing_left_behind.py); the
+    trial runner asks, and hands each to its caller."""
+    _, out, seen = finished
+    assert out.outcome == "ok", out.reason
+    assert seen and seen[-1][0] == seen[-1][1]
 
 
 @pytest.mark.parametrize("fault", ["hang", "ignore_sigterm"])
