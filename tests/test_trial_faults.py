@@ -1,12 +1,15 @@
 """Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner.
 
 A trial process costs seconds of CPU (torch's import): the one trial that finishes (a child left behind in its
-group, which the runner reaps) also shows that the runner asks for progress lines and gets them.
+group, which the runner reaps) also shows that the runner asks for progress lines and gets them, and of the two
+non-finite latents, the NaN-filled one runs in this process (run_spec, what the trial process runs) while the
+single Inf, the same detection with another input, runs as a real trial.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +42,14 @@ def test_fault_becomes_outcome(tmp_path: Path, fault: str, outcome: str, fragmen
 
 
 def test_nan_latents_are_detected(tmp_path: Path) -> None:
-    out = run_trial(_spec(tmp_path, "nan", step=0), tmp_path, timeout_s=120)
-    assert out.outcome == "nan" and "non-finite" in out.reason
+    """In this process, through run_spec (what the trial process runs): the same detection as the single Inf
+    below, whose real trial process shows the way such a result reaches the tuner."""
+    from wan_runtime.run import run_spec
+
+    res = run_spec(_spec(tmp_path, "nan", step=0))
+    assert res.outcome == "nan" and "non-finite" in res.error, (res.outcome, res.error)
+    counted = re.search(r"the latent \((\d+) NaN, (\d+) Inf\)", res.error)  # NaN counted as NaN, apart from Inf
+    assert counted and int(counted[1]) > 0 and counted[2] == "0", res.error
 
 
 def test_a_single_inf_without_nan_is_detected(tmp_path: Path) -> None:
