@@ -29,6 +29,7 @@ from recipes.spec import PROGRESS_ENV
 from tests.conftest import ROOT, as_terminal_job, pids_naming
 
 TINY = Recipe(model="tiny", size="64*48", frames=5, steps=2)
+OLD_VIDEO = b"the user's earlier video"
 
 
 def _dirs(root: Path) -> tuple[Path, Path]:
@@ -43,8 +44,6 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     """The user's folder and a $TMPDIR of the test's own, to see what is left in each."""
     return _dirs(tmp_path)
 
-
-OLD_VIDEO = b"the user's earlier video"
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -139,8 +138,6 @@ def test_a_stopped_launch_sh_run_leaves_nothing_and_no_process(sig: int, code: i
     once denoising has started (synchronised on the progress line the runtime prints when asked for it): the
     run stops at once with one word (bash ran its trap only after the foreground run ended, holding the GPU for
     the whole video), no half video, no raw frames."""
-    import time
-
     cwd, tmp = dirs
     sh = _script(cwd, Recipe(model="tiny", size="64*48", frames=5, steps=400))
     p = subprocess.Popen(["bash", str(sh)], cwd=cwd, env=_env(tmp, OUT="v.mp4", **{PROGRESS_ENV: "1"}),
