@@ -1,9 +1,10 @@
 """Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner.
 
 A trial process costs seconds of CPU (torch's import): the one trial that finishes (a child left behind in its
-group, which the runner reaps) also shows that the runner asks for progress lines and gets them, and of the two
-non-finite latents, the NaN-filled one runs in this process (run_spec, what the trial process runs) while the
-single Inf, the same detection with another input, runs as a real trial.
+group, which the runner reaps) also shows that the runner asks for progress lines and gets them. A fault the
+runtime turns into a result file (an OOM, a NaN-filled latent) runs in this process, through run_spec (what the
+trial process runs); the single Inf, another such result, runs as a real trial and shows the way every result
+file reaches the tuner. A fault that kills the process or writes no result runs as a real trial each.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 from tests.conftest import pids_naming
 
-pytestmark = pytest.mark.slow  # a real trial process per fault
+pytestmark = pytest.mark.slow  # a real trial process per fault (two outcomes of a result file: in this process)
 
 
 def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
@@ -28,7 +29,6 @@ def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
 
 
 @pytest.mark.parametrize("fault, outcome, fragment", [
-    ("oom", "oom", "out of memory"),
     ("crash", "crash", "exit code 7"),
     ("segfault", "crash", "SIGSEGV"),
     ("illegal_memory", "crash", "illegal memory access"),
@@ -39,6 +39,15 @@ def test_fault_becomes_outcome(tmp_path: Path, fault: str, outcome: str, fragmen
     out = run_trial(_spec(tmp_path, fault), tmp_path, timeout_s=120)
     assert out.outcome == outcome
     assert fragment in out.reason
+
+
+def test_an_oom_is_an_outcome(tmp_path: Path) -> None:
+    """In this process, through run_spec (what the trial process runs): the result it writes. A result file
+    reaches the tuner as its outcome and error whatever they are: the single Inf's real trial below shows it."""
+    from wan_runtime.run import run_spec
+
+    res = run_spec(_spec(tmp_path, "oom"))
+    assert res.outcome == "oom" and "out of memory" in res.error, (res.outcome, res.error)
 
 
 def test_nan_latents_are_detected(tmp_path: Path) -> None:
