@@ -242,6 +242,10 @@ def check_output_file(path: str | os.PathLike[str], *, replace: bool = True, cre
     if create:
         check_output_dir(p.parent)
     else:
+        with user_path(p.parent, "create the output folder"):  # a file where the folder goes: check_creatable
+            if p.parent.exists() and not p.parent.is_dir():  # leaves a file that is there to its writer
+                raise PathError(p.parent, "create the output folder", "a file of that name is there",
+                                "pass another path, or move the file")
         check_creatable(p.parent, "create the output folder")
     return p
 

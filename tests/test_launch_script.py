@@ -1,4 +1,8 @@
-"""The launch script reproduces the run: every value reaches the runtime exactly, nothing else executes."""
+"""The launch script reproduces the run: every value reaches the runtime exactly, nothing else executes.
+
+How a launch.sh run ends (the video and nothing else, or, stopped, nothing at all) is
+tests/test_nothing_left_behind.py's.
+"""
 
 from __future__ import annotations
 
@@ -173,67 +177,9 @@ def test_a_compiled_recipe_hands_the_runtime_the_cache_beside_the_script(tmp_pat
     assert "--compile-cache" not in argv(Recipe())  # nothing compiled: no cache to load
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_run_with_130_one_line_and_no_half_video(tmp_path: Path) -> None:
-    import signal
-    import sys
-
-    from tests.conftest import ROOT, as_terminal_job
-
-    sh = tmp_path / "launch.sh"
-    sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=200)))
-    # the runtime's progress lines (what the test waits for) are asked for, as a parent would
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4", "WANCTL_PROGRESS_LINES": "1"}
-    p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, preexec_fn=as_terminal_job)  # its own group, as a terminal job is
-    try:
-        for line in p.stdout:  # type: ignore[union-attr]
-            if line.startswith("WANCTL_PROGRESS"):  # denoising: the model is loaded and running
-                break
-        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground group
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 130, err[-2000:]
-    assert "interrupted" in err and "Traceback" not in err
-    assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]
-
-
-@pytest.mark.slow
-def test_a_supervisors_term_stops_the_run_at_once_with_143(tmp_path: Path) -> None:
-    """TERM to launch.sh alone (a supervisor, `kill PID`; not the process group as Ctrl-C in a terminal)
-    must stop the runtime mid-run: bash ran its trap only after the foreground run ended, holding the GPU
-    for the whole video."""
-    import signal
-    import sys
-    import time
-
-    from tests.conftest import ROOT
-
-    sh = tmp_path / "launch.sh"
-    sh.write_text(render_launch_script(Recipe(model="tiny", size="128*128", frames=9, steps=400)))
-    # the runtime's progress lines (what the test waits for) are asked for, as a parent would
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OUT": "v.mp4", "WANCTL_PROGRESS_LINES": "1"}
-    p = subprocess.Popen(["bash", str(sh)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
-    try:
-        for line in p.stdout:  # type: ignore[union-attr]
-            if line.startswith("WANCTL_PROGRESS"):
-                break
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)  # the script only
-        _, err = p.communicate(timeout=60)
-        took = time.monotonic() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 143, err[-2000:]
-    assert took < 30, took  # 400 steps would take minutes
-    assert "interrupted" in err and "Traceback" not in err
-    leftover = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
-    assert leftover == []  # the runtime is gone with the script
-    assert not [q.name for q in tmp_path.rglob("*") if q.suffix in (".mp4", ".npy")]
+# Ctrl-C (130) and a supervisor's TERM (143) to a running launch.sh, and a closed terminal's HUP (129): one word,
+# stopped at once, no half video, no raw frames, no process left: tests/test_nothing_left_behind.py
+# (test_a_stopped_launch_sh_run_leaves_nothing_and_no_process), on the runs it stops anyway.
 
 
 def test_an_image_in_the_environment_reaches_only_tasks_that_take_one(tmp_path: Path) -> None:

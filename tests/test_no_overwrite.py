@@ -1,6 +1,12 @@
 """Nothing overwritten unasked, nothing created on refusal: every command that writes a file the user names
 refuses one that is there unless --force, and a run refused after its output folder had to exist removes the
-folders it made."""
+folders it made.
+
+The commands run through ``cli.main`` in this process (the ``cli_here`` fixture: every refusal here comes before
+any runtime starts, and probe's --force writes without one), one of them also as a fresh process; launch.sh's
+refusal is its runtime's own. That ``generate --force`` and ``./launch.sh --force`` replace the video is checked
+on the successful runs of tests/test_nothing_left_behind.py (each made with --force over a video of the user's).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from recipes.errors import BadInput
 from recipes.files import check_output_file, output_folder
 from recipes.launch import render_launch_script
 from recipes.recipe import Recipe
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, CliHere, run_cli
 
 SMALL = ["--model", "tiny", "--size", "64*48", "--frames", "5", "--steps", "1"]
 
@@ -41,14 +47,27 @@ WRITERS = {
 
 
 @pytest.mark.parametrize("name", sorted(WRITERS))
-def test_an_existing_output_is_refused_without_force_and_nothing_is_written(name: str, tmp_path: Path) -> None:
+def test_an_existing_output_is_refused_without_force_and_nothing_is_written(name: str, tmp_path: Path,
+                                                                           cli_here: CliHere) -> None:
     args, target = WRITERS[name]
     (tmp_path / target).write_text("the user's own file")
     before = _snapshot(tmp_path)
-    p = run_cli(*args, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")})
+    p = cli_here(*args, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")})
     err = " ".join(p.stderr.split())
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"{target} already exists" in err and "--force" in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_existing_output_is_refused_by_a_fresh_process(tmp_path: Path) -> None:
+    """One of the refusals above end to end, as a user's own process: exit status 2, the message on stderr."""
+    (tmp_path / "mine.mp4").write_text("the user's own file")
+    before = _snapshot(tmp_path)
+    p = run_cli(*WRITERS["generate --out"][0], cwd=tmp_path,
+                env={"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")})
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "mine.mp4 already exists" in err and "--force" in err and "Traceback" not in err
     assert _snapshot(tmp_path) == before
 
 
@@ -62,17 +81,14 @@ def test_launch_sh_refuses_an_existing_out_without_force(tmp_path: Path) -> None
     assert _snapshot(tmp_path) == before
 
 
-def test_force_replaces_the_output(tmp_path: Path) -> None:
+def test_force_replaces_the_output(tmp_path: Path, cli_here: CliHere) -> None:
+    """probe --save here; generate --out and launch.sh's OUT: tests/test_nothing_left_behind.py
+    (test_generate_force_replaces_the_output, test_launch_sh_force_replaces_the_output)."""
     env = {"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")}
-    for target, run in (("mine.mp4", lambda: run_cli("generate", *SMALL, "--out", "mine.mp4", "--force",
-                                                     cwd=tmp_path, env=env)),
-                        ("probe.json", lambda: run_cli("probe", "--no-kernels", "--save", "probe.json", "--force",
-                                                       cwd=tmp_path, env=env)),
-                        ("v.mp4", lambda: _launch(tmp_path, "--force"))):
-        (tmp_path / target).write_text("old")
-        p = run()
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert (tmp_path / target).read_bytes() != b"old" and (tmp_path / target).stat().st_size > 100
+    (tmp_path / "probe.json").write_text("old")
+    p = cli_here("probe", "--no-kernels", "--save", "probe.json", "--force", cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "probe.json").read_bytes() != b"old" and (tmp_path / "probe.json").stat().st_size > 100
 
 
 # ------------------------------------------------------------------ refused runs leave no folder
@@ -81,8 +97,8 @@ def test_force_replaces_the_output(tmp_path: Path) -> None:
     (["download", "--offline", "--dir", "new/deeper"], 1),  # refused: offline, nothing there
     (["probe", "--no-kernels", "--save", "new/deeper/p.json", "--json"], 0),  # the folder is made with the file
 ], ids=["tune", "download", "probe"])
-def test_a_refused_run_creates_no_folder(args: list[str], code: int, tmp_path: Path) -> None:
-    p = run_cli(*args, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")})
+def test_a_refused_run_creates_no_folder(args: list[str], code: int, tmp_path: Path, cli_here: CliHere) -> None:
+    p = cli_here(*args, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path.parent / f"{tmp_path.name}-cache")})
     assert p.returncode == code, p.stderr[-2000:]
     if code:
         assert not (tmp_path / "new").exists(), sorted(str(q) for q in tmp_path.rglob("*"))

@@ -1,18 +1,26 @@
-"""Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner."""
+"""Every way a trial process can fail reaches the tuner as a recorded outcome, never as a dead tuner.
+
+A trial process costs seconds of CPU (torch's import): the one trial that finishes (a child left behind in its
+group, which the runner reaps) also shows that the runner asks for progress lines and gets them. A fault the
+runtime turns into a result file (an OOM, a NaN-filled latent) runs in this process, through run_spec (what the
+trial process runs); the single Inf, another such result, runs as a real trial and shows the way every result
+file reaches the tuner. A fault that kills the process or writes no result runs as a real trial each.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from autotune.trial_runner import run_trial
+from autotune.trial_runner import TrialOutcome, run_trial
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
 from tests.conftest import pids_naming
 
-pytestmark = pytest.mark.slow  # a real trial process per fault
+pytestmark = pytest.mark.slow  # a real trial process per fault (two outcomes of a result file: in this process)
 
 
 def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
@@ -21,7 +29,6 @@ def _spec(tmp: Path, fault: str, step: int = -1) -> TrialSpec:
 
 
 @pytest.mark.parametrize("fault, outcome, fragment", [
-    ("oom", "oom", "out of memory"),
     ("crash", "crash", "exit code 7"),
     ("segfault", "crash", "SIGSEGV"),
     ("illegal_memory", "crash", "illegal memory access"),
@@ -34,9 +41,24 @@ def test_fault_becomes_outcome(tmp_path: Path, fault: str, outcome: str, fragmen
     assert fragment in out.reason
 
 
+def test_an_oom_is_an_outcome(tmp_path: Path) -> None:
+    """In this process, through run_spec (what the trial process runs): the result it writes. A result file
+    reaches the tuner as its outcome and error whatever they are: the single Inf's real trial below shows it."""
+    from wan_runtime.run import run_spec
+
+    res = run_spec(_spec(tmp_path, "oom"))
+    assert res.outcome == "oom" and "out of memory" in res.error, (res.outcome, res.error)
+
+
 def test_nan_latents_are_detected(tmp_path: Path) -> None:
-    out = run_trial(_spec(tmp_path, "nan", step=0), tmp_path, timeout_s=120)
-    assert out.outcome == "nan" and "non-finite" in out.reason
+    """In this process, through run_spec (what the trial process runs): the same detection as the single Inf
+    below, whose real trial process shows the way such a result reaches the tuner."""
+    from wan_runtime.run import run_spec
+
+    res = run_spec(_spec(tmp_path, "nan", step=0))
+    assert res.outcome == "nan" and "non-finite" in res.error, (res.outcome, res.error)
+    counted = re.search(r"the latent \((\d+) NaN, (\d+) Inf\)", res.error)  # NaN counted as NaN, apart from Inf
+    assert counted and int(counted[1]) > 0 and counted[2] == "0", res.error
 
 
 def test_a_single_inf_without_nan_is_detected(tmp_path: Path) -> None:
@@ -46,11 +68,31 @@ def test_a_single_inf_without_nan_is_detected(tmp_path: Path) -> None:
     assert "the latent (0 NaN, 1 Inf)" in out.reason
 
 
-def test_processes_left_behind_by_a_finished_trial_are_killed(tmp_path: Path) -> None:
-    out = run_trial(_spec(tmp_path, "orphan"), tmp_path, timeout_s=120)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrialOutcome, list[tuple[int, int]]]:
+    """A trial that runs to its end, leaving a child behind in its process group (the ``orphan`` fault), run with
+    a progress callback: (its folder, its outcome, the (done, total) pairs the callback was given)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    seen: list[tuple[int, int]] = []
+    out = run_trial(_spec(tmp, "orphan"), tmp, timeout_s=120, on_progress=lambda d, t: seen.append((d, t)))
+    return tmp, out, seen
+
+
+def test_processes_left_behind_by_a_finished_trial_are_killed(
+        finished: tuple[Path, TrialOutcome, list[tuple[int, int]]]) -> None:
+    tmp, out, _ = finished
     assert out.outcome == "ok", out.reason
     assert "reaped" in out.evidence
-    assert pids_naming(tmp_path) == []
+    assert pids_naming(tmp) == []
+
+
+def test_the_trial_runner_asks_for_progress_and_gets_it(
+        finished: tuple[Path, TrialOutcome, list[tuple[int, int]]]) -> None:
+    """The runtime prints progress lines only for a parent that asks (tests/test_nothing_left_behind.py); the
+    trial runner asks, and hands each to its caller."""
+    _, out, seen = finished
+    assert out.outcome == "ok", out.reason
+    assert seen and seen[-1][0] == seen[-1][1]
 
 
 @pytest.mark.parametrize("fault", ["hang", "ignore_sigterm"])

@@ -3,6 +3,10 @@ nothing created.
 
 The paths fail for reasons root cannot override (tests run as root, so permission bits prove nothing): a
 folder under a regular file, a name longer than the file system allows, a read-only file system.
+
+Each command line runs through ``cli.main`` in this process (the ``cli_here`` fixture: the same entry and mapping
+of errors to exit codes and messages; every refusal here comes before any runtime starts); one runs as a fresh
+process, as a user's would.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pytest
 
 from recipes.errors import PathError, WanctlError
 from recipes.files import atomic_write_text, check_creatable, check_output_dir, check_output_file, is_file, user_path
-from tests.conftest import run_cli
+from tests.conftest import CliHere, run_cli
 
 LONG = "n" * 300
 """One name past every common file system's 255-byte limit (ENAMETOOLONG)."""
@@ -88,25 +92,37 @@ def _check(p: subprocess.CompletedProcess[str], bad: str) -> None:
 @pytest.mark.parametrize("args", [o[1] for o in OPTIONS], ids=[o[0] for o in OPTIONS])
 @pytest.mark.parametrize("kind", ["under a file", "name too long"])
 def test_an_unusable_path_is_one_clean_message_and_creates_nothing(args: list[str], kind: str, tmp_path: Path,
-                                                                  study: tuple[str, Path]) -> None:
+                                                                  study: tuple[str, Path], cli_here: CliHere) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     bad = str(a_file) if kind == "under a file" else str(tmp_path / LONG)
     argv = [a.format(bad=bad, study=study[0], journal=study[1]) for a in args]
     before = _snapshot(tmp_path)
-    p = run_cli(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "c")})
+    p = cli_here(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "c")})
     _check(p, bad)
     assert _snapshot(tmp_path) == before  # no default --out folder, journal or half file left behind
     assert a_file.read_text() == "keep me"
 
 
+def test_an_unusable_path_in_a_fresh_process_is_one_clean_message(tmp_path: Path) -> None:
+    """One of the cases above end to end, as a user's own process: exit status 2, the message on stderr."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    before = _snapshot(tmp_path)
+    p = run_cli("generate", "--model", "tiny", "--out", f"{a_file}/v.mp4", cwd=tmp_path,
+                env={"WANCTL_CACHE": str(tmp_path / "c")})
+    _check(p, str(a_file))
+    assert _snapshot(tmp_path) == before
+    assert a_file.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("args", [o[1] for o in OPTIONS if o[2]], ids=[o[0] for o in OPTIONS if o[2]])
 def test_a_read_only_file_system_is_one_clean_message(args: list[str], read_only: Path, tmp_path: Path,
-                                                      study: tuple[str, Path]) -> None:
+                                                      study: tuple[str, Path], cli_here: CliHere) -> None:
     bad = str(read_only / "sub")
     argv = [a.format(bad=bad, study=study[0], journal=study[1]) for a in args]
     before = _snapshot(tmp_path)
-    p = run_cli(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "c")})
+    p = cli_here(*argv, cwd=tmp_path, env={"WANCTL_CACHE": str(tmp_path / "c")})
     _check(p, bad)
     assert _snapshot(tmp_path) == before
 
@@ -137,6 +153,7 @@ def test_an_oserror_no_command_checked_still_names_its_path(monkeypatch: pytest.
     (lambda d: check_output_dir(d / LONG), "create the output folder"),
     (lambda d: check_output_file(d / LONG), "write"),
     (lambda d: check_output_file(d / "a_file" / "v.mp4"), "create the output folder"),
+    (lambda d: check_output_file(d / "a_file" / "v.mp4", create=False), "create the output folder"),
     (lambda d: atomic_write_text(d / "a_file" / "r.toml", "x"), "create the output folder"),
     (lambda d: is_file(d / LONG), "read"),
     (lambda d: check_creatable(d / "a_file" / "s.journal", "write the study journal"), "write the study journal"),
