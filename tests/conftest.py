@@ -37,7 +37,7 @@ SLOW_FILES = {
     "test_knob_contract.py": 30, "test_compile_cache.py": 28, "test_launch_script.py": 25, "test_trial_faults.py": 20,
     "test_probe_kernels.py": 15, "test_recipe_store.py": 14, "test_generate_fit.py": 12, "test_compile_observer.py": 10,
     "test_cli_bad_input.py": 10, "test_ladder.py": 8, "test_runtime_rungs.py": 10, "test_serve.py": 25,
-    "test_batch.py": 15, "test_deploy.py": 90, "test_serve_ranks.py": 45,
+    "test_batch.py": 15, "test_deploy.py": 90, "test_serve_ranks.py": 45, "test_nothing_left_behind.py": 65, "test_parallel_cache.py": 35,
 }
 
 
