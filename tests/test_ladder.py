@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -271,21 +272,29 @@ class TimedRuntime(LadderRuntime):
         return dataclasses.replace(super().__call__(spec), wall_s=cost)
 
 
-def test_a_budgeted_ladder_keeps_room_for_its_finalist_and_confirmation(h100: ProbeResult, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """--budget 15m at the A14B's costs: the slices stop early enough for the finalist's whole run and its
-    confirmation to fit, and the study ends inside the budget with a confirmed recipe."""
+def _fifteen_minutes(h100: ProbeResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     runtime: type[TimedRuntime]) -> tuple[Tuner, TimedRuntime, Any]:
+    """A --budget 15m ladder tune on a clock that ``runtime``'s processes advance; it ends inside the budget with
+    a confirmed whole-workload recipe."""
     import autotune.tuner
 
     clock = Clock()
     monkeypatch.setattr(autotune.tuner.time, "monotonic", clock.monotonic)
-    rt = TimedRuntime(clock)
+    rt = runtime(clock)
     t = Tuner(TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, budget_s=900, out_dir=str(tmp_path),
                          ladder="on"), h100, launch=rt)
     start = clock.now
     res = t.run()
-    assert res.best is not None and res.confirm is not None and res.best.rung == 4
     assert clock.now - start <= 900
+    assert res.best is not None and res.confirm is not None and res.best.rung == 4
+    return t, rt, res
+
+
+def test_a_budgeted_ladder_keeps_room_for_its_finalist_and_confirmation(h100: ProbeResult, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--budget 15m at the A14B's costs: the slices stop early enough for the finalist's whole run and its
+    confirmation to fit, and the study ends inside the budget with a confirmed recipe."""
+    t, rt, res = _fifteen_minutes(h100, tmp_path, monkeypatch, TimedRuntime)
     stacks = [s for s in rt.specs if s.mode == "slice" and s.trial_number > 0]
     assert len(stacks) >= 2
     assert sum(s.mode == "measure" for s in rt.specs) == 3  # baseline, finalist, confirmation
@@ -307,18 +316,8 @@ def test_whole_runs_at_the_h100s_cost_leave_the_slices_their_room(h100: ProbeRes
     priced as a slice plus two whole runs, a 440 s budget stopped after the baseline. Here 15 minutes climb
     several slices, stop each lossy stack whose quality would not fit with that reason, and end inside the
     budget with a confirmed recipe."""
-    import autotune.tuner
-
-    clock = Clock()
-    monkeypatch.setattr(autotune.tuner.time, "monotonic", clock.monotonic)
-    rt = H100Runtime(clock)
-    t = Tuner(TuneConfig(model="random", task="ti2v-5B", frames=17, steps=8, budget_s=900, out_dir=str(tmp_path),
-                         ladder="on"), h100, launch=rt)
-    start = clock.now
-    res = t.run()
-    assert clock.now - start <= 900
+    t, rt, res = _fifteen_minutes(h100, tmp_path, monkeypatch, H100Runtime)
     assert sum(s.mode == "slice" and s.trial_number > 0 for s in rt.specs) >= 3
-    assert res.best is not None and res.confirm is not None and res.best.rung == 4
     stopped = [r for r in records(t) if "did not fit the budget" in r.reason]
     assert all(r.rung == 2 and tier_of(recipe_from_dict(r.recipe)) == "lossy" for r in stopped)
 
