@@ -7,6 +7,7 @@ OOM is "oom" wherever it happens, and the reason carries the error's fix hint th
 from __future__ import annotations
 
 import errno
+import logging
 
 import torch
 
@@ -29,10 +30,19 @@ STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecifie
 process fails with them, whatever the job."""
 
 
-def poisons_device(exc: BaseException) -> bool:
-    """Whether ``exc`` left this process's GPU unusable (an out-of-memory error or a bad input does not)."""
-    text = str(exc)
+def poisons_device(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception, or a failed job's line: another rank's, on a server) left a GPU unusable
+    (an out-of-memory error or a bad input does not)."""
+    text = str(error)
     return any(s in text for s in STICKY_CUDA_ERRORS)
+
+
+def job_failure(exc: BaseException, phase: str, log: logging.Logger, what: str) -> str:
+    """A failed job's line, ``<outcome> in <phase>: <reason>``, as the server and its ranks record it; a library's
+    own error (not ``expected``) also logs its traceback, under ``what`` (which job, on which rank)."""
+    if not expected(exc):
+        log.exception("%s: unexpected error in phase %s", what, phase)
+    return f"{outcome_of(exc)} in {phase}: {reason(exc)}"
 
 
 def outcome_of(exc: BaseException) -> str:

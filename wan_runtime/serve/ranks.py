@@ -139,7 +139,7 @@ def follow(config: ServeConfig) -> int:
     share_torch_cudnn()  # before diffusers' import of peft imports Transformer Engine, as on rank 0
     from wan_runtime.engine import Cancelled
     from wan_runtime.env import pick_device
-    from wan_runtime.failure import expected, outcome_of, reason
+    from wan_runtime.failure import job_failure
     from wan_runtime.serve.worker import build_engine, warm_up
 
     engine, warm = None, False
@@ -171,9 +171,7 @@ def follow(config: ServeConfig) -> int:
             except Cancelled:
                 outcome = CANCELLED
             except Exception as exc:  # its reason goes to rank 0, which fails the job with it
-                if not expected(exc):
-                    log.exception("rank %d: job %s: unexpected error in phase %s", rank, msg["id"], engine.phase.name)
-                outcome = f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}"
+                outcome = job_failure(exc, engine.phase.name, log, f"rank {rank}: job {msg['id']}")
             channel.roll_call(outcome)
     except Exception as exc:  # noqa: BLE001 - the control channel broke (rank 0 gone, or a rank hung): out
         return _failed(rank, "stopped following rank 0", exc)

@@ -146,7 +146,7 @@ class Worker:
 
     def _run(self, engine: Any, rec: JobRecord) -> None:
         from wan_runtime.engine import Cancelled
-        from wan_runtime.failure import DeviceLost, expected, outcome_of, poisons_device, reason
+        from wan_runtime.failure import DeviceLost, job_failure, poisons_device
         from wan_runtime.serve.ranks import CANCELLED, first_failure
 
         folder = self.store.job_dir(rec.id)
@@ -166,7 +166,6 @@ class Worker:
             timings["total_s"] = time.perf_counter() - t0
             self.store.end(rec.id, "failed", error=error, timings=timings)
 
-        lost: BaseException | None = None
         try:
             channel.job(rec.id, rec.job)
             res, outcome = None, ""
@@ -175,10 +174,7 @@ class Worker:
             except Cancelled:
                 outcome = CANCELLED
             except Exception as exc:  # a job's failure is its status; the server goes on with the next
-                if not expected(exc):
-                    log.exception("job %s: unexpected error in phase %s", rec.id, engine.phase.name)
-                outcome = f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}"
-                lost = exc if poisons_device(exc) else None
+                outcome = job_failure(exc, engine.phase.name, log, f"job {rec.id}")
             # Every rank says how its run ended (one process: this one alone). A rank that never answers raises
             # here, and the server stops: the job then runs again at the next start, as after a kill.
             outcomes = channel.roll_call(outcome)
@@ -188,23 +184,20 @@ class Worker:
                     self.store.requeue(rec.id)
                     return
                 self.store.end(rec.id, "cancelled", timings=timings)
-            elif outcome:
-                failed(outcome)
-                if lost is not None:  # the job is failed, not queued again: it would kill the next server too
-                    raise DeviceLost(f"the GPU is unusable after job {rec.id}'s error ({reason(lost)})",
+            elif failure := outcome or first_failure(outcomes):
+                failed(failure)
+                if poisons_device(failure):  # on any rank; the job is failed, not queued again: it would kill the
+                    # next server too
+                    raise DeviceLost(f"the GPU is unusable after job {rec.id}'s error ({failure})",
                                      "the server stops so that its supervisor starts it again on a fresh CUDA "
-                                     "context (systemd Restart=on-failure, docker --restart on-failure)") from lost
-            elif peer := first_failure(outcomes):
-                failed(peer)
+                                     "context (systemd Restart=on-failure, docker --restart on-failure)")
             else:
                 assert res is not None
                 try:
                     work.mkdir(parents=True)
                     video = engine.write_video(res, folder / VIDEO_FILE, work)
                 except Exception as exc:  # a NaN video, a full disk: this job's failure
-                    if not expected(exc):
-                        log.exception("job %s: unexpected error writing the video", rec.id)
-                    failed(f"{outcome_of(exc)} in {engine.phase.name}: {reason(exc)}")
+                    failed(job_failure(exc, engine.phase.name, log, f"job {rec.id}"))
                 else:
                     timings.update(video.timings, total_s=time.perf_counter() - t0)
                     self.store.end(rec.id, "done", video=str(video.path), frames=video.frames, timings=timings,
