@@ -16,7 +16,7 @@ from typing import Any
 from autotune.choice import WHOLE_RUNG, recipe_hash
 from autotune.config import TuneConfig
 from autotune.fallbacks import MemoryFallback, memory_fallbacks
-from autotune.ladder import Ladder
+from autotune.ladder import AWAITS_QUALITY, Ladder
 from autotune.plan import traceable
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
@@ -97,7 +97,7 @@ class Evaluator:
         h = recipe_hash(recipe.to_dict())
         climbs = (self.ladder is not None and self.state.baseline is not None and role not in ("baseline", "finalist")
                   and recipe.gpus == 1 and self.state.ladder.base_forward_s > 0)
-        reaches = 2 if climbs else WHOLE_RUNG
+        reaches = (3 if role == "quality" else 2) if climbs else WHOLE_RUNG
         if h in self.state.by_hash and self.state.by_hash[h].rung >= min(reaches, 2):
             prev = self.state.by_hash[h]
             if prev.rung >= reaches or prev.outcome != "ok":  # measured this far already, or stopped below
@@ -111,18 +111,21 @@ class Evaluator:
                 for note in self.ladder.measure_base(number):
                     self.state.notes.append(note)
                     self.reporter.message(note)
+                if self.ladder.lossy_searched() and not self.cfg.single_run:
+                    # Rung 3 compares with it, and its run prices rung 3 for the budget (a whole run's price
+                    # was twice too dear at A14B 720p: the proxy is 480p, 17 frames).
+                    self._reference("full")
         elif climbs:
             assert self.ladder is not None
             fraction = self._priced_fraction(recipe)
             rec = self._verdict(number, recipe, self.ladder.climb(number, role, recipe, label, notes, fraction),
                                 set())
             if self.ladder.worth_quality(rec, recipe):
-                if self.ladder.quality_fits():
+                if role == "quality":  # after the search: the lossy stack predicted fastest (autotune.tuner)
                     rec = self._quality_rung(number, recipe, rec)
                 else:
-                    why = (f"its quality (rung 3: ~{self.ladder.quality_s():.0f} s of whole runs at the proxy) did "
-                           "not fit the budget left beside the finalist's")
-                    rec = dataclasses.replace(rec, reason=f"{rec.reason}; {why}" if rec.reason else why)
+                    rec = dataclasses.replace(rec, reason=f"{AWAITS_QUALITY} (its quality at the proxy, after "
+                                                          "the search, if it is then the fastest lossy stack)")
         else:
             below = self.state.by_hash.get(h)
             rec = self._run_candidate(number, role, recipe, label, notes,
@@ -250,6 +253,7 @@ class Evaluator:
                                   "lower --proxy-size/--proxy-frames or check the logs under reference/")
         self.state.ref_paths[kind] = (out.result.frames_path, out.result.latent_path)
         self.state.ref_step_s[kind] = out.result.timings.step_median_s
+        self.state.ref_wall_s[kind] = out.wall_s
         self.state.save_baseline()
 
     def _run_candidate(self, number: int, role: str, recipe: Recipe, label: str, notes: list[str],
@@ -262,7 +266,10 @@ class Evaluator:
         fallback_fields: set[str] = set()
         attempt = 0
         while True:
-            rec = self._measure(number, role, label, recipe, attempt, notes, checked)
+            # A finalist's run may stand as its confirmation (Ladder.as_confirmation), so it is measured as one:
+            # compiled cold, writing the compile cache the emitted recipe carries.
+            cache = self._compile_cache(recipe, number, f"a{attempt}") if role == "finalist" else None
+            rec = self._measure(number, role, label, recipe, attempt, notes, checked, spec_kw=cache)
             if rec.outcome != "oom":
                 break
             options = self._memory_options(recipe, rec.phase)
@@ -331,7 +338,8 @@ class Evaluator:
             if rec.outcome == "ok" and out.result is not None:
                 rec = self._gate(rec, recipe, out.result)
             return rec
-        out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps))
+        out = self.launch(self._spec(recipe, "measure", number, tag, measure_steps=self.cfg.measure_steps,
+                                     **(spec_kw or {})))
         rec = self._record(number, role, label, recipe, out, notes)
         if rec.outcome != "ok" or out.result is None:
             return rec

@@ -14,8 +14,11 @@ Rungs (``RUNGS``), each run in its own processes (a crash, hang or OOM costs tha
     holds compile, scaled to the whole workload by the baseline's own slice (the denoise time predicted
     from it is what the sampler learns from); its output against the same slice before any knob is the
     lossless knobs' numeric check;
-  3 quality on the real model at the proxy workload, for finalists with a lossy knob only;
-  4 the whole workload for the finalists, then the confirmation run (autotune.choice).
+  3 quality on the real model at the proxy workload, for lossy stacks only, after the search has measured
+    every stack's slice: the one predicted fastest goes first (breadth first, so a budget is not spent on
+    the first lossy stack found);
+  4 the whole workload for the finalists; a finalist whose run holds its slice's prediction is confirmed
+    by it, any other gets a confirmation run of its own (autotune.choice).
 Every rung's record is an Optuna trial with ``TrialRecord.rung`` set, so ``--resume``, a second worker
 and ``wanctl report`` see the ladder.
 """
@@ -36,7 +39,7 @@ from autotune.quality_gate import QualityPolicy, tier_of
 from autotune.search_space import SearchSpace
 from autotune.state import StudyState
 from autotune.trial_runner import TrialOutcome
-from recipes.catalogue import CATALOGUE, forward_recipe
+from recipes.catalogue import CATALOGUE, LOSSLESS, forward_recipe
 from recipes.recipe import Recipe
 from recipes.records import TrialRecord
 from recipes.spec import COMPONENTS_FILE, TrialSpec
@@ -54,6 +57,8 @@ much: composing eager kernel timings misses what compile fuses, so only a clear 
 FINALISTS = 2
 """Stacks a run takes to the whole workload; the second only when the first did not hold its prediction."""
 COMPONENT_ITERS_NOTE = "median of 3 calls after 1 warm-up"
+AWAITS_QUALITY = "awaits rung 3"
+"""The reason a lossy stack's slice record carries until rung 3 runs it (``Ladder.awaits_quality``)."""
 
 
 def fraction_floor(recipe: Recipe, priced: float) -> float:
@@ -304,10 +309,19 @@ class Ladder:
         return dataclasses.replace(self.spec_for(recipe, "slice", number, tag), slice_blocks=SLICE_BLOCKS,
                                    warmup_steps=max(1, self.cfg.warmup_steps), slice_iters=3)
 
-    # ------------------------------------------------------------------ who climbs to the whole workload
-    def next_finalist(self) -> TrialRecord | None:
-        """The stack to take to the whole workload next, or None: the fastest predicted one not yet run
-        there, while it can still beat the fastest whole-workload time on record."""
+    # ------------------------------------------------------------------ who climbs after the search
+    def awaits_quality(self, rec: TrialRecord) -> bool:
+        """Whether ``rec`` is a lossy stack measured on its slice that earned rung 3 and has not run it: the
+        search measures every stack's slice first, and rung 3 (whole runs at the proxy) goes afterwards to
+        the lossy stack predicted fastest, not to the first one found."""
+        return (rec.rung == 2 and rec.outcome == "ok" and not rec.gate_passed and rec.forward_s > 0
+                and rec.reason.startswith(AWAITS_QUALITY))
+
+    def next_climber(self, no_quality: frozenset[str] | set[str] = frozenset()) -> TrialRecord | None:
+        """The stack to climb next, or None: the fastest predicted one not yet run on the whole workload, while
+        it can still beat the baseline and the fastest whole-workload time on record. A lossy stack awaiting
+        rung 3 is returned as it is (its quality runs next); ``no_quality``: hashes of those whose rung 3
+        this run will not give (it did not fit), passed over."""
         whole = [r for r in self.state.by_hash.values() if r.rung >= WHOLE_RUNG and r.role != "baseline"]
         if sum(1 for r in whole if r.role == "finalist") >= FINALISTS:
             return None
@@ -315,8 +329,10 @@ class Ladder:
         best_whole = min((r.denoise_pred_s for r in whole if r.outcome == "ok" and r.gate_passed), default=0.0)
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
         for r in sorted(self.state.by_hash.values(), key=lambda r: r.denoise_pred_s):
-            if (r.rung not in (2, 3) or r.outcome != "ok" or not r.gate_passed or r.denoise_pred_s <= 0
-                    or recipe_hash(r.recipe) in done):
+            if r.rung not in (2, 3) or r.outcome != "ok" or r.denoise_pred_s <= 0 or recipe_hash(r.recipe) in done:
+                continue
+            waiting = self.awaits_quality(r)
+            if not (r.gate_passed or waiting) or (waiting and recipe_hash(r.recipe) in no_quality):
                 continue  # (a lossy stack is a finalist only once rung 3 passed its quality)
             if base_t and r.denoise_pred_s > base_t * (1 + self.tol):
                 return None  # sorted: none after it beats the baseline either
@@ -325,38 +341,62 @@ class Ladder:
             return r
         return None
 
-    def reserve_s(self) -> float:
-        """Seconds the finalist and its confirmation will take: what the sampling phase leaves free. Both are
-        whole-workload speed runs like the baseline's (plus the compile warm-up its slice measured, twice); a
-        finalist's quality is known before it is one (its slice's check, or rung 3)."""
+    def lossy_searched(self) -> bool:
+        """Whether the search can find a lossy stack (one rung 3 must judge): the space holds a lossy value."""
+        return any(e.tier(v) != LOSSLESS for e in CATALOGUE if e.lossy for v in getattr(self.space, e.name))
+
+    def whole_s(self, top: TrialRecord | None) -> float:
+        """One whole-workload speed run of ``top``: the baseline's, plus the compile warm-up its slice measured
+        (the finalist's run compiles cold, into the compile cache the recipe carries)."""
         base = self.state.baseline
         if base is None:
             return 0.0
-        top = self.next_finalist()
-        run = base.wall_s or base.cost_s
-        warm = top.warmup_s if top is not None else 0.0
-        return 2 * (run + warm)
+        return (base.wall_s or base.cost_s) + (top.warmup_s if top is not None else 0.0)
+
+    def reserve_s(self) -> float:
+        """Seconds what follows the search will take: the finalist's whole run (which is its confirmation when
+        it holds its slice's prediction) and, before it, a rung-3 quality run while one may be wanted (the
+        stack predicted fastest is lossy, or none has passed rung 3 and the search can still find one: a
+        lossy stack found late must still have room to climb). A finalist's quality is known before it is
+        one (its slice's check, or rung 3)."""
+        if self.state.baseline is None:
+            return 0.0
+        top = self.next_climber()
+        passed3 = any(r.rung == 3 and r.gate_passed and r.outcome == "ok" for r in self.state.by_hash.values())
+        wanted = (top is not None and self.awaits_quality(top)) or (self.lossy_searched() and not passed3)
+        return (self.whole_s(top) if top is not None else 0.0) + (self.quality_s() if wanted else 0.0)
 
     def next_trial_s(self, costs: list[float]) -> float:
-        """What the next trial may cost, for the budget: a typical search trial of this run (most stop on their
-        slice), else the baseline's slice. A rung-3 quality run is dearer (whole runs at the proxy) and is
-        admitted on its own, when a stack earns it and it still fits (``quality_fits``): priced into every
-        trial, it left no room for slices at all (on the H100, A14B 720p: ~240 s per whole run, so a 440 s
-        budget stopped after the baseline)."""
+        """What the next search trial may cost, for the budget: a typical search trial of this run (each stops
+        on its slice), else the baseline's slice. The dearer rungs after the search are in ``reserve_s``."""
         base = self.state.baseline
         run = (base.wall_s or base.cost_s) if base is not None else 0.0
         return statistics.median(costs) if costs else (self.state.ladder.slice_wall_s or run)
 
     def quality_s(self) -> float:
-        """What a rung-3 quality run costs: a whole run at the proxy, and the reference it compares with if that
-        is not made yet, each priced as the baseline's speed run."""
+        """What a rung-3 quality run costs: a run at the proxy, priced as the reference's (the baseline's run at
+        the proxy) with the compile warm-up a slice measured; before the reference is made, it and the run
+        are each priced as the baseline's whole speed run (dearer: an upper bound)."""
         base = self.state.baseline
         run = (base.wall_s or base.cost_s) if base is not None else 0.0
+        if ref := self.state.ref_wall_s.get("full", 0.0):
+            return ref + max((r.warmup_s for r in self.state.by_hash.values() if r.rung == 2), default=0.0)
         return run + (0.0 if "full" in self.state.ref_paths else run)
 
-    def quality_fits(self) -> bool:
-        """Whether a rung-3 run still fits the budget beside the finalist's reserve."""
-        return self.room_for(self.quality_s() + self.reserve_s())
+    def as_confirmation(self, rec: TrialRecord) -> TrialRecord | None:
+        """A finalist's whole run as its confirmation, when it holds its slice's prediction: two independent
+        measurements (the slice, scaled by the baseline's, and the whole run in a fresh process) agreeing, the
+        figure is not one run's luck, and a second whole run (~130 s for A14B 720p on an H100) buys nothing.
+        A run faster than predicted beyond the tolerance is what a confirmation exists to catch: None, and the
+        choice of the recipe confirms it with a run of its own. The record's own (slower) figure stands
+        when the prediction was optimistic."""
+        if not (rec.rung >= WHOLE_RUNG and rec.outcome == "ok" and rec.gate_passed and rec.speedup > 1.0
+                and rec.predicted_s > 0 and rec.denoise_pred_s >= rec.predicted_s * (1 - self.tol)):
+            return None
+        held = rec.denoise_pred_s / rec.predicted_s - 1
+        return dataclasses.replace(rec, role="confirm", notes=[*rec.notes, (
+            f"the finalist's whole run stands as its confirmation: {held:+.1%} from its slice's prediction "
+            f"(tolerance -{self.tol:.0%})")])
 
     def summary(self) -> str:
         lad = self.state.ladder

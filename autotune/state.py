@@ -74,6 +74,8 @@ class StudyState:
         self.ref_paths: dict[str, tuple[str, str]] = {}
         self.ref_step_s: dict[str, float] = {}
         """A computed step's seconds in each reference run (the proxy workload's baseline step)."""
+        self.ref_wall_s: dict[str, float] = {}
+        """Each reference run's seconds, all of it: what a quality run at the proxy costs (autotune.ladder)."""
         self.magcache_ratios: list[list[float]] = []
         self.expert_steps: list[int] = []  # each expert's share of the schedule, as the baseline's run reported
         self.by_hash: dict[str, TrialRecord] = {}
@@ -102,6 +104,7 @@ class StudyState:
                 self.base_recipe = self.baseline.recipe_obj()
             self.ref_paths = {k: tuple(v) for k, v in base.get("refs", {}).items()}
             self.ref_step_s = {k: float(v) for k, v in base.get("ref_step_s", {}).items()}
+            self.ref_wall_s = {k: float(v) for k, v in base.get("ref_wall_s", {}).items()}
             self.magcache_ratios = base.get("magcache_ratios", [])
             self.expert_steps = base.get("expert_steps", [])
             self.ladder = LadderState.from_attr(base.get("ladder"))
@@ -145,6 +148,7 @@ class StudyState:
     def save_baseline(self) -> None:
         self.attrs[BASELINE_KEY] = {"record": self.baseline.to_attr() if self.baseline else {},
                                     "refs": self.ref_paths, "ref_step_s": self.ref_step_s,
+                                    "ref_wall_s": self.ref_wall_s,
                                     "magcache_ratios": self.magcache_ratios,
                                     "expert_steps": self.expert_steps, "ladder": self.ladder.to_attr()}
         self.flush_attrs()

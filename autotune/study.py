@@ -479,8 +479,9 @@ def is_requeued(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def ask_requeued_first(study: optuna.Study) -> optuna.Trial:
-    """``study.ask()``, except that a re-queued copy, or a ladder's finalist, is taken before the rest of the
-    queue (a finalist is queued when the ladder's sampling ends, behind plan stacks that will not run now).
+    """``study.ask()``, except that a re-queued copy, or a ladder's climb (a finalist, a rung-3 run), is taken
+    before the rest of the queue (a climb is queued when the ladder's search ends, behind plan stacks that
+    will not run now).
 
     Optuna hands out the oldest waiting trial, and a copy is queued behind the whole plan: after a kill
     and ``--resume`` the trial budget was spent on the plan's later stacks and the killed stack never ran
@@ -490,7 +491,7 @@ def ask_requeued_first(study: optuna.Study) -> optuna.Trial:
     take a given waiting trial): it succeeds for one worker only, on every storage.
     """
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if not (is_requeued(t) or t.user_attrs.get("wanctl_role") == "finalist"):
+        if not (is_requeued(t) or t.user_attrs.get("wanctl_role") in ("finalist", "quality")):
             continue
         try:
             claimed = study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)  # noqa: SLF001

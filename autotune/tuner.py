@@ -21,6 +21,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -29,6 +30,7 @@ from autotune.budget import Budget
 from autotune.choice import choose_confirmed, confirm_key, ranked, recipe_hash, stored_confirmations
 from autotune.config import TuneConfig
 from autotune.evaluate import Evaluator, Launch
+from autotune.ladder import Ladder
 from autotune.plan import Planner, space_for
 from autotune.reporter import NullReporter, Reporter
 from autotune.results import TuneResult, study_runs, unrecorded_note
@@ -169,23 +171,47 @@ class Tuner:
     def _loop(self, study: optuna.Study) -> None:
         while not self._should_stop(study):
             self._one_trial(study)
-        ladder = self.evaluator.ladder
+        if self.evaluator.ladder is not None:
+            self._climb(study, self.evaluator.ladder)
+
+    def _climb(self, study: optuna.Study, ladder: Ladder) -> None:
+        """After the search, breadth first: the stack predicted fastest climbs, a lossy one to rung 3 (its
+        quality at the proxy), then the fastest that passed to the whole workload. The first finalist runs
+        whatever the budget says (without one no recipe is emitted); a second, or a rung-3 run, only when it
+        still fits. A finalist's run that holds its prediction is stored as its confirmation."""
         promoted: set[str] = set()
-        while ladder is not None and (finalist := ladder.next_finalist()) is not None:
-            key = recipe_hash(finalist.recipe)
+        no_quality: set[str] = set()
+        while (top := ladder.next_climber(no_quality)) is not None:
+            key = recipe_hash(top.recipe)
+            if ladder.awaits_quality(top):
+                no_quality.add(key)  # one rung-3 run per stack and run: its record says what came of it
+                if not self.budget.room_for(ladder.quality_s() + ladder.whole_s(top)):
+                    self._say(f"trial {top.number} ({top.label}, predicted {top.speedup:.2f}x on its slice) did "
+                              f"not climb to rung 3: its quality run (~{ladder.quality_s():.0f} s) and a whole run "
+                              "did not fit the budget left")
+                    continue
+                self._one_trial(study, {"wanctl_role": "quality", "wanctl_from_trial": top.number}, top)
+                continue
             if key in promoted:  # its whole run left no whole-workload record (a repeat): nothing more to learn
                 break
-            # The first finalist runs whatever the budget says: without one no recipe is emitted; a second
-            # only when its run and its confirmation still fit.
-            if promoted and not self.budget.room_for(ladder.reserve_s()):
+            if promoted and not self.budget.room_for(ladder.whole_s(top)):
                 break
-            study.enqueue_trial(self.planner.params_of(finalist.recipe_obj()),
-                                user_attrs={"wanctl_role": "finalist", "wanctl_from_trial": finalist.number})
-            self._one_trial(study)
+            rec = self._one_trial(study, {"wanctl_role": "finalist", "wanctl_from_trial": top.number}, top)
             promoted.add(key)
+            if (conf := ladder.as_confirmation(rec)) is not None:
+                study.set_user_attr(confirm_key(rec.number), conf.to_attr())
 
-    def _one_trial(self, study: optuna.Study) -> None:
-        """Ask, evaluate, tell: one trial, whatever rung it reaches."""
+    def _say(self, note: str) -> None:
+        if note not in self.state.notes:
+            self.state.notes.append(note)
+            self.reporter.message(note)
+
+    def _one_trial(self, study: optuna.Study, attrs: dict[str, Any] | None = None,
+                   of: TrialRecord | None = None) -> TrialRecord:
+        """Ask, evaluate, tell: one trial, whatever rung it reaches; ``attrs``: a trial queued for stack ``of``
+        (a climb after the search). Returns its record."""
+        if attrs is not None and of is not None:
+            study.enqueue_trial(self.planner.params_of(of.recipe_obj()), user_attrs=attrs)
         trial = ask(study, self.cfg.storage)
         began = time.monotonic()
         try:
@@ -205,6 +231,7 @@ class Tuner:
         tell(study, trial, record, self.state, self.cfg.objective)
         best = self._best_so_far()
         self.reporter.trial_finished(record, best)
+        return record
 
     def _run_asked(self, study: optuna.Study, trial: optuna.Trial) -> TrialRecord:
         role = trial.user_attrs.get("wanctl_role") or ("requeued" if REQUEUED_KEY in trial.user_attrs

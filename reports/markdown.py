@@ -89,7 +89,9 @@ def render(inp: ReportInput) -> str:
     lines += ["| # | role | rung | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
-        reason = (r.reason or _stopped(r, inp.records) or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
+        waited = r.reason.startswith("awaits rung 3")  # (autotune.ladder.AWAITS_QUALITY): what came of it
+        reason = ((_stopped(r, inp.records) if waited else "") or r.reason or _stopped(r, inp.records)
+                  or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
         judged = r.gate_tier and r.gate_tier != "reference"
         psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
@@ -127,6 +129,10 @@ def _stopped(r: TrialRecord, records: list[TrialRecord]) -> str:
     whole = [f for f in records if f.role == "finalist" and f.outcome == "ok" and f.denoise_pred_s > 0]
     if any(f.recipe == r.recipe for f in records if f.role == "finalist"):
         return "taken to the whole workload as a finalist"
+    if q := [f for f in records if f.role == "quality" and f.recipe == r.recipe]:
+        return f"climbed to rung 3 in trial {q[0].number}: {q[0].outcome}"
+    if r.reason.startswith("awaits rung 3"):
+        return ""  # never climbed: the record's own reason (and the notes) say so
     if whole and r.denoise_pred_s >= min(f.denoise_pred_s for f in whole):
         f = min(whole, key=lambda f: f.denoise_pred_s)
         return (f"stopped on rung 2: predicted {fmt_seconds(r.denoise_pred_s)} s cannot beat finalist trial "
@@ -193,8 +199,9 @@ def _ladder(records: list[TrialRecord]) -> list[str]:
         lines.append(f"| {rung} {name} | {len(here)} | {cost} | {err} |")
     return lines + ["", "A stack climbs while its predicted denoise time can still beat the best one: rung 1 times "
                     "kernels at the workload's shape, rung 2 one forward of a 2-block slice of the expert (random "
-                    "weights, the real width and token count), rung 3 the quality run of a lossy finalist, rung 4 "
-                    "the whole workload. The 'rung' column says how far each trial got.", ""]
+                    "weights, the real width and token count), rung 3 the quality run of the lossy stack predicted "
+                    "fastest once every slice is measured, rung 4 the whole workload (a finalist's run is its "
+                    "confirmation when it holds its slice's prediction). The 'rung' column says how far each trial got.", ""]
 
 
 def _fenced(command: str) -> list[str]:
