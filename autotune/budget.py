@@ -24,14 +24,17 @@ if TYPE_CHECKING:
 class Budget:
     """This run's clock and its trials' costs (seconds each took, all its processes)."""
 
-    def __init__(self, cfg: TuneConfig, state: StudyState, reporter: Reporter, ladder: Ladder | None) -> None:
+    def __init__(self, cfg: TuneConfig, state: StudyState, reporter: Reporter, ladder: Ladder | None,
+                 started: float | None = None) -> None:
         self.cfg = cfg
         self.state = state
         self.reporter = reporter
         self.ladder = ladder
         self.trial_costs: list[float] = []
         self.searched_costs: list[float] = []  # the sampled trials' alone: a ladder prices the whole runs apart
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
+        """When the budget's clock started (time.monotonic): the command's start, so the probe before the
+        study counts too (--budget is the wall the user waits)."""
 
     def add(self, cost: float, role: str) -> None:
         """What one trial of this run cost, and whether it was a search trial (not the baseline's or a

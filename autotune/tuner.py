@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 class Tuner:
     def __init__(self, cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
-                 launch: Launch | None = None) -> None:
+                 launch: Launch | None = None, started: float | None = None) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial INFO lines repeat ours
         self.cfg = cfg
         self.probe = probe
@@ -88,7 +88,7 @@ class Tuner:
         self.state = StudyState(base, notes + adapt_notes)
         on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.evaluator = Evaluator(cfg, self.space, self.state, self.reporter, on_gpu, launch)
-        self.budget = Budget(cfg, self.state, self.reporter, self.evaluator.ladder)
+        self.budget = Budget(cfg, self.state, self.reporter, self.evaluator.ladder, started)
         if self.evaluator.ladder is not None:
             self.evaluator.ladder.room_for = self.budget.room_for
 
@@ -289,13 +289,14 @@ class Tuner:
 
 
 def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
-         given: frozenset[str] = frozenset()) -> TuneResult:
+         given: frozenset[str] = frozenset(), started: float | None = None) -> TuneResult:
     """Run (or resume) the study described by ``cfg`` on the machine described by ``probe``; ``given``:
-    the settings the command line set explicitly (autotune.resume)."""
+    the settings the command line set explicitly (autotune.resume); ``started``: when the command started
+    (time.monotonic), which --budget counts from (the probe is part of the wall the user waits)."""
     notes: list[str] = []
     if cfg.resume:
         cfg, notes = settings_for_resume(cfg, probe, given)
-    tuner = Tuner(cfg, probe, reporter)
+    tuner = Tuner(cfg, probe, reporter, started=started)
     for note in notes:
         tuner.state.notes.append(note)
         tuner.reporter.message(note)

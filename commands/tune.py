@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -146,11 +147,12 @@ def tune(
     if storage:
         check_storage(storage)
     with output_folder(cfg.out_dir):  # a tune refused past this point (this machine's GPUs) leaves no empty --out
+        started = time.monotonic()  # --budget counts the probe too: it is the wall the user waits
         err.print("probing this machine (GPUs, libraries, kernels)...")
         probe = probe_showing_checks(paths=[cfg.out_dir])
         refuse_unreadable_gpus(probe)
         with progress() as prog:
-            result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx))
+            result = run_tune(cfg, probe, LiveReporter(prog), given=_given(ctx), started=started)
         paths = emit(result, result.config or cfg, probe, sys.argv)
     if json_out:
         print_json(json.dumps({"recipe": str(paths.recipe), "launch": str(paths.launch), "report": str(paths.report),

@@ -395,3 +395,16 @@ def test_a_resumed_ladder_prices_its_next_trial_from_search_trials_only() -> Non
     budget.add(150.0, "baseline")
     budget.spent(optuna.create_study())
     assert ladder.seen[-1] == [30.0, 12.0]
+
+
+def test_the_budget_counts_the_probe_before_the_study() -> None:
+    """--budget is the wall the user waits: its clock starts with the command (the probe, ~47 s on the H100,
+    runs before the study), not when the tuner is built."""
+    import time
+
+    from autotune.budget import Budget
+    from autotune.state import StudyState
+
+    budget = Budget(TuneConfig(budget_s=60), StudyState(Recipe(), []), None, None,  # type: ignore[arg-type]
+                    started=time.monotonic() - 50)
+    assert budget.room_for(5) and not budget.room_for(20)
