@@ -97,26 +97,33 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
     stderr_path = workdir / "stderr.log"
     t0 = time.monotonic()
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=workdir,
-                                env=child_env({**(env or {}), TOKEN_VAR: token, PROGRESS_ENV: "1"}),
-                                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
-        reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
-        reader.start()
+        proc: subprocess.Popen[bytes] | None = None
+        reader: threading.Thread | None = None
         timed_out = False
         reaped = False
         try:
+            # Inside the try from the start: a Ctrl-C or SIGTERM landing in Popen (after the fork) or before
+            # the wait must still stop the trial, not leave it to die with the tuner, after the tuner has exited.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, cwd=workdir,
+                                    env=child_env({**(env or {}), TOKEN_VAR: token, PROGRESS_ENV: "1"}),
+                                    preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+            reader = threading.Thread(target=_read_progress, args=(proc, on_progress), daemon=True)
+            reader.start()
             proc.wait(timeout=timeout_s)
             reaped = reap_group(proc.pid)
         except subprocess.TimeoutExpired:
             timed_out = True
+            assert proc is not None
             kill_group(proc)
         except BaseException:
-            kill_group(proc)
+            if proc is not None:
+                kill_group(proc)
             reap_token(token)
             raise
         finally:
-            reader.join(timeout=5)
+            if reader is not None:
+                reader.join(timeout=5)
         strays = reap_token(token)  # ranks in sessions of their own, whatever the group kill missed
         reaped = reaped or bool(strays)
     wall = time.monotonic() - t0
