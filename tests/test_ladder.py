@@ -408,3 +408,20 @@ def test_the_budget_counts_the_probe_before_the_study() -> None:
     budget = Budget(TuneConfig(budget_s=60), StudyState(Recipe(), []), None, None,  # type: ignore[arg-type]
                     started=time.monotonic() - 50)
     assert budget.room_for(5) and not budget.room_for(20)
+
+
+def test_a_slice_that_compiled_a_graph_per_block_prices_the_whole_models_warm_up_per_block(h100: ProbeResult,
+                                                                                         tmp_path: Path) -> None:
+    """Regional compile builds one graph that every block reuses; a slice that compiled one per block (a guard
+    differing between blocks) will compile every block of every expert on the whole model, and the reserve
+    for the finalist's run must say so."""
+    t = Tuner(ladder_cfg(tmp_path, 1), h100, launch=LadderRuntime())
+    t.run()
+    lad = t.evaluator.ladder
+    assert lad is not None and t.state.ladder.blocks == 2
+    rec = TrialRecord(number=7, role="sampled", label="x", recipe=Recipe(task="ti2v-5B", compile="regional").to_dict(),
+                      warmup_s=20.0, actual={"compile_graphs": "1"})
+    assert lad.whole_warmup_s(rec) == 20.0
+    per_block = dataclasses.replace(rec, actual={"compile_graphs": "2"})
+    assert lad.whole_warmup_s(per_block) == pytest.approx(20.0 * MODEL_BLOCKS / 2)
+    assert lad.whole_s(per_block) - lad.whole_s(rec) == pytest.approx(20.0 * (MODEL_BLOCKS / 2 - 1))
