@@ -41,6 +41,7 @@ from recipes.catalogue import (
     QUANT,
     RING_ATTENTION,
     entry,
+    fsdp_shards,
     layout_fields,
     layout_label,
 )
@@ -191,14 +192,15 @@ def _fsdp_layouts(n: int, u: int, rg: int, c: bool, fsdp: tuple[bool, ...], need
     groups = split * (2 if c else 1)
     for f in fsdp:
         if f and groups == 1:
-            gpus, shards = n, n
+            gpus = n
         elif f and split == 1:
             continue  # FSDP shards inside a CFG group: one GPU each here
         else:
-            gpus, shards = groups, (split if f else 1)
+            gpus = groups
         if f and gpus == 1:
             continue
         fields = {"gpus": gpus, "ulysses": u, "ring": rg, "cfg_parallel": c, "fsdp": f}
+        shards = fsdp_shards(Recipe(**fields))
         label = layout_label(Recipe(**fields))
         if f and groups == 1 and need_gib(1) <= gpu_gib:
             excluded[f"parallel={label}"] = ("FSDP alone computes the whole video on every GPU: only worth it "

@@ -396,6 +396,14 @@ def layout_label(recipe: Any) -> str:
     return "+".join(parts) or "single"
 
 
+def fsdp_shards(recipe: Any) -> int:
+    """Ways FSDP shards each DiT: over the ranks that call it together (one CFG group: half the GPUs under CFG
+    parallel), 1 without FSDP."""
+    if not recipe.fsdp:
+        return 1
+    return max(1, recipe.gpus // (2 if recipe.cfg_parallel else 1))
+
+
 def layout_fields(label: str) -> dict[str, Any]:
     """The recipe fields ``label`` stands for (inverse of ``layout_label``)."""
     ulysses, ring, cfg, fsdp, fsdp_gpus = 1, 1, False, False, 0

@@ -63,3 +63,16 @@ def test_adapter_leaves_tiny_and_multi_gpu_offload_alone() -> None:
     big = Recipe.for_task("t2v-A14B", model="random", gpus=2, fsdp=True).resolved()
     got, notes = adapt_to_machine(big, 30.0, 2, OFFLOADS)
     assert got.offload == "none" and notes
+
+
+def test_fsdp_under_cfg_parallel_is_priced_sharded_over_one_cfg_group() -> None:
+    """FSDP shards each DiT over the ranks that call it together: under CFG parallel, half the GPUs. The
+    per-GPU estimate must use that, not every GPU (it priced ulysses2+cfg+fsdp on 4 GPUs as 4-way shards)."""
+    from autotune.adapt import estimate_gib
+    from recipes.memory import phase_peaks_gib
+
+    r = Recipe.for_task("t2v-A14B", model="random", gpus=4, ulysses=2, cfg_parallel=True, fsdp=True).resolved()
+    two_way = phase_peaks_gib(r.task, r.model, size=r.size, frames=r.frames, shards=2)
+    four_way = phase_peaks_gib(r.task, r.model, size=r.size, frames=r.frames, shards=4)
+    assert estimate_gib(r)["denoise"] == pytest.approx(two_way["denoise"])
+    assert estimate_gib(r)["denoise"] > four_way["denoise"]
