@@ -64,3 +64,25 @@ def test_compile_that_compiles_nothing_is_a_mismatch(tmp_path: Path) -> None:
                                  mode="measure", out_dir=str(tmp_path)))
     assert res.outcome == "kernel_mismatch", res
     assert "compiled no graph" in res.error and res.actual["compile_graphs"] == "0"
+
+
+def test_the_compile_check_wants_the_first_job_compiled_and_notes_a_later_recompile() -> None:
+    """Per job, without finishing: the first job checked is where compile lands (none compiled is the mismatch);
+    a later job that compiles again is a recompile, noted for that job, not failed."""
+    ctx = KnobContext(pipe=SimpleNamespace(), recipe=Recipe(compile="full"), device=torch.device("cpu"))
+    assert compile_knob.CompileObserver().check(ctx) == {"compile_mismatch": (
+        "compile was requested but dynamo compiled no graph in the first job (TORCHDYNAMO_DISABLE set, or compiled "
+        "code reused from another model)")}
+    obs = compile_knob.CompileObserver()
+    fn = torch.compile(lambda x: torch.relu(x) + 1, backend="eager", dynamic=False)  # dynamo counts, no inductor
+    fn(torch.randn(2, 8))
+    assert obs.check(ctx) == {} and ctx.notes == []
+    fn(torch.randn(2, 8))  # the same graph
+    assert obs.check(ctx) == {} and ctx.notes == []
+    fn(torch.randn(3, 8))  # another shape: the guard fails, dynamo compiles again
+    assert obs.check(ctx) == {}
+    assert ctx.notes == ["compile: this job compiled 1 new graph(s) after the first job (a recompile: its steps "
+                         "include compiling)"]
+    assert ctx.actual == {}  # a check records nothing of the run's
+    obs.finish(ctx)
+    assert ctx.actual["compile_graphs"] == "2" and "compile_mismatch" not in ctx.actual  # the whole run's, still

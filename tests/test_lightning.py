@@ -89,6 +89,22 @@ def test_a_pipeline_that_ran_another_schedule_is_a_mismatch() -> None:
     assert ctx.actual["lightning_mismatch"].startswith("lightning: the scheduler ran timesteps")
 
 
+def test_the_lightning_check_reads_the_schedule_the_last_job_ran() -> None:
+    from types import SimpleNamespace
+
+    from wan_runtime.knobs.base import KnobContext
+
+    sched = L.make_scheduler(L.LIGHTNING_SHIFT)
+    obs = L._TimestepObserver(SimpleNamespace(scheduler=sched), L.lightning_timesteps(4))
+    ctx = KnobContext(pipe=SimpleNamespace(), recipe=Recipe(lightning=4), device=torch.device("cpu"))
+    sched.set_timesteps(4)  # what the pipeline does at each job's start
+    assert obs.check(ctx) == {}
+    sched.set_timesteps(sigmas=[1.0, 0.5, 0.25, 0.1])  # a job that passed its own sigmas
+    assert obs.check(ctx)["lightning_mismatch"].startswith("lightning: the scheduler ran timesteps")
+    sched.set_timesteps(4)
+    assert obs.check(ctx) == {} and ctx.actual == {}
+
+
 @pytest.mark.slow
 def test_tiny_lightning_run_is_four_steps_without_cfg(tmp_path: Path) -> None:
     res = run_spec(TrialSpec(recipe=Recipe(lightning=4, **SMALL), mode="quality", out_dir=str(tmp_path)))

@@ -84,6 +84,28 @@ def test_attention_that_saw_the_whole_sequence_is_a_parallel_mismatch() -> None:
     assert not t.blocks[0].attn1._forward_pre_hooks  # the observer leaves nothing behind
 
 
+def test_the_shard_check_reads_the_tokens_each_job_saw() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from wan_runtime.knobs.base import KnobContext
+    from wan_runtime.knobs.distributed import ShardObserver
+
+    attn = torch.nn.Identity()  # stands for the first block's self-attention: the hook reads its input's tokens
+    obs = ShardObserver([SimpleNamespace(blocks=[SimpleNamespace(attn1=attn)])], expected=18, full=36,
+                        degrees="ulysses=2")
+    ctx = KnobContext(pipe=SimpleNamespace(), recipe=Recipe(steps=1, ulysses=2, gpus=2), device=torch.device("cpu"))
+    attn(torch.zeros(1, 18, 4))
+    assert obs.check(ctx) == {}
+    attn(torch.zeros(1, 36, 4))  # a job whose attention saw the whole sequence
+    assert obs.check(ctx) == {"parallel_mismatch": "ulysses=2 should leave 18 of 36 tokens per rank; attention saw 36"}
+    attn(torch.zeros(1, 18, 4))
+    assert obs.check(ctx) == {} and ctx.actual == {} and attn._forward_pre_hooks  # the hook stays for the next job
+    obs.finish(ctx)
+    assert ctx.actual["ulysses_tokens_per_rank"] == "18,36 of 36" and "parallel_mismatch" in ctx.actual
+
+
 def test_a_two_gpu_recipe_in_one_process_is_unsupported_not_run_on_one(tmp_path: Path) -> None:
     from wan_runtime.run import run_spec
 

@@ -110,3 +110,23 @@ def test_fp8_with_fsdp_on_a_one_rank_gpu_mesh(quant: str) -> None:
         assert "20 linears as torchao.float8.Float8Linear" in actual["quant"]
     assert out["sharded_vs_whole"] <= 1e-2
     assert 1e-4 < out["fp8_vs_bf16"] < 0.1
+
+
+def test_the_sharded_quant_check_names_weights_fsdp_left_whole() -> None:
+    """The check reads the quantized linears' weights after a job; one FSDP left whole is named, and nothing is
+    recorded (the run's record is finish's)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from wan_runtime.knobs.base import KnobContext
+    from wan_runtime.knobs.quant import ShardedQuantObserver
+
+    class Float8Linear(torch.nn.Linear):  # the class name torchao.float8's linear is known by
+        config = SimpleNamespace(emulate=False)
+
+    dit = torch.nn.Sequential(Float8Linear(16, 16), Float8Linear(16, 16), torch.nn.Linear(16, 16))
+    ctx = KnobContext(pipe=SimpleNamespace(), recipe=Recipe(), device=torch.device("cpu"))
+    obs = ShardedQuantObserver([dit], "fp8_rowwise")
+    assert obs.check(ctx) == {"quant_mismatch": "fp8_rowwise: 2 of 2 quantized linears' weights were not sharded"}
+    assert ctx.actual == {}

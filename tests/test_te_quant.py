@@ -171,6 +171,22 @@ def test_a_forward_that_bypasses_the_autocast_is_a_mismatch(te: SimpleNamespace)
     assert "2 of 4 Transformer Engine linears ran without fp8" in actual["quant_mismatch"]
 
 
+def test_the_te_check_judges_the_linears_each_job_ran(te: SimpleNamespace) -> None:
+    """Per job, without finishing: the linears that ran since the last check, and only those, are judged."""
+    ctx, high, low = _apply("te_current")
+    obs = next(o for o in ctx.observers if isinstance(o, quant.TEObserver))
+    with torch.inference_mode():
+        high(torch.randn(3, 32))
+        assert obs.check(ctx) == {}
+        type(low).forward(low, torch.randn(3, 32))  # a job whose forward bypassed the wrapper: its linears ran bf16
+        assert obs.check(ctx) == {"quant_mismatch": "te_current: 2 of 2 Transformer Engine linears ran without fp8 "
+                                                    "in the last forward"}
+        high(torch.randn(3, 32))  # the next job runs as asked
+        assert obs.check(ctx) == {}
+    assert "quant_mismatch" not in ctx.actual  # a check records nothing of the run's
+    assert "2 of 4" in _finish(ctx)["quant_mismatch"]  # the whole run's record still has the bypassed job
+
+
 def test_te_before_2_9_gets_fp8_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     old = _fake_te(new_api=False)
     lin = old.Linear(16, 16, bias=False, params_dtype=torch.float32, device="cpu")

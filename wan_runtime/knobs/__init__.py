@@ -53,4 +53,18 @@ def finish_observers(ctx: KnobContext) -> None:
             obs.finish(ctx)
 
 
-__all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all", "finish_observers"]
+def check_observers(ctx: KnobContext) -> dict[str, str]:
+    """Each observer's ``check`` after a job (an observer that can tell what one job ran has one): the job's
+    mismatches, ``{"attention_mismatch": why}``, empty when it ran as the recipe says. Every check runs (each
+    starts its next job's count), and none finishes or puts anything back: the next job runs on the same kernels."""
+    found: dict[str, str] = {}
+    for obs in ctx.observers:
+        check = getattr(obs, "check", None)
+        if check is not None:
+            for key, why in check(ctx).items():
+                found.setdefault(key, why)
+    return found
+
+
+__all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all", "check_observers",
+           "finish_observers"]

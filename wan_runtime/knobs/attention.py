@@ -89,6 +89,10 @@ class AttentionObserver:
             raise Unsupported(f"diffusers has no attention backend {backend!r}", "pick another attention (--set attention=NAME)")
         self.original = self.registry._backends[self.key]
         self.calls = 0
+        self._checked_calls = 0
+        """``calls`` at the last ``check``: the dispatches since are the job's."""
+        self._kernel: tuple[str, list[str]] | None = None
+        """The replayed kernel family and profiled names, from the first ``check``."""
         original = self.original
 
         def observed(**kwargs: Any) -> Any:
@@ -103,17 +107,49 @@ class AttentionObserver:
 
     def finish(self, ctx: KnobContext) -> None:
         self.restore()
-        procs = [m.processor for t in ctx.transformers for m in t.modules()
-                 if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None]
-        set_to = {str(getattr(p._attention_backend, "value", p._attention_backend)) for p in procs}
+        set_to = _processor_backends(ctx)
         ctx.actual["attention_backend"] = ",".join(sorted(set_to)) or "unset"
         ctx.actual["attention_calls"] = str(self.calls) if ctx.recipe.compile == "off" else "compiled"
         if ctx.recipe.compile == "off" and self.calls == 0:
             ctx.actual["attention_mismatch"] = f"requested {self.backend} but it was never dispatched"
-        q_shape = _self_attention_shape(ctx)
-        if q_shape is None:
+        kernel = self._replay(ctx)
+        if kernel is None:
             ctx.actual["attention_kernel"] = "unknown"
             return
+        ctx.actual["attention_kernel"] = kernel[0]
+        if why := self._kernel_mismatch(*kernel):
+            ctx.actual["attention_mismatch"] = why
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The last job's attention mismatch, if any; nothing is put back (the engine runs more jobs).
+
+        Checked per job, where a job's calls went: every attention processor still set to the requested
+        backend (compiled or not), and, eager, at least one dispatch counted since the last check. The kernel
+        family is replayed at the first check only: torch picks it by the entry, the shape, the dtype and the
+        GPU, all the engine's own, and a profiled replay per job would cost every job an attention call. The
+        replay compiles nothing (compile stanced to eager: fa3_fp8's quantization is a torch.compile'd
+        function), so dynamo's counts stay the jobs' own for the compile observer.
+        """
+        calls, self._checked_calls = self.calls - self._checked_calls, self.calls
+        want = dispatch_backend(self.backend)
+        set_to = _processor_backends(ctx)
+        if set_to != {want}:
+            return {"attention_mismatch": f"requested {self.backend} but this job's attention processors dispatch "
+                                          f"to {','.join(sorted(set_to)) or 'no backend of their own (unset)'}"}
+        if ctx.recipe.compile == "off" and calls == 0:
+            return {"attention_mismatch": f"requested {self.backend} but this job never dispatched it"}
+        if self._kernel is None:
+            with torch.compiler.set_stance("force_eager"):
+                self._kernel = self._replay(ctx) or ("unknown", [])
+        why = self._kernel_mismatch(*self._kernel)
+        return {"attention_mismatch": why} if why else {}
+
+    def _replay(self, ctx: KnobContext) -> tuple[str, list[str]] | None:
+        """(kernel family, profiled names) of one self-attention call at the run's shape through the requested
+        backend's entry; None without a transformer to take the shape from."""
+        q_shape = _self_attention_shape(ctx)
+        if q_shape is None:
+            return None
         dtype = next(ctx.transformers[0].parameters()).dtype if ctx.transformers else torch.bfloat16
         dtype = torch.bfloat16 if dtype not in (torch.float16, torch.bfloat16, torch.float32) else dtype
         gen = torch.Generator(device=ctx.device).manual_seed(0)
@@ -126,13 +162,22 @@ class AttentionObserver:
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
         names = [e.key for e in prof.key_averages()]
-        fam = classify(names)
-        ctx.actual["attention_kernel"] = fam
+        return classify(names), names
+
+    def _kernel_mismatch(self, fam: str, names: list[str]) -> str:
+        """Why kernel family ``fam`` does not honour the requested backend ('' when it does)."""
         want = EXPECTED.get(self.backend)
-        if want is not None and fam not in want:
-            ctx.actual["attention_mismatch"] = (
-                f"requested {self.backend} but the kernel that ran is '{fam}' (profiled: "
+        if want is None or fam in want:
+            return ""
+        return (f"requested {self.backend} but the kernel that ran is '{fam}' (profiled: "
                 + ", ".join(n for n in names if "attention" in n.lower() or "fmha" in n.lower())[:300] + ")")
+
+
+def _processor_backends(ctx: KnobContext) -> set[str]:
+    """The backends the transformers' attention processors are set to dispatch to."""
+    procs = [m.processor for t in ctx.transformers for m in t.modules()
+             if getattr(getattr(m, "processor", None), "_attention_backend", None) is not None]
+    return {str(getattr(p._attention_backend, "value", p._attention_backend)) for p in procs}
 
 
 def _self_attention_shape(ctx: KnobContext) -> tuple[int, int, int, int] | None:

@@ -40,7 +40,8 @@ class KnobContext:
     extra: dict[str, Any] = field(default_factory=dict)
     """Hand-offs between a knob and the runner (e.g. MagCache ratios to calibrate)."""
     observers: list[Any] = field(default_factory=list)
-    """Objects with ``finish(ctx) -> None`` called after the run (e.g. the attention-kernel observer)."""
+    """Objects with ``finish(ctx) -> None`` called after the run (e.g. the attention-kernel observer), and, where
+    one job's run can be judged alone, ``check(ctx) -> dict[str, str]`` called after each job (its mismatches)."""
 
     @property
     def transformers(self) -> list[Any]:

@@ -68,6 +68,8 @@ class CompileObserver:
 
     def __init__(self) -> None:
         self._graphs, self._breaks = _dynamo_counts()
+        self._checked: int | None = None
+        """Graphs counted at the last ``check`` (None before the first): what a later job compiles is new."""
 
     def finish(self, ctx: Any) -> None:
         graphs, breaks = _dynamo_counts()
@@ -80,6 +82,21 @@ class CompileObserver:
         if graphs == self._graphs:
             ctx.actual["compile_mismatch"] = ("compile was requested but dynamo compiled no graph during the run "
                                               "(TORCHDYNAMO_DISABLE set, or compiled code reused from another model)")
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The last job's compile mismatch: the first job checked must have compiled (where compile lands); a
+        later job that compiled new graphs recompiled (a guard failed on something that job changed), which
+        costs that job time but runs what was asked, so it is a note of the job's, not a failure."""
+        graphs = _dynamo_counts()[0]
+        before, self._checked = self._checked, graphs
+        if before is None:
+            if graphs == self._graphs:
+                return {"compile_mismatch": "compile was requested but dynamo compiled no graph in the first job "
+                                            "(TORCHDYNAMO_DISABLE set, or compiled code reused from another model)"}
+        elif new := graphs - before:
+            ctx.notes.append(f"compile: this job compiled {new} new graph(s) after the first job (a recompile: its "
+                             "steps include compiling)")
+        return {}
 
 
 KNOB = Knob(name="compile", active=lambda r: r.compile != "off", check=_check, apply=_apply)

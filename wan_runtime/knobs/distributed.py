@@ -181,6 +181,8 @@ class ShardObserver:
         self.degrees = degrees
         """How the recipe splits the sequence, as the mismatch names it (``ulysses=2``, ``ulysses=2 x ring=2``)."""
         self.seen: set[int] = set()
+        self.job_seen: set[int] = set()
+        """What the calls since the last ``check`` saw: the job's."""
         self.handles = [t.blocks[0].attn1.register_forward_pre_hook(self._hook, with_kwargs=True)
                         for t in transformers]
 
@@ -188,16 +190,28 @@ class ShardObserver:
         hs = args[0] if args else kwargs.get("hidden_states")
         if hs is not None and not torch.compiler.is_compiling():
             self.seen.add(int(hs.shape[1]))
+            self.job_seen.add(int(hs.shape[1]))
 
     def finish(self, ctx: KnobContext) -> None:
         for h in self.handles:
             h.remove()
-        got = ",".join(map(str, sorted(self.seen))) or "none"
-        ctx.actual["ulysses_tokens_per_rank"] = f"{got} of {self.full}"
-        if self.seen and self.seen != {self.expected}:
-            degrees = self.degrees or f"ulysses={ctx.recipe.ulysses}"
-            ctx.actual["parallel_mismatch"] = (f"{degrees} should leave {self.expected} of {self.full} tokens per "
-                                               f"rank; attention saw {got}")
+        ctx.actual["ulysses_tokens_per_rank"] = f"{','.join(map(str, sorted(self.seen))) or 'none'} of {self.full}"
+        if why := self._mismatch(ctx, self.seen):
+            ctx.actual["parallel_mismatch"] = why
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The last job's mismatch, from the tokens its self-attention calls saw (eager: compiled blocks run no
+        hook); the hooks stay for the next job."""
+        seen, self.job_seen = self.job_seen, set()
+        why = self._mismatch(ctx, seen)
+        return {"parallel_mismatch": why} if why else {}
+
+    def _mismatch(self, ctx: KnobContext, seen: set[int]) -> str:
+        if not seen or seen == {self.expected}:
+            return ""
+        degrees = self.degrees or f"ulysses={ctx.recipe.ulysses}"
+        return (f"{degrees} should leave {self.expected} of {self.full} tokens per rank; attention saw "
+                f"{','.join(map(str, sorted(seen)))}")
 
 
 def device_mesh(ctx: KnobContext) -> Any:

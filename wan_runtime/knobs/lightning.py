@@ -172,10 +172,20 @@ class _TimestepObserver:
         self.pipe, self.expected = pipe, expected
 
     def finish(self, ctx: KnobContext) -> None:
+        if why := self._mismatch():
+            ctx.actual["lightning_mismatch"] = why
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The last job's mismatch: the scheduler sets its timesteps at every pipeline call, so they are the job's."""
+        why = self._mismatch()
+        return {"lightning_mismatch": why} if why else {}
+
+    def _mismatch(self) -> str:
         ran = [float(t) for t in getattr(self.pipe.scheduler, "timesteps", [])]
         if len(ran) != len(self.expected) or any(abs(a - b) > 0.5 for a, b in zip(ran, self.expected, strict=False)):
-            ctx.actual["lightning_mismatch"] = (f"lightning: the scheduler ran timesteps {[round(t, 1) for t in ran]}, "
-                                                f"not the distilled {[round(t, 1) for t in self.expected]}")
+            return (f"lightning: the scheduler ran timesteps {[round(t, 1) for t in ran]}, "
+                    f"not the distilled {[round(t, 1) for t in self.expected]}")
+        return ""
 
 
 LIGHTNING = Knob(name="lightning", active=lambda r: r.lightning > 0, check=_check, apply=_apply)

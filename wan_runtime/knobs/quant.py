@@ -159,6 +159,21 @@ class ShardedQuantObserver:
         self.transformers, self.q = transformers, q
 
     def finish(self, ctx: KnobContext) -> None:
+        shards, mismatch = self._inspect()
+        if shards:
+            ctx.actual["quant"] += f"; {shards}"
+        if mismatch:
+            ctx.actual["quant_mismatch"] = mismatch
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The mismatch after the last job: FSDP2 puts its shards back after every forward, so a job that left a
+        weight whole (or emulated) shows it here."""
+        mismatch = self._inspect()[1]
+        return {"quant_mismatch": mismatch} if mismatch else {}
+
+    def _inspect(self) -> tuple[str, str]:
+        """(what the quantized linears' weights are, why that is not what ``q`` needs or ''); ('', '') when
+        none is there."""
         from torch.distributed.tensor import DTensor
 
         weights, emulated = [], 0
@@ -170,17 +185,17 @@ class ShardedQuantObserver:
                     weights.append(m.weight)
                     emulated += bool(getattr(getattr(m, "config", None), "emulate", False))
         if not weights:
-            return
+            return "", ""
         local = sorted({type(w.to_local() if isinstance(w, DTensor) else w).__name__ for w in weights})
         whole = sum(not isinstance(w, DTensor) for w in weights)
-        ctx.actual["quant"] += f"; FSDP2 shards of {', '.join(local)} ({len(weights) - whole}/{len(weights)} sharded)"
+        shards = f"FSDP2 shards of {', '.join(local)} ({len(weights) - whole}/{len(weights)} sharded)"
         if whole:
-            ctx.actual["quant_mismatch"] = f"{self.q}: {whole} of {len(weights)} quantized linears' weights were not sharded"
-        elif self.q == "fp8_tensorwise" and local != ["WeightWithDynamicFloat8CastTensor"]:
-            ctx.actual["quant_mismatch"] = (f"{self.q}: FSDP2 should gather torchao's fp8 weight wrapper, the shards "
-                                            f"hold {', '.join(local)}")
-        elif emulated:
-            ctx.actual["quant_mismatch"] = f"{self.q}: {emulated} torchao.float8 linears emulate fp8 in high precision"
+            return shards, f"{self.q}: {whole} of {len(weights)} quantized linears' weights were not sharded"
+        if self.q == "fp8_tensorwise" and local != ["WeightWithDynamicFloat8CastTensor"]:
+            return shards, f"{self.q}: FSDP2 should gather torchao's fp8 weight wrapper, the shards hold {', '.join(local)}"
+        if emulated:
+            return shards, f"{self.q}: {emulated} torchao.float8 linears emulate fp8 in high precision"
+        return shards, ""
 
 
 # ------------------------------------------------------------------ Transformer Engine
@@ -361,6 +376,8 @@ class TEObserver:
 
     def __init__(self, linears: list[_PaddedTELinear], recipe_name: str) -> None:
         self.linears, self.recipe_name = linears, recipe_name
+        self._checked_calls = [m.calls for m in linears]
+        """Each linear's forwards at the last ``check``: the linears that ran since are the job's."""
 
     def finish(self, ctx: KnobContext) -> None:
         ran_linears = [m for m in self.linears if m.calls]
@@ -374,8 +391,19 @@ class TEObserver:
         ran = sum(1 for s in seen if s)
         ctx.actual["quant"] += f"; fp8 GEMMs in the last forward: {ran}/{len(seen)}"
         if ran < len(seen):
-            ctx.actual["quant_mismatch"] = (f"{self.recipe_name}: {len(seen) - ran} of {len(seen)} Transformer Engine "
-                                            "linears ran without fp8 in the last forward")
+            ctx.actual["quant_mismatch"] = self._mismatch(len(seen) - ran, len(seen))
+
+    def check(self, ctx: KnobContext) -> dict[str, str]:
+        """The last job's mismatch: among the linears that ran in it, those whose last forward was not fp8."""
+        ran_linears = [m for m, before in zip(self.linears, self._checked_calls, strict=True) if m.calls > before]
+        self._checked_calls = [m.calls for m in self.linears]
+        seen = [te_ran_fp8(m.inner) for m in ran_linears]
+        bf16 = sum(1 for s in seen if s is False)  # None: this TE does not say (finish notes it)
+        return {"quant_mismatch": self._mismatch(bf16, len(seen))} if bf16 else {}
+
+    def _mismatch(self, bf16: int, ran: int) -> str:
+        return (f"{self.recipe_name}: {bf16} of {ran} Transformer Engine linears ran without fp8 in the last "
+                "forward")
 
 
 def _te_module() -> Any:
