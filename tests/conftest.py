@@ -201,3 +201,32 @@ def saved_tiny_checkpoint(root: Path, revision: str = "", task: str = "t2v-A14B"
     write_manifest(root, files, artifact=task, kind="pipeline", task=task, source="hf" if revision else "",
                    repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers" if revision else "", revision=revision)
     return root
+
+
+def attention_swapped_mid_job(monkeypatch: pytest.MonkeyPatch, seed: int, to: str = "_native_math") -> None:
+    """The engine's job with ``seed`` runs its steps after the first on attention backend ``to``, not the recipe's
+    (its processors are set to it, as a library resetting them would): a job whose kernel is not the recipe's.
+    The recipe's backend is set back when the job ends, so the next job runs as asked."""
+    from wan_runtime.engine import Engine
+
+    real = Engine.run_job
+
+    def run_job(self: Engine, job: Any, **kw: Any) -> Any:
+        if job.seed != seed:
+            return real(self, job, **kw)
+        progress = kw.get("progress")
+
+        def swap(done: int, total: int) -> None:
+            if done == 1:
+                for t in self.ctx.transformers:
+                    t.set_attention_backend(to)
+            if progress is not None:
+                progress(done, total)
+
+        try:
+            return real(self, job, **{**kw, "progress": swap})
+        finally:
+            for t in self.ctx.transformers:
+                t.set_attention_backend(self.recipe.attention)
+
+    monkeypatch.setattr(Engine, "run_job", run_job)

@@ -6,6 +6,7 @@ state (a cache hook's step count, a stopped job's half-run schedule), and a canc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,11 @@ import torch
 from recipes.jobs import Job
 from recipes.recipe import Recipe
 from recipes.spec import TrialSpec
+from tests.conftest import attention_swapped_mid_job
 from wan_runtime.engine import Cancelled, Engine
+from wan_runtime.failure import KernelMismatch, outcome_of
+from wan_runtime.knobs import KnobContext, attention
+from wan_runtime.knobs.attention import AttentionObserver
 from wan_runtime.run import run_spec
 
 RECIPE = Recipe(task="ti2v-5B", steps=6, cache="taylorseer", magcache_k=2, cache_retention=0.2)
@@ -48,3 +53,61 @@ def test_jobs_on_one_engine_match_fresh_runs_even_after_a_cancel(tmp_path: Path)
     assert np.array_equal(second.latent, _fresh(tmp_path / "b", 2))  # nothing left over from the cancelled job
     with pytest.raises(RuntimeError, match="finished"):
         engine.run_job(Job(prompt="x"))
+
+
+FLASH = Recipe(steps=2, frames=5, attention="_native_flash")
+"""A recipe naming a kernel (on the CPU, _native_flash runs torch's CPU flash kernel)."""
+SWAPPED = ("attention_mismatch: requested _native_flash but this job's attention processors dispatch to "
+           "_native_math")
+
+
+@pytest.fixture(scope="module")
+def flash_engine() -> Iterator[Engine]:
+    engine = Engine.build(FLASH, torch.device("cpu"))
+    yield engine
+    engine.finish()
+
+
+def test_a_job_whose_attention_was_not_the_recipes_fails_and_the_next_job_runs(
+        flash_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    attention_swapped_mid_job(monkeypatch, seed=2)
+    with pytest.raises(KernelMismatch, match=SWAPPED) as err:
+        flash_engine.run_job(Job(prompt="a fox", seed=2))
+    assert outcome_of(err.value) == "kernel_mismatch"
+    res = flash_engine.run_job(Job(prompt="a fox", seed=3))  # checked again, on its own
+    assert res.frames.shape[0] == 5 and res.notes == []
+    assert not [k for k in flash_engine.ctx.actual if k.endswith("_mismatch")]  # nothing left for the next job
+
+
+def _dispatch(obs: AttentionObserver) -> None:
+    """One call through the backend's registry entry, as a job's attention makes (the observer counts it)."""
+    q = torch.randn(1, 8, 2, 16)
+    obs.registry._backends[obs.key](query=q, key=q, value=q)
+
+
+def test_the_attention_check_reads_the_last_job_and_replays_the_kernel_once(
+        flash_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = flash_engine.ctx
+    obs = next(o for o in ctx.observers if isinstance(o, AttentionObserver))
+    obs.check(ctx)  # what ran before this test is not judged here
+    replays: list[str] = []
+    replay = obs._replay
+
+    def counted(c: KnobContext) -> tuple[str, list[str]] | None:
+        replays.append("replay")
+        return replay(c)
+
+    monkeypatch.setattr(obs, "_replay", counted)
+    monkeypatch.setattr(obs, "_kernel", None)  # as before the engine's first job
+    _dispatch(obs)
+    assert obs.check(ctx) == {} and obs._kernel is not None and obs._kernel[0] == "cpu_flash"
+    assert obs.registry._backends[obs.key] is not obs.original  # still observing: nothing put back
+    assert obs.check(ctx) == {"attention_mismatch": "requested _native_flash but this job never dispatched it"}
+    monkeypatch.setattr(attention, "classify", lambda names: "efficient")  # a kernel torch picked instead
+    monkeypatch.setattr(obs, "_kernel", None)
+    for _ in range(2):
+        _dispatch(obs)
+        assert obs.check(ctx)["attention_mismatch"].startswith(
+            "requested _native_flash but the kernel that ran is 'efficient' (profiled: ")
+    assert replays == ["replay", "replay"]  # once per engine (twice here: reset above), not once per job
+    assert "attention_kernel" not in ctx.actual  # a check records nothing of the run's

@@ -9,7 +9,9 @@ added here reaches all three.
 
 Built once (the engine's): the pipeline, the knob context and its observers, the compile cache, the timers on
 ``encode_prompt`` and ``vae.decode``. Per job (``JobResult``): the step times, the forward counts, the latent,
-the frames, the job's own notes.
+the frames, the job's own notes, and the check that the job ran what the recipe says (``check_job``): a server
+or a batch runs for hours on one engine, and a kernel that stopped running as tuned must fail the job it
+happened in, not surface in the observers' record when the process ends.
 
 Timing boundaries are read after ``torch.cuda.synchronize()`` on a GPU (``_Clock``).
 """
@@ -35,8 +37,8 @@ from recipes.spec import TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
 from wan_runtime.compile_cache import CompileCache
-from wan_runtime.failure import NonFinite
-from wan_runtime.knobs import KnobContext, apply_all, finish_observers
+from wan_runtime.failure import KernelMismatch, NonFinite
+from wan_runtime.knobs import KnobContext, apply_all, check_observers, finish_observers
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
 from wan_runtime.knobs.distributed import is_rank0
 from wan_runtime.phase import Phase
@@ -158,8 +160,9 @@ class _Step:
 class Engine:
     """A built pipeline with the recipe's knobs applied (``build``), running jobs one at a time (``run_job``).
 
-    Not thread-safe: one thread owns it (the server's worker). ``finish`` once at the end records what really
-    ran (the knobs' observers) and puts swapped kernels back; no job may run after it.
+    Not thread-safe: one thread owns it (the server's worker). Each job is checked as it ends (``check_job``);
+    ``finish`` once at the end records what really ran (the knobs' observers) and puts swapped kernels back; no
+    job may run after it.
     """
 
     def __init__(self, recipe: Recipe, device: torch.device, pipe: Any, ctx: KnobContext, phase: Phase,
@@ -282,16 +285,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------- jobs
     def run_job(self, job: Job, *, progress: Progress | None = None, cancelled: Callable[[], bool] | None = None,
-                steps_to_run: int = 0, enough: Callable[[list[float], list[int]], bool] | None = None) -> JobResult:
+                steps_to_run: int = 0, enough: Callable[[list[float], list[int]], bool] | None = None,
+                check: bool = True) -> JobResult:
         """Make ``job``'s video frames at the recipe's workload.
 
         ``progress``: called after each step. ``cancelled``: asked after each step (and before the first); True
         stops the job there with ``Cancelled``. ``steps_to_run`` (measure mode; 0: every step) and ``enough``
         end the loop early: after ``steps_to_run`` steps once ``enough(step_s, forwards)`` holds (a cache's
-        skipped steps do not time a full step), the rest skipped, the latent still decoded.
+        skipped steps do not time a full step), the rest skipped, the latent still decoded. ``check``: the job
+        ends with ``check_job`` (a one-shot run, which judges its whole run after ``finish``, passes False).
 
-        Failures (an OOM, a NaN fault's exception, a bad image) are raised as they are; the caller decides
-        what they mean for its run.
+        Failures (an OOM, a NaN fault's exception, a bad image, ``KernelMismatch``) are raised as they are; the
+        caller decides what they mean for its run.
         """
         if self._finished:
             raise RuntimeError("this engine is finished; build a new one")
@@ -363,6 +368,8 @@ class Engine:
             cache_written = self._cache.save() if is_rank0() else ""
             self.ctx.notes.extend(self._cache.notes)
         self.jobs_run += 1
+        if check:
+            notes += self.check_job()
         frames_f = np.asarray(result.frames[0])  # T,H,W,C in [0,1]
         latent = step.latents.float().cpu().numpy() if step.latents is not None else None
         return JobResult(
@@ -371,6 +378,28 @@ class Engine:
             vae_decode_s=self._sink.get("vae_decode_s", 0.0), wall_s=wall, total_s=time.perf_counter() - started,
             peak_mem_bytes=int(peak), notes=notes, compile_start=compile_start, compile_cache_written=cache_written,
         )
+
+    def check_job(self) -> list[str]:
+        """After a job: that it ran what the recipe says. ``KernelMismatch`` naming each mismatch, from the
+        observers' per-job checks (knobs.check_observers) and those a knob recorded when it was applied (a
+        torchao weight left computing in bf16: every job runs it); else the notes the checks made for the job (a
+        recompile), which are the job's, not the engine's.
+
+        Only the job is failed: nothing is put back, and the next job is checked again on its own.
+        """
+        ctx = self.ctx
+        before = len(ctx.notes)
+        found = check_observers(ctx)
+        for key, why in ctx.actual.items():
+            if key.endswith("_mismatch"):
+                found.setdefault(key, why)
+        notes = ctx.notes[before:]
+        del ctx.notes[before:]
+        if found:
+            raise KernelMismatch("; ".join(f"{key}: {why}" for key, why in sorted(found.items())),
+                                 "the recipe's stack does not run here as it was tuned: check it with wanctl "
+                                 "generate, or tune on this host")
+        return notes
 
     def make_video(self, job: Job, dest: str | Path, work: Path, *, progress: Progress | None = None,
                    cancelled: Callable[[], bool] | None = None) -> Video:

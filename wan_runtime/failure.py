@@ -19,6 +19,11 @@ class NonFinite(WanctlError):
     """A job's latent or frames hold NaN or Inf: no video is made of them."""
 
 
+class KernelMismatch(WanctlError):
+    """A job ran other than its recipe says (another attention kernel, fp8 linears that ran in bf16): no video is
+    passed off as the tuned stack's. The knobs' observers name what ran (knobs.check_observers)."""
+
+
 class DeviceLost(WanctlError):
     """The GPU's context is unusable after a job's error: a long-lived process must stop, not fail every job after."""
 
@@ -46,9 +51,11 @@ def job_failure(exc: BaseException, phase: str, log: logging.Logger, what: str) 
 
 
 def outcome_of(exc: BaseException) -> str:
-    """oom, nan, unsupported, bad_input or crash."""
+    """oom, nan, unsupported, bad_input, kernel_mismatch or crash."""
     if isinstance(exc, NonFinite):
         return "nan"
+    if isinstance(exc, KernelMismatch):
+        return "kernel_mismatch"
     if isinstance(exc, torch.OutOfMemoryError):
         return "oom"
     if isinstance(exc, HardwareUnsupported):
