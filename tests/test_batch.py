@@ -116,3 +116,22 @@ def test_after_an_error_that_leaves_the_gpu_unusable_the_rest_are_recorded_not_r
     assert [r["status"] for r in records] == ["done", "failed", "failed"]
     assert "illegal memory access" in records[1]["error"]
     assert records[2]["error"].startswith("not run: the GPU was unusable after line 2's error")
+
+
+def test_a_job_whose_attention_was_not_the_recipes_is_a_failed_line_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recipes.jobs import Job
+    from recipes.recipe import Recipe
+    from tests.conftest import attention_swapped_mid_job
+    from wan_runtime.batch import run_batch
+
+    attention_swapped_mid_job(monkeypatch, seed=1)
+    jobs = [(n, Job(prompt="a fox", seed=n, out=f"{n}.mp4")) for n in (1, 2)]
+    (tmp_path / "out").mkdir()
+    failed = run_batch(Recipe(steps=2, frames=5, attention="_native_flash"), jobs, tmp_path / "out")
+    records = [json.loads(ln) for ln in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert failed == 1 and [r["status"] for r in records] == ["failed", "done"]  # the batch went on
+    assert records[0]["outcome"] == "kernel_mismatch" and records[0]["phase"] == "finish"
+    assert records[0]["error"].startswith("attention_mismatch: requested _native_flash but this job's attention "
+                                          "processors dispatch to _native_math (hint: ")
+    assert not (tmp_path / "out" / "1.mp4").exists() and (tmp_path / "out" / "2.mp4").is_file()

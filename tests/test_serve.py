@@ -351,6 +351,44 @@ def test_a_job_that_leaves_the_gpu_unusable_fails_and_the_server_stops_for_its_s
     assert rows[second] == ("queued", ""), rows
 
 
+def test_a_job_whose_attention_was_not_the_recipes_fails_with_the_reason_and_the_server_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker in this process (its engine the tiny model's): the job whose attention left the recipe's kernel
+    mid-run is failed with what ran, never done, and the server serves the next job, checked again."""
+    import threading
+
+    from tests.conftest import attention_swapped_mid_job
+    from wan_runtime.serve.config import ServeConfig
+    from wan_runtime.serve.metrics import Metrics
+    from wan_runtime.serve.store import DONE, JobStore
+    from wan_runtime.serve.worker import Worker
+
+    attention_swapped_mid_job(monkeypatch, seed=1)
+    recipe = Recipe(steps=2, frames=5, attention="_native_flash").resolved()
+    store = JobStore(tmp_path)
+    worker = Worker(ServeConfig(recipe=recipe, jobs_dir=str(tmp_path)), store, Metrics())
+    fatal = threading.Event()
+    worker.start(on_fatal=fatal.set)
+    try:
+        for n in (1, 2):
+            assert store.add(f"job{n}", Job(prompt="a fox", seed=n), recipe.recipe_hash(), recipe.steps, max_queued=5)
+        worker.wake()
+        deadline = time.monotonic() + WAIT_S
+        while not fatal.is_set() and time.monotonic() < deadline:
+            if all(r is not None and r.status in DONE for r in map(store.get, ("job1", "job2"))):
+                break
+            time.sleep(0.05)
+        first, second = store.get("job1"), store.get("job2")
+    finally:
+        worker.stop(timeout=60)
+        store.close()
+    assert worker.error is None and not fatal.is_set()
+    assert first is not None and first.status == "failed" and not first.video, first
+    assert first.error.startswith("kernel_mismatch in finish: attention_mismatch: requested _native_flash but this "
+                                  "job's attention processors dispatch to _native_math (hint: "), first.error
+    assert second is not None and second.status == "done" and Path(second.video).is_file(), second
+
+
 # ------------------------------------------------------------------------------------------ the store alone
 def test_a_job_a_dead_server_left_running_runs_once_more_then_fails_with_the_reason(tmp_path: Path) -> None:
     from wan_runtime.serve.store import JobStore
