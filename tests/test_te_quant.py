@@ -237,3 +237,9 @@ def test_fused_qkv_with_te_swaps_the_fused_projections_only(request: pytest.Fixt
     swapped = sum(isinstance(m, quant._PaddedTELinear) for t in (pipe.transformer, pipe.transformer_2)
                   for m in t.modules())
     assert ctx.actual["quant"].startswith(f"te_current: {swapped} linears")
+
+
+def test_delayed_scaling_keeps_each_ranks_amax_to_itself(te: SimpleNamespace) -> None:
+    """TE all-reduces delayed scaling's amaxes over the whole world when scales update (after every forward
+    here); cond and uncond ranks under CFG parallel run different forwards, so the recipe must not reduce."""
+    assert quant.te_recipe("te_delayed").reduce_amax is False

@@ -200,12 +200,18 @@ class ShardedQuantObserver:
 
 # ------------------------------------------------------------------ Transformer Engine
 def te_recipe(name: str, amax_history_len: int = 16, amax_compute_algo: str = "max") -> Any:
-    """The TE scaling recipe a ``te_*`` quant value names (E4M3 throughout: inference has no gradients)."""
+    """The TE scaling recipe a ``te_*`` quant value names (E4M3 throughout: inference has no gradients).
+
+    Delayed scaling keeps each rank's amax to itself (``reduce_amax=False``): TE all-reduces the amaxes over the
+    whole world when the scales are updated (after every forward here, ``_update_delayed_scales``), and under
+    CFG parallel the cond and uncond ranks run different forwards (a cache skips blocks on one and not the
+    other: amax buffers of different lengths), a collective that hangs or fails. A rank's own amax is a valid
+    scale for the tokens it holds (Ulysses), and the weights' is the same on every rank."""
     from transformer_engine.common import recipe as te_rec
 
     if name == "te_delayed":
         return te_rec.DelayedScaling(fp8_format=te_rec.Format.E4M3, amax_history_len=amax_history_len,
-                                     amax_compute_algo=amax_compute_algo)
+                                     amax_compute_algo=amax_compute_algo, reduce_amax=False)
     if name == "te_current":
         return te_rec.Float8CurrentScaling(fp8_format=te_rec.Format.E4M3)
     if name == "te_block":
