@@ -111,6 +111,11 @@ class Planner:
         screens = [a for a in self.space.attention if a != base.attention]
         early = sorted((a for a in screens if a in EARLY_SCREENS), key=EARLY_SCREENS.index)
         late = [a for a in screens if a not in EARLY_SCREENS]
+        if self.cfg.ladder_on(self.space):
+            # On the ladder rung 1 times every kernel at the workload's shape beside the baseline and excludes
+            # the slow ones, which is what a screen was for: the seeds' stacks take the first slices (a 15-minute
+            # budget at A14B 720p on the H100 holds a handful, each compiled one paying its compile).
+            early, late = [], early + late
         plan = ([(base.replace(attention=a), "screen") for a in early]
                 + [(r, "warm_start") for r in self.warm_starts(base)]
                 + [(base.replace(attention=a), "screen") for a in late])
@@ -139,15 +144,17 @@ class Planner:
         seeds, notes = self._seed_stacks(base, best_att, tf32, compile_)
         stacks = self._parallel_starts(base, best_att, compile_) + seeds
         # Built up one knob at a time, cheapest check first, so that a short budget still measures each:
-        # compile alone (lossless: the short quality check), fp8 on top of it, then the caches.
+        # compile alone (lossless: the short quality check; with fused QKV, the best lossless stack measured on
+        # the H100), the 8-bit attention stack (the best lossy one there), fp8 GEMMs alone, then the caches.
+        qkv = _seed(s, "fuse_qkv", False)
         if compile_ != "off":
-            stacks.append(base.replace(attention=best_att, compile=compile_))
+            stacks.append(base.replace(attention=best_att, fuse_qkv=qkv, compile=compile_))
         fp8 = _seed(s, "quant", None)
-        if fp8:  # seed 002 on one GPU: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 rowwise + compile
-            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
         att8 = next((a for a in EIGHT_BIT_ATTENTION if a in s.attention), None)
         if att8:  # seed 001 / the field's lossy stack: 8-bit attention (+ fp8 GEMMs) + compile
             stacks.append(base.replace(attention=att8, quant=fp8 or "none", compile=compile_))
+        if fp8:  # seed 002 on one GPU: FP8 (TE DelayedScaling) (+ compile); anchors: torchao fp8 + compile
+            stacks.append(base.replace(attention=best_att, quant=fp8, compile=compile_))
         for kind in CACHE_KINDS:  # each cache with its catalogue seed, in the catalogue's order
             if kind.value not in s.cache:
                 continue

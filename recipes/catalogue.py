@@ -287,14 +287,15 @@ CATALOGUE: tuple[KnobEntry, ...] = (
         name="tf32", fields=("tf32",), values=SWITCH, params=(Param("tf32", "always"),), seeds=(True,),
         doc="TF32 in cuBLAS/cuDNN fp32 math; needs sm80 (search_space)"),
     KnobEntry(
-        name="fuse_qkv", fields=("fuse_qkv",), values=SWITCH, params=(Param("fuse_qkv", "always"),),
-        doc="one fused Q/K/V projection per attention"),
+        name="fuse_qkv", fields=("fuse_qkv",), values=SWITCH, params=(Param("fuse_qkv", "always"),), seeds=(True,),
+        doc="one fused Q/K/V projection per attention (with FA3 and regional compile, the best lossless stack "
+            "measured on the H100: BENCHMARKS.md 2026-11-25)"),
     KnobEntry(
         name="quant", fields=("quant",), values=QUANT, lossy=QUANT[1:],
         params=(Param("quant", "a layout without FSDP: every value of the space"),
                 Param("quant_fsdp", "an FSDP layout: the space's values but those FSDP2 cannot shard (int8wo; the fp8 "
                                     "ones shard: recipes.recipe.FSDP_REFUSED_QUANT)")),
-        seeds=(SEED_002_QUANT, "fp8_rowwise"), component="gemm",
+        seeds=(SEED_002_QUANT, "fp8_tensorwise", "fp8_rowwise"), component="gemm",
         doc="8-bit linear layers in the DiT blocks; fp8 needs sm89, TE block scaling sm90 (search_space)"),
     KnobEntry(
         name="compile", fields=("compile",), values=COMPILE,

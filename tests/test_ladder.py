@@ -325,7 +325,7 @@ def test_whole_runs_at_the_h100s_cost_leave_the_slices_their_room(h100: ProbeRes
     with a confirmed recipe."""
     t, rt, res = _fifteen_minutes(h100, tmp_path, monkeypatch, H100Runtime)
     search_slices = [i for i, s in enumerate(rt.specs) if s.mode == "slice" and s.trial_number > 0]
-    assert len(search_slices) >= 3
+    assert len(search_slices) >= 2  # the seeds' compiled stacks first, each paying its compile
     recs = records(t)
     rung3 = [r for r in recs if r.role == "quality"]
     quality_runs = [i for i, s in enumerate(rt.specs) if s.mode == "quality" and s.trial_number in

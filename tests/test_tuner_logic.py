@@ -505,7 +505,9 @@ def test_plan_warm_starts_with_the_seeds_and_the_magcache_authors_settings(h100:
     assert ("magcache", 0.06, 2, 0.2) in caches  # the authors' ti2v-5B E006K2R02
     assert ("seacache", 0.25, 2, 0.1) in caches  # diffusers' SeaCache defaults
     assert any(c[0] == "taylorseer" and c[2:] == (1, 0.2) for c in caches)
-    assert any(r.quant == "fp8_rowwise" and r.compile == "regional" for r in warm)  # the anchors' best lossy
+    # fp8 GEMMs under compile (fp8 tensorwise: the H100's best lossy stack, BENCHMARKS.md 2026-11-25)
+    assert any(r.quant == "fp8_tensorwise" and r.compile == "regional" for r in warm)
+    assert any(r.fuse_qkv and r.compile == "regional" and r.quant == "none" for r in warm)  # the best lossless
 
 
 class _Shared(SimulatedRuntime):
