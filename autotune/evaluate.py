@@ -266,9 +266,10 @@ class Evaluator:
         fallback_fields: set[str] = set()
         attempt = 0
         while True:
-            # A finalist's run may stand as its confirmation (Ladder.as_confirmation), so it is measured as one:
-            # compiled cold, writing the compile cache the emitted recipe carries.
-            cache = self._compile_cache(recipe, number, f"a{attempt}") if role == "finalist" else None
+            # A finalist's run may stand as its confirmation (Ladder.as_confirmation), so it writes the compile
+            # cache the emitted recipe carries; it starts from this host's cache, where its slice compiled the
+            # block graph (the slice's warm-up is the cold start the report gives).
+            cache = self._compile_cache(recipe, number, f"a{attempt}", cold=False) if role == "finalist" else None
             rec = self._measure(number, role, label, recipe, attempt, notes, checked, spec_kw=cache)
             if rec.outcome != "oom":
                 break
@@ -371,10 +372,19 @@ class Evaluator:
 
     def _quality_rung(self, number: int, recipe: Recipe, rec: TrialRecord) -> TrialRecord:
         """Rung 3 for a lossy stack that can still win: its quality on the real model at the proxy, which also
-        counts the steps a cache really skips there (its schedule is then priced, not guessed)."""
+        counts the steps a cache really skips there (its schedule is then priced, not guessed).
+
+        It runs without compile: compile is lossless (each compiled lossless stack's slice checks it against the
+        bf16 reference), rung 3 judges the lossy knobs, and a compile at the proxy's shapes, which the whole
+        workload's run cannot reuse, would cost a cold compile (minutes for fp8 GEMMs on the H100: BENCHMARKS.md
+        2026-11-25). Eager, a cache's skipped steps are counted rather than told apart by their time."""
         self._reference("full")
         # (the tiny model has no proxy size: its quality runs are its whole workload, as the baseline's was)
         proxy = recipe if self.cfg.single_run else self._proxy(recipe, short=False)
+        if proxy.compile != "off":
+            proxy = proxy.replace(compile="off")
+            rec = dataclasses.replace(rec, notes=[*rec.notes, "rung 3 ran without compile (lossless, checked on "
+                                                  "the slices; a compile at the proxy's shapes is not reused)"])
         q = self.launch(self._spec(proxy, "quality", number, "a0q", ref="full"))
         rec = dataclasses.replace(rec, rung=3, wall_s=rec.wall_s + q.wall_s)
         if q.outcome != "ok" or q.result is None:
@@ -431,16 +441,16 @@ class Evaluator:
         base_t = self.state.baseline.denoise_pred_s if self.state.baseline else 0.0
         return dataclasses.replace(rec, speedup=base_t / rec.denoise_pred_s if rec.denoise_pred_s else 0.0)
 
-    def _compile_cache(self, recipe: Recipe, number: int, tag: str) -> dict[str, Any]:
-        """A compiled stack's confirmation run compiles cold, into an empty inductor cache of its own (the
-        search's trials of the same stack filled this host's), and writes the compile cache the emitted recipe
-        carries into its trial folder. The runtime writes it: the tuner only names the file, and removes one a
-        killed earlier confirmation left, which the run would otherwise load and start warm from."""
+    def _compile_cache(self, recipe: Recipe, number: int, tag: str, cold: bool = True) -> dict[str, Any]:
+        """A compiled stack's confirmation run writes the compile cache the emitted recipe carries into its trial
+        folder; ``cold``: it compiles into an empty inductor cache of its own (the search's trials of the same
+        stack filled this host's), which measures a cold start. The runtime writes the file: the tuner only
+        names it, and removes one a killed earlier run left, which the run would otherwise load."""
         if recipe.compile == "off":
             return {}
         path = self.out / "trials" / f"{number:04d}-{tag}" / COMPILE_CACHE_FILE
         path.unlink(missing_ok=True)
-        return {"compile_cache": str(path), "compile_cold": True}
+        return {"compile_cache": str(path), "compile_cold": cold}
 
     def _priced_fraction(self, recipe: Recipe) -> float:
         """Computed fraction of a cache's schedule, where it can be known before the run: MagCache's from

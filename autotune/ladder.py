@@ -268,7 +268,8 @@ class Ladder:
         elif seen is not None and seen.forward_s > 0:
             forward, warm, err, wall = seen.forward_s, seen.warmup_s, seen.slice_rel_err, 0.0
             rec = dataclasses.replace(rec, notes=[*rec.notes, f"slice of trial {seen.number} reused (same forward)"],
-                                      actual=dict(seen.actual), peak_mem_gb=seen.peak_mem_gb)
+                                      actual=dict(seen.actual), peak_mem_gb=seen.peak_mem_gb,
+                                      compile_start=seen.compile_start)
         else:
             sr = forward_recipe(recipe, self.state.base_recipe)
             out = self.launch(self._slice_spec(sr, number, "a0-slice"))
@@ -280,7 +281,7 @@ class Ladder:
                                            stderr_tail=out.stderr_tail[-1500:])
             forward, warm, err = r.forward_s, r.timings.warmup_s, r.rel_err
             rec = dataclasses.replace(rec, actual=dict(r.actual), peak_mem_gb=r.peak_mem_bytes / 1e9,
-                                      notes=[*rec.notes, *r.notes])
+                                      notes=[*rec.notes, *r.notes], compile_start=r.compile_start)
         pred = self.predicted_denoise_s(recipe, forward, fraction)
         rec = dataclasses.replace(rec, rung=2, outcome="ok", forward_s=forward, warmup_s=warm, slice_rel_err=err,
                                   denoise_pred_s=pred, speedup=base_t / pred if pred else 0.0, wall_s=wall,
@@ -347,18 +348,17 @@ class Ladder:
         return any(e.tier(v) != LOSSLESS for e in CATALOGUE if e.lossy for v in getattr(self.space, e.name))
 
     def whole_s(self, top: TrialRecord | None) -> float:
-        """One whole-workload speed run of ``top``: the baseline's, plus the compile warm-up of the whole model
-        (the finalist's run compiles cold, into the compile cache the recipe carries)."""
+        """One whole-workload speed run of ``top``: the baseline's, plus the compile the whole model adds to it."""
         base = self.state.baseline
         if base is None:
             return 0.0
         return (base.wall_s or base.cost_s) + (self.whole_warmup_s(top) if top is not None else 0.0)
 
     def whole_warmup_s(self, rec: TrialRecord) -> float:
-        """The whole model's compile warm-up from its slice's: the same when regional compile built one graph
-        for the blocks (reused by every block of every expert), scaled to every block when the slice compiled
-        a graph per block (a guard differing between blocks recompiles each one; the suspect behind fp8
-        tensorwise's 177 s warm-up on 8 blocks on the H100, against 6 s in bf16)."""
+        """The compile a finalist's whole run adds, from its slice's. Regional compile builds one graph that
+        every block of every expert reuses: the slice compiled it into this host's inductor cache, where the
+        finalist's run finds it (nothing added). A slice that compiled a graph per block (a guard differing
+        between blocks recompiles each one) leaves the whole model's other blocks to compile, each as dear."""
         lad = self.state.ladder
         try:
             graphs = int(rec.actual.get("compile_graphs", "0") or 0)
@@ -366,8 +366,9 @@ class Ladder:
             graphs = 0
         recipe = rec.recipe_obj()
         if recipe.compile != "regional" or lad.blocks < 2 or graphs < lad.blocks:
-            return rec.warmup_s
-        return rec.warmup_s * (lad.model_blocks or lad.blocks) * model_spec(recipe.task).experts / lad.blocks
+            return 0.0
+        every = (lad.model_blocks or lad.blocks) * model_spec(recipe.task).experts
+        return rec.warmup_s * max(every - lad.blocks, 0) / lad.blocks
 
     def reserve_s(self) -> float:
         """Seconds what follows the search will take: the finalist's whole run (which is its confirmation when
@@ -391,12 +392,12 @@ class Ladder:
 
     def quality_s(self) -> float:
         """What a rung-3 quality run costs: a run at the proxy, priced as the reference's (the baseline's run at
-        the proxy) with the compile warm-up a slice measured; before the reference is made, it and the run
-        are each priced as the baseline's whole speed run (dearer: an upper bound)."""
+        the proxy; rung 3 runs eager, as the reference did); before the reference is made, it and the run are
+        each priced as the baseline's whole speed run (dearer: an upper bound)."""
         base = self.state.baseline
         run = (base.wall_s or base.cost_s) if base is not None else 0.0
         if ref := self.state.ref_wall_s.get("full", 0.0):
-            return ref + max((r.warmup_s for r in self.state.by_hash.values() if r.rung == 2), default=0.0)
+            return ref
         return run + (0.0 if "full" in self.state.ref_paths else run)
 
     def as_confirmation(self, rec: TrialRecord) -> TrialRecord | None:

@@ -73,7 +73,9 @@ def render(inp: ReportInput) -> str:
         lines.append(f"| {name} | {_s(getattr(b, attr))} | {_s(getattr(best, attr)) if best else '-'} |")
     if best and conf:
         lines.append(f"| confirmation run: denoise (s) | | {_s(conf.denoise_pred_s)} (predicted {_s(best.denoise_pred_s)}) |")
-    lines += _warm_up(b, best, conf, inp.recipe)
+    sliced = next((r for r in inp.records if best and r.rung == 2 and r.recipe == best.recipe
+                   and r.compile_start == "cold" and r.forward_s > 0), None)
+    lines += _warm_up(b, best, conf, inp.recipe, sliced)
     lines += ["", "What actually ran in the best trial: "
               + (", ".join(f"{k}={v}" for k, v in (best or b).actual.items()) or "-"), ""]
     if inp.plot:
@@ -140,35 +142,53 @@ def _stopped(r: TrialRecord, records: list[TrialRecord]) -> str:
     return "stopped on rung 2: not among the finalists"
 
 
-def _warm_up(b: TrialRecord, best: TrialRecord | None, conf: TrialRecord | None, recipe: Recipe | None) -> list[str]:
-    """The best stack's warm-up and after how many videos its saving pays for it. For a compiled recipe the
-    figure is the confirmation run's cold start (compiled into an empty inductor cache), where it was measured:
-    the search's own trial of the stack may have found its graphs in this host's cache, compiled by an earlier
-    trial. A warm start (the recipe's compile cache loaded) is said to be unmeasured, never estimated."""
+def _warm_up(b: TrialRecord, best: TrialRecord | None, conf: TrialRecord | None, recipe: Recipe | None,
+             sliced: TrialRecord | None = None) -> list[str]:
+    """The best stack's warm-up and after how many videos its saving pays for it. For a compiled recipe the cold
+    start (nothing compiled yet) is the confirmation run's where it compiled into an empty inductor cache, else
+    its slice's (``sliced``: the rung-2 record that compiled the stack's block graph from nothing on this host,
+    the graph every block of the whole model reuses); the warm start is the confirmation run's where every
+    graph came from a cache (on the ladder, the finalist's run on the host's cache its slice filled). A figure
+    not measured is said to be, never estimated."""
     if not (best and conf):
         return []
     compiled = recipe is not None and recipe.compile != "off"
     cold = compiled and conf.compile_start == "cold"
+    warm = compiled and conf.compile_start == "warm"
     lines = []
     if compiled:
-        lines += [f"| confirmation run: warm-up, cold start (s, compile included) | | "
-                  f"{_s(conf.warmup_s) if cold else 'not measured'} |",
-                  "| warm-up, warm start (s, compile cache loaded) | | not measured |"]
-    warm_s, step_s = (conf.warmup_s, conf.step_median_s) if cold else (best.warmup_s, best.step_median_s)
-    extra = warm_s - step_s  # the warm-up step beyond a steady step's cost
+        if cold:
+            cold_cell = _s(conf.warmup_s)
+        elif sliced is not None:
+            cold_cell = (f"{_s(sliced.warmup_s)} on its slice (trial {sliced.number}: the block graph compiled from "
+                         f"nothing, one slice forward of {_s(sliced.forward_s)} s)")
+        else:
+            cold_cell = "not measured"
+        lines += [f"| confirmation run: warm-up, cold start (s, compile included) | | {cold_cell} |",
+                  f"| warm-up, warm start (s, compile cache loaded) | | {_s(conf.warmup_s) if warm else 'not measured'} |"]
+    if cold:
+        extra, how = conf.warmup_s - conf.step_median_s, ("the confirmation run, from an empty compile cache: its first "
+                                                          f"denoise step took {_s(conf.warmup_s)} s against "
+                                                          f"{_s(conf.step_median_s)} s for a steady one")
+    elif compiled and sliced is not None:
+        extra, how = sliced.warmup_s - sliced.forward_s, (f"its slice, compiling from nothing: its first forward took "
+                                                          f"{_s(sliced.warmup_s)} s against {_s(sliced.forward_s)} s "
+                                                          "for a steady one")
+    else:
+        extra, how = best.warmup_s - best.step_median_s, ""
     if extra <= 0 or b.denoise_pred_s <= best.denoise_pred_s:
         return lines
     saved = b.denoise_pred_s - best.denoise_pred_s
-    if cold:
-        lines += ["", f"Warm-up: on a cold start (nothing compiled yet: the confirmation run, from an empty compile "
-                  f"cache) the best stack's first denoise step took {_s(warm_s)} s against {_s(step_s)} s for a "
-                  f"steady one: {_s(extra)} s of compile and autotune. It saves {_s(saved)} s of denoising per video, "
-                  f"so a process pays the cold start back within its first {math.ceil(extra / saved)} video(s). The "
-                  "recipe carries that compile (`compile-cache.bin`, loaded by launch.sh and `wanctl generate`), so "
-                  "later starts are warm (warm start: not measured)."]
+    if how:
+        later = (f"later starts are warm ({_s(conf.warmup_s)} s measured on the finalist's run)" if warm
+                 else "later starts are warm (warm start: not measured)")
+        lines += ["", f"Warm-up: on a cold start (nothing compiled yet: {how}) the best stack pays {_s(extra)} s of "
+                  f"compile and autotune. It saves {_s(saved)} s of denoising per video, so a process pays the cold "
+                  f"start back within its first {math.ceil(extra / saved)} video(s). The recipe carries that compile "
+                  f"(`compile-cache.bin`, loaded by launch.sh and `wanctl generate`), so {later}."]
     else:
-        lines += ["", f"Warm-up: the best stack's warm-up step took {_s(warm_s)} s against "
-                  f"{_s(step_s)} s for a steady one (compile, autotune): {_s(extra)} s paid on every "
+        lines += ["", f"Warm-up: the best stack's warm-up step took {_s(best.warmup_s)} s against "
+                  f"{_s(best.step_median_s)} s for a steady one (compile, autotune): {_s(extra)} s paid on every "
                   f"start. It saves {_s(saved)} s of denoising per video, so a process pays the warm-up back within "
                   f"its first {math.ceil(extra / saved)} video(s)."]
     return lines

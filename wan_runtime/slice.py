@@ -39,6 +39,7 @@ from recipes.recipe import Recipe, validate
 from recipes.spec import RunResult, Timings, TrialSpec
 from wan_runtime import faults
 from wan_runtime.build import DTYPES
+from wan_runtime.compile_cache import CompileCache
 from wan_runtime.env import device_name, versions
 from wan_runtime.knobs import KnobContext, apply_all, finish_observers
 from wan_runtime.phase import Phase
@@ -81,6 +82,9 @@ def run_slice(spec: TrialSpec, device: torch.device, started: float, where: Phas
         ref = _forward(model, inputs).float()
 
     where.name = "apply"
+    # Counts the graphs the warm-up compiled and found in this host's cache: the warm-up is a cold start's
+    # compile only when it found none (the tuner's report prices a cold start from it).
+    counted = CompileCache.open("") if recipe.compile != "off" else None
     ctx = KnobContext(pipe=SimpleNamespace(transformer=model, transformer_2=None), recipe=forward_recipe(recipe),
                       device=device)
     t0 = _now(device)
@@ -112,7 +116,7 @@ def run_slice(spec: TrialSpec, device: torch.device, started: float, where: Phas
         outcome="ok", device=device_name(device), gpus=1, versions=versions(), actual=dict(ctx.actual),
         timings=Timings(load_s=load_s, apply_s=apply_s, warmup_s=timed.warmup_s), peak_mem_bytes=int(peak),
         forward_s=timed.median_s, blocks=blocks, model_blocks=width.layers, rel_err=rel_err,
-        notes=notes + list(ctx.notes),
+        notes=notes + list(ctx.notes), compile_start=counted.start() if counted is not None else "",
     )
     if bad := _nonfinite(out, ref):
         res = dataclasses.replace(res, outcome="nan", error=f"non-finite values in {bad}")
