@@ -113,7 +113,8 @@ def test_deploy_tunes_on_the_ladder_then_serves_the_tuned_recipe(tmp_path: Path)
     rungs = {r.rung for r in res.records}
     assert 2 in rungs or 3 in rungs, [(r.number, r.rung, r.outcome) for r in res.records]
     finalists = [r for r in res.records if r.role == "finalist"]
-    assert finalists and all(r.rung == 4 and r.predicted_s > 0 for r in finalists)
+    assert finalists and all(r.rung == 4 and r.predicted_s > 0 for r in finalists), [
+        (r.number, r.role, r.rung, r.outcome, round(r.denoise_pred_s, 4), r.reason[:100]) for r in res.records]
     slices = list((out / "tune" / "trials").glob("*slice*/result.json"))
     assert slices and all(json.loads(p.read_text())["forward_s"] > 0 for p in slices)
     assert "Fidelity ladder" in (out / "tune" / "report.md").read_text()
