@@ -122,7 +122,7 @@ def run_trial(spec: TrialSpec, workdir: Path, timeout_s: float | None = None,
             reap_token(token)
             raise
         finally:
-            if reader is not None:
+            if reader is not None and reader.ident is not None:  # (a signal may land before it started)
                 reader.join(timeout=5)
         strays = reap_token(token)  # ranks in sessions of their own, whatever the group kill missed
         reaped = reaped or bool(strays)
