@@ -178,7 +178,7 @@ class Tuner:
         """After the search, breadth first: the stack predicted fastest climbs, a lossy one to rung 3 (its
         quality at the proxy), then the fastest that passed to the whole workload. The first finalist runs
         whatever the budget says (without one no recipe is emitted); a second, or a rung-3 run, only when it
-        still fits. A finalist's run that holds its prediction is stored as its confirmation."""
+        still fits. A finalist's run that holds its prediction is its confirmation (``_finalists_confirmed``)."""
         promoted: set[str] = set()
         no_quality: set[str] = set()
         while (top := ladder.next_climber(no_quality)) is not None:
@@ -196,10 +196,8 @@ class Tuner:
                 break
             if promoted and not self.budget.room_for(ladder.whole_s(top)):
                 break
-            rec = self._one_trial(study, {"wanctl_role": "finalist", "wanctl_from_trial": top.number}, top)
+            self._one_trial(study, {"wanctl_role": "finalist", "wanctl_from_trial": top.number}, top)
             promoted.add(key)
-            if (conf := ladder.as_confirmation(rec)) is not None:
-                study.set_user_attr(confirm_key(rec.number), conf.to_attr())
 
     def _say(self, note: str) -> None:
         if note not in self.state.notes:
@@ -263,6 +261,18 @@ class Tuner:
         return cands[0] if cands else None
 
     # ------------------------------------------------------------------ finish
+    def _finalists_confirmed(self, study: optuna.Study, records: list[TrialRecord]) -> None:
+        """Store each ladder finalist's whole run as its confirmation where it holds its slice's prediction
+        (Ladder.as_confirmation), once, here: a tuner killed between a finalist's run and the choice of the
+        recipe, then resumed, does not pay a second whole run for it."""
+        ladder = self.evaluator.ladder
+        if ladder is None:
+            return
+        stored = stored_confirmations(study.user_attrs)
+        for rec in records:
+            if rec.role == "finalist" and rec.number not in stored and (conf := ladder.as_confirmation(rec)):
+                study.set_user_attr(confirm_key(rec.number), conf.to_attr())
+
     def _finish(self, study: optuna.Study, name: str, storage_url: str) -> TuneResult:
         records = [TrialRecord.from_attr(t.user_attrs[RECORD_KEY]) for t in study.get_trials(deepcopy=False)
                    if RECORD_KEY in t.user_attrs]
@@ -274,6 +284,7 @@ class Tuner:
             study.set_user_attr(confirm_key(cand.number), rec.to_attr())
             return rec
 
+        self._finalists_confirmed(study, records)
         best, confirm, failed = choose_confirmed(records, stored_confirmations(study.user_attrs), confirm_now)
         self.state.notes += [n for n in failed if n not in self.state.notes]
         self.state.flush_attrs()

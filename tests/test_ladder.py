@@ -465,3 +465,25 @@ def test_a_ladders_report_gives_the_cold_start_from_the_slice_and_the_warm_start
     assert "| warm-up, warm start (s, compile cache loaded) | | 5 |" in report
     assert "later starts are warm (5 s measured on the finalist's run)" in report
     assert paths.compile_cache is not None and paths.compile_cache.read_bytes() == b"artifacts"
+
+
+def test_a_finalist_run_before_a_kill_is_its_confirmation_on_resume(h100: ProbeResult, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuner killed after its finalist's whole run and before the recipe was chosen: the resumed tuner takes
+    that run as the confirmation (it held its prediction) instead of paying another whole run."""
+    from autotune.evaluate import Evaluator
+
+    def killed(*a: object, **k: object) -> None:
+        raise KeyboardInterrupt
+
+    rt = LadderRuntime()
+    with monkeypatch.context() as m:
+        m.setattr(Tuner, "_finalists_confirmed", lambda *a: None)
+        m.setattr(Evaluator, "confirm", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Tuner(ladder_cfg(tmp_path, 8), h100, launch=rt).run()
+    whole_before = sum(s.mode == "measure" for s in rt.specs)
+    assert whole_before == 2  # the baseline and the finalist
+    resumed = Tuner(ladder_cfg(tmp_path, 8, resume=True), h100, launch=rt).run()
+    assert resumed.confirm is not None and any("stands as its confirmation" in n for n in resumed.confirm.notes)
+    assert sum(s.mode == "measure" for s in rt.specs) == whole_before
