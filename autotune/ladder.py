@@ -322,8 +322,8 @@ class Ladder:
     def next_climber(self, no_quality: frozenset[str] | set[str] = frozenset()) -> TrialRecord | None:
         """The stack to climb next, or None: the fastest predicted one not yet run on the whole workload, while
         it can still beat the baseline and the fastest whole-workload time on record. A lossy stack awaiting
-        rung 3 is returned as it is (its quality runs next); ``no_quality``: hashes of those whose rung 3
-        this run will not give (it did not fit), passed over."""
+        rung 3 is returned as it is (its quality runs next); ``no_quality``: hashes of the lossy stacks this run
+        has given their rung-3 chance (run, or did not fit), passed over while they still await it."""
         whole = [r for r in self.state.by_hash.values() if r.rung >= WHOLE_RUNG and r.role != "baseline"]
         if sum(1 for r in whole if r.role == "finalist") >= FINALISTS:
             return None
@@ -403,7 +403,8 @@ class Ladder:
     def as_confirmation(self, rec: TrialRecord) -> TrialRecord | None:
         """A finalist's whole run as its confirmation, when it holds its slice's prediction: two independent
         measurements (the slice, scaled by the baseline's, and the whole run in a fresh process) agreeing, the
-        figure is not one run's luck, and a second whole run (~130 s for A14B 720p on an H100) buys nothing.
+        figure is not one run's luck, and a second whole run (157 s for A14B 720p on the H100, 2026-12-08)
+        buys nothing.
         A run faster than predicted beyond the tolerance is what a confirmation exists to catch: None, and the
         choice of the recipe confirms it with a run of its own. The record's own (slower) figure stands
         when the prediction was optimistic."""
