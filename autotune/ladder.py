@@ -381,7 +381,8 @@ class Ladder:
         top = self.next_climber()
         passed3 = any(r.rung == 3 and r.gate_passed and r.outcome == "ok" for r in self.state.by_hash.values())
         wanted = (top is not None and self.awaits_quality(top)) or (self.lossy_searched() and not passed3)
-        return (self.whole_s(top) if top is not None else 0.0) + (self.quality_s() if wanted else 0.0)
+        # A whole run is kept even before any stack qualifies: the next slice may be the one that does.
+        return self.whole_s(top) + (self.quality_s() if wanted else 0.0)
 
     def next_trial_s(self, costs: list[float]) -> float:
         """What the next search trial may cost, for the budget: a typical search trial of this run (each stops
