@@ -487,3 +487,72 @@ def test_a_finalist_run_before_a_kill_is_its_confirmation_on_resume(h100: ProbeR
     resumed = Tuner(ladder_cfg(tmp_path, 8, resume=True), h100, launch=rt).run()
     assert resumed.confirm is not None and any("stands as its confirmation" in n for n in resumed.confirm.notes)
     assert sum(s.mode == "measure" for s in rt.specs) == whole_before
+
+
+#: One A14B forward at 720p/81f on the H100, as a share of the diffusers default's (BENCHMARKS.md, dit_bench,
+#: 2026-11-25 and 2026-12-07): FA3 eager from the 2026-12-08 slices (1.11x), the rest from dit_bench rows.
+HOPPER_FORWARD = {("native", False, "none", "off"): 1.0, ("_flash_3", False, "none", "off"): 0.90, ("_flash_3", True, "none", "regional"): 0.791,
+                  ("fa3_fp8", False, "none", "off"): 0.786, ("fa3_fp8", False, "none", "regional"): 0.673,
+                  ("fa3_fp8", False, "fp8_tensorwise", "regional"): 0.580}
+
+
+def _hopper_step_s(r: Recipe) -> float:
+    return 25.2 * HOPPER_FORWARD.get((r.attention, r.fuse_qkv, r.quant, r.compile), 1.05)  # the baseline's step
+
+
+def _hopper_quality(r: Recipe) -> Any:
+    """fa3_fp8 and fp8 GEMMs pass the lossy bar (BENCHMARKS.md: relative errors 7.8e-3 to 1.0e-2); a cache fails
+    on random weights' noise video (the issue's own caveat)."""
+    from recipes.spec import Quality
+
+    psnr = 20.0 if r.cache != "none" else (38.0 if r.lossy_knobs() else 60.0)
+    return Quality(psnr_min_db=psnr, psnr_mean_db=psnr + 2, ssim_min=0.95 if psnr > 30 else 0.7, ssim_mean=0.97,
+                   latent_rel_err=0.01 if psnr < 60 else 0.001, compared=True)
+
+
+class HopperA14BRuntime(TimedRuntime):
+    """The H100 at A14B 720p/81f: H100Runtime's process costs; a compile of the fp8 stack 215 s the first time
+    (dit_bench's warm-up, one graph), any other 13 s, and 5 s from this host's inductor cache (an assumption,
+    to be measured: benchmarks/cold_start.py's warm column)."""
+
+    COST = H100Runtime.COST
+
+    def __call__(self, spec: TrialSpec) -> TrialOutcome:
+        forward = recipe_hash(forward_recipe(spec.recipe).to_dict())
+        first = spec.recipe.compile != "off" and (forward not in self.compiled or spec.compile_cold)
+        extra = (215.0 if spec.recipe.quant == "fp8_tensorwise" else 13.0) - 60.0 if first else 0.0
+        self.clock.now += extra  # TimedRuntime charges 60 s for a first compile, 5 s for a cached one
+        return super().__call__(spec)
+
+
+def test_fifteen_minutes_on_the_h100_reach_the_measured_best_lossy_stack(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`wanctl tune --model random --task t2v-A14B --size 1280*720 --frames 81 --budget 15m` on an H100 with FA3,
+    simulated with the costs measured there (the probe's 47 s inside the budget): the seeds' stacks are sliced
+    first, the fp8 stack's quality runs at the proxy without its 215 s compile, its finalist starts from the
+    host's cache, and the study ends inside 15 minutes on fa3_fp8 + fp8 tensorwise + compile (1.72x measured by
+    dit_bench). Issue 24's GPU evidence is the real run of this."""
+    import sys
+
+    import autotune.tuner
+    import tests.test_tuner_logic as logic
+
+    probe = probe_machine("h100_sxm_1x", tmp_path / "m")
+    fa3 = ("attention:_flash_3", "attention:fa3_fp8")  # FA3 built (tools/build_kernel.sh): both kernels ran
+    probe = dataclasses.replace(probe, kernels=tuple(dataclasses.replace(k, status="ok", detail="") if k.name in fa3
+                                                     else k for k in probe.kernels))
+    assert {k.name for k in probe.kernels} >= set(fa3)
+    for mod in (logic, sys.modules[__name__]):  # the cost model's users: SimulatedRuntime and LadderRuntime
+        monkeypatch.setattr(mod, "step_s", _hopper_step_s)
+    monkeypatch.setattr(logic, "quality", _hopper_quality)
+    clock = Clock()
+    monkeypatch.setattr(autotune.tuner.time, "monotonic", clock.monotonic)
+    rt = HopperA14BRuntime(clock)
+    cfg = TuneConfig(model="random", task="t2v-A14B", size="1280*720", frames=81, budget_s=900, out_dir=str(tmp_path / "o"),
+                     ladder="on")
+    res = Tuner(cfg, probe, launch=rt, started=clock.now - 47.0).run()
+    assert clock.now - (1000.0 - 47.0) <= 900
+    assert res.best is not None and res.confirm is not None
+    best = res.best.recipe_obj()
+    assert (best.attention, best.quant, best.compile) == ("fa3_fp8", "fp8_tensorwise", "regional")
+    assert res.best.speedup == pytest.approx(1 / 0.580, rel=0.02)
