@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
-# `make test`: one pytest-xdist worker per core and two more (4 on the 2-core reference machine, the most
-# --maxprocesses allows): many tests wait on their subprocesses (a timeout to hit, a server to become ready, a run
-# to kill), leaving a core idle, so the extra workers fill it (2026-12-07, 2-core machine: 1973 tests 6m49s with 2
-# workers, 5m42s with 3; 2088 tests 6m45s with 3, 6m12s with 4). A test file per worker at a time (its module
-# fixtures are built once), the slowest files first (tests/conftest.py).
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 2 )))
+# `make test`: one pytest-xdist worker per core and one more (3 on the 2-core reference machine): many tests wait
+# on their subprocesses (a timeout to hit, a server to become ready, a run to kill), leaving a core idle, which the
+# extra worker fills; a second extra one oversubscribes the cores once the multi-rank tests (4 ranks each) run
+# (2026-12-07, 2-core machine: 1973 tests 6m49s with 2 workers, 5m42s with 3; 2088 tests 6m45s with 3, 6m12s
+# with 4; 2026-12-08: 2186 tests 5m40s, 6m03s, 6m04s with 4, 5m26s and 5m29s with 3). A test file per worker at a
+# time (its module fixtures are built once), the slowest files first (tests/conftest.py).
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 # What the suite may take on an idle 2-core machine; `make test` prints its wall time against it.
 TEST_BUDGET_S ?= 360
 
