@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import statistics
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +97,6 @@ class Ladder:
         self.spec_for = spec_for
         """(recipe, mode, number, tag, **fields) -> TrialSpec: the evaluator's, so faults and folders agree."""
         self.launch = launch
-        self.room_for: Callable[[float], bool] = lambda seconds: True
-        """(seconds) -> whether they still fit this run's budget: the tuner's budget sets it (no budget: always)."""
 
     # ------------------------------------------------------------------ beside the baseline
     def measure_base(self, number: int) -> list[str]:

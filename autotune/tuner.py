@@ -89,8 +89,6 @@ class Tuner:
         on_gpu = probe.gpu_count > 0 and probe.kernel_device.startswith("cuda")
         self.evaluator = Evaluator(cfg, self.space, self.state, self.reporter, on_gpu, launch)
         self.budget = Budget(cfg, self.state, self.reporter, self.evaluator.ladder, started)
-        if self.evaluator.ladder is not None:
-            self.evaluator.ladder.room_for = self.budget.room_for
 
     # ------------------------------------------------------------------ study
     def study_name(self) -> str:
@@ -131,14 +129,10 @@ class Tuner:
         claim_output_dir(self.out, name)  # after: a refused start must not claim the folder
         self.state.study = study
         if created and self.cfg.resume:
-            note = f"--resume: no study {name!r} in {storage_url} yet, so this tuner started it"
-            self.state.notes.append(note)
-            self.reporter.message(note)
+            self._say(f"--resume: no study {name!r} in {storage_url} yet, so this tuner started it")
         adopt = not created and not await_plan(study)
         if adopt:
-            note = f"--resume: study {name!r} was left without its setup (its tuner died creating it); set up here"
-            self.state.notes.append(note)
-            self.reporter.message(note)
+            self._say(f"--resume: study {name!r} was left without its setup (its tuner died creating it); set up here")
         if created or adopt:
             study.set_user_attr(CONFIG_KEY, self.cfg.to_dict())
             study.set_user_attr(PROBE_KEY, self.probe.to_json())
@@ -200,6 +194,7 @@ class Tuner:
             promoted.add(key)
 
     def _say(self, note: str) -> None:
+        """A note of this run's: in the study's notes (once) and on the user's screen."""
         if note not in self.state.notes:
             self.state.notes.append(note)
             self.reporter.message(note)
@@ -309,6 +304,5 @@ def tune(cfg: TuneConfig, probe: ProbeResult, reporter: Reporter | None = None,
         cfg, notes = settings_for_resume(cfg, probe, given)
     tuner = Tuner(cfg, probe, reporter, started=started)
     for note in notes:
-        tuner.state.notes.append(note)
-        tuner.reporter.message(note)
+        tuner._say(note)
     return tuner.run()

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks.common import commit_id, table_head, write_outputs
 
@@ -60,22 +61,20 @@ def child(stack: str, layers: int, shape: str, cache_file: str, save: bool) -> d
     logging.getLogger("torch._dynamo").addHandler(Recompiles())
     device = "cuda" if shape == "a14b" else "cpu"
     cc = CompileCache.open(cache_file)
+    size, frames = ("1280*720", 81) if shape == "a14b" else ("64*48", 5)
     if shape == "a14b":
         model = a14b_slice(layers)
-        lat, txt, ts = a14b_inputs("1280*720", 81)
-    else:
-        from diffusers import WanTransformer3DModel
+        lat, txt, ts = a14b_inputs(size, frames)
+        inputs = {"hidden_states": lat, "encoder_hidden_states": txt, "timestep": ts}
+    else:  # the runtime's own tiny slice (wan_runtime.slice), on the CPU
+        from recipes.models import model_spec
+        from wan_runtime.slice import build_slice, slice_inputs
+        from wan_runtime.tiny import TINY
 
-        torch.manual_seed(0)
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32,
-                                      in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                                      num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                      eps=1e-6, rope_max_seq_len=64).to(torch.bfloat16).eval()
-        lat = torch.randn(1, 4, 3, 16, 16, dtype=torch.bfloat16)
-        txt = torch.randn(1, 8, 32, dtype=torch.bfloat16)
-        ts = torch.tensor([500.0])
-    recipe = Recipe(model="random", size="1280*720", frames=81, **STACKS[stack])
-    from types import SimpleNamespace
+        mspec = model_spec("t2v-A14B")
+        model = build_slice(mspec, TINY, layers, torch.bfloat16, torch.device(device))
+        inputs = slice_inputs(mspec, TINY, size, frames, torch.bfloat16, torch.device(device))
+    recipe = Recipe(model="random", size=size, frames=frames, **STACKS[stack])
 
     ctx = KnobContext(pipe=SimpleNamespace(transformer=model, transformer_2=None), recipe=recipe,
                       device=torch.device(device))
@@ -83,7 +82,7 @@ def child(stack: str, layers: int, shape: str, cache_file: str, save: bool) -> d
 
     def run() -> None:
         with torch.inference_mode():
-            model(hidden_states=lat, timestep=ts, encoder_hidden_states=txt, return_dict=False)
+            model(**inputs, return_dict=False)
         if device == "cuda":
             torch.cuda.synchronize()
 

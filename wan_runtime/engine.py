@@ -38,7 +38,7 @@ from wan_runtime import faults
 from wan_runtime.build import build_pipeline, load_image
 from wan_runtime.compile_cache import CompileCache
 from wan_runtime.failure import KernelMismatch, NonFinite
-from wan_runtime.knobs import KnobContext, apply_all, check_observers, finish_observers
+from wan_runtime.knobs import KnobContext, apply_all, check_observers, finish_observers, recorded_mismatches
 from wan_runtime.knobs.cache import RatioCalibrator, enable_magcache
 from wan_runtime.knobs.distributed import is_rank0
 from wan_runtime.phase import Phase
@@ -390,9 +390,8 @@ class Engine:
         ctx = self.ctx
         before = len(ctx.notes)
         found = check_observers(ctx)
-        for key, why in ctx.actual.items():
-            if key.endswith("_mismatch"):
-                found.setdefault(key, why)
+        for key, why in recorded_mismatches(ctx).items():
+            found.setdefault(key, why)
         notes = ctx.notes[before:]
         del ctx.notes[before:]
         if found:

@@ -32,6 +32,7 @@ from wan_runtime.components import run_components
 from wan_runtime.engine import Engine
 from wan_runtime.env import device_name, pick_device, require_safe_torch, versions
 from wan_runtime.failure import as_reported, expected, outcome_of, reason
+from wan_runtime.knobs import recorded_mismatches
 from wan_runtime.knobs.cache import expert_steps
 from wan_runtime.knobs.distributed import init_from_env, is_rank0
 from wan_runtime.phase import Phase
@@ -133,7 +134,7 @@ def _run_pipeline(spec: TrialSpec, device: torch.device, started: float, progres
     if job.nonfinite:
         res = dataclasses.replace(res, outcome="nan", error=f"non-finite values in {job.nonfinite}")
     # A requested kernel or parallel layout that did not really run fails the trial, never passes as it.
-    mismatch = "; ".join(v for k, v in sorted(ctx.actual.items()) if k.endswith("_mismatch"))
+    mismatch = "; ".join(recorded_mismatches(ctx).values())
     if mismatch and res.outcome == "ok":
         res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
 

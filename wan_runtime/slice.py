@@ -41,7 +41,7 @@ from wan_runtime import faults
 from wan_runtime.build import DTYPES
 from wan_runtime.compile_cache import CompileCache
 from wan_runtime.env import device_name, versions
-from wan_runtime.knobs import KnobContext, apply_all, finish_observers
+from wan_runtime.knobs import KnobContext, apply_all, finish_observers, recorded_mismatches
 from wan_runtime.phase import Phase
 from wan_runtime.timing import time_calls
 from wan_runtime.tiny import TINY, Width, full_width, wan_transformer
@@ -121,7 +121,7 @@ def run_slice(spec: TrialSpec, device: torch.device, started: float, where: Phas
     if bad := _nonfinite(out, ref):
         res = dataclasses.replace(res, outcome="nan", error=f"non-finite values in {bad}")
     # A requested kernel that did not really run fails the trial, never passes as it (as in run.py).
-    mismatch = "; ".join(v for k, v in sorted(ctx.actual.items()) if k.endswith("_mismatch"))
+    mismatch = "; ".join(recorded_mismatches(ctx).values())
     if mismatch and res.outcome == "ok":
         res = dataclasses.replace(res, outcome="kernel_mismatch", error=mismatch)
     log.info("slice of %d blocks: %.4g s per forward, rel err %.3g, %s", blocks, res.forward_s, rel_err, res.outcome)

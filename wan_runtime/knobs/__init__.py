@@ -53,6 +53,12 @@ def finish_observers(ctx: KnobContext) -> None:
             obs.finish(ctx)
 
 
+def recorded_mismatches(ctx: KnobContext) -> dict[str, str]:
+    """What the knobs and observers recorded as not running as asked (``ctx.actual``'s ``*_mismatch`` keys),
+    by key: a run, a slice or a job with any fails with them."""
+    return {k: v for k, v in sorted(ctx.actual.items()) if k.endswith("_mismatch")}
+
+
 def check_observers(ctx: KnobContext) -> dict[str, str]:
     """Each observer's ``check`` after a job (an observer that can tell what one job ran has one): the job's
     mismatches, ``{"attention_mismatch": why}``, empty when it ran as the recipe says. Every check runs (each
@@ -67,4 +73,4 @@ def check_observers(ctx: KnobContext) -> dict[str, str]:
 
 
 __all__ = ["REGISTRY", "Knob", "KnobContext", "KnobError", "Unsupported", "apply_all", "check_all", "check_observers",
-           "finish_observers"]
+           "finish_observers", "recorded_mismatches"]
