@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from autotune.choice import confirm_key, confirmed, ranked
+from autotune.choice import CLIMB_ROLES, confirm_key, confirmed, ranked
 from autotune.config import TuneConfig
 from autotune.reporter import Reporter
 from autotune.state import StudyState
@@ -37,10 +37,10 @@ class Budget:
         study counts too (--budget is the wall the user waits)."""
 
     def add(self, cost: float, role: str) -> None:
-        """What one trial of this run cost, and whether it was a search trial (not the baseline's or a
-        finalist's whole-workload run, which a ladder prices from the baseline instead)."""
+        """What one trial of this run cost, and whether it was a search trial (not the baseline's, nor a climb
+        after the search: a rung-3 run or a finalist's whole run, which a ladder prices apart)."""
         self.trial_costs.append(cost)
-        if role not in ("baseline", "finalist"):
+        if role not in ("baseline", *CLIMB_ROLES):
             self.searched_costs.append(cost)
 
     def elapsed(self) -> float:
@@ -61,7 +61,7 @@ class Budget:
         after = pending.wall_s if pending else 0.0
         if self.ladder is not None:  # a ladder's trials differ in price; a finalist and its confirmation follow
             searched = [c for c in self.searched_costs if c > 1.0] or [
-                r.cost_s for r in self.state.by_hash.values() if r.cost_s and r.role not in ("baseline", "finalist")]
+                r.cost_s for r in self.state.by_hash.values() if r.cost_s and r.role not in ("baseline", *CLIMB_ROLES)]
             est = self.ladder.next_trial_s(searched)
             after = max(after, self.ladder.reserve_s())
         if self.elapsed() + est + after > self.cfg.budget_s:

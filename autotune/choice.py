@@ -11,6 +11,9 @@ from recipes.records import TrialRecord
 
 WHOLE_RUNG = 4
 """The ladder's rung that runs the whole workload (autotune.ladder.RUNGS)."""
+CLIMB_ROLES = ("quality", "finalist")
+"""Roles of the trials a ladder queues after its search (rung 3, the whole workload): taken before the rest of
+the queue, and not search trials (their price is the ladder's reserve, not the next slice's)."""
 CONFIRM_PREFIX = "wanctl_confirm_"
 CONFIRM_TRIES = 3
 """Distinct candidates a tune confirms, fastest first, before it settles for what was confirmed earlier."""

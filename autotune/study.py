@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from autotune.choice import CLIMB_ROLES
 from recipes.errors import BadInput, StudyBusy, StudyError
 from recipes.files import check_creatable, create_exclusive_text, file_mode, user_path
 from recipes.locations import TUNE_OUTPUTS
@@ -491,7 +492,7 @@ def ask_requeued_first(study: optuna.Study) -> optuna.Trial:
     take a given waiting trial): it succeeds for one worker only, on every storage.
     """
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if not (is_requeued(t) or t.user_attrs.get("wanctl_role") in ("finalist", "quality")):
+        if not (is_requeued(t) or t.user_attrs.get("wanctl_role") in CLIMB_ROLES):
             continue
         try:
             claimed = study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)  # noqa: SLF001

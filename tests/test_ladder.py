@@ -391,8 +391,8 @@ def test_a_components_worker_that_cannot_time_the_baselines_kernel_excludes_noth
 
 def test_a_resumed_ladder_prices_its_next_trial_from_search_trials_only() -> None:
     """On --resume the baseline's whole run is not among this run's costs: the ladder's next-trial price
-    comes from the search trials alone (not "every cost but the first"), and a finalist's whole run, priced
-    apart by the reserve, does not inflate it either."""
+    comes from the search trials alone (not "every cost but the first"), and the climbs after the search (a
+    rung-3 run, a finalist's whole run), priced apart by the reserve, do not inflate it either."""
     from autotune.budget import Budget
     from autotune.state import StudyState
 
@@ -408,7 +408,7 @@ def test_a_resumed_ladder_prices_its_next_trial_from_search_trials_only() -> Non
 
     ladder = Ladder()
     budget = Budget(TuneConfig(budget_s=1e6), StudyState(Recipe(), []), None, ladder)  # type: ignore[arg-type]
-    for cost, role in [(30.0, "sampled"), (12.0, "sampled"), (200.0, "finalist")]:  # a resumed run: no baseline
+    for cost, role in [(30.0, "sampled"), (12.0, "sampled"), (200.0, "finalist"), (90.0, "quality")]:  # resumed
         budget.add(cost, role)
     assert not budget.spent(optuna.create_study())
     assert ladder.seen[-1] == [30.0, 12.0]
