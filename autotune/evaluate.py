@@ -16,7 +16,7 @@ from typing import Any
 from autotune.choice import WHOLE_RUNG, recipe_hash
 from autotune.config import TuneConfig
 from autotune.fallbacks import MemoryFallback, memory_fallbacks
-from autotune.ladder import AWAITS_QUALITY, Ladder
+from autotune.ladder import Ladder
 from autotune.plan import traceable
 from autotune.pricing import computed_fraction, predicted_denoise_s, taylorseer_fraction
 from autotune.quality_gate import QualityPolicy, judge, parse_quality, tier_of
@@ -27,7 +27,7 @@ from autotune.trial_runner import TrialOutcome, run_trial
 from recipes.errors import NothingFeasible, RecipeError
 from recipes.locations import TUNE_OUTPUTS
 from recipes.recipe import Recipe, graph_break, validate
-from recipes.records import TrialRecord
+from recipes.records import AWAITS_QUALITY, TrialRecord
 from recipes.spec import RunResult, TrialSpec
 from recipes.units import fmt_seconds
 

@@ -41,7 +41,7 @@ from autotune.trial_runner import TrialOutcome
 from recipes.catalogue import CATALOGUE, LOSSLESS, forward_recipe
 from recipes.models import model_spec
 from recipes.recipe import Recipe
-from recipes.records import TrialRecord
+from recipes.records import AWAITS_QUALITY, TrialRecord
 from recipes.spec import COMPONENTS_FILE, TrialSpec
 from recipes.units import fmt_seconds
 
@@ -57,8 +57,6 @@ much: composing eager kernel timings misses what compile fuses, so only a clear 
 FINALISTS = 2
 """Stacks a run takes to the whole workload; the second only when the first did not hold its prediction."""
 COMPONENT_ITERS_NOTE = "median of 3 calls after 1 warm-up"
-AWAITS_QUALITY = "awaits rung 3"
-"""The reason a lossy stack's slice record carries until rung 3 runs it (``Ladder.awaits_quality``)."""
 
 
 def fraction_floor(recipe: Recipe, priced: float) -> float:

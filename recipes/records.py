@@ -35,6 +35,9 @@ their own beside the record: optuna-dashboard shows user attrs as columns, and a
 blob there."""
 RUNS_KEY = "wanctl_runs"
 """Every tune run of a study, in order ({"command": [...], "wanctl": version}): a resumed study says how it was made."""
+AWAITS_QUALITY = "awaits rung 3"
+"""How a ladder's slice record of a lossy stack begins its reason until rung 3 runs it (autotune.ladder), which the
+report reads to say what came of it."""
 
 
 def worker_key(key: str, worker: str) -> str:

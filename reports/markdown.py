@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recipes.recipe import Recipe
-from recipes.records import TrialRecord
+from recipes.records import AWAITS_QUALITY, TrialRecord
 from recipes.units import fmt_seconds
 
 
@@ -91,9 +91,9 @@ def render(inp: ReportInput) -> str:
     lines += ["| # | role | rung | stack | outcome | denoise s | speed-up | PSNR min | SSIM min | trial s | reason |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(inp.records, key=lambda r: r.number):
-        waited = r.reason.startswith("awaits rung 3")  # (autotune.ladder.AWAITS_QUALITY): what came of it
-        reason = ((_stopped(r, inp.records) if waited else "") or r.reason or _stopped(r, inp.records)
-                  or r.gate_reason).replace("|", "/").replace("\n", " ")[:160]
+        climbed = _stopped(r, inp.records) if r.reason.startswith(AWAITS_QUALITY) else ""  # what came of it
+        reason = (climbed or r.reason or _stopped(r, inp.records) or r.gate_reason).replace("|", "/").replace(
+            "\n", " ")[:160]
         speed = f"{r.speedup:.2f}x" if r.speedup else "-"
         judged = r.gate_tier and r.gate_tier != "reference"
         psnr = f"{r.psnr_min_db:.1f}" if judged else "-"
@@ -133,7 +133,7 @@ def _stopped(r: TrialRecord, records: list[TrialRecord]) -> str:
         return "taken to the whole workload as a finalist"
     if q := [f for f in records if f.role == "quality" and f.recipe == r.recipe]:
         return f"climbed to rung 3 in trial {q[0].number}: {q[0].outcome}"
-    if r.reason.startswith("awaits rung 3"):
+    if r.reason.startswith(AWAITS_QUALITY):
         return ""  # never climbed: the record's own reason (and the notes) say so
     if whole and r.denoise_pred_s >= min(f.denoise_pred_s for f in whole):
         f = min(whole, key=lambda f: f.denoise_pred_s)

@@ -464,6 +464,12 @@ def test_a_ladders_report_gives_the_cold_start_from_the_slice_and_the_warm_start
     assert f"| confirmation run: warm-up, cold start (s, compile included) | | 60 on its slice (trial {sliced.number}:" in report
     assert "| warm-up, warm start (s, compile cache loaded) | | 5 |" in report
     assert "later starts are warm (5 s measured on the finalist's run)" in report
+    # a lossy stack's slice row says what came of its wait for rung 3 (the one that went on says it was a finalist)
+    finalists = [r.recipe for r in records(t) if r.role == "finalist"]
+    climbed = [r for r in records(t) if r.role == "quality" and r.recipe not in finalists]
+    assert climbed
+    for r in climbed:
+        assert f"climbed to rung 3 in trial {r.number}: {r.outcome}" in report
     assert paths.compile_cache is not None and paths.compile_cache.read_bytes() == b"artifacts"
 
 
